@@ -1,0 +1,24 @@
+// Host-side plumbing of udi_kernels::stratified_sample shared by the CPU and CUDA kernels.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <tuple>
+
+#include "srs_sample.h"
+
+namespace udi::srs {
+
+// (globals: src_index, tgt_index, tgt_weight, count, locals: the same four)
+using SampleTensors = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                 at::Tensor>;
+
+struct PreparedSample {
+  SampleTensors outputs;
+  SampleArgs args;
+};
+
+// Checks the arguments, allocates the outputs on the boxes' device and fills the kernel arguments.
+PreparedSample prepare_sample(const at::Tensor& boxes, int64_t global_grid, int64_t global_window, int64_t local_grid,
+                              int64_t local_window, int64_t target_grid, int64_t seed, int64_t offset);
+
+}  // namespace udi::srs

@@ -1,0 +1,73 @@
+"""Build udi_kernels._C: C++ CPU kernels always, CUDA kernels when a toolkit and a CUDA torch exist.
+
+Environment:
+  UDI_KERNELS_CUDA=1   build the CUDA kernels or fail (CI uses this)
+  UDI_KERNELS_CUDA=0   skip them
+  (unset)              build them when possible, otherwise say why once and go on without
+  TORCH_CUDA_ARCH_LIST architectures to compile for (default "8.0;9.0")
+  CUDA_HOME            toolkit root; when unset and `nvcc` on PATH is a wrapper script that
+                       execs the real compiler, the root is read from that script.
+"""
+import glob
+import os
+import re
+import shutil
+
+from setuptools import find_packages, setup
+
+
+def _toolkit_behind_nvcc_wrapper():
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    with open(nvcc, "rb") as f:
+        head = f.read(4096)
+    match = re.search(rb"exec\s+(\S+)/bin/nvcc\b", head)
+    return match.group(1).decode() if match else None
+
+
+if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH"):
+    toolkit = _toolkit_behind_nvcc_wrapper()
+    if toolkit:
+        os.environ["CUDA_HOME"] = toolkit
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+
+import torch  # noqa: E402  (CUDA_HOME must be set before cpp_extension reads it)
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+
+def _cuda_build_decision():
+    wish = os.environ.get("UDI_KERNELS_CUDA", "").strip().lower()
+    if wish in ("0", "false", "no", "off"):
+        return False, "UDI_KERNELS_CUDA=0"
+    missing = []
+    if torch.version.cuda is None:
+        missing.append("torch is a CPU-only build")
+    if CUDA_HOME is None or not os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
+        missing.append("no CUDA toolkit found (set CUDA_HOME)")
+    if missing and wish in ("1", "true", "yes", "on"):
+        raise RuntimeError("UDI_KERNELS_CUDA=1 but the CUDA kernels cannot be built: " + "; ".join(missing))
+    return not missing, "; ".join(missing)
+
+
+def _extension():
+    build_cuda, why_not = _cuda_build_decision()
+    cpp_sources = sorted(glob.glob("csrc/*.cpp"))
+    cxx_flags = ["-O3", "-ffp-contract=off"]
+    if not build_cuda:
+        print(f"udi_kernels: building the CPU kernels only ({why_not}); CUDA tensors use Triton or the reference.")
+        return CppExtension("udi_kernels._C", cpp_sources, extra_compile_args={"cxx": cxx_flags})
+    nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
+    return CUDAExtension(
+        "udi_kernels._C",
+        cpp_sources + sorted(glob.glob("csrc/cuda/*.cu")),
+        include_dirs=[os.path.abspath("csrc")],
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+    )
+
+
+setup(
+    packages=find_packages(include=["udi_kernels*", "udi*"]),
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension},
+)

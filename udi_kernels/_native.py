@@ -1,0 +1,38 @@
+"""Loads the compiled extension udi_kernels._C, whose import registers the native kernels."""
+import warnings
+
+import torch
+
+try:
+    from . import _C  # noqa: F401
+    LOAD_ERROR = None
+except ImportError as error:  # a source tree without a build, or a broken build
+    LOAD_ERROR = error
+
+
+def native_loaded() -> bool:
+    return LOAD_ERROR is None
+
+
+def has_native_kernel(op: str, device_type: str) -> bool:
+    """Whether udi_kernels::<op> has a compiled kernel for device_type ('cpu' or 'cuda')."""
+    if not native_loaded():
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"udi_kernels::{op}", device_type.upper())
+
+
+def cuda_compiled() -> bool:
+    """Whether this build of udi_kernels contains the CUDA kernels."""
+    return has_native_kernel("stratified_sample", "cuda")
+
+
+def _say_once_what_is_missing():
+    if not native_loaded():
+        warnings.warn(f"udi_kernels: the compiled kernels are unavailable ({LOAD_ERROR}); "
+                      "using the Triton and reference paths.", stacklevel=3)
+    elif torch.cuda.is_available() and not cuda_compiled():
+        warnings.warn("udi_kernels: built without CUDA kernels; CUDA tensors use the Triton and reference paths.",
+                      stacklevel=3)
+
+
+_say_once_what_is_missing()

@@ -1,0 +1,138 @@
+"""udi_kernels.stratified_sample: SRS sample positions and their bilinear targets (UDI_SPEC §2)."""
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from .. import backends
+from .._native import native_loaded
+from ..reference import srs_sample as reference
+
+OP = "stratified_sample"
+
+
+class PairTaps(NamedTuple):
+    """Taps of every (source crop -> target global crop) pair; valid samples first, then padding.
+
+    src_index  [..., S]    int32    source cell (row * G + col) in the source crop's grid
+    tgt_index  [..., S, 4] int32    bilinear taps in the target's grid (row * Gt + col)
+    tgt_weight [..., S, 4] float32  their weights, summing to 1 (0 for padding)
+    count      [...]       int32    number of valid samples
+    """
+    src_index: Tensor
+    tgt_index: Tensor
+    tgt_weight: Tensor
+    count: Tensor
+
+
+class SampledPairs(NamedTuple):
+    """globals: [B, 2] pairs (g0->g1, g1->g0); locals: [B, L, 2] pairs (l->g1, l->g0)."""
+    globals: PairTaps
+    locals: PairTaps
+
+
+def _fake(boxes, global_grid, global_window, local_grid, local_window, target_grid, seed, offset):
+    B, L = boxes.shape[0], boxes.shape[1] - 2
+    Sg, Sl = (global_grid // global_window) ** 2, (local_grid // local_window) ** 2
+    ints, floats = dict(dtype=torch.int32), dict(dtype=torch.float32)
+    return (boxes.new_empty(B, 2, Sg, **ints), boxes.new_empty(B, 2, Sg, 4, **ints),
+            boxes.new_empty(B, 2, Sg, 4, **floats), boxes.new_empty(B, 2, **ints),
+            boxes.new_empty(B, L, 2, Sl, **ints), boxes.new_empty(B, L, 2, Sl, 4, **ints),
+            boxes.new_empty(B, L, 2, Sl, 4, **floats), boxes.new_empty(B, L, 2, **ints))
+
+
+@torch.library.custom_op("udi_kernels::stratified_sample_triton", mutates_args=())
+def _triton_op(boxes: Tensor, global_grid: int, global_window: int, local_grid: int, local_window: int,
+               target_grid: int, seed: int, offset: int
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    from ..triton_kernels import srs_sample as triton_srs
+    return triton_srs.stratified_sample(boxes, global_grid, global_window, local_grid, local_window, target_grid,
+                                        seed, offset)
+
+
+_triton_op.register_fake(_fake)
+if native_loaded():
+    torch.library.register_fake(f"udi_kernels::{OP}")(_fake)
+
+_IMPLEMENTATIONS = {
+    "native": lambda *args: torch.ops.udi_kernels.stratified_sample(*args),
+    "triton": lambda *args: _triton_op(*args),
+    "reference": reference.stratified_sample,
+}
+
+
+def _check_pattern(grid, window, grid_name, window_name):
+    for value, name in ((grid, grid_name), (window, window_name)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if window < 1:
+        raise ValueError(f"{window_name} must be >= 1, got {window}")
+    if not 2 <= grid <= 4096:
+        raise ValueError(f"{grid_name} must be in [2, 4096], got {grid}")
+    if grid < window:
+        raise ValueError(f"{grid_name} ({grid}) must not be smaller than {window_name} ({window})")
+
+
+def _check_boxes(boxes):
+    if not isinstance(boxes, Tensor):
+        raise TypeError(f"boxes must be a torch.Tensor, got {type(boxes).__name__}")
+    if boxes.dim() != 3 or boxes.shape[1] < 2 or boxes.shape[2] != 4:
+        raise ValueError(f"boxes must have shape [B, 2 + L, 4], got {list(boxes.shape)}")
+    if boxes.dtype != torch.float32:
+        raise TypeError(f"boxes must be float32, got {boxes.dtype}")
+
+
+def _check_box_values(boxes):
+    """One reduction (one device sync on CUDA): finite, inside [0, 1], non-degenerate."""
+    inside = ((boxes >= 0) & (boxes <= 1)).all()
+    extent = (boxes[..., 2:] != boxes[..., :2]).all()
+    ok = torch.stack([inside, extent]).tolist()
+    if not ok[0]:
+        raise ValueError("boxes must hold finite values inside [0, 1] (normalised 'ij' coordinates)")
+    if not ok[1]:
+        raise ValueError("boxes must not be degenerate: i0 != i1 and j0 != j1 for every crop")
+
+
+def _draw_seed(generator: Optional[torch.Generator]) -> int:
+    device = generator.device if generator is not None else "cpu"
+    return int(torch.randint(-2**63, 2**63 - 1, (), generator=generator, device=device, dtype=torch.int64))
+
+
+def stratified_sample(boxes: Tensor, *, global_grid: int = 14, global_window: int = 3, local_grid: int = 6,
+                      local_window: int = 2, target_grid: int = 14, seed: Optional[int] = None, offset: int = 0,
+                      generator: Optional[torch.Generator] = None, backend: Optional[str] = None,
+                      check_boxes: bool = True) -> SampledPairs:
+    """Stratified random samples of every crop pair of a batch, with their bilinear targets.
+
+    Args:
+        boxes: [B, 2 + L, 4] float32 crop boxes (i0, j0, i1, j1) in normalised "ij" image
+            coordinates; crops 0 and 1 are the global crops, then L local crops. j0 > j1 marks
+            a horizontal flip.
+        global_grid, global_window: source grid and window of the global pair (16 samples by default).
+        local_grid, local_window: the same for the local crops (9 samples by default).
+        target_grid: the target global crop's grid, where the bilinear taps land.
+        seed, offset: the Philox key and the fourth counter word. With seed=None a seed is drawn
+            from `generator` (or the default CPU generator). Same (seed, offset) -> same samples,
+            bit for bit, on every backend.
+        backend: 'auto', 'native', 'triton' or 'reference' (default: $UDI_KERNELS_BACKEND or 'auto').
+        check_boxes: check the box values (one device sync on CUDA); shapes are always checked.
+
+    Returns:
+        SampledPairs(globals=PairTaps[B, 2, Sg], locals=PairTaps[B, L, 2, Sl]).
+    """
+    _check_boxes(boxes)
+    _check_pattern(global_grid, global_window, "global_grid", "global_window")
+    _check_pattern(local_grid, local_window, "local_grid", "local_window")
+    _check_pattern(target_grid, 1, "target_grid", "1")
+    if not 0 <= offset < 2**32:
+        raise ValueError(f"offset must be in [0, 2**32), got {offset}")
+    if seed is None:
+        seed = _draw_seed(generator)
+    elif not -2**63 <= seed < 2**63:
+        raise ValueError(f"seed must fit in 64 bits (signed), got {seed}")
+    if check_boxes:
+        _check_box_values(boxes)
+    implementation = _IMPLEMENTATIONS[backends.resolve(OP, boxes.device, backend)]
+    outputs = implementation(boxes.contiguous(), global_grid, global_window, local_grid, local_window, target_grid,
+                             seed, offset)
+    return SampledPairs(PairTaps(*outputs[:4]), PairTaps(*outputs[4:]))

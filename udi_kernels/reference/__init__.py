@@ -1,0 +1,1 @@
+"""Eager PyTorch implementations: the semantics every kernel is tested against."""

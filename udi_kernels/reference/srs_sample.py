@@ -1,0 +1,80 @@
+"""Stratified random sampling (UDI_SPEC §2) in eager PyTorch, bit-identical to the kernels.
+
+Every float op is a separate full-tensor op on the boxes' device, in the order of
+csrc/srs_sample.h, so that no FMA contraction or scalar-reciprocal shortcut changes a bit.
+"""
+import torch
+
+from .philox import philox4x32
+
+
+def pattern_cells(num_images: int, grid: int, window: int, seed: int, offset: int, stream: int, device):
+    """Row and column [B, n*n] of each image's sampled cells (n = grid // window)."""
+    n = grid // window
+    spare = grid - n * window
+    sample = torch.arange(n * n, device=device)
+    image = torch.arange(num_images, device=device)[:, None]
+    x0, x1, _, _ = philox4x32(seed, sample, image, stream, offset)
+    _, _, first2, first3 = philox4x32(seed, 0, image, stream, offset)
+    row = (first2 & 1) * spare + (sample // n) * window + x0 % window
+    col = (first3 & 1) * spare + (sample % n) * window + x1 % window
+    return row, col
+
+
+def _full(like: torch.Tensor, value: float) -> torch.Tensor:
+    return torch.full_like(like, value)
+
+
+def _cell_position(edge0, edge1, cell, grid):
+    frac = cell.to(torch.float32) / _full(edge0, grid - 1)
+    return edge0 + frac * (edge1 - edge0)
+
+
+def _strictly_inside(pos, edge0, edge1):
+    return (torch.minimum(edge0, edge1) < pos) & (pos < torch.maximum(edge0, edge1))
+
+
+def _axis_taps(pos, edge0, edge1, grid):
+    t = ((pos - edge0) * _full(pos, grid - 1)) / (edge1 - edge0)
+    first = torch.floor(t).clamp(0, grid - 2)
+    frac = (t - first).clamp(0, 1)
+    return first.to(torch.int32), frac
+
+
+def _sample_pairs(src_boxes, tgt_boxes, row, col, grid, target_grid):
+    """Taps of every pair. src/tgt_boxes [B, P, 4], row/col [B, 1, S] -> packed [B, P, S, ...]."""
+    src = [src_boxes[..., k, None].expand(*src_boxes.shape[:2], row.shape[-1]) for k in range(4)]
+    tgt = [tgt_boxes[..., k, None].expand_as(src[0]) for k in range(4)]
+    row, col = row.expand_as(src[0]), col.expand_as(src[0])
+    pos_i = _cell_position(src[0], src[2], row, grid)
+    pos_j = _cell_position(src[1], src[3], col, grid)
+    valid = _strictly_inside(pos_i, tgt[0], tgt[2]) & _strictly_inside(pos_j, tgt[1], tgt[3])
+    first_i, ri = _axis_taps(pos_i, tgt[0], tgt[2], target_grid)
+    first_j, rj = _axis_taps(pos_j, tgt[1], tgt[3], target_grid)
+    qi, qj = 1 - ri, 1 - rj
+    top_left = first_i * target_grid + first_j
+    tgt_index = torch.stack([top_left, top_left + 1, top_left + target_grid, top_left + target_grid + 1], -1)
+    tgt_weight = torch.stack([qi * qj, qi * rj, ri * qj, ri * rj], -1)
+    src_index = (row * grid + col).to(torch.int32)
+
+    order = torch.sort((~valid).to(torch.int8), dim=-1, stable=True).indices
+    valid = valid.gather(-1, order)
+    src_index = torch.where(valid, src_index.gather(-1, order), 0)
+    order4 = order[..., None].expand(*order.shape, 4)
+    tgt_index = torch.where(valid[..., None], tgt_index.gather(-2, order4), 0)
+    tgt_weight = torch.where(valid[..., None], tgt_weight.gather(-2, order4), 0.0)
+    return src_index, tgt_index.to(torch.int32), tgt_weight, valid.sum(-1, dtype=torch.int32)
+
+
+def stratified_sample(boxes, global_grid, global_window, local_grid, local_window, target_grid, seed, offset):
+    """Same contract as udi_kernels.stratified_sample (arguments already checked); returns 8 tensors."""
+    B, L = boxes.shape[0], boxes.shape[1] - 2
+    row, col = pattern_cells(B, global_grid, global_window, seed, offset, 0, boxes.device)
+    globals_ = _sample_pairs(boxes[:, [0, 1]], boxes[:, [1, 0]], row[:, None], col[:, None], global_grid, target_grid)
+
+    row, col = pattern_cells(B, local_grid, local_window, seed, offset, 1, boxes.device)
+    local_boxes = boxes[:, 2:, None, :].expand(B, L, 2, 4).reshape(B, 2 * L, 4)
+    targets = boxes[:, [1, 0]].repeat(1, L, 1)
+    locals_ = _sample_pairs(local_boxes, targets, row[:, None], col[:, None], local_grid, target_grid)
+    locals_ = tuple(t.reshape(B, L, 2, *t.shape[2:]) for t in locals_)
+    return (*globals_, *locals_)

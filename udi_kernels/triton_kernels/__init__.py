@@ -1,0 +1,1 @@
+"""Triton kernels. Import lazily: TRITON_INTERPRET must be set before these modules load."""

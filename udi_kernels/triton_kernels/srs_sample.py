@@ -1,0 +1,104 @@
+"""Stratified random sampling (UDI_SPEC §2) in Triton: one program per (image, pair).
+
+Bit-identical to csrc/srs_sample.h: the same Philox stream, correctly rounded division
+(div_rn) and no FMA contraction (launched with enable_fp_fusion=False).
+
+Shapes: boxes [B, 2 + L, 4] float32 ->
+  globals: src_index [B, 2, Sg] int32, tgt_index [B, 2, Sg, 4] int32, tgt_weight [B, 2, Sg, 4] float32, count [B, 2]
+  locals:  the same with [B, L, 2, Sl, ...] and count [B, L, 2]
+"""
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _pattern_cells(sample, image, grid, window, seed, offset, STREAM: tl.constexpr):
+    n = grid // window
+    spare = grid - n * window
+    zero = sample * 0
+    x0, x1, _, _ = tl.philox(seed, sample, zero + image, zero + STREAM, zero + offset)
+    _, _, first2, first3 = tl.philox(seed, zero, zero + image, zero + STREAM, zero + offset)
+    w = (zero + window).to(tl.uint32)
+    row = (first2 & 1).to(tl.int32) * spare + (sample // n) * window + (x0 % w).to(tl.int32)
+    col = (first3 & 1).to(tl.int32) * spare + (sample % n) * window + (x1 % w).to(tl.int32)
+    return row, col
+
+
+@triton.jit
+def _axis(cell, src_ptr, tgt_ptr, grid, target_grid):
+    """Source position along one axis, whether it is strictly inside the target, and its taps."""
+    s0 = tl.load(src_ptr)
+    s1 = tl.load(src_ptr + 2)
+    t0 = tl.load(tgt_ptr)
+    t1 = tl.load(tgt_ptr + 2)
+    frac = tl.math.div_rn(cell.to(tl.float32), (grid - 1).to(tl.float32))
+    pos = s0 + frac * (s1 - s0)
+    inside = (tl.minimum(t0, t1) < pos) & (pos < tl.maximum(t0, t1))
+    t = tl.math.div_rn((pos - t0) * (target_grid - 1).to(tl.float32), t1 - t0)
+    first = tl.minimum(tl.maximum(tl.floor(t), 0.0), (target_grid - 2).to(tl.float32))
+    weight = tl.minimum(tl.maximum(t - first, 0.0), 1.0)
+    return inside, first.to(tl.int32), weight
+
+
+@triton.jit
+def _srs_pairs_kernel(boxes_ptr, src_ptr, tgt_ptr, weight_ptr, count_ptr, num_crops, grid, window, target_grid,
+                      seed, offset, LOCAL: tl.constexpr, BLOCK: tl.constexpr):
+    image = tl.program_id(0)
+    pair = tl.program_id(1)  # globals: 0 = g0->g1, 1 = g1->g0; locals: 2l = l->g1, 2l+1 = l->g0
+    src_crop = 2 + pair // 2 if LOCAL else pair
+    tgt_crop = 1 - pair % 2
+    n = grid // window
+    num_samples = n * n
+    sample = tl.arange(0, BLOCK)
+    in_range = sample < num_samples
+    row, col = _pattern_cells(sample, image, grid, window, seed, offset, LOCAL)
+
+    image_boxes = boxes_ptr + image.to(tl.int64) * num_crops * 4
+    inside_i, first_i, ri = _axis(row, image_boxes + src_crop * 4, image_boxes + tgt_crop * 4, grid, target_grid)
+    inside_j, first_j, rj = _axis(col, image_boxes + src_crop * 4 + 1, image_boxes + tgt_crop * 4 + 1, grid,
+                                  target_grid)
+    valid = (inside_i & inside_j & in_range).to(tl.int32)
+    kept = tl.sum(valid, 0)
+    padding = (1 - valid) * in_range.to(tl.int32)
+    dest = tl.where(valid == 1, tl.cumsum(valid, 0) - 1, kept + tl.cumsum(padding, 0) - 1)
+    is_valid = valid == 1
+
+    slot = image.to(tl.int64) * (2 * (num_crops - 2) if LOCAL else 2) + pair
+    out = slot * num_samples + dest
+    tl.store(src_ptr + out, tl.where(is_valid, row * grid + col, 0), mask=in_range)
+    qi = 1.0 - ri
+    qj = 1.0 - rj
+    top_left = first_i * target_grid + first_j
+    taps = ((top_left, qi * qj), (top_left + 1, qi * rj), (top_left + target_grid, ri * qj),
+            (top_left + target_grid + 1, ri * rj))
+    for t in tl.static_range(4):
+        tl.store(tgt_ptr + out * 4 + t, tl.where(is_valid, taps[t][0], 0), mask=in_range)
+        tl.store(weight_ptr + out * 4 + t, tl.where(is_valid, taps[t][1], 0.0), mask=in_range)
+    tl.store(count_ptr + slot, kept)
+
+
+def _launch(boxes, outputs, grid, window, target_grid, seed, offset, local):
+    B, num_crops = boxes.shape[:2]
+    pairs = 2 * (num_crops - 2) if local else 2
+    if B == 0 or pairs == 0:
+        return
+    num_samples = (grid // window) ** 2
+    _srs_pairs_kernel[(B, pairs)](boxes, *outputs, num_crops, grid, window, target_grid, seed, offset, LOCAL=local,
+                                  BLOCK=triton.next_power_of_2(num_samples), enable_fp_fusion=False)
+
+
+def _empty_pairs(boxes, lead, num_samples):
+    ints = dict(dtype=torch.int32, device=boxes.device)
+    return (torch.empty(*lead, num_samples, **ints), torch.empty(*lead, num_samples, 4, **ints),
+            torch.empty(*lead, num_samples, 4, dtype=torch.float32, device=boxes.device), torch.empty(*lead, **ints))
+
+
+def stratified_sample(boxes, global_grid, global_window, local_grid, local_window, target_grid, seed, offset):
+    """Same contract as udi_kernels.stratified_sample (arguments already checked); returns 8 tensors."""
+    B, L = boxes.shape[0], boxes.shape[1] - 2
+    globals_ = _empty_pairs(boxes, (B, 2), (global_grid // global_window) ** 2)
+    locals_ = _empty_pairs(boxes, (B, L, 2), (local_grid // local_window) ** 2)
+    _launch(boxes, globals_, global_grid, global_window, target_grid, seed, offset, local=False)
+    _launch(boxes, locals_, local_grid, local_window, target_grid, seed, offset, local=True)
+    return (*globals_, *locals_)
