@@ -46,8 +46,9 @@ def default_auto_order(device: torch.device):
     return ("native", "triton", "reference") if device.type == "cuda" else ("native", "reference")
 
 
+@torch.compiler.assume_constant_result
 def resolve(op: str, device: torch.device, backend=None, auto_order=None) -> str:
-    """The backend that runs `op` for tensors on `device`."""
+    """The backend that runs `op` for tensors on `device` (a constant to torch.compile)."""
     requested = backend or os.environ.get(ENV_VAR) or "auto"
     if requested not in BACKENDS:
         source = "backend" if backend else ENV_VAR
