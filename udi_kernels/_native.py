@@ -14,6 +14,7 @@ def native_loaded() -> bool:
     return LOAD_ERROR is None
 
 
+@torch.compiler.assume_constant_result  # lets torch.compile(fullgraph=True) resolve backends without a break
 def has_native_kernel(op: str, device_type: str) -> bool:
     """Whether udi_kernels::<op> has a compiled kernel for device_type ('cpu' or 'cuda')."""
     if not native_loaded():
