@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "distill_ce_op.h"
@@ -74,16 +75,9 @@ constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 
 // Everything a CPU kernel reads, as raw pointers; the logits keep their dtypes.
 template <typename student_t, typename teacher_t>
-struct Rows {
+struct Rows : PairArgs<double> {
   const student_t* student;
   const teacher_t* teacher;
-  const double* centers;
-  const int64_t* center_id;
-  const int64_t* student_ptr;
-  const int64_t* pair_teacher;
-  const double* pair_weight;
-  int64_t K;
-  double inv_tau_s, inv_tau_t;
 
   double scaled_student(int64_t row, int64_t k) const { return static_cast<double>(student[row * K + k]) * inv_tau_s; }
   double centered(int64_t row, int64_t k) const {
@@ -154,14 +148,29 @@ Rows<student_t, teacher_t> make_rows(const at::Tensor& student, const at::Tensor
                                      const at::Tensor& center_id, const at::Tensor& student_ptr,
                                      const at::Tensor& pair_teacher, const at::Tensor& pair_weight, double tau_s,
                                      double tau_t) {
-  return Rows<student_t, teacher_t>{student.data_ptr<student_t>(), teacher.data_ptr<teacher_t>(),
-                                    centers.data_ptr<double>(),   center_id.data_ptr<int64_t>(),
-                                    student_ptr.data_ptr<int64_t>(), pair_teacher.data_ptr<int64_t>(),
-                                    pair_weight.data_ptr<double>(), student.size(1), 1.0 / tau_s, 1.0 / tau_t};
+  const PairArgs<double> pairs{centers.data_ptr<double>(),       center_id.data_ptr<int64_t>(),
+                               student_ptr.data_ptr<int64_t>(), pair_teacher.data_ptr<int64_t>(),
+                               pair_weight.data_ptr<double>(),  student.size(1),
+                               1.0 / tau_s,                     1.0 / tau_t};
+  return Rows<student_t, teacher_t>{pairs, student.data_ptr<student_t>(), teacher.data_ptr<teacher_t>()};
 }
 
 #define UDI_DISPATCH_LOGITS(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
+
+// Calls body(rows) with the Rows of the student's and the teacher's dtypes.
+template <typename Body>
+void with_rows(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& centers64,
+               const at::Tensor& center_id, const at::Tensor& student_ptr, const at::Tensor& pair_teacher,
+               const at::Tensor& pair_weight64, double tau_s, double tau_t, const Body& body) {
+  UDI_DISPATCH_LOGITS(student.scalar_type(), "distill_ce_cpu", [&] {
+    using student_t = scalar_t;
+    UDI_DISPATCH_LOGITS(teacher.scalar_type(), "distill_ce_cpu", [&] {
+      body(make_rows<student_t, scalar_t>(student, teacher, centers64, center_id, student_ptr, pair_teacher,
+                                          pair_weight64, tau_s, tau_t));
+    });
+  });
+}
 
 ForwardTensors forward_cpu(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& centers,
                            const at::Tensor& center_id, const at::Tensor& student_ptr, const at::Tensor& pair_teacher,
@@ -177,18 +186,14 @@ ForwardTensors forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
   at::Tensor center_count = at::empty({n_c}, doubles);
   const at::Tensor centers64 = as_double(centers), pair_weight64 = as_double(pair_weight);
   const at::Tensor row_weight64 = as_double(row_weight);
-  UDI_DISPATCH_LOGITS(student.scalar_type(), "distill_ce_forward_cpu", [&] {
-    using student_t = scalar_t;
-    UDI_DISPATCH_LOGITS(teacher.scalar_type(), "distill_ce_forward_cpu", [&] {
-      const auto rows = make_rows<student_t, scalar_t>(student, teacher, centers64, center_id, student_ptr,
-                                                       pair_teacher, pair_weight64, tau_s, tau_t);
-      forward_rows(rows, Rs, Rt, pair_loss.data_ptr<double>(), student_lse.data_ptr<double>(),
-                   teacher_lse.data_ptr<double>());
-      center_sums(teacher.data_ptr<scalar_t>(), center_ptr.data_ptr<int64_t>(), center_rows.data_ptr<int64_t>(),
-                  row_weight64.data_ptr<double>(), n_c, K, center_sum.data_ptr<double>(),
-                  center_count.data_ptr<double>());
-    });
-  });
+  with_rows(student, teacher, centers64, center_id, student_ptr, pair_teacher, pair_weight64, tau_s, tau_t,
+            [&](const auto& rows) {
+              forward_rows(rows, Rs, Rt, pair_loss.data_ptr<double>(), student_lse.data_ptr<double>(),
+                           teacher_lse.data_ptr<double>());
+              center_sums(rows.teacher, center_ptr.data_ptr<int64_t>(), center_rows.data_ptr<int64_t>(),
+                          row_weight64.data_ptr<double>(), n_c, K, center_sum.data_ptr<double>(),
+                          center_count.data_ptr<double>());
+            });
   const at::ScalarType out = compute_type(student.scalar_type()), stats = compute_type(teacher.scalar_type());
   return {pair_loss.to(out), center_sum.to(stats), center_count.to(stats), student_lse.to(out),
           teacher_lse.to(stats)};
@@ -226,15 +231,12 @@ at::Tensor backward_cpu(const at::Tensor& grad_pair_loss, const at::Tensor& stud
   const at::Tensor centers64 = as_double(centers), pair_weight64 = as_double(pair_weight);
   const at::Tensor grad64 = as_double(grad_pair_loss), student_lse64 = as_double(student_lse);
   const at::Tensor teacher_lse64 = as_double(teacher_lse);
-  UDI_DISPATCH_LOGITS(student.scalar_type(), "distill_ce_backward_cpu", [&] {
-    using student_t = scalar_t;
-    UDI_DISPATCH_LOGITS(teacher.scalar_type(), "distill_ce_backward_cpu", [&] {
-      const auto rows = make_rows<student_t, scalar_t>(student, teacher, centers64, center_id, student_ptr,
-                                                       pair_teacher, pair_weight64, tau_s, tau_t);
-      backward_rows(rows, student.size(0), grad64.data_ptr<double>(), student_lse64.data_ptr<double>(),
-                    teacher_lse64.data_ptr<double>(), grad_student.data_ptr<student_t>());
-    });
-  });
+  with_rows(student, teacher, centers64, center_id, student_ptr, pair_teacher, pair_weight64, tau_s, tau_t,
+            [&](const auto& rows) {
+              using student_t = std::remove_cv_t<std::remove_pointer_t<decltype(rows.student)>>;
+              backward_rows(rows, student.size(0), grad64.data_ptr<double>(), student_lse64.data_ptr<double>(),
+                            teacher_lse64.data_ptr<double>(), grad_student.data_ptr<student_t>());
+            });
   return grad_student;
 }
 

@@ -10,6 +10,19 @@ namespace udi::distill {
 // pair_loss, center_sum, center_count, student_lse, teacher_lse
 using ForwardTensors = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
+// The pairs in student-row CSR order and the centers, as raw pointers; acc_t is the accumulation type
+// (double on the CPU, float on CUDA).
+template <typename acc_t>
+struct PairArgs {
+  const acc_t* centers;
+  const int64_t* center_id;
+  const int64_t* student_ptr;
+  const int64_t* pair_teacher;
+  const acc_t* pair_weight;
+  int64_t K;
+  acc_t inv_tau_s, inv_tau_t;
+};
+
 // float64 stays float64; other floating dtypes compute and return float32.
 inline at::ScalarType compute_type(at::ScalarType type) {
   return type == at::kDouble ? at::kDouble : at::kFloat;

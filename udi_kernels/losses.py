@@ -126,6 +126,16 @@ def level_weighted_pairs(student_rows_of_global, student_rows_of_local, teacher_
     return _cat_pairs(groups)
 
 
+def _check_choice(value, name: str, choices):
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _check_ncrops(ncrops: int):
+    if ncrops < 2:
+        raise ValueError(f"ncrops must be >= 2 (two global crops), got {ncrops}")
+
+
 def _check_rows(tensor: Tensor, name: str, rows: int, out_dim: int):
     if tensor.dim() != 2 or tensor.shape != (rows, out_dim):
         raise ValueError(f"{name} must have shape [{rows}, {out_dim}], got {list(tensor.shape)}")
@@ -147,10 +157,8 @@ class DINOLoss(nn.Module):
                  center_momentum: float = 0.9, centering: str = "ema", sinkhorn_iterations: int = 3,
                  backend: Optional[str] = None):
         super().__init__()
-        if ncrops < 2:
-            raise ValueError(f"ncrops must be >= 2 (two global crops), got {ncrops}")
-        if centering not in ("ema", "sinkhorn_knopp"):
-            raise ValueError(f"centering must be 'ema' or 'sinkhorn_knopp', got {centering!r}")
+        _check_ncrops(ncrops)
+        _check_choice(centering, "centering", ("ema", "sinkhorn_knopp"))
         self.out_dim, self.ncrops, self.student_temp = out_dim, ncrops, student_temp
         self.schedule = (warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs)
         self.centering, self.sinkhorn_iterations, self.backend = centering, sinkhorn_iterations, backend
@@ -312,10 +320,8 @@ class UDILoss(nn.Module):
                  center_momentum: float = 0.9, alpha: float = 0.5, cls_plus_target: str = "logits",
                  backend: Optional[str] = None):
         super().__init__()
-        if ncrops < 2:
-            raise ValueError(f"ncrops must be >= 2 (two global crops), got {ncrops}")
-        if cls_plus_target not in ("logits", "probabilities"):
-            raise ValueError(f"cls_plus_target must be 'logits' or 'probabilities', got {cls_plus_target!r}")
+        _check_ncrops(ncrops)
+        _check_choice(cls_plus_target, "cls_plus_target", ("logits", "probabilities"))
         self.out_dim, self.num_local, self.student_temp = out_dim, ncrops - 2, student_temp
         self.schedule = (warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs)
         self.alpha, self.cls_plus_target, self.backend = alpha, cls_plus_target, backend

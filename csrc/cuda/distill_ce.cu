@@ -79,15 +79,8 @@ __device__ float block_sum(float v, float* scratch) {
   return total;
 }
 
-struct Pairs {
-  const float* centers;
-  const int64_t* center_id;
-  const int64_t* student_ptr;
-  const int64_t* pair_teacher;
-  const float* pair_weight;
+struct Pairs : PairArgs<float> {
   const float* teacher_lse;
-  int64_t K;
-  float inv_tau_s, inv_tau_t;
 };
 
 template <typename teacher_t>
@@ -189,11 +182,11 @@ void check_cuda_kernel_types(const at::Tensor& student, const at::Tensor& teache
 Pairs make_pairs(const at::Tensor& centers, const at::Tensor& center_id, const at::Tensor& student_ptr,
                  const at::Tensor& pair_teacher, const at::Tensor& pair_weight, const at::Tensor& teacher_lse,
                  int64_t K, double tau_s, double tau_t) {
-  return Pairs{centers.data_ptr<float>(),       center_id.data_ptr<int64_t>(), student_ptr.data_ptr<int64_t>(),
-               pair_teacher.data_ptr<int64_t>(), pair_weight.data_ptr<float>(), teacher_lse.data_ptr<float>(),
-               K,
-               static_cast<float>(1.0 / tau_s),
-               static_cast<float>(1.0 / tau_t)};
+  const PairArgs<float> args{centers.data_ptr<float>(),       center_id.data_ptr<int64_t>(),
+                             student_ptr.data_ptr<int64_t>(), pair_teacher.data_ptr<int64_t>(),
+                             pair_weight.data_ptr<float>(),   K,
+                             static_cast<float>(1.0 / tau_s), static_cast<float>(1.0 / tau_t)};
+  return Pairs{args, teacher_lse.data_ptr<float>()};
 }
 
 #define UDI_DISPATCH_CUDA_LOGITS(TYPE, NAME, ...)                                                       \
