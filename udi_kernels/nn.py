@@ -60,6 +60,7 @@ class TappedAttention(nn.Module):
         q_s = self._sampled_queries(tapped, tap_sum).reshape(B, S, heads, head_dim).transpose(1, 2)
         bias = None if self.qkv.bias is None else self.qkv.bias[C:]
         kv = F.linear(h, self.qkv.weight[C:], bias).reshape(B, N, 2, heads, head_dim).permute(2, 0, 3, 1, 4)
+        q_s = q_s.to(kv.dtype)  # under autocast the bias term promotes q_s to float32
         identity = torch.arange(S, device=h.device, dtype=torch.int32).expand(B, S)[..., None]
         o = srs_attention(q_s, kv[0], kv[1], identity, None, self.scale, backend=self.backend, check_taps=False)
         return self.norm(self.proj(o.transpose(1, 2).reshape(B, S, C)) + tapped)
