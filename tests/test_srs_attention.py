@@ -142,6 +142,15 @@ def test_native_gradcheck():
 
 
 @needs("native")
+def test_double_backward_is_refused():
+    (q, k, v), index, weight = make_case(1, 1, 10, 8, 3, 2, dtype=torch.float32)
+    q.requires_grad_()
+    grad_q, = torch.autograd.grad(srs_attention(q, k, v, index, weight, backend="native").sum(), q, create_graph=True)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        grad_q.sum().backward()
+
+
+@needs("native")
 def test_native_opcheck():
     (q, k, v), index, weight = make_case(2, 2, 23, 16, 5, 4, dtype=torch.float32)
     q, k, v = (t.requires_grad_() for t in (q, k, v))

@@ -75,10 +75,45 @@ __device__ void load_rows(const scalar_t* src, int64_t first, int64_t valid, int
   }
 }
 
+// Calls f(i, row, d) for each element (row, d) of a [kKeys][D] tile that this thread of a pass-2/3
+// block owns; i indexes the thread's accumulators.
+template <typename F>
+__device__ __forceinline__ void for_owned(int64_t D, F f) {
+#pragma unroll
+  for (int i = 0; i < kOwned; ++i) {
+    const int e = threadIdx.x + i * kPass2Threads;
+    if (e >= kKeys * D) break;
+    f(i, e / static_cast<int>(D), e % static_cast<int>(D));
+  }
+}
+
 __device__ float shared_dot(const float* a, const float* b, int64_t D) {
   float sum = 0.f;
   for (int d = 0; d < D; ++d) sum += a[d] * b[d];
   return sum;
+}
+
+// The kTileKeys keys from `start` of k and v into shared memory, once the block is done with the last tile.
+template <typename scalar_t>
+__device__ void load_kv_tile(const Inputs<scalar_t>& a, int64_t head_offset, int64_t start, int stride, float* k_tile,
+                             float* v_tile) {
+  __syncthreads();
+  load_rows(a.k + head_offset, start, a.N, kTileKeys, a.D, stride, k_tile);
+  load_rows(a.v + head_offset, start, a.N, kTileKeys, a.D, stride, v_tile);
+  __syncthreads();
+}
+
+// acc (elements lane + 32 j of a row) += sum_key weight_key * tile[key], weight_key held by lane `key`.
+__device__ __forceinline__ void accumulate_tile(float lane_weight, const float* tile, int stride, int64_t D, int lane,
+                                                float (&acc)[kDimsPerLane]) {
+  for (int key = 0; key < kTileKeys; ++key) {
+    const float weight = __shfl_sync(0xffffffffu, lane_weight, key);
+#pragma unroll
+    for (int j = 0; j < kDimsPerLane; ++j) {
+      const int d = lane + j * kWarp;
+      if (d < D) acc[j] += weight * tile[key * stride + d];
+    }
+  }
 }
 
 template <typename scalar_t>
@@ -99,10 +134,7 @@ __global__ void __launch_bounds__(kRows* kWarp)
 
   float row_max = -INFINITY, row_sum = 0.f, acc[kDimsPerLane] = {};
   for (int64_t start = 0; start < a.N; start += kTileKeys) {
-    __syncthreads();
-    load_rows(a.k + head_offset, start, a.N, kTileKeys, a.D, stride, k_tile);
-    load_rows(a.v + head_offset, start, a.N, kTileKeys, a.D, stride, v_tile);
-    __syncthreads();
+    load_kv_tile(a, head_offset, start, stride, k_tile, v_tile);
     if (!active) continue;
     const bool key_ok = start + lane < a.N;
     const float logit = key_ok ? shared_dot(q_s, k_tile + lane * stride, a.D) * a.scale : -INFINITY;
@@ -111,13 +143,7 @@ __global__ void __launch_bounds__(kRows* kWarp)
     const float rescale = expf(row_max - new_max);
     row_sum = row_sum * rescale + warp_sum(p);
     for (int j = 0; j < kDimsPerLane; ++j) acc[j] *= rescale;
-    for (int key = 0; key < kTileKeys; ++key) {
-      const float p_key = __shfl_sync(0xffffffffu, p, key);
-      for (int j = 0; j < kDimsPerLane; ++j) {
-        const int d = lane + j * kWarp;
-        if (d < a.D) acc[j] += p_key * v_tile[key * stride + d];
-      }
-    }
+    accumulate_tile(p, v_tile, stride, a.D, lane, acc);
     row_max = new_max;
   }
   if (!active) return;
@@ -159,23 +185,14 @@ __global__ void __launch_bounds__(kRows* kWarp)
 
   float acc[kDimsPerLane] = {};
   for (int64_t start = 0; start < a.N; start += kTileKeys) {
-    __syncthreads();
-    load_rows(a.k + head_offset, start, a.N, kTileKeys, a.D, stride, k_tile);
-    load_rows(a.v + head_offset, start, a.N, kTileKeys, a.D, stride, v_tile);
-    __syncthreads();
+    load_kv_tile(a, head_offset, start, stride, k_tile, v_tile);
     if (!active) continue;
     float ds = 0.f;
     if (start + lane < a.N) {
       const float p = expf(shared_dot(q_s, k_tile + lane * stride, a.D) * a.scale - row_lse);
       ds = p * (shared_dot(d_out, v_tile + lane * stride, a.D) - row_delta);
     }
-    for (int key = 0; key < kTileKeys; ++key) {
-      const float ds_key = __shfl_sync(0xffffffffu, ds, key);
-      for (int j = 0; j < kDimsPerLane; ++j) {
-        const int d = lane + j * kWarp;
-        if (d < a.D) acc[j] += ds_key * k_tile[key * stride + d];
-      }
-    }
+    accumulate_tile(ds, k_tile, stride, a.D, lane, acc);
   }
   if (!active) return;
   for (int j = 0; j < kDimsPerLane; ++j) {
@@ -226,24 +243,18 @@ __global__ void __launch_bounds__(kPass2Threads)
       dscores[s * kKeys + n] = ds;
     }
     __syncthreads();
-    for (int i = 0; i < kOwned; ++i) {
-      const int e = threadIdx.x + i * kPass2Threads;
-      if (e >= kKeys * a.D) break;
-      const int n = e / a.D, d = e % a.D;
+    for_owned(a.D, [&](int i, int n, int d) {
       for (int s = 0; s < kChunk; ++s) {
         acc_dv[i] += probs[s * kKeys + n] * d_out[s * stride + d];
         acc_dk[i] += dscores[s * kKeys + n] * q_rows[s * stride + d];
       }
-    }
+    });
   }
-  for (int i = 0; i < kOwned; ++i) {
-    const int e = threadIdx.x + i * kPass2Threads;
-    if (e >= kKeys * a.D) break;
-    const int64_t key = first_key + e / a.D;
-    if (key >= a.N) continue;
-    dk[kv_offset + key * a.D + e % a.D] = static_cast<scalar_t>(acc_dk[i]);
-    dv[kv_offset + key * a.D + e % a.D] = static_cast<scalar_t>(acc_dv[i]);
-  }
+  for_owned(a.D, [&](int i, int n, int d) {
+    if (first_key + n >= a.N) return;
+    dk[kv_offset + (first_key + n) * a.D + d] = static_cast<scalar_t>(acc_dk[i]);
+    dv[kv_offset + (first_key + n) * a.D + d] = static_cast<scalar_t>(acc_dv[i]);
+  });
 }
 
 // Pass 3: dq_r = sum_{s, t: idx_st = r} w_st dq_s for the block's rows of q.
@@ -270,19 +281,13 @@ __global__ void __launch_bounds__(kPass2Threads)
       tap_map[s * kKeys + r] = tap_weight;
     }
     __syncthreads();
-    for (int i = 0; i < kOwned; ++i) {
-      const int e = threadIdx.x + i * kPass2Threads;
-      if (e >= kKeys * a.D) break;
-      const int r = e / a.D, d = e % a.D;
+    for_owned(a.D, [&](int i, int r, int d) {
       for (int s = 0; s < kChunk; ++s) acc[i] += tap_map[s * kKeys + r] * dq_rows[s * stride + d];
-    }
+    });
   }
-  for (int i = 0; i < kOwned; ++i) {
-    const int e = threadIdx.x + i * kPass2Threads;
-    if (e >= kKeys * a.D) break;
-    const int64_t row = first_row + e / a.D;
-    if (row < a.Nq) dq[(head * a.Nq + row) * a.D + e % a.D] = static_cast<scalar_t>(acc[i]);
-  }
+  for_owned(a.D, [&](int i, int r, int d) {
+    if (first_row + r < a.Nq) dq[(head * a.Nq + first_row + r) * a.D + d] = static_cast<scalar_t>(acc[i]);
+  });
 }
 
 void check_cuda_inputs(const at::Tensor& q) {

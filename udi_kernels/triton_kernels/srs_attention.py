@@ -27,35 +27,50 @@ def tapped_queries(q_head, index_row, weight_row, sample, sample_ok, dims, dim_o
 
 
 @triton.jit
+def sample_block(H, S, D, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's crop b, flat head index, sample rows and channels (grid: sample blocks, H, B)."""
+    b = tl.program_id(2)
+    sample = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    dims = tl.arange(0, BLOCK_D)
+    return b, b.to(tl.int64) * H + tl.program_id(1), sample, sample < S, dims, dims < D
+
+
+@triton.jit
+def scaled_queries(q, index, weight, b, head, sample, sample_ok, dims, dim_ok, NQ, S, T, D, scale, dtype):
+    """q_s * scale in the dtype of k: the left operand of the logits."""
+    taps = b.to(tl.int64) * S * T
+    q_s = tapped_queries(q + head * NQ * D, index + taps, weight + taps, sample, sample_ok, dims, dim_ok, NQ, T, D)
+    return (q_s * scale).to(dtype)
+
+
+@triton.jit
+def kv_block(k, v, head, keys, dims, N, D):
+    """k and v rows `keys` of one head ([BLOCK_N, BLOCK_D], zero outside), their offsets and mask."""
+    offsets = head * N * D + keys[:, None] * D + dims[None, :]
+    mask = (keys < N)[:, None] & (dims < D)[None, :]
+    return tl.load(k + offsets, mask=mask, other=0.0), tl.load(v + offsets, mask=mask, other=0.0), offsets, mask
+
+
+@triton.jit
 def _forward_kernel(q, k, v, index, weight, out, lse, H, NQ, N, S, T, D, scale,
                     BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                     PRECISION: tl.constexpr):
-    b = tl.program_id(2)
-    head = b.to(tl.int64) * H + tl.program_id(1)
-    sample = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
-    sample_ok = sample < S
-    dims = tl.arange(0, BLOCK_D)
-    dim_ok = dims < D
-    taps = b.to(tl.int64) * S * T
-    q_s = tapped_queries(q + head * NQ * D, index + taps, weight + taps, sample, sample_ok, dims, dim_ok, NQ, T, D)
-    q_s = (q_s * scale).to(k.dtype.element_ty)
+    b, head, sample, sample_ok, dims, dim_ok = sample_block(H, S, D, BLOCK_S, BLOCK_D)
+    q_s = scaled_queries(q, index, weight, b, head, sample, sample_ok, dims, dim_ok, NQ, S, T, D, scale,
+                         k.dtype.element_ty)
 
     row_max = tl.full((BLOCK_S,), float("-inf"), dtype=tl.float32)
     row_sum = tl.zeros((BLOCK_S,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_S, BLOCK_D), dtype=tl.float32)
     for start in range(0, N, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
-        key_ok = keys < N
-        kv_offsets = head * N * D + keys[:, None] * D + dims[None, :]
-        kv_mask = key_ok[:, None] & dim_ok[None, :]
-        k_block = tl.load(k + kv_offsets, mask=kv_mask, other=0.0)
+        k_block, v_block, _, _ = kv_block(k, v, head, keys, dims, N, D)
         logits = tl.dot(q_s, tl.trans(k_block), input_precision=PRECISION)
-        logits = tl.where(key_ok[None, :], logits, float("-inf"))
+        logits = tl.where((keys < N)[None, :], logits, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(logits, 1))
         p = tl.exp(logits - new_max[:, None])
         rescale = tl.exp(row_max - new_max)
         row_sum = row_sum * rescale + tl.sum(p, 1)
-        v_block = tl.load(v + kv_offsets, mask=kv_mask, other=0.0)
         acc = acc * rescale[:, None] + tl.dot(p.to(v_block.dtype), v_block, input_precision=PRECISION)
         row_max = new_max
 

@@ -13,22 +13,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .srs_attention import block_sizes, dot_precision, tapped_queries
+from .srs_attention import block_sizes, dot_precision, kv_block, sample_block, scaled_queries
 
 
 @triton.jit
 def _query_grad_kernel(q, k, v, index, weight, grad_out, out, lse, dq_s, delta, H, NQ, N, S, T, D, scale,
                        BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                        PRECISION: tl.constexpr):
-    b = tl.program_id(2)
-    head = b.to(tl.int64) * H + tl.program_id(1)
-    sample = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
-    sample_ok = sample < S
-    dims = tl.arange(0, BLOCK_D)
-    dim_ok = dims < D
-    taps = b.to(tl.int64) * S * T
-    q_s = tapped_queries(q + head * NQ * D, index + taps, weight + taps, sample, sample_ok, dims, dim_ok, NQ, T, D)
-    q_s = (q_s * scale).to(k.dtype.element_ty)
+    b, head, sample, sample_ok, dims, dim_ok = sample_block(H, S, D, BLOCK_S, BLOCK_D)
+    q_s = scaled_queries(q, index, weight, b, head, sample, sample_ok, dims, dim_ok, NQ, S, T, D, scale,
+                         k.dtype.element_ty)
     rows = head * S + sample
     row_offsets = rows[:, None] * D + dims[None, :]
     row_mask = sample_ok[:, None] & dim_ok[None, :]
@@ -39,13 +33,9 @@ def _query_grad_kernel(q, k, v, index, weight, grad_out, out, lse, dq_s, delta, 
     acc = tl.zeros((BLOCK_S, BLOCK_D), dtype=tl.float32)
     for start in range(0, N, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
-        key_ok = keys < N
-        kv_offsets = head * N * D + keys[:, None] * D + dims[None, :]
-        kv_mask = key_ok[:, None] & dim_ok[None, :]
-        k_block = tl.load(k + kv_offsets, mask=kv_mask, other=0.0)
-        v_block = tl.load(v + kv_offsets, mask=kv_mask, other=0.0)
+        k_block, v_block, _, _ = kv_block(k, v, head, keys, dims, N, D)
         p = tl.exp(tl.dot(q_s, tl.trans(k_block), input_precision=PRECISION) - row_lse[:, None])
-        p = tl.where(key_ok[None, :], p, 0.0)
+        p = tl.where((keys < N)[None, :], p, 0.0)
         dp = tl.dot(d_out, tl.trans(v_block), input_precision=PRECISION)
         ds = p * (dp - row_delta[:, None])
         acc += tl.dot(ds.to(k_block.dtype), k_block, input_precision=PRECISION)
@@ -63,19 +53,14 @@ def _key_grad_kernel(q, k, v, index, weight, grad_out, lse, delta, dk, dv, H, NQ
     key_ok = keys < N
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < D
-    kv_offsets = head * N * D + keys[:, None] * D + dims[None, :]
-    kv_mask = key_ok[:, None] & dim_ok[None, :]
-    k_block = tl.load(k + kv_offsets, mask=kv_mask, other=0.0)
-    v_block = tl.load(v + kv_offsets, mask=kv_mask, other=0.0)
-    taps = b.to(tl.int64) * S * T
+    k_block, v_block, kv_offsets, kv_mask = kv_block(k, v, head, keys, dims, N, D)
     acc_dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     acc_dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     for start in range(0, S, BLOCK_S):
         sample = start + tl.arange(0, BLOCK_S)
         sample_ok = sample < S
-        q_s = tapped_queries(q + head * NQ * D, index + taps, weight + taps, sample, sample_ok, dims, dim_ok, NQ, T,
-                             D)
-        q_s = (q_s * scale).to(k_block.dtype)
+        q_s = scaled_queries(q, index, weight, b, head, sample, sample_ok, dims, dim_ok, NQ, S, T, D, scale,
+                             k_block.dtype)
         rows = head * S + sample
         d_out = tl.load(grad_out + rows[:, None] * D + dims[None, :], mask=sample_ok[:, None] & dim_ok[None, :],
                         other=0.0)
