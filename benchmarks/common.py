@@ -1,4 +1,4 @@
-"""Shared benchmark plumbing: timers, memory, result files, tables and charts."""
+"""Shared benchmark plumbing: device choice, timers, memory, copy ceiling, result files, tables and charts."""
 import argparse
 import datetime
 import json
@@ -14,10 +14,18 @@ def parse_args(description, **extra):
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"),
                         help="directory for the JSON and PNG results")
-    parser.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and repetitions (GPU run < ~60 s)")
     for flag, kwargs in extra.items():
         parser.add_argument(flag, **kwargs)
     return parser.parse_args()
+
+
+def pick_device():
+    """The GPU when there is one, else the CPU (saying so: the benchmark then runs a small CPU version)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    print("No GPU here: running a small CPU version; GPU numbers need a GPU (scripts/gpu_check.sh).")
+    return torch.device("cpu")
 
 
 def device_description(device):
@@ -26,25 +34,39 @@ def device_description(device):
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
-def median_ms_cuda(fn, warmup=10, rep=50):
-    """Median of per-call CUDA-event times, L2 flushed between calls (triton.testing.do_bench)."""
-    import triton.testing
-    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+def median_ms(fn, device, quick=False, flush_l2=True):
+    """Median ms of single calls after a warm-up, as many calls as a time budget allows (at least 3).
 
-
-def median_ms_cpu(fn, warmup=2, rep=10):
-    for _ in range(warmup):
+    CUDA with flush_l2: triton.testing.do_bench (CUDA events, L2 flushed before each call: cold inputs, as
+    after the rest of a training step). CUDA without: CUDA events around back-to-back calls, for fwd+bwd
+    closures whose backward reads what the forward left in L2. CPU: perf_counter.
+    """
+    warmup_ms, rep_ms = (10, 40) if quick else (25, 200)
+    if device.type == "cuda" and flush_l2:
+        import triton.testing
+        return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    start = time.perf_counter()
+    fn()
+    sync()
+    estimate_ms = max((time.perf_counter() - start) * 1e3, 1e-3)
+    for _ in range(int(warmup_ms / estimate_ms)):
         fn()
+    calls = max(3, int(rep_ms / estimate_ms))
+    if device.type == "cuda":
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(calls)]
+        for begin, end in events:
+            begin.record()
+            fn()
+            end.record()
+        sync()
+        return statistics.median(begin.elapsed_time(end) for begin, end in events)
     times = []
-    for _ in range(rep):
+    for _ in range(calls):
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
-
-
-def median_ms(fn, device, **kwargs):
-    return median_ms_cuda(fn, **kwargs) if device.type == "cuda" else median_ms_cpu(fn, **kwargs)
 
 
 def peak_extra_bytes(fn, device):
@@ -57,6 +79,26 @@ def peak_extra_bytes(fn, device):
     fn()
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device) - before
+
+
+def measure(fn, device, quick=False, flush_l2=True):
+    """One warm-up call (compilation, autotuning), then dict(ms=median ms, peak_extra_bytes=... or None)."""
+    fn()
+    peak = peak_extra_bytes(fn, device)
+    return dict(ms=median_ms(fn, device, quick, flush_l2), peak_extra_bytes=peak)
+
+
+def copy_gb_per_s(device, quick=False):
+    """The device's copy ceiling: bytes read + written per second by a 512 MiB copy (CUDA only; else None)."""
+    if device.type != "cuda":
+        return None
+    src = torch.empty(512 << 20, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / median_ms(lambda: dst.copy_(src), device, quick) / 1e6
+
+
+def mib(nbytes):
+    return None if nbytes is None else nbytes / 2**20
 
 
 def write_json(out_dir, name, device, payload):
@@ -85,13 +127,16 @@ def print_table(rows, columns):
         print("  ".join(cell.rjust(width) for cell, width in zip(line, widths)))
 
 
-def bar_chart(path, title, labels, series, ylabel):
-    """series: {name: [value per label]} -> grouped bars, log scale."""
+def bar_chart(path, title, labels, series, ylabel, lines=None):
+    """series: {name: [value per label]} -> grouped bars, log scale. lines: optional second panel
+    (title, xlabel, xs, {name: [value per x]}) -> one log-scale line per name."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(labels) * len(series) / 2), 4))
+    width_in = max(6, 1.2 * len(labels) * len(series) / 2)
+    fig, axes = plt.subplots(1, 2 if lines else 1, figsize=(width_in + (6 if lines else 0), 4), squeeze=False)
+    ax = axes[0, 0]
     width = 0.8 / max(1, len(series))
     for k, (name, values) in enumerate(series.items()):
         xs = [i + k * width for i in range(len(labels))]
@@ -101,7 +146,28 @@ def bar_chart(path, title, labels, series, ylabel):
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend()
+    if lines:
+        line_title, xlabel, xs, line_series = lines
+        ax = axes[0, 1]
+        for name, values in line_series.items():
+            ax.plot(xs, [v if v is not None else float("nan") for v in values], marker="o", label=name)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_yscale("log")
+        ax.set_title(line_title)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def finish(out_dir, name, device, payload, chart, rows, columns, caption=None):
+    """JSON (write_json) and PNG (bar_chart(png path, *chart)) into out_dir, then `wrote <json>`, the caption
+    and the table, last: scripts/gpu_check.sh prints everything after the `wrote` line."""
+    path = write_json(out_dir, name, device, payload)
+    bar_chart(path[:-len(".json")] + ".png", *chart)
+    print(f"wrote {path}")
+    if caption:
+        print(caption)
+    print_table(rows, columns)

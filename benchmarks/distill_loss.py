@@ -1,18 +1,20 @@
 """Benchmark: the fused DINO and UDI losses vs eager implementations written the reference's way (issue 4 §4).
 
-  python benchmarks/distill_loss.py [--quick] [--out benchmarks/results/] [--backend native|triton]
-GPU: DINO (2 + 10 crops, B=128, K=65536, fp16) and UDI at UDI_SPEC §7 shapes; median of triton.testing.do_bench;
-fwd and fwd+bwd ms, peak extra memory, GB/s against the §8 floor. Without a GPU: small CPU shapes only.
+    python benchmarks/distill_loss.py [--quick] [--out DIR] [--backend native|triton]
+
+GPU: DINO (2 + 10 crops, B=128, K=65536, fp16) and UDI at UDI_SPEC §7 shapes; median of CUDA-event times
+(forward: do_bench, L2 flushed; fwd+bwd: back to back); fwd and fwd+bwd ms, peak extra memory, GB/s against
+the §8 floor and the floor's time at the measured copy ceiling. Without a GPU: small CPU shapes only.
 """
-import argparse
-import json
 import os
-import time
+import sys
 
 import torch
 import torch.nn.functional as F
 
-from udi_kernels.losses import DINOLoss, UDILoss, UDIStudent, UDITeacher
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, when not installed
+from benchmarks import common  # noqa: E402
+from udi_kernels.losses import DINOLoss, UDILoss, UDIStudent, UDITeacher  # noqa: E402
 
 
 def eager_dino(student, teacher, center, ncrops, tau_t, tau_s=0.1):
@@ -56,32 +58,9 @@ def eager_udi(student: UDIStudent, teacher: UDITeacher, centers, L, tau_t, alpha
     return (loss_cls + loss_plus + loss_patch) / 3
 
 
-# ---- timing --------------------------------------------------------------------------------------------------------
+# ---- cases ---------------------------------------------------------------------------------------------------------
 
-def gpu_measure(fn, quick):
-    import triton.testing
-    fn()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    ms = triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 200, return_mode="median")
-    return ms, peak
-
-
-def cpu_measure(fn, quick):
-    fn()
-    times = []
-    for _ in range(3 if quick else 7):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return sorted(times)[len(times) // 2], None
-
-
-def fwd_and_fwd_bwd(loss_of, leaves, measure, quick):
+def fwd_and_fwd_bwd(loss_of, leaves, device, quick):
     def forward():
         with torch.no_grad():
             loss_of()
@@ -91,14 +70,11 @@ def fwd_and_fwd_bwd(loss_of, leaves, measure, quick):
             leaf.grad = None
         loss_of().backward()
 
-    fwd_ms, fwd_peak = measure(forward, quick)
-    fb_ms, fb_peak = measure(forward_backward, quick)
-    return dict(fwd_ms=fwd_ms, fwd_bwd_ms=fb_ms, fwd_peak_bytes=fwd_peak, fwd_bwd_peak_bytes=fb_peak)
+    return dict(fwd=common.measure(forward, device, quick),
+                fwd_bwd=common.measure(forward_backward, device, quick, flush_l2=False))
 
 
-# ---- cases ---------------------------------------------------------------------------------------------------------
-
-def dino_case(B, K, ncrops, dtype, device, backend, measure, quick):
+def dino_case(B, K, ncrops, dtype, device, backend, quick):
     student = torch.randn(ncrops * B, K, device=device, dtype=dtype).requires_grad_(True)
     teacher = torch.randn(2 * B, K, device=device, dtype=dtype)
     fused = DINOLoss(K, ncrops, 0.04, 0.07, 30, 100, backend=backend).to(device)
@@ -107,11 +83,11 @@ def dino_case(B, K, ncrops, dtype, device, backend, measure, quick):
     floor = (2 * student.numel() + student.numel() + teacher.numel()) * size
     return {"case": f"DINO {ncrops} crops B={B} K={K}", "floor_bytes": floor, "grad_bytes": student.numel() * size,
             "eager": fwd_and_fwd_bwd(lambda: eager_dino(student, teacher, center, ncrops, 0.04), [student],
-                                     measure, quick),
-            "fused": fwd_and_fwd_bwd(lambda: fused(student, teacher, 0), [student], measure, quick)}
+                                     device, quick),
+            "fused": fwd_and_fwd_bwd(lambda: fused(student, teacher, 0), [student], device, quick)}
 
 
-def udi_case(B, L, K, Sg, Sl, dtype, device, backend, measure, quick):
+def udi_case(B, L, K, Sg, Sl, dtype, device, backend, quick):
     new = lambda *shape: torch.randn(*shape, device=device, dtype=dtype)
     student = UDIStudent(new((2 + L) * B, K).requires_grad_(), new((2 + L) * B, K).requires_grad_(),
                          new(2 * B, Sg, K).requires_grad_())
@@ -124,69 +100,53 @@ def udi_case(B, L, K, Sg, Sl, dtype, device, backend, measure, quick):
     floor = 3 * student_elems * size + sum(t.numel() * size for t in (teacher.cls, teacher.patch, teacher.local))
     return {"case": f"UDI B={B} L={L} K={K}", "floor_bytes": floor, "grad_bytes": student_elems * size,
             "eager": fwd_and_fwd_bwd(lambda: eager_udi(student, teacher, centers, L, 0.04), list(student),
-                                     measure, quick),
-            "fused": fwd_and_fwd_bwd(lambda: fused(student, teacher, 0)[0], list(student), measure, quick)}
+                                     device, quick),
+            "fused": fwd_and_fwd_bwd(lambda: fused(student, teacher, 0)[0], list(student), device, quick)}
 
 
-def summarize(result, gpu):
+def summarize(result, copy_gb_per_s):
     for impl in ("eager", "fused"):
         r = result[impl]
-        r["fwd_bwd_GBps_vs_floor"] = result["floor_bytes"] / (r["fwd_bwd_ms"] * 1e-3) / 1e9
-    result["speedup_fwd"] = result["eager"]["fwd_ms"] / result["fused"]["fwd_ms"]
-    result["speedup_fwd_bwd"] = result["eager"]["fwd_bwd_ms"] / result["fused"]["fwd_bwd_ms"]
-    if gpu:
-        result["floor_ms_at_copy_ceiling"] = result["floor_bytes"] / 4.18e12 * 1e3  # UDI_SPEC §7 H200 copy rate
+        r["fwd_bwd_GBps_vs_floor"] = result["floor_bytes"] / (r["fwd_bwd"]["ms"] * 1e-3) / 1e9
+    result["speedup_fwd"] = result["eager"]["fwd"]["ms"] / result["fused"]["fwd"]["ms"]
+    result["speedup_fwd_bwd"] = result["eager"]["fwd_bwd"]["ms"] / result["fused"]["fwd_bwd"]["ms"]
+    if copy_gb_per_s:
+        result["floor_ms_at_copy_ceiling"] = result["floor_bytes"] / copy_gb_per_s / 1e6
     return result
 
 
-def plot(results, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    labels = [r["case"] for r in results]
-    x = range(len(results))
-    for offset, impl in ((-0.2, "eager"), (0.2, "fused")):
-        ax.bar([i + offset for i in x], [r[impl]["fwd_bwd_ms"] for r in results], width=0.4, label=impl)
-    ax.set_xticks(list(x), labels, fontsize=8)
-    ax.set_ylabel("fwd+bwd ms (median)")
-    ax.set_yscale("log")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+def table_rows(results):
+    return [dict(case=r["case"], impl=impl, fwd_ms=r[impl]["fwd"]["ms"], fwd_bwd_ms=r[impl]["fwd_bwd"]["ms"],
+                 speedup_fwd=r["speedup_fwd"] if impl == "fused" else None,
+                 speedup_fwd_bwd=r["speedup_fwd_bwd"] if impl == "fused" else None,
+                 gbps=r[impl]["fwd_bwd_GBps_vs_floor"], floor_ms=r.get("floor_ms_at_copy_ceiling"),
+                 peak_mib=common.mib(r[impl]["fwd_bwd"]["peak_extra_bytes"]))
+            for r in results for impl in ("eager", "fused")]
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default="benchmarks/results/")
-    parser.add_argument("--backend", default=None, help="fused loss backend (default: auto)")
-    args = parser.parse_args()
-    gpu = torch.cuda.is_available()
+    args = common.parse_args(__doc__.splitlines()[0],
+                             **{"--backend": dict(default=None, help="fused loss backend (default: auto)")})
+    device = common.pick_device()
     torch.manual_seed(0)
-    if gpu:
-        device, dtype, measure = "cuda", torch.float16, gpu_measure
-        shapes = dict(dino=(128, 65536, 12), udi=(128, 10, 65536, 16, 9))
+    if device.type == "cuda":
+        dtype, shapes = torch.float16, dict(dino=(128, 65536, 12), udi=(128, 10, 65536, 16, 9))
     else:
-        print("No GPU: small CPU shapes only; the GPU numbers need a GPU.")
-        device, dtype, measure = "cpu", torch.float32, cpu_measure
-        shapes = dict(dino=(8, 2048, 12), udi=(4, 3, 2048, 16, 9))
-    results = [summarize(dino_case(*shapes["dino"], dtype, device, args.backend, measure, args.quick), gpu),
-               summarize(udi_case(*shapes["udi"], dtype, device, args.backend, measure, args.quick), gpu)]
-    os.makedirs(args.out, exist_ok=True)
-    meta = dict(device=torch.cuda.get_device_name() if gpu else "cpu", dtype=str(dtype), quick=args.quick,
-                backend=args.backend or "auto", torch=torch.__version__)
-    with open(os.path.join(args.out, "distill_loss.json"), "w") as f:
-        json.dump(dict(meta=meta, results=results), f, indent=2)
-    plot(results, os.path.join(args.out, "distill_loss.png"))
-    print(f"{'case':34s} {'impl':6s} {'fwd ms':>8s} {'fwd+bwd ms':>11s} {'peak MiB':>9s} {'GB/s':>7s}")
-    for r in results:
-        for impl in ("eager", "fused"):
-            m = r[impl]
-            peak = "-" if m["fwd_bwd_peak_bytes"] is None else f"{m['fwd_bwd_peak_bytes'] / 2**20:.0f}"
-            print(f"{r['case']:34s} {impl:6s} {m['fwd_ms']:8.3f} {m['fwd_bwd_ms']:11.3f} {peak:>9s} "
-                  f"{m['fwd_bwd_GBps_vs_floor']:7.0f}")
-        print(f"{'':34s} speedup fwd {r['speedup_fwd']:.1f}x, fwd+bwd {r['speedup_fwd_bwd']:.1f}x")
+        dtype, shapes = torch.float32, dict(dino=(8, 2048, 12), udi=(4, 3, 2048, 16, 9))
+    copy_gb_per_s = common.copy_gb_per_s(device, args.quick)
+    results = [summarize(dino_case(*shapes["dino"], dtype, device, args.backend, args.quick), copy_gb_per_s),
+               summarize(udi_case(*shapes["udi"], dtype, device, args.backend, args.quick), copy_gb_per_s)]
+    payload = dict(dtype=str(dtype), quick=args.quick, backend=args.backend or "auto", copy_gb_per_s=copy_gb_per_s,
+                   results=results)
+    chart = ("eager vs fused loss", [r["case"] for r in results],
+             {impl: [r[impl]["fwd_bwd"]["ms"] for r in results] for impl in ("eager", "fused")}, "fwd+bwd ms (median)")
+    common.finish(args.out, "distill_loss", device, payload, chart, table_rows(results),
+                  [("case", "case", "{}"), ("impl", "impl", "{}"), ("fwd_ms", "fwd ms", "{:.3f}"),
+                   ("fwd_bwd_ms", "fwd+bwd ms", "{:.3f}"), ("speedup_fwd", "speedup fwd", "{:.1f}x"),
+                   ("speedup_fwd_bwd", "fwd+bwd", "{:.1f}x"), ("gbps", "GB/s vs floor", "{:.1f}"),
+                   ("floor_ms", "floor ms", "{:.3f}"), ("peak_mib", "peak MiB", "{:.0f}")],
+                  caption=f"{dtype}, backend {args.backend or 'auto'}"
+                  + (f", copy ceiling {copy_gb_per_s:.0f} GB/s" if copy_gb_per_s else ""))
 
 
 if __name__ == "__main__":

@@ -3,22 +3,23 @@
 Module level (what §7 measured): eager dense-map module (the reference's way), gather + SDPA, and
 SRSAttention on the Triton and CUDA kernels, fp16 autocast. Op level: the attention core alone in fp16
 against the bytes floor of §8 (k, v once + the tapped q rows + the output) over the measured copy ceiling.
+Module-level fwd+bwd closures are timed back to back (no L2 flush), the rest with do_bench (L2 flushed).
+
+    python benchmarks/srs_attention.py [--quick] [--out DIR]
+
 Writes JSON and a PNG into --out and prints a table last. Without a GPU: a small CPU run.
 """
-import argparse
-import json
 import os
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, when not installed
-from udi_kernels import srs_attention
-from udi_kernels.backends import why_unavailable
-from udi_kernels.nn import SRSAttention, tap_rows
+from benchmarks import common  # noqa: E402
+from udi_kernels import srs_attention  # noqa: E402
+from udi_kernels.backends import why_unavailable  # noqa: E402
+from udi_kernels.nn import SRSAttention, tap_rows  # noqa: E402
 
 C, HEADS, L = 384, 6, 10
 # name: (crops per image, tokens N, samples S, taps T, backward?)
@@ -69,26 +70,6 @@ def make_inputs(crops, N, S, T, device):
     return x, index, weight, dense
 
 
-def timed(fn, device, reps):
-    """Median ms (CUDA events via triton.testing.do_bench, L2 flushed) and peak extra memory in MiB."""
-    fn()
-    if device == "cuda":
-        import triton.testing
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-        return triton.testing.do_bench(fn, warmup=reps, rep=reps * 4, return_mode="median"), peak
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times), float("nan")
-
-
 def on_backend(module, backend):
     def call(x, index, weight, dense):
         module.attn.backend = backend
@@ -98,14 +79,15 @@ def on_backend(module, backend):
 
 def module_providers(module, device):
     dense_module, sdpa_module = DenseMapAttention(module), GatherSDPA(module)
-    providers = {"eager_dense": lambda x, i, w, d: dense_module(x, d), "gather_sdpa": lambda x, i, w, d: sdpa_module(x, i, w)}
-    for name, backend in (("triton", "triton"), ("cuda" if device == "cuda" else "native_cpu", "native")):
-        if why_unavailable(backend, "srs_attention", torch.device(device)) is None:
+    providers = {"eager_dense": lambda x, i, w, d: dense_module(x, d),
+                 "gather_sdpa": lambda x, i, w, d: sdpa_module(x, i, w)}
+    for name, backend in (("triton", "triton"), ("cuda" if device.type == "cuda" else "native_cpu", "native")):
+        if why_unavailable(backend, "srs_attention", device) is None:
             providers[name] = on_backend(module, backend)
     return providers
 
 
-def run_module_case(name, batch, device, reps, autocast):
+def run_module_case(name, batch, device, quick, autocast):
     per_image, N, S, T, backward = CASES[name]
     module = SRSAttention(C, HEADS).to(device)
     x, index, weight, dense = make_inputs(batch * per_image, N, S, T, device)
@@ -113,12 +95,12 @@ def run_module_case(name, batch, device, reps, autocast):
     results = {}
     for provider, fn in module_providers(module, device).items():
         def step():
-            with torch.autocast(device, dtype=autocast, enabled=autocast is not None), torch.set_grad_enabled(backward):
+            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None), \
+                    torch.set_grad_enabled(backward):
                 out = fn(x, index, weight, dense)
             if backward:
                 out.float().square().mean().backward()
-        ms, peak = timed(step, device, reps)
-        results[provider] = dict(ms=ms, peak_extra_mib=peak)
+        results[provider] = common.measure(step, device, quick, flush_l2=not backward)
     return results
 
 
@@ -127,98 +109,74 @@ def floor_bytes(crops, N, S, T, element_bytes):
     return crops * HEADS * (C // HEADS) * element_bytes * (2 * N + S * T + S)
 
 
-def run_op_case(name, batch, device, reps, dtype):
+def run_op_case(name, batch, device, quick, dtype):
     per_image, N, S, T, _ = CASES[name]
     crops, D = batch * per_image, C // HEADS
     q, k, v = (torch.randn(crops, HEADS, N, D, device=device, dtype=dtype) for _ in range(3))
     _, index, weight, _ = make_inputs(crops, N, S, T, device)
-    providers = {"reference": "reference", "triton": "triton", "cuda" if device == "cuda" else "native_cpu": "native"}
+    providers = {"reference": "reference", "triton": "triton",
+                 "cuda" if device.type == "cuda" else "native_cpu": "native"}
 
     def gather_sdpa():
         q_s = tap_rows(q.flatten(0, 1).transpose(0, 1).reshape(N, crops, HEADS * D).transpose(0, 1), index, weight)
         return F.scaled_dot_product_attention(q_s.reshape(crops, S, HEADS, D).transpose(1, 2).to(dtype), k, v)
-    results = {"gather_sdpa": dict(zip(("ms", "peak_extra_mib"), timed(gather_sdpa, device, reps)))}
+    results = {"gather_sdpa": common.measure(gather_sdpa, device, quick)}
     for provider, backend in providers.items():
-        if why_unavailable(backend, "srs_attention", torch.device(device)) is None:
-            ms, peak = timed(lambda: srs_attention(q, k, v, index, weight, backend=backend, check_taps=False), device,
-                             reps)
-            results[provider] = dict(ms=ms, peak_extra_mib=peak)
+        if why_unavailable(backend, "srs_attention", device) is None:
+            results[provider] = common.measure(
+                lambda: srs_attention(q, k, v, index, weight, backend=backend, check_taps=False), device, quick)
     floor = floor_bytes(crops, N, S, T, q.element_size())
     for r in results.values():
         r["gb_per_s"] = floor / r["ms"] / 1e6
     return results, floor
 
 
-def copy_ceiling_gb_per_s(device, reps):
-    src = torch.empty(512 << 20, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    ms, _ = timed(lambda: dst.copy_(src), device, reps)
-    return 2 * src.numel() / ms / 1e6
+def ms_series(cases, providers):
+    return {p: [results.get(p, {}).get("ms") for results in cases.values()] for p in providers}
 
 
-def write_outputs(report, out_dir):
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "srs_attention.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    cases = report["module"]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
-    providers = sorted({p for r in cases.values() for p in r})
-    for i, provider in enumerate(providers):
-        axes[0].bar([j + 0.8 * i / len(providers) for j in range(len(cases))],
-                    [r.get(provider, {}).get("ms", 0) for r in cases.values()], 0.8 / len(providers), label=provider)
-    axes[0].set_xticks(range(len(cases)), list(cases), rotation=15, fontsize=7)
-    axes[0].set_ylabel("ms (median)"), axes[0].set_yscale("log"), axes[0].legend(fontsize=7)
-    axes[0].set_title(f"module, B={report['batch']} ({report['device']})", fontsize=9)
-    for provider in providers:
-        sweep = report["sweep"]
-        axes[1].plot([int(b) for b in sweep], [sweep[b].get(provider, {}).get("ms", float("nan")) for b in sweep],
-                     marker="o", label=provider)
-    axes[1].set_xlabel("B (images)"), axes[1].set_ylabel("ms"), axes[1].set_yscale("log"), axes[1].legend(fontsize=7)
-    axes[1].set_title("student_global_fwd_bwd sweep over B", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "srs_attention.png"), dpi=110)
-
-
-def print_table(report):
-    print(f"\nsrs_attention on {report['device']}, B={report['batch']}"
-          + (f", copy ceiling {report['copy_gb_per_s']:.0f} GB/s" if report.get("copy_gb_per_s") else ""))
-    print(f"{'case':28s} {'provider':12s} {'ms':>9s} {'peak MiB':>9s} {'speedup':>8s} {'GB/s':>8s} {'% copy':>7s}")
-    for level in ("module", "op"):
+def table_rows(report):
+    """One row per (level, case, provider) but the baseline, whose ms the row shows alongside."""
+    rows = []
+    for level, baseline in (("module", "eager_dense"), ("op", "reference")):
         for case, results in report[level].items():
-            base = results.get("eager_dense", results.get("reference"))["ms"]
+            base_ms = results[baseline]["ms"]
             for provider, r in results.items():
-                gbs = r.get("gb_per_s")
-                pct = 100 * gbs / report["copy_gb_per_s"] if gbs and report.get("copy_gb_per_s") else None
-                print(f"{level + ':' + case:28s} {provider:12s} {r['ms']:9.3f} {r['peak_extra_mib']:9.1f} "
-                      f"{base / r['ms']:7.1f}x {gbs or float('nan'):8.0f} {pct or float('nan'):6.0f}%")
+                if provider == baseline:
+                    continue
+                gbs, ceiling = r.get("gb_per_s"), report["copy_gb_per_s"]
+                rows.append(dict(case=f"{level}:{case}", provider=provider, ms=r["ms"], base_ms=base_ms,
+                                 speedup=base_ms / r["ms"], gb_per_s=gbs,
+                                 pct_copy=100 * gbs / ceiling if gbs and ceiling else None,
+                                 peak_mib=common.mib(r["peak_extra_bytes"])))
+    return rows
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions and sweep points (GPU < ~60 s)")
-    args = parser.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        batch, reps, sweep = 128, (10 if args.quick else 25), ([32, 128] if args.quick else [16, 32, 64, 128, 256])
+    args = common.parse_args(__doc__.splitlines()[0])
+    device = common.pick_device()
+    if device.type == "cuda":
+        batch, sweep = 128, ([32, 128] if args.quick else [16, 32, 64, 128, 256])
         autocast, op_dtype = torch.float16, torch.float16
     else:
-        print("no GPU: running a small CPU version; GPU numbers need a GPU")
-        batch, reps, sweep, autocast, op_dtype = 2, 3, [1, 2], None, torch.float32
-    report = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", batch=batch, module={}, op={},
-                  sweep={}, floor_bytes={})
-    if device == "cuda":
-        report["copy_gb_per_s"] = copy_ceiling_gb_per_s(device, reps)
+        batch, sweep, autocast, op_dtype = 2, [1, 2], None, torch.float32
+    report = dict(batch=batch, copy_gb_per_s=common.copy_gb_per_s(device, args.quick), module={}, op={}, sweep={},
+                  floor_bytes={})
     for name in CASES:
-        report["module"][name] = run_module_case(name, batch, device, reps, autocast)
-        report["op"][name], report["floor_bytes"][name] = run_op_case(name, batch, device, reps, op_dtype)
+        report["module"][name] = run_module_case(name, batch, device, args.quick, autocast)
+        report["op"][name], report["floor_bytes"][name] = run_op_case(name, batch, device, args.quick, op_dtype)
     for b in sweep:
-        report["sweep"][str(b)] = run_module_case("student_global_fwd_bwd", b, device, reps, autocast)
-    write_outputs(report, args.out)
-    print_table(report)
+        report["sweep"][str(b)] = run_module_case("student_global_fwd_bwd", b, device, args.quick, autocast)
+
+    providers = sorted({p for r in report["module"].values() for p in r})
+    chart = (f"module, B={batch}", list(report["module"]), ms_series(report["module"], providers), "ms (median)",
+             ("student_global_fwd_bwd sweep over B", "B (images)", sweep, ms_series(report["sweep"], providers)))
+    ceiling = report["copy_gb_per_s"]
+    common.finish(args.out, "srs_attention", device, report, chart, table_rows(report),
+                  [("case", "case", "{}"), ("provider", "provider", "{}"), ("ms", "ms", "{:.3f}"),
+                   ("base_ms", "eager ms", "{:.3f}"), ("speedup", "speedup", "{:.1f}x"), ("gb_per_s", "GB/s", "{:.0f}"),
+                   ("pct_copy", "% copy", "{:.0f}%"), ("peak_mib", "peak MiB", "{:.1f}")],
+                  caption=f"B={batch}" + (f", copy ceiling {ceiling:.0f} GB/s" if ceiling else ""))
 
 
 if __name__ == "__main__":

@@ -31,36 +31,34 @@ def realistic_boxes(batch, locals_, device, seed=0):
     return boxes.to(device)
 
 
-def measure(device, backend, boxes, check_boxes):
-    def run():
-        udi_kernels.stratified_sample(boxes, seed=1234, backend=backend, check_boxes=check_boxes)
-    return common.median_ms(run, device)
-
-
 def main():
     args = common.parse_args(__doc__.splitlines()[0])
-    rows = []
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-    for device in devices:
-        boxes = realistic_boxes(B, L, device)
-        for backend in ("reference", "native", "triton"):
-            if why_unavailable(backend, "stratified_sample", device) or (device.type == "cpu" and backend == "triton"):
-                continue
-            for check in (False, True):
-                ms = measure(device, backend, boxes, check)
-                per = "image" if device.type == "cpu" else "batch"
-                us = ms * 1e3 / (B if per == "image" else 1)
-                goal = GOALS_US[device.type] if backend == "native" or device.type == "cuda" else None
-                rows.append(dict(device=device.type, backend=backend, check_boxes=check, us=us, per=per,
-                                 goal_us=goal if backend != "reference" else None))
-    if not torch.cuda.is_available():
-        print("No GPU here: CUDA and Triton numbers need a GPU (scripts/gpu_check.sh).")
-    device = devices[-1]
-    path = common.write_json(args.out, "srs_sample", device, {"B": B, "L": L, "rows": rows})
-    print(f"wrote {path}")
-    common.print_table(rows, [("device", "device", "{}"), ("backend", "backend", "{}"),
-                              ("check_boxes", "checked", "{}"), ("us", "µs", "{:.1f}"), ("per", "per", "{}"),
-                              ("goal_us", "goal µs", "{:.0f}")])
+    device = common.pick_device()
+    rows, labels, us_by_backend = [], [], {}
+    for dev in [torch.device("cpu")] + ([device] if device.type == "cuda" else []):
+        boxes = realistic_boxes(B, L, dev)
+        per = "image" if dev.type == "cpu" else "batch"
+        for check in (False, True):
+            labels.append(f"{dev.type} per {per}{', checked' if check else ''}")
+            for backend in ("reference", "native", "triton"):
+                if why_unavailable(backend, "stratified_sample", dev) or (dev.type == "cpu" and backend == "triton"):
+                    continue
+                r = common.measure(lambda: udi_kernels.stratified_sample(boxes, seed=1234, backend=backend,
+                                                                         check_boxes=check), dev, args.quick)
+                us = r["ms"] * 1e3 / (B if per == "image" else 1)
+                if backend == "reference":
+                    reference_us = us
+                goal = GOALS_US[dev.type] if backend == "native" or dev.type == "cuda" else None
+                rows.append(dict(device=dev.type, backend=backend, check_boxes=check, us=us, per=per,
+                                 goal_us=goal if backend != "reference" else None, speedup=reference_us / us,
+                                 peak_extra_mib=common.mib(r["peak_extra_bytes"])))
+                us_by_backend.setdefault(backend, {})[labels[-1]] = us
+    series = {backend: [by_label.get(label) for label in labels] for backend, by_label in us_by_backend.items()}
+    common.finish(args.out, "srs_sample", device, {"B": B, "L": L, "rows": rows},
+                  (f"stratified_sample, B={B}, L={L}", labels, series, "µs (median)"), rows,
+                  [("device", "device", "{}"), ("backend", "backend", "{}"), ("check_boxes", "checked", "{}"),
+                   ("us", "µs", "{:.1f}"), ("per", "per", "{}"), ("goal_us", "goal µs", "{:.0f}"),
+                   ("speedup", "speedup", "{:.1f}x"), ("peak_extra_mib", "peak MiB", "{:.2f}")])
 
 
 if __name__ == "__main__":
