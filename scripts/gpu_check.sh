@@ -45,6 +45,8 @@ for script in scripts/sanitize_*.py; do
   step "$(basename "$script" .py)_racecheck" 60 compute-sanitizer --tool racecheck --error-exitcode 1 python3 "$script"
 done
 
+step profile 60 python3 scripts/profile_gpu.py
+
 cp "$WORK"/*.json "$SUMMARY" "$OUT"/ 2>/dev/null
 tar -czf "$OUT/gpu_check.tar.gz" -C "$WORK" .
 echo

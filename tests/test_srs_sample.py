@@ -435,3 +435,14 @@ def test_cuda_bad_values_are_caught():
     boxes = torch.tensor([[[0.0, 0.0, 1.5, 1.0], [0.1, 0.1, 0.9, 0.9]]], device="cuda")
     with pytest.raises(ValueError, match=r"inside \[0, 1\]"):
         stratified_sample(boxes)
+
+
+@needs_interpreter
+def test_torch_compile_traces_the_triton_op():
+    boxes = random_boxes(2, 1, torch.Generator().manual_seed(0))
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def sample(b):
+        return stratified_sample(b, seed=17, backend="triton", check_boxes=False)
+
+    assert_bitwise(sample(boxes), stratified_sample(boxes, seed=17, backend="reference"))

@@ -41,13 +41,22 @@ def _fake(boxes, global_grid, global_window, local_grid, local_window, target_gr
             boxes.new_empty(B, L, 2, Sl, 4, **floats), boxes.new_empty(B, L, 2, **ints))
 
 
+def _triton_kernel(*args):
+    from ..triton_kernels import srs_sample as triton_srs  # imported late: TRITON_INTERPRET is read at import
+    return triton_srs.stratified_sample(*args)
+
+
 @torch.library.custom_op("udi_kernels::stratified_sample_triton", mutates_args=())
 def _triton_op(boxes: Tensor, global_grid: int, global_window: int, local_grid: int, local_window: int,
                target_grid: int, seed: int, offset: int
                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    from ..triton_kernels import srs_sample as triton_srs
-    return triton_srs.stratified_sample(boxes, global_grid, global_window, local_grid, local_window, target_grid,
-                                        seed, offset)
+    return _triton_kernel(boxes, global_grid, global_window, local_grid, local_window, target_grid, seed, offset)
+
+
+def _run_triton(*args):
+    """The custom op for torch.compile to trace; in eager mode the kernel directly (the op's dispatch
+    costs tens of µs, more than the kernel)."""
+    return _triton_op(*args) if torch.compiler.is_compiling() else _triton_kernel(*args)
 
 
 _triton_op.register_fake(_fake)
@@ -56,7 +65,7 @@ if native_loaded():
 
 _IMPLEMENTATIONS = {
     "native": lambda *args: torch.ops.udi_kernels.stratified_sample(*args),
-    "triton": lambda *args: _triton_op(*args),
+    "triton": _run_triton,
     "reference": reference.stratified_sample,
 }
 
