@@ -274,15 +274,16 @@ def _randomize(module):
 
 
 @pytest.mark.parametrize("backend", ["reference", "native"])
-@pytest.mark.parametrize("T", [1, 4])
-def test_srs_attention_module_matches_dense_head_path(backend, T):
+@pytest.mark.parametrize("T,weighted", [(1, True), (4, True), (4, False)])
+def test_srs_attention_module_matches_dense_head_path(backend, T, weighted):
     if why_unavailable(backend, "srs_attention", torch.device("cpu")) is not None:
         pytest.skip(f"{backend} unavailable")
     B, N, C, S = 2, 36, 48, 7
     module = _randomize(SRSAttention(C, num_heads=3, backend=backend)).double()
     _, index, weight = make_case(B, 1, N, 8, S, T, seed=7)
+    weight = weight if weighted else None  # None: every tap weighs 1
     x = torch.randn(B, N, C, dtype=torch.float64, requires_grad=True)
-    dense = (F.one_hot(index.long(), N).double() * weight[..., None]).sum(2)
+    dense = (F.one_hot(index.long(), N).double() * (1 if weight is None else weight[..., None])).sum(2)
     out = module(x, index, weight)
     expected = dense_head_path(module.attn, module.norm1(x), dense)
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
@@ -290,6 +291,64 @@ def test_srs_attention_module_matches_dense_head_path(backend, T):
     expected_grads = torch.autograd.grad(expected.square().sum(), [x, *module.parameters()])
     for g, e in zip(grads, expected_grads):
         torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend,dtype", [("reference", torch.float64), ("triton", torch.float32)])
+def test_module_tap_checks_are_opt_in_and_change_nothing_else(backend, dtype):
+    if why_unavailable(backend, "srs_attention", torch.device("cpu")) is not None:
+        pytest.skip(f"{backend} unavailable")
+    B, N, C, S = 2, 36, 48, 7
+    fast = _randomize(SRSAttention(C, num_heads=3, backend=backend)).to(dtype)
+    checked = SRSAttention(C, num_heads=3, backend=backend, check_taps=True).to(dtype)
+    checked.load_state_dict(fast.state_dict())
+    _, index, weight = make_case(B, 1, N, 8, S, 4, seed=9, dtype=dtype)
+    x = torch.randn(B, N, C, dtype=dtype, requires_grad=True)
+    results = []
+    for module in (fast, checked):
+        out = module(x, index, weight)
+        results.append((out, *torch.autograd.grad(out.square().sum(), [x, *module.parameters()])))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    bad_index = index.clone()
+    bad_index[1, 3, 2] = N
+    with pytest.raises(ValueError, match=r"index must lie in \[0, 36\)"):
+        checked(x, bad_index, weight)
+    bad_weight = weight.clone()
+    bad_weight[0, 2, 1] = float("nan")
+    with pytest.raises(ValueError, match="weight must be finite"):
+        checked(x, index, bad_weight)
+
+
+def test_module_trains_after_an_inference_mode_call():
+    """The module caches its identity taps: one built under inference_mode must still serve autograd."""
+    module = SRSAttention(24, num_heads=2, backend="reference")
+    index = torch.randint(0, 10, (3, 5, 1), dtype=torch.int32)  # a (B, S) no other test uses
+    x = torch.randn(3, 10, 24, requires_grad=True)
+    with torch.inference_mode():
+        expected = module(x.detach(), index)
+    out = module(x, index)
+    out.sum().backward()
+    torch.testing.assert_close(out.detach(), expected)
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("weighted", [True, False])
+def test_module_under_autocast_matches_float32(weighted):
+    # bf16 autocast on the CPU vs the same module in fp32 (itself checked against float64 above):
+    # max |error| / max |fp32| <= 3e-2 (bf16 keeps 8 mantissa bits; outputs are LayerNorm-scaled).
+    B, N, C, S = 2, 36, 48, 7
+    module = _randomize(SRSAttention(C, num_heads=3, backend="reference"))
+    _, index, weight = make_case(B, 1, N, 8, S, 4, seed=10, dtype=torch.float32)
+    weight = weight if weighted else None
+    x = torch.randn(B, N, C, requires_grad=True)
+    results = []
+    for enabled in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            out = module(x, index, weight)
+        results.append((out, *torch.autograd.grad(out.float().square().sum(), [x, *module.parameters()])))
+    for expected, actual in zip(*results):
+        assert torch.isfinite(actual).all()  # dtype: CPU autocast runs LayerNorm in bf16, CUDA in fp32
+        assert relative_error(actual, expected) <= 3e-2, relative_error(actual, expected)
 
 
 def test_srs_attention_module_parameter_names_and_stratified_taps():
@@ -370,6 +429,26 @@ def test_gpu_module_backends_agree():
         outs[backend] = module(x, pairs_index, weight)
     for backend in ("native", "triton"):
         torch.testing.assert_close(outs[backend], outs["reference"], rtol=1e-4, atol=1e-4)
+
+
+def test_gpu_module_fwd_bwd_has_no_host_sync():
+    module = SRSAttention(384, num_heads=6).cuda()
+    x = torch.randn(8, 196, 384, device="cuda", requires_grad=True)
+    index = torch.randint(0, 196, (8, 16, 4), device="cuda", dtype=torch.int32)
+    weight = torch.rand(8, 16, 4, device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.float16):
+            out = module(x, index, weight)
+        out.float().square().mean().backward()
+    step()  # compiles the Triton kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
 
 
 for _name in [n for n in list(globals()) if n.startswith("test_gpu")]:
