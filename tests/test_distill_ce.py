@@ -130,6 +130,34 @@ def test_cpu_kernels_match_reference(backend, shape, poisoned_empty):
     assert out.loss.dtype == torch.float32 and grad.dtype == torch.float32
 
 
+def rows_with_0_1_and_many_pairs(case):
+    """Student row 0 gets no pair, row 1 one pair, row 2 every other pair (one of them weight 0)."""
+    P = case["pair_student"].shape[0]
+    case["pair_student"] = torch.where(torch.arange(P) % 2 == 0, 2, 3 + torch.arange(P) % 2)
+    case["pair_student"][1] = 1
+    case["pair_weight"][4] = 0
+    return case
+
+
+@pytest.mark.parametrize("backend", CPU_KERNELS)
+@pytest.mark.parametrize("K,chunk", [(333, 128), (1031, 256), (256, 64), (5, 4)],
+                         ids=["remainder", "many_chunks", "exact_chunks", "tiny"])
+def test_cpu_kernels_split_k(backend, K, chunk, monkeypatch, poisoned_empty):
+    """Several K chunks per row (the last one partial or full), rows with 0, 1 and many pairs."""
+    from udi_kernels.triton_kernels import distill_ce as kernels
+    monkeypatch.setattr(kernels, "MAX_CHUNK", chunk)
+    monkeypatch.setattr(kernels, "CENTER_BLOCK", 64)
+    monkeypatch.setattr(kernels, "CENTER_ROWS", 4)
+    case = rows_with_0_1_and_many_pairs(make_case(6, 9, K, 2, 13, scale=4.0, seed=K))
+    out, grad = run(case, backend)
+    ref, ref_grad = run(as_float64(case), "reference")
+    assert_close_rel(out.loss, ref.loss, 2e-5, "loss")
+    assert_close_rel(out.center_sum, ref.center_sum, 2e-5, "center_sum")
+    assert_close_rel(out.center_count, ref.center_count, 2e-5, "center_count")
+    assert_close_rel(grad, ref_grad, 5e-5, "grad")
+    assert (grad[0] == 0).all(), "a student row without pairs gets a zero gradient"
+
+
 @pytest.mark.parametrize("backend", CPU_KERNELS)
 @pytest.mark.parametrize("dtype,rel", [(torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
 def test_cpu_kernels_low_precision(backend, dtype, rel, poisoned_empty):

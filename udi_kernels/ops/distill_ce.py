@@ -101,7 +101,7 @@ def _triton_forward(student: Tensor, teacher: Tensor, centers: Tensor, center_id
 def _triton_backward(grad_pair_loss: Tensor, student: Tensor, teacher: Tensor, centers: Tensor, center_id: Tensor,
                      student_ptr: Tensor, pair_teacher: Tensor, pair_weight: Tensor, student_lse: Tensor,
                      teacher_lse: Tensor, tau_s: float, tau_t: float) -> Tensor:
-    from ..triton_kernels import distill_ce as kernels
+    from ..triton_kernels import distill_ce_backward as kernels
     return kernels.backward(grad_pair_loss, student, teacher, centers, center_id, student_ptr, pair_teacher,
                             pair_weight, student_lse, teacher_lse, tau_s, tau_t)
 
