@@ -283,8 +283,9 @@ GPU_TOL = {torch.float32: (2e-5, 5e-5), torch.bfloat16: (1e-5, 1e-2), torch.floa
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["native", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", [(37, 5, 4099, 2, 61), (24, 4, 65536, 1, 44), (3, 2, 1, 3, 4)],
-                         ids=["odd", "dino_K", "K1"])
+@pytest.mark.parametrize("shape", [(37, 5, 4099, 2, 61), (9, 7, 12296, 2, 20), (24, 4, 65536, 1, 44),
+                                   (3, 2, 1, 3, 4)],
+                         ids=["odd_scalar_loads", "partial_last_chunk", "dino_K", "K1"])
 def test_gpu_kernels_match_reference(backend, dtype, shape, poisoned_empty):
     case = make_case(*shape, dtype=dtype, device="cuda", scale=1.0)
     out, grad = run(case, backend, tau_t=0.04)
