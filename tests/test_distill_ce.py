@@ -116,17 +116,22 @@ def test_reference_gradient_formula():
     torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-12)
 
 
+def assert_float32_matches_reference(case, backend):
+    """The kernel on a float32 case vs the float64 reference (tolerances in the module docstring)."""
+    out, grad = run(case, backend)
+    ref, ref_grad = run(as_float64(case), "reference")
+    for name in ("loss", "center_sum", "center_count"):
+        assert_close_rel(getattr(out, name), getattr(ref, name), 2e-5, name)
+    assert_close_rel(grad, ref_grad, 5e-5, "grad")
+    return out, grad
+
+
 @pytest.mark.parametrize("backend", CPU_KERNELS)
 @pytest.mark.parametrize("shape", [(7, 5, 333, 2, 11), (3, 2, 1031, 1, 4), (4, 6, 1, 3, 7), (6, 3, 64, 2, 0)],
                          ids=["odd", "multi_block", "K1", "no_pairs"])
 def test_cpu_kernels_match_reference(backend, shape, poisoned_empty):
     case = make_case(*shape)
-    out, grad = run(case, backend)
-    ref, ref_grad = run(as_float64(case), "reference")
-    assert_close_rel(out.loss, ref.loss, 2e-5, "loss")
-    assert_close_rel(out.center_sum, ref.center_sum, 2e-5, "center_sum")
-    assert_close_rel(out.center_count, ref.center_count, 2e-5, "center_count")
-    assert_close_rel(grad, ref_grad, 5e-5, "grad")
+    out, grad = assert_float32_matches_reference(case, backend)
     assert out.loss.dtype == torch.float32 and grad.dtype == torch.float32
 
 
@@ -149,12 +154,7 @@ def test_cpu_kernels_split_k(backend, K, chunk, monkeypatch, poisoned_empty):
     monkeypatch.setattr(kernels, "CENTER_BLOCK", 64)
     monkeypatch.setattr(kernels, "CENTER_ROWS", 4)
     case = rows_with_0_1_and_many_pairs(make_case(6, 9, K, 2, 13, scale=4.0, seed=K))
-    out, grad = run(case, backend)
-    ref, ref_grad = run(as_float64(case), "reference")
-    assert_close_rel(out.loss, ref.loss, 2e-5, "loss")
-    assert_close_rel(out.center_sum, ref.center_sum, 2e-5, "center_sum")
-    assert_close_rel(out.center_count, ref.center_count, 2e-5, "center_count")
-    assert_close_rel(grad, ref_grad, 5e-5, "grad")
+    out, grad = assert_float32_matches_reference(case, backend)
     assert (grad[0] == 0).all(), "a student row without pairs gets a zero gradient"
 
 

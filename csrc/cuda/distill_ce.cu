@@ -150,12 +150,27 @@ __device__ void scaled_student_slice(const student_t* student, const Pairs& p, i
   for (int j = 0; j < kPerThread; ++j) x[j] *= p.inv_tau_s;
 }
 
+// A center's slice of the chunk, reloaded only when the center changes (the losses use one center).
+struct CenterSlice {
+  int64_t center = -1;
+  Slice values;
+
+  __device__ const Slice& of(const Pairs& p, int64_t teacher_row, int64_t chunk_begin) {
+    const int64_t wanted = p.center_id[teacher_row];
+    if (wanted != center) {
+      load_slice(p.centers + wanted * p.K, chunk_begin, p.K, p.vectorized, 0.f, values);
+      center = wanted;
+    }
+    return values;
+  }
+};
+
 // u = (t - c)/τt, -inf past K.
 template <typename teacher_t>
-__device__ void centered_slice(const teacher_t* teacher, const Pairs& p, int64_t row, int64_t chunk_begin, Slice& u) {
-  Slice c;
+__device__ void centered_slice(const teacher_t* teacher, const Pairs& p, int64_t row, int64_t chunk_begin,
+                               CenterSlice& center, Slice& u) {
+  const Slice& c = center.of(p, row, chunk_begin);
   load_slice(teacher + row * p.K, chunk_begin, p.K, p.vectorized, -INFINITY, u);
-  load_slice(p.centers + p.center_id[row] * p.K, chunk_begin, p.K, p.vectorized, 0.f, c);
 #pragma unroll
   for (int j = 0; j < kPerThread; ++j) u[j] = (u[j] - c[j]) * p.inv_tau_t;
 }
@@ -163,8 +178,8 @@ __device__ void centered_slice(const teacher_t* teacher, const Pairs& p, int64_t
 // p_t = exp(u - teacher_lse), 0 past K.
 template <typename teacher_t>
 __device__ void teacher_probs_slice(const teacher_t* teacher, const Pairs& p, int64_t row, int64_t chunk_begin,
-                                    Slice& prob) {
-  centered_slice(teacher, p, row, chunk_begin, prob);
+                                    CenterSlice& center, Slice& prob) {
+  centered_slice(teacher, p, row, chunk_begin, center, prob);
   const float lse = p.teacher_lse[row];
 #pragma unroll
   for (int j = 0; j < kPerThread; ++j) prob[j] = __expf(prob[j] - lse);
@@ -201,8 +216,9 @@ template <typename teacher_t>
 __global__ void teacher_partials_kernel(const teacher_t* teacher, Pairs p, float* part_max, float* part_sum) {
   __shared__ OnlineLse scratch[kWarps];
   const int64_t row = blockIdx.x, chunk = blockIdx.y;
+  CenterSlice center;
   Slice u;
-  centered_slice(teacher, p, row, chunk * kChunk, u);
+  centered_slice(teacher, p, row, chunk * kChunk, center, u);
   const OnlineLse total = block_lse(slice_lse(u), scratch);
   if (threadIdx.x == 0) {
     part_max[row * p.num_chunks + chunk] = total.max;
@@ -268,11 +284,12 @@ __global__ void student_partials_kernel(const student_t* student, const teacher_
     part_max[row * p.num_chunks + chunk] = part.max;
     part_sum[row * p.num_chunks + chunk] = part.sum;
   }
+  CenterSlice center;
   for (int64_t slot = p.student_ptr[row]; slot < p.student_ptr[row + 1]; ++slot) {
     float mass = 0.f, gap = 0.f;
     if (p.pair_weight[slot] != 0.f) {  // uniform across the block: every thread reaches block_sum or none
       Slice prob;
-      teacher_probs_slice(teacher, p, p.pair_teacher[slot], chunk_begin, prob);
+      teacher_probs_slice(teacher, p, p.pair_teacher[slot], chunk_begin, center, prob);
 #pragma unroll
       for (int j = 0; j < kPerThread; ++j) {
         if (!in_slice(chunk_begin, j, p.K)) continue;  // prob 0 and x -inf there
@@ -321,11 +338,12 @@ __global__ void student_backward_kernel(const float* grad_pair_loss, const stude
   const float lse = student_lse[row];
 #pragma unroll
   for (int j = 0; j < kPerThread; ++j) acc[j] = total * __expf(acc[j] - lse);  // 0 past K
+  CenterSlice center;
   for (int64_t slot = first; slot < last; ++slot) {
     const float scale = pair_scale(grad_pair_loss, p, slot);
     if (scale == 0.f) continue;
     Slice prob;
-    teacher_probs_slice(teacher, p, p.pair_teacher[slot], chunk_begin, prob);
+    teacher_probs_slice(teacher, p, p.pair_teacher[slot], chunk_begin, center, prob);
 #pragma unroll
     for (int j = 0; j < kPerThread; ++j) acc[j] -= scale * prob[j];
   }
@@ -426,8 +444,8 @@ ForwardTensors forward_cuda(const at::Tensor& student, const at::Tensor& teacher
         float* s_sum = student_parts[1].data_ptr<float>();
         float* mass = pair_parts[0].data_ptr<float>();
         float* gap = pair_parts[1].data_ptr<float>();
-        student_partials_kernel<<<row_chunk_grid(Rs, chunks), kThreads, 0, stream>>>(student.data_ptr<student_t>(), t, pairs,
-                                                                            s_max, s_sum, mass, gap);
+        student_partials_kernel<<<row_chunk_grid(Rs, chunks), kThreads, 0, stream>>>(
+            student.data_ptr<student_t>(), t, pairs, s_max, s_sum, mass, gap);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         student_combine_kernel<<<row_blocks(Rs), kThreads, 0, stream>>>(pairs, Rs, s_max, s_sum, mass, gap,
                                                                          student_lse.data_ptr<float>(),

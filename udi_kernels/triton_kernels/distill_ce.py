@@ -39,10 +39,23 @@ def scaled_student(student_ptr, row, k, mask, K, inv_tau_s):
 
 
 @triton.jit
-def teacher_probs(teacher_ptr, centers_ptr, center_id_ptr, teacher_lse_ptr, t_row, k, mask, K, inv_tau_t):
-    """p_t = exp((t - c)/τt - teacher_lse) of teacher row t_row over the chunk, 0 past K."""
-    u = _centered(teacher_ptr, centers_ptr, tl.load(center_id_ptr + t_row), t_row, k, mask, K, inv_tau_t)
-    return tl.exp(u - tl.load(teacher_lse_ptr + t_row))
+def center_chunk(centers_ptr, center_id_ptr, t_row, cached, c, k, mask, K):
+    """(center of teacher row t_row, its chunk); c is reused when that center is `cached` (the losses use one)."""
+    center = tl.load(center_id_ptr + t_row)
+    if center != cached:
+        c = _load_center(centers_ptr, center, k, mask, K)
+    return center, c
+
+
+@triton.jit
+def _load_center(centers_ptr, center, k, mask, K):
+    return tl.load(centers_ptr + center * K + k, mask=mask, other=0.0)
+
+
+@triton.jit
+def teacher_probs(teacher_ptr, teacher_lse_ptr, t_row, c, k, mask, K, inv_tau_t):
+    """p_t = exp((t - c)/τt - teacher_lse) of teacher row t_row over the chunk (c: its center's), 0 past K."""
+    return tl.exp(_centered(teacher_ptr, t_row, c, k, mask, K, inv_tau_t) - tl.load(teacher_lse_ptr + t_row))
 
 
 @triton.jit
@@ -53,9 +66,14 @@ def pair_scale(grad_pair_loss_ptr, pair_weight_ptr, slot):
 
 
 @triton.jit
-def _centered(teacher_ptr, centers_ptr, center, row, k, mask, K, inv_tau_t):
+def no_center(CHUNK: tl.constexpr):
+    """An empty center cache for center_chunk."""
+    return tl.full((), -1, tl.int64), tl.zeros((CHUNK,), tl.float32)
+
+
+@triton.jit
+def _centered(teacher_ptr, row, c, k, mask, K, inv_tau_t):
     t = tl.load(teacher_ptr + row * K + k, mask=mask, other=0.0).to(tl.float32)
-    c = tl.load(centers_ptr + center * K + k, mask=mask, other=0.0)
     return tl.where(mask, (t - c) * inv_tau_t, float("-inf"))
 
 
@@ -83,7 +101,8 @@ def _teacher_partials_kernel(teacher_ptr, centers_ptr, center_id_ptr, part_max_p
                              inv_tau_t, CHUNK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     k, mask = chunk_offsets(K, CHUNK)
-    u = _centered(teacher_ptr, centers_ptr, tl.load(center_id_ptr + row), row, k, mask, K, inv_tau_t)
+    c = _load_center(centers_ptr, tl.load(center_id_ptr + row), k, mask, K)
+    u = _centered(teacher_ptr, row, c, k, mask, K, inv_tau_t)
     _store_lse_partials(part_max_ptr, part_sum_ptr, row, num_chunks, u)
 
 
@@ -124,12 +143,14 @@ def _student_partials_kernel(student_ptr, teacher_ptr, centers_ptr, center_id_pt
     k, mask = chunk_offsets(K, CHUNK)
     x = scaled_student(student_ptr, row, k, mask, K, inv_tau_s)
     top = _store_lse_partials(part_max_ptr, part_sum_ptr, row, num_chunks, x)
+    center, c = no_center(CHUNK)
     for slot in range(tl.load(student_ptr_ptr + row), tl.load(student_ptr_ptr + row + 1)):
         mass = tl.zeros((), tl.float32)
         gap = tl.zeros((), tl.float32)
         if tl.load(pair_weight_ptr + slot) != 0:
-            p = teacher_probs(teacher_ptr, centers_ptr, center_id_ptr, teacher_lse_ptr,
-                              tl.load(pair_teacher_ptr + slot), k, mask, K, inv_tau_t)
+            t_row = tl.load(pair_teacher_ptr + slot)
+            center, c = center_chunk(centers_ptr, center_id_ptr, t_row, center, c, k, mask, K)
+            p = teacher_probs(teacher_ptr, teacher_lse_ptr, t_row, c, k, mask, K, inv_tau_t)
             mass = tl.sum(p, 0)
             gap = tl.sum(tl.where(mask, p * (top - x), 0.0), 0)
         tl.store(pair_mass_ptr + slot * num_chunks + chunk, mass)
@@ -174,7 +195,8 @@ def forward(student, teacher, centers, center_id, student_ptr, pair_teacher, pai
                                                    1.0 / tau_t, CHUNK=chunk, num_warps=num_warps)
         _lse_combine_kernel[(Rt,)](t_max, t_sum, teacher_lse, num_chunks, CHUNKS=chunks)
     _center_sum_kernel[(triton.cdiv(K, CENTER_BLOCK), n_c)](teacher, center_ptr, center_rows, row_weight, center_sum,
-                                                            center_count, K, BLOCK=CENTER_BLOCK, ROWS=CENTER_ROWS)
+                                                            center_count, K, BLOCK=CENTER_BLOCK, ROWS=CENTER_ROWS,
+                                                            num_warps=8)
     if Rs > 0:
         s_max, s_sum = torch.empty(2, Rs, num_chunks, **floats)
         pair_mass, pair_gap = torch.empty(2, P, num_chunks, **floats)

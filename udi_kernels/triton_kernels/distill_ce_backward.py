@@ -9,7 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .distill_ce import chunk_offsets, chunking, pair_scale, scaled_student, teacher_probs
+from .distill_ce import (center_chunk, chunk_offsets, chunking, no_center, pair_scale, scaled_student,
+                         teacher_probs)
 
 
 @triton.jit
@@ -25,11 +26,13 @@ def _student_backward_kernel(grad_pair_loss_ptr, student_ptr, teacher_ptr, cente
         total += pair_scale(grad_pair_loss_ptr, pair_weight_ptr, slot)
     x = scaled_student(student_ptr, row, k, mask, K, inv_tau_s)
     acc = total * tl.exp(x - tl.load(student_lse_ptr + row))
+    center, c = no_center(CHUNK)
     for slot in range(first, end):
         scale = pair_scale(grad_pair_loss_ptr, pair_weight_ptr, slot)
         if scale != 0:
-            acc -= scale * teacher_probs(teacher_ptr, centers_ptr, center_id_ptr, teacher_lse_ptr,
-                                         tl.load(pair_teacher_ptr + slot), k, mask, K, inv_tau_t)
+            t_row = tl.load(pair_teacher_ptr + slot)
+            center, c = center_chunk(centers_ptr, center_id_ptr, t_row, center, c, k, mask, K)
+            acc -= scale * teacher_probs(teacher_ptr, teacher_lse_ptr, t_row, c, k, mask, K, inv_tau_t)
     tl.store(grad_student_ptr + row * K + k, (acc * inv_tau_s).to(grad_student_ptr.dtype.element_ty), mask=mask)
 
 
