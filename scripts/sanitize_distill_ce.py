@@ -10,6 +10,7 @@ import udi_kernels
 
 SHAPES = [(7, 5, 333, 2, 11), (3, 2, 1, 3, 4), (5, 3, 257, 1, 0), (2, 4, 1031, 2, 6), (4, 3, 8200, 2, 5),
           (3, 2, 8197, 1, 7)]  # Rs, Rt, K, n_c, P
+ALIGNED_K_SHAPE = SHAPES[4]
 
 
 def misaligned(rows, K, dtype):
@@ -35,9 +36,10 @@ def run(Rs, Rt, K, n_c, P, dtype, offset_student):
 
 
 def main():
-    results = [run(*shape, dtype, offset) for shape in SHAPES for dtype in (torch.float32, torch.float16,
-                                                                          torch.bfloat16)
-               for offset in (False, True)]
+    dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    runs = [(shape, dtype, False) for shape in SHAPES for dtype in dtypes]
+    runs += [(ALIGNED_K_SHAPE, dtype, True) for dtype in dtypes]  # K % 8 == 0 but the student is misaligned
+    results = [run(*shape, dtype, offset) for shape, dtype, offset in runs]
     if not all(results):
         raise SystemExit("sanitize_distill_ce: non-finite output")
     print(f"sanitize_distill_ce: {len(results)} forward+backward runs ok")
