@@ -1,23 +1,34 @@
 """Runs every CUDA kernel of distill_ce (forward and backward) on small odd shapes, for compute-sanitizer:
     compute-sanitizer --tool memcheck python scripts/sanitize_distill_ce.py
     compute-sanitizer --tool racecheck python scripts/sanitize_distill_ce.py
+Shapes cover one and several K chunks of 4096 (the last one partial), 16-byte and scalar loads (K % 8, and a
+student pointer off 16-byte alignment), rows without pairs and weight-0 pairs and rows.
 """
 import torch
 
 import udi_kernels
 
-SHAPES = [(7, 5, 333, 2, 11), (3, 2, 1, 3, 4), (5, 3, 257, 1, 0), (2, 4, 1031, 2, 6)]  # Rs, Rt, K, n_c, P
+SHAPES = [(7, 5, 333, 2, 11), (3, 2, 1, 3, 4), (5, 3, 257, 1, 0), (2, 4, 1031, 2, 6), (4, 3, 8200, 2, 5),
+          (3, 2, 8197, 1, 7)]  # Rs, Rt, K, n_c, P
+ALIGNED_K_SHAPE = SHAPES[4]
 
 
-def run(Rs, Rt, K, n_c, P, dtype):
+def misaligned(rows, K, dtype):
+    """A contiguous [rows, K] tensor whose data pointer is one element past a 16-byte boundary."""
+    return torch.randn(rows * K + 1, dtype=dtype, device="cuda")[1:].view(rows, K)
+
+
+def run(Rs, Rt, K, n_c, P, dtype, offset_student):
     cuda = dict(device="cuda")
-    student = torch.randn(Rs, K, dtype=dtype, **cuda).requires_grad_(True)
+    student = misaligned(Rs, K, dtype) if offset_student else torch.randn(Rs, K, dtype=dtype, **cuda)
+    student.requires_grad_(True)
     teacher = torch.randn(Rt, K, dtype=dtype, **cuda)
-    weight = torch.rand(P, **cuda)
+    weight, row_weight = torch.rand(P, **cuda), torch.rand(Rt, **cuda)
     weight[::3] = 0  # weight-0 pairs take the skip path
+    row_weight[::2] = 0
     out = udi_kernels.distill_cross_entropy(
         student, teacher, torch.randn(n_c, K, **cuda), torch.randint(0, n_c, (Rt,), **cuda),
-        torch.randint(0, Rs, (P,), **cuda), torch.randint(0, Rt, (P,), **cuda), weight, torch.rand(Rt, **cuda),
+        torch.randint(0, Rs, (P,), **cuda), torch.randint(0, Rt, (P,), **cuda), weight, row_weight,
         0.1, 0.04, backend="native")
     out.loss.backward()
     torch.cuda.synchronize()
@@ -25,7 +36,10 @@ def run(Rs, Rt, K, n_c, P, dtype):
 
 
 def main():
-    results = [run(*shape, dtype) for shape in SHAPES for dtype in (torch.float32, torch.float16, torch.bfloat16)]
+    dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    runs = [(shape, dtype, False) for shape in SHAPES for dtype in dtypes]
+    runs += [(ALIGNED_K_SHAPE, dtype, True) for dtype in dtypes]  # K % 8 == 0 but the student is misaligned
+    results = [run(*shape, dtype, offset) for shape, dtype, offset in runs]
     if not all(results):
         raise SystemExit("sanitize_distill_ce: non-finite output")
     print(f"sanitize_distill_ce: {len(results)} forward+backward runs ok")

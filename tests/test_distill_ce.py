@@ -116,18 +116,46 @@ def test_reference_gradient_formula():
     torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-12)
 
 
+def assert_float32_matches_reference(case, backend):
+    """The kernel on a float32 case vs the float64 reference (tolerances in the module docstring)."""
+    out, grad = run(case, backend)
+    ref, ref_grad = run(as_float64(case), "reference")
+    for name in ("loss", "center_sum", "center_count"):
+        assert_close_rel(getattr(out, name), getattr(ref, name), 2e-5, name)
+    assert_close_rel(grad, ref_grad, 5e-5, "grad")
+    return out, grad
+
+
 @pytest.mark.parametrize("backend", CPU_KERNELS)
 @pytest.mark.parametrize("shape", [(7, 5, 333, 2, 11), (3, 2, 1031, 1, 4), (4, 6, 1, 3, 7), (6, 3, 64, 2, 0)],
                          ids=["odd", "multi_block", "K1", "no_pairs"])
 def test_cpu_kernels_match_reference(backend, shape, poisoned_empty):
     case = make_case(*shape)
-    out, grad = run(case, backend)
-    ref, ref_grad = run(as_float64(case), "reference")
-    assert_close_rel(out.loss, ref.loss, 2e-5, "loss")
-    assert_close_rel(out.center_sum, ref.center_sum, 2e-5, "center_sum")
-    assert_close_rel(out.center_count, ref.center_count, 2e-5, "center_count")
-    assert_close_rel(grad, ref_grad, 5e-5, "grad")
+    out, grad = assert_float32_matches_reference(case, backend)
     assert out.loss.dtype == torch.float32 and grad.dtype == torch.float32
+
+
+def rows_with_0_1_and_many_pairs(case):
+    """Student row 0 gets no pair, row 1 one pair, row 2 every other pair (one of them weight 0)."""
+    P = case["pair_student"].shape[0]
+    case["pair_student"] = torch.where(torch.arange(P) % 2 == 0, 2, 3 + torch.arange(P) % 2)
+    case["pair_student"][1] = 1
+    case["pair_weight"][4] = 0
+    return case
+
+
+@pytest.mark.parametrize("backend", CPU_KERNELS)
+@pytest.mark.parametrize("K,chunk", [(333, 128), (1031, 256), (256, 64), (5, 4)],
+                         ids=["remainder", "many_chunks", "exact_chunks", "tiny"])
+def test_cpu_kernels_split_k(backend, K, chunk, monkeypatch, poisoned_empty):
+    """Several K chunks per row (the last one partial or full), rows with 0, 1 and many pairs."""
+    from udi_kernels.triton_kernels import distill_ce as kernels
+    monkeypatch.setattr(kernels, "MAX_CHUNK", chunk)
+    monkeypatch.setattr(kernels, "CENTER_BLOCK", 64)
+    monkeypatch.setattr(kernels, "CENTER_ROWS", 4)
+    case = rows_with_0_1_and_many_pairs(make_case(6, 9, K, 2, 13, scale=4.0, seed=K))
+    out, grad = assert_float32_matches_reference(case, backend)
+    assert (grad[0] == 0).all(), "a student row without pairs gets a zero gradient"
 
 
 @pytest.mark.parametrize("backend", CPU_KERNELS)
@@ -255,8 +283,9 @@ GPU_TOL = {torch.float32: (2e-5, 5e-5), torch.bfloat16: (1e-5, 1e-2), torch.floa
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["native", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", [(37, 5, 4099, 2, 61), (24, 4, 65536, 1, 44), (3, 2, 1, 3, 4)],
-                         ids=["odd", "dino_K", "K1"])
+@pytest.mark.parametrize("shape", [(37, 5, 4099, 2, 61), (9, 7, 12296, 2, 20), (24, 4, 65536, 1, 44),
+                                   (3, 2, 1, 3, 4)],
+                         ids=["odd_scalar_loads", "partial_last_chunk", "dino_K", "K1"])
 def test_gpu_kernels_match_reference(backend, dtype, shape, poisoned_empty):
     case = make_case(*shape, dtype=dtype, device="cuda", scale=1.0)
     out, grad = run(case, backend, tau_t=0.04)

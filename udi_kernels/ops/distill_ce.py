@@ -41,18 +41,17 @@ class PairCSR(NamedTuple):
     center_rows: Tensor    # [Rt]
 
 
-def _segment_ptr(keys: Tensor, num_segments: int) -> Tensor:
-    counts = torch.zeros(num_segments, dtype=torch.int64, device=keys.device)
-    counts.index_add_(0, keys, torch.ones_like(keys))
-    return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+def _group(keys: Tensor, num_segments: int):
+    """(order, ptr): the stable sort order of keys and the CSR offsets of each key value in it."""
+    sorted_keys, order = torch.sort(keys, stable=True)
+    return order, torch.searchsorted(sorted_keys, torch.arange(num_segments + 1, device=keys.device))
 
 
 def build_csr(pair_student, pair_teacher, pair_weight, center_id, num_students, num_centers, weight_dtype):
-    pair_student, center_id = pair_student.long(), center_id.long()
-    order = torch.argsort(pair_student, stable=True)
-    return PairCSR(order, _segment_ptr(pair_student, num_students), pair_teacher.long()[order].contiguous(),
-                   pair_weight.to(weight_dtype)[order].contiguous(), _segment_ptr(center_id, num_centers),
-                   torch.argsort(center_id, stable=True))
+    order, student_ptr = _group(pair_student.long(), num_students)
+    center_rows, center_ptr = _group(center_id.long(), num_centers)
+    return PairCSR(order, student_ptr, pair_teacher.long()[order], pair_weight.to(weight_dtype)[order], center_ptr,
+                   center_rows)
 
 
 # ---- fake impls, autograd --------------------------------------------------------------------------------------
@@ -101,7 +100,7 @@ def _triton_forward(student: Tensor, teacher: Tensor, centers: Tensor, center_id
 def _triton_backward(grad_pair_loss: Tensor, student: Tensor, teacher: Tensor, centers: Tensor, center_id: Tensor,
                      student_ptr: Tensor, pair_teacher: Tensor, pair_weight: Tensor, student_lse: Tensor,
                      teacher_lse: Tensor, tau_s: float, tau_t: float) -> Tensor:
-    from ..triton_kernels import distill_ce as kernels
+    from ..triton_kernels import distill_ce_backward as kernels
     return kernels.backward(grad_pair_loss, student, teacher, centers, center_id, student_ptr, pair_teacher,
                             pair_weight, student_lse, teacher_lse, tau_s, tau_t)
 
@@ -220,7 +219,8 @@ def distill_cross_entropy(student: Tensor, teacher: Tensor, centers: Tensor, cen
 
     Returns:
         DistillCE(loss [], center_sum [n_c, K], center_count [n_c]); float32 (float64 for float64 inputs).
-        Memory beyond the student's gradient is O(Rs + Rt + P); no [*, K] probabilities are stored.
+        Memory beyond the student's gradient is O((Rs + Rt + P) · K / 4096) fp32 partials; no [*, K]
+        probabilities are stored.
     """
     args = (student, teacher, centers, center_id, pair_student, pair_teacher, pair_weight, row_weight)
     _check_shapes(*args, tau_s, tau_t)

@@ -1,161 +1,209 @@
-"""Fused distillation cross-entropy (UDI_SPEC §5) in Triton; contract in udi_kernels/ops/distill_ce.py.
+"""Fused distillation cross-entropy forward (UDI_SPEC §5) in Triton; contract in udi_kernels/ops/distill_ce.py.
 
 Shapes: student [Rs, K], teacher [Rt, K] (fp32/fp16/bf16), centers [n_c, K] fp32, pairs in a student-row CSR
 (student_ptr [Rs + 1], pair_teacher [P], pair_weight [P]), teacher rows by center (center_ptr [n_c + 1],
-center_rows [Rt]). Every program loops over K in BLOCK_K chunks with fp32 accumulators; no K-wide
-probability is stored. Saved stats: student_lse [Rs] = lse(s/τs), teacher_lse [Rt] = lse((t - c)/τt).
+center_rows [Rt]). K is split into C = cdiv(K, CHUNK) chunks; every row kernel runs one program per
+(row, chunk) with rows on grid axis 0 (programs running together share a chunk of the teacher and centers in
+L2) and holds its chunk in registers: the student is read from HBM once per pass, thousands of programs run,
+and each program reduces across warps once per quantity, not once per block of K.
+Partials are O((rows + P) × C) fp32; no K-wide probability is stored.
 
-  forward:  teacher rows (online max/sum), center sums (one program per (center, K-block), deterministic),
-            student rows (lse, then one K pass per pair: CE = Σ_k p_t,k · (lse_s - s_k/τs) ≥ 0 termwise)
-  backward: student rows, each K-block: grad = (Σ_p g_p w_p · softmax(s/τs) - Σ_p g_p w_p · p_t,p) / τs
+  1. teacher partials [Rt, C]: max and Σ exp(u - max) of u = (t - c)/τt over the chunk
+  2. teacher_lse [Rt] = logsumexp(u), combined from the partials
+  3. center sums, one program per (K-block, center) over [CENTER_ROWS, CENTER_BLOCK] tiles of its rows
+  4. student partials [Rs, C]: m_c = max of x = s/τs and Σ exp(x - m_c) over the chunk; per pair and chunk
+     mass = Σ p_t and gap = Σ p_t·(m_c - x), both >= 0, with p_t = exp(u - teacher_lse)
+  5. student_lse [Rs]; pair_loss [P] = w · Σ_c (mass_c·(lse - m_c) + gap_c) = w · Σ_k p_t,k·(lse - x_k),
+     a sum of non-negative terms (no cancellation at large logits)
 """
 import torch
 import triton
 import triton.language as tl
 
-MAX_BLOCK_K = 1024
+MAX_CHUNK = 4096       # K elements per (row, chunk) program, held in registers
+CENTER_BLOCK = 128     # K elements per center-sum program
+CENTER_ROWS = 32       # teacher rows per center-sum tile
 
 
 @triton.jit
-def _centered(teacher_ptr, centers_ptr, row, center, k, K, inv_tau_t):
-    mask = k < K
-    t = tl.load(teacher_ptr + row * K + k, mask=mask, other=0.0).to(tl.float32)
-    c = tl.load(centers_ptr + center * K + k, mask=mask, other=0.0)
-    return tl.where(mask, (t - c) * inv_tau_t, float("-inf"))
+def chunk_offsets(K, CHUNK: tl.constexpr):
+    k = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
+    return k, k < K
 
 
 @triton.jit
-def _scaled_student(student_ptr, row, k, K, inv_tau_s):
-    mask = k < K
+def scaled_student(student_ptr, row, k, mask, K, inv_tau_s):
+    """x = s/τs over the chunk, -inf past K."""
     s = tl.load(student_ptr + row * K + k, mask=mask, other=0.0).to(tl.float32)
     return tl.where(mask, s * inv_tau_s, float("-inf"))
 
 
 @triton.jit
-def _online_lse_step(x, running_max, running_sum):
-    block_max = tl.maximum(running_max, tl.max(x, 0))
-    running_sum = running_sum * tl.exp(running_max - block_max) + tl.sum(tl.exp(x - block_max), 0)
-    return block_max, running_sum
+def center_chunk(centers_ptr, center_id_ptr, t_row, cached, c, k, mask, K):
+    """(center of teacher row t_row, its chunk); c is reused when that center is `cached` (the losses use one)."""
+    center = tl.load(center_id_ptr + t_row)
+    if center != cached:
+        c = _load_center(centers_ptr, center, k, mask, K)
+    return center, c
 
 
 @triton.jit
-def _teacher_stats_kernel(teacher_ptr, centers_ptr, center_id_ptr, teacher_lse_ptr, K, inv_tau_t,
-                          BLOCK_K: tl.constexpr):
+def _load_center(centers_ptr, center, k, mask, K):
+    return tl.load(centers_ptr + center * K + k, mask=mask, other=0.0)
+
+
+@triton.jit
+def teacher_probs(teacher_ptr, teacher_lse_ptr, t_row, c, k, mask, K, inv_tau_t):
+    """p_t = exp((t - c)/τt - teacher_lse) of teacher row t_row over the chunk (c: its center's), 0 past K."""
+    return tl.exp(_centered(teacher_ptr, t_row, c, k, mask, K, inv_tau_t) - tl.load(teacher_lse_ptr + t_row))
+
+
+@triton.jit
+def pair_scale(grad_pair_loss_ptr, pair_weight_ptr, slot):
+    """g_p · w_p, exactly 0 for a weight-0 pair."""
+    weight = tl.load(pair_weight_ptr + slot)
+    return tl.where(weight != 0, weight * tl.load(grad_pair_loss_ptr + slot).to(tl.float32), 0.0)
+
+
+@triton.jit
+def no_center(CHUNK: tl.constexpr):
+    """An empty center cache for center_chunk."""
+    return tl.full((), -1, tl.int64), tl.zeros((CHUNK,), tl.float32)
+
+
+@triton.jit
+def _centered(teacher_ptr, row, c, k, mask, K, inv_tau_t):
+    t = tl.load(teacher_ptr + row * K + k, mask=mask, other=0.0).to(tl.float32)
+    return tl.where(mask, (t - c) * inv_tau_t, float("-inf"))
+
+
+@triton.jit
+def _combined_lse(part_max_ptr, part_sum_ptr, row, num_chunks, CHUNKS: tl.constexpr):
+    """logsumexp of a row from its per-chunk (max, Σ exp(x - max)) partials."""
+    chunk = tl.arange(0, CHUNKS)
+    mask = chunk < num_chunks
+    part_max = tl.load(part_max_ptr + row * num_chunks + chunk, mask=mask, other=float("-inf"))
+    part_sum = tl.load(part_sum_ptr + row * num_chunks + chunk, mask=mask, other=0.0)
+    top = tl.max(part_max, 0)
+    return top + tl.log(tl.sum(part_sum * tl.exp(part_max - top), 0))
+
+
+@triton.jit
+def _store_lse_partials(part_max_ptr, part_sum_ptr, row, num_chunks, x):
+    top = tl.max(x, 0)
+    tl.store(part_max_ptr + row * num_chunks + tl.program_id(1), top)
+    tl.store(part_sum_ptr + row * num_chunks + tl.program_id(1), tl.sum(tl.exp(x - top), 0))
+    return top
+
+
+@triton.jit
+def _teacher_partials_kernel(teacher_ptr, centers_ptr, center_id_ptr, part_max_ptr, part_sum_ptr, K, num_chunks,
+                             inv_tau_t, CHUNK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    center = tl.load(center_id_ptr + row)
-    running_max = tl.full((), float("-inf"), tl.float32)
-    running_sum = tl.zeros((), tl.float32)
-    for start in range(0, K, BLOCK_K):
-        u = _centered(teacher_ptr, centers_ptr, row, center, start + tl.arange(0, BLOCK_K), K, inv_tau_t)
-        running_max, running_sum = _online_lse_step(u, running_max, running_sum)
-    tl.store(teacher_lse_ptr + row, running_max + tl.log(running_sum))
+    k, mask = chunk_offsets(K, CHUNK)
+    c = _load_center(centers_ptr, tl.load(center_id_ptr + row), k, mask, K)
+    u = _centered(teacher_ptr, row, c, k, mask, K, inv_tau_t)
+    _store_lse_partials(part_max_ptr, part_sum_ptr, row, num_chunks, u)
+
+
+@triton.jit
+def _lse_combine_kernel(part_max_ptr, part_sum_ptr, lse_ptr, num_chunks, CHUNKS: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    tl.store(lse_ptr + row, _combined_lse(part_max_ptr, part_sum_ptr, row, num_chunks, CHUNKS))
 
 
 @triton.jit
 def _center_sum_kernel(teacher_ptr, center_ptr, center_rows_ptr, row_weight_ptr, center_sum_ptr, center_count_ptr,
-                       K, BLOCK_K: tl.constexpr):
-    center = tl.program_id(0).to(tl.int64)
-    k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask = k < K
-    acc = tl.zeros((BLOCK_K,), tl.float32)
-    count = tl.zeros((), tl.float32)
-    for slot in range(tl.load(center_ptr + center), tl.load(center_ptr + center + 1)):
-        row = tl.load(center_rows_ptr + slot)
-        weight = tl.load(row_weight_ptr + row)
-        if weight != 0:
-            acc += weight * tl.load(teacher_ptr + row * K + k, mask=mask, other=0.0).to(tl.float32)
-        count += weight
-    tl.store(center_sum_ptr + center * K + k, acc, mask=mask)
-    if tl.program_id(1) == 0:
-        tl.store(center_count_ptr + center, count)
+                       K, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+    center = tl.program_id(1).to(tl.int64)
+    k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    k_mask = k < K
+    end = tl.load(center_ptr + center + 1)
+    acc = tl.zeros((ROWS, BLOCK), tl.float32)  # reduced over rows once, at the end
+    weights = tl.zeros((ROWS,), tl.float32)
+    for first in range(tl.load(center_ptr + center), end, ROWS):
+        slot = first + tl.arange(0, ROWS)
+        row = tl.load(center_rows_ptr + slot, mask=slot < end, other=0)
+        weight = tl.load(row_weight_ptr + row, mask=slot < end, other=0.0)
+        tile_mask = (weight != 0)[:, None] & k_mask[None, :]  # weight-0 rows are never read
+        t = tl.load(teacher_ptr + row[:, None] * K + k[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+        acc += weight[:, None] * t
+        weights += weight
+    tl.store(center_sum_ptr + center * K + k, tl.sum(acc, 0), mask=k_mask)
+    if tl.program_id(0) == 0:
+        tl.store(center_count_ptr + center, tl.sum(weights, 0))
 
 
 @triton.jit
-def _student_forward_kernel(student_ptr, teacher_ptr, centers_ptr, center_id_ptr, student_ptr_ptr, pair_teacher_ptr,
-                            pair_weight_ptr, teacher_lse_ptr, student_lse_ptr, pair_loss_ptr, K, inv_tau_s,
-                            inv_tau_t, BLOCK_K: tl.constexpr):
+def _student_partials_kernel(student_ptr, teacher_ptr, centers_ptr, center_id_ptr, student_ptr_ptr, pair_teacher_ptr,
+                             pair_weight_ptr, teacher_lse_ptr, part_max_ptr, part_sum_ptr, pair_mass_ptr,
+                             pair_gap_ptr, K, num_chunks, inv_tau_s, inv_tau_t, CHUNK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    running_max = tl.full((), float("-inf"), tl.float32)
-    running_sum = tl.zeros((), tl.float32)
-    for start in range(0, K, BLOCK_K):
-        x = _scaled_student(student_ptr, row, start + tl.arange(0, BLOCK_K), K, inv_tau_s)
-        running_max, running_sum = _online_lse_step(x, running_max, running_sum)
-    lse = running_max + tl.log(running_sum)
-    tl.store(student_lse_ptr + row, lse)
-
+    chunk = tl.program_id(1)
+    k, mask = chunk_offsets(K, CHUNK)
+    x = scaled_student(student_ptr, row, k, mask, K, inv_tau_s)
+    top = _store_lse_partials(part_max_ptr, part_sum_ptr, row, num_chunks, x)
+    center, c = no_center(CHUNK)
     for slot in range(tl.load(student_ptr_ptr + row), tl.load(student_ptr_ptr + row + 1)):
-        weight = tl.load(pair_weight_ptr + slot)
-        ce = tl.zeros((), tl.float32)
-        if weight != 0:
+        mass = tl.zeros((), tl.float32)
+        gap = tl.zeros((), tl.float32)
+        if tl.load(pair_weight_ptr + slot) != 0:
             t_row = tl.load(pair_teacher_ptr + slot)
-            center = tl.load(center_id_ptr + t_row)
-            t_lse = tl.load(teacher_lse_ptr + t_row)
-            acc = tl.zeros((BLOCK_K,), tl.float32)
-            for start in range(0, K, BLOCK_K):
-                k = start + tl.arange(0, BLOCK_K)
-                p = tl.exp(_centered(teacher_ptr, centers_ptr, t_row, center, k, K, inv_tau_t) - t_lse)
-                x = _scaled_student(student_ptr, row, k, K, inv_tau_s)
-                acc += tl.where(k < K, p * (lse - x), 0.0)
-            ce = weight * tl.sum(acc, 0)
-        tl.store(pair_loss_ptr + slot, ce)
+            center, c = center_chunk(centers_ptr, center_id_ptr, t_row, center, c, k, mask, K)
+            p = teacher_probs(teacher_ptr, teacher_lse_ptr, t_row, c, k, mask, K, inv_tau_t)
+            mass = tl.sum(p, 0)
+            gap = tl.sum(tl.where(mask, p * (top - x), 0.0), 0)
+        tl.store(pair_mass_ptr + slot * num_chunks + chunk, mass)
+        tl.store(pair_gap_ptr + slot * num_chunks + chunk, gap)
 
 
 @triton.jit
-def _student_backward_kernel(grad_pair_loss_ptr, student_ptr, teacher_ptr, centers_ptr, center_id_ptr,
-                             student_ptr_ptr, pair_teacher_ptr, pair_weight_ptr, student_lse_ptr, teacher_lse_ptr,
-                             grad_student_ptr, K, inv_tau_s, inv_tau_t, BLOCK_K: tl.constexpr):
+def _student_combine_kernel(student_ptr_ptr, pair_weight_ptr, part_max_ptr, part_sum_ptr, pair_mass_ptr, pair_gap_ptr,
+                            student_lse_ptr, pair_loss_ptr, num_chunks, CHUNKS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    first = tl.load(student_ptr_ptr + row)
-    end = tl.load(student_ptr_ptr + row + 1)
-    total = tl.zeros((), tl.float32)
-    for slot in range(first, end):
+    lse = _combined_lse(part_max_ptr, part_sum_ptr, row, num_chunks, CHUNKS)
+    tl.store(student_lse_ptr + row, lse)
+    chunk = tl.arange(0, CHUNKS)
+    mask = chunk < num_chunks
+    top = tl.load(part_max_ptr + row * num_chunks + chunk, mask=mask, other=0.0)
+    for slot in range(tl.load(student_ptr_ptr + row), tl.load(student_ptr_ptr + row + 1)):
+        mass = tl.load(pair_mass_ptr + slot * num_chunks + chunk, mask=mask, other=0.0)
+        gap = tl.load(pair_gap_ptr + slot * num_chunks + chunk, mask=mask, other=0.0)
         weight = tl.load(pair_weight_ptr + slot)
-        total += tl.where(weight != 0, weight * tl.load(grad_pair_loss_ptr + slot).to(tl.float32), 0.0)
-    lse = tl.load(student_lse_ptr + row)
-    for start in range(0, K, BLOCK_K):
-        k = start + tl.arange(0, BLOCK_K)
-        acc = total * tl.exp(_scaled_student(student_ptr, row, k, K, inv_tau_s) - lse)
-        for slot in range(first, end):
-            scale = tl.load(pair_weight_ptr + slot) * tl.load(grad_pair_loss_ptr + slot).to(tl.float32)
-            if scale != 0:
-                t_row = tl.load(pair_teacher_ptr + slot)
-                center = tl.load(center_id_ptr + t_row)
-                u = _centered(teacher_ptr, centers_ptr, t_row, center, k, K, inv_tau_t)
-                acc -= scale * tl.exp(u - tl.load(teacher_lse_ptr + t_row))
-        tl.store(grad_student_ptr + row * K + k, (acc * inv_tau_s).to(grad_student_ptr.dtype.element_ty), mask=k < K)
+        ce = tl.sum(mass * (lse - top) + gap, 0)
+        tl.store(pair_loss_ptr + slot, tl.where(weight != 0, weight * ce, 0.0))
 
 
-def _block_k(K):
-    return min(triton.next_power_of_2(K), MAX_BLOCK_K)
+def chunking(K):
+    """(CHUNK, number of chunks, num_warps) of the (row, chunk) kernels."""
+    chunk = min(triton.next_power_of_2(K), MAX_CHUNK)
+    return chunk, triton.cdiv(K, chunk), 8 if chunk >= 2048 else 4
 
 
 def forward(student, teacher, centers, center_id, student_ptr, pair_teacher, pair_weight, center_ptr, center_rows,
             row_weight, tau_s, tau_t):
     """Returns pair_loss [P], center_sum [n_c, K], center_count [n_c], student_lse [Rs], teacher_lse [Rt] (fp32)."""
-    (Rs, K), Rt, n_c = student.shape, teacher.shape[0], centers.shape[0]
+    (Rs, K), Rt, n_c, P = student.shape, teacher.shape[0], centers.shape[0], pair_teacher.shape[0]
+    chunk, num_chunks, num_warps = chunking(K)
+    chunks = triton.next_power_of_2(num_chunks)
     floats = dict(dtype=torch.float32, device=student.device)
-    pair_loss = torch.empty(pair_teacher.shape[0], **floats)
+    pair_loss, student_lse, teacher_lse = torch.empty(P, **floats), torch.empty(Rs, **floats), torch.empty(Rt, **floats)
     center_sum, center_count = torch.empty(n_c, K, **floats), torch.empty(n_c, **floats)
-    student_lse, teacher_lse = torch.empty(Rs, **floats), torch.empty(Rt, **floats)
-    block = _block_k(K)
     if Rt > 0:
-        _teacher_stats_kernel[(Rt,)](teacher, centers, center_id, teacher_lse, K, 1.0 / tau_t, BLOCK_K=block)
-    _center_sum_kernel[(n_c, triton.cdiv(K, block))](teacher, center_ptr, center_rows, row_weight, center_sum,
-                                                    center_count, K, BLOCK_K=block)
+        t_max, t_sum = torch.empty(2, Rt, num_chunks, **floats)
+        _teacher_partials_kernel[(Rt, num_chunks)](teacher, centers, center_id, t_max, t_sum, K, num_chunks,
+                                                   1.0 / tau_t, CHUNK=chunk, num_warps=num_warps)
+        _lse_combine_kernel[(Rt,)](t_max, t_sum, teacher_lse, num_chunks, CHUNKS=chunks)
+    _center_sum_kernel[(triton.cdiv(K, CENTER_BLOCK), n_c)](teacher, center_ptr, center_rows, row_weight, center_sum,
+                                                            center_count, K, BLOCK=CENTER_BLOCK, ROWS=CENTER_ROWS,
+                                                            num_warps=8)
     if Rs > 0:
-        _student_forward_kernel[(Rs,)](student, teacher, centers, center_id, student_ptr, pair_teacher, pair_weight,
-                                       teacher_lse, student_lse, pair_loss, K, 1.0 / tau_s, 1.0 / tau_t,
-                                       BLOCK_K=block)
+        s_max, s_sum = torch.empty(2, Rs, num_chunks, **floats)
+        pair_mass, pair_gap = torch.empty(2, P, num_chunks, **floats)
+        _student_partials_kernel[(Rs, num_chunks)](student, teacher, centers, center_id, student_ptr, pair_teacher,
+                                                   pair_weight, teacher_lse, s_max, s_sum, pair_mass, pair_gap, K,
+                                                   num_chunks, 1.0 / tau_s, 1.0 / tau_t, CHUNK=chunk,
+                                                   num_warps=num_warps)
+        _student_combine_kernel[(Rs,)](student_ptr, pair_weight, s_max, s_sum, pair_mass, pair_gap, student_lse,
+                                       pair_loss, num_chunks, CHUNKS=chunks)
     return pair_loss, center_sum, center_count, student_lse, teacher_lse
-
-
-def backward(grad_pair_loss, student, teacher, centers, center_id, student_ptr, pair_teacher, pair_weight,
-             student_lse, teacher_lse, tau_s, tau_t):
-    """Returns grad_student [Rs, K] in the student's dtype; every element written once."""
-    grad_student = torch.empty_like(student)
-    Rs, K = student.shape
-    if Rs > 0:
-        _student_backward_kernel[(Rs,)](grad_pair_loss, student, teacher, centers, center_id, student_ptr,
-                                        pair_teacher, pair_weight, student_lse, teacher_lse, grad_student, K,
-                                        1.0 / tau_s, 1.0 / tau_t, BLOCK_K=_block_k(K))
-    return grad_student

@@ -1,0 +1,49 @@
+"""Fused distillation cross-entropy backward (UDI_SPEC §5) in Triton; contract in udi_kernels/ops/distill_ce.py.
+
+One program per (student row, K chunk) (chunking as in distill_ce.py): with g_p the incoming gradient of pair p,
+  grad_s = (Σ_p g_p w_p · softmax(s/τs) - Σ_p g_p w_p · p_t,p) / τs,
+from the saved student_lse [Rs] and teacher_lse [Rt]; the chunk stays in registers and is written once.
+Shapes: grad_pair_loss [P] fp32, student [Rs, K], teacher [Rt, K], centers [n_c, K] fp32 -> grad [Rs, K].
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .distill_ce import (center_chunk, chunk_offsets, chunking, no_center, pair_scale, scaled_student,
+                         teacher_probs)
+
+
+@triton.jit
+def _student_backward_kernel(grad_pair_loss_ptr, student_ptr, teacher_ptr, centers_ptr, center_id_ptr,
+                             student_ptr_ptr, pair_teacher_ptr, pair_weight_ptr, student_lse_ptr, teacher_lse_ptr,
+                             grad_student_ptr, K, inv_tau_s, inv_tau_t, CHUNK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    k, mask = chunk_offsets(K, CHUNK)
+    first = tl.load(student_ptr_ptr + row)
+    end = tl.load(student_ptr_ptr + row + 1)
+    total = tl.zeros((), tl.float32)
+    for slot in range(first, end):
+        total += pair_scale(grad_pair_loss_ptr, pair_weight_ptr, slot)
+    x = scaled_student(student_ptr, row, k, mask, K, inv_tau_s)
+    acc = total * tl.exp(x - tl.load(student_lse_ptr + row))
+    center, c = no_center(CHUNK)
+    for slot in range(first, end):
+        scale = pair_scale(grad_pair_loss_ptr, pair_weight_ptr, slot)
+        if scale != 0:
+            t_row = tl.load(pair_teacher_ptr + slot)
+            center, c = center_chunk(centers_ptr, center_id_ptr, t_row, center, c, k, mask, K)
+            acc -= scale * teacher_probs(teacher_ptr, teacher_lse_ptr, t_row, c, k, mask, K, inv_tau_t)
+    tl.store(grad_student_ptr + row * K + k, (acc * inv_tau_s).to(grad_student_ptr.dtype.element_ty), mask=mask)
+
+
+def backward(grad_pair_loss, student, teacher, centers, center_id, student_ptr, pair_teacher, pair_weight,
+             student_lse, teacher_lse, tau_s, tau_t):
+    """Returns grad_student [Rs, K] in the student's dtype; every element written once."""
+    grad_student = torch.empty_like(student)
+    Rs, K = student.shape
+    chunk, num_chunks, num_warps = chunking(K)
+    if Rs > 0:
+        _student_backward_kernel[(Rs, num_chunks)](grad_pair_loss, student, teacher, centers, center_id, student_ptr,
+                                                   pair_teacher, pair_weight, student_lse, teacher_lse, grad_student,
+                                                   K, 1.0 / tau_s, 1.0 / tau_t, CHUNK=chunk, num_warps=num_warps)
+    return grad_student
