@@ -33,7 +33,8 @@ if [ "${1:-}" != "--skip-build" ]; then
   step build 240 env UDI_KERNELS_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS=16 \
     python3 -m pip install --no-build-isolation --no-deps -e .
 fi
-step gpu_tests 200 env UDI_KERNELS_EXPECT_CUDA=1 python3 -m pytest -q -m gpu -p no:cacheprovider tests
+parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")  # Triton compiles dominate: spread them
+step gpu_tests 200 env UDI_KERNELS_EXPECT_CUDA=1 python3 -m pytest -q -m gpu -p no:cacheprovider $parallel tests
 for script in scripts/sanitize_*.py; do
   step "$(basename "$script" .py)_memcheck" 60 compute-sanitizer --tool memcheck --error-exitcode 1 python3 "$script"
 done
