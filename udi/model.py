@@ -173,8 +173,9 @@ def form_targets(last_layer: WeightNormLinear, z_cls, z_global, mask_global, z_l
 
     valid_sum = (z_global * mask_global[..., None]).flatten(0, -2).sum(0)
     valid_sum = valid_sum + (z_local * mask_local[..., None]).flatten(0, -2).sum(0)
+    accumulate = torch.promote_types(valid_sum.dtype, torch.float32)
     with torch.autocast(valid_sum.device.type, enabled=False):
-        center_sum = F.linear(valid_sum.float(), last_layer.weight.float())
+        center_sum = F.linear(valid_sum.to(accumulate), last_layer.weight.to(accumulate))
     count = (mask_global.sum() + mask_local.sum()).float()
     return TeacherTargets(cls, plus_global, plus_local, patch, mask_global, center_sum, count)
 

@@ -31,6 +31,14 @@ PRESETS = {
 }
 
 
+def str2bool(value: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {value!r}")
+
+
 def get_args_parser():
     p = argparse.ArgumentParser("UDI", add_help=True)
     p.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="defaults; explicit flags win")
@@ -44,7 +52,7 @@ def get_args_parser():
     p.add_argument("--out_dim", default=65536, type=int, help="K, the head's output size")
     p.add_argument("--head_hidden_dim", default=2048, type=int)
     p.add_argument("--head_bottleneck_dim", default=256, type=int)
-    p.add_argument("--norm_last_layer", default=False, type=utils_bool)
+    p.add_argument("--norm_last_layer", default=False, type=str2bool)
     p.add_argument("--momentum_teacher", default=0.996, type=float)
     p.add_argument("--alpha", default=0.5, type=float, help="cls+ target: alpha * patch mean + (1 - alpha) * cls")
     # temperatures
@@ -52,7 +60,7 @@ def get_args_parser():
     p.add_argument("--teacher_temp", default=0.07, type=float)
     p.add_argument("--warmup_teacher_temp_epochs", default=30, type=int)
     # optimisation
-    p.add_argument("--use_fp16", default=False, type=utils_bool, help="fp16 autocast + GradScaler instead of bf16")
+    p.add_argument("--use_fp16", default=False, type=str2bool, help="fp16 autocast + GradScaler instead of bf16")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="auto: bf16 on CUDA (fp16 with --use_fp16), fp32 on CPU")
     p.add_argument("--weight_decay", default=0.04, type=float)
@@ -74,22 +82,15 @@ def get_args_parser():
     p.add_argument("--local_window", default=2, type=int, help="SRS window on the local grid")
     # misc
     p.add_argument("--data_path", default=None, help="ImageFolder root; default: embedded sample images")
+    p.add_argument("--embedded_images", default=512, type=int, help="dataset length without --data_path")
     p.add_argument("--output_dir", default=".")
     p.add_argument("--saveckp_freq", default=20, type=int)
     p.add_argument("--seed", default=0, type=int)
     p.add_argument("--num_workers", default=10, type=int)
-    p.add_argument("--final_eval", default=False, type=utils_bool,
+    p.add_argument("--final_eval", default=False, type=str2bool,
                    help="after training: k-NN (cls, cls+) vs a random network, attention PNGs")
     p.add_argument("--knn_data_path", default=None, help="labelled ImageFolder for the final k-NN; default digits")
     return p
-
-
-def utils_bool(value: str) -> bool:
-    if value.lower() in ("1", "true", "yes", "on"):
-        return True
-    if value.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean, got {value!r}")
 
 
 def parse_args(argv=None):
@@ -131,7 +132,7 @@ def train_udi(args, stop_after_epoch=None):
     # ============ data: multi-crop views and their boxes ... ============
     augmentation = MultiCropAugmentation(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
                                          args.global_crop_size, args.local_crop_size)
-    dataset = pretraining_dataset(args.data_path, augmentation, args.seed)
+    dataset = pretraining_dataset(args.data_path, augmentation, args.seed, args.embedded_images)
     sampler = ShardedBatchSampler(len(dataset), args.batch_size_per_gpu, rank, world_size, args.seed)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
                                          collate_fn=collate_multicrop, pin_memory=device.type == "cuda")
@@ -220,7 +221,11 @@ def train_one_epoch(student, teacher, udi_loss, loader, optimizer, scaler, sched
         for k, v in record.items():
             totals[k] = totals.get(k, 0.0) + v
         progress.set_postfix(loss=f"{record['loss']:.4f}")
-    return {k: v / len(loader) for k, v in totals.items()}
+    means = torch.tensor(list(totals.values()), dtype=torch.float64) / len(loader)
+    if world_size > 1:
+        dist.all_reduce(means)
+        means /= world_size
+    return dict(zip(totals, means.tolist()))
 
 
 @torch.no_grad()
