@@ -213,12 +213,14 @@ def test_knn_classify_separable():
 # ---- runs ----------------------------------------------------------------------------------------------
 
 def test_short_run_loss_finite_and_decreasing(tmp_path):
-    args = tiny_args(tmp_path, "--epochs", "6", "--embedded_images", "16", "--lr", "0.01")
+    # constant teacher temperature and a fast teacher: the loss falls within a few epochs
+    args = tiny_args(tmp_path, "--epochs", "6", "--embedded_images", "16", "--lr", "0.05", "--momentum_teacher",
+                     "0.9", "--warmup_teacher_temp", "0.04", "--teacher_temp", "0.04")
     train_udi(args)
     log = read_log(tmp_path)
     losses = [r["train_loss"] for r in log]
     assert len(log) == 6 and all(np.isfinite(losses))
-    assert losses[-1] < losses[0], losses
+    assert np.mean(losses[-3:]) < 0.8 * losses[0], losses
     checkpoint = torch.load(tmp_path / "checkpoint.pth", weights_only=False)
     assert {"student", "teacher", "optimizer", "epoch", "args", "udi_loss", "scaler"} <= set(checkpoint)
     assert checkpoint["epoch"] == 6 and torch.isfinite(checkpoint["udi_loss"]["center"]).all()
