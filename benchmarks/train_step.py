@@ -66,6 +66,18 @@ def make_batch(cfg, B, device):
     return global_crops.to(device), local_crops.to(device), boxes.to(device)
 
 
+def loss_backward_update(loss, outputs, targets, optimizer, timer):
+    """Loss forward (fp32 inside), backward, AdamW step + center update; a timer mark after each phase."""
+    value, _ = loss(outputs, targets, 0)
+    timer.mark()
+    optimizer.zero_grad(set_to_none=True)
+    value.backward()
+    timer.mark()
+    optimizer.step()
+    loss.update_center(targets)
+    timer.mark()
+
+
 def package_step(cfg, student, teacher, loss, optimizer, batch, timer, dtype):
     global_crops, local_crops, boxes = batch
     pairs = sample_pairs(boxes, cfg, 1234, 0, 1)
@@ -75,14 +87,7 @@ def package_step(cfg, student, teacher, loss, optimizer, batch, timer, dtype):
         timer.mark()
         outputs = student(global_crops, local_crops, *student_taps(pairs))
         timer.mark()
-        value, _ = loss(outputs, targets, 0)
-        timer.mark()
-    optimizer.zero_grad(set_to_none=True)
-    value.backward()
-    timer.mark()
-    optimizer.step()
-    loss.update_center(targets)
-    timer.mark()
+    loss_backward_update(loss, outputs, targets, optimizer, timer)
 
 
 def dense_srs(srs, x, dense):
@@ -131,14 +136,7 @@ def reference_structure_step(cfg, student, teacher, loss, optimizer, batch, time
         c, cp, p = rows.split([len(cls), len(cls), samples.shape[0] * samples.shape[1]])
         outputs = StudentOutput(c.unflatten(0, (-1, B)), cp.unflatten(0, (-1, B)), p.reshape(2, B, Sg, -1))
         timer.mark()
-        value, _ = loss(outputs, targets, 0)
-        timer.mark()
-    optimizer.zero_grad(set_to_none=True)
-    value.backward()
-    timer.mark()
-    optimizer.step()
-    loss.update_center(targets)
-    timer.mark()
+    loss_backward_update(loss, outputs, targets, optimizer, timer)
 
 
 def blend_in_logits(cls, patch, mask_g, local, mask_l, alpha=0.5):

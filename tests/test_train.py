@@ -258,5 +258,11 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     one, two = (torch.load(d / "checkpoint.pth", weights_only=False) for d in (single, ddp))
     for key in ("student", "teacher", "udi_loss"):
         for name, value in one[key].items():
-            torch.testing.assert_close(two[key][name], value, rtol=1e-4, atol=1e-5, msg=f"{key}.{name}")
+            other = two[key][name]
+            if name.endswith("qkv.bias"):
+                # the key bias has an identically zero gradient (softmax shift invariance): AdamW turns the
+                # rounding noise of a different reduction order into lr-sized steps, so it is left out
+                C = value.shape[0] // 3
+                value, other = torch.cat([value[:C], value[2 * C:]]), torch.cat([other[:C], other[2 * C:]])
+            torch.testing.assert_close(other, value, rtol=1e-4, atol=1e-5, msg=f"{key}.{name}")
     assert read_log(single)[0]["train_loss"] == pytest.approx(read_log(ddp)[0]["train_loss"], rel=1e-5)
