@@ -224,7 +224,8 @@ def main():
     with open(os.path.join(args.out, "train_step.json"), "w") as f:
         json.dump(record, f, indent=1)
     plot(rows, os.path.join(args.out, "train_step.png"))
-    print(f"device {record['device']}  L={record['L']} K={record['K']} ({'GPU' if args.device.type == 'cuda' else 'CPU: GPU numbers need a GPU'})")
+    where = "GPU" if args.device.type == "cuda" else "CPU: GPU numbers need a GPU"
+    print(f"device {record['device']}  L={record['L']} K={record['K']} ({where})")
     print(f"{'provider':>20} {'B':>4} " + " ".join(f"{k:>11}" for k in PHASES + ("step", "peak_extra_mib")))
     for r in rows:
         print(f"{r['provider']:>20} {r['B']:>4} " + " ".join(f"{r.get(k, float('nan')):>11.2f}"
