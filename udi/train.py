@@ -25,8 +25,9 @@ PRESETS = {
     # A tiny ViT on scikit-image's sample images: minutes on 2 CPU cores.
     "demo": dict(arch="vit_tiny", embed_dim=96, depth=4, num_heads=3, patch_size=8, global_crop_size=64,
                  local_crop_size=32, local_crops_number=4, global_window=2, local_window=2, out_dim=1024,
-                 head_hidden_dim=512, batch_size_per_gpu=32, epochs=10, warmup_epochs=2, warmup_teacher_temp=0.04,
-                 teacher_temp=0.04, warmup_teacher_temp_epochs=0, lr=0.005, momentum_teacher=0.99, drop_path_rate=0.0,
+                 head_hidden_dim=512, batch_size_per_gpu=32, epochs=10, warmup_epochs=2,
+                 warmup_teacher_temp=0.04, teacher_temp=0.04, warmup_teacher_temp_epochs=0, lr=0.005,
+                 momentum_teacher=0.99, drop_path_rate=0.0,
                  num_workers=0, saveckp_freq=0, output_dir="udi_demo_output", final_eval=True),
 }
 
