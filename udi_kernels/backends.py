@@ -6,6 +6,7 @@
 - auto:      the fastest available one (each op states its order)
 Asking for an unavailable backend raises; nothing falls back silently.
 """
+import functools
 import importlib.util
 import os
 
@@ -21,6 +22,11 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@functools.cache
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def why_unavailable(backend: str, op: str, device: torch.device):
     """None when `backend` can run `op` on `device`, else the reason it cannot."""
     if backend == "reference":
@@ -32,7 +38,7 @@ def why_unavailable(backend: str, op: str, device: torch.device):
             return f"this build of udi_kernels has no {device.type.upper()} kernel for {op}"
         return None
     if backend == "triton":
-        if importlib.util.find_spec("triton") is None:
+        if not triton_installed():
             return "triton is not installed"
         if device.type == "cpu" and not triton_interpreted():
             return "Triton runs CPU tensors only under TRITON_INTERPRET=1 (set before importing udi_kernels)"
@@ -46,8 +52,9 @@ def default_auto_order(device: torch.device):
     return ("native", "triton", "reference") if device.type == "cuda" else ("native", "reference")
 
 
+@torch.compiler.assume_constant_result
 def resolve(op: str, device: torch.device, backend=None, auto_order=None) -> str:
-    """The backend that runs `op` for tensors on `device`."""
+    """The backend that runs `op` for tensors on `device` (a constant to torch.compile)."""
     requested = backend or os.environ.get(ENV_VAR) or "auto"
     if requested not in BACKENDS:
         source = "backend" if backend else ENV_VAR

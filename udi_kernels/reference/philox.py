@@ -15,7 +15,9 @@ def _mul_wide(constant: int, x: torch.Tensor):
 
 def philox4x32(seed: int, c0, c1, c2, c3):
     """Four uint32 words (as int64 tensors) per counter; the counters broadcast together."""
-    c0, c1, c2, c3 = torch.broadcast_tensors(*(torch.as_tensor(c, dtype=torch.int64) for c in (c0, c1, c2, c3)))
+    device = next((c.device for c in (c0, c1, c2, c3) if isinstance(c, torch.Tensor)), None)
+    counters = (torch.as_tensor(c, dtype=torch.int64, device=device) for c in (c0, c1, c2, c3))
+    c0, c1, c2, c3 = torch.broadcast_tensors(*counters)
     c0, c1, c2, c3 = (c & _MASK32 for c in (c0, c1, c2, c3))
     k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
     for _ in range(10):

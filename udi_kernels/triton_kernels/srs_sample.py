@@ -13,12 +13,12 @@ import triton.language as tl
 
 
 @triton.jit
-def _pattern_cells(sample, image, grid, window, seed, offset, STREAM: tl.constexpr):
+def _pattern_cells(sample, image, grid, window, seed, offset, stream):
     n = grid // window
     spare = grid - n * window
     zero = sample * 0
-    x0, x1, _, _ = tl.philox(seed, sample, zero + image, zero + STREAM, zero + offset)
-    _, _, first2, first3 = tl.philox(seed, zero, zero + image, zero + STREAM, zero + offset)
+    x0, x1, _, _ = tl.philox(seed, sample, zero + image, zero + stream, zero + offset)
+    _, _, first2, first3 = tl.philox(seed, zero, zero + image, zero + stream, zero + offset)
     w = (zero + window).to(tl.uint32)
     row = (first2 & 1).to(tl.int32) * spare + (sample // n) * window + (x0 % w).to(tl.int32)
     col = (first3 & 1).to(tl.int32) * spare + (sample % n) * window + (x1 % w).to(tl.int32)
@@ -42,17 +42,33 @@ def _axis(cell, src_ptr, tgt_ptr, grid, target_grid):
 
 
 @triton.jit
-def _srs_pairs_kernel(boxes_ptr, src_ptr, tgt_ptr, weight_ptr, count_ptr, num_crops, grid, window, target_grid,
-                      seed, offset, LOCAL: tl.constexpr, BLOCK: tl.constexpr):
+def _store_pair(src_ptr, tgt_ptr, weight_ptr, count_ptr, slot, dest, in_range, is_valid, src_index, taps, kept,
+                num_samples):
+    out = slot * num_samples + dest
+    tl.store(src_ptr + out, tl.where(is_valid, src_index, 0), mask=in_range)
+    for t in tl.static_range(4):
+        tl.store(tgt_ptr + out * 4 + t, tl.where(is_valid, taps[t][0], 0), mask=in_range)
+        tl.store(weight_ptr + out * 4 + t, tl.where(is_valid, taps[t][1], 0.0), mask=in_range)
+    tl.store(count_ptr + slot, kept)
+
+
+@triton.jit
+def _srs_pairs_kernel(boxes_ptr, g_src, g_tgt, g_weight, g_count, l_src, l_tgt, l_weight, l_count, num_crops,
+                      global_grid, global_window, local_grid, local_window, target_grid, seed, offset,
+                      BLOCK: tl.constexpr):
     image = tl.program_id(0)
-    pair = tl.program_id(1)  # globals: 0 = g0->g1, 1 = g1->g0; locals: 2l = l->g1, 2l+1 = l->g0
-    src_crop = 2 + pair // 2 if LOCAL else pair
+    pair = tl.program_id(1)  # 0 = g0->g1, 1 = g1->g0, then 2 + 2l = l->g1, 3 + 2l = l->g0
+    is_local = pair >= 2
+    local_pair = pair - 2
+    src_crop = tl.where(is_local, 2 + local_pair // 2, pair)
     tgt_crop = 1 - pair % 2
+    grid = tl.where(is_local, local_grid, global_grid)
+    window = tl.where(is_local, local_window, global_window)
     n = grid // window
     num_samples = n * n
     sample = tl.arange(0, BLOCK)
     in_range = sample < num_samples
-    row, col = _pattern_cells(sample, image, grid, window, seed, offset, LOCAL)
+    row, col = _pattern_cells(sample, image, grid, window, seed, offset, is_local.to(tl.int32))
 
     image_boxes = boxes_ptr + image.to(tl.int64) * num_crops * 4
     inside_i, first_i, ri = _axis(row, image_boxes + src_crop * 4, image_boxes + tgt_crop * 4, grid, target_grid)
@@ -64,28 +80,20 @@ def _srs_pairs_kernel(boxes_ptr, src_ptr, tgt_ptr, weight_ptr, count_ptr, num_cr
     dest = tl.where(valid == 1, tl.cumsum(valid, 0) - 1, kept + tl.cumsum(padding, 0) - 1)
     is_valid = valid == 1
 
-    slot = image.to(tl.int64) * (2 * (num_crops - 2) if LOCAL else 2) + pair
-    out = slot * num_samples + dest
-    tl.store(src_ptr + out, tl.where(is_valid, row * grid + col, 0), mask=in_range)
     qi = 1.0 - ri
     qj = 1.0 - rj
     top_left = first_i * target_grid + first_j
     taps = ((top_left, qi * qj), (top_left + 1, qi * rj), (top_left + target_grid, ri * qj),
             (top_left + target_grid + 1, ri * rj))
-    for t in tl.static_range(4):
-        tl.store(tgt_ptr + out * 4 + t, tl.where(is_valid, taps[t][0], 0), mask=in_range)
-        tl.store(weight_ptr + out * 4 + t, tl.where(is_valid, taps[t][1], 0.0), mask=in_range)
-    tl.store(count_ptr + slot, kept)
-
-
-def _launch(boxes, outputs, grid, window, target_grid, seed, offset, local):
-    B, num_crops = boxes.shape[:2]
-    pairs = 2 * (num_crops - 2) if local else 2
-    if B == 0 or pairs == 0:
-        return
-    num_samples = (grid // window) ** 2
-    _srs_pairs_kernel[(B, pairs)](boxes, *outputs, num_crops, grid, window, target_grid, seed, offset, LOCAL=local,
-                                  BLOCK=triton.next_power_of_2(num_samples), enable_fp_fusion=False)
+    src_index = row * grid + col
+    if is_local:
+        slot = image.to(tl.int64) * (2 * (num_crops - 2)) + local_pair
+        _store_pair(l_src, l_tgt, l_weight, l_count, slot, dest, in_range, is_valid, src_index, taps, kept,
+                    num_samples)
+    else:
+        slot = image.to(tl.int64) * 2 + pair
+        _store_pair(g_src, g_tgt, g_weight, g_count, slot, dest, in_range, is_valid, src_index, taps, kept,
+                    num_samples)
 
 
 def _empty_pairs(boxes, lead, num_samples):
@@ -97,8 +105,11 @@ def _empty_pairs(boxes, lead, num_samples):
 def stratified_sample(boxes, global_grid, global_window, local_grid, local_window, target_grid, seed, offset):
     """Same contract as udi_kernels.stratified_sample (arguments already checked); returns 8 tensors."""
     B, L = boxes.shape[0], boxes.shape[1] - 2
-    globals_ = _empty_pairs(boxes, (B, 2), (global_grid // global_window) ** 2)
-    locals_ = _empty_pairs(boxes, (B, L, 2), (local_grid // local_window) ** 2)
-    _launch(boxes, globals_, global_grid, global_window, target_grid, seed, offset, local=False)
-    _launch(boxes, locals_, local_grid, local_window, target_grid, seed, offset, local=True)
+    Sg, Sl = (global_grid // global_window) ** 2, (local_grid // local_window) ** 2
+    globals_ = _empty_pairs(boxes, (B, 2), Sg)
+    locals_ = _empty_pairs(boxes, (B, L, 2), Sl)
+    if B > 0:
+        _srs_pairs_kernel[(B, 2 + 2 * L)](boxes, *globals_, *locals_, 2 + L, global_grid, global_window, local_grid,
+                                          local_window, target_grid, seed, offset,
+                                          BLOCK=triton.next_power_of_2(max(Sg, Sl)), enable_fp_fusion=False)
     return (*globals_, *locals_)

@@ -1,0 +1,261 @@
+// udi_kernels::distill_ce_forward / distill_ce_backward: schemas, argument checks and the CPU kernels.
+// CPU kernels accumulate in double; one parallel task per row (forward, backward) or per K range (center sums).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "distill_ce_op.h"
+
+namespace udi::distill {
+
+namespace {
+
+void check_vector(const at::Tensor& t, const char* name, at::ScalarType type, int64_t length, const at::Device& device) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == length, name, " must have shape [", length, "], got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == type, name, " must be ", type, ", got ", t.scalar_type());
+  TORCH_CHECK(t.device() == device, name, " must be on ", device, " like student, got ", t.device());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+void check_logits(const at::Tensor& t, const char* name, const at::Device& device) {
+  TORCH_CHECK(t.dim() == 2, name, " must have shape [rows, K], got ", t.sizes());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), name, " must be floating, got ", t.scalar_type());
+  TORCH_CHECK(t.device() == device, name, " must be on ", device, " like student, got ", t.device());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+}  // namespace
+
+void check_forward_args(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& centers,
+                        const at::Tensor& center_id, const at::Tensor& student_ptr, const at::Tensor& pair_teacher,
+                        const at::Tensor& pair_weight, const at::Tensor& center_ptr, const at::Tensor& center_rows,
+                        const at::Tensor& row_weight, double tau_s, double tau_t) {
+  const at::Device device = student.device();
+  check_logits(student, "student", device);
+  check_logits(teacher, "teacher", device);
+  check_logits(centers, "centers", device);
+  const int64_t K = student.size(1), Rs = student.size(0), Rt = teacher.size(0), n_c = centers.size(0);
+  TORCH_CHECK(K > 0 && teacher.size(1) == K && centers.size(1) == K,
+              "student, teacher and centers must share a positive K, got ", student.sizes(), ", ", teacher.sizes(),
+              " and ", centers.sizes());
+  TORCH_CHECK(n_c > 0, "centers must have at least one row");
+  TORCH_CHECK(centers.scalar_type() == compute_type(teacher.scalar_type()), "centers must be ",
+              compute_type(teacher.scalar_type()), ", got ", centers.scalar_type());
+  const int64_t P = pair_teacher.numel();
+  check_vector(center_id, "center_id", at::kLong, Rt, device);
+  check_vector(student_ptr, "student_ptr", at::kLong, Rs + 1, device);
+  check_vector(pair_teacher, "pair_teacher", at::kLong, P, device);
+  check_vector(pair_weight, "pair_weight", compute_type(student.scalar_type()), P, device);
+  check_vector(center_ptr, "center_ptr", at::kLong, n_c + 1, device);
+  check_vector(center_rows, "center_rows", at::kLong, Rt, device);
+  check_vector(row_weight, "row_weight", compute_type(teacher.scalar_type()), Rt, device);
+  TORCH_CHECK(tau_s > 0 && tau_t > 0, "tau_s and tau_t must be positive, got ", tau_s, " and ", tau_t);
+}
+
+void check_backward_args(const at::Tensor& grad_pair_loss, const at::Tensor& student, const at::Tensor& teacher,
+                         const at::Tensor& student_ptr, const at::Tensor& pair_teacher,
+                         const at::Tensor& student_lse, const at::Tensor& teacher_lse) {
+  const at::Device device = student.device();
+  const at::ScalarType out = compute_type(student.scalar_type());
+  check_vector(grad_pair_loss, "grad_pair_loss", out, pair_teacher.numel(), device);
+  check_vector(student_lse, "student_lse", out, student.size(0), device);
+  check_vector(teacher_lse, "teacher_lse", compute_type(teacher.scalar_type()), teacher.size(0), device);
+}
+
+namespace {
+
+constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+
+// Everything a CPU kernel reads, as raw pointers; the logits keep their dtypes.
+template <typename student_t, typename teacher_t>
+struct Rows : PairArgs<double> {
+  const student_t* student;
+  const teacher_t* teacher;
+
+  double scaled_student(int64_t row, int64_t k) const { return static_cast<double>(student[row * K + k]) * inv_tau_s; }
+  double centered(int64_t row, int64_t k) const {
+    return (static_cast<double>(teacher[row * K + k]) - centers[center_id[row] * K + k]) * inv_tau_t;
+  }
+};
+
+template <typename F>
+double log_sum_exp(int64_t K, F value) {
+  double max = kNegInf;
+  for (int64_t k = 0; k < K; ++k) max = std::max(max, value(k));
+  double sum = 0;
+  for (int64_t k = 0; k < K; ++k) sum += std::exp(value(k) - max);
+  return max + std::log(sum);
+}
+
+at::Tensor as_double(const at::Tensor& t) { return t.to(at::kDouble).contiguous(); }
+
+template <typename student_t, typename teacher_t>
+void forward_rows(const Rows<student_t, teacher_t>& rows, int64_t Rs, int64_t Rt, double* pair_loss,
+                  double* student_lse, double* teacher_lse) {
+  at::parallel_for(0, Rt, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      teacher_lse[r] = log_sum_exp(rows.K, [&](int64_t k) { return rows.centered(r, k); });
+  });
+  at::parallel_for(0, Rs, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const double lse = log_sum_exp(rows.K, [&](int64_t k) { return rows.scaled_student(r, k); });
+      student_lse[r] = lse;
+      for (int64_t slot = rows.student_ptr[r]; slot < rows.student_ptr[r + 1]; ++slot) {
+        const double weight = rows.pair_weight[slot];
+        double ce = 0;
+        if (weight != 0) {
+          const int64_t t_row = rows.pair_teacher[slot];
+          for (int64_t k = 0; k < rows.K; ++k)
+            ce += std::exp(rows.centered(t_row, k) - teacher_lse[t_row]) * (lse - rows.scaled_student(r, k));
+        }
+        pair_loss[slot] = weight * ce;
+      }
+    }
+  });
+}
+
+template <typename teacher_t>
+void center_sums(const teacher_t* teacher, const int64_t* center_ptr, const int64_t* center_rows,
+                 const double* row_weight, int64_t n_c, int64_t K, double* center_sum, double* center_count) {
+  for (int64_t c = 0; c < n_c; ++c) {
+    double count = 0;
+    for (int64_t slot = center_ptr[c]; slot < center_ptr[c + 1]; ++slot) count += row_weight[center_rows[slot]];
+    center_count[c] = count;
+  }
+  at::parallel_for(0, K, 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t c = 0; c < n_c; ++c) {
+      double* out = center_sum + c * K;
+      for (int64_t k = begin; k < end; ++k) out[k] = 0;
+      for (int64_t slot = center_ptr[c]; slot < center_ptr[c + 1]; ++slot) {
+        const int64_t row = center_rows[slot];
+        const double weight = row_weight[row];
+        if (weight == 0) continue;
+        for (int64_t k = begin; k < end; ++k) out[k] += weight * static_cast<double>(teacher[row * K + k]);
+      }
+    }
+  });
+}
+
+template <typename student_t, typename teacher_t>
+Rows<student_t, teacher_t> make_rows(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& centers,
+                                     const at::Tensor& center_id, const at::Tensor& student_ptr,
+                                     const at::Tensor& pair_teacher, const at::Tensor& pair_weight, double tau_s,
+                                     double tau_t) {
+  const PairArgs<double> pairs{centers.data_ptr<double>(),       center_id.data_ptr<int64_t>(),
+                               student_ptr.data_ptr<int64_t>(), pair_teacher.data_ptr<int64_t>(),
+                               pair_weight.data_ptr<double>(),  student.size(1),
+                               1.0 / tau_s,                     1.0 / tau_t};
+  return Rows<student_t, teacher_t>{pairs, student.data_ptr<student_t>(), teacher.data_ptr<teacher_t>()};
+}
+
+#define UDI_DISPATCH_LOGITS(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
+
+// Calls body(rows) with the Rows of the student's and the teacher's dtypes.
+template <typename Body>
+void with_rows(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& centers64,
+               const at::Tensor& center_id, const at::Tensor& student_ptr, const at::Tensor& pair_teacher,
+               const at::Tensor& pair_weight64, double tau_s, double tau_t, const Body& body) {
+  UDI_DISPATCH_LOGITS(student.scalar_type(), "distill_ce_cpu", [&] {
+    using student_t = scalar_t;
+    UDI_DISPATCH_LOGITS(teacher.scalar_type(), "distill_ce_cpu", [&] {
+      body(make_rows<student_t, scalar_t>(student, teacher, centers64, center_id, student_ptr, pair_teacher,
+                                          pair_weight64, tau_s, tau_t));
+    });
+  });
+}
+
+ForwardTensors forward_cpu(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& centers,
+                           const at::Tensor& center_id, const at::Tensor& student_ptr, const at::Tensor& pair_teacher,
+                           const at::Tensor& pair_weight, const at::Tensor& center_ptr, const at::Tensor& center_rows,
+                           const at::Tensor& row_weight, double tau_s, double tau_t) {
+  TORCH_CHECK(student.device().is_cpu(), "student must be a CPU tensor for the CPU kernel");
+  check_forward_args(student, teacher, centers, center_id, student_ptr, pair_teacher, pair_weight, center_ptr,
+                     center_rows, row_weight, tau_s, tau_t);
+  const int64_t Rs = student.size(0), Rt = teacher.size(0), K = student.size(1), n_c = centers.size(0);
+  const auto doubles = student.options().dtype(at::kDouble);
+  at::Tensor pair_loss = at::empty({pair_teacher.numel()}, doubles), student_lse = at::empty({Rs}, doubles);
+  at::Tensor teacher_lse = at::empty({Rt}, doubles), center_sum = at::empty({n_c, K}, doubles);
+  at::Tensor center_count = at::empty({n_c}, doubles);
+  const at::Tensor centers64 = as_double(centers), pair_weight64 = as_double(pair_weight);
+  const at::Tensor row_weight64 = as_double(row_weight);
+  with_rows(student, teacher, centers64, center_id, student_ptr, pair_teacher, pair_weight64, tau_s, tau_t,
+            [&](const auto& rows) {
+              forward_rows(rows, Rs, Rt, pair_loss.data_ptr<double>(), student_lse.data_ptr<double>(),
+                           teacher_lse.data_ptr<double>());
+              center_sums(rows.teacher, center_ptr.data_ptr<int64_t>(), center_rows.data_ptr<int64_t>(),
+                          row_weight64.data_ptr<double>(), n_c, K, center_sum.data_ptr<double>(),
+                          center_count.data_ptr<double>());
+            });
+  const at::ScalarType out = compute_type(student.scalar_type()), stats = compute_type(teacher.scalar_type());
+  return {pair_loss.to(out), center_sum.to(stats), center_count.to(stats), student_lse.to(out),
+          teacher_lse.to(stats)};
+}
+
+template <typename student_t, typename teacher_t>
+void backward_rows(const Rows<student_t, teacher_t>& rows, int64_t Rs, const double* grad_pair_loss,
+                   const double* student_lse, const double* teacher_lse, student_t* grad_student) {
+  at::parallel_for(0, Rs, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> acc(rows.K);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t first = rows.student_ptr[r], last = rows.student_ptr[r + 1];
+      double total = 0;
+      for (int64_t slot = first; slot < last; ++slot)
+        if (rows.pair_weight[slot] != 0) total += rows.pair_weight[slot] * grad_pair_loss[slot];
+      for (int64_t k = 0; k < rows.K; ++k) acc[k] = total * std::exp(rows.scaled_student(r, k) - student_lse[r]);
+      for (int64_t slot = first; slot < last; ++slot) {
+        const double scale = rows.pair_weight[slot] * grad_pair_loss[slot];
+        if (scale == 0) continue;
+        const int64_t t_row = rows.pair_teacher[slot];
+        for (int64_t k = 0; k < rows.K; ++k) acc[k] -= scale * std::exp(rows.centered(t_row, k) - teacher_lse[t_row]);
+      }
+      for (int64_t k = 0; k < rows.K; ++k) grad_student[r * rows.K + k] = static_cast<student_t>(acc[k] * rows.inv_tau_s);
+    }
+  });
+}
+
+at::Tensor backward_cpu(const at::Tensor& grad_pair_loss, const at::Tensor& student, const at::Tensor& teacher,
+                        const at::Tensor& centers, const at::Tensor& center_id, const at::Tensor& student_ptr,
+                        const at::Tensor& pair_teacher, const at::Tensor& pair_weight, const at::Tensor& student_lse,
+                        const at::Tensor& teacher_lse, double tau_s, double tau_t) {
+  TORCH_CHECK(student.device().is_cpu(), "student must be a CPU tensor for the CPU kernel");
+  check_backward_args(grad_pair_loss, student, teacher, student_ptr, pair_teacher, student_lse, teacher_lse);
+  at::Tensor grad_student = at::empty_like(student);
+  const at::Tensor centers64 = as_double(centers), pair_weight64 = as_double(pair_weight);
+  const at::Tensor grad64 = as_double(grad_pair_loss), student_lse64 = as_double(student_lse);
+  const at::Tensor teacher_lse64 = as_double(teacher_lse);
+  with_rows(student, teacher, centers64, center_id, student_ptr, pair_teacher, pair_weight64, tau_s, tau_t,
+            [&](const auto& rows) {
+              using student_t = std::remove_cv_t<std::remove_pointer_t<decltype(rows.student)>>;
+              backward_rows(rows, student.size(0), grad64.data_ptr<double>(), student_lse64.data_ptr<double>(),
+                            teacher_lse64.data_ptr<double>(), grad_student.data_ptr<student_t>());
+            });
+  return grad_student;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(udi_kernels, m) {
+  m.def(
+      "distill_ce_forward(Tensor student, Tensor teacher, Tensor centers, Tensor center_id, Tensor student_ptr, "
+      "Tensor pair_teacher, Tensor pair_weight, Tensor center_ptr, Tensor center_rows, Tensor row_weight, "
+      "float tau_s, float tau_t) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "distill_ce_backward(Tensor grad_pair_loss, Tensor student, Tensor teacher, Tensor centers, Tensor center_id, "
+      "Tensor student_ptr, Tensor pair_teacher, Tensor pair_weight, Tensor student_lse, Tensor teacher_lse, "
+      "float tau_s, float tau_t) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(udi_kernels, CPU, m) {
+  m.impl("distill_ce_forward", &forward_cpu);
+  m.impl("distill_ce_backward", &backward_cpu);
+}
+
+}  // namespace udi::distill

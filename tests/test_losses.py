@@ -1,0 +1,347 @@
+"""DINOLoss, IBOTPatchLoss, UDILoss and the Sinkhorn-Knopp center vs independent float64 eager code from the spec.
+
+Inputs are float32; the eager implementations run in float64 on the same values. Tolerance: 1e-5 relative
+(fp32 kernels, τt ≥ 0.04 with logits ~ N(0, 1)), 1e-12 for the float64 reference backend.
+"""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from udi_kernels import backends
+from udi_kernels.losses import (DINOLoss, IBOTPatchLoss, UDILoss, UDIStudent, UDITeacher, cls_plus_targets,
+                                sinkhorn_knopp_center, teacher_temperature)
+
+BACKENDS = ["reference"]
+if backends.why_unavailable("native", "distill_ce_forward", torch.device("cpu")) is None:
+    BACKENDS.append("native")
+if backends.why_unavailable("triton", "distill_ce_forward", torch.device("cpu")) is None:
+    BACKENDS.append("triton")
+
+
+def H(teacher, student, center, tau_t, tau_s=0.1):
+    """CE(softmax((t − c)/τt), log_softmax(s/τs)) per row, float64."""
+    return torch.sum(-F.softmax((teacher - center) / tau_t, -1) * F.log_softmax(student / tau_s, -1), -1)
+
+
+def ema(center, mean, count):
+    return center if count == 0 else 0.9 * center + 0.1 * mean
+
+
+# ---- DINO ----------------------------------------------------------------------------------------------------------
+
+def dino_eager(student, teacher, center, ncrops, tau_t):
+    s, t = student.double().chunk(ncrops), teacher.double().chunk(2)
+    terms = [H(t[iq], s[v], center, tau_t).mean() for iq in range(2) for v in range(ncrops) if v != iq]
+    return sum(terms) / len(terms), ema(center, teacher.double().mean(0, keepdim=True), 1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dino_loss_matches_eager(backend):
+    K, ncrops, B = 301, 5, 3
+    loss_fn = DINOLoss(K, ncrops, 0.04, 0.07, 3, 10, backend=backend)
+    loss_fn.center.normal_()
+    for epoch in (0, 1, 5):
+        student = torch.randn(ncrops * B, K, requires_grad=True)
+        teacher = torch.randn(2 * B, K)
+        center = loss_fn.center.double().clone()
+        loss = loss_fn(student, teacher, epoch)
+        expected, new_center = dino_eager(student, teacher, center, ncrops, [0.04, 0.055, 0.07][min(epoch, 2)])
+        torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(loss_fn.center.double(), new_center, rtol=1e-5, atol=1e-6)
+        grad, = torch.autograd.grad(loss, student)
+        expected_grad, = torch.autograd.grad(expected, student)
+        torch.testing.assert_close(grad.double(), expected_grad.double(), rtol=1e-4, atol=1e-6)
+
+
+def test_teacher_temperature_schedule():
+    assert teacher_temperature(0, 0.04, 0.07, 30, 100) == pytest.approx(0.04)
+    assert teacher_temperature(29, 0.04, 0.07, 30, 100) == pytest.approx(0.07)
+    assert teacher_temperature(15, 0.04, 0.07, 31, 100) == pytest.approx(0.055)
+    assert teacher_temperature(500, 0.04, 0.07, 30, 100) == pytest.approx(0.07)
+
+
+# ---- iBOT ----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ibot_patch_loss_matches_eager(backend):
+    R, N, K = 4, 7, 129
+    loss_fn = IBOTPatchLoss(K, 0.04, 0.07, 2, 10, backend=backend)
+    loss_fn.center.normal_()
+    center = loss_fn.center.double().clone()
+    student, teacher = torch.randn(R, N, K, requires_grad=True), torch.randn(R, N, K)
+    mask = torch.rand(R, N) < 0.5
+    mask[1] = False  # an image with no masked patch adds 0
+    loss = loss_fn(student, teacher, mask, epoch=1)
+    per_image = (H(teacher.double(), student.double(), center, 0.07) * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    torch.testing.assert_close(loss.double(), per_image.mean(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss_fn.center.double(), ema(center, teacher.double().mean((0, 1))[None], 1),
+                               rtol=1e-5, atol=1e-6)
+
+
+# ---- Sinkhorn-Knopp -----------------------------------------------------------------------------------------------
+
+def sinkhorn_eager(teacher, tau, iterations):
+    """DINOv2's algorithm, float64, exp form."""
+    Q = torch.exp(teacher.double() / tau).t()
+    K, B = Q.shape
+    Q /= Q.sum()
+    for _ in range(iterations):
+        Q /= Q.sum(dim=1, keepdim=True)
+        Q /= K
+        Q /= Q.sum(dim=0, keepdim=True)
+        Q /= B
+    return (Q * B).t()
+
+
+def test_sinkhorn_center_reproduces_dinov2_targets():
+    teacher = torch.randn(13, 97) * 0.5
+    center = sinkhorn_knopp_center(teacher, 0.1, iterations=3)
+    probs = torch.softmax((teacher.double() - center.double()) / 0.1, -1)
+    torch.testing.assert_close(probs, sinkhorn_eager(teacher, 0.1, 3), rtol=1e-4, atol=1e-7)
+
+
+def test_sinkhorn_center_finite_at_extreme_logits():
+    teacher = torch.randn(8, 64) * 1e3
+    assert torch.isfinite(sinkhorn_knopp_center(teacher, 0.04)).all()
+
+
+def test_dino_loss_with_sinkhorn_centering():
+    K, B = 64, 3
+    loss_fn = DINOLoss(K, 3, 0.04, 0.04, 1, 10, centering="sinkhorn_knopp")
+    student, teacher = torch.randn(3 * B, K), torch.randn(2 * B, K) * 0.1
+    q = sinkhorn_eager(teacher, 0.04, 3).chunk(2)
+    s = F.log_softmax(student.double() / 0.1, -1).chunk(3)
+    terms = [-(q[iq] * s[v]).sum(-1).mean() for iq in range(2) for v in range(3) if v != iq]
+    torch.testing.assert_close(loss_fn(student, teacher, 0).double(), sum(terms) / 4, rtol=1e-4, atol=1e-6)
+    assert not loss_fn.center.any()
+
+
+# ---- UDI -----------------------------------------------------------------------------------------------------------
+
+def make_udi(B, L, K, Sg, Sl, seed=0, all_masked_patches=False):
+    g = torch.Generator().manual_seed(seed)
+    randn = lambda *shape: torch.randn(*shape, generator=g)
+    student = UDIStudent(randn((2 + L) * B, K).requires_grad_(), randn((2 + L) * B, K).requires_grad_(),
+                         randn(2 * B, Sg, K).requires_grad_())
+    patch_mask = torch.rand(2 * B, Sg, generator=g) < 0.6
+    if all_masked_patches:
+        patch_mask[:] = False
+    local_mask = torch.rand(2 * L * B, Sl, generator=g) < 0.6
+    local_mask[:1] = False  # a local pair without valid samples
+    teacher = UDITeacher(randn(2 * B, K), randn(2 * B, Sg, K), patch_mask, randn(2 * L * B, Sl, K), local_mask)
+    return student, teacher
+
+
+def udi_eager(student: UDIStudent, teacher: UDITeacher, centers, B, L, tau_t, alpha=0.5):
+    """UDI_SPEC §5 written the reference's way: views as separate tensors, loops over crop pairs."""
+    c_cls, c_plus, c_patch = (c.double() for c in centers)
+    K = teacher.cls.shape[-1]
+    s_cls = student.cls.double().reshape(2 + L, B, K)
+    s_plus = student.cls_plus.double().reshape(2 + L, B, K)
+    s_patch = student.patch.double().reshape(2, B, -1, K)
+    t_cls = teacher.cls.double().reshape(2, B, K)
+    t_patch, m_patch = teacher.patch.double().reshape(2, B, -1, K), teacher.patch_mask.reshape(2, B, -1).double()
+    Sl = teacher.local.shape[1]
+    t_local = teacher.local.double().reshape(L, 2, B, Sl, K)
+    m_local = teacher.local_mask.reshape(L, 2, B, Sl).double()
+
+    def blend(samples, mask, cls):
+        return alpha * (mask[..., None] * samples).sum(-2) / (mask.sum(-1)[..., None] + 1e-5) + (1 - alpha) * cls
+
+    def levels(student_rows, target_of, center):
+        global_loss = sum(H(target_of(v, None), student_rows[v], center, tau_t).mean() for v in range(2)) / 2
+        if L == 0:
+            return global_loss
+        local_loss = sum(H(target_of(l, g), student_rows[2 + l], center, tau_t).mean()
+                         for l in range(L) for g in range(2)) / (2 * L)
+        return (2 * global_loss + 2 * L * local_loss) / (2 + 2 * L)
+
+    loss_cls = levels(s_cls, lambda c, g: t_cls[1 - c] if g is None else t_cls[g], c_cls)
+    plus_global = [blend(t_patch[v], m_patch[v], t_cls[1 - v]) for v in range(2)]
+    plus_local = [[blend(t_local[l, g], m_local[l, g], t_cls[g]) for g in range(2)] for l in range(L)]
+    loss_plus = levels(s_plus, lambda c, g: plus_global[c] if g is None else plus_local[c][g], c_plus)
+    ce_patch = H(t_patch, s_patch, c_patch, tau_t)
+    loss_patch = (ce_patch * m_patch).sum() / m_patch.sum().clamp(min=1)
+
+    plus_rows = torch.cat([torch.cat(plus_global)] + [torch.cat(pair) for pair in plus_local])
+    patch_sum = (t_patch * m_patch[..., None]).sum((0, 1, 2)) + (t_local * m_local[..., None]).sum((0, 1, 2, 3))
+    patch_count = m_patch.sum() + m_local.sum()
+    new_centers = (ema(c_cls, t_cls.mean((0, 1))[None], 1), ema(c_plus, plus_rows.mean(0)[None], 1),
+                   ema(c_patch, patch_sum[None] / max(patch_count.item(), 1), patch_count.item()))
+    parts = {"cls": loss_cls, "cls_plus": loss_plus, "patch": loss_patch}
+    return (loss_cls + loss_plus + loss_patch) / 3, parts, new_centers
+
+
+def _centers(loss_fn):
+    return [loss_fn.center_cls.center, loss_fn.center_cls_plus.center, loss_fn.center_patch.center]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("L,all_masked", [(3, False), (0, False), (2, True)], ids=["L3", "L0", "all_masked"])
+def test_udi_loss_matches_eager(backend, L, all_masked):
+    B, K, Sg, Sl = 3, 211, 5, 4
+    loss_fn = UDILoss(K, 2 + L, backend=backend)
+    for center in _centers(loss_fn):
+        center.normal_()
+    before = [c.clone() for c in _centers(loss_fn)]
+    student, teacher = make_udi(B, L, K, Sg, Sl, all_masked_patches=all_masked)
+    if L == 0:
+        teacher = teacher._replace(local=None, local_mask=None)
+        teacher_eager = teacher._replace(local=torch.zeros(0, Sl, K), local_mask=torch.zeros(0, Sl, dtype=torch.bool))
+    else:
+        teacher_eager = teacher
+    loss, parts = loss_fn(student, teacher, epoch=3)
+    expected, expected_parts, new_centers = udi_eager(student, teacher_eager, before, B, L,
+                                                      teacher_temperature(3, 0.04, 0.07, 30, 100))
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+    for name in parts:
+        torch.testing.assert_close(parts[name].double(), expected_parts[name].detach(), rtol=1e-5, atol=1e-6)
+    for center, expected_center in zip(_centers(loss_fn), new_centers):
+        torch.testing.assert_close(center.double(), expected_center, rtol=1e-5, atol=1e-6)
+    grads = torch.autograd.grad(loss, list(student))
+    expected_grads = torch.autograd.grad(expected, list(student))
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad.double(), expected_grad.double(), rtol=1e-4, atol=1e-6)
+    if all_masked:
+        assert parts["patch"] == 0
+
+
+def test_udi_targets_input_gives_the_same_loss():
+    """The bottleneck-friendly UDITargets input path equals the sample-logit path."""
+    B, L, K = 2, 2, 97
+    student, teacher = make_udi(B, L, K, 4, 4)
+    first, second = UDILoss(K, 2 + L), UDILoss(K, 2 + L)
+    loss_a, _ = first(student, teacher, 0)
+    loss_b, _ = second(student, cls_plus_targets(teacher), 0)
+    torch.testing.assert_close(loss_a, loss_b)
+    for a, b in zip(_centers(first), _centers(second)):
+        torch.testing.assert_close(a, b)
+
+
+def test_udi_probability_mixture_option():
+    B, L, K = 2, 1, 61
+    student, teacher = make_udi(B, L, K, 3, 3)
+    loss_fn = UDILoss(K, 2 + L, cls_plus_target="probabilities")
+    loss_fn.center_cls_plus.center.normal_()
+    center = loss_fn.center_cls_plus.center.double().clone()
+    tau_t = 0.04
+    _, parts = loss_fn(student, teacher, 0)
+    sm = lambda x: F.softmax((x.double() - center) / tau_t, -1)
+
+    def mix(samples, mask, cls):
+        p = 0.5 * (mask[:, :, None] * sm(samples)).sum(1) / (mask.sum(1, keepdim=True) + 1e-5) + 0.5 * sm(cls)
+        return p / p.sum(-1, keepdim=True)
+
+    t_cls = teacher.cls.reshape(2, B, K)
+    glob = mix(teacher.patch, teacher.patch_mask.double(), torch.cat([t_cls[1], t_cls[0]]))
+    loc = mix(teacher.local, teacher.local_mask.double(), teacher.cls)
+    logq = F.log_softmax(student.cls_plus.double() / 0.1, -1)
+    ce_global = -(glob * logq[:2 * B]).sum(-1).mean()
+    ce_local = -(loc * logq[2 * B:].repeat(2, 1)).sum(-1).mean()
+    expected = (2 * ce_global + 2 * L * ce_local) / (2 + 2 * L)
+    torch.testing.assert_close(parts["cls_plus"].double(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_zero_count_leaves_center_unchanged():
+    B, K = 2, 33
+    student, teacher = make_udi(B, 1, K, 3, 3, all_masked_patches=True)
+    teacher = teacher._replace(local_mask=torch.zeros_like(teacher.local_mask))
+    loss_fn = UDILoss(K, 3)
+    loss_fn.center_patch.center.normal_()
+    before = loss_fn.center_patch.center.clone()
+    loss_fn(student, teacher, 0)
+    assert torch.equal(loss_fn.center_patch.center, before)
+
+
+def test_udi_bad_shapes_are_named():
+    student, teacher = make_udi(2, 1, 33, 3, 3)
+    with pytest.raises(ValueError, match="student cls must have shape"):
+        UDILoss(33, 4)(student, teacher, 0)
+
+
+# ---- 2-process gloo ------------------------------------------------------------------------------------------------
+
+def _halves(tensor, crops, rank):
+    """Rank `rank`'s half of every crop's B rows (crop-major rows)."""
+    chunks = tensor.reshape(crops, -1, *tensor.shape[1:]).chunk(2, dim=1)[rank]
+    return chunks.reshape(-1, *tensor.shape[1:]).contiguous()
+
+
+def _run_losses(rank, world, B, L, K, parts_out):
+    torch.manual_seed(0)
+    dino_student, dino_teacher = torch.randn((2 + L) * B, K), torch.randn(2 * B, K)
+    student, teacher = make_udi(B, L, K, 4, 3, seed=1)
+    if world == 2:
+        dino_student, dino_teacher = _halves(dino_student, 2 + L, rank), _halves(dino_teacher, 2, rank)
+        student = UDIStudent(_halves(student.cls, 2 + L, rank), _halves(student.cls_plus, 2 + L, rank),
+                             _halves(student.patch, 2, rank))
+        teacher = UDITeacher(_halves(teacher.cls, 2, rank), _halves(teacher.patch, 2, rank),
+                             _halves(teacher.patch_mask, 2, rank), _halves(teacher.local, 2 * L, rank),
+                             _halves(teacher.local_mask, 2 * L, rank))
+    dino = DINOLoss(K, 2 + L, 0.04, 0.07, 2, 10)
+    udi = UDILoss(K, 2 + L)
+    dino_loss = dino(dino_student, dino_teacher, 1)
+    udi_loss, parts = udi(student, teacher, 1)
+    sk = sinkhorn_knopp_center(dino_teacher, 0.05)
+    n_valid = teacher.patch_mask.sum().item()
+    parts_out.update(dino=dino_loss.detach(), udi=udi_loss.detach(), n_valid=n_valid,
+                     sk=sk, centers=[dino.center.clone()] + [c.clone() for c in _centers(udi)],
+                     **{k: v.detach() for k, v in parts.items()})
+
+
+def _gloo_worker(rank, init_file, out_dir, B, L, K):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        result = {}
+        _run_losses(rank, 2, B, L, K, result)
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_match_one_rank(tmp_path):
+    import torch.multiprocessing as mp
+    B, L, K = 4, 2, 67
+    mp.spawn(_gloo_worker, args=(str(tmp_path / "init"), str(tmp_path), B, L, K), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    single = {}
+    _run_losses(0, 1, B, L, K, single)
+    tol = dict(rtol=1e-5, atol=1e-6)
+    for key in ("dino", "cls", "cls_plus"):  # per-rank means over equal halves
+        torch.testing.assert_close((ranks[0][key] + ranks[1][key]) / 2, single[key], **tol)
+    n = [r["n_valid"] for r in ranks]  # L_patch is a mean over this rank's valid samples
+    torch.testing.assert_close((n[0] * ranks[0]["patch"] + n[1] * ranks[1]["patch"]) / sum(n), single["patch"], **tol)
+    for rank in ranks:
+        for center, expected in zip(rank["centers"], single["centers"]):
+            torch.testing.assert_close(center, expected, **tol)
+        torch.testing.assert_close(torch.softmax(-rank["sk"] / 0.05, -1), torch.softmax(-single["sk"] / 0.05, -1),
+                                   rtol=1e-4, atol=1e-7)
+
+
+# ---- compat --------------------------------------------------------------------------------------------------------
+
+def test_compat_udi_loss_matches_the_core_loss():
+    from udi_kernels import compat
+    B, L, K, Sg = 2, 2, 53, 4
+    student, teacher = make_udi(B, L, K, Sg, 3)
+    core = UDILoss(K, 2 + L, 0.04, 0.07, 30, 100)
+    swap = compat.UDILoss(K, 2 + L, 0.04, 0.07, 30, 100)
+    swap.centering.center.normal_()
+    for row, center in enumerate(_centers(core)):
+        center.copy_(swap.centering.center[row:row + 1])
+    local = teacher.local.reshape(L, 2, B, 3, K)
+    local_mask = teacher.local_mask.reshape(L, 2, B, 3)
+    student_output = [student.cls, student.cls_plus, list(student.patch.chunk(2))]
+    teacher_output = [teacher.cls, list(teacher.patch.chunk(2)), list(teacher.patch_mask.chunk(2)),
+                      [[local[l, 1], local[l, 0]] for l in range(L)],
+                      [[local_mask[l, 1], local_mask[l, 0]] for l in range(L)]]
+    loss, parts = swap(student_output, teacher_output, 2)
+    expected, expected_parts = core(student, teacher, 2)
+    torch.testing.assert_close(loss, expected)
+    for name in parts:
+        torch.testing.assert_close(parts[name], expected_parts[name])
+    torch.testing.assert_close(swap.centering.center, torch.cat(_centers(core)))
+    assert set(swap.state_dict()) >= {"centering.center"}

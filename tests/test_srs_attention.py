@@ -1,0 +1,377 @@
+"""udi_kernels.srs_attention (UDI_SPEC §3): reference, native CPU/CUDA, Triton, modules and compat layer.
+
+CPU (CI, TRITON_INTERPRET=1): float64 reference vs an independent dense-map implementation; native CPU and
+Triton (interpreter, fp32) vs the reference; gradcheck; opcheck; torch.compile; bad inputs.
+GPU (marker gpu): CUDA and Triton vs the reference in fp32/bf16/fp16, forward and backward.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from udi_kernels import srs_attention
+from udi_kernels.backends import why_unavailable
+from udi_kernels.compat import MaskedAttention
+from udi_kernels.nn import SRSAttention
+from udi_kernels.reference import srs_attention as reference
+
+# (B, H, N, D, S, T): N not a power of 2, S = 1, T = 1 and 4, H = 1, D = 32/64/128, B = 1.
+CPU_SHAPES = [(2, 3, 36, 32, 9, 1), (1, 1, 23, 64, 1, 4), (2, 2, 50, 128, 17, 4), (1, 2, 196, 64, 5, 4)]
+INTERPRETER_SHAPES = [(2, 2, 36, 32, 9, 1), (1, 1, 23, 64, 1, 4), (1, 2, 40, 128, 17, 4)]
+GPU_SHAPES = [(3, 6, 196, 64, 16, 1), (5, 6, 36, 64, 9, 1), (2, 6, 196, 64, 106, 4), (1, 1, 23, 32, 1, 4),
+              (2, 2, 50, 128, 17, 4), (2, 3, 100, 48, 33, 4)]
+
+
+def needs(backend, device="cpu"):
+    reason = why_unavailable(backend, "srs_attention", torch.device(device))
+    return pytest.mark.skipif(reason is not None, reason=str(reason))
+
+
+gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+def make_case(B, H, N, D, S, T, dtype=torch.float64, device="cpu", seed=0, rows=None):
+    """Random q, k, v, taps with repeated taps, one all-zero (padding) row and weights summing to 1 elsewhere."""
+    g = torch.Generator().manual_seed(seed)
+    rows = N if rows is None else rows
+    q = torch.randn(B, H, rows, D, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(B, H, N, D, generator=g, dtype=torch.float64) for _ in range(2))
+    index = torch.randint(0, rows, (B, S, T), generator=g, dtype=torch.int32)
+    weight = torch.rand(B, S, T, generator=g, dtype=torch.float64) + 0.1
+    weight = weight / weight.sum(-1, keepdim=True)
+    if T > 1:
+        index[:, 0, 1] = index[:, 0, 0]  # a repeated tap
+    if S > 1:
+        weight[:, -1] = 0  # a padding row
+    return ([t.to(device=device, dtype=dtype) for t in (q, k, v)], index.to(device),
+            weight.to(device=device, dtype=torch.float32 if dtype != torch.float64 else dtype))
+
+
+def dense_map_attention(q, k, v, index, weight, scale=None):
+    """Independent of the reference: one dense [S, Nq] map per crop, explicit max-subtracted softmax."""
+    dense = (F.one_hot(index.long(), q.shape[2]).to(q.dtype) * weight[..., None].to(q.dtype)).sum(2)
+    q_s = torch.einsum("bsn,bhnd->bhsd", dense, q)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    logits = torch.einsum("bhsd,bhnd->bhsn", q_s, k) * scale
+    p = torch.exp(logits - logits.amax(-1, keepdim=True))
+    return torch.einsum("bhsn,bhnd->bhsd", p / p.sum(-1, keepdim=True), v)
+
+
+def relative_error(actual, expected):
+    return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max().clamp_min(1e-30)).item()
+
+
+def forward_backward(fn, q, k, v, grad_out):
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v)
+    return (out, *torch.autograd.grad(out, (q, k, v), grad_out))
+
+
+def reference_forward_backward(q, k, v, index, weight, grad_out, scale=None):
+    """float64 reference outputs and gradients for inputs of any dtype."""
+    return forward_backward(lambda *qkv: reference.srs_attention(*qkv, index, weight.double(), scale),
+                            *(t.double() for t in (q, k, v)), grad_out.double())
+
+
+def check_backend(backend, shape, dtype, device, tolerance, rows=None):
+    (q, k, v), index, weight = make_case(*shape, dtype=dtype, device=device, rows=rows)
+    grad_out = torch.randn(*shape[:2], shape[4], shape[3], dtype=dtype, device=device)
+    expected = reference_forward_backward(q, k, v, index, weight, grad_out)
+    actual = forward_backward(lambda *qkv: srs_attention(*qkv, index, weight, backend=backend), q, k, v, grad_out)
+    for name, a, e in zip(("out", "dq", "dk", "dv"), actual, expected):
+        assert a.dtype == dtype and a.shape == e.shape, name
+        assert torch.isfinite(a).all(), name
+        assert relative_error(a, e) <= tolerance, (name, relative_error(a, e))
+
+
+# ---- the reference -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", CPU_SHAPES)
+def test_reference_matches_dense_maps(shape):
+    (q, k, v), index, weight = make_case(*shape, seed=1)
+    torch.testing.assert_close(reference.srs_attention(q, k, v, index, weight), dense_map_attention(q, k, v, index, weight),
+                               rtol=1e-12, atol=1e-12)  # float64, two summation orders
+
+
+def test_reference_defaults_and_int64_index():
+    (q, k, v), index, _ = make_case(2, 2, 30, 16, 7, 2, seed=2)
+    ones = torch.ones(index.shape, dtype=torch.float64)
+    torch.testing.assert_close(reference.srs_attention(q, k, v, index.long()),
+                               dense_map_attention(q, k, v, index, ones), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(reference.srs_attention(q, k, v, index, ones, scale=0.3),
+                               dense_map_attention(q, k, v, index, ones, scale=0.3), rtol=1e-12, atol=1e-12)
+
+
+def test_padding_rows_attend_uniformly():
+    (q, k, v), index, weight = make_case(2, 3, 36, 32, 4, 4, seed=3)
+    weight[:, 1:] = 0
+    out = srs_attention(q * 1e4, k * 1e4, v, index, weight, backend="reference")
+    torch.testing.assert_close(out[:, :, 1:], v.mean(2, keepdim=True).expand(-1, -1, 3, -1))
+    assert torch.isfinite(out).all()
+
+
+def test_reference_gradcheck():
+    (q, k, v), index, weight = make_case(2, 2, 11, 8, 5, 4, seed=4)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    assert torch.autograd.gradcheck(lambda *qkv: reference.srs_attention(*qkv, index, weight), (q, k, v))
+
+
+# ---- native CPU kernel ---------------------------------------------------------------------------
+
+@needs("native")
+@pytest.mark.parametrize("shape", CPU_SHAPES)
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
+def test_native_cpu_matches_reference(shape, dtype, tolerance):
+    check_backend("native", shape, dtype, "cpu", tolerance)
+
+
+@needs("native")
+def test_native_cpu_low_precision():
+    check_backend("native", (2, 2, 36, 32, 9, 4), torch.bfloat16, "cpu", 2e-2)  # bf16 in/out, fp32 math
+
+
+@needs("native")
+def test_native_cpu_query_rows_differ_from_keys():
+    check_backend("native", (2, 2, 36, 32, 9, 4), torch.float64, "cpu", 1e-12, rows=13)
+
+
+@needs("native")
+def test_native_gradcheck():
+    (q, k, v), index, weight = make_case(1, 2, 13, 8, 6, 4, seed=5)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    assert torch.autograd.gradcheck(lambda *qkv: srs_attention(*qkv, index, weight, backend="native"), (q, k, v))
+
+
+@needs("native")
+def test_double_backward_is_refused():
+    (q, k, v), index, weight = make_case(1, 1, 10, 8, 3, 2, dtype=torch.float32)
+    q.requires_grad_()
+    grad_q, = torch.autograd.grad(srs_attention(q, k, v, index, weight, backend="native").sum(), q, create_graph=True)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        grad_q.sum().backward()
+
+
+@needs("native")
+def test_native_opcheck():
+    (q, k, v), index, weight = make_case(2, 2, 23, 16, 5, 4, dtype=torch.float32)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    torch.library.opcheck(torch.ops.udi_kernels.srs_attention, (q, k, v, index, weight, 0.25))
+    out, lse = torch.ops.udi_kernels.srs_attention(q, k, v, index, weight, 0.25)
+    torch.library.opcheck(torch.ops.udi_kernels.srs_attention_backward,
+                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), index, weight, out.detach(),
+                           lse.detach(), 0.25))
+
+
+# ---- Triton (interpreter on the CPU) -------------------------------------------------------------
+
+@needs("triton")
+@pytest.mark.parametrize("shape", INTERPRETER_SHAPES)
+def test_triton_matches_reference(shape):
+    check_backend("triton", shape, torch.float32, "cpu", 2e-6)  # fp32 with ieee dots
+
+
+@needs("triton")
+def test_triton_query_rows_differ_from_keys():
+    check_backend("triton", (1, 2, 36, 32, 9, 4), torch.float32, "cpu", 2e-6, rows=70)
+
+
+@needs("triton")
+def test_triton_opcheck():
+    from udi_kernels.ops.srs_attention import _triton_backward, _triton_forward
+    (q, k, v), index, weight = make_case(1, 1, 20, 16, 3, 2, dtype=torch.float32)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    torch.library.opcheck(_triton_forward, (q, k, v, index, weight, 0.25),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    out, lse = _triton_forward(q, k, v, index, weight, 0.25)
+    torch.library.opcheck(_triton_backward, (torch.randn_like(out), q.detach(), k.detach(), v.detach(), index,
+                                             weight, out.detach(), lse.detach(), 0.25),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+# ---- torch.compile -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_compile_fullgraph(backend):
+    if why_unavailable(backend, "srs_attention", torch.device("cpu")) is not None:
+        pytest.skip(f"{backend} unavailable")
+    (q, k, v), index, weight = make_case(2, 2, 23, 16, 5, 4, dtype=torch.float32, seed=6)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    compiled = torch.compile(lambda *args: srs_attention(*args, backend=backend), fullgraph=True, backend="aot_eager")
+    out = compiled(q, k, v, index, weight)
+    out.square().sum().backward()
+    expected = reference_forward_backward(q.detach(), k.detach(), v.detach(), index, weight, 2 * out.detach())
+    torch.testing.assert_close(out.double(), expected[0], rtol=1e-5, atol=1e-5)
+    for grad, e in zip((q.grad, k.grad, v.grad), expected[1:]):
+        torch.testing.assert_close(grad.double(), e, rtol=1e-4, atol=1e-5)
+
+
+# ---- bad inputs ----------------------------------------------------------------------------------
+
+def _bad(**changes):
+    (q, k, v), index, weight = make_case(2, 2, 10, 8, 3, 4, dtype=torch.float32)
+    args = dict(q=q, k=k, v=v, index=index, weight=weight)
+    args.update({name: change(args) for name, change in changes.items()})
+    return args
+
+
+BAD_INPUTS = [
+    (dict(q=lambda a: a["q"][0]), ValueError, "q must have shape"),
+    (dict(k=lambda a: a["k"][:, :, :5]), ValueError, "v must have the shape of k"),
+    (dict(q=lambda a: a["q"][:, :1]), ValueError, "q must have shape"),
+    (dict(v=lambda a: a["v"].double()), TypeError, "v must have the dtype of q"),
+    (dict(q=lambda a: a["q"].int()), TypeError, "q must be float16"),
+    (dict(index=lambda a: a["index"].float()), TypeError, "index must be int32 or int64"),
+    (dict(index=lambda a: a["index"][:1]), ValueError, "index must have shape"),
+    (dict(weight=lambda a: a["weight"][:, :2]), ValueError, "weight must have the shape of index"),
+    (dict(weight=lambda a: a["weight"].int()), TypeError, "weight must be a floating tensor"),
+    (dict(index=lambda a: a["index"] + 10), ValueError, "index must lie in"),
+    (dict(index=lambda a: a["index"] - 10), ValueError, "index must lie in"),
+    (dict(weight=lambda a: a["weight"].index_fill(1, torch.tensor([1]), float("nan"))), ValueError, "finite"),
+    (dict(k=lambda a: a["k"].to("meta")), ValueError, "k must be on the device of q"),
+]
+
+
+@pytest.mark.parametrize("changes,error,message", BAD_INPUTS)
+def test_bad_inputs_raise(changes, error, message):
+    with pytest.raises(error, match=message):
+        srs_attention(**_bad(**changes), backend="reference")
+
+
+@needs("native")
+def test_native_kernel_rejects_bad_index_itself():
+    (q, k, v), index, weight = make_case(1, 1, 10, 8, 3, 1, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="index must lie in"):
+        torch.ops.udi_kernels.srs_attention(q, k, v, index + 10, weight, 1.0)
+    with pytest.raises(RuntimeError, match="weight must be Float"):
+        torch.ops.udi_kernels.srs_attention(q, k, v, index, weight.double(), 1.0)
+
+
+def test_triton_rejects_float64():
+    if why_unavailable("triton", "srs_attention", torch.device("cpu")) is not None:
+        pytest.skip("triton unavailable")
+    (q, k, v), index, weight = make_case(1, 1, 10, 8, 3, 1)
+    with pytest.raises(TypeError, match="Triton backend supports"):
+        srs_attention(q, k, v, index, weight, backend="triton")
+
+
+# ---- modules ---------------------------------------------------------------------------------------
+
+def dense_head_path(module_attn, h, dense):
+    """The reference's way: full q, k, v for every token, dense [S, N] maps, skip = map @ h."""
+    B, N, C = h.shape
+    heads = module_attn.num_heads
+    q, k, v = module_attn.qkv(h).reshape(B, N, 3, heads, C // heads).permute(2, 0, 3, 1, 4)
+    q_s = torch.einsum("bsn,bhnd->bhsd", dense, q)
+    p = torch.softmax(q_s @ k.transpose(-1, -2) * (C // heads) ** -0.5, dim=-1)
+    o = (p @ v).transpose(1, 2).reshape(B, -1, C)
+    return module_attn.norm(module_attn.proj(o) + dense @ h)
+
+
+def _randomize(module):
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)  # LayerNorm and biases non-trivial too
+    return module
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+@pytest.mark.parametrize("T", [1, 4])
+def test_srs_attention_module_matches_dense_head_path(backend, T):
+    if why_unavailable(backend, "srs_attention", torch.device("cpu")) is not None:
+        pytest.skip(f"{backend} unavailable")
+    B, N, C, S = 2, 36, 48, 7
+    module = _randomize(SRSAttention(C, num_heads=3, backend=backend)).double()
+    _, index, weight = make_case(B, 1, N, 8, S, T, seed=7)
+    x = torch.randn(B, N, C, dtype=torch.float64, requires_grad=True)
+    dense = (F.one_hot(index.long(), N).double() * weight[..., None]).sum(2)
+    out = module(x, index, weight)
+    expected = dense_head_path(module.attn, module.norm1(x), dense)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    grads = torch.autograd.grad(out.square().sum(), [x, *module.parameters()])
+    expected_grads = torch.autograd.grad(expected.square().sum(), [x, *module.parameters()])
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-10)
+
+
+def test_srs_attention_module_parameter_names_and_stratified_taps():
+    from udi_kernels import one_hot_taps, stratified_sample
+    module = SRSAttention(48, num_heads=3)
+    assert {name.rsplit(".", 1)[0] for name, _ in module.named_parameters()} == {
+        "norm1", "attn.qkv", "attn.proj", "attn.norm"}
+    boxes = torch.tensor([[[0.0, 0.0, 0.8, 0.9], [0.2, 0.9, 1.0, 0.1], [0.1, 0.1, 0.4, 0.3]]])
+    pairs = stratified_sample(boxes, seed=3, backend="reference")
+    src_index, src_weight = one_hot_taps(pairs.globals.src_index[:, 0], pairs.globals.count[:, 0])
+    x = torch.randn(1, 196, 48)
+    student = module(x, src_index, src_weight)
+    teacher = module(x, pairs.globals.tgt_index[:, 0], pairs.globals.tgt_weight[:, 0])
+    assert student.shape == teacher.shape == (1, 16, 48)
+    assert torch.isfinite(student).all() and torch.isfinite(teacher).all()
+
+
+def test_masked_attention_matches_reference_way_and_loads_state_dict():
+    B, N, C, S, M = 2, 36, 48, 9, 3
+    source = _randomize(torch.nn.ModuleDict(dict(qkv=torch.nn.Linear(C, 3 * C), proj=torch.nn.Linear(C, C),
+                                                 norm=torch.nn.LayerNorm(C)))).double()
+    module = MaskedAttention(C, num_heads=6, backend="reference").double()
+    module.load_state_dict(source.state_dict())
+    _, index, weight = make_case(M * B, 1, N, 8, S, 4, seed=8)
+    dense = (F.one_hot(index.long(), N).double() * weight[..., None]).sum(2).reshape(M, B, S, N)
+    h = torch.randn(B, N, C, dtype=torch.float64)
+    out, attn = module(h, dense)
+    assert attn is None
+    for m in range(M):
+        torch.testing.assert_close(out[m], dense_head_path(module, h, dense[m]), rtol=1e-10, atol=1e-10)
+    _, probabilities = module(h, dense, return_attention=True)
+    assert probabilities.shape == (M, B, 6, S, N)
+    torch.testing.assert_close(probabilities.sum(-1), torch.ones(M, B, 6, S, dtype=torch.float64))
+
+
+def test_masked_attention_rejects_rows_with_more_than_four_taps():
+    module = MaskedAttention(12, num_heads=2)
+    dense = torch.zeros(1, 1, 2, 10)
+    dense[0, 0, 1, :5] = 0.2
+    with pytest.raises(ValueError, match="at most 4"):
+        module(torch.randn(1, 10, 12), dense)
+
+
+# ---- GPU -----------------------------------------------------------------------------------------
+# Tolerances: max |error| / max |reference| against the float64 reference on the same rounded inputs.
+GPU_TOLERANCES = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+def poison_cuda_allocator():
+    """Fill freed cached blocks with NaN so an output element a kernel never writes shows up."""
+    torch.empty(64 << 20, device="cuda").fill_(float("nan"))
+
+
+@pytest.mark.parametrize("backend", ["native", "triton"])
+@pytest.mark.parametrize("dtype", list(GPU_TOLERANCES))
+@pytest.mark.parametrize("shape", GPU_SHAPES)
+def test_gpu_matches_reference(backend, dtype, shape):
+    if why_unavailable(backend, "srs_attention", torch.device("cuda")) is not None:
+        pytest.skip(f"{backend} unavailable on CUDA")
+    poison_cuda_allocator()
+    check_backend(backend, shape, dtype, "cuda", GPU_TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("backend", ["native", "triton"])
+def test_gpu_query_rows_differ_from_keys(backend):
+    poison_cuda_allocator()
+    check_backend(backend, (2, 6, 196, 64, 20, 1), torch.float32, "cuda", GPU_TOLERANCES[torch.float32], rows=20)
+
+
+def test_gpu_module_backends_agree():
+    module = _randomize(SRSAttention(384, num_heads=6)).cuda()
+    pairs_index = torch.randint(0, 196, (4, 16, 4), device="cuda")
+    weight = torch.rand(4, 16, 4, device="cuda")
+    x = torch.randn(4, 196, 384, device="cuda")
+    outs = {}
+    for backend in ("reference", "native", "triton"):
+        module.attn.backend = backend
+        outs[backend] = module(x, pairs_index, weight)
+    for backend in ("native", "triton"):
+        torch.testing.assert_close(outs[backend], outs["reference"], rtol=1e-4, atol=1e-4)
+
+
+for _name in [n for n in list(globals()) if n.startswith("test_gpu")]:
+    for _mark in gpu:
+        globals()[_name] = _mark(globals()[_name])

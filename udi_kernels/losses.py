@@ -1,0 +1,420 @@
+"""DINO, iBOT-patch and UDI losses (UDI_SPEC §5), every one on the fused udi_kernels.distill_cross_entropy.
+
+Centers are exact global means: the per-center weighted sum and count of the teacher rows come out of the
+fused op and are all-reduced (when a torch.distributed process group exists) before the EMA step
+c ← m·c + (1 − m)·sum/count; a zero count leaves the center unchanged.
+"""
+from typing import NamedTuple, Optional, Union
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .ops.distill_ce import distill_cross_entropy
+
+
+# ---- shared pieces -------------------------------------------------------------------------------------------------
+
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def all_reduce_sum(tensor: Tensor) -> Tensor:
+    if distributed():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def teacher_temperature(epoch: int, warmup_teacher_temp: float, teacher_temp: float, warmup_teacher_temp_epochs: int,
+                        nepochs: int) -> float:
+    """DINO's schedule: linear warm-up over the first epochs (both ends included), then constant."""
+    if not 0 <= epoch:
+        raise ValueError(f"epoch must be >= 0, got {epoch}")
+    if epoch >= warmup_teacher_temp_epochs or epoch >= nepochs:
+        return float(teacher_temp)
+    if warmup_teacher_temp_epochs == 1:
+        return float(warmup_teacher_temp)
+    step = (teacher_temp - warmup_teacher_temp) / (warmup_teacher_temp_epochs - 1)
+    return float(warmup_teacher_temp + epoch * step)
+
+
+class EMACenter(nn.Module):
+    """A [1, K] center updated from (sum [1, K], count [1]) statistics; global over ranks."""
+
+    def __init__(self, out_dim: int, momentum: float):
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))
+
+    @torch.no_grad()
+    def update(self, center_sum: Tensor, center_count: Tensor):
+        stats = all_reduce_sum(torch.cat([center_sum.float(), center_count.float()[:, None]], dim=1))
+        total, count = stats[:, :-1], stats[:, -1:]
+        mean = total / count.clamp_min(torch.finfo(torch.float32).tiny)
+        updated = self.center * self.momentum + mean * (1 - self.momentum)
+        # a new tensor, not copy_: the loss's autograd graph saved the old center
+        self.center = torch.where(count > 0, updated, self.center)
+
+
+@torch.no_grad()
+def sinkhorn_knopp_center(teacher: Tensor, tau_t: float, iterations: int = 3) -> Tensor:
+    """DINOv2's Sinkhorn-Knopp targets as a center: softmax((t − c)/τt) equals its assignment Q.
+
+    Q = diag(β) exp(t/τt) diag(α) is rescaled so that prototypes have equal mass over the global batch
+    (all-reduced) and each row sums to 1; the row scaling cancels in the softmax, so c = −τt·log α.
+    Computed in log space (no overflow at small τt). teacher [R, K] -> center [1, K] float32.
+    """
+    u = teacher.float() / tau_t
+    log_b = u.new_zeros(u.shape[0], 1)
+    log_a = u.new_zeros(1, u.shape[1])
+    for _ in range(iterations):
+        log_a = -_global_logsumexp_over_rows(u + log_b)
+        log_b = -torch.logsumexp(u + log_a, dim=1, keepdim=True)
+    center = -tau_t * log_a
+    return center - center.mean()  # any constant shift gives the same softmax
+
+
+def _global_logsumexp_over_rows(x: Tensor) -> Tensor:
+    """logsumexp over dim 0 across every rank's rows, [1, K]."""
+    row_max = x.max(dim=0, keepdim=True).values
+    if distributed():
+        dist.all_reduce(row_max, op=dist.ReduceOp.MAX)
+    total = all_reduce_sum(torch.exp(x - row_max).sum(dim=0, keepdim=True))
+    return row_max + torch.log(total)
+
+
+def _cross_entropy(student: Tensor, teacher: Tensor, center: Tensor, pair_student: Tensor, pair_teacher: Tensor,
+                   pair_weight: Tensor, row_weight: Tensor, tau_s: float, tau_t: float, backend: Optional[str]):
+    """One center; returns the loss and the teacher rows' (sum [1, K], count [1])."""
+    center_id = torch.zeros(teacher.shape[0], dtype=torch.int64, device=teacher.device)
+    return distill_cross_entropy(student, teacher, center, center_id, pair_student, pair_teacher, pair_weight,
+                                 row_weight, tau_s, tau_t, backend=backend)
+
+
+class ScoredPairs(NamedTuple):
+    student: Tensor  # [P] int64
+    teacher: Tensor  # [P] int64
+    weight: Tensor   # [P] float32
+
+
+def _cat_pairs(groups) -> ScoredPairs:
+    return ScoredPairs(*(torch.cat([g[i] for g in groups]) for i in range(3)))
+
+
+def _crop_pairs(student_crop: int, teacher_crop: int, batch: int, weight: float, device) -> ScoredPairs:
+    """Row b of student crop `student_crop` against row b of teacher crop `teacher_crop` (crop-major rows)."""
+    b = torch.arange(batch, device=device)
+    return ScoredPairs(student_crop * batch + b, teacher_crop * batch + b,
+                       torch.full((batch,), weight, dtype=torch.float32, device=device))
+
+
+def level_weighted_pairs(student_rows_of_global, student_rows_of_local, teacher_rows_for, num_local: int,
+                         batch: int, device) -> ScoredPairs:
+    """UDI's level weighting (2·L_global + 2L·L_local)/(2 + 2L), each level a mean over its pairs.
+
+    Global student crop v (student crop index student_rows_of_global(v)) meets teacher crop teacher_rows_for(v, None);
+    local crop l meets teacher crops teacher_rows_for(l, g) for g in 0, 1.
+    """
+    levels = 2 + 2 * num_local
+    global_weight = 2 / levels / (2 * batch)
+    groups = [_crop_pairs(student_rows_of_global(v), teacher_rows_for(v, None), batch, global_weight, device)
+              for v in range(2)]
+    if num_local:
+        local_weight = 2 * num_local / levels / (2 * num_local * batch)
+        groups += [_crop_pairs(student_rows_of_local(l), teacher_rows_for(l, g), batch, local_weight, device)
+                   for l in range(num_local) for g in range(2)]
+    return _cat_pairs(groups)
+
+
+def _check_choice(value, name: str, choices):
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _check_ncrops(ncrops: int):
+    if ncrops < 2:
+        raise ValueError(f"ncrops must be >= 2 (two global crops), got {ncrops}")
+
+
+def _check_rows(tensor: Tensor, name: str, rows: int, out_dim: int):
+    if tensor.dim() != 2 or tensor.shape != (rows, out_dim):
+        raise ValueError(f"{name} must have shape [{rows}, {out_dim}], got {list(tensor.shape)}")
+
+
+# ---- DINO ----------------------------------------------------------------------------------------------------------
+
+class DINOLoss(nn.Module):
+    """DINO's [CLS] loss: teacher global view iq against every student view v ≠ iq, averaged over all terms.
+
+    forward(student_output [ncrops·B, K], teacher_output [2·B, K], epoch) -> loss; rows are crop-major
+    (crop 0 rows first), the 2 global crops first. The center (buffer `center` [1, K]) is updated after the
+    loss from the exact global mean of the teacher rows. centering='sinkhorn_knopp' uses DINOv2's
+    Sinkhorn-Knopp targets instead (and leaves `center` alone).
+    """
+
+    def __init__(self, out_dim: int, ncrops: int, warmup_teacher_temp: float, teacher_temp: float,
+                 warmup_teacher_temp_epochs: int, nepochs: int, student_temp: float = 0.1,
+                 center_momentum: float = 0.9, centering: str = "ema", sinkhorn_iterations: int = 3,
+                 backend: Optional[str] = None):
+        super().__init__()
+        _check_ncrops(ncrops)
+        _check_choice(centering, "centering", ("ema", "sinkhorn_knopp"))
+        self.out_dim, self.ncrops, self.student_temp = out_dim, ncrops, student_temp
+        self.schedule = (warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs)
+        self.centering, self.sinkhorn_iterations, self.backend = centering, sinkhorn_iterations, backend
+        self.centering_ema = EMACenter(out_dim, center_momentum)
+
+    @property
+    def center(self) -> Tensor:
+        return self.centering_ema.center
+
+    def teacher_temp(self, epoch: int) -> float:
+        return teacher_temperature(epoch, *self.schedule)
+
+    def pairs(self, batch: int, device) -> ScoredPairs:
+        terms = 2 * (self.ncrops - 1)
+        return _cat_pairs([_crop_pairs(v, iq, batch, 1.0 / (terms * batch), device)
+                           for iq in range(2) for v in range(self.ncrops) if v != iq])
+
+    def forward(self, student_output: Tensor, teacher_output: Tensor, epoch: int) -> Tensor:
+        batch = teacher_output.shape[0] // 2
+        _check_rows(teacher_output, "teacher_output", 2 * batch, self.out_dim)
+        _check_rows(student_output, "student_output", self.ncrops * batch, self.out_dim)
+        tau_t = self.teacher_temp(epoch)
+        center = self.center if self.centering == "ema" else sinkhorn_knopp_center(teacher_output, tau_t,
+                                                                                  self.sinkhorn_iterations)
+        pairs = self.pairs(batch, student_output.device)
+        out = _cross_entropy(student_output, teacher_output, center, *pairs,
+                             torch.ones(2 * batch, device=teacher_output.device), self.student_temp, tau_t,
+                             self.backend)
+        if self.centering == "ema":
+            self.centering_ema.update(out.center_sum, out.center_count)
+        return out.loss
+
+
+# ---- iBOT ----------------------------------------------------------------------------------------------------------
+
+class IBOTPatchLoss(nn.Module):
+    """iBOT's masked-patch loss: per image, Σ_masked CE / max(#masked, 1), averaged over the images.
+
+    forward(student_patch [R, N, K], teacher_patch [R, N, K], mask [R, N] bool, epoch) -> loss, with R the
+    images (all views stacked); student patch n of image r is scored against teacher patch n of image r
+    where mask is set. Own center (`center` [1, K], the global mean over all teacher patches) and temperature.
+    """
+
+    def __init__(self, patch_out_dim: int, warmup_teacher_temp2: float, teacher_temp2: float,
+                 warmup_teacher_temp_epochs: int, nepochs: int, student_temp: float = 0.1,
+                 center_momentum2: float = 0.9, backend: Optional[str] = None):
+        super().__init__()
+        self.out_dim, self.student_temp, self.backend = patch_out_dim, student_temp, backend
+        self.schedule = (warmup_teacher_temp2, teacher_temp2, warmup_teacher_temp_epochs, nepochs)
+        self.centering_ema = EMACenter(patch_out_dim, center_momentum2)
+
+    @property
+    def center(self) -> Tensor:
+        return self.centering_ema.center
+
+    def forward(self, student_patch: Tensor, teacher_patch: Tensor, mask: Tensor, epoch: int) -> Tensor:
+        if student_patch.dim() != 3 or student_patch.shape != teacher_patch.shape or \
+                student_patch.shape[-1] != self.out_dim:
+            raise ValueError(f"student_patch and teacher_patch must both have shape [R, N, {self.out_dim}], got "
+                             f"{list(student_patch.shape)} and {list(teacher_patch.shape)}")
+        if mask.shape != student_patch.shape[:2] or mask.dtype != torch.bool:
+            raise ValueError(f"mask must be bool of shape {list(student_patch.shape[:2])}, got {mask.dtype} "
+                             f"{list(mask.shape)}")
+        images, tokens = mask.shape
+        weight = mask.float() / mask.sum(1, keepdim=True).clamp_min(1) / max(images, 1)
+        rows = torch.arange(images * tokens, device=mask.device)
+        out = _cross_entropy(student_patch.reshape(images * tokens, -1), teacher_patch.reshape(images * tokens, -1),
+                             self.center, rows, rows, weight.reshape(-1), torch.ones_like(weight.reshape(-1)),
+                             self.student_temp, teacher_temperature(epoch, *self.schedule), self.backend)
+        self.centering_ema.update(out.center_sum, out.center_count)
+        return out.loss
+
+
+# ---- UDI -----------------------------------------------------------------------------------------------------------
+
+class UDIStudent(NamedTuple):
+    """The student's head outputs for one batch of B images with 2 global and L local crops.
+
+    cls      [(2 + L)·B, K]  crop-major (global 0, global 1, local 0 .. L-1), row c·B + b
+    cls_plus [(2 + L)·B, K]  the extra [CLS+] token, same order
+    patch    [2·B, Sg, K]    row v·B + b: global crop v's SRS samples (pair v → 1−v), valid samples first
+    """
+    cls: Tensor
+    cls_plus: Tensor
+    patch: Tensor
+
+
+class UDITeacher(NamedTuple):
+    """The teacher's logits (global crops only).
+
+    cls         [2·B, K]
+    patch       [2·B, Sg, K]  row v·B + b, sample s: the teacher's logits (on global crop 1−v) at the target of
+                              student sample (v, b, s)
+    patch_mask  [2·B, Sg] bool  valid samples
+    local       [2·L·B, Sl, K]  row (2l + g)·B + b, sample s: teacher logits on global crop g at local crop l's
+                                sample s (or None when L = 0)
+    local_mask  [2·L·B, Sl] bool
+    """
+    cls: Tensor
+    patch: Tensor
+    patch_mask: Tensor
+    local: Optional[Tensor] = None
+    local_mask: Optional[Tensor] = None
+
+
+class UDITargets(NamedTuple):
+    """What UDILoss needs from the teacher; can be formed in the 256-d bottleneck and projected (UDI_SPEC §6).
+
+    cls [2·B, K]; patch [2·B, Sg, K] and patch_mask [2·B, Sg] as in UDITeacher;
+    cls_plus [2·B + 2·L·B, K]: rows v·B + b target student global v, rows 2B + (2l + g)·B + b target local l
+      against teacher global g;
+    extra_patch_sum [K], extra_patch_count []: the sum and count of the valid local-sample teacher rows, which
+      join the patch center statistics.
+    """
+    cls: Tensor
+    patch: Tensor
+    patch_mask: Tensor
+    cls_plus: Tensor
+    extra_patch_sum: Tensor
+    extra_patch_count: Tensor
+
+
+def masked_mean(rows: Tensor, mask: Tensor, eps: float = 1e-5) -> Tensor:
+    """Σ_s m_s x_s / (Σ_s m_s + eps): rows [R, S, D], mask [R, S] -> [R, D] float32, no [R, S, D] temporary."""
+    weights = mask.to(rows.dtype)[:, None, :]
+    total = torch.bmm(weights, rows).squeeze(1).float()
+    return total / (mask.sum(1, keepdim=True).float() + eps)
+
+
+def cls_plus_targets(teacher: UDITeacher, alpha: float = 0.5) -> UDITargets:
+    """UDI's cls+ targets blended in logit space: T+ = α·masked mean of the sample logits + (1 − α)·T_cls."""
+    B = teacher.cls.shape[0] // 2
+    cls = teacher.cls.float()
+    other_global = torch.cat([cls[B:], cls[:B]])  # student global v is paired with teacher global 1 − v
+    targets = [alpha * masked_mean(teacher.patch, teacher.patch_mask) + (1 - alpha) * other_global]
+    K = cls.shape[1]
+    extra_sum, extra_count = cls.new_zeros(K), cls.new_zeros(())
+    if teacher.local is not None and teacher.local.shape[0]:
+        local_cls = cls.reshape(2, B, K).repeat(teacher.local.shape[0] // (2 * B), 1, 1).reshape(-1, K)
+        targets.append(alpha * masked_mean(teacher.local, teacher.local_mask) + (1 - alpha) * local_cls)
+        flat_mask = teacher.local_mask.reshape(1, -1).to(teacher.local.dtype)
+        extra_sum = torch.mm(flat_mask, teacher.local.reshape(-1, K)).float().squeeze(0)
+        extra_count = teacher.local_mask.sum().float()
+    return UDITargets(teacher.cls, teacher.patch, teacher.patch_mask, torch.cat(targets), extra_sum, extra_count)
+
+
+class UDILoss(nn.Module):
+    """UDI's loss (UDI_SPEC §5): (L_cls + L_cls+ + L_patch) / 3 with three EMA centers.
+
+    forward(student: UDIStudent, teacher: UDITeacher | UDITargets, epoch) -> (loss, parts), parts a dict of
+    the detached 'cls', 'cls_plus' and 'patch' losses. L_cls and L_cls+ use the level weighting
+    (2·L_global + 2L·L_local)/(2 + 2L); L_patch is Σ_valid CE / #valid samples on this rank (0 when none).
+    cls_plus_target: 'logits' (the reference: blend logits, α = 0.5) or 'probabilities' (the paper: the same
+    blend of the centered softmaxes; needs UDITeacher; the cls+ center still follows the logit blend).
+    """
+
+    def __init__(self, out_dim: int, ncrops: int, warmup_teacher_temp: float = 0.04, teacher_temp: float = 0.07,
+                 warmup_teacher_temp_epochs: int = 30, nepochs: int = 100, student_temp: float = 0.1,
+                 center_momentum: float = 0.9, alpha: float = 0.5, cls_plus_target: str = "logits",
+                 backend: Optional[str] = None):
+        super().__init__()
+        _check_ncrops(ncrops)
+        _check_choice(cls_plus_target, "cls_plus_target", ("logits", "probabilities"))
+        self.out_dim, self.num_local, self.student_temp = out_dim, ncrops - 2, student_temp
+        self.schedule = (warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs)
+        self.alpha, self.cls_plus_target, self.backend = alpha, cls_plus_target, backend
+        self.center_cls = EMACenter(out_dim, center_momentum)
+        self.center_cls_plus = EMACenter(out_dim, center_momentum)
+        self.center_patch = EMACenter(out_dim, center_momentum)
+
+    def teacher_temp(self, epoch: int) -> float:
+        return teacher_temperature(epoch, *self.schedule)
+
+    def cls_pairs(self, batch: int, device) -> ScoredPairs:
+        return level_weighted_pairs(lambda v: v, lambda l: 2 + l, lambda c, g: 1 - c if g is None else g,
+                                    self.num_local, batch, device)
+
+    def cls_plus_pairs(self, batch: int, device) -> ScoredPairs:
+        return level_weighted_pairs(lambda v: v, lambda l: 2 + l, lambda c, g: c if g is None else 2 + 2 * c + g,
+                                    self.num_local, batch, device)
+
+    def forward(self, student: UDIStudent, teacher: Union[UDITeacher, UDITargets], epoch: int):
+        tau_t = self.teacher_temp(epoch)
+        targets = teacher if isinstance(teacher, UDITargets) else cls_plus_targets(teacher, self.alpha)
+        B = targets.cls.shape[0] // 2
+        self._check(student, targets, B)
+        device = targets.cls.device
+        cls = self._loss(student.cls, targets.cls, self.center_cls, self.cls_pairs(B, device), None, tau_t)
+        plus_rows, plus_weight = self._cls_plus_rows(teacher, targets, tau_t)
+        cls_plus = self._loss(student.cls_plus, plus_rows, self.center_cls_plus, self.cls_plus_pairs(B, device),
+                              plus_weight, tau_t)
+        patch = self._patch_loss(student, targets, tau_t)
+        self._update_centers(cls, cls_plus, patch, targets, plus_stats_from_op=plus_weight is None)
+        parts = {"cls": cls.loss.detach(), "cls_plus": cls_plus.loss.detach(), "patch": patch.loss.detach()}
+        return (cls.loss + cls_plus.loss + patch.loss) / 3, parts
+
+    def _loss(self, student, teacher, center: EMACenter, pairs, row_weight, tau_t):
+        if row_weight is None:
+            row_weight = torch.ones(teacher.shape[0], device=teacher.device)
+        return _cross_entropy(student, teacher, center.center, *pairs, row_weight, self.student_temp, tau_t,
+                              self.backend)
+
+    def _cls_plus_rows(self, teacher, targets: UDITargets, tau_t):
+        """Teacher rows of the cls+ loss and their center weights (None: all 1)."""
+        if self.cls_plus_target == "logits":
+            return targets.cls_plus, None
+        if not isinstance(teacher, UDITeacher):
+            raise TypeError("cls_plus_target='probabilities' needs the teacher's sample logits (a UDITeacher)")
+        probs = self._probability_targets(teacher, tau_t)
+        # rows whose centered softmax is exactly `probs`; the center statistics come from the logit blend instead
+        rows = tau_t * torch.log(probs.clamp_min(torch.finfo(torch.float32).tiny)) + self.center_cls_plus.center
+        return rows, torch.zeros(rows.shape[0], device=rows.device)
+
+    def _probability_targets(self, teacher: UDITeacher, tau_t):
+        center = self.center_cls_plus.center
+        softmax = lambda x: torch.softmax((x.float() - center) / tau_t, dim=-1)
+        B = teacher.cls.shape[0] // 2
+        cls = softmax(teacher.cls)
+        mix = [self.alpha * masked_mean(softmax(teacher.patch), teacher.patch_mask)
+               + (1 - self.alpha) * torch.cat([cls[B:], cls[:B]])]
+        if teacher.local is not None and teacher.local.shape[0]:
+            local_cls = cls.reshape(2, B, -1).repeat(teacher.local.shape[0] // (2 * B), 1, 1).reshape(-1, cls.shape[1])
+            mix.append(self.alpha * masked_mean(softmax(teacher.local), teacher.local_mask)
+                       + (1 - self.alpha) * local_cls)
+        mix = torch.cat(mix)
+        return mix / mix.sum(-1, keepdim=True)
+
+    def _patch_loss(self, student: UDIStudent, targets: UDITargets, tau_t):
+        rows, samples, K = targets.patch.shape
+        mask = targets.patch_mask.reshape(-1)
+        weight = mask.float() / mask.sum().clamp_min(1).float()
+        index = torch.arange(rows * samples, device=mask.device)
+        return _cross_entropy(student.patch.reshape(-1, K), targets.patch.reshape(-1, K), self.center_patch.center,
+                              index, index, weight, mask.float(), self.student_temp, tau_t, self.backend)
+
+    def _update_centers(self, cls, cls_plus, patch, targets: UDITargets, plus_stats_from_op: bool):
+        with torch.no_grad():
+            self.center_cls.update(cls.center_sum, cls.center_count)
+            if plus_stats_from_op:
+                self.center_cls_plus.update(cls_plus.center_sum, cls_plus.center_count)
+            else:  # probability targets: the center still follows the logit blend
+                plus = targets.cls_plus.float()
+                self.center_cls_plus.update(plus.sum(0, keepdim=True), plus.new_full((1,), plus.shape[0]))
+            self.center_patch.update(patch.center_sum + targets.extra_patch_sum[None],
+                                     patch.center_count + targets.extra_patch_count.reshape(1))
+
+    def _check(self, student: UDIStudent, targets: UDITargets, B: int):
+        K, L = self.out_dim, self.num_local
+        _check_rows(targets.cls, "teacher cls", 2 * B, K)
+        _check_rows(student.cls, "student cls", (2 + L) * B, K)
+        _check_rows(student.cls_plus, "student cls_plus", (2 + L) * B, K)
+        _check_rows(targets.cls_plus, "teacher cls_plus targets", (2 + 2 * L) * B, K)
+        if targets.patch.dim() != 3 or targets.patch.shape[0] != 2 * B or targets.patch.shape[2] != K:
+            raise ValueError(f"teacher patch must have shape [{2 * B}, Sg, {K}], got {list(targets.patch.shape)}")
+        if student.patch.shape != targets.patch.shape:
+            raise ValueError(f"student patch {list(student.patch.shape)} must match teacher patch "
+                             f"{list(targets.patch.shape)}")
+        if targets.patch_mask.shape != targets.patch.shape[:2] or targets.patch_mask.dtype != torch.bool:
+            raise ValueError(f"patch_mask must be bool of shape {list(targets.patch.shape[:2])}")

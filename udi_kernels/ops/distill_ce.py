@@ -1,0 +1,242 @@
+"""udi_kernels.distill_cross_entropy: fused centered-teacher cross-entropy + center statistics (UDI_SPEC §5).
+
+The kernels (native and Triton) share one pair of ops on a student-row CSR of the pairs, built here:
+  distill_ce_forward(student [Rs, K], teacher [Rt, K], centers [n_c, K] f32, center_id [Rt] i64,
+                     student_ptr [Rs + 1] i64, pair_teacher [P] i64, pair_weight [P] f32,   (pairs sorted by student)
+                     center_ptr [n_c + 1] i64, center_rows [Rt] i64,                        (teacher rows by center)
+                     row_weight [Rt] f32, tau_s, tau_t)
+      -> pair_loss [P] f32, center_sum [n_c, K] f32, center_count [n_c] f32, student_lse [Rs] f32, teacher_lse [Rt] f32
+  distill_ce_backward(grad_pair_loss [P], student, teacher, centers, center_id, student_ptr, pair_teacher,
+                      pair_weight, student_lse, teacher_lse, tau_s, tau_t) -> grad_student [Rs, K] (student dtype)
+student_lse is logsumexp(s / τs), teacher_lse is logsumexp((t - c) / τt): O(rows) saved for the backward.
+"""
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from .. import backends
+from .._native import native_loaded
+from ..reference import distill_ce as reference
+
+OP = "distill_ce_forward"
+FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+KERNEL_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class DistillCE(NamedTuple):
+    """loss [] (float32; float64 for float64 inputs), center_sum [n_c, K], center_count [n_c]."""
+    loss: Tensor
+    center_sum: Tensor
+    center_count: Tensor
+
+
+class PairCSR(NamedTuple):
+    """The pairs grouped by student row, and the teacher rows grouped by center."""
+    order: Tensor          # [P]: pair index of each CSR slot
+    student_ptr: Tensor    # [Rs + 1]
+    pair_teacher: Tensor   # [P] in CSR order
+    pair_weight: Tensor    # [P] in CSR order
+    center_ptr: Tensor     # [n_c + 1]
+    center_rows: Tensor    # [Rt]
+
+
+def _segment_ptr(keys: Tensor, num_segments: int) -> Tensor:
+    counts = torch.zeros(num_segments, dtype=torch.int64, device=keys.device)
+    counts.index_add_(0, keys, torch.ones_like(keys))
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+
+
+def build_csr(pair_student, pair_teacher, pair_weight, center_id, num_students, num_centers, weight_dtype):
+    pair_student, center_id = pair_student.long(), center_id.long()
+    order = torch.argsort(pair_student, stable=True)
+    return PairCSR(order, _segment_ptr(pair_student, num_students), pair_teacher.long()[order].contiguous(),
+                   pair_weight.to(weight_dtype)[order].contiguous(), _segment_ptr(center_id, num_centers),
+                   torch.argsort(center_id, stable=True))
+
+
+# ---- fake impls, autograd --------------------------------------------------------------------------------------
+
+def _forward_fake(student, teacher, centers, center_id, student_ptr, pair_teacher, pair_weight, center_ptr,
+                  center_rows, row_weight, tau_s, tau_t):
+    out = reference.compute_dtype(student.dtype)
+    stats = reference.compute_dtype(teacher.dtype)
+    return (student.new_empty(pair_teacher.shape[0], dtype=out), teacher.new_empty(centers.shape, dtype=stats),
+            teacher.new_empty(centers.shape[0], dtype=stats), student.new_empty(student.shape[0], dtype=out),
+            teacher.new_empty(teacher.shape[0], dtype=stats))
+
+
+def _backward_fake(grad_pair_loss, student, teacher, centers, center_id, student_ptr, pair_teacher, pair_weight,
+                   student_lse, teacher_lse, tau_s, tau_t):
+    return torch.empty_like(student)
+
+
+def _setup_context(ctx, inputs, output):
+    student, teacher, centers, center_id, student_ptr, pair_teacher, pair_weight = inputs[:7]
+    ctx.taus = inputs[10], inputs[11]
+    ctx.save_for_backward(student, teacher, centers, center_id, student_ptr, pair_teacher, pair_weight,
+                          output[3], output[4])
+
+
+def _make_backward(backward_op):
+    def backward(ctx, grad_pair_loss, *unused_grads):
+        grad_student = None
+        if ctx.needs_input_grad[0]:
+            grad_student = backward_op(grad_pair_loss.contiguous(), *ctx.saved_tensors, *ctx.taus)
+        return (grad_student,) + (None,) * 11
+    return backward
+
+
+@torch.library.custom_op("udi_kernels::distill_ce_forward_triton", mutates_args=())
+def _triton_forward(student: Tensor, teacher: Tensor, centers: Tensor, center_id: Tensor, student_ptr: Tensor,
+                    pair_teacher: Tensor, pair_weight: Tensor, center_ptr: Tensor, center_rows: Tensor,
+                    row_weight: Tensor, tau_s: float, tau_t: float
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    from ..triton_kernels import distill_ce as kernels
+    return kernels.forward(student, teacher, centers, center_id, student_ptr, pair_teacher, pair_weight, center_ptr,
+                           center_rows, row_weight, tau_s, tau_t)
+
+
+@torch.library.custom_op("udi_kernels::distill_ce_backward_triton", mutates_args=())
+def _triton_backward(grad_pair_loss: Tensor, student: Tensor, teacher: Tensor, centers: Tensor, center_id: Tensor,
+                     student_ptr: Tensor, pair_teacher: Tensor, pair_weight: Tensor, student_lse: Tensor,
+                     teacher_lse: Tensor, tau_s: float, tau_t: float) -> Tensor:
+    from ..triton_kernels import distill_ce as kernels
+    return kernels.backward(grad_pair_loss, student, teacher, centers, center_id, student_ptr, pair_teacher,
+                            pair_weight, student_lse, teacher_lse, tau_s, tau_t)
+
+
+_triton_forward.register_fake(_forward_fake)
+_triton_backward.register_fake(_backward_fake)
+torch.library.register_autograd("udi_kernels::distill_ce_forward_triton", _make_backward(_triton_backward),
+                                setup_context=_setup_context)
+
+if native_loaded():
+    torch.library.register_fake("udi_kernels::distill_ce_forward")(_forward_fake)
+    torch.library.register_fake("udi_kernels::distill_ce_backward")(_backward_fake)
+    torch.library.register_autograd(
+        "udi_kernels::distill_ce_forward",
+        _make_backward(lambda *args: torch.ops.udi_kernels.distill_ce_backward(*args)), setup_context=_setup_context)
+
+_KERNEL_OPS = {
+    "native": lambda *args: torch.ops.udi_kernels.distill_ce_forward(*args),
+    "triton": lambda *args: _triton_forward(*args),
+}
+
+
+# ---- checks ----------------------------------------------------------------------------------------------------
+
+def _check_tensor(value, name, dims, dtypes, device=None):
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dim() != dims:
+        raise ValueError(f"{name} must have {dims} dimension(s), got shape {list(value.shape)}")
+    if value.dtype not in dtypes:
+        raise TypeError(f"{name} must have a dtype in {[str(d) for d in dtypes]}, got {value.dtype}")
+    if device is not None and value.device != device:
+        raise ValueError(f"{name} must be on {device} (like student), got {value.device}")
+
+
+def _check_length(value, name, length, what):
+    if value.shape[0] != length:
+        raise ValueError(f"{name} must have length {length} ({what}), got {value.shape[0]}")
+
+
+_INDICES = (torch.int32, torch.int64)
+
+
+def _check_shapes(student, teacher, centers, center_id, pair_student, pair_teacher, pair_weight, row_weight,
+                  tau_s, tau_t):
+    _check_tensor(student, "student", 2, FLOATS)
+    device = student.device
+    _check_tensor(teacher, "teacher", 2, FLOATS, device)
+    _check_tensor(centers, "centers", 2, (torch.float32, torch.float64), device)
+    K = student.shape[1]
+    if teacher.shape[1] != K or centers.shape[1] != K:
+        raise ValueError(f"student, teacher and centers must share the last dimension K, got {student.shape[1]}, "
+                         f"{teacher.shape[1]} and {centers.shape[1]}")
+    if K == 0 or centers.shape[0] == 0:
+        raise ValueError(f"K and the number of centers must be positive, got centers of shape {list(centers.shape)}")
+    for value, name in ((center_id, "center_id"), (pair_student, "pair_student"), (pair_teacher, "pair_teacher")):
+        _check_tensor(value, name, 1, _INDICES, device)
+    for value, name in ((pair_weight, "pair_weight"), (row_weight, "row_weight")):
+        _check_tensor(value, name, 1, (torch.float32, torch.float64), device)
+    _check_length(center_id, "center_id", teacher.shape[0], "one per teacher row")
+    _check_length(row_weight, "row_weight", teacher.shape[0], "one per teacher row")
+    _check_length(pair_teacher, "pair_teacher", pair_student.shape[0], "one per pair, like pair_student")
+    _check_length(pair_weight, "pair_weight", pair_student.shape[0], "one per pair, like pair_student")
+    for value, name in ((tau_s, "tau_s"), (tau_t, "tau_t")):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+            raise ValueError(f"{name} must be a positive float, got {value!r}")
+
+
+def _check_values(student, teacher, centers, center_id, pair_student, pair_teacher, pair_weight, row_weight):
+    """Index ranges and finite teacher, centers and weights, in one device sync."""
+    checks = {
+        "pair_student": lambda: _in_range(pair_student, student.shape[0]),
+        "pair_teacher": lambda: _in_range(pair_teacher, teacher.shape[0]),
+        "center_id": lambda: _in_range(center_id, centers.shape[0]),
+        "teacher": lambda: torch.isfinite(teacher).all(),
+        "centers": lambda: torch.isfinite(centers).all(),
+        "pair_weight": lambda: torch.isfinite(pair_weight).all(),
+        "row_weight": lambda: torch.isfinite(row_weight).all(),
+    }
+    ok = torch.stack([check() for check in checks.values()]).tolist()
+    for (name, _), passed in zip(checks.items(), ok):
+        if not passed:
+            what = "finite values (no NaN or inf)" if name in ("teacher", "centers", "pair_weight", "row_weight") \
+                else "indices inside the range of the rows it points to"
+            raise ValueError(f"{name} must hold {what}")
+
+
+def _in_range(index, size):
+    if index.numel() == 0:
+        return torch.ones((), dtype=torch.bool, device=index.device)
+    return (index.min() >= 0) & (index.max() < size)
+
+
+# ---- public function -------------------------------------------------------------------------------------------
+
+def distill_cross_entropy(student: Tensor, teacher: Tensor, centers: Tensor, center_id: Tensor, pair_student: Tensor,
+                          pair_teacher: Tensor, pair_weight: Tensor, row_weight: Tensor, tau_s: float, tau_t: float,
+                          *, backend: Optional[str] = None, check_values: bool = True) -> DistillCE:
+    """Weighted cross-entropies of student rows against centered teacher rows, and the teacher's center statistics.
+
+    loss = Σ_p pair_weight[p] · CE(softmax((teacher[pair_teacher[p]] - centers[center_id[pair_teacher[p]]]) / tau_t),
+                                   log_softmax(student[pair_student[p]] / tau_s))
+    center_sum[c] = Σ_{r: center_id[r] = c} row_weight[r] · teacher[r],  center_count[c] = Σ row_weight[r].
+
+    Args:
+        student: [Rs, K] float32/float16/bfloat16 (float64: reference and native CPU only); gets the gradient
+            Σ_p w_p / tau_s · (softmax(s / tau_s) - p_t).
+        teacher: [Rt, K] floating; receives no gradient (treated as detached).
+        centers: [n_c, K] float32 (float64 allowed with float64 inputs); center_id: [Rt] int32/int64.
+        pair_student, pair_teacher: [P] int32/int64 row indices; pair_weight: [P] float. Weight-0 pairs add 0.
+        row_weight: [Rt] float weight of each teacher row in the center statistics (0 leaves a row out).
+        tau_s, tau_t: positive temperatures.
+        backend: 'auto', 'native', 'triton' or 'reference' (default: $UDI_KERNELS_BACKEND or 'auto').
+        check_values: check index ranges and that teacher/centers/weights are finite (one device sync;
+            skipped under torch.compile). Shapes, dtypes and devices are always checked.
+
+    Returns:
+        DistillCE(loss [], center_sum [n_c, K], center_count [n_c]); float32 (float64 for float64 inputs).
+        Memory beyond the student's gradient is O(Rs + Rt + P); no [*, K] probabilities are stored.
+    """
+    args = (student, teacher, centers, center_id, pair_student, pair_teacher, pair_weight, row_weight)
+    _check_shapes(*args, tau_s, tau_t)
+    if check_values and not torch.compiler.is_compiling():
+        _check_values(*args)
+    chosen = backends.resolve(OP, student.device, backend)
+    if chosen == "reference":
+        return DistillCE(*reference.distill_cross_entropy(*args, float(tau_s), float(tau_t)))
+    if chosen == "triton" and (student.dtype not in KERNEL_FLOATS or teacher.dtype not in KERNEL_FLOATS):
+        raise TypeError(f"the Triton kernel takes float32/float16/bfloat16 student and teacher, got {student.dtype} "
+                        f"and {teacher.dtype}")
+    stats_dtype = reference.compute_dtype(teacher.dtype)
+    csr = build_csr(pair_student, pair_teacher, pair_weight, center_id, student.shape[0], centers.shape[0],
+                    reference.compute_dtype(student.dtype))
+    pair_loss, center_sum, center_count, _, _ = _KERNEL_OPS[chosen](
+        student.contiguous(), teacher.detach().contiguous(), centers.to(stats_dtype).contiguous(), center_id.long(),
+        csr.student_ptr, csr.pair_teacher, csr.pair_weight, csr.center_ptr, csr.center_rows,
+        row_weight.to(stats_dtype).contiguous(), float(tau_s), float(tau_t))
+    return DistillCE(pair_loss.sum(), center_sum, center_count)

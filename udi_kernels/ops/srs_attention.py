@@ -1,0 +1,213 @@
+"""udi_kernels.srs_attention: attention of tapped (sampled) queries over all keys of a crop (UDI_SPEC §3)."""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import backends
+from .._native import native_loaded
+from ..reference import srs_attention as reference
+
+OP = "srs_attention"
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# The backend `auto` picks per (device type, shape class), fastest first. Filled from measured
+# numbers (benchmarks/srs_attention.py, recorded in benchmarks/NOTES.md); until a GPU run says
+# otherwise CUDA tensors prefer Triton, then the native CUDA kernel.
+AUTO_ORDER = {
+    ("cuda", "few_queries"): ("triton", "native", "reference"),
+    ("cuda", "many_queries"): ("triton", "native", "reference"),
+    ("cpu", "few_queries"): ("native", "reference"),
+    ("cpu", "many_queries"): ("native", "reference"),
+}
+
+
+def shape_class(num_samples: int) -> str:
+    """Student crops ask 16 or 9 queries; the teacher's global crops answer 16 + L*9 at once."""
+    return "few_queries" if num_samples <= 32 else "many_queries"
+
+
+@torch.compiler.assume_constant_result  # the dispatcher query inside is not traceable; the answer is fixed
+def _resolve_backend(device: torch.device, dtype: torch.dtype, shape: str, backend: Optional[str]) -> str:
+    order = AUTO_ORDER.get((device.type, shape))
+    if order is not None and dtype == torch.float64:  # only the CPU kernel and the reference do float64
+        order = tuple(b for b in order if b == "reference" or (b == "native" and device.type == "cpu"))
+    return backends.resolve(OP, device, backend, auto_order=order)
+
+
+# ---- registration: Triton custom ops, fake impls, autograd -------------------------------------
+
+def _fake_forward(q, k, v, index, weight, scale):
+    B, H, _, D = q.shape
+    S = index.shape[1]
+    return q.new_empty(B, H, S, D), q.new_empty(B, H, S, dtype=reference.compute_dtype(q.dtype))
+
+
+def _fake_backward(grad_out, q, k, v, index, weight, out, lse, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+@torch.library.custom_op("udi_kernels::srs_attention_triton", mutates_args=())
+def _triton_forward(q: Tensor, k: Tensor, v: Tensor, index: Tensor, weight: Tensor, scale: float
+                    ) -> tuple[Tensor, Tensor]:
+    from ..triton_kernels.srs_attention import srs_attention_forward
+    return srs_attention_forward(q, k, v, index, weight, scale)
+
+
+@torch.library.custom_op("udi_kernels::srs_attention_triton_backward", mutates_args=())
+def _triton_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, index: Tensor, weight: Tensor, out: Tensor,
+                     lse: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    from ..triton_kernels.srs_attention_backward import srs_attention_backward
+    return srs_attention_backward(grad_out, q, k, v, index, weight, out, lse, scale)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, index, weight, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, index, weight, out, lse)
+    ctx.scale = scale
+
+
+def _autograd_through(backward_op):
+    """Gradients to q, k, v; none to index, weight or scale."""
+    def backward(ctx, grad_out, _grad_lse):
+        q, k, v, index, weight, out, lse = ctx.saved_tensors
+        dq, dk, dv = backward_op(grad_out.contiguous(), q, k, v, index, weight, out, lse, ctx.scale)
+        return dq, dk, dv, None, None, None
+    return backward
+
+
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError("srs_attention supports first-order gradients only (no double backward)")
+
+
+def _register(forward, backward, backward_op):
+    torch.library.register_fake(forward)(_fake_forward)
+    torch.library.register_fake(backward)(_fake_backward)
+    torch.library.register_autograd(forward, _autograd_through(backward_op), setup_context=_setup_context)
+    torch.library.register_autograd(backward, _no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+_register("udi_kernels::srs_attention_triton", "udi_kernels::srs_attention_triton_backward", _triton_backward)
+if native_loaded():
+    _register(f"udi_kernels::{OP}", f"udi_kernels::{OP}_backward",
+              lambda *args: torch.ops.udi_kernels.srs_attention_backward(*args))
+
+_IMPLEMENTATIONS = {
+    "native": lambda *args: torch.ops.udi_kernels.srs_attention(*args)[0],
+    "triton": lambda *args: _triton_forward(*args)[0],
+    "reference": reference.srs_attention,
+}
+
+
+# ---- argument checks ----------------------------------------------------------------------------
+
+def _check_qkv(q, k, v):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have shape [B, H, N, D], got {list(t.shape)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if v.shape != k.shape:
+        raise ValueError(f"v must have the shape of k {list(k.shape)}, got {list(v.shape)}")
+    B, H, N, D = k.shape
+    if q.shape[:2] != (B, H) or q.shape[3] != D:
+        raise ValueError(f"q must have shape [B={B}, H={H}, Nq, D={D}], got {list(q.shape)}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have the dtype of q ({q.dtype}), got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on the device of q ({q.device}), got {t.device}")
+    if q.shape[2] == 0 or N == 0 or D == 0:
+        raise ValueError(f"q, k, v need at least one token and one channel, got q {list(q.shape)}, k {list(k.shape)}")
+
+
+def _check_taps(q, index, weight):
+    if not isinstance(index, Tensor):
+        raise TypeError(f"index must be a torch.Tensor, got {type(index).__name__}")
+    if index.dim() != 3 or index.shape[0] != q.shape[0] or index.shape[2] == 0:
+        raise ValueError(f"index must have shape [B={q.shape[0]}, S, T>=1], got {list(index.shape)}")
+    if index.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"index must be int32 or int64, got {index.dtype}")
+    if index.device != q.device:
+        raise ValueError(f"index must be on the device of q ({q.device}), got {index.device}")
+    if weight is None:
+        return
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"weight must be a torch.Tensor or None, got {type(weight).__name__}")
+    if weight.shape != index.shape:
+        raise ValueError(f"weight must have the shape of index {list(index.shape)}, got {list(weight.shape)}")
+    if not weight.dtype.is_floating_point:
+        raise TypeError(f"weight must be a floating tensor, got {weight.dtype}")
+    if weight.device != q.device:
+        raise ValueError(f"weight must be on the device of q ({q.device}), got {weight.device}")
+
+
+def _check_tap_values(index, weight, num_tokens):
+    """0 <= index < N and finite weights, in one reduction (one device sync on CUDA)."""
+    checks = [((index >= 0) & (index < num_tokens)).all()]
+    if weight is not None:
+        checks.append(torch.isfinite(weight).all())
+    ok = torch.stack(checks).tolist()
+    if not ok[0]:
+        raise ValueError(f"index must lie in [0, {num_tokens}) (the rows of q), got values in "
+                         f"[{int(index.min())}, {int(index.max())}]")
+    if len(ok) > 1 and not ok[1]:
+        raise ValueError("weight must be finite (no NaN or inf)")
+
+
+def _assert_tap_values(index, weight, num_tokens):
+    """The same checks inside torch.compile, without a graph break (asserted asynchronously)."""
+    torch._assert_async(((index >= 0) & (index < num_tokens)).all(), "index must lie in [0, rows of q)")
+    if weight is not None:
+        torch._assert_async(torch.isfinite(weight).all(), "weight must be finite (no NaN or inf)")
+
+
+def check_tap_values(index: Tensor, weight: Optional[Tensor], num_rows: int) -> None:
+    """0 <= index < num_rows and finite weights: raises in eager mode, asserts asynchronously when compiled."""
+    if torch.compiler.is_compiling():
+        _assert_tap_values(index, weight, num_rows)
+    else:
+        _check_tap_values(index, weight, num_rows)
+
+
+# ---- public op ------------------------------------------------------------------------------------
+
+def srs_attention(q: Tensor, k: Tensor, v: Tensor, index: Tensor, weight: Optional[Tensor] = None,
+                  scale: Optional[float] = None, *, backend: Optional[str] = None,
+                  check_taps: bool = True) -> Tensor:
+    """Attention of tapped queries over every key of their crop: out_s = softmax(q_s k^T * scale) v.
+
+    Args:
+        q, k, v: [B, H, N, D] float16, bfloat16, float32 (or float64: native CPU and reference only).
+            q may hold a different number of rows Nq than k, v (e.g. queries already tapped and
+            projected, with identity taps); the taps index q's rows.
+        index: [B, S, T] int32/int64 taps into the Nq rows of q (T = 1: one-hot source samples, T = 4: bilinear
+            targets). Several sample sets of one crop can simply be concatenated along S.
+        weight: [B, S, T] tap weights, None for all ones. q_s = sum_t weight[s, t] * q[index[s, t]].
+            A sample whose weights are all 0 attends uniformly (never NaN).
+        scale: softmax scale, default 1/sqrt(D).
+        backend: 'auto', 'native', 'triton' or 'reference' (default: $UDI_KERNELS_BACKEND or 'auto').
+        check_taps: check 0 <= index < N and finite weights (one device sync on CUDA; asserted
+            asynchronously under torch.compile). Shapes, dtypes and devices are always checked.
+
+    Returns:
+        out [B, H, S, D] in the dtype of q; math in float32 (float64 for float64 inputs).
+
+    Gradients flow to q (scattered back through the taps), k and v; index, weight and scale get none.
+    """
+    _check_qkv(q, k, v)
+    _check_taps(q, index, weight)
+    num_rows, D = q.shape[2:]
+    if check_taps:
+        check_tap_values(index, weight, num_rows)
+    scale = reference.default_scale(D) if scale is None else float(scale)
+    chosen = _resolve_backend(q.device, q.dtype, shape_class(index.shape[1]), backend)
+    if chosen == "triton" and q.dtype == torch.float64:
+        raise TypeError("the Triton backend supports float16, bfloat16 and float32 inputs, got float64")
+    dtype = reference.compute_dtype(q.dtype)
+    weight = torch.ones(index.shape, dtype=dtype, device=q.device) if weight is None else weight.to(dtype)
+    return _IMPLEMENTATIONS[chosen](q.contiguous(), k.contiguous(), v.contiguous(),
+                                    index.to(torch.int32).contiguous(), weight.contiguous(), scale)

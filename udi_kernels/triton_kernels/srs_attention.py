@@ -1,0 +1,107 @@
+"""SRS attention forward (UDI_SPEC §3) in Triton: one program per (sample block, head, crop).
+
+The tapped queries q_s = sum_t w_t q[idx_t] are summed on chip, then an online softmax runs over
+blocks of keys; the logsumexp of every row is saved for the backward pass.
+
+Shapes (contiguous): q [B, H, NQ, D], k, v [B, H, N, D] fp32/fp16/bf16; index [B, S, T] int32 into
+the NQ rows of q; weight [B, S, T] fp32 -> out [B, H, S, D] (dtype of q), lse [B, H, S] fp32 (natural
+log of the scaled logits). Taps outside [0, NQ) are skipped (the public op rejects them).
+"""
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def tapped_queries(q_head, index_row, weight_row, sample, sample_ok, dims, dim_ok, NQ, T, D):
+    """[BLOCK_S, BLOCK_D] fp32 block of q_s = sum_t w[s, t] * q[idx[s, t]] for one head."""
+    acc = tl.zeros((sample.shape[0], dims.shape[0]), dtype=tl.float32)
+    for t in range(T):
+        idx = tl.load(index_row + sample * T + t, mask=sample_ok, other=0)
+        w = tl.load(weight_row + sample * T + t, mask=sample_ok, other=0.0)
+        tap_ok = sample_ok & (idx >= 0) & (idx < NQ)
+        rows = tl.load(q_head + idx[:, None].to(tl.int64) * D + dims[None, :],
+                       mask=tap_ok[:, None] & dim_ok[None, :], other=0.0)
+        acc += w[:, None] * rows.to(tl.float32)
+    return acc
+
+
+@triton.jit
+def sample_block(H, S, D, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's crop b, flat head index, sample rows and channels (grid: sample blocks, H, B)."""
+    b = tl.program_id(2)
+    sample = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    dims = tl.arange(0, BLOCK_D)
+    return b, b.to(tl.int64) * H + tl.program_id(1), sample, sample < S, dims, dims < D
+
+
+@triton.jit
+def scaled_queries(q, index, weight, b, head, sample, sample_ok, dims, dim_ok, NQ, S, T, D, scale, dtype):
+    """q_s * scale in the dtype of k: the left operand of the logits."""
+    taps = b.to(tl.int64) * S * T
+    q_s = tapped_queries(q + head * NQ * D, index + taps, weight + taps, sample, sample_ok, dims, dim_ok, NQ, T, D)
+    return (q_s * scale).to(dtype)
+
+
+@triton.jit
+def kv_block(k, v, head, keys, dims, N, D):
+    """k and v rows `keys` of one head ([BLOCK_N, BLOCK_D], zero outside), their offsets and mask."""
+    offsets = head * N * D + keys[:, None] * D + dims[None, :]
+    mask = (keys < N)[:, None] & (dims < D)[None, :]
+    return tl.load(k + offsets, mask=mask, other=0.0), tl.load(v + offsets, mask=mask, other=0.0), offsets, mask
+
+
+@triton.jit
+def _forward_kernel(q, k, v, index, weight, out, lse, H, NQ, N, S, T, D, scale,
+                    BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                    PRECISION: tl.constexpr):
+    b, head, sample, sample_ok, dims, dim_ok = sample_block(H, S, D, BLOCK_S, BLOCK_D)
+    q_s = scaled_queries(q, index, weight, b, head, sample, sample_ok, dims, dim_ok, NQ, S, T, D, scale,
+                         k.dtype.element_ty)
+
+    row_max = tl.full((BLOCK_S,), float("-inf"), dtype=tl.float32)
+    row_sum = tl.zeros((BLOCK_S,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_S, BLOCK_D), dtype=tl.float32)
+    for start in range(0, N, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        k_block, v_block, _, _ = kv_block(k, v, head, keys, dims, N, D)
+        logits = tl.dot(q_s, tl.trans(k_block), input_precision=PRECISION)
+        logits = tl.where((keys < N)[None, :], logits, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(logits, 1))
+        p = tl.exp(logits - new_max[:, None])
+        rescale = tl.exp(row_max - new_max)
+        row_sum = row_sum * rescale + tl.sum(p, 1)
+        acc = acc * rescale[:, None] + tl.dot(p.to(v_block.dtype), v_block, input_precision=PRECISION)
+        row_max = new_max
+
+    rows = head * S + sample
+    tl.store(out + rows[:, None] * D + dims[None, :], (acc / row_sum[:, None]).to(out.dtype.element_ty),
+             mask=sample_ok[:, None] & dim_ok[None, :])
+    tl.store(lse + rows, row_max + tl.log(row_sum), mask=sample_ok)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs use exact fp32 products so that the interpreter and the GPU match the reference."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def block_sizes(S: int, N: int, D: int):
+    """(BLOCK_S, BLOCK_N, BLOCK_D); tl.dot needs every dimension >= 16."""
+    return (max(16, min(64, triton.next_power_of_2(S))), max(16, min(64, triton.next_power_of_2(N))),
+            max(16, triton.next_power_of_2(D)))
+
+
+def srs_attention_forward(q, k, v, index, weight, scale):
+    """Same contract as udi_kernels::srs_attention (arguments checked, contiguous): returns (out, lse)."""
+    B, H, NQ, D = q.shape
+    N = k.shape[2]
+    S, T = index.shape[1:]
+    out = torch.empty(B, H, S, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, H, S, dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    BLOCK_S, BLOCK_N, BLOCK_D = block_sizes(S, N, D)
+    grid = (triton.cdiv(S, BLOCK_S), H, B)
+    _forward_kernel[grid](q, k, v, index, weight, out, lse, H, NQ, N, S, T, D, scale, BLOCK_S=BLOCK_S,
+                          BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=dot_precision(q.dtype))
+    return out, lse

@@ -1,0 +1,123 @@
+"""SRS attention backward (UDI_SPEC §3) in Triton, deterministic and without atomics.
+
+Pass 1, one program per (sample block, head, crop): delta_s = <dout_s, out_s> and the gradient of
+  the tapped query, dq_s = scale * sum_n P_sn (dP_sn - delta_s) k_n  (fp32, [B, H, S, D]).
+Pass 2, one program per (key block, head, crop): dv_n = sum_s P_sn dout_s, dk_n = scale * sum_s dS_sn q_s.
+Pass 3, one program per (block of q rows, head, crop): dq_r = sum_{s,t: idx_st = r} w_st dq_s, i.e. dq_s
+  scattered back through the transposed tap map, built on chip.
+
+Shapes (contiguous): grad_out, out [B, H, S, D]; q [B, H, NQ, D]; k, v [B, H, N, D]; index [B, S, T] int32;
+weight [B, S, T] fp32; lse [B, H, S] fp32 -> dq [B, H, NQ, D], dk, dv [B, H, N, D].
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .srs_attention import block_sizes, dot_precision, kv_block, sample_block, scaled_queries
+
+
+@triton.jit
+def _query_grad_kernel(q, k, v, index, weight, grad_out, out, lse, dq_s, delta, H, NQ, N, S, T, D, scale,
+                       BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                       PRECISION: tl.constexpr):
+    b, head, sample, sample_ok, dims, dim_ok = sample_block(H, S, D, BLOCK_S, BLOCK_D)
+    q_s = scaled_queries(q, index, weight, b, head, sample, sample_ok, dims, dim_ok, NQ, S, T, D, scale,
+                         k.dtype.element_ty)
+    rows = head * S + sample
+    row_offsets = rows[:, None] * D + dims[None, :]
+    row_mask = sample_ok[:, None] & dim_ok[None, :]
+    d_out = tl.load(grad_out + row_offsets, mask=row_mask, other=0.0)
+    row_delta = tl.sum(d_out.to(tl.float32) * tl.load(out + row_offsets, mask=row_mask, other=0.0).to(tl.float32), 1)
+    row_lse = tl.load(lse + rows, mask=sample_ok, other=0.0)
+
+    acc = tl.zeros((BLOCK_S, BLOCK_D), dtype=tl.float32)
+    for start in range(0, N, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        k_block, v_block, _, _ = kv_block(k, v, head, keys, dims, N, D)
+        p = tl.exp(tl.dot(q_s, tl.trans(k_block), input_precision=PRECISION) - row_lse[:, None])
+        p = tl.where((keys < N)[None, :], p, 0.0)
+        dp = tl.dot(d_out, tl.trans(v_block), input_precision=PRECISION)
+        ds = p * (dp - row_delta[:, None])
+        acc += tl.dot(ds.to(k_block.dtype), k_block, input_precision=PRECISION)
+    tl.store(dq_s + row_offsets, acc * scale, mask=row_mask)
+    tl.store(delta + rows, row_delta, mask=sample_ok)
+
+
+@triton.jit
+def _key_grad_kernel(q, k, v, index, weight, grad_out, lse, delta, dk, dv, H, NQ, N, S, T, D, scale,
+                     BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     PRECISION: tl.constexpr):
+    b = tl.program_id(2)
+    head = b.to(tl.int64) * H + tl.program_id(1)
+    keys = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    key_ok = keys < N
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < D
+    k_block, v_block, kv_offsets, kv_mask = kv_block(k, v, head, keys, dims, N, D)
+    acc_dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    acc_dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    for start in range(0, S, BLOCK_S):
+        sample = start + tl.arange(0, BLOCK_S)
+        sample_ok = sample < S
+        q_s = scaled_queries(q, index, weight, b, head, sample, sample_ok, dims, dim_ok, NQ, S, T, D, scale,
+                             k_block.dtype)
+        rows = head * S + sample
+        d_out = tl.load(grad_out + rows[:, None] * D + dims[None, :], mask=sample_ok[:, None] & dim_ok[None, :],
+                        other=0.0)
+        row_lse = tl.load(lse + rows, mask=sample_ok, other=0.0)
+        row_delta = tl.load(delta + rows, mask=sample_ok, other=0.0)
+        p = tl.exp(tl.dot(q_s, tl.trans(k_block), input_precision=PRECISION) - row_lse[:, None])
+        p = tl.where(sample_ok[:, None] & key_ok[None, :], p, 0.0)
+        acc_dv += tl.dot(tl.trans(p.to(d_out.dtype)), d_out, input_precision=PRECISION)
+        ds = p * (tl.dot(d_out, tl.trans(v_block), input_precision=PRECISION) - row_delta[:, None])
+        acc_dk += tl.dot(tl.trans(ds.to(q_s.dtype)), q_s, input_precision=PRECISION)  # q_s carries the scale
+    tl.store(dk + kv_offsets, acc_dk.to(dk.dtype.element_ty), mask=kv_mask)
+    tl.store(dv + kv_offsets, acc_dv.to(dv.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _token_grad_kernel(index, weight, dq_s, dq, H, NQ, S, T, D, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr,
+                       BLOCK_D: tl.constexpr):
+    b = tl.program_id(2)
+    head = b.to(tl.int64) * H + tl.program_id(1)
+    q_rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < D
+    taps = b.to(tl.int64) * S * T
+    acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+    for start in range(0, S, BLOCK_S):
+        sample = start + tl.arange(0, BLOCK_S)
+        sample_ok = sample < S
+        tap_map = tl.zeros((BLOCK_R, BLOCK_S), dtype=tl.float32)  # (r, s): weight of sample s's taps on row r
+        for t in range(T):
+            idx = tl.load(index + taps + sample * T + t, mask=sample_ok, other=-1)
+            w = tl.load(weight + taps + sample * T + t, mask=sample_ok, other=0.0)
+            tap_map += tl.where(idx[None, :] == q_rows[:, None], w[None, :], 0.0)
+        grads = tl.load(dq_s + (head * S + sample)[:, None] * D + dims[None, :],
+                        mask=sample_ok[:, None] & dim_ok[None, :], other=0.0)
+        acc += tl.dot(tap_map, grads, input_precision="ieee")
+    tl.store(dq + (head * NQ + q_rows)[:, None] * D + dims[None, :], acc.to(dq.dtype.element_ty),
+             mask=(q_rows < NQ)[:, None] & dim_ok[None, :])
+
+
+def srs_attention_backward(grad_out, q, k, v, index, weight, out, lse, scale):
+    """Same contract as udi_kernels::srs_attention_backward (contiguous inputs): returns (dq, dk, dv)."""
+    B, H, NQ, D = q.shape
+    N = k.shape[2]
+    S, T = index.shape[1:]
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if B * H == 0:
+        return dq, dk, dv
+    dq_s = torch.empty(B, H, S, D, dtype=torch.float32, device=q.device)
+    delta = torch.empty(B, H, S, dtype=torch.float32, device=q.device)
+    BLOCK_S, BLOCK_N, BLOCK_D = block_sizes(S, N, D)
+    meta = dict(BLOCK_S=BLOCK_S, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=dot_precision(q.dtype))
+    if S > 0:
+        _query_grad_kernel[(triton.cdiv(S, BLOCK_S), H, B)](q, k, v, index, weight, grad_out, out, lse, dq_s, delta,
+                                                            H, NQ, N, S, T, D, scale, **meta)
+    _key_grad_kernel[(triton.cdiv(N, BLOCK_N), H, B)](q, k, v, index, weight, grad_out, lse, delta, dk, dv,
+                                                      H, NQ, N, S, T, D, scale, **meta)
+    BLOCK_R = block_sizes(S, NQ, D)[1]
+    _token_grad_kernel[(triton.cdiv(NQ, BLOCK_R), H, B)](index, weight, dq_s, dq, H, NQ, S, T, D, BLOCK_S=BLOCK_S,
+                                                         BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D)
+    return dq, dk, dv
