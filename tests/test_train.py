@@ -15,8 +15,10 @@ from udi.data import Crop, MultiCropAugmentation, crop_box
 from udi.eval_knn import knn_classify
 from udi.model import (DINOHead, UDIModel, ViTBackbone, form_targets, from_reference_state_dict, student_taps,
                        to_reference_state_dict)
-from udi.objective import UDIObjective
 from udi.train import parse_args, sample_pairs, train_udi
+from udi_kernels import PairTaps
+from udi_kernels.losses import UDILoss, UDITeacher, cls_plus_targets
+from udi_kernels.ops.distill_ce import DistillCE
 
 TINY = ["--preset", "demo", "--embed_dim", "32", "--depth", "1", "--num_heads", "2", "--patch_size", "8",
         "--global_crop_size", "32", "--local_crop_size", "16", "--global_window", "2", "--local_window", "1",
@@ -87,38 +89,25 @@ def test_views_depend_only_on_seed_epoch_index():
 
 # ---- model ---------------------------------------------------------------------------------------------
 
-def _logit_space_targets(W, z_cls, z_global, mask_global, z_local, mask_local, alpha):
-    """Independent float64 version of the reference's way: every sample to K logits, blends in logit space."""
-    def blend(logits, mask, cls_logits):
-        m = mask.double()[..., None]
-        return alpha * (logits * m).sum(-2) / (m.sum(-2) + 1e-5) + (1 - alpha) * cls_logits
-
-    cls = z_cls @ W.t()
-    global_logits, local_logits = z_global @ W.t(), z_local @ W.t()
-    plus_global = blend(global_logits, mask_global, cls)
-    plus_local = blend(local_logits, mask_local, cls[:, :, None]).transpose(1, 2)
-    center_sum = global_logits[mask_global].sum(0) + local_logits[mask_local].sum(0)
-    return cls, plus_global, plus_local, global_logits, center_sum, mask_global.sum() + mask_local.sum()
-
-
 def test_bottleneck_targets_equal_logit_space():
+    """Targets formed in the bottleneck == every sample taken to K logits and blended there, as UDILoss does
+    for a UDITeacher (udi_kernels.losses.cls_plus_targets); float64, so only rounding separates them."""
     torch.manual_seed(0)
     B, L, Sg, Sl, D, K = 3, 2, 5, 4, 16, 97
     head = DINOHead(8, K, hidden_dim=8, bottleneck_dim=D).double()
     head.last_layer.weight_g.data.uniform_(0.5, 2.0)
-    z_cls = F.normalize(torch.randn(2, B, D, dtype=torch.float64), dim=-1)
-    z_global = F.normalize(torch.randn(2, B, Sg, D, dtype=torch.float64), dim=-1)
-    z_local = F.normalize(torch.randn(2, B, L, Sl, D, dtype=torch.float64), dim=-1)
-    mask_global = torch.rand(2, B, Sg) < 0.6
-    mask_global[0, 0] = False  # an image whose pair has no valid sample
-    mask_local = torch.rand(2, B, L, Sl) < 0.6
+    z_cls = F.normalize(torch.randn(2 * B, D, dtype=torch.float64), dim=-1)
+    z_global = F.normalize(torch.randn(2 * B, Sg, D, dtype=torch.float64), dim=-1)
+    z_local = F.normalize(torch.randn(2 * L * B, Sl, D, dtype=torch.float64), dim=-1)
+    mask_global = torch.rand(2 * B, Sg) < 0.6
+    mask_global[0] = False  # an image whose pair has no valid sample
+    mask_local = torch.rand(2 * L * B, Sl) < 0.6
     got = form_targets(head.last_layer, z_cls, z_global, mask_global, z_local, mask_local, alpha=0.5)
-    want = _logit_space_targets(head.last_layer.weight.detach(), z_cls, z_global, mask_global, z_local,
-                                mask_local, 0.5)
-    for name, g, w in zip(("cls", "plus_global", "plus_local", "patch", "center_sum", "count"),
-                          (got.cls, got.cls_plus_global, got.cls_plus_local, got.patch, got.patch_center_sum,
-                           got.patch_center_count), want):
-        torch.testing.assert_close(g.double(), w.double(), rtol=1e-10, atol=1e-10, msg=name)
+    W = head.last_layer.weight.detach()
+    want = cls_plus_targets(UDITeacher(z_cls @ W.t(), z_global @ W.t(), mask_global, z_local @ W.t(), mask_local),
+                            alpha=0.5)
+    for name in got._fields:
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-10, atol=1e-10, msg=name)
 
 
 def _pairs(B=3, L=2, seed=5):
@@ -130,23 +119,41 @@ def _pairs(B=3, L=2, seed=5):
 
 def test_teacher_targets_match_a_per_pair_computation():
     model = tiny_model().double().eval()
-    B, L = 3, 2
+    B, L, alpha = 3, 2, 0.5
     pairs = _pairs(B, L)
     crops = torch.randn(2 * B, 3, 32, 32, dtype=torch.float64)
     calls = []
     model.backbone.register_forward_hook(lambda *a: calls.append(1))
-    targets = model.teacher_targets(crops, pairs)
+    targets = model.teacher_targets(crops, pairs, alpha)
     assert len(calls) == 1, "the teacher runs its backbone once per step"
-    patch = model.backbone(crops).patch.unflatten(0, (2, B))
-    for p in range(2):
-        g = pairs.globals
-        z = model.head.bottleneck(model.srs(patch[1 - p], g.tgt_index[:, p], g.tgt_weight[:, p].double()))
-        expected = model.head.last_layer(z)
-        mask = torch.arange(z.shape[1]) < g.count[:, p, None]
-        assert torch.equal(targets.patch_mask[p], mask)
-        torch.testing.assert_close(targets.patch[p][mask], expected[mask])
-        cls = model.head(model.backbone(crops).cls.unflatten(0, (2, B))[1 - p])
-        torch.testing.assert_close(targets.cls[p], cls)
+    out = model.backbone(crops)
+    patch, cls = out.patch.unflatten(0, (2, B)), model.head(out.cls).unflatten(0, (2, B))
+    torch.testing.assert_close(targets.cls, cls.flatten(0, 1))
+
+    def sample_logits(crop, taps, pair):  # teacher crop `crop` at the target taps of `pair` -> logits, mask
+        z = model.head.bottleneck(model.srs(patch[crop], taps.tgt_index[..., pair, :, :],
+                                            taps.tgt_weight[..., pair, :, :].double()))
+        return model.head.last_layer(z), torch.arange(z.shape[1]) < taps.count[..., pair, None]
+
+    def blend(logits, mask, base):
+        m = mask.double()[..., None]
+        return alpha * (logits * m).sum(1) / (m.sum(1) + 1e-5) + (1 - alpha) * base
+
+    for v in range(2):  # student global v, answered by teacher crop 1 - v
+        logits, mask = sample_logits(1 - v, pairs.globals, v)
+        rows = slice(v * B, (v + 1) * B)
+        assert torch.equal(targets.patch_mask[rows], mask)
+        torch.testing.assert_close(targets.patch[rows][mask], logits[mask])
+        torch.testing.assert_close(targets.cls_plus[rows], blend(logits, mask, cls[1 - v]))
+    local_sum = 0
+    for l in range(L):
+        for g in range(2):  # pair p = 1 - g of local crop l targets teacher crop g
+            logits, mask = sample_logits(g, PairTaps(*(t[:, l] for t in pairs.locals)), 1 - g)
+            rows = slice(2 * B + (2 * l + g) * B, 2 * B + (2 * l + g + 1) * B)
+            torch.testing.assert_close(targets.cls_plus[rows], blend(logits, mask, cls[g]))
+            local_sum = local_sum + logits[mask].sum(0)
+    torch.testing.assert_close(targets.extra_patch_sum, local_sum)
+    assert targets.extra_patch_count == pairs.locals.count.sum()
 
 
 def test_student_output_shapes_and_gradients():
@@ -154,8 +161,8 @@ def test_student_output_shapes_and_gradients():
     B, L = 3, 2
     pairs = _pairs(B, L)
     out = model(torch.randn(2 * B, 3, 32, 32), torch.randn(L * B, 3, 16, 16), *student_taps(pairs))
-    assert out.cls.shape == (2 + L, B, 64) and out.cls_plus.shape == (2 + L, B, 64)
-    assert out.patch.shape == (2, B, 4, 64)
+    assert out.cls.shape == ((2 + L) * B, 64) and out.cls_plus.shape == ((2 + L) * B, 64)
+    assert out.patch.shape == (2 * B, 4, 64)
     (out.cls.sum() + out.cls_plus.sum() + out.patch.sum()).backward()
     assert model.backbone.vit.reg_token.grad.abs().sum() > 0 and model.srs.attn.qkv.weight.grad.abs().sum() > 0
 
@@ -181,25 +188,12 @@ def test_reference_checkpoint_round_trip():
     torch.testing.assert_close(tokens[0, :2], (cls_token + pos[:, :1])[0])
 
 
-# ---- objective, schedules, k-NN ----------------------------------------------------------------------
+# ---- schedules, k-NN --------------------------------------------------------------------------------
 
-def test_schedules():
+def test_lr_schedule():
     lr = utils.cosine_scheduler(1.0, 0.1, epochs=4, niter_per_ep=5, warmup_epochs=1)
     assert len(lr) == 20 and lr[0] == 0 and lr[4] == pytest.approx(1.0) and lr[5] == pytest.approx(1.0)
     assert lr[-1] > 0.1 and np.all(np.diff(lr[5:]) <= 0)
-    temps = UDIObjective(8, 0.04, 0.07, 3, 5).teacher_temps
-    assert temps.tolist() == pytest.approx([0.04, 0.055, 0.07, 0.07, 0.07])
-
-
-def test_center_update_ignores_empty_sets():
-    objective = UDIObjective(8, 0.04, 0.07, 1, 1)
-    objective.center.fill_(0.5)
-    from udi.model import TeacherTargets
-    targets = TeacherTargets(torch.ones(2, 1, 8), torch.ones(2, 1, 8), torch.ones(2, 0, 1, 8),
-                             torch.ones(2, 1, 0, 8), torch.ones(2, 1, 0, dtype=torch.bool), torch.zeros(8),
-                             torch.tensor(0.0))
-    objective.update_center(targets)
-    assert torch.allclose(objective.center[:2], torch.full((2, 8), 0.55)) and torch.all(objective.center[2] == 0.5)
 
 
 def test_knn_classify_separable():
@@ -223,7 +217,10 @@ def test_short_run_loss_finite_and_decreasing(tmp_path):
     assert np.mean(losses[-3:]) < 0.8 * losses[0], losses
     checkpoint = torch.load(tmp_path / "checkpoint.pth", weights_only=False)
     assert {"student", "teacher", "optimizer", "epoch", "args", "udi_loss", "scaler"} <= set(checkpoint)
-    assert checkpoint["epoch"] == 6 and torch.isfinite(checkpoint["udi_loss"]["center"]).all()
+    assert checkpoint["epoch"] == 6
+    centers = checkpoint["udi_loss"]
+    assert set(centers) == {"center_cls.center", "center_cls_plus.center", "center_patch.center"}
+    assert all(torch.isfinite(c).all() and c.abs().sum() > 0 for c in centers.values())
 
 
 def test_kill_and_resume_gives_the_same_trajectory(tmp_path):
@@ -251,9 +248,25 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_process_ddp_equals_one_process(tmp_path):
+class TwoRankPatchLoss(UDILoss):
+    """One process scoring L_patch as 2 DDP ranks do (UDI_SPEC §5: over the valid samples *on the rank*): each
+    half of the images over its own count, the halves averaged as DDP averages the gradients."""
+
+    def _patch_loss(self, student, targets, tau_t):
+        B = targets.cls.shape[0] // 2
+        halves = [super(TwoRankPatchLoss, self)._patch_loss(
+            student._replace(patch=student.patch[rows]),
+            targets._replace(patch=targets.patch[rows], patch_mask=targets.patch_mask[rows]), tau_t)
+            for rows in torch.arange(2 * B).reshape(2, 2, B // 2).transpose(0, 1).flatten(1)]
+        return DistillCE(*(sum(values) for values in zip(*halves)))._replace(
+            loss=(halves[0].loss + halves[1].loss) / 2)
+
+
+def test_two_process_ddp_equals_one_process(tmp_path, monkeypatch):
     single, ddp = tmp_path / "single", tmp_path / "ddp"
-    train_udi(tiny_args(single, "--batch_size_per_gpu", "4", "--epochs", "1"))
+    with monkeypatch.context() as patched:
+        patched.setattr("udi.train.UDILoss", TwoRankPatchLoss)
+        train_udi(tiny_args(single, "--batch_size_per_gpu", "4", "--epochs", "1"))
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(ddp)), nprocs=2, join=True)
     one, two = (torch.load(d / "checkpoint.pth", weights_only=False) for d in (single, ddp))
     for key in ("student", "teacher", "udi_loss"):

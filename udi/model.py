@@ -7,8 +7,8 @@ covers the patches only (`no_embed_class=True`) and `cls_pos_embed [1, 1, C]` is
 Position embeddings are resampled (bicubic) for crops whose grid differs from `img_size / patch_size`.
 
 Crop-major batches as in DINO: row `crop * B + b`. Pair `p` of a batch (UDI_SPEC §2) has source global crop `p`
-and target global crop `1 - p`; teacher quantities are indexed by the pair they answer, i.e. by the student
-global view `v = p` whose targets they are.
+and target global crop `1 - p`. Outputs are udi_kernels.losses' UDIStudent and UDITargets (their docstrings give
+the row orders), so UDILoss takes them as they are.
 """
 from typing import NamedTuple
 
@@ -19,8 +19,8 @@ from timm.layers import resample_abs_pos_embed, trunc_normal_
 from torch import Tensor, nn
 
 from udi_kernels import SampledPairs, one_hot_taps
-
-from .seams import SRSAttention
+from udi_kernels.losses import UDIStudent, UDITargets, masked_mean
+from udi_kernels.nn import SRSAttention
 
 DINO_ARCHS = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224",
               "vit_base": "vit_base_patch16_224"}
@@ -110,23 +110,6 @@ class DINOHead(nn.Module):
         return self.last_layer(self.bottleneck(x))
 
 
-class StudentOutput(NamedTuple):
-    cls: Tensor        # [2 + L, B, K]
-    cls_plus: Tensor   # [2 + L, B, K]
-    patch: Tensor      # [2, B, Sg, K]  samples of global view v (pair v)
-
-
-class TeacherTargets(NamedTuple):
-    """Raw (uncentred) teacher logits, indexed by the pair they answer (see the module docstring)."""
-    cls: Tensor                # [2, B, K]     teacher cls of global crop 1 - p
-    cls_plus_global: Tensor    # [2, B, K]     cls+ target of student global view p
-    cls_plus_local: Tensor     # [2, L, B, K]  cls+ target of local crop l against teacher crop 1 - p
-    patch: Tensor              # [2, B, Sg, K] targets of the samples of pair p
-    patch_mask: Tensor         # [2, B, Sg]    bool, valid samples
-    patch_center_sum: Tensor   # [K] fp32      sum of the logits of every valid teacher sample, global and local
-    patch_center_count: Tensor  # []  fp32
-
-
 def student_taps(pairs: SampledPairs):
     """Source taps of the global pairs, crop-major: index, weight [2B, Sg, 1]."""
     src = pairs.globals.src_index.transpose(0, 1).flatten(0, 1)
@@ -138,7 +121,11 @@ def sample_mask(count: Tensor, num_samples: int) -> Tensor:
 
 
 def teacher_taps(pairs: SampledPairs):
-    """Target taps of every pair, grouped by pair p: index, weight [2B, Sg + L*Sl, 4], masks [2,B,Sg], [2,B,L,Sl]."""
+    """Target taps of every pair, grouped by pair p (row p*B + b, answered by teacher crop 1 - p).
+
+    -> index, weight [2B, Sg + L*Sl, 4] (the global pair's samples, then local crop l's at L*Sl);
+       mask_global [2B, Sg]; mask_local [2LB, Sl] in UDITeacher.local's order, row (2l + g)*B + b, g = 1 - p.
+    """
     g, l = pairs.globals, pairs.locals
     B, L, _, Sl = l.src_index.shape
 
@@ -146,38 +133,41 @@ def teacher_taps(pairs: SampledPairs):
         local_taps = local_taps.permute(2, 0, 1, 3, 4).reshape(2, B, L * Sl, -1)
         return torch.cat([global_taps.transpose(0, 1), local_taps], 2).flatten(0, 1)
 
-    masks = (sample_mask(g.count.transpose(0, 1), g.src_index.shape[-1]),
-             sample_mask(l.count.permute(2, 0, 1), Sl))
-    return by_pair(g.tgt_index, l.tgt_index), by_pair(g.tgt_weight, l.tgt_weight), masks
+    mask_global = sample_mask(g.count.transpose(0, 1).flatten(0, 1), g.src_index.shape[-1])
+    mask_local = sample_mask(l.count.flip(2).permute(1, 2, 0).flatten(0, 2), Sl)
+    return by_pair(g.tgt_index, l.tgt_index), by_pair(g.tgt_weight, l.tgt_weight), mask_global, mask_local
 
 
-def blend_in_bottleneck(z_samples: Tensor, mask: Tensor, z_cls: Tensor, alpha: float) -> Tensor:
-    """alpha * masked mean of z_samples [..., S, D] + (1 - alpha) * z_cls [..., D] (spec §5's eps 1e-5)."""
-    weight = mask.to(z_samples.dtype)[..., None]
-    mean = (z_samples * weight).sum(-2) / (weight.sum(-2) + 1e-5)
-    return alpha * mean + (1 - alpha) * z_cls
+def local_rows_by_target(z: Tensor, B: int, L: int) -> Tensor:
+    """[2B, L*Sl, D] rows by pair p -> [2LB, Sl, D] rows (2l + g)*B + b of target global g = 1 - p."""
+    return z.unflatten(0, (2, B)).unflatten(2, (L, -1)).flip(0).permute(2, 0, 1, 3, 4).flatten(0, 2)
 
 
 def form_targets(last_layer: WeightNormLinear, z_cls, z_global, mask_global, z_local, mask_local,
-                 alpha=0.5) -> TeacherTargets:
-    """Teacher targets from 256-d bottleneck vectors (UDI_SPEC §6): the last layer is linear without bias, so the
-    cls+ blends and the patch-center sum are formed before it and only 2B(2 + L) + 2B*Sg rows reach K.
+                 alpha=0.5) -> UDITargets:
+    """UDILoss's teacher targets from 256-d bottleneck vectors (UDI_SPEC §6): the last layer is linear without
+    bias, so the cls+ blends and the local-sample patch-center sum are formed before it and only
+    2B(2 + L) + 2B*Sg rows reach K.
 
-    z_cls [2, B, D], z_global [2, B, Sg, D], mask_global [2, B, Sg], z_local [2, B, L, Sl, D], mask_local [2, B, L, Sl].
+    z_cls [2B, D] (row c*B + b: teacher crop c); z_global [2B, Sg, D], mask_global [2B, Sg] (row v*B + b: the
+    samples of pair v on teacher crop 1 - v); z_local [2LB, Sl, D], mask_local [2LB, Sl] (row (2l + g)*B + b:
+    local crop l's samples on teacher crop g). Same blend as udi_kernels.losses.cls_plus_targets.
     """
-    plus_global = blend_in_bottleneck(z_global, mask_global, z_cls, alpha)
-    plus_local = blend_in_bottleneck(z_local, mask_local, z_cls[:, :, None], alpha).transpose(1, 2)
-    rows = [z_cls, plus_global, plus_local, z_global]
-    logits = last_layer(torch.cat([r.flatten(0, -2) for r in rows])).split([r[..., 0].numel() for r in rows])
-    cls, plus_global, plus_local, patch = (x.reshape(*r.shape[:-1], -1) for x, r in zip(logits, rows))
+    B = z_cls.shape[0] // 2
+    L = z_local.shape[0] // (2 * B)
+    other_global = torch.cat([z_cls[B:], z_cls[:B]])
+    local_cls = z_cls.reshape(2, B, -1).repeat(L, 1, 1).flatten(0, 1)
+    blend = [alpha * masked_mean(z, mask).to(z.dtype) + (1 - alpha) * base
+             for z, mask, base in ((z_global, mask_global, other_global), (z_local, mask_local, local_cls))]
+    rows = [z_cls, *blend, z_global.flatten(0, 1)]
+    cls, plus_global, plus_local, patch = last_layer(torch.cat(rows)).split([len(r) for r in rows])
 
-    valid_sum = (z_global * mask_global[..., None]).flatten(0, -2).sum(0)
-    valid_sum = valid_sum + (z_local * mask_local[..., None]).flatten(0, -2).sum(0)
-    accumulate = torch.promote_types(valid_sum.dtype, torch.float32)
-    with torch.autocast(valid_sum.device.type, enabled=False):
-        center_sum = F.linear(valid_sum.to(accumulate), last_layer.weight.to(accumulate))
-    count = (mask_global.sum() + mask_local.sum()).float()
-    return TeacherTargets(cls, plus_global, plus_local, patch, mask_global, center_sum, count)
+    local_sum = torch.mm(mask_local.reshape(1, -1).to(z_local.dtype), z_local.flatten(0, 1))
+    accumulate = torch.promote_types(local_sum.dtype, torch.float32)
+    with torch.autocast(local_sum.device.type, enabled=False):
+        local_center_sum = F.linear(local_sum.to(accumulate), last_layer.weight.to(accumulate))[0]
+    return UDITargets(cls, patch.unflatten(0, z_global.shape[:2]), mask_global, torch.cat([plus_global, plus_local]),
+                      local_center_sum, mask_local.sum().to(accumulate))
 
 
 class UDIModel(nn.Module):
@@ -188,32 +178,29 @@ class UDIModel(nn.Module):
         self.backbone, self.head = backbone, head
         self.srs = SRSAttention(backbone.embed_dim, backbone.num_heads)
 
-    def forward(self, global_crops: Tensor, local_crops, sample_index: Tensor, sample_weight: Tensor):
-        """global_crops [2B, 3, Hg, Wg], local_crops [LB, 3, Hl, Wl] or None, taps [2B, Sg, T] -> StudentOutput."""
+    def forward(self, global_crops: Tensor, local_crops, sample_index: Tensor, sample_weight: Tensor) -> UDIStudent:
+        """global_crops [2B, 3, Hg, Wg], local_crops [LB, 3, Hl, Wl] or None, taps [2B, Sg, T] (crop-major)."""
         outputs = [self.backbone(global_crops)]
         if local_crops is not None:
             outputs.append(self.backbone(local_crops))
         samples = self.srs(outputs[0].patch, sample_index, sample_weight)
         cls = torch.cat([o.cls for o in outputs])
         rows = torch.cat([cls, torch.cat([o.cls_plus for o in outputs]), samples.flatten(0, 1)])
-        logits = self.head(rows)
-        B = global_crops.shape[0] // 2
-        cls, cls_plus, patch = logits.split([len(cls), len(cls), samples.shape[0] * samples.shape[1]])
-        return StudentOutput(cls.unflatten(0, (-1, B)), cls_plus.unflatten(0, (-1, B)),
-                             patch.reshape(2, B, samples.shape[1], -1))
+        cls, cls_plus, patch = self.head(rows).split([len(cls), len(cls), samples.shape[0] * samples.shape[1]])
+        return UDIStudent(cls, cls_plus, patch.unflatten(0, samples.shape[:2]))
 
     @torch.no_grad()
-    def teacher_targets(self, global_crops: Tensor, pairs: SampledPairs, alpha: float = 0.5) -> TeacherTargets:
+    def teacher_targets(self, global_crops: Tensor, pairs: SampledPairs, alpha: float = 0.5) -> UDITargets:
         """One backbone pass over the global crops, one SRS pass per crop for all its sample sets."""
         out = self.backbone(global_crops)
         B = global_crops.shape[0] // 2
-        index, weight, (mask_global, mask_local) = teacher_taps(pairs)
+        index, weight, mask_global, mask_local = teacher_taps(pairs)
         by_pair = out.patch.unflatten(0, (2, B)).flip(0).flatten(0, 1)
-        z = self.head.bottleneck(self.srs(by_pair, index, weight)).unflatten(0, (2, B))
+        z = self.head.bottleneck(self.srs(by_pair, index, weight))
         Sg = mask_global.shape[-1]
-        z_local = z[:, :, Sg:].unflatten(2, mask_local.shape[2:])
-        z_cls = self.head.bottleneck(out.cls).unflatten(0, (2, B)).flip(0)
-        return form_targets(self.head.last_layer, z_cls, z[:, :, :Sg], mask_global, z_local, mask_local, alpha)
+        z_local = local_rows_by_target(z[:, Sg:], B, mask_local.shape[0] // (2 * B))
+        return form_targets(self.head.last_layer, self.head.bottleneck(out.cls), z[:, :Sg], mask_global, z_local,
+                            mask_local, alpha)
 
 
 def build_model(args) -> UDIModel:

@@ -12,11 +12,11 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from udi_kernels import PairTaps, SampledPairs, stratified_sample
+from udi_kernels.losses import UDILoss
 
 from . import utils
 from .data import MultiCropAugmentation, ShardedBatchSampler, collate_multicrop, pretraining_dataset
 from .model import build_model, student_taps
-from .objective import UDIObjective
 
 PRESETS = {
     # ViT-S/16 as in the reference's ImageNet run.
@@ -122,6 +122,12 @@ def sample_pairs(boxes, args, seed, rank, world_size) -> SampledPairs:
     return SampledPairs(*(PairTaps(*(t[mine] for t in taps)) for taps in pairs))
 
 
+def build_loss(args) -> UDILoss:
+    """UDILoss (UDI_SPEC §5); its centers update inside forward, after the loss, from the step's teacher rows."""
+    return UDILoss(args.out_dim, 2 + args.local_crops_number, args.warmup_teacher_temp, args.teacher_temp,
+                   args.warmup_teacher_temp_epochs, args.epochs)
+
+
 def train_udi(args, stop_after_epoch=None):
     """Train; `stop_after_epoch` ends the run early (after that epoch's checkpoint), as a preemption would."""
     rank, world_size, device = utils.init_distributed()
@@ -149,8 +155,7 @@ def train_udi(args, stop_after_epoch=None):
     student_ddp = torch.nn.parallel.DistributedDataParallel(student) if world_size > 1 else student
 
     # ============ loss, optimizer, schedules ... ============
-    udi_loss = UDIObjective(args.out_dim, args.warmup_teacher_temp, args.teacher_temp,
-                            args.warmup_teacher_temp_epochs, args.epochs).to(device)
+    udi_loss = build_loss(args).to(device)
     optimizer = torch.optim.AdamW(utils.param_groups(student))
     dtype = autocast_dtype(args, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -215,7 +220,6 @@ def train_one_epoch(student, teacher, udi_loss, loader, optimizer, scaler, sched
         utils.cancel_gradients_last_layer(epoch, student, args.freeze_last_layer)
         scaler.step(optimizer)
         scaler.update()
-        udi_loss.update_center(targets)
         ema_update(teacher, student, schedules["momentum"][it])
 
         record = {"loss": loss.item(), **{k: v.item() for k, v in parts.items()}, "lr": schedules["lr"][it]}
