@@ -12,9 +12,10 @@ import torch.nn.functional as F
 
 from udi import utils
 from udi.data import Crop, MultiCropAugmentation, crop_box
+from udi import eval_linear
 from udi.eval_knn import knn_classify
-from udi.model import (DINOHead, UDIModel, ViTBackbone, form_targets, from_reference_state_dict, student_taps,
-                       to_reference_state_dict)
+from udi.model import (DINOHead, UDIModel, ViTBackbone, build_model, form_targets, from_reference_state_dict,
+                       student_taps, to_reference_state_dict)
 from udi.train import parse_args, sample_pairs, train_udi
 from udi_kernels import PairTaps
 from udi_kernels.losses import UDILoss, UDITeacher, cls_plus_targets
@@ -202,6 +203,27 @@ def test_knn_classify_separable():
     features = F.normalize(centers[labels] + 0.05 * torch.randn(60, 16), dim=-1)
     assert knn_classify(features[:45], labels[:45], features[45:], labels[45:], k=5) == 100.0
     assert knn_classify(features[:45], labels[:45], features[45:], (labels[45:] + 1) % 3, k=5) == 0.0
+
+
+def test_linear_probe_learns_separable_classes_and_not_shuffled_ones():
+    gen = torch.Generator().manual_seed(0)
+    directions = torch.randn(4, 24, generator=gen)
+    labels = torch.arange(400) % 4
+    features = directions[labels] + 0.5 * torch.randn(400, 24, generator=gen)
+    train, test = slice(0, 300), slice(300, 400)
+    assert eval_linear.linear_probe(features[train], labels[train], features[test], labels[test], epochs=20) > 95
+    shuffled = labels[train][torch.randperm(300, generator=gen)]
+    assert eval_linear.linear_probe(features[train], shuffled, features[test], labels[test], epochs=20) < 60
+
+
+def test_eval_linear_runs_on_a_checkpoint(tmp_path):
+    args = tiny_args(tmp_path)
+    torch.manual_seed(0)
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"args": vars(args), "teacher": build_model(args).state_dict()}, path)
+    results = eval_linear.main(["--pretrained_weights", str(path), "--epochs", "10"])
+    assert set(results) == {"cls", "cls+", "cls ‖ cls+"}
+    assert all(20 < accuracy <= 100 for accuracy in results.values()), results  # 10 classes: chance is 10 %
 
 
 # ---- runs ----------------------------------------------------------------------------------------------

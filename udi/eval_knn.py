@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 
 from .data import labelled_dataset
-from .model import ViTBackbone
 
 
 @torch.no_grad()
@@ -33,15 +32,20 @@ def knn_classify(train_features, train_labels, test_features, test_labels, k=20,
     return 100.0 * (votes.argmax(1) == test_labels).float().mean().item()
 
 
+def split_features(backbone, data_path, image_size, device):
+    """Frozen features of the train and the val split: two (cls, cls_plus, labels) triples."""
+    return tuple(extract_features(backbone, labelled_dataset(data_path, train, image_size), device)
+                 for train in (True, False))
+
+
 def knn_accuracies(backbone, data_path, image_size, device, k=20, temperature=0.07):
-    train = extract_features(backbone, labelled_dataset(data_path, True, image_size), device)
-    test = extract_features(backbone, labelled_dataset(data_path, False, image_size), device)
+    train, test = split_features(backbone, data_path, image_size, device)
     return {name: knn_classify(train[i], train[2], test[i], test[2], k, temperature)
             for i, name in enumerate(("cls", "cls_plus"))}
 
 
-def load_backbone(path, checkpoint_key="teacher") -> ViTBackbone:
-    """The backbone of a udi.train checkpoint (its args rebuild the architecture)."""
+def load_backbone(path, checkpoint_key="teacher"):
+    """The backbone of a udi.train checkpoint (its args rebuild the architecture) and those args."""
     from .model import build_model
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     model = build_model(argparse.Namespace(**checkpoint["args"]))
@@ -49,21 +53,30 @@ def load_backbone(path, checkpoint_key="teacher") -> ViTBackbone:
     return model.backbone, argparse.Namespace(**checkpoint["args"])
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser("UDI weighted k-NN")
-    p.add_argument("--pretrained_weights", required=True)
+def checkpoint_parser(description):
+    """The arguments every evaluation takes: which checkpoint, which data, which image size."""
+    p = argparse.ArgumentParser(description)
+    p.add_argument("--pretrained_weights", required=True, help="a udi.train checkpoint")
     p.add_argument("--checkpoint_key", default="teacher")
     p.add_argument("--data_path", default=None, help="ImageFolder root (train/, val/); default: digits")
     p.add_argument("--image_size", default=None, type=int, help="default: the checkpoint's global crop size")
+    return p
+
+
+def checkpoint_features(args):
+    """Train and val features of the checkpoint's backbone on the data of `args` (a checkpoint_parser result)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    backbone, train_args = load_backbone(args.pretrained_weights, args.checkpoint_key)
+    return split_features(backbone.to(device), args.data_path, args.image_size or train_args.global_crop_size,
+                          device)
+
+
+def main(argv=None):
+    p = checkpoint_parser("UDI weighted k-NN")
     p.add_argument("--nb_knn", default=[10, 20, 100, 200], nargs="+", type=int)
     p.add_argument("--temperature", default=0.07, type=float)
     args = p.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    backbone, train_args = load_backbone(args.pretrained_weights, args.checkpoint_key)
-    backbone.to(device)
-    size = args.image_size or train_args.global_crop_size
-    train = extract_features(backbone, labelled_dataset(args.data_path, True, size), device)
-    test = extract_features(backbone, labelled_dataset(args.data_path, False, size), device)
+    train, test = checkpoint_features(args)
     for k in args.nb_knn:
         accs = [knn_classify(train[i], train[2], test[i], test[2], k, args.temperature) for i in (0, 1)]
         print(f"{k}-NN top-1: cls {accs[0]:.2f} %  cls+ {accs[1]:.2f} %")
