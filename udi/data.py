@@ -223,19 +223,28 @@ def eval_transform(size: int):
     return transform
 
 
-class DigitsDataset(torch.utils.data.Dataset):
-    """scikit-learn's 8x8 digits (1797 images, 10 classes) as [3, size, size] normalised images; a fixed split."""
+def digits_split(train: bool, test_fraction: float = 0.3, seed: int = 0):
+    """scikit-learn's 8x8 digits (1797 images, 10 classes), a fixed split: images [n, 1, 8, 8] in [0, 1], labels."""
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    order = np.random.default_rng(seed).permutation(len(digits.target))
+    cut = int(len(order) * (1 - test_fraction))
+    chosen = order[:cut] if train else order[cut:]
+    return torch.from_numpy(digits.images[chosen]).float()[:, None] / 16.0, torch.from_numpy(digits.target[chosen])
 
-    def __init__(self, train: bool, size: int = 32, test_fraction: float = 0.3, seed: int = 0):
-        from sklearn.datasets import load_digits
-        digits = load_digits()
-        order = np.random.default_rng(seed).permutation(len(digits.target))
-        cut = int(len(order) * (1 - test_fraction))
-        chosen = order[:cut] if train else order[cut:]
-        images = torch.from_numpy(digits.images[chosen]).float()[:, None] / 16.0
-        images = TF.resize(images, [size, size], antialias=True).clamp(0, 1).expand(-1, 3, -1, -1)
-        self.images = TF.normalize(images, IMAGENET_MEAN, IMAGENET_STD)
-        self.labels = torch.from_numpy(digits.target[chosen]).long()
+
+def resized_digits(images: Tensor, size: int) -> Tensor:
+    """[n, 1, 8, 8] -> [n, 3, size, size] in [0, 1]."""
+    return TF.resize(images, [size, size], antialias=True).clamp(0, 1).expand(-1, 3, -1, -1)
+
+
+class DigitsDataset(torch.utils.data.Dataset):
+    """The digits as labelled, normalised [3, size, size] images (the k-NN and linear-probe check)."""
+
+    def __init__(self, train: bool, size: int = 32):
+        images, labels = digits_split(train)
+        self.images = TF.normalize(resized_digits(images, size), IMAGENET_MEAN, IMAGENET_STD)
+        self.labels = labels.long()
 
     def __len__(self):
         return len(self.labels)
@@ -254,14 +263,17 @@ def labelled_dataset(path, train: bool, size: int):
     return ImageFolder(split if os.path.isdir(split) else path, transform=eval_transform(size))
 
 
-def pretraining_dataset(path, augmentation: MultiCropAugmentation, seed: int, embedded_length: int = 512,
-                        embedded_size: int = 128):
-    """ImageFolder at `path`, or with path None the embedded scikit-image sample images."""
-    if path is None:
-        images = EmbeddedImages(length=embedded_length, size=embedded_size, seed=seed)
-    else:
+def pretraining_dataset(path, augmentation: MultiCropAugmentation, seed: int, embedded: str = "images",
+                        embedded_length: int = 512, embedded_size: int = 128):
+    """ImageFolder at `path`, or with path None embedded data: "images", scikit-image's sample images, or "digits",
+    the digits' train split without labels (the k-NN check uses the held-out split)."""
+    if path is not None:
         from torchvision.datasets import ImageFolder
         images = ImageFolder(path)
+    elif embedded == "digits":
+        images = resized_digits(digits_split(train=True)[0], 32)
+    else:
+        images = EmbeddedImages(length=embedded_length, size=embedded_size, seed=seed)
     return MultiCropDataset(images, augmentation, seed=seed)
 
 

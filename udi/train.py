@@ -82,8 +82,10 @@ def get_args_parser():
     p.add_argument("--global_window", default=3, type=int, help="SRS window on the global grid")
     p.add_argument("--local_window", default=2, type=int, help="SRS window on the local grid")
     # misc
-    p.add_argument("--data_path", default=None, help="ImageFolder root; default: embedded sample images")
-    p.add_argument("--embedded_images", default=512, type=int, help="dataset length without --data_path")
+    p.add_argument("--data_path", default=None, help="ImageFolder root; default: embedded data")
+    p.add_argument("--embedded_data", default="images", choices=["images", "digits"],
+                   help="without --data_path: scikit-image's sample images or scikit-learn's digits (train split)")
+    p.add_argument("--embedded_images", default=512, type=int, help="dataset length of --embedded_data images")
     p.add_argument("--output_dir", default=".")
     p.add_argument("--saveckp_freq", default=20, type=int)
     p.add_argument("--seed", default=0, type=int)
@@ -139,7 +141,8 @@ def train_udi(args, stop_after_epoch=None):
     # ============ data: multi-crop views and their boxes ... ============
     augmentation = MultiCropAugmentation(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
                                          args.global_crop_size, args.local_crop_size)
-    dataset = pretraining_dataset(args.data_path, augmentation, args.seed, args.embedded_images)
+    dataset = pretraining_dataset(args.data_path, augmentation, args.seed, args.embedded_data,
+                                  args.embedded_images)
     sampler = ShardedBatchSampler(len(dataset), args.batch_size_per_gpu, rank, world_size, args.seed)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
                                          collate_fn=collate_multicrop, pin_memory=device.type == "cuda")
