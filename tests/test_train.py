@@ -10,9 +10,8 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from udi import utils
+from udi import eval_linear, utils
 from udi.data import Crop, MultiCropAugmentation, crop_box
-from udi import eval_linear
 from udi.eval_knn import knn_classify
 from udi.model import (DINOHead, UDIModel, ViTBackbone, build_model, form_targets, from_reference_state_dict,
                        student_taps, to_reference_state_dict)
@@ -24,8 +23,8 @@ from udi_kernels.ops.distill_ce import DistillCE
 TINY = ["--preset", "demo", "--embed_dim", "32", "--depth", "1", "--num_heads", "2", "--patch_size", "8",
         "--global_crop_size", "32", "--local_crop_size", "16", "--global_window", "2", "--local_window", "1",
         "--local_crops_number", "2", "--out_dim", "64", "--head_hidden_dim", "32", "--head_bottleneck_dim", "16",
-        "--batch_size_per_gpu", "4", "--embedded_images", "8", "--epochs", "2", "--warmup_epochs", "1",
-        "--warmup_teacher_temp_epochs", "1", "--final_eval", "false"]
+        "--batch_size_per_gpu", "4", "--embedded_data", "images", "--embedded_images", "8", "--epochs", "2",
+        "--warmup_epochs", "1", "--warmup_teacher_temp_epochs", "1", "--final_eval", "false"]
 
 
 def tiny_args(output_dir, *extra):
