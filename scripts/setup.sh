@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip setuptools wheel ninja
-.venv/bin/python -m pip install -q "torch==${UDI_TORCH_VERSION:-2.14.1}"
+# torchvision with torch, so that the resolver picks the torchvision built for this torch
+.venv/bin/python -m pip install -q "torch==${UDI_TORCH_VERSION:-2.14.1}" torchvision
 MAX_JOBS=${MAX_JOBS:-2} .venv/bin/python -m pip install -q --no-build-isolation -e ".[test,bench,train]"
 .venv/bin/python -c "import udi_kernels as u; print('udi_kernels', u.__version__, '| CUDA kernels compiled:', u.cuda_compiled())"

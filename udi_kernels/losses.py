@@ -285,16 +285,20 @@ class UDITargets(NamedTuple):
 
 
 def masked_mean(rows: Tensor, mask: Tensor, eps: float = 1e-5) -> Tensor:
-    """Σ_s m_s x_s / (Σ_s m_s + eps): rows [R, S, D], mask [R, S] -> [R, D] float32, no [R, S, D] temporary."""
+    """Σ_s m_s x_s / (Σ_s m_s + eps): rows [R, S, D], mask [R, S] -> [R, D] float32 (float64 for float64 rows),
+    no [R, S, D] temporary."""
     weights = mask.to(rows.dtype)[:, None, :]
-    total = torch.bmm(weights, rows).squeeze(1).float()
-    return total / (mask.sum(1, keepdim=True).float() + eps)
+    dtype = torch.promote_types(rows.dtype, torch.float32)
+    total = torch.bmm(weights, rows).squeeze(1).to(dtype)
+    return total / (mask.sum(1, keepdim=True).to(dtype) + eps)
 
 
 def cls_plus_targets(teacher: UDITeacher, alpha: float = 0.5) -> UDITargets:
-    """UDI's cls+ targets blended in logit space: T+ = α·masked mean of the sample logits + (1 − α)·T_cls."""
+    """UDI's cls+ targets blended in logit space: T+ = α·masked mean of the sample logits + (1 − α)·T_cls.
+
+    Computed in float32 (float64 for float64 logits)."""
     B = teacher.cls.shape[0] // 2
-    cls = teacher.cls.float()
+    cls = teacher.cls.to(torch.promote_types(teacher.cls.dtype, torch.float32))
     other_global = torch.cat([cls[B:], cls[:B]])  # student global v is paired with teacher global 1 − v
     targets = [alpha * masked_mean(teacher.patch, teacher.patch_mask) + (1 - alpha) * other_global]
     K = cls.shape[1]
@@ -303,8 +307,8 @@ def cls_plus_targets(teacher: UDITeacher, alpha: float = 0.5) -> UDITargets:
         local_cls = cls.reshape(2, B, K).repeat(teacher.local.shape[0] // (2 * B), 1, 1).reshape(-1, K)
         targets.append(alpha * masked_mean(teacher.local, teacher.local_mask) + (1 - alpha) * local_cls)
         flat_mask = teacher.local_mask.reshape(1, -1).to(teacher.local.dtype)
-        extra_sum = torch.mm(flat_mask, teacher.local.reshape(-1, K)).float().squeeze(0)
-        extra_count = teacher.local_mask.sum().float()
+        extra_sum = torch.mm(flat_mask, teacher.local.reshape(-1, K)).to(cls.dtype).squeeze(0)
+        extra_count = teacher.local_mask.sum().to(cls.dtype)
     return UDITargets(teacher.cls, teacher.patch, teacher.patch_mask, torch.cat(targets), extra_sum, extra_count)
 
 

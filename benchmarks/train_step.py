@@ -1,0 +1,261 @@
+"""One UDI training step, per phase (issue 5 §5): this package, an eager step with the reference's structure, and
+the timm backbone alone on the same crops (the floor: everything UDI adds is overhead on top of it).
+
+    python benchmarks/train_step.py [--quick] [--out DIR] [--providers udi_kernels reference_structure backbone]
+
+- udi_kernels: udi.train's step: GPU sampling, teacher backbone once, SRS attention on the sampled queries,
+  teacher targets formed in the bottleneck, the fused UDILoss.
+- reference_structure: dense [S, N] maps (built on the CPU beforehand, as the reference's data loader does),
+  the teacher backbone run twice, teacher local-sample logits materialised with an unused fp32 softmax, the
+  student's local SRS attention run and thrown away, the eager loss of benchmarks/distill_loss.py.
+- backbone: the student's timm ViT alone on every crop, forward + backward of a scalar + AdamW.
+
+GPU: ViT-S/16, B=128, L=10, K=65536, bf16 autocast; --quick stops there, otherwise a sweep over B follows.
+Phases (teacher fwd, student fwd, loss fwd, backward, optimizer incl. the teacher EMA) are CUDA-event medians
+over the iterations; `step` is the median whole step (common.median_ms); peak memory is the maximum allocated
+during the timed steps (parameters and optimizer states included). Without a GPU: a tiny CPU configuration that
+only shows the code runs; GPU numbers need a GPU.
+"""
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import common  # noqa: E402
+from benchmarks.distill_loss import eager_udi  # noqa: E402
+from udi import utils  # noqa: E402
+from udi.model import build_model, local_rows_by_target, student_taps, teacher_taps  # noqa: E402
+from udi.train import build_loss, ema_update, parse_args, sample_pairs  # noqa: E402
+from udi_kernels.losses import UDIStudent, UDITeacher  # noqa: E402
+from udi_kernels.taps import taps_to_dense  # noqa: E402
+
+PHASES = ("teacher_fwd", "student_fwd", "loss_fwd", "backward", "optimizer")
+PROVIDERS = ("udi_kernels", "reference_structure", "backbone")
+
+
+class PhaseTimer:
+    """Marks between phases: CUDA events on a GPU, wall-clock without one."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self.marks = []
+
+    def mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def durations_ms(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:])]
+        return [1e3 * (b - a) for a, b in zip(self.marks, self.marks[1:])]
+
+
+def config(device):
+    preset = ["--preset", "reference"] if device.type == "cuda" else [
+        "--preset", "demo", "--embedded_data", "images", "--local_crops_number", "2"]
+    return parse_args(preset + ["--drop_path_rate", "0"])
+
+
+def make_batch(cfg, B, device):
+    """Random crops (no zeros) and random overlapping boxes, drawn on the CPU with a fixed seed."""
+    gen = torch.Generator().manual_seed(0)
+    L, Sg, Sl = cfg.local_crops_number, cfg.global_crop_size, cfg.local_crop_size
+    global_crops = torch.randn(2 * B, 3, Sg, Sg, generator=gen)
+    local_crops = torch.randn(L * B, 3, Sl, Sl, generator=gen)
+    corners = torch.rand(B, 2 + L, 2, generator=gen) * 0.4
+    boxes = torch.cat([corners, corners + 0.3 + 0.3 * torch.rand(B, 2 + L, 2, generator=gen)], -1)
+    return global_crops.to(device), local_crops.to(device), boxes.to(device)
+
+
+class Step:
+    """One provider's models, optimizer and batch; __call__(timer) runs one step, marking after each phase."""
+
+    def __init__(self, provider, cfg, B, device):
+        utils.fix_random_seeds(0)
+        self.provider, self.cfg, self.B, self.device = provider, cfg, B, device
+        self.student, self.teacher = build_model(cfg).to(device), build_model(cfg).to(device)
+        self.teacher.requires_grad_(False)
+        params = self.student.backbone.parameters() if provider == "backbone" else self.student.parameters()
+        self.optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
+        self.loss = build_loss(cfg).to(device)
+        self.centers = torch.zeros(3, cfg.out_dim, device=device)
+        self.dtype = torch.bfloat16 if device.type == "cuda" else None
+        self.global_crops, self.local_crops, self.boxes = make_batch(cfg, B, device)
+        if provider == "reference_structure":
+            self.dense_maps = self._dense_maps()
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None)
+
+    def __call__(self, timer: PhaseTimer):
+        timer.mark()
+        with self.autocast():
+            loss = getattr(self, self.provider)(timer)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        timer.mark()
+        self.optimizer.step()
+        if self.provider != "backbone":
+            ema_update(self.teacher, self.student, 0.996)
+        timer.mark()
+
+    def udi_kernels(self, timer):
+        pairs = sample_pairs(self.boxes, self.cfg, 1234, 0, 1)
+        targets = self.teacher.teacher_targets(self.global_crops, pairs)
+        timer.mark()
+        outputs = self.student(self.global_crops, self.local_crops, *student_taps(pairs))
+        timer.mark()
+        loss, _ = self.loss(outputs, targets, 0)
+        timer.mark()
+        return loss
+
+    def _dense_maps(self):
+        """The reference's dense maps [rows, S, N], built on the CPU (its data loader's work; not timed)."""
+        cfg = self.cfg
+        pairs = sample_pairs(self.boxes.cpu(), cfg, 1234, 0, 1)
+        Ng, Nl = (cfg.global_crop_size // cfg.patch_size) ** 2, (cfg.local_crop_size // cfg.patch_size) ** 2
+        t_index, t_weight, mask_global, mask_local = teacher_taps(pairs)
+        s_index, s_weight = student_taps(pairs)
+        local_src = pairs.locals.src_index[:, :, 0].transpose(0, 1).flatten(0, 1)[..., None].long()
+        maps = dict(teacher=taps_to_dense(t_index.long(), t_weight, Ng),
+                    student=taps_to_dense(s_index.long(), s_weight, Ng),
+                    student_local=taps_to_dense(local_src, torch.ones(local_src.shape), Nl),
+                    mask_global=mask_global, mask_local=mask_local)
+        return {name: value.to(self.device) for name, value in maps.items()}
+
+    def reference_structure(self, timer):
+        maps, teacher, student, B = self.dense_maps, self.teacher, self.student, self.B
+        Sg = maps["mask_global"].shape[1]
+        with torch.no_grad():
+            cls_t = teacher.backbone(self.global_crops).cls
+            patch_t = teacher.backbone(self.global_crops).patch.unflatten(0, (2, B)).flip(0).flatten(0, 1)
+            logits = teacher.head(dense_srs(teacher.srs, patch_t, maps["teacher"]))
+            local = local_rows_by_target(logits[:, Sg:], B, self.cfg.local_crops_number)
+            local.float().softmax(-1)  # the reference's unused fp32 softmax
+            targets = UDITeacher(teacher.head(cls_t), logits[:, :Sg], maps["mask_global"], local, maps["mask_local"])
+        timer.mark()
+        g, l = student.backbone(self.global_crops), student.backbone(self.local_crops)
+        dense_srs(student.srs, l.patch, maps["student_local"])  # computed and thrown away, as the reference does
+        samples = dense_srs(student.srs, g.patch, maps["student"])
+        cls = torch.cat([g.cls, l.cls])
+        rows = student.head(torch.cat([cls, g.cls_plus, l.cls_plus, samples.flatten(0, 1)]))
+        c, cp, p = rows.split([len(cls), len(cls), samples.shape[0] * samples.shape[1]])
+        outputs = UDIStudent(c, cp, p.unflatten(0, samples.shape[:2]))
+        timer.mark()
+        loss = eager_udi(outputs, targets, self.centers, self.cfg.local_crops_number, 0.04)
+        update_centers_eagerly(self.centers, targets)
+        timer.mark()
+        return loss
+
+    def backbone(self, timer):
+        timer.mark()
+        out = [self.student.backbone(self.global_crops), self.student.backbone(self.local_crops)]
+        timer.mark()
+        loss = sum(o.cls.float().square().mean() + o.patch.float().square().mean() for o in out)
+        timer.mark()
+        return loss
+
+
+def dense_srs(srs, x, dense):
+    """The reference's MaskedAttention with a dense map [B, S, N]: every token projected, maps multiplied."""
+    h = srs.norm1(x)
+    B, N, C = h.shape
+    H = srs.attn.num_heads
+    q, k, v = srs.attn.qkv(h).reshape(B, N, 3, H, C // H).permute(2, 0, 3, 1, 4)
+    q = torch.einsum("bsn,bhnd->bhsd", dense.to(q.dtype), q)
+    attn = (q @ k.transpose(-2, -1) * (C // H) ** -0.5).softmax(-1)
+    out = srs.attn.proj((attn @ v).transpose(1, 2).reshape(B, -1, C))
+    return srs.attn.norm(out + dense.to(h.dtype) @ h)
+
+
+@torch.no_grad()
+def update_centers_eagerly(centers, teacher: UDITeacher, momentum=0.9):
+    """The reference's center updates on fp32 copies (cls, and patch over global and local samples; the cls+
+    update, one mean over 2B(1 + L) rows, is left out)."""
+    patch = torch.cat([teacher.patch[teacher.patch_mask], teacher.local[teacher.local_mask]]).float()
+    means = torch.stack([teacher.cls.float().mean(0), patch.mean(0)])
+    centers[[0, 2]] = centers[[0, 2]] * momentum + means * (1 - momentum)
+
+
+def measure(provider, cfg, B, device, warmup, iters):
+    step = Step(provider, cfg, B, device)
+    for _ in range(warmup):
+        step(PhaseTimer(device))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    samples = []
+    for _ in range(iters):
+        timer = PhaseTimer(device)
+        step(timer)
+        samples.append(timer.durations_ms())
+    result = {name: statistics.median(s[k] for s in samples) for k, name in enumerate(PHASES)}
+    if device.type == "cuda":
+        result["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    phases_ms = sum(result[name] for name in PHASES)
+    timing = dict(warmup=50, rep=int(iters * phases_ms)) if device.type == "cuda" else dict(warmup=0, rep=iters)
+    result["step"] = common.median_ms(lambda: step(PhaseTimer(device)), device, **timing)
+    return result
+
+
+def relative_to_backbone(rows):
+    floor = {r["B"]: r for r in rows if r["provider"] == "backbone" and "step" in r}
+    for r in rows:
+        base = floor.get(r["B"])
+        if base and "step" in r:
+            r["x_backbone_time"] = r["step"] / base["step"]
+            if base.get("peak_mib"):
+                r["x_backbone_memory"] = r["peak_mib"] / base["peak_mib"]
+
+
+def main():
+    args = common.parse_args(__doc__.splitlines()[0], **{"--providers": dict(nargs="+", default=list(PROVIDERS),
+                                                                            choices=PROVIDERS)})
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = config(device)
+    if device.type == "cuda":
+        main_B, sizes, (warmup, iters) = 128, ([128] if args.quick else [32, 64, 128, 256]), \
+            ((2, 5) if args.quick else (3, 10))
+    else:
+        main_B, sizes, (warmup, iters) = 8, [8], (1, 3)
+    rows = []
+    for B in sizes:
+        cfg.batch_size_per_gpu = B
+        for provider in args.providers:
+            try:
+                result = measure(provider, cfg, B, device, warmup, iters)
+            except torch.OutOfMemoryError:
+                result = {"error": "out of memory"}
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            rows.append({"provider": provider, "B": B, **result})
+    relative_to_backbone(rows)
+    shape = {"arch": cfg.arch, "patch_size": cfg.patch_size, "L": cfg.local_crops_number, "K": cfg.out_dim,
+             "global_crop_size": cfg.global_crop_size, "local_crop_size": cfg.local_crop_size,
+             "dtype": "bf16 autocast" if device.type == "cuda" else "fp32"}
+    path = common.write_json(args.out, "train_step", device, {**shape, "rows": rows})
+    chart_rows = [r for r in rows if r["B"] == main_B and "step" in r]
+    if chart_rows:
+        chart = common.bar_chart(path[:-len(".json")] + ".png", f"UDI step, {cfg.arch}, B={main_B}",
+                                 list(PHASES) + ["step"], {r["provider"]: [r[k] for k in PHASES + ("step",)]
+                                                           for r in chart_rows}, "ms (median)")
+        print(f"chart {chart}")
+    print(f"wrote {path}")
+    if device.type != "cuda":
+        print("CPU run of a tiny configuration: GPU numbers need a GPU.")
+    common.print_table(rows, [("provider", "provider", "{}"), ("B", "B", "{}")]
+                       + [(k, k, "{:.2f}") for k in PHASES + ("step",)]
+                       + [("peak_mib", "peak MiB", "{:.0f}"), ("x_backbone_time", "x time", "{:.2f}"),
+                          ("x_backbone_memory", "x mem", "{:.2f}"), ("error", "error", "{}")])
+
+
+if __name__ == "__main__":
+    main()

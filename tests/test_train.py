@@ -1,0 +1,302 @@
+"""The UDI training loop (issue 5 §6): data boxes, bottleneck-space targets, checkpoint conversion, short runs,
+exact resume and 2-process DDP, all on the CPU with a tiny ViT."""
+import json
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from udi import eval_linear, utils
+from udi.data import Crop, MultiCropAugmentation, crop_box
+from udi.eval_knn import knn_classify
+from udi.model import (DINOHead, UDIModel, ViTBackbone, build_model, form_targets, from_reference_state_dict,
+                       student_taps, to_reference_state_dict)
+from udi.train import parse_args, sample_pairs, train_udi
+from udi_kernels import PairTaps
+from udi_kernels.losses import UDILoss, UDITeacher, cls_plus_targets
+from udi_kernels.ops.distill_ce import DistillCE
+
+TINY = ["--preset", "demo", "--embed_dim", "32", "--depth", "1", "--num_heads", "2", "--patch_size", "8",
+        "--global_crop_size", "32", "--local_crop_size", "16", "--global_window", "2", "--local_window", "1",
+        "--local_crops_number", "2", "--out_dim", "64", "--head_hidden_dim", "32", "--head_bottleneck_dim", "16",
+        "--batch_size_per_gpu", "4", "--embedded_data", "images", "--embedded_images", "8", "--epochs", "2",
+        "--warmup_epochs", "1", "--warmup_teacher_temp_epochs", "1", "--final_eval", "false"]
+
+
+def tiny_args(output_dir, *extra):
+    return parse_args(TINY + ["--output_dir", str(output_dir), *extra])
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    backbone = ViTBackbone("vit_tiny", patch_size=8, img_size=32, drop_path_rate=0.0, embed_dim=32, depth=1,
+                           num_heads=2)
+    return UDIModel(backbone, DINOHead(32, 64, norm_last_layer=False, hidden_dim=32, bottleneck_dim=16))
+
+
+def read_log(output_dir):
+    with open(os.path.join(output_dir, "log.txt")) as f:
+        return [json.loads(line) for line in f]
+
+
+# ---- data ------------------------------------------------------------------------------------------------
+
+def test_crop_box_is_the_signed_ij_box():
+    box = crop_box(Crop(top=10, left=20, height=31, width=41), (101, 201), flipped=False)
+    assert box == pytest.approx([0.1, 0.1, 0.4, 0.3])
+    flipped = crop_box(Crop(top=10, left=20, height=31, width=41), (101, 201), flipped=True)
+    assert flipped == pytest.approx([0.1, 0.3, 0.4, 0.1])
+
+
+def _overlap(a, b):
+    lo = torch.maximum(torch.minimum(a[:2], a[2:]), torch.minimum(b[:2], b[2:]))
+    hi = torch.minimum(torch.maximum(a[:2], a[2:]), torch.maximum(b[:2], b[2:]))
+    return bool((lo <= hi).all())
+
+
+def test_multicrop_views_boxes_and_crop_rules():
+    augmentation = MultiCropAugmentation((0.05, 0.3), (0.01, 0.05), 6, global_size=24, local_size=12)
+    image = torch.rand(3, 97, 131)
+    flips = 0
+    for seed in range(20):
+        views, boxes = augmentation(image, torch.Generator().manual_seed(seed))
+        assert [v.shape for v in views] == [(3, 24, 24)] * 2 + [(3, 12, 12)] * 6
+        assert all(torch.isfinite(v).all() for v in views)
+        assert boxes.shape == (8, 4) and boxes.dtype == torch.float32
+        assert bool(((boxes >= 0) & (boxes <= 1)).all()) and bool((boxes[:, 0] < boxes[:, 2]).all())
+        flips += int((boxes[:, 1] > boxes[:, 3]).sum())
+        assert _overlap(boxes[0], boxes[1]), "global crop 1 must overlap global crop 0"
+        union = torch.cat([torch.minimum(boxes[:2, :2].min(0).values, boxes[:2, 2:].min(0).values),
+                           torch.maximum(boxes[:2, :2].max(0).values, boxes[:2, 2:].max(0).values)])
+        assert all(_overlap(b, union) for b in boxes[2:]), "locals must overlap the globals' bounding box"
+    assert 0 < flips < 160, "about half of the crops are flipped"
+
+
+def test_views_depend_only_on_seed_epoch_index():
+    from udi.data import pretraining_dataset
+    dataset = pretraining_dataset(None, MultiCropAugmentation(local_crops_number=2, global_size=32, local_size=16),
+                                  seed=3, embedded_length=4)
+    first, again = dataset[2], dataset[2]
+    dataset.set_epoch(1)
+    other_epoch = dataset[2]
+    assert torch.equal(first[1], again[1]) and torch.equal(first[0][0], again[0][0])
+    assert not torch.equal(first[1], other_epoch[1])
+
+
+# ---- model ---------------------------------------------------------------------------------------------
+
+def test_bottleneck_targets_equal_logit_space():
+    """Targets formed in the bottleneck == every sample taken to K logits and blended there, as UDILoss does
+    for a UDITeacher (udi_kernels.losses.cls_plus_targets); float64, so only rounding separates them."""
+    torch.manual_seed(0)
+    B, L, Sg, Sl, D, K = 3, 2, 5, 4, 16, 97
+    head = DINOHead(8, K, hidden_dim=8, bottleneck_dim=D).double()
+    head.last_layer.weight_g.data.uniform_(0.5, 2.0)
+    z_cls = F.normalize(torch.randn(2 * B, D, dtype=torch.float64), dim=-1)
+    z_global = F.normalize(torch.randn(2 * B, Sg, D, dtype=torch.float64), dim=-1)
+    z_local = F.normalize(torch.randn(2 * L * B, Sl, D, dtype=torch.float64), dim=-1)
+    mask_global = torch.rand(2 * B, Sg) < 0.6
+    mask_global[0] = False  # an image whose pair has no valid sample
+    mask_local = torch.rand(2 * L * B, Sl) < 0.6
+    got = form_targets(head.last_layer, z_cls, z_global, mask_global, z_local, mask_local, alpha=0.5)
+    W = head.last_layer.weight.detach()
+    want = cls_plus_targets(UDITeacher(z_cls @ W.t(), z_global @ W.t(), mask_global, z_local @ W.t(), mask_local),
+                            alpha=0.5)
+    for name in got._fields:
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-10, atol=1e-10, msg=name)
+
+
+def _pairs(B=3, L=2, seed=5):
+    boxes = torch.tensor([[0.1, 0.2, 0.8, 0.9], [0.3, 0.7, 0.95, 0.05]] + [[0.2, 0.1, 0.6, 0.5]] * L)
+    boxes = boxes.expand(B, -1, -1).contiguous()
+    args = tiny_args("/tmp/unused", "--local_crops_number", str(L))
+    return sample_pairs(boxes, args, seed, 0, 1)
+
+
+def test_teacher_targets_match_a_per_pair_computation():
+    model = tiny_model().double().eval()
+    B, L, alpha = 3, 2, 0.5
+    pairs = _pairs(B, L)
+    crops = torch.randn(2 * B, 3, 32, 32, dtype=torch.float64)
+    calls = []
+    model.backbone.register_forward_hook(lambda *a: calls.append(1))
+    targets = model.teacher_targets(crops, pairs, alpha)
+    assert len(calls) == 1, "the teacher runs its backbone once per step"
+    out = model.backbone(crops)
+    patch, cls = out.patch.unflatten(0, (2, B)), model.head(out.cls).unflatten(0, (2, B))
+    torch.testing.assert_close(targets.cls, cls.flatten(0, 1))
+
+    def sample_logits(crop, taps, pair):  # teacher crop `crop` at the target taps of `pair` -> logits, mask
+        z = model.head.bottleneck(model.srs(patch[crop], taps.tgt_index[..., pair, :, :],
+                                            taps.tgt_weight[..., pair, :, :].double()))
+        return model.head.last_layer(z), torch.arange(z.shape[1]) < taps.count[..., pair, None]
+
+    def blend(logits, mask, base):
+        m = mask.double()[..., None]
+        return alpha * (logits * m).sum(1) / (m.sum(1) + 1e-5) + (1 - alpha) * base
+
+    for v in range(2):  # student global v, answered by teacher crop 1 - v
+        logits, mask = sample_logits(1 - v, pairs.globals, v)
+        rows = slice(v * B, (v + 1) * B)
+        assert torch.equal(targets.patch_mask[rows], mask)
+        torch.testing.assert_close(targets.patch[rows][mask], logits[mask])
+        torch.testing.assert_close(targets.cls_plus[rows], blend(logits, mask, cls[1 - v]))
+    local_sum = 0
+    for l in range(L):
+        for g in range(2):  # pair p = 1 - g of local crop l targets teacher crop g
+            logits, mask = sample_logits(g, PairTaps(*(t[:, l] for t in pairs.locals)), 1 - g)
+            rows = slice(2 * B + (2 * l + g) * B, 2 * B + (2 * l + g + 1) * B)
+            torch.testing.assert_close(targets.cls_plus[rows], blend(logits, mask, cls[g]))
+            local_sum = local_sum + logits[mask].sum(0)
+    torch.testing.assert_close(targets.extra_patch_sum, local_sum)
+    assert targets.extra_patch_count == pairs.locals.count.sum()
+
+
+def test_student_output_shapes_and_gradients():
+    model = tiny_model()
+    B, L = 3, 2
+    pairs = _pairs(B, L)
+    out = model(torch.randn(2 * B, 3, 32, 32), torch.randn(L * B, 3, 16, 16), *student_taps(pairs))
+    assert out.cls.shape == ((2 + L) * B, 64) and out.cls_plus.shape == ((2 + L) * B, 64)
+    assert out.patch.shape == (2 * B, 4, 64)
+    (out.cls.sum() + out.cls_plus.sum() + out.patch.sum()).backward()
+    assert model.backbone.vit.reg_token.grad.abs().sum() > 0 and model.srs.attn.qkv.weight.grad.abs().sum() > 0
+
+
+def test_reference_checkpoint_round_trip():
+    model = tiny_model()
+    ours = model.state_dict()
+    reference = {"module." + k: v for k, v in to_reference_state_dict(ours).items()}
+    C, N = 32, 16
+    assert reference["module.backbone.cls_token"].shape == (1, 2, C)
+    assert reference["module.backbone.pos_embed"].shape == (1, 1 + N, C)
+    assert {"module.norm1.weight", "module.attn.qkv.weight", "module.attn.norm.bias",
+            "module.head.mlp.4.weight", "module.head.last_layer.weight_g"} <= set(reference)
+    back = from_reference_state_dict(reference)
+    assert set(back) == set(ours) and all(torch.equal(back[k], ours[k]) for k in ours)
+    fresh = tiny_model(seed=1)
+    fresh.load_state_dict(back)
+    images = torch.randn(2, 3, 32, 32)
+    assert torch.equal(fresh.backbone(images).cls, model.backbone(images).cls)
+    # both extra tokens carry the reference's single cls position embedding
+    tokens = fresh.backbone.tokens(torch.randn(1, 3, 32, 32))
+    cls_token, pos = reference["module.backbone.cls_token"], reference["module.backbone.pos_embed"]
+    torch.testing.assert_close(tokens[0, :2], (cls_token + pos[:, :1])[0])
+
+
+# ---- schedules, k-NN --------------------------------------------------------------------------------
+
+def test_lr_schedule():
+    lr = utils.cosine_scheduler(1.0, 0.1, epochs=4, niter_per_ep=5, warmup_epochs=1)
+    assert len(lr) == 20 and lr[0] == 0 and lr[4] == pytest.approx(1.0) and lr[5] == pytest.approx(1.0)
+    assert lr[-1] > 0.1 and np.all(np.diff(lr[5:]) <= 0)
+
+
+def test_knn_classify_separable():
+    centers = F.normalize(torch.randn(3, 16), dim=-1)
+    labels = torch.arange(60) % 3
+    features = F.normalize(centers[labels] + 0.05 * torch.randn(60, 16), dim=-1)
+    assert knn_classify(features[:45], labels[:45], features[45:], labels[45:], k=5) == 100.0
+    assert knn_classify(features[:45], labels[:45], features[45:], (labels[45:] + 1) % 3, k=5) == 0.0
+
+
+def test_linear_probe_learns_separable_classes_and_not_shuffled_ones():
+    gen = torch.Generator().manual_seed(0)
+    directions = torch.randn(4, 24, generator=gen)
+    labels = torch.arange(400) % 4
+    features = directions[labels] + 0.5 * torch.randn(400, 24, generator=gen)
+    train, test = slice(0, 300), slice(300, 400)
+    assert eval_linear.linear_probe(features[train], labels[train], features[test], labels[test], epochs=20) > 95
+    shuffled = labels[train][torch.randperm(300, generator=gen)]
+    assert eval_linear.linear_probe(features[train], shuffled, features[test], labels[test], epochs=20) < 60
+
+
+def test_eval_linear_runs_on_a_checkpoint(tmp_path):
+    args = tiny_args(tmp_path)
+    torch.manual_seed(0)
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"args": vars(args), "teacher": build_model(args).state_dict()}, path)
+    results = eval_linear.main(["--pretrained_weights", str(path), "--epochs", "10"])
+    assert set(results) == {"cls", "cls+", "cls ‖ cls+"}
+    assert all(20 < accuracy <= 100 for accuracy in results.values()), results  # 10 classes: chance is 10 %
+
+
+# ---- runs ----------------------------------------------------------------------------------------------
+
+def test_short_run_loss_finite_and_decreasing(tmp_path):
+    # constant teacher temperature and a fast teacher: the loss falls within a few epochs
+    args = tiny_args(tmp_path, "--epochs", "6", "--embedded_images", "16", "--lr", "0.05", "--momentum_teacher",
+                     "0.9", "--warmup_teacher_temp", "0.04", "--teacher_temp", "0.04")
+    train_udi(args)
+    log = read_log(tmp_path)
+    losses = [r["train_loss"] for r in log]
+    assert len(log) == 6 and all(np.isfinite(losses))
+    assert np.mean(losses[-3:]) < 0.8 * losses[0], losses
+    checkpoint = torch.load(tmp_path / "checkpoint.pth", weights_only=False)
+    assert {"student", "teacher", "optimizer", "epoch", "args", "udi_loss", "scaler"} <= set(checkpoint)
+    assert checkpoint["epoch"] == 6
+    centers = checkpoint["udi_loss"]
+    assert set(centers) == {"center_cls.center", "center_cls_plus.center", "center_patch.center"}
+    assert all(torch.isfinite(c).all() and c.abs().sum() > 0 for c in centers.values())
+
+
+def test_kill_and_resume_gives_the_same_trajectory(tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    _, teacher = train_udi(tiny_args(straight, "--drop_path_rate", "0.1"))
+    train_udi(tiny_args(resumed, "--drop_path_rate", "0.1"), stop_after_epoch=0)
+    assert len(read_log(resumed)) == 1
+    _, teacher_resumed = train_udi(tiny_args(resumed, "--drop_path_rate", "0.1"))
+    assert read_log(straight) == read_log(resumed)
+    for a, b in zip(teacher.state_dict().values(), teacher_resumed.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def _ddp_worker(rank, world_size, port, output_dir):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    train_udi(tiny_args(output_dir, "--batch_size_per_gpu", "2", "--epochs", "1"))
+    torch.distributed.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class TwoRankPatchLoss(UDILoss):
+    """One process scoring L_patch as 2 DDP ranks do (UDI_SPEC §5: over the valid samples *on the rank*): each
+    half of the images over its own count, the halves averaged as DDP averages the gradients."""
+
+    def _patch_loss(self, student, targets, tau_t):
+        B = targets.cls.shape[0] // 2
+        halves = [super(TwoRankPatchLoss, self)._patch_loss(
+            student._replace(patch=student.patch[rows]),
+            targets._replace(patch=targets.patch[rows], patch_mask=targets.patch_mask[rows]), tau_t)
+            for rows in torch.arange(2 * B).reshape(2, 2, B // 2).transpose(0, 1).flatten(1)]
+        return DistillCE(*(sum(values) for values in zip(*halves)))._replace(
+            loss=(halves[0].loss + halves[1].loss) / 2)
+
+
+def test_two_process_ddp_equals_one_process(tmp_path, monkeypatch):
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    with monkeypatch.context() as patched:
+        patched.setattr("udi.train.UDILoss", TwoRankPatchLoss)
+        train_udi(tiny_args(single, "--batch_size_per_gpu", "4", "--epochs", "1"))
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(ddp)), nprocs=2, join=True)
+    one, two = (torch.load(d / "checkpoint.pth", weights_only=False) for d in (single, ddp))
+    for key in ("student", "teacher", "udi_loss"):
+        for name, value in one[key].items():
+            other = two[key][name]
+            if name.endswith("qkv.bias"):
+                # the key bias has an identically zero gradient (softmax shift invariance): AdamW turns the
+                # rounding noise of a different reduction order into lr-sized steps, so it is left out
+                C = value.shape[0] // 3
+                value, other = torch.cat([value[:C], value[2 * C:]]), torch.cat([other[:C], other[2 * C:]])
+            torch.testing.assert_close(other, value, rtol=1e-4, atol=1e-5, msg=f"{key}.{name}")
+    assert read_log(single)[0]["train_loss"] == pytest.approx(read_log(ddp)[0]["train_loss"], rel=1e-5)

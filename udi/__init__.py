@@ -1,0 +1,1 @@
+"""UDI pre-training on udi_kernels: data, model, loop, evaluation."""

@@ -1,0 +1,300 @@
+"""Multi-crop views with their crop boxes (UDI_SPEC §1), datasets and the embedded demo data.
+
+Crop rules, as we read the reference: every crop's size is drawn like RandomResizedCrop (area as a fraction of
+the image, log-uniform aspect ratio). Global crop 0 may sit anywhere; global crop 1 and every local crop are
+placed uniformly among the positions where they overlap their anchor region by at least one pixel: crop 1's
+anchor is global crop 0, the locals' anchor is the bounding box of the two global crops.
+
+A crop of `h x w` pixels at `(top, left)` in an `Hi x Wi` image has the signed "ij" box
+`(top/(Hi-1), left/(Wi-1), (top+h-1)/(Hi-1), (left+w-1)/(Wi-1))`; a horizontal flip swaps j0 and j1.
+
+Randomness: every image draws from its own generator seeded by (seed, epoch, index), so a batch does not depend
+on the number of data-loader workers or of DDP ranks, and a resumed run redraws the same views.
+"""
+import math
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+from torch import Tensor
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+EMBEDDED_IMAGES = ("astronaut", "brick", "camera", "cat", "chelsea", "clock", "coffee", "coins", "colorwheel",
+                   "grass", "gravel", "hubble_deep_field", "immunohistochemistry", "moon", "page", "retina",
+                   "rocket", "text", "cell")
+
+
+class Crop(NamedTuple):
+    top: int
+    left: int
+    height: int
+    width: int
+
+
+def _uniform(gen: torch.Generator, low: float, high: float) -> float:
+    return low + (high - low) * float(torch.rand((), generator=gen))
+
+
+def _randint(gen: torch.Generator, low: int, high: int) -> int:
+    """Uniform integer in [low, high]."""
+    return int(torch.randint(low, high + 1, (), generator=gen))
+
+
+def draw_crop_size(gen, image_hw, scale, ratio=(3 / 4, 4 / 3), attempts=10):
+    """(h, w) like RandomResizedCrop; at least 2 pixels per side so that no box is degenerate."""
+    Hi, Wi = image_hw
+    for _ in range(attempts):
+        area = Hi * Wi * _uniform(gen, *scale)
+        aspect = math.exp(_uniform(gen, math.log(ratio[0]), math.log(ratio[1])))
+        h, w = round(math.sqrt(area / aspect)), round(math.sqrt(area * aspect))
+        if 2 <= h <= Hi and 2 <= w <= Wi:
+            return h, w
+    side = max(2, min(Hi, Wi))
+    return min(side, Hi), min(side, Wi)
+
+
+def place_overlapping(gen, image_hw, size, anchor: Crop) -> Crop:
+    """A crop of `size` inside the image, overlapping `anchor` by at least one pixel on each axis."""
+    corner = []
+    for extent, length, start, anchor_len in zip(image_hw, size, anchor[:2], anchor[2:]):
+        low = max(0, start - length + 1)
+        high = min(extent - length, start + anchor_len - 1)
+        corner.append(_randint(gen, low, high))
+    return Crop(corner[0], corner[1], *size)
+
+
+def bounding_crop(a: Crop, b: Crop) -> Crop:
+    top, left = min(a.top, b.top), min(a.left, b.left)
+    bottom, right = max(a.top + a.height, b.top + b.height), max(a.left + a.width, b.left + b.width)
+    return Crop(top, left, bottom - top, right - left)
+
+
+def crop_box(crop: Crop, image_hw, flipped: bool) -> list:
+    """The signed, normalised "ij" box (i0, j0, i1, j1) of a crop."""
+    Hi, Wi = image_hw
+    i0, i1 = crop.top / (Hi - 1), (crop.top + crop.height - 1) / (Hi - 1)
+    j0, j1 = crop.left / (Wi - 1), (crop.left + crop.width - 1) / (Wi - 1)
+    return [i0, j1, i1, j0] if flipped else [i0, j0, i1, j1]
+
+
+@dataclass
+class PhotometricPolicy:
+    """Per-view probabilities of DINO's augmentations (flip and colour jitter apply to every view)."""
+    blur: float
+    solarize: float = 0.0
+
+
+GLOBAL_POLICIES = (PhotometricPolicy(blur=1.0), PhotometricPolicy(blur=0.1, solarize=0.2))
+LOCAL_POLICY = PhotometricPolicy(blur=0.5)
+
+
+def color_jitter(gen, image, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1):
+    adjustments = [
+        lambda x: TF.adjust_brightness(x, _uniform(gen, 1 - brightness, 1 + brightness)),
+        lambda x: TF.adjust_contrast(x, _uniform(gen, 1 - contrast, 1 + contrast)),
+        lambda x: TF.adjust_saturation(x, _uniform(gen, 1 - saturation, 1 + saturation)),
+        lambda x: TF.adjust_hue(x, _uniform(gen, -hue, hue)),
+    ]
+    for k in torch.randperm(4, generator=gen).tolist():
+        image = adjustments[k](image)
+    return image
+
+
+def gaussian_blur(gen, image, sigma_range=(0.1, 2.0)):
+    sigma = _uniform(gen, *sigma_range)
+    kernel = min(2 * math.ceil(3 * sigma) + 1, (min(image.shape[-2:]) - 1) | 1)
+    return TF.gaussian_blur(image, [kernel, kernel], [sigma, sigma])
+
+
+def photometric(gen, image, policy: PhotometricPolicy):
+    """image [3, h, w] float in [0, 1] -> augmented and normalised."""
+    if _uniform(gen, 0, 1) < 0.8:
+        image = color_jitter(gen, image)
+    if _uniform(gen, 0, 1) < 0.2:
+        image = TF.rgb_to_grayscale(image, num_output_channels=3)
+    if _uniform(gen, 0, 1) < policy.blur:
+        image = gaussian_blur(gen, image)
+    if _uniform(gen, 0, 1) < policy.solarize:
+        image = TF.solarize(image, threshold=0.5)
+    return TF.normalize(image.clamp(0, 1), IMAGENET_MEAN, IMAGENET_STD)
+
+
+class MultiCropAugmentation:
+    """image [3, Hi, Wi] float in [0, 1] -> (2 + L crops, boxes [2 + L, 4] float32)."""
+
+    def __init__(self, global_crops_scale=(0.25, 1.0), local_crops_scale=(0.05, 0.25), local_crops_number=10,
+                 global_size=224, local_size=96):
+        self.global_scale, self.local_scale = tuple(global_crops_scale), tuple(local_crops_scale)
+        self.local_crops_number = local_crops_number
+        self.global_size, self.local_size = global_size, local_size
+
+    def draw_crops(self, gen, image_hw) -> list:
+        whole = Crop(0, 0, *image_hw)
+        first = place_overlapping(gen, image_hw, draw_crop_size(gen, image_hw, self.global_scale), whole)
+        second = place_overlapping(gen, image_hw, draw_crop_size(gen, image_hw, self.global_scale), first)
+        anchor = bounding_crop(first, second)
+        locals_ = [place_overlapping(gen, image_hw, draw_crop_size(gen, image_hw, self.local_scale), anchor)
+                   for _ in range(self.local_crops_number)]
+        return [first, second, *locals_]
+
+    def __call__(self, image: Tensor, gen: torch.Generator):
+        image_hw = tuple(image.shape[-2:])
+        views, boxes = [], []
+        for n, crop in enumerate(self.draw_crops(gen, image_hw)):
+            size = self.global_size if n < 2 else self.local_size
+            policy = GLOBAL_POLICIES[n] if n < 2 else LOCAL_POLICY
+            view = TF.resized_crop(image, *crop, size=[size, size], antialias=True)
+            flipped = _uniform(gen, 0, 1) < 0.5
+            if flipped:
+                view = TF.horizontal_flip(view)
+            views.append(photometric(gen, view, policy))
+            boxes.append(crop_box(crop, image_hw, flipped))
+        return views, torch.tensor(boxes, dtype=torch.float32)
+
+
+def image_generator(*words: int) -> torch.Generator:
+    """A generator seeded by non-negative integer words, e.g. (seed, stream, epoch, index)."""
+    state = np.random.SeedSequence(list(words)).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def to_float_image(picture) -> Tensor:
+    """PIL image / HxW / HxWxC array -> [3, H, W] float32 in [0, 1]."""
+    image = TF.to_dtype(TF.to_image(picture), torch.float32, scale=True)
+    if image.shape[0] == 1:
+        image = image.expand(3, -1, -1)
+    return image[:3].contiguous()
+
+
+class MultiCropDataset(torch.utils.data.Dataset):
+    """Wraps a dataset of images (any (image, label) or image items) into (views, boxes) multi-crop items."""
+
+    def __init__(self, images, augmentation: MultiCropAugmentation, seed: int = 0):
+        self.images, self.augmentation, self.seed, self.epoch = images, augmentation, seed, 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        item = self.images[index]
+        picture = item[0] if isinstance(item, tuple) else item
+        return self.augmentation(to_float_image(picture), image_generator(self.seed, 1, self.epoch, index))
+
+
+def collate_multicrop(batch):
+    """[(views, boxes)] -> (list of 2 + L tensors [B, 3, s, s], boxes [B, 2 + L, 4] float32)."""
+    views = [torch.stack(crop) for crop in zip(*(item[0] for item in batch))]
+    return views, torch.stack([item[1] for item in batch])
+
+
+class EmbeddedImages(torch.utils.data.Dataset):
+    """Random square regions (30-100 % of the short side) of scikit-image's sample images, resized to `size`.
+
+    Item `i` is always the same region of image `i % n`, so the dataset is a fixed set of `length` pictures.
+    """
+
+    def __init__(self, length: int = 512, size: int = 128, names: Sequence[str] = EMBEDDED_IMAGES, seed: int = 0):
+        import skimage.data
+        self.sources = [to_float_image(np.ascontiguousarray(getattr(skimage.data, n)())) for n in names]
+        self.length, self.size, self.seed = length, size, seed
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, index):
+        source = self.sources[index % len(self.sources)]
+        gen = image_generator(self.seed, 0, index)
+        side = round(min(source.shape[-2:]) * _uniform(gen, 0.3, 1.0))
+        crop = place_overlapping(gen, source.shape[-2:], (side, side), Crop(0, 0, *source.shape[-2:]))
+        return TF.resized_crop(source, *crop, size=[self.size, self.size], antialias=True)
+
+
+def eval_transform(size: int):
+    """Deterministic evaluation view: resize the short side, centre crop, normalise."""
+    def transform(picture):
+        image = TF.resize(to_float_image(picture), [size], antialias=True)
+        return TF.normalize(TF.center_crop(image, [size, size]), IMAGENET_MEAN, IMAGENET_STD)
+    return transform
+
+
+def digits_split(train: bool, test_fraction: float = 0.3, seed: int = 0):
+    """scikit-learn's 8x8 digits (1797 images, 10 classes), a fixed split: images [n, 1, 8, 8] in [0, 1], labels."""
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    order = np.random.default_rng(seed).permutation(len(digits.target))
+    cut = int(len(order) * (1 - test_fraction))
+    chosen = order[:cut] if train else order[cut:]
+    return torch.from_numpy(digits.images[chosen]).float()[:, None] / 16.0, torch.from_numpy(digits.target[chosen])
+
+
+def resized_digits(images: Tensor, size: int) -> Tensor:
+    """[n, 1, 8, 8] -> [n, 3, size, size] in [0, 1]."""
+    return TF.resize(images, [size, size], antialias=True).clamp(0, 1).expand(-1, 3, -1, -1)
+
+
+class DigitsDataset(torch.utils.data.Dataset):
+    """The digits as labelled, normalised [3, size, size] images (the k-NN and linear-probe check)."""
+
+    def __init__(self, train: bool, size: int = 32):
+        images, labels = digits_split(train)
+        self.images = TF.normalize(resized_digits(images, size), IMAGENET_MEAN, IMAGENET_STD)
+        self.labels = labels.long()
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        return self.images[index], self.labels[index]
+
+
+def labelled_dataset(path, train: bool, size: int):
+    """An ImageFolder `path/{train,val}` (or `path` itself for both) or, with path None, the embedded digits."""
+    if path is None:
+        return DigitsDataset(train=train, size=size)
+    import os
+    from torchvision.datasets import ImageFolder
+    split = os.path.join(path, "train" if train else "val")
+    return ImageFolder(split if os.path.isdir(split) else path, transform=eval_transform(size))
+
+
+def pretraining_dataset(path, augmentation: MultiCropAugmentation, seed: int, embedded: str = "images",
+                        embedded_length: int = 512, embedded_size: int = 128):
+    """ImageFolder at `path`, or with path None embedded data: "images", scikit-image's sample images, or "digits",
+    the digits' train split without labels (the k-NN check uses the held-out split)."""
+    if path is not None:
+        from torchvision.datasets import ImageFolder
+        images = ImageFolder(path)
+    elif embedded == "digits":
+        images = resized_digits(digits_split(train=True)[0], 32)
+    else:
+        images = EmbeddedImages(length=embedded_length, size=embedded_size, seed=seed)
+    return MultiCropDataset(images, augmentation, seed=seed)
+
+
+class ShardedBatchSampler(torch.utils.data.Sampler):
+    """Per epoch, a seeded permutation cut into global batches of `batch_size * world_size`; rank r takes the
+    r-th contiguous slice of each, so ranks gathered in rank order see exactly the single-process batch.
+    Incomplete global batches are dropped."""
+
+    def __init__(self, length: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0):
+        self.length, self.batch_size, self.rank, self.world_size, self.seed = length, batch_size, rank, world_size, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.length // (self.batch_size * self.world_size)
+
+    def __iter__(self):
+        order = torch.randperm(self.length, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        global_batch = self.batch_size * self.world_size
+        for start in range(0, len(self) * global_batch, global_batch):
+            first = start + self.rank * self.batch_size
+            yield order[first:first + self.batch_size].tolist()

@@ -1,0 +1,86 @@
+"""Weighted k-NN on frozen cls / cls+ features (DINO's protocol): `python -m udi.eval_knn --pretrained_weights
+out/checkpoint.pth [--data_path /imagenet]` (ImageFolder with train/ and val/; default: scikit-learn's digits)."""
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from .data import labelled_dataset
+
+
+@torch.no_grad()
+def extract_features(backbone, dataset, device, batch_size=128):
+    """-> (cls [N, C], cls_plus [N, C]) L2-normalised, labels [N]."""
+    backbone.eval()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+    cls, cls_plus, labels = [], [], []
+    for images, targets in loader:
+        out = backbone(images.to(device))
+        cls.append(F.normalize(out.cls.float(), dim=-1).cpu())
+        cls_plus.append(F.normalize(out.cls_plus.float(), dim=-1).cpu())
+        labels.append(torch.as_tensor(targets))
+    return torch.cat(cls), torch.cat(cls_plus), torch.cat(labels)
+
+
+def knn_classify(train_features, train_labels, test_features, test_labels, k=20, temperature=0.07):
+    """Top-1 accuracy (%) of the similarity-weighted vote of the k nearest (cosine) training features."""
+    num_classes = int(train_labels.max()) + 1
+    similarity = test_features @ train_features.t()
+    top_sim, top_idx = similarity.topk(min(k, len(train_labels)), dim=1)
+    votes = torch.zeros(len(test_labels), num_classes)
+    votes.scatter_add_(1, train_labels[top_idx], (top_sim / temperature).exp())
+    return 100.0 * (votes.argmax(1) == test_labels).float().mean().item()
+
+
+def split_features(backbone, data_path, image_size, device):
+    """Frozen features of the train and the val split: two (cls, cls_plus, labels) triples."""
+    return tuple(extract_features(backbone, labelled_dataset(data_path, train, image_size), device)
+                 for train in (True, False))
+
+
+def knn_accuracies(backbone, data_path, image_size, device, k=20, temperature=0.07):
+    train, test = split_features(backbone, data_path, image_size, device)
+    return {name: knn_classify(train[i], train[2], test[i], test[2], k, temperature)
+            for i, name in enumerate(("cls", "cls_plus"))}
+
+
+def load_backbone(path, checkpoint_key="teacher"):
+    """The backbone of a udi.train checkpoint (its args rebuild the architecture) and those args."""
+    from .model import build_model
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    model = build_model(argparse.Namespace(**checkpoint["args"]))
+    model.load_state_dict(checkpoint[checkpoint_key])
+    return model.backbone, argparse.Namespace(**checkpoint["args"])
+
+
+def checkpoint_parser(description):
+    """The arguments every evaluation takes: which checkpoint, which data, which image size."""
+    p = argparse.ArgumentParser(description)
+    p.add_argument("--pretrained_weights", required=True, help="a udi.train checkpoint")
+    p.add_argument("--checkpoint_key", default="teacher")
+    p.add_argument("--data_path", default=None, help="ImageFolder root (train/, val/); default: digits")
+    p.add_argument("--image_size", default=None, type=int, help="default: the checkpoint's global crop size")
+    return p
+
+
+def checkpoint_features(args):
+    """Train and val features of the checkpoint's backbone on the data of `args` (a checkpoint_parser result)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    backbone, train_args = load_backbone(args.pretrained_weights, args.checkpoint_key)
+    return split_features(backbone.to(device), args.data_path, args.image_size or train_args.global_crop_size,
+                          device)
+
+
+def main(argv=None):
+    p = checkpoint_parser("UDI weighted k-NN")
+    p.add_argument("--nb_knn", default=[10, 20, 100, 200], nargs="+", type=int)
+    p.add_argument("--temperature", default=0.07, type=float)
+    args = p.parse_args(argv)
+    train, test = checkpoint_features(args)
+    for k in args.nb_knn:
+        accs = [knn_classify(train[i], train[2], test[i], test[2], k, args.temperature) for i in (0, 1)]
+        print(f"{k}-NN top-1: cls {accs[0]:.2f} %  cls+ {accs[1]:.2f} %")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Linear probe on frozen cls / cls+ features: `python -m udi.eval_linear --pretrained_weights out/checkpoint.pth
+[--data_path /imagenet]` (ImageFolder with train/ and val/; default: scikit-learn's digits).
+
+Features are extracted once (centre crops, no augmentation) and standardised with the train split's statistics;
+one linear classifier per feature set (cls, cls+, and both concatenated) is trained with AdamW and a cosine
+learning rate on mini-batches, and its top-1 accuracy on the val split is printed.
+"""
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .eval_knn import checkpoint_features, checkpoint_parser
+
+
+def train_linear(features: Tensor, labels: Tensor, epochs=100, lr=1e-2, weight_decay=1e-4, batch_size=256,
+                 seed=0) -> nn.Linear:
+    """A linear classifier features [N, C] -> logits [N, num_classes], trained with cross-entropy."""
+    gen = torch.Generator().manual_seed(seed)
+    classifier = nn.Linear(features.shape[1], int(labels.max()) + 1)
+    optimizer = torch.optim.AdamW(classifier.parameters(), lr=lr, weight_decay=weight_decay)
+    steps_per_epoch = -(-len(labels) // batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch)
+    for _ in range(epochs):
+        for batch in torch.randperm(len(labels), generator=gen).split(batch_size):
+            loss = F.cross_entropy(classifier(features[batch]), labels[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    return classifier
+
+
+@torch.no_grad()
+def top1(classifier: nn.Linear, features: Tensor, labels: Tensor) -> float:
+    return 100.0 * (classifier(features).argmax(1) == labels).float().mean().item()
+
+
+def linear_probe(train_features: Tensor, train_labels: Tensor, test_features: Tensor, test_labels: Tensor,
+                 **train_kwargs) -> float:
+    """Top-1 accuracy (%) on the test split of a linear classifier trained on standardised train features."""
+    mean, std = train_features.mean(0), train_features.std(0).clamp_min(1e-6)
+    classifier = train_linear((train_features - mean) / std, train_labels, **train_kwargs)
+    return top1(classifier, (test_features - mean) / std, test_labels)
+
+
+def feature_sets(cls: Tensor, cls_plus: Tensor) -> dict:
+    return {"cls": cls, "cls+": cls_plus, "cls ‖ cls+": torch.cat([cls, cls_plus], 1)}
+
+
+def main(argv=None):
+    p = checkpoint_parser("UDI linear probe")
+    p.add_argument("--epochs", default=100, type=int)
+    p.add_argument("--lr", default=1e-2, type=float)
+    p.add_argument("--weight_decay", default=1e-4, type=float)
+    p.add_argument("--batch_size", default=256, type=int)
+    args = p.parse_args(argv)
+    train, test = checkpoint_features(args)
+    train_sets, test_sets = feature_sets(*train[:2]), feature_sets(*test[:2])
+    results = {}
+    for name in train_sets:
+        results[name] = linear_probe(train_sets[name], train[2], test_sets[name], test[2], epochs=args.epochs,
+                                     lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size)
+        print(f"linear top-1 ({name}): {results[name]:.2f} %")
+    return results
+
+
+if __name__ == "__main__":
+    main()

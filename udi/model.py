@@ -1,0 +1,264 @@
+"""The UDI network: a timm ViT with a cls+ token, the SRS-attention head path and one shared DINO head.
+
+Token layout (as in the reference): `[cls, cls+, patches]`. The reference stores both extra tokens in one
+`cls_token [1, 2, C]` and its `pos_embed [1, 1 + N, C]` has one entry for them; we read that as both tokens
+receiving the cls position embedding. Here cls+ is timm's register token (`reg_tokens=1`), timm's `pos_embed`
+covers the patches only (`no_embed_class=True`) and `cls_pos_embed [1, 1, C]` is added to cls and cls+.
+Position embeddings are resampled (bicubic) for crops whose grid differs from `img_size / patch_size`.
+
+Crop-major batches as in DINO: row `crop * B + b`. Pair `p` of a batch (UDI_SPEC §2) has source global crop `p`
+and target global crop `1 - p`. Outputs are udi_kernels.losses' UDIStudent and UDITargets (their docstrings give
+the row orders), so UDILoss takes them as they are.
+"""
+from typing import NamedTuple
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed, trunc_normal_
+from torch import Tensor, nn
+
+from udi_kernels import SampledPairs, one_hot_taps
+from udi_kernels.losses import UDIStudent, UDITargets, masked_mean
+from udi_kernels.nn import SRSAttention
+
+DINO_ARCHS = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224",
+              "vit_base": "vit_base_patch16_224"}
+
+
+class BackboneOutput(NamedTuple):
+    cls: Tensor        # [B, C] after the final norm
+    cls_plus: Tensor   # [B, C] after the final norm
+    patch: Tensor      # [B, N, C] last block's output, before the final norm
+
+
+class ViTBackbone(nn.Module):
+    def __init__(self, arch="vit_small", patch_size=16, img_size=224, drop_path_rate=0.1, **overrides):
+        super().__init__()
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        self.vit = timm.create_model(DINO_ARCHS.get(arch, arch), pretrained=False, img_size=img_size,
+                                     patch_size=patch_size, num_classes=0, reg_tokens=1, no_embed_class=True,
+                                     dynamic_img_size=True, drop_path_rate=drop_path_rate, **overrides)
+        self.embed_dim, self.num_heads = self.vit.embed_dim, self.vit.blocks[0].attn.num_heads
+        self.patch_size = patch_size
+        self.cls_pos_embed = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
+        trunc_normal_(self.cls_pos_embed, std=0.02)
+
+    def tokens(self, images: Tensor) -> Tensor:
+        """images [B, 3, H, W] -> embedded tokens [B, 2 + N, C] before the first block."""
+        vit = self.vit
+        x = vit.patch_embed(images)
+        pos = resample_abs_pos_embed(vit.pos_embed, new_size=list(x.shape[1:3]),
+                                     old_size=list(vit.patch_embed.grid_size), num_prefix_tokens=0)
+        x = x.flatten(1, 2) + pos
+        prefix = torch.cat([vit.cls_token, vit.reg_token], 1) + self.cls_pos_embed
+        x = torch.cat([prefix.expand(x.shape[0], -1, -1), x], 1)
+        return vit.norm_pre(vit.pos_drop(x))
+
+    def forward(self, images: Tensor) -> BackboneOutput:
+        x = self.vit.blocks(self.tokens(images))
+        prefix = self.vit.norm(x[:, :2])
+        return BackboneOutput(prefix[:, 0], prefix[:, 1], x[:, 2:])
+
+    @torch.no_grad()
+    def last_attention(self, images: Tensor) -> Tensor:
+        """Attention probabilities of the last block, [B, H, 2 + N, 2 + N]."""
+        x = self.tokens(images)
+        for block in self.vit.blocks[:-1]:
+            x = block(x)
+        attn = self.vit.blocks[-1].attn
+        B, N, C = x.shape
+        qkv = attn.qkv(self.vit.blocks[-1].norm1(x)).reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+        return ((q * attn.scale) @ k.transpose(-2, -1)).softmax(-1)
+
+
+class WeightNormLinear(nn.Module):
+    """Linear without bias, weight = weight_g * weight_v / ||weight_v|| per output row (DINO's last layer)."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.weight_v = nn.Parameter(torch.empty(out_dim, in_dim))
+        self.weight_g = nn.Parameter(torch.ones(out_dim, 1))
+        trunc_normal_(self.weight_v, std=0.02)
+
+    @property
+    def weight(self) -> Tensor:
+        return self.weight_g * F.normalize(self.weight_v, dim=1)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return F.linear(z, self.weight)
+
+
+class DINOHead(nn.Module):
+    """MLP C -> hidden -> hidden -> bottleneck (GELU), L2-normalise, weight-normalised Linear(bottleneck -> K)."""
+
+    def __init__(self, in_dim, out_dim, norm_last_layer=True, hidden_dim=2048, bottleneck_dim=256):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim),
+                                 nn.GELU(), nn.Linear(hidden_dim, bottleneck_dim))
+        for layer in self.mlp[::2]:
+            trunc_normal_(layer.weight, std=0.02)
+            nn.init.zeros_(layer.bias)
+        self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
+        self.last_layer.weight_g.requires_grad = not norm_last_layer
+
+    def bottleneck(self, x: Tensor) -> Tensor:
+        return F.normalize(self.mlp(x), dim=-1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.last_layer(self.bottleneck(x))
+
+
+def student_taps(pairs: SampledPairs):
+    """Source taps of the global pairs, crop-major: index, weight [2B, Sg, 1]."""
+    src = pairs.globals.src_index.transpose(0, 1).flatten(0, 1)
+    return one_hot_taps(src, pairs.globals.count.transpose(0, 1).flatten(0, 1))
+
+
+def sample_mask(count: Tensor, num_samples: int) -> Tensor:
+    return torch.arange(num_samples, device=count.device) < count[..., None]
+
+
+def teacher_taps(pairs: SampledPairs):
+    """Target taps of every pair, grouped by pair p (row p*B + b, answered by teacher crop 1 - p).
+
+    -> index, weight [2B, Sg + L*Sl, 4] (the global pair's samples, then local crop l's at L*Sl);
+       mask_global [2B, Sg]; mask_local [2LB, Sl] in UDITeacher.local's order, row (2l + g)*B + b, g = 1 - p.
+    """
+    g, l = pairs.globals, pairs.locals
+    B, L, _, Sl = l.src_index.shape
+
+    def by_pair(global_taps, local_taps):
+        local_taps = local_taps.permute(2, 0, 1, 3, 4).reshape(2, B, L * Sl, -1)
+        return torch.cat([global_taps.transpose(0, 1), local_taps], 2).flatten(0, 1)
+
+    mask_global = sample_mask(g.count.transpose(0, 1).flatten(0, 1), g.src_index.shape[-1])
+    mask_local = sample_mask(l.count.flip(2).permute(1, 2, 0).flatten(0, 2), Sl)
+    return by_pair(g.tgt_index, l.tgt_index), by_pair(g.tgt_weight, l.tgt_weight), mask_global, mask_local
+
+
+def local_rows_by_target(z: Tensor, B: int, L: int) -> Tensor:
+    """[2B, L*Sl, D] rows by pair p -> [2LB, Sl, D] rows (2l + g)*B + b of target global g = 1 - p."""
+    return z.unflatten(0, (2, B)).unflatten(2, (L, -1)).flip(0).permute(2, 0, 1, 3, 4).flatten(0, 2)
+
+
+def form_targets(last_layer: WeightNormLinear, z_cls, z_global, mask_global, z_local, mask_local,
+                 alpha=0.5) -> UDITargets:
+    """UDILoss's teacher targets from 256-d bottleneck vectors (UDI_SPEC §6): the last layer is linear without
+    bias, so the cls+ blends and the local-sample patch-center sum are formed before it and only
+    2B(2 + L) + 2B*Sg rows reach K.
+
+    z_cls [2B, D] (row c*B + b: teacher crop c); z_global [2B, Sg, D], mask_global [2B, Sg] (row v*B + b: the
+    samples of pair v on teacher crop 1 - v); z_local [2LB, Sl, D], mask_local [2LB, Sl] (row (2l + g)*B + b:
+    local crop l's samples on teacher crop g). Same blend as udi_kernels.losses.cls_plus_targets.
+    """
+    B = z_cls.shape[0] // 2
+    L = z_local.shape[0] // (2 * B)
+    other_global = torch.cat([z_cls[B:], z_cls[:B]])
+    local_cls = z_cls.reshape(2, B, -1).repeat(L, 1, 1).flatten(0, 1)
+    blend = [alpha * masked_mean(z, mask).to(z.dtype) + (1 - alpha) * base
+             for z, mask, base in ((z_global, mask_global, other_global), (z_local, mask_local, local_cls))]
+    rows = [z_cls, *blend, z_global.flatten(0, 1)]
+    cls, plus_global, plus_local, patch = last_layer(torch.cat(rows)).split([len(r) for r in rows])
+
+    local_sum = torch.mm(mask_local.reshape(1, -1).to(z_local.dtype), z_local.flatten(0, 1))
+    accumulate = torch.promote_types(local_sum.dtype, torch.float32)
+    with torch.autocast(local_sum.device.type, enabled=False):
+        local_center_sum = F.linear(local_sum.to(accumulate), last_layer.weight.to(accumulate))[0]
+    return UDITargets(cls, patch.unflatten(0, z_global.shape[:2]), mask_global, torch.cat([plus_global, plus_local]),
+                      local_center_sum, mask_local.sum().to(accumulate))
+
+
+class UDIModel(nn.Module):
+    """Backbone + SRS attention (`srs`) + the shared DINO head. `forward` is the student's whole computation."""
+
+    def __init__(self, backbone: ViTBackbone, head: DINOHead):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+        self.srs = SRSAttention(backbone.embed_dim, backbone.num_heads)
+
+    def forward(self, global_crops: Tensor, local_crops, sample_index: Tensor, sample_weight: Tensor) -> UDIStudent:
+        """global_crops [2B, 3, Hg, Wg], local_crops [LB, 3, Hl, Wl] or None, taps [2B, Sg, T] (crop-major)."""
+        outputs = [self.backbone(global_crops)]
+        if local_crops is not None:
+            outputs.append(self.backbone(local_crops))
+        samples = self.srs(outputs[0].patch, sample_index, sample_weight)
+        cls = torch.cat([o.cls for o in outputs])
+        rows = torch.cat([cls, torch.cat([o.cls_plus for o in outputs]), samples.flatten(0, 1)])
+        cls, cls_plus, patch = self.head(rows).split([len(cls), len(cls), samples.shape[0] * samples.shape[1]])
+        return UDIStudent(cls, cls_plus, patch.unflatten(0, samples.shape[:2]))
+
+    @torch.no_grad()
+    def teacher_targets(self, global_crops: Tensor, pairs: SampledPairs, alpha: float = 0.5) -> UDITargets:
+        """One backbone pass over the global crops, one SRS pass per crop for all its sample sets."""
+        out = self.backbone(global_crops)
+        B = global_crops.shape[0] // 2
+        index, weight, mask_global, mask_local = teacher_taps(pairs)
+        by_pair = out.patch.unflatten(0, (2, B)).flip(0).flatten(0, 1)
+        z = self.head.bottleneck(self.srs(by_pair, index, weight))
+        Sg = mask_global.shape[-1]
+        z_local = local_rows_by_target(z[:, Sg:], B, mask_local.shape[0] // (2 * B))
+        return form_targets(self.head.last_layer, self.head.bottleneck(out.cls), z[:, :Sg], mask_global, z_local,
+                            mask_local, alpha)
+
+
+def build_model(args) -> UDIModel:
+    backbone = ViTBackbone(args.arch, args.patch_size, args.global_crop_size, args.drop_path_rate,
+                           embed_dim=args.embed_dim, depth=args.depth, num_heads=args.num_heads)
+    head = DINOHead(backbone.embed_dim, args.out_dim, args.norm_last_layer, args.head_hidden_dim,
+                    args.head_bottleneck_dim)
+    return UDIModel(backbone, head)
+
+
+# ---- the reference's checkpoints --------------------------------------------------------------------------
+# Our reading of the reference's UDIWrapper state dict (from UDI_SPEC §3-4): `backbone.*` is a DINO ViT with
+# `cls_token [1, 2, C]` (cls, cls+) and `pos_embed [1, 1 + N, C]`; the SRS-attention parameters sit on the wrapper
+# as `norm1.*` and `attn.{qkv,proj,norm}.*`; `head.mlp.{0,2,4}.*` and `head.last_layer.weight_{g,v}` are DINO's.
+# A DDP student carries a `module.` prefix, which is dropped.
+
+def _strip_module(state: dict) -> dict:
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+
+
+def from_reference_state_dict(state: dict) -> dict:
+    converted = {}
+    for key, value in _strip_module(state).items():
+        if key == "backbone.cls_token":
+            converted["backbone.vit.cls_token"], converted["backbone.vit.reg_token"] = value[:, :1], value[:, 1:2]
+        elif key == "backbone.pos_embed":
+            converted["backbone.cls_pos_embed"], converted["backbone.vit.pos_embed"] = value[:, :1], value[:, 1:]
+        elif key.startswith("backbone."):
+            converted["backbone.vit." + key[len("backbone."):]] = value
+        elif key.startswith(("norm1.", "attn.")):
+            converted["srs." + key] = value
+        else:
+            converted[key] = value
+    return converted
+
+
+def to_reference_state_dict(state: dict) -> dict:
+    converted = {}
+    for key, value in state.items():
+        if key == "backbone.vit.cls_token":
+            converted["backbone.cls_token"] = torch.cat([value, state["backbone.vit.reg_token"]], 1)
+        elif key == "backbone.vit.pos_embed":
+            converted["backbone.pos_embed"] = torch.cat([state["backbone.cls_pos_embed"], value], 1)
+        elif key in ("backbone.vit.reg_token", "backbone.cls_pos_embed"):
+            continue
+        elif key.startswith("backbone.vit."):
+            converted["backbone." + key[len("backbone.vit."):]] = value
+        elif key.startswith("srs."):
+            converted[key[len("srs."):]] = value
+        else:
+            converted[key] = value
+    return converted
+
+
+def convert_reference_checkpoint(checkpoint: dict) -> dict:
+    """A reference training checkpoint -> ours (student and teacher converted; other entries kept)."""
+    converted = dict(checkpoint)
+    for name in ("student", "teacher"):
+        if name in checkpoint:
+            converted[name] = from_reference_state_dict(checkpoint[name])
+    return converted

@@ -1,0 +1,113 @@
+"""Schedules, distributed setup, checkpoints and logging for udi.train (DINO's utilities, rewritten)."""
+import json
+import os
+import random
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epochs=0, start_warmup_value=0.0):
+    """One value per iteration: linear warm-up, then a cosine from base_value to final_value."""
+    warmup_iters = min(warmup_epochs * niter_per_ep, epochs * niter_per_ep)
+    warmup = np.linspace(start_warmup_value, base_value, warmup_iters)
+    steps = np.arange(epochs * niter_per_ep - warmup_iters)
+    cosine = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * steps / max(len(steps), 1)))
+    return np.concatenate([warmup, cosine])
+
+
+def init_distributed(backend=None):
+    """torchrun (RANK / WORLD_SIZE / LOCAL_RANK in the environment) -> a process group; otherwise one process.
+
+    Returns (rank, world_size, device).
+    """
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        use_cuda = torch.cuda.is_available()
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend or ("nccl" if use_cuda else "gloo"))
+        device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+        return dist.get_rank(), dist.get_world_size(), device
+    return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def is_main_process() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def fix_random_seeds(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def step_seed(seed: int, iteration: int) -> int:
+    """The same 63-bit seed on every rank for a given (seed, iteration): sampling needs no saved RNG."""
+    words = np.random.SeedSequence([seed, iteration]).generate_state(2, dtype=np.uint32)
+    return (int(words[0]) << 31 | int(words[1]) >> 1)
+
+
+def clip_gradients(model, clip: float):
+    """Per-parameter norm clipping, as DINO does."""
+    for p in model.parameters():
+        if p.grad is not None:
+            norm = p.grad.norm(2)
+            p.grad.mul_((clip / (norm + 1e-6)).clamp(max=1))
+
+
+def cancel_gradients_last_layer(epoch, model, freeze_last_layer):
+    if epoch >= freeze_last_layer:
+        return
+    for name, p in model.named_parameters():
+        if "last_layer" in name:
+            p.grad = None
+
+
+def param_groups(model):
+    """DINO's groups: no weight decay on biases and norm parameters (1-d tensors); group 0 gets the wd schedule."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def save_on_master(obj, path):
+    if is_main_process():
+        tmp = path + ".tmp"
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+
+
+def restart_from_checkpoint(path, **objects):
+    """Load every `name=object` (having load_state_dict) present in the checkpoint; return the checkpoint."""
+    if not os.path.isfile(path):
+        return None
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    for name, obj in objects.items():
+        if name in checkpoint and obj is not None:
+            obj.load_state_dict(checkpoint[name])
+    return checkpoint
+
+
+def log_json(output_dir, record: dict):
+    if is_main_process() and output_dir:
+        with open(os.path.join(output_dir, "log.txt"), "a") as f:
+            f.write(json.dumps(record) + "\n")
