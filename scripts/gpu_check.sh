@@ -38,12 +38,12 @@ step gpu_tests 200 env UDI_KERNELS_EXPECT_CUDA=1 python3 -m pytest -q -m gpu -p 
 for script in scripts/sanitize_*.py; do
   step "$(basename "$script" .py)_memcheck" 60 compute-sanitizer --tool memcheck --error-exitcode 1 python3 "$script"
 done
-BENCHES="srs_attention distill_loss srs_sample train_step"
-for bench in $BENCHES; do
-  [ -f "benchmarks/$bench.py" ] && step "bench_$bench" 120 python3 "benchmarks/$bench.py" --quick --out "$WORK"
-done
 for script in scripts/sanitize_*.py; do
   step "$(basename "$script" .py)_racecheck" 60 compute-sanitizer --tool racecheck --error-exitcode 1 python3 "$script"
+done
+BENCHES="srs_attention distill_loss srs_sample train_step"
+for bench in $BENCHES; do
+  [ -f "benchmarks/$bench.py" ] && step "bench_$bench" 100 python3 "benchmarks/$bench.py" --quick --out "$WORK"
 done
 
 step profile 60 python3 scripts/profile_gpu.py
