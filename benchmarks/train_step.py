@@ -201,8 +201,7 @@ def measure(provider, cfg, B, device, warmup, iters):
     if device.type == "cuda":
         result["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
     phases_ms = sum(result[name] for name in PHASES)
-    timing = dict(warmup=50, rep=int(iters * phases_ms)) if device.type == "cuda" else dict(warmup=0, rep=iters)
-    result["step"] = common.median_ms(lambda: step(PhaseTimer(device)), device, **timing)
+    result["step"] = common.median_ms(lambda: step(PhaseTimer(device)), device, quick=True, flush_l2=False)
     return result
 
 

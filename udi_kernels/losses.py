@@ -4,6 +4,7 @@ Centers are exact global means: the per-center weighted sum and count of the tea
 fused op and are all-reduced (when a torch.distributed process group exists) before the EMA step
 c ← m·c + (1 − m)·sum/count; a zero count leaves the center unchanged.
 """
+import functools
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -129,6 +130,20 @@ def level_weighted_pairs(student_rows_of_global, student_rows_of_local, teacher_
     return _cat_pairs(groups)
 
 
+@functools.lru_cache(maxsize=64)
+def pair_table(kind: str, crops: int, batch: int, device: torch.device) -> ScoredPairs:
+    """The scored pairs of a loss term, built once per (kind, crops, batch, device): rebuilding them on every
+    step costs dozens of small launches. kind 'dino' (crops = ncrops): teacher global iq against every other
+    student view; 'cls' / 'cls_plus' (crops = L): UDI's level-weighted cls and cls+ terms."""
+    if kind == "dino":
+        terms = 2 * (crops - 1)
+        return _cat_pairs([_crop_pairs(v, iq, batch, 1.0 / (terms * batch), device)
+                           for iq in range(2) for v in range(crops) if v != iq])
+    teacher_rows = {"cls": lambda c, g: 1 - c if g is None else g,
+                    "cls_plus": lambda c, g: c if g is None else 2 + 2 * c + g}[kind]
+    return level_weighted_pairs(lambda v: v, lambda l: 2 + l, teacher_rows, crops, batch, device)
+
+
 def _check_choice(value, name: str, choices):
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
@@ -175,9 +190,7 @@ class DINOLoss(nn.Module):
         return teacher_temperature(epoch, *self.schedule)
 
     def pairs(self, batch: int, device) -> ScoredPairs:
-        terms = 2 * (self.ncrops - 1)
-        return _cat_pairs([_crop_pairs(v, iq, batch, 1.0 / (terms * batch), device)
-                           for iq in range(2) for v in range(self.ncrops) if v != iq])
+        return pair_table("dino", self.ncrops, batch, torch.device(device))
 
     def forward(self, student_output: Tensor, teacher_output: Tensor, epoch: int) -> Tensor:
         batch = teacher_output.shape[0] // 2
@@ -340,12 +353,10 @@ class UDILoss(nn.Module):
         return teacher_temperature(epoch, *self.schedule)
 
     def cls_pairs(self, batch: int, device) -> ScoredPairs:
-        return level_weighted_pairs(lambda v: v, lambda l: 2 + l, lambda c, g: 1 - c if g is None else g,
-                                    self.num_local, batch, device)
+        return pair_table("cls", self.num_local, batch, torch.device(device))
 
     def cls_plus_pairs(self, batch: int, device) -> ScoredPairs:
-        return level_weighted_pairs(lambda v: v, lambda l: 2 + l, lambda c, g: c if g is None else 2 + 2 * c + g,
-                                    self.num_local, batch, device)
+        return pair_table("cls_plus", self.num_local, batch, torch.device(device))
 
     def forward(self, student: UDIStudent, teacher: Union[UDITeacher, UDITargets], epoch: int):
         tau_t = self.teacher_temp(epoch)

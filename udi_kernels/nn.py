@@ -99,7 +99,7 @@ class TappedAttention(nn.Module):
         k, v = (t.transpose(1, 2) for t in F.linear(h, w_kv, b_kv).unflatten(-1, (2, heads, head_dim)).unbind(2))
         scale = default_scale(head_dim) if self.scale is None else float(self.scale)
         identity, ones = identity_taps(B, S, h.device)
-        o = attend(q_s, k, v, identity, ones.to(compute_dtype(q_s.dtype)), scale, self.backend)
+        o = attend(q_s.to(k.dtype), k, v, identity, ones.to(compute_dtype(q_s.dtype)), scale, self.backend)
         return self.norm(self.proj(o.transpose(1, 2).reshape(B, S, C)) + tapped)
 
 

@@ -36,7 +36,7 @@ def _query_grad_kernel(q, k, v, index, weight, grad_out, out, lse, dq_s, delta, 
         k_block, v_block, _, _ = kv_block(k, v, head, keys, dims, N, D)
         p = tl.exp(tl.dot(q_s, tl.trans(k_block), input_precision=PRECISION) - row_lse[:, None])
         p = tl.where((keys < N)[None, :], p, 0.0)
-        dp = tl.dot(d_out, tl.trans(v_block), input_precision=PRECISION)
+        dp = tl.dot(d_out.to(v_block.dtype), tl.trans(v_block), input_precision=PRECISION)
         ds = p * (dp - row_delta[:, None])
         acc += tl.dot(ds.to(k_block.dtype), k_block, input_precision=PRECISION)
     tl.store(dq_s + row_offsets, acc * scale, mask=row_mask)
@@ -63,7 +63,7 @@ def _key_grad_kernel(q, k, v, index, weight, grad_out, lse, delta, dk, dv, H, NQ
                              k_block.dtype)
         rows = head * S + sample
         d_out = tl.load(grad_out + rows[:, None] * D + dims[None, :], mask=sample_ok[:, None] & dim_ok[None, :],
-                        other=0.0)
+                        other=0.0).to(v_block.dtype)  # q (hence out and grad_out) may be wider than k, v
         row_lse = tl.load(lse + rows, mask=sample_ok, other=0.0)
         row_delta = tl.load(delta + rows, mask=sample_ok, other=0.0)
         p = tl.exp(tl.dot(q_s, tl.trans(k_block), input_precision=PRECISION) - row_lse[:, None])
