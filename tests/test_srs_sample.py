@@ -349,12 +349,13 @@ def test_opcheck_triton():
                           test_utils=("test_schema", "test_faketensor"))
 
 
-def test_torch_compile_traces_without_graph_break():
+@pytest.mark.parametrize("backend", ["native", pytest.param("triton", marks=needs_interpreter)])
+def test_torch_compile_traces_without_graph_break(backend):
     boxes = random_boxes(3, 2, torch.Generator().manual_seed(0))
 
     @torch.compile(fullgraph=True, backend="aot_eager")
     def sample(b):
-        return stratified_sample(b, seed=17, backend="native", check_boxes=False)
+        return stratified_sample(b, seed=17, backend=backend, check_boxes=False)
 
     assert_bitwise(sample(boxes), stratified_sample(boxes, seed=17, backend="reference"))
 
@@ -436,13 +437,3 @@ def test_cuda_bad_values_are_caught():
     with pytest.raises(ValueError, match=r"inside \[0, 1\]"):
         stratified_sample(boxes)
 
-
-@needs_interpreter
-def test_torch_compile_traces_the_triton_op():
-    boxes = random_boxes(2, 1, torch.Generator().manual_seed(0))
-
-    @torch.compile(fullgraph=True, backend="aot_eager")
-    def sample(b):
-        return stratified_sample(b, seed=17, backend="triton", check_boxes=False)
-
-    assert_bitwise(sample(boxes), stratified_sample(boxes, seed=17, backend="reference"))
