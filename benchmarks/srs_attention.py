@@ -1,7 +1,8 @@
 """Benchmark of SRS attention (issue 3 §4): the UDI head attention at the four UDI_SPEC §7 shapes.
 
 Module level (what §7 measured): eager dense-map module (the reference's way), gather + SDPA, and
-SRSAttention on the Triton and CUDA kernels, fp16 autocast. Op level: the attention core alone in fp16
+SRSAttention on the Triton and CUDA kernels, fp16 autocast; on a GPU also SRSAttention compiled with
+CUDA graphs (mode="reduce-overhead"), for the four cases but not the sweep (compile time). Op level: the attention core alone in fp16
 against the bytes floor of §8 (k, v once + the tapped q rows + the output) over the measured copy ceiling.
 Module-level fwd+bwd closures are timed back to back (no L2 flush), the rest with do_bench (L2 flushed).
 
@@ -77,23 +78,36 @@ def on_backend(module, backend):
     return call
 
 
-def module_providers(module, device):
+def compiled_on_triton(module):
+    """SRSAttention on Triton under torch.compile(mode="reduce-overhead"): the head runs as CUDA graphs (no CPU
+    launch cost per kernel) and Inductor fuses the elementwise work around the op (LayerNorms, casts, adds)."""
+    compiled = torch.compile(module, mode="reduce-overhead", fullgraph=True)
+
+    def call(x, index, weight, dense):
+        module.attn.backend = "triton"
+        return compiled(x, index, weight)
+    return call
+
+
+def module_providers(module, device, with_compiled):
     dense_module, sdpa_module = DenseMapAttention(module), GatherSDPA(module)
     providers = {"eager_dense": lambda x, i, w, d: dense_module(x, d),
                  "gather_sdpa": lambda x, i, w, d: sdpa_module(x, i, w)}
     for name, backend in (("triton", "triton"), ("cuda" if device.type == "cuda" else "native_cpu", "native")):
         if why_unavailable(backend, "srs_attention", device) is None:
             providers[name] = on_backend(module, backend)
+    if with_compiled and device.type == "cuda" and "triton" in providers:
+        providers["triton_compiled"] = compiled_on_triton(module)
     return providers
 
 
-def run_module_case(name, batch, device, quick, autocast):
+def run_module_case(name, batch, device, quick, autocast, with_compiled=False):
     per_image, N, S, T, backward = CASES[name]
     module = SRSAttention(C, HEADS).to(device)
     x, index, weight, dense = make_inputs(batch * per_image, N, S, T, device)
     x.requires_grad_(backward)
     results = {}
-    for provider, fn in module_providers(module, device).items():
+    for provider, fn in module_providers(module, device, with_compiled).items():
         def step():
             with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None), \
                     torch.set_grad_enabled(backward):
@@ -163,7 +177,7 @@ def main():
     report = dict(batch=batch, copy_gb_per_s=common.copy_gb_per_s(device, args.quick), module={}, op={}, sweep={},
                   floor_bytes={})
     for name in CASES:
-        report["module"][name] = run_module_case(name, batch, device, args.quick, autocast)
+        report["module"][name] = run_module_case(name, batch, device, args.quick, autocast, with_compiled=True)
         report["op"][name], report["floor_bytes"][name] = run_op_case(name, batch, device, args.quick, op_dtype)
     for b in sweep:
         report["sweep"][str(b)] = run_module_case("student_global_fwd_bwd", b, device, args.quick, autocast)

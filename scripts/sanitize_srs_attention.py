@@ -7,7 +7,10 @@ import torch
 
 import udi_kernels
 
-SHAPES = [(1, 1, 23, 32, 1, 4), (2, 3, 37, 64, 19, 1), (1, 2, 50, 128, 17, 4), (2, 1, 9, 48, 33, 3)]
+# D = 384 and 512 run the wide-row instantiation (SRSAttention attending over whole tokens, > 48 KiB of
+# shared memory per block)
+SHAPES = [(1, 1, 23, 32, 1, 4), (2, 3, 37, 64, 19, 1), (1, 2, 50, 128, 17, 4), (2, 1, 9, 48, 33, 3),
+          (1, 1, 37, 384, 20, 1), (1, 1, 17, 512, 9, 4)]
 
 
 def run(B, H, N, D, S, T, dtype):

@@ -4,6 +4,8 @@ CPU (CI, TRITON_INTERPRET=1): float64 reference vs an independent dense-map impl
 Triton (interpreter, fp32) vs the reference; gradcheck; opcheck; torch.compile; bad inputs.
 GPU (marker gpu): CUDA and Triton vs the reference in fp32/bf16/fp16, forward and backward.
 """
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,11 +16,13 @@ from udi_kernels.compat import MaskedAttention
 from udi_kernels.nn import SRSAttention
 from udi_kernels.reference import srs_attention as reference
 
-# (B, H, N, D, S, T): N not a power of 2, S = 1, T = 1 and 4, H = 1, D = 32/64/128, B = 1.
-CPU_SHAPES = [(2, 3, 36, 32, 9, 1), (1, 1, 23, 64, 1, 4), (2, 2, 50, 128, 17, 4), (1, 2, 196, 64, 5, 4)]
-INTERPRETER_SHAPES = [(2, 2, 36, 32, 9, 1), (1, 1, 23, 64, 1, 4), (1, 2, 40, 128, 17, 4)]
+# (B, H, N, D, S, T): N not a power of 2, S = 1, T = 1 and 4, H = 1, D = 32/64/128, B = 1, and whole
+# tokens as one head (H = 1, D = C = 384, S = 6 heads x 16 samples: how SRSAttention attends over h).
+CPU_SHAPES = [(2, 3, 36, 32, 9, 1), (1, 1, 23, 64, 1, 4), (2, 2, 50, 128, 17, 4), (1, 2, 196, 64, 5, 4),
+              (2, 1, 37, 384, 12, 1)]
+INTERPRETER_SHAPES = [(2, 2, 36, 32, 9, 1), (1, 1, 23, 64, 1, 4), (1, 2, 40, 128, 17, 4), (1, 1, 37, 384, 20, 1)]
 GPU_SHAPES = [(3, 6, 196, 64, 16, 1), (5, 6, 36, 64, 9, 1), (2, 6, 196, 64, 106, 4), (1, 1, 23, 32, 1, 4),
-              (2, 2, 50, 128, 17, 4), (2, 3, 100, 48, 33, 4)]
+              (2, 2, 50, 128, 17, 4), (2, 3, 100, 48, 33, 4), (3, 1, 196, 384, 96, 1), (2, 1, 36, 512, 54, 1)]
 
 
 def needs(backend, device="cpu"):
@@ -273,12 +277,14 @@ def _randomize(module):
     return module
 
 
+# S = 7 <= head_dim = 16: the module attends over h; S = 20: over projected k, v (TappedAttention docstring).
 @pytest.mark.parametrize("backend", ["reference", "native"])
 @pytest.mark.parametrize("T,weighted", [(1, True), (4, True), (4, False)])
-def test_srs_attention_module_matches_dense_head_path(backend, T, weighted):
+@pytest.mark.parametrize("S", [7, 20])
+def test_srs_attention_module_matches_dense_head_path(backend, T, weighted, S):
     if why_unavailable(backend, "srs_attention", torch.device("cpu")) is not None:
         pytest.skip(f"{backend} unavailable")
-    B, N, C, S = 2, 36, 48, 7
+    B, N, C = 2, 36, 48
     module = _randomize(SRSAttention(C, num_heads=3, backend=backend)).double()
     _, index, weight = make_case(B, 1, N, 8, S, T, seed=7)
     weight = weight if weighted else None  # None: every tap weighs 1
@@ -291,6 +297,25 @@ def test_srs_attention_module_matches_dense_head_path(backend, T, weighted):
     expected_grads = torch.autograd.grad(expected.square().sum(), [x, *module.parameters()])
     for g, e in zip(grads, expected_grads):
         torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-10)
+
+
+@needs("triton")
+@pytest.mark.parametrize("S", [7, 20])
+def test_triton_module_matches_dense_head_path(S):
+    # fp32 on the interpreter (ieee dots) vs the dense float64 head path: max |error| / max |expected| <= 1e-5.
+    B, N, C = 2, 36, 48
+    module = _randomize(SRSAttention(C, num_heads=3, backend="triton"))
+    _, index, weight = make_case(B, 1, N, 8, S, 4, seed=11, dtype=torch.float32)
+    x = torch.randn(B, N, C, requires_grad=True)
+    dense = (F.one_hot(index.long(), N).double() * weight[..., None].double()).sum(2)
+    out = module(x, index, weight)
+    reference_module = copy.deepcopy(module).double()
+    expected = dense_head_path(reference_module.attn, reference_module.norm1(x.double()), dense)
+    assert relative_error(out, expected) <= 1e-5, relative_error(out, expected)
+    grads = torch.autograd.grad(out.square().sum(), [x, *module.parameters()])
+    expected_grads = torch.autograd.grad(expected.square().sum(), [x, *reference_module.parameters()])
+    for g, e in zip(grads, expected_grads):
+        assert relative_error(g, e) <= 1e-5, relative_error(g, e)
 
 
 @pytest.mark.parametrize("backend,dtype", [("reference", torch.float64), ("triton", torch.float32)])
@@ -349,6 +374,26 @@ def test_module_under_autocast_matches_float32(weighted):
     for expected, actual in zip(*results):
         assert torch.isfinite(actual).all()  # dtype: CPU autocast runs LayerNorm in bf16, CUDA in fp32
         assert relative_error(actual, expected) <= 3e-2, relative_error(actual, expected)
+
+
+def compiled_matches_eager(module, x, index, weight, tolerance, **compile_args):
+    """The module under torch.compile(fullgraph) gives the eager module's output and gradients."""
+    results = []
+    for fn in (module, torch.compile(module, fullgraph=True, **compile_args)):
+        for _ in range(3):  # reduce-overhead records its CUDA graph on a later call
+            out = fn(x, index, weight)
+            grads = torch.autograd.grad(out.float().square().sum(), [x, *module.parameters()])
+        results.append((out, *grads))
+    for actual, expected in zip(results[1], results[0]):
+        assert relative_error(actual, expected) <= tolerance, relative_error(actual, expected)
+
+
+@pytest.mark.parametrize("S", [7, 20])
+def test_module_compiles_without_graph_break(S):
+    module = _randomize(SRSAttention(48, num_heads=3, backend="reference"))
+    _, index, weight = make_case(2, 1, 36, 8, S, 4, seed=12, dtype=torch.float32)
+    compiled_matches_eager(module, torch.randn(2, 36, 48, requires_grad=True), index, weight, 1e-6,
+                           backend="aot_eager")
 
 
 def test_srs_attention_module_parameter_names_and_stratified_taps():
@@ -418,10 +463,11 @@ def test_gpu_query_rows_differ_from_keys(backend):
     check_backend(backend, (2, 6, 196, 64, 20, 1), torch.float32, "cuda", GPU_TOLERANCES[torch.float32], rows=20)
 
 
-def test_gpu_module_backends_agree():
+@pytest.mark.parametrize("S", [16, 106])  # attends over h / over projected k, v
+def test_gpu_module_backends_agree(S):
     module = _randomize(SRSAttention(384, num_heads=6)).cuda()
-    pairs_index = torch.randint(0, 196, (4, 16, 4), device="cuda")
-    weight = torch.rand(4, 16, 4, device="cuda")
+    pairs_index = torch.randint(0, 196, (4, S, 4), device="cuda")
+    weight = torch.rand(4, S, 4, device="cuda")
     x = torch.randn(4, 196, 384, device="cuda")
     outs = {}
     for backend in ("reference", "native", "triton"):
@@ -429,6 +475,17 @@ def test_gpu_module_backends_agree():
         outs[backend] = module(x, pairs_index, weight)
     for backend in ("native", "triton"):
         torch.testing.assert_close(outs[backend], outs["reference"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("S", [16, 106])
+def test_gpu_module_compiled_with_cuda_graphs_matches_eager(S):
+    """What benchmarks/srs_attention.py times as triton_compiled: Inductor + CUDA graphs, fp16 autocast."""
+    module = _randomize(SRSAttention(384, num_heads=6, backend="triton")).cuda()
+    index = torch.randint(0, 196, (4, S, 4), device="cuda", dtype=torch.int32)
+    weight = torch.rand(4, S, 4, device="cuda")
+    x = torch.randn(4, 196, 384, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.float16):
+        compiled_matches_eager(module, x, index, weight, 1e-2, mode="reduce-overhead")
 
 
 def test_gpu_module_fwd_bwd_has_no_host_sync():

@@ -19,13 +19,22 @@ def tap_rows(x: Tensor, index: Tensor, weight: Optional[Tensor]) -> Tensor:
     return (rows * weight[..., None].to(x.dtype)).sum(2)
 
 
-@functools.lru_cache(maxsize=16)
-def identity_taps(batch: int, samples: int, device: torch.device):
-    """index [batch, samples, 1] int32 with index[b, s, 0] = s, weight ones (float32): constants, built once
-    (as normal tensors even inside inference_mode, so that a later call with autograd can save them)."""
+def _build_identity_taps(batch: int, samples: int, device: torch.device):
+    # normal tensors even inside inference_mode, so that a later call with autograd can save them
     with torch.inference_mode(False):
         index = torch.arange(samples, device=device, dtype=torch.int32).expand(batch, samples)[..., None]
         return index.contiguous(), torch.ones(batch, samples, 1, device=device)
+
+
+_cached_identity_taps = functools.lru_cache(maxsize=16)(_build_identity_taps)
+
+
+def identity_taps(batch: int, samples: int, device: torch.device):
+    """index [batch, samples, 1] int32 with index[b, s, 0] = s, weight ones (float32): constants, built once
+    per shape in eager mode; torch.compile traces the construction into its graph instead."""
+    if torch.compiler.is_compiling():
+        return _build_identity_taps(batch, samples, device)
+    return _cached_identity_taps(batch, samples, device)
 
 
 def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
@@ -42,7 +51,13 @@ class TappedAttention(nn.Module):
     which equals sum_t w_t (h[idx_t] W_q + b_q), i.e. tapping the full q projection, for any weights:
     valid samples (weights summing to 1) get t_s W_q + b_q, padding samples (all weights 0) get q_s = 0
     and attend uniformly, exactly as the reference's dense map times q does.
-    Then out_s = norm(proj(softmax(q_s k^T / sqrt(D)) v) + t_s).
+    Then out_s = norm(proj(softmax(q_s k^T / sqrt(D)) v) + t_s), computed in one of two exact ways, whichever
+    needs fewer FLOPs:
+    - over tokens (S > head_dim): k, v projected for all N tokens, attention per head (width head_dim);
+    - over h (S <= head_dim): the k bias adds q_s . b_k to every logit of a row, which the softmax ignores, and
+      the attention weights sum to 1, so with q~ = W_k,h^T q_s,h the logits are q~ . h_n and
+      o_s,h = (sum_n a_n h_n) W_v,h^T + b_v,h: the heads' queries (width C) attend over h itself, and no k, v
+      exist for the N tokens. It costs 4 S H N C FLOPs against 4 N C^2 for the k, v projection.
 
     The hot path has no host sync: taps from stratified_sample are valid by construction. check_taps=True
     (constructor) checks 0 <= index < N and finite weights on every call, at the cost of one device sync.
@@ -81,6 +96,32 @@ class TappedAttention(nn.Module):
             return F.linear(tapped, w_q, b_q * taps)
         return torch.addcmul(F.linear(tapped, w_q), weight.sum(-1, keepdim=True), b_q)
 
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+        """srs_attention of every row of q [B, H, S, D] (identity taps) over k, v [B, H, N, D]."""
+        B, _, S, _ = q.shape
+        identity, ones = identity_taps(B, S, q.device)
+        return attend(q.to(k.dtype), k, v, identity, ones.to(compute_dtype(k.dtype)), scale, self.backend)
+
+    def _attend_over_tokens(self, h: Tensor, q_s: Tensor, w_kv: Tensor, b_kv: Optional[Tensor],
+                            scale: float) -> Tensor:
+        """q_s [B, S, H, D] -> o [B, S, C], with k, v projected for every token."""
+        B, S, heads, head_dim = q_s.shape
+        # unbind, not indexing: the backward then stacks dk, dv straight into the kv gradient, one kernel
+        k, v = (t.transpose(1, 2) for t in F.linear(h, w_kv, b_kv).unflatten(-1, (2, heads, head_dim)).unbind(2))
+        return self._attend(q_s.transpose(1, 2), k, v, scale).transpose(1, 2).reshape(B, S, -1)
+
+    def _attend_over_h(self, h: Tensor, q_s: Tensor, w_kv: Tensor, b_kv: Optional[Tensor], scale: float) -> Tensor:
+        """q_s [B, S, H, D] -> o [B, S, C], attending over h with q~ = W_k,h^T q_s,h (see the class docstring)."""
+        B, S, heads, head_dim = q_s.shape
+        w_k, w_v = w_kv.view(2, heads, head_dim, -1).unbind(0)  # [H, D, C] each
+        queries = torch.einsum("bshd,hdc->bshc", q_s, w_k).reshape(B, 1, S * heads, -1)
+        tokens = h[:, None]
+        context = self._attend(queries, tokens, tokens, scale).view(B, S, heads, -1)
+        o = torch.einsum("bshc,hdc->bshd", context, w_v)
+        if b_kv is not None:
+            o = o + b_kv.view(2, heads, head_dim)[1]
+        return o.reshape(B, S, -1)
+
     def forward(self, h: Tensor, index: Tensor, weight: Optional[Tensor] = None) -> Tensor:
         if h.dim() != 3 or index.dim() != 3 or index.shape[0] != h.shape[0]:
             raise ValueError(f"h must be [B, N, C] and index [B, S, T], got {list(h.shape)} and {list(index.shape)}")
@@ -94,13 +135,10 @@ class TappedAttention(nn.Module):
         h = h if dtype is None else h.to(dtype)
         weight = None if weight is None else weight.to(h.dtype)
         tapped = tap_rows(h, index, weight)
-        q_s = self._sampled_queries(tapped, weight, T, w_q, b_q).view(B, S, heads, head_dim).transpose(1, 2)
-        # unbind, not indexing: the backward then stacks dk, dv straight into the kv gradient, one kernel
-        k, v = (t.transpose(1, 2) for t in F.linear(h, w_kv, b_kv).unflatten(-1, (2, heads, head_dim)).unbind(2))
+        q_s = self._sampled_queries(tapped, weight, T, w_q, b_q).view(B, S, heads, head_dim)
         scale = default_scale(head_dim) if self.scale is None else float(self.scale)
-        identity, ones = identity_taps(B, S, h.device)
-        o = attend(q_s.to(k.dtype), k, v, identity, ones.to(compute_dtype(q_s.dtype)), scale, self.backend)
-        return self.norm(self.proj(o.transpose(1, 2).reshape(B, S, C)) + tapped)
+        attend_over = self._attend_over_h if S <= head_dim else self._attend_over_tokens
+        return self.norm(self.proj(attend_over(h, q_s, w_kv, b_kv, scale)) + tapped)
 
 
 class SRSAttention(nn.Module):

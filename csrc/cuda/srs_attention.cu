@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <type_traits>
 
 #include "srs_attention_op.h"
 
@@ -23,14 +24,22 @@ namespace udi::attention {
 namespace {
 
 constexpr int kWarp = 32;
-constexpr int kMaxDim = 128;
-constexpr int kDimsPerLane = kMaxDim / kWarp;
+// Kernels are instantiated for D <= kSmallDim (attention heads) and D <= kMaxDim (SRSAttention attends over
+// whole tokens, D = C): the per-thread accumulators scale with the bound.
+constexpr int kSmallDim = 128;
+constexpr int kMaxDim = 512;
 constexpr int kRows = 8;                  // samples (warps) per block, forward and pass 1
 constexpr int kTileKeys = kWarp;          // keys per tile, forward and pass 1
 constexpr int kKeys = 16;                 // keys (pass 2) or rows of q (pass 3) per block
 constexpr int kChunk = 16;                // samples per chunk, passes 2 and 3
 constexpr int kPass2Threads = kKeys * kChunk;  // one thread per (sample, key) pair of a chunk
-constexpr int kOwned = kKeys * kMaxDim / kPass2Threads;
+constexpr size_t kDefaultSmem = 48 * 1024;  // more dynamic shared memory needs an opt-in per kernel
+
+template <int kDims>
+constexpr int dims_per_lane() { return kDims / kWarp; }
+
+template <int kDims>
+constexpr int owned_per_thread() { return kKeys * kDims / kPass2Threads; }
 
 template <typename scalar_t>
 struct Inputs {
@@ -77,10 +86,10 @@ __device__ void load_rows(const scalar_t* src, int64_t first, int64_t valid, int
 
 // Calls f(i, row, d) for each element (row, d) of a [kKeys][D] tile that this thread of a pass-2/3
 // block owns; i indexes the thread's accumulators.
-template <typename F>
+template <int kDims, typename F>
 __device__ __forceinline__ void for_owned(int64_t D, F f) {
 #pragma unroll
-  for (int i = 0; i < kOwned; ++i) {
+  for (int i = 0; i < owned_per_thread<kDims>(); ++i) {
     const int e = threadIdx.x + i * kPass2Threads;
     if (e >= kKeys * D) break;
     f(i, e / static_cast<int>(D), e % static_cast<int>(D));
@@ -104,19 +113,20 @@ __device__ void load_kv_tile(const Inputs<scalar_t>& a, int64_t head_offset, int
 }
 
 // acc (elements lane + 32 j of a row) += sum_key weight_key * tile[key], weight_key held by lane `key`.
+template <int kDims>
 __device__ __forceinline__ void accumulate_tile(float lane_weight, const float* tile, int stride, int64_t D, int lane,
-                                                float (&acc)[kDimsPerLane]) {
+                                                float (&acc)[dims_per_lane<kDims>()]) {
   for (int key = 0; key < kTileKeys; ++key) {
     const float weight = __shfl_sync(0xffffffffu, lane_weight, key);
 #pragma unroll
-    for (int j = 0; j < kDimsPerLane; ++j) {
+    for (int j = 0; j < dims_per_lane<kDims>(); ++j) {
       const int d = lane + j * kWarp;
       if (d < D) acc[j] += weight * tile[key * stride + d];
     }
   }
 }
 
-template <typename scalar_t>
+template <typename scalar_t, int kDims>
 __global__ void __launch_bounds__(kRows* kWarp)
     forward_kernel(Inputs<scalar_t> a, scalar_t* out, float* lse) {
   extern __shared__ float smem[];
@@ -132,7 +142,7 @@ __global__ void __launch_bounds__(kRows* kWarp)
     for (int d = lane; d < a.D; d += kWarp) q_s[d] = tapped_query(a, b, head, sample, d);
   __syncwarp();
 
-  float row_max = -INFINITY, row_sum = 0.f, acc[kDimsPerLane] = {};
+  float row_max = -INFINITY, row_sum = 0.f, acc[dims_per_lane<kDims>()] = {};
   for (int64_t start = 0; start < a.N; start += kTileKeys) {
     load_kv_tile(a, head_offset, start, stride, k_tile, v_tile);
     if (!active) continue;
@@ -142,13 +152,13 @@ __global__ void __launch_bounds__(kRows* kWarp)
     const float p = key_ok ? expf(logit - new_max) : 0.f;
     const float rescale = expf(row_max - new_max);
     row_sum = row_sum * rescale + warp_sum(p);
-    for (int j = 0; j < kDimsPerLane; ++j) acc[j] *= rescale;
-    accumulate_tile(p, v_tile, stride, a.D, lane, acc);
+    for (int j = 0; j < dims_per_lane<kDims>(); ++j) acc[j] *= rescale;
+    accumulate_tile<kDims>(p, v_tile, stride, a.D, lane, acc);
     row_max = new_max;
   }
   if (!active) return;
   const int64_t row = head * a.S + sample;
-  for (int j = 0; j < kDimsPerLane; ++j) {
+  for (int j = 0; j < dims_per_lane<kDims>(); ++j) {
     const int d = lane + j * kWarp;
     if (d < a.D) out[row * a.D + d] = static_cast<scalar_t>(acc[j] / row_sum);
   }
@@ -156,7 +166,7 @@ __global__ void __launch_bounds__(kRows* kWarp)
 }
 
 // Pass 1: delta_s = <dout_s, out_s> and dq_s = scale * sum_n P_sn (dP_sn - delta_s) k_n.
-template <typename scalar_t>
+template <typename scalar_t, int kDims>
 __global__ void __launch_bounds__(kRows* kWarp)
     query_grad_kernel(Inputs<scalar_t> a, const scalar_t* grad_out, const scalar_t* out, const float* lse,
                       float* dq_s, float* delta) {
@@ -183,7 +193,7 @@ __global__ void __launch_bounds__(kRows* kWarp)
   }
   __syncwarp();
 
-  float acc[kDimsPerLane] = {};
+  float acc[dims_per_lane<kDims>()] = {};
   for (int64_t start = 0; start < a.N; start += kTileKeys) {
     load_kv_tile(a, head_offset, start, stride, k_tile, v_tile);
     if (!active) continue;
@@ -192,10 +202,10 @@ __global__ void __launch_bounds__(kRows* kWarp)
       const float p = expf(shared_dot(q_s, k_tile + lane * stride, a.D) * a.scale - row_lse);
       ds = p * (shared_dot(d_out, v_tile + lane * stride, a.D) - row_delta);
     }
-    accumulate_tile(ds, k_tile, stride, a.D, lane, acc);
+    accumulate_tile<kDims>(ds, k_tile, stride, a.D, lane, acc);
   }
   if (!active) return;
-  for (int j = 0; j < kDimsPerLane; ++j) {
+  for (int j = 0; j < dims_per_lane<kDims>(); ++j) {
     const int d = lane + j * kWarp;
     if (d < a.D) dq_s[row * a.D + d] = acc[j] * a.scale;
   }
@@ -203,7 +213,7 @@ __global__ void __launch_bounds__(kRows* kWarp)
 }
 
 // Pass 2: dv_n = sum_s P_sn dout_s and dk_n = sum_s dS_sn q_s for the block's keys.
-template <typename scalar_t>
+template <typename scalar_t, int kDims>
 __global__ void __launch_bounds__(kPass2Threads)
     key_grad_kernel(Inputs<scalar_t> a, const scalar_t* grad_out, const float* lse, const float* delta, scalar_t* dk,
                     scalar_t* dv) {
@@ -220,7 +230,7 @@ __global__ void __launch_bounds__(kPass2Threads)
   load_rows(a.k + kv_offset, first_key, a.N, kKeys, a.D, stride, k_tile);
   load_rows(a.v + kv_offset, first_key, a.N, kKeys, a.D, stride, v_tile);
 
-  float acc_dk[kOwned] = {}, acc_dv[kOwned] = {};
+  float acc_dk[owned_per_thread<kDims>()] = {}, acc_dv[owned_per_thread<kDims>()] = {};
   for (int64_t start = 0; start < a.S; start += kChunk) {
     __syncthreads();
     for (int e = threadIdx.x; e < kChunk * a.D; e += blockDim.x) {
@@ -243,14 +253,14 @@ __global__ void __launch_bounds__(kPass2Threads)
       dscores[s * kKeys + n] = ds;
     }
     __syncthreads();
-    for_owned(a.D, [&](int i, int n, int d) {
+    for_owned<kDims>(a.D, [&](int i, int n, int d) {
       for (int s = 0; s < kChunk; ++s) {
         acc_dv[i] += probs[s * kKeys + n] * d_out[s * stride + d];
         acc_dk[i] += dscores[s * kKeys + n] * q_rows[s * stride + d];
       }
     });
   }
-  for_owned(a.D, [&](int i, int n, int d) {
+  for_owned<kDims>(a.D, [&](int i, int n, int d) {
     if (first_key + n >= a.N) return;
     dk[kv_offset + (first_key + n) * a.D + d] = static_cast<scalar_t>(acc_dk[i]);
     dv[kv_offset + (first_key + n) * a.D + d] = static_cast<scalar_t>(acc_dv[i]);
@@ -258,7 +268,7 @@ __global__ void __launch_bounds__(kPass2Threads)
 }
 
 // Pass 3: dq_r = sum_{s, t: idx_st = r} w_st dq_s for the block's rows of q.
-template <typename scalar_t>
+template <typename scalar_t, int kDims>
 __global__ void __launch_bounds__(kPass2Threads)
     token_grad_kernel(Inputs<scalar_t> a, const float* dq_s, scalar_t* dq) {
   extern __shared__ float smem[];
@@ -267,7 +277,7 @@ __global__ void __launch_bounds__(kPass2Threads)
   float* tap_map = dq_rows + kChunk * stride;     // [kChunk][kKeys]
   const int64_t b = blockIdx.z, head = b * a.H + blockIdx.y, first_row = blockIdx.x * kKeys;
   const int64_t head_rows = head * a.S, taps = b * a.S * a.T;
-  float acc[kOwned] = {};
+  float acc[owned_per_thread<kDims>()] = {};
   for (int64_t start = 0; start < a.S; start += kChunk) {
     __syncthreads();
     load_rows(dq_s + head_rows * a.D, start, a.S, kChunk, a.D, stride, dq_rows);
@@ -281,11 +291,11 @@ __global__ void __launch_bounds__(kPass2Threads)
       tap_map[s * kKeys + r] = tap_weight;
     }
     __syncthreads();
-    for_owned(a.D, [&](int i, int r, int d) {
+    for_owned<kDims>(a.D, [&](int i, int r, int d) {
       for (int s = 0; s < kChunk; ++s) acc[i] += tap_map[s * kKeys + r] * dq_rows[s * stride + d];
     });
   }
-  for_owned(a.D, [&](int i, int r, int d) {
+  for_owned<kDims>(a.D, [&](int i, int r, int d) {
     if (first_row + r < a.Nq) dq[(head * a.Nq + first_row + r) * a.D + d] = static_cast<scalar_t>(acc[i]);
   });
 }
@@ -309,6 +319,25 @@ dim3 sample_grid(const Shape& s) {
               static_cast<unsigned>(s.B));
 }
 
+// Calls f(std::integral_constant<int, bound>{}) with the smallest instantiated bound >= D.
+template <typename F>
+void with_dim_bound(int64_t D, F f) {
+  if (D <= kSmallDim) {
+    f(std::integral_constant<int, kSmallDim>{});
+  } else {
+    f(std::integral_constant<int, kMaxDim>{});
+  }
+}
+
+// Launches kernel<<<grid, threads, smem>>>(args...), opting in to more than 48 KiB of shared memory when needed.
+template <typename... KernelArgs, typename... Args>
+void launch(void (*kernel)(KernelArgs...), dim3 grid, int threads, size_t smem, cudaStream_t stream, Args... args) {
+  if (smem > kDefaultSmem)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  kernel<<<grid, threads, smem, stream>>>(args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 size_t forward_smem(const Shape& s, int rows_per_warp) {
   return sizeof(float) * (2 * kTileKeys * (s.D + 1) + rows_per_warp * kRows * s.D);
 }
@@ -323,10 +352,11 @@ std::tuple<at::Tensor, at::Tensor> srs_attention_cuda(const at::Tensor& q, const
   at::Tensor lse = at::empty({s.B, s.H, s.S}, q.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "srs_attention_cuda", [&] {
-    forward_kernel<scalar_t><<<sample_grid(s), kRows * kWarp, forward_smem(s, 1),
-                               c10::cuda::getCurrentCUDAStream()>>>(inputs<scalar_t>(q, k, v, index, weight, scale, s),
-                                                                    out.data_ptr<scalar_t>(), lse.data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    with_dim_bound(s.D, [&](auto dims) {
+      launch(forward_kernel<scalar_t, dims>, sample_grid(s), kRows * kWarp, forward_smem(s, 1),
+             c10::cuda::getCurrentCUDAStream(), inputs<scalar_t>(q, k, v, index, weight, scale, s),
+             out.data_ptr<scalar_t>(), lse.data_ptr<float>());
+    });
   });
   return {out, lse};
 }
@@ -350,19 +380,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> srs_attention_backward_cuda(
   const size_t token_smem = sizeof(float) * (kChunk * (s.D + 1) + kChunk * kKeys);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "srs_attention_backward_cuda", [&] {
     const auto a = inputs<scalar_t>(q, k, v, index, weight, scale, s);
-    if (s.S > 0) {
-      query_grad_kernel<scalar_t><<<sample_grid(s), kRows * kWarp, forward_smem(s, 2), stream>>>(
-          a, grad_out.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), lse.data_ptr<float>(),
-          dq_s.data_ptr<float>(), delta.data_ptr<float>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-    key_grad_kernel<scalar_t><<<tiles(s.N), kPass2Threads, key_smem, stream>>>(
-        a, grad_out.data_ptr<scalar_t>(), lse.data_ptr<float>(), delta.data_ptr<float>(), dk.data_ptr<scalar_t>(),
-        dv.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    token_grad_kernel<scalar_t><<<tiles(s.Nq), kPass2Threads, token_smem, stream>>>(a, dq_s.data_ptr<float>(),
-                                                                                   dq.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    with_dim_bound(s.D, [&](auto dims) {
+      if (s.S > 0)
+        launch(query_grad_kernel<scalar_t, dims>, sample_grid(s), kRows * kWarp, forward_smem(s, 2), stream, a,
+               grad_out.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), lse.data_ptr<float>(),
+               dq_s.data_ptr<float>(), delta.data_ptr<float>());
+      launch(key_grad_kernel<scalar_t, dims>, tiles(s.N), kPass2Threads, key_smem, stream, a,
+             grad_out.data_ptr<scalar_t>(), lse.data_ptr<float>(), delta.data_ptr<float>(), dk.data_ptr<scalar_t>(),
+             dv.data_ptr<scalar_t>());
+      launch(token_grad_kernel<scalar_t, dims>, tiles(s.Nq), kPass2Threads, token_smem, stream, a,
+             dq_s.data_ptr<float>(), dq.data_ptr<scalar_t>());
+    });
   });
   return {dq, dk, dv};
 }

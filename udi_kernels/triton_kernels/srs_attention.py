@@ -86,9 +86,16 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def block_sizes(S: int, N: int, D: int):
-    """(BLOCK_S, BLOCK_N, BLOCK_D); tl.dot needs every dimension >= 16."""
-    return (max(16, min(64, triton.next_power_of_2(S))), max(16, min(64, triton.next_power_of_2(N))),
-            max(16, triton.next_power_of_2(D)))
+    """(BLOCK_S, BLOCK_N, BLOCK_D); tl.dot needs every dimension >= 16. Rows wider than 128 (SRSAttention
+    attending over whole tokens, D = C) get shorter blocks so that the [rows, BLOCK_D] tiles stay in registers."""
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    wide = BLOCK_D > 128
+    return (max(16, min(32 if wide else 64, triton.next_power_of_2(S))),
+            max(16, min(16 if wide else 64, triton.next_power_of_2(N))), BLOCK_D)
+
+
+def num_warps(BLOCK_D: int) -> int:
+    return 8 if BLOCK_D > 128 else 4
 
 
 def srs_attention_forward(q, k, v, index, weight, scale):
@@ -103,5 +110,6 @@ def srs_attention_forward(q, k, v, index, weight, scale):
     BLOCK_S, BLOCK_N, BLOCK_D = block_sizes(S, N, D)
     grid = (triton.cdiv(S, BLOCK_S), H, B)
     _forward_kernel[grid](q, k, v, index, weight, out, lse, H, NQ, N, S, T, D, scale, BLOCK_S=BLOCK_S,
-                          BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=dot_precision(q.dtype))
+                          BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=dot_precision(q.dtype),
+                          num_warps=num_warps(BLOCK_D))
     return out, lse
