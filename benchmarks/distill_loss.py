@@ -2,7 +2,8 @@
 
     python benchmarks/distill_loss.py [--quick] [--out DIR] [--backend native|triton]
 
-GPU: DINO (2 + 10 crops, B=128, K=65536, fp16) and UDI at UDI_SPEC §7 shapes; median of CUDA-event times
+GPU: DINO (2 + 10 crops, B=128, K=65536, fp16) and UDI at UDI_SPEC §7 shapes, on the teacher's logits and on
+targets formed in the bottleneck (udi_case); median of CUDA-event times
 (forward: do_bench, L2 flushed; fwd+bwd: back to back); fwd and fwd+bwd ms, peak extra memory, GB/s against
 the §8 floor and the floor's time at the measured copy ceiling. Without a GPU: small CPU shapes only.
 """
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, when not installed
 from benchmarks import common  # noqa: E402
-from udi_kernels.losses import DINOLoss, UDILoss, UDIStudent, UDITeacher  # noqa: E402
+from udi_kernels.losses import DINOLoss, UDILoss, UDIStudent, UDITeacher, cls_plus_targets  # noqa: E402
 
 
 def eager_dino(student, teacher, center, ncrops, tau_t, tau_s=0.1):
@@ -87,21 +88,35 @@ def dino_case(B, K, ncrops, dtype, device, backend, quick):
             "fused": fwd_and_fwd_bwd(lambda: fused(student, teacher, 0), [student], device, quick)}
 
 
-def udi_case(B, L, K, Sg, Sl, dtype, device, backend, quick):
+def udi_inputs(B, L, K, Sg, Sl, dtype, device):
     new = lambda *shape: torch.randn(*shape, device=device, dtype=dtype)
     student = UDIStudent(new((2 + L) * B, K).requires_grad_(), new((2 + L) * B, K).requires_grad_(),
                          new(2 * B, Sg, K).requires_grad_())
     teacher = UDITeacher(new(2 * B, K), new(2 * B, Sg, K), torch.rand(2 * B, Sg, device=device) < 0.8,
                          new(2 * L * B, Sl, K), torch.rand(2 * L * B, Sl, device=device) < 0.8)
+    return student, teacher
+
+
+def udi_case(B, L, K, Sg, Sl, dtype, device, backend, quick, bottleneck_targets=False):
+    """UDILoss on the teacher's logits (UDITeacher, 4.3 GB at UDI_SPEC §7 shapes, as the reference feeds its loss)
+    or, with bottleneck_targets, on UDITargets as udi.model forms them in the bottleneck (UDI_SPEC §6: the cls+
+    rows arrive blended, the local-sample logits never exist). The eager baseline always starts from the logits."""
+    student, teacher = udi_inputs(B, L, K, Sg, Sl, dtype, device)
     fused = UDILoss(K, 2 + L, backend=backend).to(device)
     centers = [torch.randn(1, K, device=device) for _ in range(3)]
     size = torch.finfo(dtype).bits // 8
     student_elems = sum(t.numel() for t in student)
-    floor = 3 * student_elems * size + sum(t.numel() * size for t in (teacher.cls, teacher.patch, teacher.local))
-    return {"case": f"UDI B={B} L={L} K={K}", "floor_bytes": floor, "grad_bytes": student_elems * size,
+    if bottleneck_targets:
+        targets = cls_plus_targets(teacher)
+        teacher_rows = (targets.cls, targets.patch, targets.cls_plus)
+    else:
+        targets, teacher_rows = teacher, (teacher.cls, teacher.patch, teacher.local)
+    floor = 3 * student_elems * size + sum(t.numel() * t.element_size() for t in teacher_rows)
+    name = f"UDI B={B} L={L} K={K}" + (" bottleneck targets" if bottleneck_targets else "")
+    return {"case": name, "floor_bytes": floor, "grad_bytes": student_elems * size,
             "eager": fwd_and_fwd_bwd(lambda: eager_udi(student, teacher, centers, L, 0.04), list(student),
                                      device, quick),
-            "fused": fwd_and_fwd_bwd(lambda: fused(student, teacher, 0)[0], list(student), device, quick)}
+            "fused": fwd_and_fwd_bwd(lambda: fused(student, targets, 0)[0], list(student), device, quick)}
 
 
 def summarize(result, copy_gb_per_s):
@@ -135,7 +150,9 @@ def main():
         dtype, shapes = torch.float32, dict(dino=(8, 2048, 12), udi=(4, 3, 2048, 16, 9))
     copy_gb_per_s = common.copy_gb_per_s(device, args.quick)
     results = [summarize(dino_case(*shapes["dino"], dtype, device, args.backend, args.quick), copy_gb_per_s),
-               summarize(udi_case(*shapes["udi"], dtype, device, args.backend, args.quick), copy_gb_per_s)]
+               summarize(udi_case(*shapes["udi"], dtype, device, args.backend, args.quick), copy_gb_per_s),
+               summarize(udi_case(*shapes["udi"], dtype, device, args.backend, args.quick, bottleneck_targets=True),
+                         copy_gb_per_s)]
     payload = dict(dtype=str(dtype), quick=args.quick, backend=args.backend or "auto", copy_gb_per_s=copy_gb_per_s,
                    results=results)
     chart = ("eager vs fused loss", [r["case"] for r in results],

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from udi_kernels import backends
-from udi_kernels.losses import (DINOLoss, IBOTPatchLoss, UDILoss, UDIStudent, UDITeacher, cls_plus_targets,
-                                sinkhorn_knopp_center, teacher_temperature)
+from udi_kernels.losses import (DINOLoss, IBOTPatchLoss, UDILoss, UDIStudent, UDITeacher, blend_cls_plus,
+                                cls_plus_targets, sinkhorn_knopp_center, teacher_temperature)
 
 BACKENDS = ["reference"]
 if backends.why_unavailable("native", "distill_ce_forward", torch.device("cpu")) is None:
@@ -218,6 +218,39 @@ def test_udi_targets_input_gives_the_same_loss():
     torch.testing.assert_close(loss_a, loss_b)
     for a, b in zip(_centers(first), _centers(second)):
         torch.testing.assert_close(a, b)
+
+
+def blend_eager(cls, global_samples, global_mask, local_samples, local_mask, alpha=0.5):
+    """UDI_SPEC §5 row by row, float64: T+ = α Σ_s m_s T_s / (Σ_s m_s + 1e-5) + (1 − α) T_cls."""
+    B = cls.shape[0] // 2
+    blend = lambda samples, mask, base: (alpha * (mask[:, None].double() * samples.double()).sum(0)
+                                         / (mask.sum().double() + 1e-5) + (1 - alpha) * base.double())
+    rows = [blend(global_samples[r], global_mask[r], cls[(r + B) % (2 * B)]) for r in range(2 * B)]
+    rows += [blend(local_samples[r], local_mask[r], cls[r % (2 * B)]) for r in range(local_samples.shape[0])]
+    valid = local_samples.double()[local_mask]
+    return torch.stack(rows), valid.sum(0), float(local_mask.sum())
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-12), (torch.float32, 1e-6), (torch.float16, 2e-3)])
+def test_blend_cls_plus_matches_the_spec_row_by_row(dtype, tolerance):
+    # tolerance: relative to the largest |row|; float16 rows are rounded once after a float32 blend.
+    B, L, Sg, Sl, D = 3, 2, 5, 4, 37
+    g = torch.Generator().manual_seed(21)
+    cls, global_samples, local_samples = (torch.randn(*shape, generator=g).to(dtype) for shape in
+                                          ((2 * B, D), (2 * B, Sg, D), (2 * L * B, Sl, D)))
+    global_mask, local_mask = torch.rand(2 * B, Sg, generator=g) < 0.6, torch.rand(2 * L * B, Sl, generator=g) < 0.6
+    global_mask[1], local_mask[-1] = False, False  # rows without a valid sample keep (1 − α) T_cls
+    rows, local_sum, local_count = blend_cls_plus(cls, global_samples, global_mask, local_samples, local_mask, 0.5,
+                                                  dtype)
+    want_rows, want_sum, want_count = blend_eager(cls, global_samples, global_mask, local_samples, local_mask)
+    assert rows.dtype == dtype and local_sum.dtype == torch.promote_types(dtype, torch.float32)
+    scale = want_rows.abs().max()
+    assert ((rows.double() - want_rows).abs().max() / scale).item() <= tolerance
+    assert ((local_sum.double() - want_sum).abs().max() / want_sum.abs().max()).item() <= tolerance
+    assert float(local_count) == want_count
+    no_locals = blend_cls_plus(cls, global_samples, global_mask, None, None, 0.5, dtype)
+    torch.testing.assert_close(no_locals[0], rows[:2 * B], rtol=0, atol=0)
+    assert float(no_locals[1].abs().sum()) == 0 and float(no_locals[2]) == 0
 
 
 def test_udi_probability_mixture_option():

@@ -19,7 +19,7 @@ from timm.layers import resample_abs_pos_embed, trunc_normal_
 from torch import Tensor, nn
 
 from udi_kernels import SampledPairs, one_hot_taps
-from udi_kernels.losses import UDIStudent, UDITargets, masked_mean
+from udi_kernels.losses import UDIStudent, UDITargets, blend_cls_plus
 from udi_kernels.nn import SRSAttention
 
 DINO_ARCHS = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224",
@@ -151,23 +151,15 @@ def form_targets(last_layer: WeightNormLinear, z_cls, z_global, mask_global, z_l
 
     z_cls [2B, D] (row c*B + b: teacher crop c); z_global [2B, Sg, D], mask_global [2B, Sg] (row v*B + b: the
     samples of pair v on teacher crop 1 - v); z_local [2LB, Sl, D], mask_local [2LB, Sl] (row (2l + g)*B + b:
-    local crop l's samples on teacher crop g). Same blend as udi_kernels.losses.cls_plus_targets.
+    local crop l's samples on teacher crop g). The blend is udi_kernels.losses.blend_cls_plus.
     """
-    B = z_cls.shape[0] // 2
-    L = z_local.shape[0] // (2 * B)
-    other_global = torch.cat([z_cls[B:], z_cls[:B]])
-    local_cls = z_cls.reshape(2, B, -1).repeat(L, 1, 1).flatten(0, 1)
-    blend = [alpha * masked_mean(z, mask).to(z.dtype) + (1 - alpha) * base
-             for z, mask, base in ((z_global, mask_global, other_global), (z_local, mask_local, local_cls))]
-    rows = [z_cls, *blend, z_global.flatten(0, 1)]
-    cls, plus_global, plus_local, patch = last_layer(torch.cat(rows)).split([len(r) for r in rows])
-
-    local_sum = torch.mm(mask_local.reshape(1, -1).to(z_local.dtype), z_local.flatten(0, 1))
-    accumulate = torch.promote_types(local_sum.dtype, torch.float32)
+    plus, local_sum, local_count = blend_cls_plus(z_cls, z_global, mask_global, z_local, mask_local, alpha,
+                                                  z_cls.dtype)
+    rows = [z_cls, plus, z_global.flatten(0, 1)]
+    cls, plus, patch = last_layer(torch.cat(rows)).split([len(r) for r in rows])
     with torch.autocast(local_sum.device.type, enabled=False):
-        local_center_sum = F.linear(local_sum.to(accumulate), last_layer.weight.to(accumulate))[0]
-    return UDITargets(cls, patch.unflatten(0, z_global.shape[:2]), mask_global, torch.cat([plus_global, plus_local]),
-                      local_center_sum, mask_local.sum().to(accumulate))
+        local_center_sum = F.linear(local_sum, last_layer.weight.to(local_sum.dtype))
+    return UDITargets(cls, patch.unflatten(0, z_global.shape[:2]), mask_global, plus, local_center_sum, local_count)
 
 
 class UDIModel(nn.Module):

@@ -306,23 +306,45 @@ def masked_mean(rows: Tensor, mask: Tensor, eps: float = 1e-5) -> Tensor:
     return total / (mask.sum(1, keepdim=True).to(dtype) + eps)
 
 
-def cls_plus_targets(teacher: UDITeacher, alpha: float = 0.5) -> UDITargets:
-    """UDI's cls+ targets blended in logit space: T+ = α·masked mean of the sample logits + (1 − α)·T_cls.
+def _blend_into(out: Tensor, samples: Tensor, mask: Tensor, base: Tensor, alpha: float) -> Tensor:
+    """out [n, R, D] = alpha * masked mean of samples [n*R, S, D] + base [R, D] (already scaled by 1 - alpha),
+    without [n, R, D] temporaries; returns the masked sums [n*R, D] (dtype of samples)."""
+    totals = torch.bmm(mask.to(samples.dtype)[:, None], samples).squeeze(1)
+    scale = alpha / (mask.sum(1, dtype=torch.promote_types(out.dtype, torch.float32)) + 1e-5)
+    torch.addcmul(base, totals.view(out.shape), scale.view(*out.shape[:2], 1), out=out)  # math in scale's dtype
+    return totals
 
-    Computed in float32 (float64 for float64 logits)."""
-    B = teacher.cls.shape[0] // 2
-    cls = teacher.cls.to(torch.promote_types(teacher.cls.dtype, torch.float32))
-    other_global = torch.cat([cls[B:], cls[:B]])  # student global v is paired with teacher global 1 − v
-    targets = [alpha * masked_mean(teacher.patch, teacher.patch_mask) + (1 - alpha) * other_global]
-    K = cls.shape[1]
-    extra_sum, extra_count = cls.new_zeros(K), cls.new_zeros(())
-    if teacher.local is not None and teacher.local.shape[0]:
-        local_cls = cls.reshape(2, B, K).repeat(teacher.local.shape[0] // (2 * B), 1, 1).reshape(-1, K)
-        targets.append(alpha * masked_mean(teacher.local, teacher.local_mask) + (1 - alpha) * local_cls)
-        flat_mask = teacher.local_mask.reshape(1, -1).to(teacher.local.dtype)
-        extra_sum = torch.mm(flat_mask, teacher.local.reshape(-1, K)).to(cls.dtype).squeeze(0)
-        extra_count = teacher.local_mask.sum().to(cls.dtype)
-    return UDITargets(teacher.cls, teacher.patch, teacher.patch_mask, torch.cat(targets), extra_sum, extra_count)
+
+def blend_cls_plus(cls: Tensor, global_samples: Tensor, global_mask: Tensor, local_samples: Optional[Tensor],
+                   local_mask: Optional[Tensor], alpha: float, dtype: torch.dtype):
+    """UDI's cls+ targets T+ = alpha * masked mean of the samples + (1 - alpha) * T_cls, with eps 1e-5 (UDI_SPEC §5),
+    for every cls+ student row, and the sum and count of the valid local samples (they join the patch center),
+    reading the samples once. Works on logits (D = K) and on bottleneck vectors (UDI_SPEC §6).
+
+    cls [2B, D] (row c*B + b: teacher crop c); global_samples [2B, Sg, D], global_mask [2B, Sg] (row v*B + b: the
+    samples of student global v on teacher crop 1 - v); local_samples [2LB, Sl, D], local_mask [2LB, Sl] (row
+    (2l + g)*B + b: local crop l's samples on teacher crop g) or None.
+    Returns rows [2B + 2LB, D] in `dtype` (rows v*B + b, then 2B + (2l + g)*B + b), local_sum [D] (float32 or
+    wider) and local_count [] (same dtype).
+    """
+    B2, D = cls.shape
+    L = 0 if local_samples is None else local_samples.shape[0] // B2
+    accumulate = torch.promote_types(dtype, torch.float32)
+    rows = torch.empty(B2 * (1 + L), D, dtype=dtype, device=cls.device)
+    base = (1 - alpha) * cls.to(dtype)
+    _blend_into(rows[:B2].view(1, B2, D), global_samples, global_mask, base.roll(B2 // 2, 0), alpha)
+    if L == 0:
+        return rows, cls.new_zeros(D, dtype=accumulate), cls.new_zeros((), dtype=accumulate)
+    local_totals = _blend_into(rows[B2:].view(L, B2, D), local_samples, local_mask, base, alpha)
+    return rows, local_totals.sum(0, dtype=accumulate), local_mask.sum().to(accumulate)
+
+
+def cls_plus_targets(teacher: UDITeacher, alpha: float = 0.5) -> UDITargets:
+    """UDI's cls+ targets blended in logit space (blend_cls_plus): rows in the dtype of the logits (as the
+    bottleneck path's last layer returns them), blended in float32, local-sample sum in float32 or wider."""
+    plus, local_sum, local_count = blend_cls_plus(teacher.cls, teacher.patch, teacher.patch_mask, teacher.local,
+                                                  teacher.local_mask, alpha, teacher.cls.dtype)
+    return UDITargets(teacher.cls, teacher.patch, teacher.patch_mask, plus, local_sum, local_count)
 
 
 class UDILoss(nn.Module):
