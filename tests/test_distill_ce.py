@@ -203,9 +203,25 @@ def test_zero_weight_pairs_add_nothing(backend):
     assert_close_rel(grad, ref_grad, 5e-5, "grad")
 
 
+@pytest.mark.parametrize("backend", ["reference"] + CPU_KERNELS)
+def test_prebuilt_csr_gives_the_public_result(backend):
+    """distill_cross_entropy_csr on build_csr's pairs == distill_cross_entropy; only the loss has a gradient."""
+    case = make_case(7, 5, 333, 2, 11)
+    out, grad = run(case, backend)
+    csr = op.build_csr(case["pair_student"], case["pair_teacher"], case["pair_weight"], case["center_id"],
+                       case["student"].shape[0], case["centers"].shape[0])
+    student = case["student"].detach().requires_grad_(True)
+    prebuilt = op.distill_cross_entropy_csr(student, case["teacher"], case["centers"], csr, case["row_weight"], 0.1,
+                                            0.04, backend=backend)
+    for name in ("loss", "center_sum", "center_count"):
+        torch.testing.assert_close(getattr(prebuilt, name), getattr(out, name), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(torch.autograd.grad(prebuilt.loss, student)[0], grad, rtol=1e-6, atol=1e-7)
+    assert not prebuilt.center_sum.requires_grad and not prebuilt.center_count.requires_grad
+
+
 def _op_args(case, tau_s=0.1, tau_t=0.04):
     csr = op.build_csr(case["pair_student"], case["pair_teacher"], case["pair_weight"], case["center_id"],
-                       case["student"].shape[0], case["centers"].shape[0], torch.float32)
+                       case["student"].shape[0], case["centers"].shape[0])
     return (case["student"].requires_grad_(True), case["teacher"], case["centers"], case["center_id"].long(),
             csr.student_ptr, csr.pair_teacher, csr.pair_weight, csr.center_ptr, csr.center_rows,
             case["row_weight"], tau_s, tau_t)

@@ -10,8 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from udi_kernels import backends
-from udi_kernels.losses import (DINOLoss, IBOTPatchLoss, UDILoss, UDIStudent, UDITeacher, blend_cls_plus,
-                                cls_plus_targets, sinkhorn_knopp_center, teacher_temperature)
+from udi_kernels.losses import (DINOLoss, EMACenter, IBOTPatchLoss, UDILoss, UDIStudent, UDITeacher, blend_cls_plus,
+                                cls_plus_targets, identity_table, pair_table, scored_pairs, sinkhorn_knopp_center,
+                                teacher_temperature, update_centers)
+from udi_kernels.ops.distill_ce import csr_pair_student
 
 BACKENDS = ["reference"]
 if backends.why_unavailable("native", "distill_ce_forward", torch.device("cpu")) is None:
@@ -292,6 +294,118 @@ def test_udi_bad_shapes_are_named():
     student, teacher = make_udi(2, 1, 33, 3, 3)
     with pytest.raises(ValueError, match="student cls must have shape"):
         UDILoss(33, 4)(student, teacher, 0)
+
+
+# ---- cached pair structure, host work per call ------------------------------------------------------------------
+
+def test_pair_tables_are_cached_per_structure_and_device():
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    table = pair_table("dino", 4, 3, cpu)
+    assert pair_table("dino", 4, 3, cpu) is table
+    others = [pair_table("dino", 4, 2, cpu), pair_table("dino", 5, 3, cpu), pair_table("cls", 4, 3, cpu),
+              pair_table("cls_plus", 4, 3, cpu), pair_table("dino", 4, 3, meta)]
+    assert all(other is not table for other in others)
+    assert {t.device for t in (*table.csr, table.unit_rows)} == {cpu}
+    assert {t.device for t in (*others[-1].csr, others[-1].unit_rows)} == {meta}
+    assert identity_table(7, cpu) is identity_table(7, cpu) and identity_table(7, meta) is not identity_table(7, cpu)
+
+
+@pytest.mark.parametrize("kind,crops,rows", [("dino", 5, (5, 2)), ("cls", 3, (5, 2)), ("cls_plus", 3, (5, 8)),
+                                             ("cls_plus", 0, (2, 2))])
+def test_pair_table_is_the_csr_of_its_pairs(kind, crops, rows):
+    B = 3
+    table = pair_table(kind, crops, B, torch.device("cpu"))
+    pairs = scored_pairs(kind, crops, B, torch.device("cpu"))
+    csr = table.csr
+    as_set = lambda s, t, w: sorted(zip(s.tolist(), t.tolist(), w.tolist()))
+    pair_student = csr_pair_student(csr)
+    assert as_set(pair_student, csr.pair_teacher, csr.pair_weight) == as_set(*pairs)
+    assert csr.student_ptr[-1] == len(pair_student) and (pair_student.diff() >= 0).all()
+    assert torch.equal(csr.student_ptr, torch.searchsorted(pair_student, torch.arange(rows[0] * B + 1)))
+    assert torch.equal(csr.center_id, torch.zeros(rows[1] * B, dtype=torch.int64))
+    assert torch.equal(csr.center_ptr, torch.tensor([0, rows[1] * B]))
+    assert torch.equal(table.unit_rows, torch.ones(rows[1] * B))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_losses_follow_a_changed_structure(backend):
+    """Alternating batch sizes, crops and masks: every call matches the eager loss (no stale cached table)."""
+    K = 37
+    dino = DINOLoss(K, 4, 0.04, 0.04, 1, 10, backend=backend)
+    ibot = IBOTPatchLoss(K, 0.04, 0.04, 1, 10, backend=backend)
+    for B, tokens in ((3, 5), (2, 4), (3, 5)):
+        student, teacher = torch.randn(4 * B, K), torch.randn(2 * B, K)
+        expected, _ = dino_eager(student, teacher, dino.center.double().clone(), 4, 0.04)
+        torch.testing.assert_close(dino(student, teacher, 0).double(), expected, rtol=1e-5, atol=1e-6)
+        s, t, mask = torch.randn(B, tokens, K), torch.randn(B, tokens, K), torch.rand(B, tokens) < 0.5
+        center = ibot.center.double().clone()
+        per_image = (H(t.double(), s.double(), center, 0.04) * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+        torch.testing.assert_close(ibot(s, t, mask, 0).double(), per_image.mean(), rtol=1e-5, atol=1e-6)
+    assert torch.equal(identity_table(15, torch.device("cpu")).csr.pair_weight, torch.ones(15))  # weights per call
+    udi = UDILoss(K, 4, backend=backend)
+    for B, L, seed in ((3, 2, 0), (2, 2, 1), (3, 2, 2)):
+        student, teacher = make_udi(B, L, K, 4, 3, seed=seed)
+        centers = [c.clone() for c in _centers(udi)]
+        expected, _, _ = udi_eager(student, teacher, centers, B, L, teacher_temperature(0, 0.04, 0.07, 30, 100))
+        torch.testing.assert_close(udi(student, teacher, 0)[0].double(), expected, rtol=1e-5, atol=1e-6)
+
+
+FORBIDDEN_ON_THE_HOT_PATH = {"aten::sort", "aten::searchsorted", "aten::arange", "aten::_local_scalar_dense"}
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+def test_a_call_with_a_cached_structure_sorts_nothing_and_never_syncs(backend):
+    """After the first call, on the kernels' path: no sort/searchsorted/arange (the CSR is cached), no
+    .item()/.tolist() (host sync)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(func.overloadpacket._qualified_op_name)
+            return func(*args, **(kwargs or {}))
+
+    K, B, L = 33, 2, 2
+    dino = DINOLoss(K, 2 + L, 0.04, 0.07, 30, 100, backend=backend)
+    ibot = IBOTPatchLoss(K, 0.04, 0.07, 30, 100, backend=backend)
+    udi = UDILoss(K, 2 + L, backend=backend)
+    student, teacher = make_udi(B, L, K, 4, 3)
+    patch_mask = teacher.patch_mask
+    calls = [lambda: dino(student.cls, teacher.cls, 0), lambda: ibot(student.patch, teacher.patch, patch_mask, 0),
+             lambda: udi(student, teacher, 0)[0]]
+    for call in calls:
+        call().backward()  # builds the tables
+        with Ops() as ops:
+            call().backward()
+        assert not ops.names & FORBIDDEN_ON_THE_HOT_PATH
+
+
+def test_tables_first_built_under_inference_mode_serve_training():
+    K, B = 19, 5  # a structure no other test builds
+    # a loss of its own here: an EMA step in inference mode makes its center an inference tensor
+    with torch.inference_mode():
+        DINOLoss(K, 3, 0.04, 0.07, 30, 100)(torch.randn(3 * B, K), torch.randn(2 * B, K), 0)
+    student = torch.randn(3 * B, K, requires_grad=True)
+    DINOLoss(K, 3, 0.04, 0.07, 30, 100)(student, torch.randn(2 * B, K), 0).backward()
+    assert torch.isfinite(student.grad).all()
+
+
+def test_centers_updated_together_equal_one_by_one():
+    K = 16
+    together, alone = [EMACenter(K, 0.9) for _ in range(3)], [EMACenter(K, 0.9) for _ in range(3)]
+    for a, b in zip(together, alone):
+        a.center.normal_()
+        b.center.copy_(a.center)
+    sums = [torch.randn(1, K) for _ in range(3)]
+    counts = [torch.tensor([4.0]), torch.tensor([0.0]), torch.tensor([2.5])]
+    update_centers(together, sums, counts)
+    for ema, total, count in zip(alone, sums, counts):
+        ema.update(total, count)
+    for a, b in zip(together, alone):
+        assert torch.equal(a.center, b.center) and a.center.shape == (1, K)
+    with pytest.raises(ValueError, match="share one momentum"):
+        update_centers([EMACenter(K, 0.9), EMACenter(K, 0.99)], sums[:2], counts[:2])
 
 
 # ---- 2-process gloo ------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
 """Loads the compiled extension udi_kernels._C, whose import registers the native kernels."""
+import functools
 import warnings
 
 import torch
@@ -14,6 +15,7 @@ def native_loaded() -> bool:
     return LOAD_ERROR is None
 
 
+@functools.cache  # the extension registers every kernel when it loads
 def has_native_kernel(op: str, device_type: str) -> bool:
     """Whether udi_kernels::<op> has a compiled kernel for device_type ('cpu' or 'cuda')."""
     if not native_loaded():

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .ops.distill_ce import distill_cross_entropy
+from .ops.distill_ce import DistillCE, PairCSR, build_csr, distill_cross_entropy_csr
 
 
 # ---- shared pieces -------------------------------------------------------------------------------------------------
@@ -47,14 +47,32 @@ class EMACenter(nn.Module):
         self.momentum = momentum
         self.register_buffer("center", torch.zeros(1, out_dim))
 
-    @torch.no_grad()
     def update(self, center_sum: Tensor, center_count: Tensor):
-        stats = all_reduce_sum(torch.cat([center_sum.float(), center_count.float()[:, None]], dim=1))
+        update_centers([self], [center_sum], [center_count])
+
+
+@torch.no_grad()
+def update_centers(emas, sums, counts):
+    """One EMA step of several centers (of one momentum) from their (sum [1, K], count [1]) statistics, as one
+    batch of small ops and at most one all-reduce."""
+    momentum = emas[0].momentum
+    if any(ema.momentum != momentum for ema in emas):
+        raise ValueError(f"centers updated together must share one momentum, got {[ema.momentum for ema in emas]}")
+    total = _stack(sums, torch.cat).float()      # [n, K]
+    count = _stack(counts, torch.stack).float()  # [n, 1] ([1] for one center, which broadcasts the same)
+    if distributed():
+        stats = all_reduce_sum(torch.cat([total, count.reshape(-1, 1)], dim=1))
         total, count = stats[:, :-1], stats[:, -1:]
-        mean = total / count.clamp_min(torch.finfo(torch.float32).tiny)
-        updated = self.center * self.momentum + mean * (1 - self.momentum)
-        # a new tensor, not copy_: the loss's autograd graph saved the old center
-        self.center = torch.where(count > 0, updated, self.center)
+    centers = _stack([ema.center for ema in emas], torch.cat)
+    mean = total / count.clamp_min(torch.finfo(torch.float32).tiny)
+    # new tensors, not copy_: the loss's autograd graph saved the old centers
+    updated = torch.where(count > 0, centers * momentum + mean * (1 - momentum), centers)
+    for ema, center in zip(emas, updated.split(1) if len(emas) > 1 else (updated,)):
+        ema.center = center
+
+
+def _stack(tensors, join):
+    return tensors[0] if len(tensors) == 1 else join(tensors)
 
 
 @torch.no_grad()
@@ -84,21 +102,28 @@ def _global_logsumexp_over_rows(x: Tensor) -> Tensor:
     return row_max + torch.log(total)
 
 
-def _cross_entropy(student: Tensor, teacher: Tensor, center: Tensor, pair_student: Tensor, pair_teacher: Tensor,
-                   pair_weight: Tensor, row_weight: Tensor, tau_s: float, tau_t: float, backend: Optional[str]):
-    """One center; returns the loss and the teacher rows' (sum [1, K], count [1]).
-
-    The pairs and center ids are built by the losses, valid by construction, so the op's value checks
-    (a device sync and a pass over the teacher) stay off the training path; shapes are still checked."""
-    center_id = torch.zeros(teacher.shape[0], dtype=torch.int64, device=teacher.device)
-    return distill_cross_entropy(student, teacher, center, center_id, pair_student, pair_teacher, pair_weight,
-                                 row_weight, tau_s, tau_t, backend=backend, check_values=False)
-
-
 class ScoredPairs(NamedTuple):
     student: Tensor  # [P] int64
     teacher: Tensor  # [P] int64
     weight: Tensor   # [P] float32
+
+
+class PairTable(NamedTuple):
+    """A loss term's pairs in the op's layout with one center, and unit teacher-row weights [Rt] (every row counts
+    once in the center): everything that depends only on the pair structure, built once per structure."""
+    csr: PairCSR
+    unit_rows: Tensor
+
+
+def _cross_entropy(student: Tensor, teacher: Tensor, center: Tensor, table: PairTable, tau_s: float, tau_t: float,
+                   backend: Optional[str], row_weight: Optional[Tensor] = None) -> DistillCE:
+    """One center; returns the loss and the teacher rows' (sum [1, K], count [1]); row_weight default: all 1.
+
+    The pairs are built by the losses, valid by construction and cached with their CSR, so a call sorts nothing
+    and the op's value checks (a device sync and a pass over the teacher) stay off the training path."""
+    return distill_cross_entropy_csr(student, teacher, center, table.csr,
+                                     table.unit_rows if row_weight is None else row_weight, tau_s, tau_t,
+                                     backend=backend)
 
 
 def _cat_pairs(groups) -> ScoredPairs:
@@ -130,10 +155,8 @@ def level_weighted_pairs(student_rows_of_global, student_rows_of_local, teacher_
     return _cat_pairs(groups)
 
 
-@functools.lru_cache(maxsize=64)
-def pair_table(kind: str, crops: int, batch: int, device: torch.device) -> ScoredPairs:
-    """The scored pairs of a loss term, built once per (kind, crops, batch, device): rebuilding them on every
-    step costs dozens of small launches. kind 'dino' (crops = ncrops): teacher global iq against every other
+def scored_pairs(kind: str, crops: int, batch: int, device: torch.device) -> ScoredPairs:
+    """The scored pairs of a loss term. kind 'dino' (crops = ncrops): teacher global iq against every other
     student view; 'cls' / 'cls_plus' (crops = L): UDI's level-weighted cls and cls+ terms."""
     if kind == "dino":
         terms = 2 * (crops - 1)
@@ -142,6 +165,46 @@ def pair_table(kind: str, crops: int, batch: int, device: torch.device) -> Score
     teacher_rows = {"cls": lambda c, g: 1 - c if g is None else g,
                     "cls_plus": lambda c, g: c if g is None else 2 + 2 * c + g}[kind]
     return level_weighted_pairs(lambda v: v, lambda l: 2 + l, teacher_rows, crops, batch, device)
+
+
+def _term_crops(kind: str, crops: int):
+    """(student crops, teacher crops) of a scored_pairs term."""
+    if kind == "dino":
+        return crops, 2
+    return 2 + crops, 2 if kind == "cls" else 2 + 2 * crops
+
+
+# The tables below are built outside inference mode: later calls save their tensors for the backward.
+
+@functools.lru_cache(maxsize=64)
+@torch.inference_mode(False)
+def pair_table(kind: str, crops: int, batch: int, device: torch.device) -> PairTable:
+    """scored_pairs(kind, crops, batch, device) as a PairTable, built once per (kind, crops, batch, device):
+    rebuilding it on every step costs dozens of small launches and a sort."""
+    student_crops, teacher_crops = _term_crops(kind, crops)
+    return _table(scored_pairs(kind, crops, batch, device), student_crops * batch, teacher_crops * batch)
+
+
+@functools.lru_cache(maxsize=64)
+@torch.inference_mode(False)
+def identity_table(rows: int, device: torch.device) -> PairTable:
+    """Row r of the student against row r of the teacher, weight 1 (the patch losses), built once per
+    (rows, device)."""
+    index = torch.arange(rows, device=device)
+    return _table(ScoredPairs(index, index, torch.ones(rows, device=device)), rows, rows)
+
+
+def _identity_pairs(pair_weight: Tensor) -> PairTable:
+    """identity_table with per-call weights pair_weight [rows] float32; they go in as they are, since the
+    CSR order of identity pairs is the pair order."""
+    table = identity_table(pair_weight.shape[0], pair_weight.device)
+    return table._replace(csr=table.csr._replace(pair_weight=pair_weight))
+
+
+def _table(pairs: ScoredPairs, student_rows: int, teacher_rows: int) -> PairTable:
+    device = pairs.student.device
+    center_id = torch.zeros(teacher_rows, dtype=torch.int64, device=device)
+    return PairTable(build_csr(*pairs, center_id, student_rows, 1), torch.ones(teacher_rows, device=device))
 
 
 def _check_choice(value, name: str, choices):
@@ -189,7 +252,7 @@ class DINOLoss(nn.Module):
     def teacher_temp(self, epoch: int) -> float:
         return teacher_temperature(epoch, *self.schedule)
 
-    def pairs(self, batch: int, device) -> ScoredPairs:
+    def pairs(self, batch: int, device) -> PairTable:
         return pair_table("dino", self.ncrops, batch, torch.device(device))
 
     def forward(self, student_output: Tensor, teacher_output: Tensor, epoch: int) -> Tensor:
@@ -199,10 +262,8 @@ class DINOLoss(nn.Module):
         tau_t = self.teacher_temp(epoch)
         center = self.center if self.centering == "ema" else sinkhorn_knopp_center(teacher_output, tau_t,
                                                                                   self.sinkhorn_iterations)
-        pairs = self.pairs(batch, student_output.device)
-        out = _cross_entropy(student_output, teacher_output, center, *pairs,
-                             torch.ones(2 * batch, device=teacher_output.device), self.student_temp, tau_t,
-                             self.backend)
+        out = _cross_entropy(student_output, teacher_output, center, self.pairs(batch, student_output.device),
+                             self.student_temp, tau_t, self.backend)
         if self.centering == "ema":
             self.centering_ema.update(out.center_sum, out.center_count)
         return out.loss
@@ -240,10 +301,9 @@ class IBOTPatchLoss(nn.Module):
                              f"{list(mask.shape)}")
         images, tokens = mask.shape
         weight = mask.float() / mask.sum(1, keepdim=True).clamp_min(1) / max(images, 1)
-        rows = torch.arange(images * tokens, device=mask.device)
         out = _cross_entropy(student_patch.reshape(images * tokens, -1), teacher_patch.reshape(images * tokens, -1),
-                             self.center, rows, rows, weight.reshape(-1), torch.ones_like(weight.reshape(-1)),
-                             self.student_temp, teacher_temperature(epoch, *self.schedule), self.backend)
+                             self.center, _identity_pairs(weight.reshape(-1)), self.student_temp,
+                             teacher_temperature(epoch, *self.schedule), self.backend)
         self.centering_ema.update(out.center_sum, out.center_count)
         return out.loss
 
@@ -374,10 +434,10 @@ class UDILoss(nn.Module):
     def teacher_temp(self, epoch: int) -> float:
         return teacher_temperature(epoch, *self.schedule)
 
-    def cls_pairs(self, batch: int, device) -> ScoredPairs:
+    def cls_pairs(self, batch: int, device) -> PairTable:
         return pair_table("cls", self.num_local, batch, torch.device(device))
 
-    def cls_plus_pairs(self, batch: int, device) -> ScoredPairs:
+    def cls_plus_pairs(self, batch: int, device) -> PairTable:
         return pair_table("cls_plus", self.num_local, batch, torch.device(device))
 
     def forward(self, student: UDIStudent, teacher: Union[UDITeacher, UDITargets], epoch: int):
@@ -386,20 +446,18 @@ class UDILoss(nn.Module):
         B = targets.cls.shape[0] // 2
         self._check(student, targets, B)
         device = targets.cls.device
-        cls = self._loss(student.cls, targets.cls, self.center_cls, self.cls_pairs(B, device), None, tau_t)
+        cls = self._loss(student.cls, targets.cls, self.center_cls, self.cls_pairs(B, device), tau_t)
         plus_rows, plus_weight = self._cls_plus_rows(teacher, targets, tau_t)
         cls_plus = self._loss(student.cls_plus, plus_rows, self.center_cls_plus, self.cls_plus_pairs(B, device),
-                              plus_weight, tau_t)
+                              tau_t, plus_weight)
         patch = self._patch_loss(student, targets, tau_t)
         self._update_centers(cls, cls_plus, patch, targets, plus_stats_from_op=plus_weight is None)
         parts = {"cls": cls.loss.detach(), "cls_plus": cls_plus.loss.detach(), "patch": patch.loss.detach()}
         return (cls.loss + cls_plus.loss + patch.loss) / 3, parts
 
-    def _loss(self, student, teacher, center: EMACenter, pairs, row_weight, tau_t):
-        if row_weight is None:
-            row_weight = torch.ones(teacher.shape[0], device=teacher.device)
-        return _cross_entropy(student, teacher, center.center, *pairs, row_weight, self.student_temp, tau_t,
-                              self.backend)
+    def _loss(self, student, teacher, center: EMACenter, table: PairTable, tau_t, row_weight=None):
+        return _cross_entropy(student, teacher, center.center, table, self.student_temp, tau_t, self.backend,
+                              row_weight)
 
     def _cls_plus_rows(self, teacher, targets: UDITargets, tau_t):
         """Teacher rows of the cls+ loss and their center weights (None: all 1)."""
@@ -427,23 +485,21 @@ class UDILoss(nn.Module):
         return mix / mix.sum(-1, keepdim=True)
 
     def _patch_loss(self, student: UDIStudent, targets: UDITargets, tau_t):
-        rows, samples, K = targets.patch.shape
-        mask = targets.patch_mask.reshape(-1)
-        weight = mask.float() / mask.sum().clamp_min(1).float()
-        index = torch.arange(rows * samples, device=mask.device)
-        return _cross_entropy(student.patch.reshape(-1, K), targets.patch.reshape(-1, K), self.center_patch.center,
-                              index, index, weight, mask.float(), self.student_temp, tau_t, self.backend)
+        K = targets.patch.shape[2]
+        valid = targets.patch_mask.reshape(-1).float()
+        return self._loss(student.patch.reshape(-1, K), targets.patch.reshape(-1, K), self.center_patch,
+                          _identity_pairs(valid / valid.sum().clamp_min(1)), tau_t, valid)
 
     def _update_centers(self, cls, cls_plus, patch, targets: UDITargets, plus_stats_from_op: bool):
         with torch.no_grad():
-            self.center_cls.update(cls.center_sum, cls.center_count)
             if plus_stats_from_op:
-                self.center_cls_plus.update(cls_plus.center_sum, cls_plus.center_count)
+                plus_sum, plus_count = cls_plus.center_sum, cls_plus.center_count
             else:  # probability targets: the center still follows the logit blend
                 plus = targets.cls_plus.float()
-                self.center_cls_plus.update(plus.sum(0, keepdim=True), plus.new_full((1,), plus.shape[0]))
-            self.center_patch.update(patch.center_sum + targets.extra_patch_sum[None],
-                                     patch.center_count + targets.extra_patch_count.reshape(1))
+                plus_sum, plus_count = plus.sum(0, keepdim=True), plus.new_full((1,), plus.shape[0])
+            update_centers([self.center_cls, self.center_cls_plus, self.center_patch],
+                           [cls.center_sum, plus_sum, patch.center_sum + targets.extra_patch_sum],
+                           [cls.center_count, plus_count, patch.center_count + targets.extra_patch_count])
 
     def _check(self, student: UDIStudent, targets: UDITargets, B: int):
         K, L = self.out_dim, self.num_local

@@ -9,8 +9,12 @@ The kernels (native and Triton) share one pair of ops on a student-row CSR of th
   distill_ce_backward(grad_pair_loss [P], student, teacher, centers, center_id, student_ptr, pair_teacher,
                       pair_weight, student_lse, teacher_lse, tau_s, tau_t) -> grad_student [Rs, K] (student dtype)
 student_lse is logsumexp(s / τs), teacher_lse is logsumexp((t - c) / τt): O(rows) saved for the backward.
+distill_cross_entropy builds the CSR (build_csr) on every call; callers with fixed pairs build it once and call
+distill_cross_entropy_csr. In eager mode the kernels run under one autograd.Function (_EagerKernels); torch.compile
+traces the registered ops.
 """
-from typing import NamedTuple, Optional
+import functools
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -32,11 +36,13 @@ class DistillCE(NamedTuple):
 
 
 class PairCSR(NamedTuple):
-    """The pairs grouped by student row, and the teacher rows grouped by center."""
-    order: Tensor          # [P]: pair index of each CSR slot
-    student_ptr: Tensor    # [Rs + 1]
+    """The pairs sorted (stably) by student row, and the teacher rows grouped by center: what the kernels read.
+    It depends only on the pairs, so a caller whose pairs do not change builds it once (build_csr) and passes it
+    to distill_cross_entropy_csr on every call."""
+    student_ptr: Tensor    # [Rs + 1]: the pairs of student row r are the slots student_ptr[r] .. student_ptr[r + 1]
     pair_teacher: Tensor   # [P] in CSR order
     pair_weight: Tensor    # [P] in CSR order
+    center_id: Tensor      # [Rt] int64
     center_ptr: Tensor     # [n_c + 1]
     center_rows: Tensor    # [Rt]
 
@@ -47,11 +53,18 @@ def _group(keys: Tensor, num_segments: int):
     return order, torch.searchsorted(sorted_keys, torch.arange(num_segments + 1, device=keys.device))
 
 
-def build_csr(pair_student, pair_teacher, pair_weight, center_id, num_students, num_centers, weight_dtype):
+def build_csr(pair_student, pair_teacher, pair_weight, center_id, num_students, num_centers) -> PairCSR:
+    """The PairCSR of these pairs: one stable sort and searchsorted per key, no host sync."""
     order, student_ptr = _group(pair_student.long(), num_students)
     center_rows, center_ptr = _group(center_id.long(), num_centers)
-    return PairCSR(order, student_ptr, pair_teacher.long()[order], pair_weight.to(weight_dtype)[order], center_ptr,
+    return PairCSR(student_ptr, pair_teacher.long()[order], pair_weight[order], center_id.long(), center_ptr,
                    center_rows)
+
+
+def csr_pair_student(csr: PairCSR) -> Tensor:
+    """The student row of each CSR slot, [P] int64 (no host sync)."""
+    rows = torch.arange(csr.student_ptr.shape[0] - 1, device=csr.student_ptr.device)
+    return torch.repeat_interleave(rows, csr.student_ptr.diff(), output_size=csr.pair_teacher.shape[0])
 
 
 # ---- fake impls, autograd --------------------------------------------------------------------------------------
@@ -70,20 +83,63 @@ def _backward_fake(grad_pair_loss, student, teacher, centers, center_id, student
     return torch.empty_like(student)
 
 
+class _Kernels(NamedTuple):
+    """A backend's forward and backward kernels, called without autograd."""
+    forward: Callable
+    backward: Callable
+
+
+@functools.cache
+def _kernels(backend: str) -> _Kernels:
+    if backend == "native":
+        ops = torch.ops.udi_kernels
+        return _Kernels(ops.distill_ce_forward.default, ops.distill_ce_backward.default)
+    from ..triton_kernels import distill_ce as forward_kernels, distill_ce_backward as backward_kernels
+    return _Kernels(forward_kernels.forward, backward_kernels.backward)
+
+
 def _setup_context(ctx, inputs, output):
     student, teacher, centers, center_id, student_ptr, pair_teacher, pair_weight = inputs[:7]
     ctx.taus = inputs[10], inputs[11]
     ctx.save_for_backward(student, teacher, centers, center_id, student_ptr, pair_teacher, pair_weight,
                           output[3], output[4])
+    # only pair_loss depends on the student: no zero gradients are made for the other outputs
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
 
 
-def _make_backward(backward_op):
+def _input_grads(ctx, backward_kernel, grad_pair_loss, student_needs_grad):
+    """The gradients of the op's 12 inputs: the student's, then None."""
+    grad_student = None
+    if student_needs_grad:
+        grad_student = backward_kernel(grad_pair_loss.contiguous(), *ctx.saved_tensors, *ctx.taus)
+    return (grad_student,) + (None,) * 11
+
+
+def _make_backward(backward_kernel):
     def backward(ctx, grad_pair_loss, *unused_grads):
-        grad_student = None
-        if ctx.needs_input_grad[0]:
-            grad_student = backward_op(grad_pair_loss.contiguous(), *ctx.saved_tensors, *ctx.taus)
-        return (grad_student,) + (None,) * 11
+        return _input_grads(ctx, backward_kernel, grad_pair_loss, ctx.needs_input_grad[0])
     return backward
+
+
+class _EagerKernels(torch.autograd.Function):
+    """The kernels with autograd outside torch.compile, called below the autograd dispatch key: this skips the
+    Python autograd layer that torch.library.register_autograd puts in front of the registered ops (tens of µs
+    of host time per call) and, for Triton, the custom op's dispatch. torch.compile traces the registered ops."""
+
+    # ctx in forward, no setup_context: with one, Function.apply binds the arguments to the signature on every
+    # call (inspect, tens of µs)
+    @staticmethod
+    def forward(ctx, kernels: _Kernels, *inputs):
+        with torch._C._AutoDispatchBelowAutograd():
+            output = kernels.forward(*inputs)
+        _setup_context(ctx, inputs, output)
+        ctx.backward_kernel = kernels.backward
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_pair_loss, *unused_grads):
+        return (None,) + _input_grads(ctx, ctx.backward_kernel, grad_pair_loss, ctx.needs_input_grad[1])
 
 
 @torch.library.custom_op("udi_kernels::distill_ce_forward_triton", mutates_args=())
@@ -91,18 +147,16 @@ def _triton_forward(student: Tensor, teacher: Tensor, centers: Tensor, center_id
                     pair_teacher: Tensor, pair_weight: Tensor, center_ptr: Tensor, center_rows: Tensor,
                     row_weight: Tensor, tau_s: float, tau_t: float
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    from ..triton_kernels import distill_ce as kernels
-    return kernels.forward(student, teacher, centers, center_id, student_ptr, pair_teacher, pair_weight, center_ptr,
-                           center_rows, row_weight, tau_s, tau_t)
+    return _kernels("triton").forward(student, teacher, centers, center_id, student_ptr, pair_teacher, pair_weight,
+                                      center_ptr, center_rows, row_weight, tau_s, tau_t)
 
 
 @torch.library.custom_op("udi_kernels::distill_ce_backward_triton", mutates_args=())
 def _triton_backward(grad_pair_loss: Tensor, student: Tensor, teacher: Tensor, centers: Tensor, center_id: Tensor,
                      student_ptr: Tensor, pair_teacher: Tensor, pair_weight: Tensor, student_lse: Tensor,
                      teacher_lse: Tensor, tau_s: float, tau_t: float) -> Tensor:
-    from ..triton_kernels import distill_ce_backward as kernels
-    return kernels.backward(grad_pair_loss, student, teacher, centers, center_id, student_ptr, pair_teacher,
-                            pair_weight, student_lse, teacher_lse, tau_s, tau_t)
+    return _kernels("triton").backward(grad_pair_loss, student, teacher, centers, center_id, student_ptr,
+                                       pair_teacher, pair_weight, student_lse, teacher_lse, tau_s, tau_t)
 
 
 _triton_forward.register_fake(_forward_fake)
@@ -113,11 +167,10 @@ torch.library.register_autograd("udi_kernels::distill_ce_forward_triton", _make_
 if native_loaded():
     torch.library.register_fake("udi_kernels::distill_ce_forward")(_forward_fake)
     torch.library.register_fake("udi_kernels::distill_ce_backward")(_backward_fake)
-    torch.library.register_autograd(
-        "udi_kernels::distill_ce_forward",
-        _make_backward(lambda *args: torch.ops.udi_kernels.distill_ce_backward(*args)), setup_context=_setup_context)
+    torch.library.register_autograd("udi_kernels::distill_ce_forward", _make_backward(_kernels("native").backward),
+                                    setup_context=_setup_context)
 
-_KERNEL_OPS = {
+_REGISTERED_OPS = {
     "native": lambda *args: torch.ops.udi_kernels.distill_ce_forward(*args),
     "triton": lambda *args: _triton_forward(*args),
 }
@@ -144,8 +197,8 @@ def _check_length(value, name, length, what):
 _INDICES = (torch.int32, torch.int64)
 
 
-def _check_shapes(student, teacher, centers, center_id, pair_student, pair_teacher, pair_weight, row_weight,
-                  tau_s, tau_t):
+def _check_logits(student, teacher, centers, tau_s, tau_t):
+    """The [*, K] arguments (dims, dtypes, devices, a shared positive K) and the temperatures."""
     _check_tensor(student, "student", 2, FLOATS)
     device = student.device
     _check_tensor(teacher, "teacher", 2, FLOATS, device)
@@ -156,6 +209,15 @@ def _check_shapes(student, teacher, centers, center_id, pair_student, pair_teach
                          f"{teacher.shape[1]} and {centers.shape[1]}")
     if K == 0 or centers.shape[0] == 0:
         raise ValueError(f"K and the number of centers must be positive, got centers of shape {list(centers.shape)}")
+    for value, name in ((tau_s, "tau_s"), (tau_t, "tau_t")):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+            raise ValueError(f"{name} must be a positive float, got {value!r}")
+
+
+def _check_shapes(student, teacher, centers, center_id, pair_student, pair_teacher, pair_weight, row_weight,
+                  tau_s, tau_t):
+    _check_logits(student, teacher, centers, tau_s, tau_t)
+    device = student.device
     for value, name in ((center_id, "center_id"), (pair_student, "pair_student"), (pair_teacher, "pair_teacher")):
         _check_tensor(value, name, 1, _INDICES, device)
     for value, name in ((pair_weight, "pair_weight"), (row_weight, "row_weight")):
@@ -164,9 +226,12 @@ def _check_shapes(student, teacher, centers, center_id, pair_student, pair_teach
     _check_length(row_weight, "row_weight", teacher.shape[0], "one per teacher row")
     _check_length(pair_teacher, "pair_teacher", pair_student.shape[0], "one per pair, like pair_student")
     _check_length(pair_weight, "pair_weight", pair_student.shape[0], "one per pair, like pair_student")
-    for value, name in ((tau_s, "tau_s"), (tau_t, "tau_t")):
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-            raise ValueError(f"{name} must be a positive float, got {value!r}")
+
+
+def _check_kernel_dtypes(backend, student, teacher):
+    if backend == "triton" and (student.dtype not in KERNEL_FLOATS or teacher.dtype not in KERNEL_FLOATS):
+        raise TypeError(f"the Triton kernel takes float32/float16/bfloat16 student and teacher, got {student.dtype} "
+                        f"and {teacher.dtype}")
 
 
 def _check_values(student, teacher, centers, center_id, pair_student, pair_teacher, pair_weight, row_weight):
@@ -229,14 +294,35 @@ def distill_cross_entropy(student: Tensor, teacher: Tensor, centers: Tensor, cen
     chosen = backends.resolve(OP, student.device, backend)
     if chosen == "reference":
         return DistillCE(*reference.distill_cross_entropy(*args, float(tau_s), float(tau_t)))
-    if chosen == "triton" and (student.dtype not in KERNEL_FLOATS or teacher.dtype not in KERNEL_FLOATS):
-        raise TypeError(f"the Triton kernel takes float32/float16/bfloat16 student and teacher, got {student.dtype} "
-                        f"and {teacher.dtype}")
+    _check_kernel_dtypes(chosen, student, teacher)
+    csr = build_csr(pair_student, pair_teacher, pair_weight, center_id, student.shape[0], centers.shape[0])
+    return _run_kernels(chosen, student, teacher, centers, csr, row_weight, tau_s, tau_t)
+
+
+def distill_cross_entropy_csr(student: Tensor, teacher: Tensor, centers: Tensor, csr: PairCSR, row_weight: Tensor,
+                              tau_s: float, tau_t: float, *, backend: Optional[str] = None) -> DistillCE:
+    """distill_cross_entropy on pairs already in the kernels' layout (build_csr), for callers that build valid
+    pairs once and reuse them (udi_kernels.losses): no sort per call and no checks of the pairs or row_weight
+    (shapes or values); the logits, centers and temperatures are checked as in distill_cross_entropy.
+    The reference backend runs on the CSR-ordered pairs."""
+    _check_logits(student, teacher, centers, tau_s, tau_t)
+    chosen = backends.resolve(OP, student.device, backend)
+    if chosen == "reference":
+        return DistillCE(*reference.distill_cross_entropy(student, teacher, centers, csr.center_id,
+                                                          csr_pair_student(csr), csr.pair_teacher, csr.pair_weight,
+                                                          row_weight, float(tau_s), float(tau_t)))
+    _check_kernel_dtypes(chosen, student, teacher)
+    return _run_kernels(chosen, student, teacher, centers, csr, row_weight, tau_s, tau_t)
+
+
+def _run_kernels(backend, student, teacher, centers, csr: PairCSR, row_weight, tau_s, tau_t) -> DistillCE:
+    """The native or Triton kernels: the registered op under torch.compile, else _EagerKernels."""
     stats_dtype = reference.compute_dtype(teacher.dtype)
-    csr = build_csr(pair_student, pair_teacher, pair_weight, center_id, student.shape[0], centers.shape[0],
-                    reference.compute_dtype(student.dtype))
-    pair_loss, center_sum, center_count, _, _ = _KERNEL_OPS[chosen](
-        student.contiguous(), teacher.detach().contiguous(), centers.to(stats_dtype).contiguous(), center_id.long(),
-        csr.student_ptr, csr.pair_teacher, csr.pair_weight, csr.center_ptr, csr.center_rows,
-        row_weight.to(stats_dtype).contiguous(), float(tau_s), float(tau_t))
+    inputs = (student.contiguous(), teacher.detach().contiguous(), centers.to(stats_dtype).contiguous(), csr.center_id,
+              csr.student_ptr, csr.pair_teacher, csr.pair_weight.to(reference.compute_dtype(student.dtype)),
+              csr.center_ptr, csr.center_rows, row_weight.to(stats_dtype).contiguous(), float(tau_s), float(tau_t))
+    if torch.compiler.is_compiling():
+        pair_loss, center_sum, center_count, _, _ = _REGISTERED_OPS[backend](*inputs)
+    else:
+        pair_loss, center_sum, center_count, _, _ = _EagerKernels.apply(_kernels(backend), *inputs)
     return DistillCE(pair_loss.sum(), center_sum, center_count)
