@@ -381,14 +381,21 @@ def test_a_call_with_a_cached_structure_sorts_nothing_and_never_syncs(backend):
         assert not ops.names & FORBIDDEN_ON_THE_HOT_PATH
 
 
-def test_tables_first_built_under_inference_mode_serve_training():
+def test_a_loss_called_under_inference_mode_still_trains():
+    """Tables first built and centers first updated under inference_mode serve a later training call."""
     K, B = 19, 5  # a structure no other test builds
-    # a loss of its own here: an EMA step in inference mode makes its center an inference tensor
+    teacher = [torch.randn(2 * B, K) for _ in range(2)]
+    evaluated, plain = DINOLoss(K, 3, 0.04, 0.07, 30, 100), DINOLoss(K, 3, 0.04, 0.07, 30, 100)
     with torch.inference_mode():
-        DINOLoss(K, 3, 0.04, 0.07, 30, 100)(torch.randn(3 * B, K), torch.randn(2 * B, K), 0)
+        evaluated(torch.randn(3 * B, K), teacher[0], 0)
+    with torch.no_grad():
+        plain(torch.randn(3 * B, K), teacher[0], 0)
+    assert not evaluated.center.is_inference()
     student = torch.randn(3 * B, K, requires_grad=True)
-    DINOLoss(K, 3, 0.04, 0.07, 30, 100)(student, torch.randn(2 * B, K), 0).backward()
-    assert torch.isfinite(student.grad).all()
+    losses = [loss_fn(student, teacher[1], 0) for loss_fn in (evaluated, plain)]
+    grads = [torch.autograd.grad(loss, student)[0] for loss in losses]
+    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=0)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
 
 
 def test_centers_updated_together_equal_one_by_one():

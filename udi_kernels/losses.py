@@ -64,9 +64,11 @@ def update_centers(emas, sums, counts):
         stats = all_reduce_sum(torch.cat([total, count.reshape(-1, 1)], dim=1))
         total, count = stats[:, :-1], stats[:, -1:]
     centers = _stack([ema.center for ema in emas], torch.cat)
-    mean = total / count.clamp_min(torch.finfo(torch.float32).tiny)
-    # new tensors, not copy_: the loss's autograd graph saved the old centers
-    updated = torch.where(count > 0, centers * momentum + mean * (1 - momentum), centers)
+    # normal tensors even under inference_mode, so that a later training call can save the centers for backward
+    with torch.inference_mode(False):
+        mean = total / count.clamp_min(torch.finfo(torch.float32).tiny)
+        # new tensors, not copy_: the loss's autograd graph saved the old centers
+        updated = torch.where(count > 0, centers * momentum + mean * (1 - momentum), centers)
     for ema, center in zip(emas, updated.split(1) if len(emas) > 1 else (updated,)):
         ema.center = center
 
