@@ -5,6 +5,9 @@ Triton (interpreter, fp32) vs the reference; gradcheck; opcheck; torch.compile; 
 GPU (marker gpu): CUDA and Triton vs the reference in fp32/bf16/fp16, forward and backward.
 """
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -176,6 +179,16 @@ def test_triton_matches_reference(shape):
 @needs("triton")
 def test_triton_query_rows_differ_from_keys():
     check_backend("triton", (1, 2, 36, 32, 9, 4), torch.float32, "cpu", 2e-6, rows=70)
+
+
+@needs("triton")
+def test_triton_kernels_compile_for_an_h100_within_its_resources():
+    """ptxas for sm_90 on the CPU: the tiles the wrappers pick fit in registers and shared memory (D = 64 heads and
+    D = 384 rows when SRSAttention attends over h). A fresh interpreter: TRITON_INTERPRET replaces the kernels."""
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "triton_resources.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, script, "--check"], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 @needs("triton")

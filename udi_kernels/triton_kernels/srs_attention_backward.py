@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .srs_attention import block_sizes, dot_precision, kv_block, num_warps, sample_block, scaled_queries
+from .srs_attention import block_sizes, dot_precision, kv_block, launch_options, sample_block, scaled_queries
 
 
 @triton.jit
@@ -112,7 +112,7 @@ def srs_attention_backward(grad_out, q, k, v, index, weight, out, lse, scale):
     delta = torch.empty(B, H, S, dtype=torch.float32, device=q.device)
     BLOCK_S, BLOCK_N, BLOCK_D = block_sizes(S, N, D)
     meta = dict(BLOCK_S=BLOCK_S, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=dot_precision(q.dtype),
-                num_warps=num_warps(BLOCK_D))
+                **launch_options(BLOCK_D))
     if S > 0:
         _query_grad_kernel[(triton.cdiv(S, BLOCK_S), H, B)](q, k, v, index, weight, grad_out, out, lse, dq_s, delta,
                                                             H, NQ, N, S, T, D, scale, **meta)
@@ -121,5 +121,5 @@ def srs_attention_backward(grad_out, q, k, v, index, weight, out, lse, scale):
     BLOCK_R = block_sizes(S, NQ, D)[1]
     _token_grad_kernel[(triton.cdiv(NQ, BLOCK_R), H, B)](index, weight, dq_s, dq, H, NQ, S, T, D, BLOCK_S=BLOCK_S,
                                                          BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
-                                                         num_warps=num_warps(BLOCK_D))
+                                                         **launch_options(BLOCK_D))
     return dq, dk, dv
