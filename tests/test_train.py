@@ -156,6 +156,29 @@ def test_teacher_targets_match_a_per_pair_computation():
     assert targets.extra_patch_count == pairs.locals.count.sum()
 
 
+def test_teacher_targets_without_local_crops():
+    """--local_crops_number 0 (DINO's 2-crop setting): the teacher's taps and local rows are empty, not a reshape
+    error, and the targets are those of the global crops alone."""
+    model = tiny_model().eval()
+    B = 3
+    pairs = _pairs(B, L=0)
+    crops = torch.randn(2 * B, 3, 32, 32)
+    targets = model.teacher_targets(crops, pairs)
+    assert targets.cls_plus.shape == (2 * B, 64) and targets.patch.shape == (2 * B, 4, 64)
+    assert targets.extra_patch_count == 0 and not targets.extra_patch_sum.any()
+    with_locals = model.teacher_targets(crops, _pairs(B, L=2))
+    torch.testing.assert_close(targets.cls_plus, with_locals.cls_plus[:2 * B])
+    torch.testing.assert_close(targets.patch, with_locals.patch)
+    student = model(crops, None, *student_taps(pairs))
+    loss, parts = UDILoss(64, 2)(student, targets, 0)
+    assert torch.isfinite(loss)
+
+
+def test_short_run_without_local_crops(tmp_path):
+    train_udi(tiny_args(tmp_path, "--local_crops_number", "0", "--epochs", "1"))
+    assert np.isfinite(read_log(tmp_path)[0]["train_loss"])
+
+
 def test_student_output_shapes_and_gradients():
     model = tiny_model()
     B, L = 3, 2

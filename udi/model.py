@@ -10,7 +10,7 @@ Crop-major batches as in DINO: row `crop * B + b`. Pair `p` of a batch (UDI_SPEC
 and target global crop `1 - p`. Outputs are udi_kernels.losses' UDIStudent and UDITargets (their docstrings give
 the row orders), so UDILoss takes them as they are.
 """
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import timm
 import torch
@@ -130,7 +130,7 @@ def teacher_taps(pairs: SampledPairs):
     B, L, _, Sl = l.src_index.shape
 
     def by_pair(global_taps, local_taps):
-        local_taps = local_taps.permute(2, 0, 1, 3, 4).reshape(2, B, L * Sl, -1)
+        local_taps = local_taps.permute(2, 0, 1, 3, 4).reshape(2, B, L * Sl, local_taps.shape[-1])
         return torch.cat([global_taps.transpose(0, 1), local_taps], 2).flatten(0, 1)
 
     mask_global = sample_mask(g.count.transpose(0, 1).flatten(0, 1), g.src_index.shape[-1])
@@ -138,9 +138,11 @@ def teacher_taps(pairs: SampledPairs):
     return by_pair(g.tgt_index, l.tgt_index), by_pair(g.tgt_weight, l.tgt_weight), mask_global, mask_local
 
 
-def local_rows_by_target(z: Tensor, B: int, L: int) -> Tensor:
-    """[2B, L*Sl, D] rows by pair p -> [2LB, Sl, D] rows (2l + g)*B + b of target global g = 1 - p."""
-    return z.unflatten(0, (2, B)).unflatten(2, (L, -1)).flip(0).permute(2, 0, 1, 3, 4).flatten(0, 2)
+def local_rows_by_target(z: Tensor, B: int, L: int, Sl: Optional[int] = None) -> Tensor:
+    """[2B, L*Sl, D] rows by pair p -> [2LB, Sl, D] rows (2l + g)*B + b of target global g = 1 - p.
+    Sl defaults to z.shape[1] // L; pass it when L may be 0."""
+    Sl = z.shape[1] // L if Sl is None else Sl
+    return z.unflatten(0, (2, B)).unflatten(2, (L, Sl)).flip(0).permute(2, 0, 1, 3, 4).flatten(0, 2)
 
 
 def form_targets(last_layer: WeightNormLinear, z_cls, z_global, mask_global, z_local, mask_local,
@@ -198,7 +200,7 @@ class UDIModel(nn.Module):
         by_pair = out.patch.unflatten(0, (2, B)).flip(0).flatten(0, 1)
         z = self.head.bottleneck(self.srs(by_pair, index, weight))
         Sg = mask_global.shape[-1]
-        z_local = local_rows_by_target(z[:, Sg:], B, mask_local.shape[0] // (2 * B))
+        z_local = local_rows_by_target(z[:, Sg:], B, mask_local.shape[0] // (2 * B), mask_local.shape[-1])
         return form_targets(self.head.last_layer, self.head.bottleneck(out.cls), z[:, :Sg], mask_global, z_local,
                             mask_local, alpha)
 
