@@ -15,7 +15,7 @@ from udi.data import Crop, MultiCropAugmentation, crop_box
 from udi.eval_knn import knn_classify
 from udi.model import (DINOHead, UDIModel, ViTBackbone, build_model, form_targets, from_reference_state_dict,
                        student_taps, to_reference_state_dict)
-from udi.train import parse_args, sample_pairs, train_udi
+from udi.train import parse_args, sample_pairs, teacher_entropies, train_udi
 from udi_kernels import PairTaps
 from udi_kernels.losses import UDILoss, UDITeacher, cls_plus_targets
 from udi_kernels.ops.distill_ce import DistillCE
@@ -74,6 +74,23 @@ def test_multicrop_views_boxes_and_crop_rules():
                            torch.maximum(boxes[:2, :2].max(0).values, boxes[:2, 2:].max(0).values)])
         assert all(_overlap(b, union) for b in boxes[2:]), "locals must overlap the globals' bounding box"
     assert 0 < flips < 160, "about half of the crops are flipped"
+
+
+def test_blur_sigma_scales_with_the_global_crop_size(monkeypatch):
+    """DINO's blur sigmas (0.1-2 px) belong to 224-px crops: a 32-px demo crop gets them times 32/224."""
+    import udi.data as data
+    sigmas = []
+    blur = data.TF.gaussian_blur
+    monkeypatch.setattr(data.TF, "gaussian_blur", lambda image, kernel, sigma: sigmas.append(sigma[0]) or
+                        blur(image, kernel, sigma))
+    image = torch.rand(3, 64, 64)
+    for size, (low, high) in ((224, (0.1, 2.0)), (32, (0.1 * 32 / 224, 2.0 * 32 / 224))):
+        sigmas.clear()
+        augmentation = MultiCropAugmentation((0.25, 1.0), (0.05, 0.25), 2, global_size=size, local_size=size // 2)
+        for seed in range(30):
+            augmentation(image, torch.Generator().manual_seed(seed))
+        assert len(sigmas) >= 30 and low <= min(sigmas) and max(sigmas) <= high, (size, min(sigmas), max(sigmas))
+        assert max(sigmas) > low + 0.8 * (high - low), "the whole range is used"
 
 
 def test_views_depend_only_on_seed_epoch_index():
@@ -248,6 +265,20 @@ def test_eval_linear_runs_on_a_checkpoint(tmp_path):
     assert all(20 < accuracy <= 100 for accuracy in results.values()), results  # 10 classes: chance is 10 %
 
 
+def test_teacher_entropies_tell_the_collapses_apart():
+    K, center = 50, torch.zeros(1, 50)
+    uniform = teacher_entropies(torch.full((6, K), 0.3), center, 0.04)  # every image the same, flat: ln K, ln K
+    assert uniform["teacher_entropy"] == pytest.approx(np.log(K))
+    assert uniform["teacher_batch_entropy"] == pytest.approx(np.log(K))
+    one_hot = 10 * F.one_hot(torch.tensor([3] * 6), K).float()  # every image on dimension 3: 0, 0
+    dominant = teacher_entropies(one_hot, center, 0.04)
+    assert dominant["teacher_entropy"] < 1e-3 and dominant["teacher_batch_entropy"] < 1e-3
+    spread = teacher_entropies(10 * F.one_hot(torch.arange(6), K).float(), center, 0.04)  # sharp, distinct: 0, ln 6
+    assert spread["teacher_entropy"] < 1e-3 and spread["teacher_batch_entropy"] == pytest.approx(np.log(6), abs=1e-3)
+    centred = teacher_entropies(one_hot, one_hot[:1], 0.04)  # the center removes what all rows share
+    assert centred["teacher_entropy"] == pytest.approx(np.log(K))
+
+
 # ---- runs ----------------------------------------------------------------------------------------------
 
 def test_short_run_loss_finite_and_decreasing(tmp_path):
@@ -258,6 +289,8 @@ def test_short_run_loss_finite_and_decreasing(tmp_path):
     log = read_log(tmp_path)
     losses = [r["train_loss"] for r in log]
     assert len(log) == 6 and all(np.isfinite(losses))
+    assert all(0 <= r["train_teacher_entropy"] <= np.log(64) + 1e-4 for r in log)
+    assert all(0 <= r["train_teacher_batch_entropy"] <= np.log(64) + 1e-4 for r in log)
     assert np.mean(losses[-3:]) < 0.8 * losses[0], losses
     checkpoint = torch.load(tmp_path / "checkpoint.pth", weights_only=False)
     assert {"student", "teacher", "optimizer", "epoch", "args", "udi_loss", "scaler"} <= set(checkpoint)

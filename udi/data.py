@@ -8,6 +8,10 @@ anchor is global crop 0, the locals' anchor is the bounding box of the two globa
 A crop of `h x w` pixels at `(top, left)` in an `Hi x Wi` image has the signed "ij" box
 `(top/(Hi-1), left/(Wi-1), (top+h-1)/(Hi-1), (left+w-1)/(Wi-1))`; a horizontal flip swaps j0 and j1.
 
+Photometric augmentations are DINO's. Its Gaussian-blur sigmas (0.1-2 px) are pixels of a 224-px global crop; for
+other global crop sizes they are scaled by global_size / 224 (both for global and local views, which DINO blurs with
+the same sigmas), so a 32-px demo crop is blurred as much, relative to its content, as a 224-px one.
+
 Randomness: every image draws from its own generator seeded by (seed, epoch, index), so a batch does not depend
 on the number of data-loader workers or of DDP ranks, and a resumed run redraws the same views.
 """
@@ -103,20 +107,24 @@ def color_jitter(gen, image, brightness=0.4, contrast=0.4, saturation=0.2, hue=0
     return image
 
 
-def gaussian_blur(gen, image, sigma_range=(0.1, 2.0)):
+DINO_BLUR_SIGMA = (0.1, 2.0)  # pixels of a 224-px global crop
+DINO_GLOBAL_SIZE = 224
+
+
+def gaussian_blur(gen, image, sigma_range=DINO_BLUR_SIGMA):
     sigma = _uniform(gen, *sigma_range)
     kernel = min(2 * math.ceil(3 * sigma) + 1, (min(image.shape[-2:]) - 1) | 1)
     return TF.gaussian_blur(image, [kernel, kernel], [sigma, sigma])
 
 
-def photometric(gen, image, policy: PhotometricPolicy):
+def photometric(gen, image, policy: PhotometricPolicy, blur_sigma=DINO_BLUR_SIGMA):
     """image [3, h, w] float in [0, 1] -> augmented and normalised."""
     if _uniform(gen, 0, 1) < 0.8:
         image = color_jitter(gen, image)
     if _uniform(gen, 0, 1) < 0.2:
         image = TF.rgb_to_grayscale(image, num_output_channels=3)
     if _uniform(gen, 0, 1) < policy.blur:
-        image = gaussian_blur(gen, image)
+        image = gaussian_blur(gen, image, blur_sigma)
     if _uniform(gen, 0, 1) < policy.solarize:
         image = TF.solarize(image, threshold=0.5)
     return TF.normalize(image.clamp(0, 1), IMAGENET_MEAN, IMAGENET_STD)
@@ -130,6 +138,7 @@ class MultiCropAugmentation:
         self.global_scale, self.local_scale = tuple(global_crops_scale), tuple(local_crops_scale)
         self.local_crops_number = local_crops_number
         self.global_size, self.local_size = global_size, local_size
+        self.blur_sigma = tuple(s * global_size / DINO_GLOBAL_SIZE for s in DINO_BLUR_SIGMA)
 
     def draw_crops(self, gen, image_hw) -> list:
         whole = Crop(0, 0, *image_hw)
@@ -150,7 +159,7 @@ class MultiCropAugmentation:
             flipped = _uniform(gen, 0, 1) < 0.5
             if flipped:
                 view = TF.horizontal_flip(view)
-            views.append(photometric(gen, view, policy))
+            views.append(photometric(gen, view, policy, self.blur_sigma))
             boxes.append(crop_box(crop, image_hw, flipped))
         return views, torch.tensor(boxes, dtype=torch.float32)
 
