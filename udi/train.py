@@ -231,8 +231,9 @@ def train_one_epoch(student, teacher, udi_loss, loader, optimizer, scaler, sched
         scaler.update()
         ema_update(teacher, student, schedules["momentum"][it])
 
-        record = {"loss": loss.item(), **{k: v.item() for k, v in parts.items()},
-                  **{k: v.item() for k, v in entropies.items()}, "lr": schedules["lr"][it]}
+        scalars = {"loss": loss, **parts, **entropies}
+        record = dict(zip(scalars, torch.stack([v.detach().float() for v in scalars.values()]).tolist()),
+                      lr=schedules["lr"][it])  # one device sync for all of them
         for k, v in record.items():
             totals[k] = totals.get(k, 0.0) + v
         progress.set_postfix(loss=f"{record['loss']:.4f}")
@@ -249,8 +250,9 @@ def teacher_entropies(teacher_cls, center, tau_t):
     entropy of a row, and `teacher_batch_entropy`, the entropy of the batch-mean distribution. Both near ln K:
     collapse to uniform; both near 0: collapse to one dimension; healthy: the first well below the second."""
     log_p = torch.log_softmax((teacher_cls.float() - center) / tau_t, dim=-1)
-    mean = log_p.exp().mean(0)
-    return {"teacher_entropy": -(log_p.exp() * log_p).sum(-1).mean(),
+    p = log_p.exp()
+    mean = p.mean(0)
+    return {"teacher_entropy": -(p * log_p).sum(-1).mean(),
             "teacher_batch_entropy": -(mean * mean.clamp_min(torch.finfo(mean.dtype).tiny).log()).sum()}
 
 
