@@ -356,3 +356,13 @@ def test_two_process_ddp_equals_one_process(tmp_path, monkeypatch):
                 value, other = torch.cat([value[:C], value[2 * C:]]), torch.cat([other[:C], other[2 * C:]])
             torch.testing.assert_close(other, value, rtol=1e-4, atol=1e-5, msg=f"{key}.{name}")
     assert read_log(single)[0]["train_loss"] == pytest.approx(read_log(ddp)[0]["train_loss"], rel=1e-5)
+
+
+def test_teacher_is_deterministic_while_the_student_drops_paths(tmp_path):
+    args = tiny_args(tmp_path, "--drop_path_rate", "0.5", "--depth", "3")
+    student, teacher = build_model(args).train(), build_model(args, teacher=True).train()
+    teacher.load_state_dict(student.state_dict())
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(teacher.backbone(images).patch, teacher.backbone(images).patch)
+        assert not torch.allclose(student.backbone(images).patch, student.backbone(images).patch)

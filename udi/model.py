@@ -197,8 +197,10 @@ class UDIModel(nn.Module):
                             mask_local, alpha)
 
 
-def build_model(args) -> UDIModel:
-    backbone = ViTBackbone(args.arch, args.patch_size, args.global_crop_size, args.drop_path_rate,
+def build_model(args, teacher: bool = False) -> UDIModel:
+    """The student (stochastic depth at --drop_path_rate) or, with teacher=True, the teacher: no stochastic layer,
+    so its targets are a deterministic function of the input (as in DINO, iBOT and the reference)."""
+    backbone = ViTBackbone(args.arch, args.patch_size, args.global_crop_size, 0.0 if teacher else args.drop_path_rate,
                            embed_dim=args.embed_dim, depth=args.depth, num_heads=args.num_heads)
     head = DINOHead(backbone.embed_dim, args.out_dim, args.norm_last_layer, args.head_hidden_dim,
                     args.head_bottleneck_dim)

@@ -155,7 +155,7 @@ def train_udi(args, stop_after_epoch=None):
                          f"{world_size}")
 
     # ============ student and teacher networks ... ============
-    student, teacher = build_model(args).to(device), build_model(args).to(device)
+    student, teacher = build_model(args).to(device), build_model(args, teacher=True).to(device)
     teacher.load_state_dict(student.state_dict())
     for p in teacher.parameters():
         p.requires_grad = False
