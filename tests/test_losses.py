@@ -473,29 +473,3 @@ def test_two_gloo_ranks_match_one_rank(tmp_path):
             torch.testing.assert_close(center, expected, **tol)
         torch.testing.assert_close(torch.softmax(-rank["sk"] / 0.05, -1), torch.softmax(-single["sk"] / 0.05, -1),
                                    rtol=1e-4, atol=1e-7)
-
-
-# ---- compat --------------------------------------------------------------------------------------------------------
-
-def test_compat_udi_loss_matches_the_core_loss():
-    from udi_kernels import compat
-    B, L, K, Sg = 2, 2, 53, 4
-    student, teacher = make_udi(B, L, K, Sg, 3)
-    core = UDILoss(K, 2 + L, 0.04, 0.07, 30, 100)
-    swap = compat.UDILoss(K, 2 + L, 0.04, 0.07, 30, 100)
-    swap.centering.center.normal_()
-    for row, center in enumerate(_centers(core)):
-        center.copy_(swap.centering.center[row:row + 1])
-    local = teacher.local.reshape(L, 2, B, 3, K)
-    local_mask = teacher.local_mask.reshape(L, 2, B, 3)
-    student_output = [student.cls, student.cls_plus, list(student.patch.chunk(2))]
-    teacher_output = [teacher.cls, list(teacher.patch.chunk(2)), list(teacher.patch_mask.chunk(2)),
-                      [[local[l, 1], local[l, 0]] for l in range(L)],
-                      [[local_mask[l, 1], local_mask[l, 0]] for l in range(L)]]
-    loss, parts = swap(student_output, teacher_output, 2)
-    expected, expected_parts = core(student, teacher, 2)
-    torch.testing.assert_close(loss, expected)
-    for name in parts:
-        torch.testing.assert_close(parts[name], expected_parts[name])
-    torch.testing.assert_close(swap.centering.center, torch.cat(_centers(core)))
-    assert set(swap.state_dict()) >= {"centering.center"}

@@ -1,4 +1,4 @@
-"""udi_kernels.srs_attention (UDI_SPEC §3): reference, native CPU/CUDA, Triton, modules and compat layer.
+"""udi_kernels.srs_attention (UDI_SPEC §3): reference, native CPU/CUDA, Triton and modules (compat: test_compat.py).
 
 CPU (CI, TRITON_INTERPRET=1): float64 reference vs an independent dense-map implementation; native CPU and
 Triton (interpreter, fp32) vs the reference; gradcheck; opcheck; torch.compile; bad inputs.
@@ -15,7 +15,6 @@ import torch.nn.functional as F
 
 from udi_kernels import srs_attention
 from udi_kernels.backends import why_unavailable
-from udi_kernels.compat import MaskedAttention
 from udi_kernels.nn import SRSAttention
 from udi_kernels.reference import srs_attention as reference
 
@@ -422,32 +421,6 @@ def test_srs_attention_module_parameter_names_and_stratified_taps():
     teacher = module(x, pairs.globals.tgt_index[:, 0], pairs.globals.tgt_weight[:, 0])
     assert student.shape == teacher.shape == (1, 16, 48)
     assert torch.isfinite(student).all() and torch.isfinite(teacher).all()
-
-
-def test_masked_attention_matches_reference_way_and_loads_state_dict():
-    B, N, C, S, M = 2, 36, 48, 9, 3
-    source = _randomize(torch.nn.ModuleDict(dict(qkv=torch.nn.Linear(C, 3 * C), proj=torch.nn.Linear(C, C),
-                                                 norm=torch.nn.LayerNorm(C)))).double()
-    module = MaskedAttention(C, num_heads=6, backend="reference").double()
-    module.load_state_dict(source.state_dict())
-    _, index, weight = make_case(M * B, 1, N, 8, S, 4, seed=8)
-    dense = (F.one_hot(index.long(), N).double() * weight[..., None]).sum(2).reshape(M, B, S, N)
-    h = torch.randn(B, N, C, dtype=torch.float64)
-    out, attn = module(h, dense)
-    assert attn is None
-    for m in range(M):
-        torch.testing.assert_close(out[m], dense_head_path(module, h, dense[m]), rtol=1e-10, atol=1e-10)
-    _, probabilities = module(h, dense, return_attention=True)
-    assert probabilities.shape == (M, B, 6, S, N)
-    torch.testing.assert_close(probabilities.sum(-1), torch.ones(M, B, 6, S, dtype=torch.float64))
-
-
-def test_masked_attention_rejects_rows_with_more_than_four_taps():
-    module = MaskedAttention(12, num_heads=2)
-    dense = torch.zeros(1, 1, 2, 10)
-    dense[0, 0, 1, :5] = 0.2
-    with pytest.raises(ValueError, match="at most 4"):
-        module(torch.randn(1, 10, 12), dense)
 
 
 # ---- GPU -----------------------------------------------------------------------------------------

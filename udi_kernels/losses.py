@@ -230,7 +230,8 @@ class DINOLoss(nn.Module):
     """DINO's [CLS] loss: teacher global view iq against every student view v ≠ iq, averaged over all terms.
 
     forward(student_output [ncrops·B, K], teacher_output [2·B, K], epoch) -> loss; rows are crop-major
-    (crop 0 rows first), the 2 global crops first. The center (buffer `center` [1, K]) is updated after the
+    (crop 0 rows first), the 2 global crops first. The center (buffer `center` [1, K], state-dict key `center`
+    as in DINO's main_dino.py, so a DINO checkpoint's `dino_loss` entry loads strictly) is updated after the
     loss from the exact global mean of the teacher rows. centering='sinkhorn_knopp' uses DINOv2's
     Sinkhorn-Knopp targets instead (and leaves `center` alone).
     """
@@ -245,11 +246,13 @@ class DINOLoss(nn.Module):
         self.out_dim, self.ncrops, self.student_temp = out_dim, ncrops, student_temp
         self.schedule = (warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs)
         self.centering, self.sinkhorn_iterations, self.backend = centering, sinkhorn_iterations, backend
-        self.centering_ema = EMACenter(out_dim, center_momentum)
+        self.center_momentum = center_momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))
 
     @property
-    def center(self) -> Tensor:
-        return self.centering_ema.center
+    def momentum(self) -> float:
+        """The EMA momentum under the name update_centers reads."""
+        return self.center_momentum
 
     def teacher_temp(self, epoch: int) -> float:
         return teacher_temperature(epoch, *self.schedule)
@@ -267,7 +270,7 @@ class DINOLoss(nn.Module):
         out = _cross_entropy(student_output, teacher_output, center, self.pairs(batch, student_output.device),
                              self.student_temp, tau_t, self.backend)
         if self.centering == "ema":
-            self.centering_ema.update(out.center_sum, out.center_count)
+            update_centers([self], [out.center_sum], [out.center_count])
         return out.loss
 
 

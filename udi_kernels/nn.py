@@ -1,6 +1,6 @@
 """nn modules of the UDI head path."""
 import functools
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,12 @@ def identity_taps(batch: int, samples: int, device: torch.device):
 def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
     """The dtype autocast runs linear layers in on `device`, None when autocast is off."""
     return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+
+
+def cast_for_autocast(h: Tensor) -> Tensor:
+    """h in the dtype autocast runs linear layers in (h itself when autocast is off)."""
+    dtype = autocast_dtype(h.device)
+    return h if dtype is None else h.to(dtype)
 
 
 class TappedAttention(nn.Module):
@@ -87,14 +93,13 @@ class TappedAttention(nn.Module):
         return weight.split([C, 2 * C]), ((None, None) if bias is None else bias.split([C, 2 * C]))
 
     @staticmethod
-    def _sampled_queries(tapped: Tensor, weight: Optional[Tensor], taps: int, w_q: Tensor,
-                         b_q: Optional[Tensor]) -> Tensor:
-        """q_s = t_s W_q + (sum_t w_t) b_q: [B, S, C]."""
+    def _sampled_queries(tapped: Tensor, tap_sum: Union[Tensor, int], w_q: Tensor, b_q: Optional[Tensor]) -> Tensor:
+        """q_s = t_s W_q + (sum_t w_t) b_q: [B, S, C]; tap_sum [B, S, 1], or a number for every sample."""
         if b_q is None:
             return F.linear(tapped, w_q)
-        if weight is None:  # every tap weighs 1
-            return F.linear(tapped, w_q, b_q * taps)
-        return torch.addcmul(F.linear(tapped, w_q), weight.sum(-1, keepdim=True), b_q)
+        if isinstance(tap_sum, Tensor):
+            return torch.addcmul(F.linear(tapped, w_q), tap_sum, b_q)
+        return F.linear(tapped, w_q, b_q * tap_sum)
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
         """srs_attention of every row of q [B, H, S, D] (identity taps) over k, v [B, H, N, D]."""
@@ -108,37 +113,52 @@ class TappedAttention(nn.Module):
         B, S, heads, head_dim = q_s.shape
         # unbind, not indexing: the backward then stacks dk, dv straight into the kv gradient, one kernel
         k, v = (t.transpose(1, 2) for t in F.linear(h, w_kv, b_kv).unflatten(-1, (2, heads, head_dim)).unbind(2))
-        return self._attend(q_s.transpose(1, 2), k, v, scale).transpose(1, 2).reshape(B, S, -1)
+        return self._attend(q_s.transpose(1, 2), k, v, scale).transpose(1, 2).reshape(B, S, heads * head_dim)
 
     def _attend_over_h(self, h: Tensor, q_s: Tensor, w_kv: Tensor, b_kv: Optional[Tensor], scale: float) -> Tensor:
         """q_s [B, S, H, D] -> o [B, S, C], attending over h with q~ = W_k,h^T q_s,h (see the class docstring)."""
         B, S, heads, head_dim = q_s.shape
-        w_k, w_v = w_kv.view(2, heads, head_dim, -1).unbind(0)  # [H, D, C] each
-        queries = torch.einsum("bshd,hdc->bshc", q_s, w_k).reshape(B, 1, S * heads, -1)
+        C = h.shape[-1]
+        w_k, w_v = w_kv.view(2, heads, head_dim, C).unbind(0)  # [H, D, C] each
+        queries = torch.einsum("bshd,hdc->bshc", q_s, w_k).reshape(B, 1, S * heads, C)
         tokens = h[:, None]
-        context = self._attend(queries, tokens, tokens, scale).view(B, S, heads, -1)
+        context = self._attend(queries, tokens, tokens, scale).view(B, S, heads, C)
         o = torch.einsum("bshc,hdc->bshd", context, w_v)
         if b_kv is not None:
             o = o + b_kv.view(2, heads, head_dim)[1]
-        return o.reshape(B, S, -1)
+        return o.reshape(B, S, C)
 
     def forward(self, h: Tensor, index: Tensor, weight: Optional[Tensor] = None) -> Tensor:
         if h.dim() != 3 or index.dim() != 3 or index.shape[0] != h.shape[0]:
             raise ValueError(f"h must be [B, N, C] and index [B, S, T], got {list(h.shape)} and {list(index.shape)}")
         if self.check_taps:
             check_tap_values(index, weight, h.shape[1])
-        B, N, C = h.shape
-        S, T = index.shape[1:]
-        heads, head_dim = self.num_heads, C // self.num_heads
-        dtype = autocast_dtype(h.device)
-        (w_q, w_kv), (b_q, b_kv) = self._qkv_parameters(dtype)
-        h = h if dtype is None else h.to(dtype)
+        h = cast_for_autocast(h)
         weight = None if weight is None else weight.to(h.dtype)
         tapped = tap_rows(h, index, weight)
-        q_s = self._sampled_queries(tapped, weight, T, w_q, b_q).view(B, S, heads, head_dim)
+        tap_sum = index.shape[2] if weight is None else weight.sum(-1, keepdim=True)
+        return self.attend_tapped(h, tapped, tap_sum, skip=tapped)
+
+    def attend_tapped(self, h: Tensor, tapped: Tensor, tap_sum: Union[Tensor, int], skip: Optional[Tensor]) -> Tensor:
+        """norm(proj(softmax(q_s k^T * scale) v) + skip) for q_s = tapped W_q + tap_sum b_q: [B, S, C].
+
+        h [B, N, C] already in the autocast dtype (cast_for_autocast); tapped [B, S, C] the samples' tapped rows
+        sum_t w_t h[idx_t]; tap_sum [B, S, 1] (or a number) their sum_t w_t; skip [B, S, C] added before the norm
+        (None: no skip). The forward passes tapped itself as the skip; udi_kernels.compat.MaskedAttention forms
+        tapped with a dense map and masks the queries of its padding rows.
+        """
+        B, S, C = tapped.shape
+        heads, head_dim = self.num_heads, C // self.num_heads
+        (w_q, w_kv), (b_q, b_kv) = self._qkv_parameters(autocast_dtype(h.device))
+        q_s = self._sampled_queries(tapped, tap_sum, w_q, b_q).view(B, S, heads, head_dim)
         scale = default_scale(head_dim) if self.scale is None else float(self.scale)
-        attend_over = self._attend_over_h if S <= head_dim else self._attend_over_tokens
-        return self.norm(self.proj(attend_over(h, q_s, w_kv, b_kv, scale)) + tapped)
+        if S == 0:  # no sample: nothing to attend (the kernels need at least one query)
+            o = tapped
+        else:
+            attend_over = self._attend_over_h if S <= head_dim else self._attend_over_tokens
+            o = attend_over(h, q_s, w_kv, b_kv, scale)
+        o = self.proj(o)
+        return self.norm(o if skip is None else o + skip)
 
 
 class SRSAttention(nn.Module):

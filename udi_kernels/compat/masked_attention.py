@@ -1,48 +1,108 @@
-"""MaskedAttention: the reference UDI code's attention over dense sample maps, on the fused op."""
-from typing import Optional
+"""MaskedAttention: the reference UDI code's SRS attention over dense maps (UDI_SPEC §3, §9), on the fused op."""
+from functools import partial
+from typing import Callable, Optional
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+from torch import Tensor, nn
 
-from ..nn import TappedAttention
-from ..reference.srs_attention import default_scale
-from ..taps import dense_to_taps
+from ..nn import TappedAttention, autocast_dtype, cast_for_autocast
 
 
 class MaskedAttention(TappedAttention):
-    """The reference's MaskedAttention (UDI_SPEC §3), parameters qkv, proj, norm, so its state dicts load.
+    """The reference's `vision_transformer.MaskedAttention` (github ISL-CV/udi, commit 133c2cb), one-line swap.
 
-    forward(x [B, N, C], map [M, B, S, N], return_attention=False) -> (out [M, B, S, C], attn)
-      x:   the normalised patch tokens h (the wrapper applies norm1 before this module);
-      map: M dense sample maps per crop (one-hot source rows or bilinear target rows, zero rows for
-           padding); each row may hold at most 4 nonzeros (ValueError otherwise). The M maps share
-           the crop's k, v and run as one op call.
-      out: norm(proj(softmax(q_s k^T / sqrt(D)) v) + map @ x) with q_s = map @ q.
-      attn: None by default, because the fused op never materialises the probabilities; with
-           return_attention=True, the probabilities [M, B, H, S, N] recomputed eagerly (no gradient
-           flows through them). map gets no gradient either.
+    MaskedAttention(dim, num_heads, qkv_bias=False, skip_connection=True,
+                    norm_layer=partial(nn.LayerNorm, eps=1e-6), *, backend=None, compute_attention=None)
+
+    Modules `qkv` (dim -> 3·dim, bias iff qkv_bias), `attn_drop`, `proj` (dim -> dim), `proj_drop`, `norm`
+    (norm_layer(dim)); `scale = (dim // num_heads) ** -0.5`. Init as the reference: every Linear weight truncated
+    normal (std 0.02, cut at ±2), every Linear bias 0, LayerNorm weight 1 and bias 0, drawing the same random
+    numbers in the same order, so under one seed both classes start from identical parameters. Dropouts exist
+    for the module tree only: the reference never applies them here either.
+
+    forward(x [B, N, C], map [M, B, S, N]) -> (out [M, B, S, C], attn [M, B, H, S, N] or None)
+      x:   the normalised patch tokens (the reference's UDIWrapper applies norm1 first);
+      map: M dense sample maps per crop, any real rows (one-hot, bilinear or anything else). A row attends iff
+           its sum is > 0 (the reference's row mask); other rows ("padding") attend uniformly.
+      out: norm(proj(softmax(q_s k^T · scale) v) + map @ x) with q_s = map @ (x W_q + b_q), the skip only with
+           skip_connection; every row, padding rows included, has the reference's value.
+      attn: the attention probabilities times the row mask (padding rows all 0), as the reference returns them.
+
+    How it runs: map @ x is one batched matmul for all M maps (exact for any map, no host sync); the queries
+    of the M·S rows then attend over their crop in one call of the fused udi_kernels.srs_attention op
+    (TappedAttention.attend_tapped), which never materialises the probabilities. The probabilities are only
+    formed eagerly when asked for, so the reference's training loop (which discards them) pays nothing:
+      compute_attention=None (default): formed iff the module is in eval mode or autograd is off, i.e. in the
+          reference's visualisation path (`UDIWrapper.forward(x, map, return_attention=True)` under
+          torch.no_grad() or after .eval()); in training, attn is None;
+      compute_attention=True / False: always / never (settable on the instance at any time).
+    Gradients flow to x, the parameters, and map (as in the reference); attn is differentiable too.
+
+    Errors: ValueError when x is not [B, N, dim] or map not [M, B, S, N] for that x.
     """
 
-    def __init__(self, dim: int, num_heads: int = 6, qkv_bias: bool = True, qk_scale: Optional[float] = None,
-                 backend: Optional[str] = None):
-        super().__init__(dim, num_heads, qkv_bias, qk_scale, backend)
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = False, skip_connection: bool = True,
+                 norm_layer: Callable[[int], nn.Module] = partial(nn.LayerNorm, eps=1e-6), *,
+                 backend: Optional[str] = None, compute_attention: Optional[bool] = None):
+        super().__init__(dim, num_heads, qkv_bias, backend=backend)
+        self.scale = (dim // num_heads) ** -0.5
+        self.skip_connection = skip_connection
+        self.compute_attention = compute_attention
+        self.norm = norm_layer(dim)
+        self.attn_drop = nn.Dropout(0.0)
+        self.proj_drop = nn.Dropout(0.0)
+        self.apply(_init_weights)
 
-    def forward(self, x: Tensor, map: Tensor, return_attention: bool = False):
-        if x.dim() != 3 or map.dim() != 4 or map.shape[1] != x.shape[0] or map.shape[3] != x.shape[1]:
-            raise ValueError(f"map must have shape [M, B={x.shape[0]}, S, N={x.shape[1]}], got {list(map.shape)}")
-        M, B, S, _ = map.shape
-        index, weight = dense_to_taps(map.detach())
-        merged = lambda t: t.permute(1, 0, 2, 3).reshape(B, M * S, -1)  # noqa: E731  [M, B, S, T] -> [B, M*S, T]
-        out = super().forward(x, merged(index), merged(weight))
-        out = out.reshape(B, M, S, -1).transpose(0, 1)
-        return out, (self.attention_probabilities(x, map) if return_attention else None)
+    def forward(self, x: Tensor, map: Tensor):
+        M, B, S, N = self._check(x, map)
+        C = x.shape[-1]
+        h = cast_for_autocast(x)
+        rows = map.to(h.dtype).transpose(0, 1).reshape(B, M * S, N)  # crop b's M·S rows together
+        tapped = torch.bmm(rows, h)                                    # map @ x, [B, M·S, C]
+        tap_sum = rows.sum(-1, keepdim=True)
+        attends = tap_sum > 0
+        queries, query_sum = torch.where(attends, tapped, 0), tap_sum * attends
+        out = self.attend_tapped(h, queries, query_sum, tapped if self.skip_connection else None)
+        out = out.view(B, M, S, C).transpose(0, 1).contiguous()
+        attn = self._probabilities(h, queries, query_sum, attends, M, S) if self._wants_attention() else None
+        return out, attn
 
-    @torch.no_grad()
-    def attention_probabilities(self, x: Tensor, map: Tensor) -> Tensor:
-        """softmax((map @ q) k^T * scale): [M, B, H, S, N], computed eagerly in the dtype of x."""
-        B, N, C = x.shape
+    def _wants_attention(self) -> bool:
+        if self.compute_attention is None:
+            return not (self.training and torch.is_grad_enabled())
+        return bool(self.compute_attention)
+
+    def _probabilities(self, h: Tensor, queries: Tensor, query_sum: Tensor, attends: Tensor, M: int, S: int) -> Tensor:
+        """softmax(q_s k^T · scale) times the row mask, eagerly: [M, B, H, S, N]."""
+        B, N, C = h.shape
         heads = self.num_heads
-        qkv = self.qkv(x).reshape(B, N, 3, heads, C // heads).permute(2, 0, 3, 1, 4)
-        q_s = torch.einsum("mbsn,bhnd->mbhsd", map.to(x.dtype), qkv[0])
-        scale = self.scale if self.scale is not None else default_scale(C // heads)
-        return torch.softmax(q_s @ qkv[1].transpose(-1, -2) * scale, dim=-1)
+        (w_q, w_kv), (b_q, b_kv) = self._qkv_parameters(autocast_dtype(h.device))
+        q = self._sampled_queries(queries, query_sum, w_q, b_q).view(B, M * S, heads, C // heads).transpose(1, 2)
+        k = F.linear(h, w_kv[:C], None if b_kv is None else b_kv[:C]).view(B, N, heads, C // heads).transpose(1, 2)
+        attn = torch.softmax(q @ k.transpose(-1, -2) * self.scale, dim=-1) * attends.view(B, 1, M * S, 1)
+        return attn.view(B, heads, M, S, N).permute(2, 0, 1, 3, 4).contiguous()
+
+    def _check(self, x: Tensor, map: Tensor):
+        C = self.qkv.in_features
+        if x.dim() != 3 or x.shape[2] != C:
+            raise ValueError(f"x must have shape [B, N, {C}], got {list(x.shape)}")
+        B, N = x.shape[:2]
+        if map.dim() != 4 or map.shape[1] != B or map.shape[3] != N:
+            raise ValueError(f"map must have shape [M, B={B}, S, N={N}], got {list(map.shape)}")
+        return map.shape
+
+
+def _init_weights(module: nn.Module):
+    """The reference's init (also its ViT's and DINO's): Linear weights trunc normal 0.02, biases 0, LN 1 and 0.
+
+    timm's trunc_normal_ samples by the inverse CDF as the reference does (one uniform draw per element);
+    torch.nn.init.trunc_normal_ now rejection-samples, which draws other random numbers."""
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)

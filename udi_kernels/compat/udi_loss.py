@@ -1,63 +1,263 @@
-"""The reference's UDILoss interface on top of udi_kernels.losses.UDILoss (same numbers, fused op inside).
+"""UDILoss: the reference UDI code's loss (`main_udi.UDILoss`, UDI_SPEC §5, §9), one-line swap, on the fused op."""
+from typing import NamedTuple, Optional, Sequence
 
-The reference code was not available when this was written; the nested structure below is our reading of
-UDI_SPEC §5 and the SRS pair order of udi_kernels.stratified_sample (locals: l→g1 first, then l→g0):
-
-  student_output = [cls, cls_plus, patch]
-      cls, cls_plus  [(2 + L)·B, K]   crop-major, the two global crops first
-      patch          [patch_0, patch_1], patch_v [B, Sg, K]: student global v's samples (pair v → 1−v)
-  teacher_output = [cls, patch, patch_mask, local, local_mask]
-      cls            [2·B, K]
-      patch          [patch_0, patch_1], patch_v [B, Sg, K]: teacher logits (crop 1−v) at those samples
-      patch_mask     [mask_0, mask_1], mask_v [B, Sg] bool
-      local          L lists [to_g1, to_g0], each [B, Sl, K]: teacher logits at local crop l's samples
-      local_mask     the same nesting of [B, Sl] bool
-
-forward(student_output, teacher_output, epoch) -> (loss, parts) with parts {'cls', 'cls_plus', 'patch'}.
-`centering.center` is a [3, K] buffer holding the cls, cls+ and patch centers, in that order.
-"""
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from .. import losses
+from ..losses import _blend_into, _cross_entropy, _identity_pairs
+from ..ops.distill_ce import DistillCE
+from ._fused import check_center_mean, crop_mean_pairs, update_center_buffer
+
+# The reference's student/teacher pairs, as (student crop, teacher crop) with crop-major rows of B images:
+# global: student crop v against teacher rows v (the teacher sees the globals reversed, so that is crop 1 − v);
+# local crop l against both teacher globals, and its cls+ against its own targets on both (rows 2l + g).
+GLOBAL_PAIRS = ((0, 0), (1, 1))
 
 
-class _Centering(nn.Module):
-    def __init__(self, out_dim: int):
+def local_cls_pairs(num_local: int) -> tuple:
+    return tuple((l, g) for l in range(num_local) for g in range(2))
+
+
+def local_cls_plus_pairs(num_local: int) -> tuple:
+    return tuple((l, 2 * l + g) for l in range(num_local) for g in range(2))
+
+
+class Centering(nn.Module):
+    """The reference's `centering` state: buffers `center` [num_centers, K] (cls, cls+ if any, patch if any) and
+    `count` [num_centers, 1] (never used by the reference either; kept so state dicts load strictly)."""
+
+    def __init__(self, num_centers: int, out_dim: int = 65536, center_momentum: float = 0.9):
         super().__init__()
-        self.register_buffer("center", torch.zeros(3, out_dim))
+        self.num_centers, self.center_momentum = num_centers, center_momentum
+        self.register_buffer("center", torch.zeros(num_centers, out_dim))
+        self.register_buffer("count", torch.zeros(num_centers, 1))
 
 
 class UDILoss(nn.Module):
-    def __init__(self, out_dim: int, ncrops: int, warmup_teacher_temp: float, teacher_temp: float,
-                 warmup_teacher_temp_epochs: int, nepochs: int, student_temp: float = 0.1,
-                 center_momentum: float = 0.9, alpha: float = 0.5, backend=None):
-        super().__init__()
-        self.loss = losses.UDILoss(out_dim, ncrops, warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs,
-                                   nepochs, student_temp, center_momentum, alpha, backend=backend)
-        self.centering = _Centering(out_dim)
+    """The reference's `main_udi.UDILoss` (github ISL-CV/udi, commit 133c2cb): same constructor, inputs, outputs,
+    state and numbers; every cross-entropy and center sum runs in the fused udi_kernels distillation op.
 
-    def _centers(self):
-        return (self.loss.center_cls, self.loss.center_cls_plus, self.loss.center_patch)
+    UDILoss(num_local_crops, dim, teacher_temp_schedule, include_cls=True, include_patch=True, num_clt=2,
+            alpha=0.5, student_temp=0.1, center_momentum=0.9, weights=None, *, center_mean='global', backend=None)
+      teacher_temp_schedule: indexed by epoch (numpy array, list or tensor), as the reference's.
+      num_clt 2 (cls and cls+; UDI) or 1 (cls only), include_patch True or False (num_clt 2 needs it: the cls+
+      targets blend patch samples), include_cls True; other values raise ValueError naming the value.
+      weights: one per level, cls, cls+ (num_clt 2), patch (include_patch); default 1 / num_ctr each.
+      center_mean: 'global' (default) the exact mean of the teacher rows over all ranks; 'per_rank' each rank's
+      mean averaged over the ranks, as the reference does. One process: the same.
+
+    forward(student_output, teacher_output, epoch) -> (total, parts), the multi-crop wrapper's outputs as
+    (pred, mask) pairs of [global, local] lists, B images, L = num_local_crops, K = dim:
+      student pred  global [cls [2B, 1, K], cls+ [2B, 1, K], patch [1, 2B, Sg, K]], local [cls [LB, 1, K], cls+]
+      student mask  global [None, None, patch sample weights [1, 2B, Sg, 1]], local [None, None]
+      teacher pred  global [cls [2B, 1, K], None, patch [1, 2B, Sg, K]], local [None, None, [L, 2B, Sl, K]]
+      teacher mask  global [None, None, [1, 2B, Sg, 1]], local [None, None, [L, 2B, Sl, 1]]
+      (without cls+ or patch, those entries are absent). Teacher rows hold the global crops reversed, crop 1
+      first, so student row r pairs with teacher row r; masks are the sample maps' row sums (1 valid, 0 padding)
+      and weigh their samples as in the reference.
+      total = Σ weights · levels, level = (2·global + 2L·local) / (2 + 2L) for cls and cls+, the patch term for
+      patch; parts = [[global cls, global cls+, patch], [local cls, local cls+]] (scalar float32 tensors in the
+      graph, logged by index by the reference's training loop).
+    The centers (`centering.center`) are updated after the loss from the raw teacher rows: cls over the 2B
+    global rows, cls+ over its 2B + 2LB blended targets, patch over every valid sample, global and local.
+
+    Differences from the reference, all where it returns NaN or crashes: a patch term without valid samples is 0;
+    a center without rows keeps its value; L = 0 gives the global terms (local terms 0); B = 0 gives 0 and leaves
+    the centers alone; it runs without a process group. Under autocast the blends and center sums accumulate in
+    float32 (the reference: float16).
+    """
+
+    def __init__(self, num_local_crops: int, dim: int, teacher_temp_schedule, include_cls: bool = True,
+                 include_patch: bool = True, num_clt: int = 2, alpha: float = 0.5, student_temp: float = 0.1,
+                 center_momentum: float = 0.9, weights: Optional[Sequence[float]] = None, *,
+                 center_mean: str = "global", backend: Optional[str] = None):
+        super().__init__()
+        _check_levels(include_cls, include_patch, num_clt)
+        check_center_mean(center_mean)
+        if num_local_crops < 0:
+            raise ValueError(f"num_local_crops must be >= 0, got {num_local_crops}")
+        self.student_temp, self.num_clt, self.dim, self.num_local_crops = student_temp, num_clt, dim, num_local_crops
+        self.teacher_temp_schedule, self.alpha = teacher_temp_schedule, alpha
+        self.include_cls, self.include_patch = include_cls, include_patch
+        self.num_ctr = num_clt + include_patch
+        self.weights = list(weights) if weights else [1 / self.num_ctr] * self.num_ctr
+        if len(self.weights) != self.num_ctr:
+            raise ValueError(f"weights must hold one weight per level ({self.num_ctr}), got {weights!r}")
+        self.centering = Centering(self.num_ctr, dim, center_momentum)
+        self.center_mean, self.backend = center_mean, backend
+
+    def teacher_temp(self, epoch: int) -> float:
+        try:
+            return float(self.teacher_temp_schedule[epoch])
+        except IndexError:
+            raise ValueError(f"epoch {epoch} is outside teacher_temp_schedule (length "
+                             f"{len(self.teacher_temp_schedule)})") from None
 
     def forward(self, student_output, teacher_output, epoch: int):
-        for row, ema in enumerate(self._centers()):
-            ema.center = self.centering.center[row:row + 1].clone()
-        cls, cls_plus, patch = student_output
-        t_cls, t_patch, t_patch_mask, local, local_mask = teacher_output
-        student = losses.UDIStudent(cls, cls_plus, torch.cat(list(patch)))
-        teacher = losses.UDITeacher(t_cls, torch.cat(list(t_patch)), torch.cat(list(t_patch_mask)),
-                                    *_local_rows(local, local_mask))
-        loss, parts = self.loss(student, teacher, epoch)
-        with torch.no_grad():
-            self.centering.center.copy_(torch.cat([ema.center for ema in self._centers()]))
-        return loss, parts
+        tau_t = self.teacher_temp(epoch)
+        inputs = _Inputs.parse(student_output, teacher_output, self)
+        L = self.num_local_crops
+        cls = self._cls_terms(0, inputs.student_cls, inputs.teacher_cls, inputs.teacher_cls, local_cls_pairs(L),
+                              tau_t)
+        levels, stats = [cls], [_stats(cls[0])]
+        local_sum, local_count = None, None
+        if self.num_clt == 2:
+            plus_global, plus_local, local_sum, local_count = self._cls_plus_targets(inputs)
+            plus = self._cls_terms(1, inputs.student_cls_plus, plus_global, plus_local, local_cls_plus_pairs(L),
+                                   tau_t)
+            levels.append(plus)
+            stats.append(_stats(*plus))
+        parts = [[g.loss for g, _ in levels], [l.loss for _, l in levels]]
+        totals = [(2 * g.loss + 2 * L * l.loss) / (2 + 2 * L) for g, l in levels]
+        if self.include_patch:
+            patch = self._patch_term(inputs, tau_t)
+            if local_sum is None:
+                local_sum, local_count = _masked_sum(inputs.teacher_local, inputs.teacher_local_mask)
+            parts[0].append(patch.loss)
+            totals.append(patch.loss)
+            stats.append((patch.center_sum + local_sum, patch.center_count + local_count))
+        update_center_buffer(self.centering, self.centering.center_momentum, torch.cat([s for s, _ in stats]),
+                             torch.stack([c.reshape(()) for _, c in stats])[:, None], self.center_mean)
+        return sum(w * level for w, level in zip(self.weights, totals)), parts
+
+    def _cross_entropy(self, student: Tensor, teacher: Tensor, center_row: int, table, tau_t: float,
+                       row_weight: Optional[Tensor] = None) -> DistillCE:
+        """One term: its loss and the center statistics (sum [1, K], count [1]) of its teacher rows."""
+        center = self.centering.center[center_row:center_row + 1]
+        return _cross_entropy(student, teacher, center, table, self.student_temp, tau_t, self.backend, row_weight)
+
+    def _cls_terms(self, center_row: int, student: tuple, teacher_global: Tensor, teacher_local: Tensor,
+                   local_pairs: tuple, tau_t: float):
+        """(global term, local term) of a cls-type level: student = (global rows [2B, K], local rows [LB, K]),
+        teacher_global [2B, K], teacher_local [T·B, K] scored as local_pairs (local crop, teacher crop)."""
+        B, L, device = student[0].shape[0] // 2, self.num_local_crops, student[0].device
+        local_teacher_crops = teacher_local.shape[0] // B if B else 0
+        global_term = self._cross_entropy(student[0], teacher_global, center_row,
+                                          crop_mean_pairs(GLOBAL_PAIRS, B, 2, 2, device), tau_t)
+        local_term = self._cross_entropy(student[1], teacher_local, center_row,
+                                         crop_mean_pairs(local_pairs, B, L, local_teacher_crops, device), tau_t)
+        return global_term, local_term
+
+    @torch.no_grad()
+    def _cls_plus_targets(self, inputs: "_Inputs"):
+        """The reference's cls+ targets α·(masked sample mean) + (1 − α)·teacher cls, in logit space, eps 1e-5:
+        global rows [2B, K] (row r: teacher image r), local rows [2LB, K] (row l·2B + r), and the sum [K] and
+        count [] of the masked local samples, which join the patch center."""
+        cls = inputs.teacher_cls
+        B2, K = cls.shape
+        rows = torch.empty(B2 * (1 + self.num_local_crops), K, dtype=cls.dtype, device=cls.device)
+        base = (1 - self.alpha) * cls
+        _blend_into(rows[:B2].view(1, B2, K), inputs.teacher_patch, inputs.teacher_patch_mask, base, self.alpha)
+        local_totals = _blend_into(rows[B2:].view(self.num_local_crops, B2, K), inputs.teacher_local,
+                                   inputs.teacher_local_mask, base, self.alpha)
+        local_sum = local_totals.sum(0, dtype=torch.promote_types(cls.dtype, torch.float32))
+        return rows[:B2], rows[B2:], local_sum, inputs.teacher_local_mask.sum(dtype=local_sum.dtype)
+
+    def _patch_term(self, inputs: "_Inputs", tau_t: float) -> DistillCE:
+        """Σ m_s·CE / Σ m_s over the global samples (student mask m_s); the teacher's mask weighs the center rows."""
+        K = self.dim
+        as_weights = lambda mask: mask.reshape(-1).to(torch.promote_types(mask.dtype, torch.float32))  # noqa: E731
+        weight = as_weights(inputs.student_patch_mask)
+        total = weight.sum()
+        return self._cross_entropy(inputs.student_patch.reshape(-1, K), inputs.teacher_patch.reshape(-1, K),
+                                   self.num_ctr - 1, _identity_pairs(weight / total.masked_fill(total == 0, 1)),
+                                   tau_t, as_weights(inputs.teacher_patch_mask))
 
 
-def _local_rows(local, local_mask):
-    """L lists [to_g1, to_g0] -> UDITeacher's rows (2l + g)·B + b, i.e. teacher global g in index order."""
-    if not local:
-        return None, None
-    rows = torch.cat([pair[g] for pair in local for g in (1, 0)])
-    masks = torch.cat([pair[g] for pair in local_mask for g in (1, 0)])
-    return rows, masks
+def _stats(*terms: DistillCE):
+    return sum(t.center_sum for t in terms), sum(t.center_count for t in terms)
+
+
+@torch.no_grad()
+def _masked_sum(rows: Tensor, mask: Tensor):
+    """Σ m_s·x_s over every row and sample: rows [R, S, K], mask [R, S] -> ([1, K] float32, [] float32)."""
+    dtype = torch.promote_types(rows.dtype, torch.float32)
+    total = (mask.reshape(1, -1).to(rows.dtype) @ rows.reshape(-1, rows.shape[-1])).to(dtype)
+    return total, mask.sum(dtype=dtype)
+
+
+def _check_levels(include_cls: bool, include_patch: bool, num_clt: int):
+    if include_cls is not True:
+        raise ValueError(f"include_cls={include_cls!r} is not supported (the reference's training script always "
+                         "distils the [CLS] token)")
+    if num_clt not in (1, 2):
+        raise ValueError(f"num_clt must be 1 or 2, got {num_clt!r}")
+    if num_clt == 2 and not include_patch:
+        raise ValueError(f"num_clt=2 needs include_patch=True (the cls+ targets blend the teacher's patch "
+                         f"samples), got include_patch={include_patch!r}")
+
+
+class _Inputs(NamedTuple):
+    """The nested inputs as rows: cls-type pairs (global [2B, K], local [LB, K]); patch [2B, Sg, K] with masks
+    [2B, Sg]; teacher local samples [L·2B, Sl, K] with masks [L·2B, Sl]. Absent entries are None."""
+    student_cls: tuple
+    student_cls_plus: Optional[tuple]
+    student_patch: Optional[Tensor]
+    student_patch_mask: Optional[Tensor]
+    teacher_cls: Tensor
+    teacher_patch: Optional[Tensor]
+    teacher_patch_mask: Optional[Tensor]
+    teacher_local: Optional[Tensor]
+    teacher_local_mask: Optional[Tensor]
+
+    @staticmethod
+    def parse(student_output, teacher_output, loss: UDILoss) -> "_Inputs":
+        (s_global, s_local), (s_global_mask, _) = _levels(student_output, "student_output")
+        (t_global, t_local), (t_global_mask, t_local_mask) = _levels(teacher_output, "teacher_output")
+        K, L, patch = loss.dim, loss.num_local_crops, loss.num_clt
+        teacher_cls = _rows(t_global[0], "teacher_output global cls", K)
+        B2 = teacher_cls.shape[0]
+        if B2 % 2:
+            raise ValueError(f"teacher_output global cls must hold 2·B rows (both global crops), got {B2}")
+
+        def cls_pair(index: int, name: str):
+            return (_rows(s_global[index], f"student_output global {name}", K, B2),
+                    _rows(s_local[index], f"student_output local {name}", K, L * B2 // 2))
+
+        inputs = _Inputs(cls_pair(0, "cls"), cls_pair(1, "cls+") if loss.num_clt == 2 else None,
+                         None, None, teacher_cls, None, None, None, None)
+        if not loss.include_patch:
+            return inputs
+        student_patch, student_mask = _samples(s_global[patch], s_global_mask[patch], "student_output global patch",
+                                               K, (1, B2))
+        teacher_patch, teacher_mask = _samples(t_global[patch], t_global_mask[patch], "teacher_output global patch",
+                                               K, (1, B2))
+        if student_patch.shape != teacher_patch.shape:
+            raise ValueError(f"student and teacher global patch must have the same shape, got "
+                             f"{list(student_patch.shape)} and {list(teacher_patch.shape)}")
+        local, local_mask = _samples(t_local[patch], t_local_mask[patch], "teacher_output local samples", K, (L, B2))
+        return inputs._replace(student_patch=student_patch, student_patch_mask=student_mask,
+                               teacher_patch=teacher_patch, teacher_patch_mask=teacher_mask, teacher_local=local,
+                               teacher_local_mask=local_mask)
+
+
+def _levels(output, name: str):
+    """(pred, mask) of [global, local] lists, as the reference's MultiCropWrapper returns them."""
+    try:
+        (pred_global, pred_local), (mask_global, mask_local) = output
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be (pred, mask), each a [global, local] pair of lists (the multi-crop "
+                         "wrapper's output)") from None
+    return (pred_global, pred_local), (mask_global, mask_local)
+
+
+def _rows(tensor, name: str, K: int, rows: Optional[int] = None) -> Tensor:
+    """tensor [..., K] as [rows, K]."""
+    if not isinstance(tensor, Tensor) or tensor.shape[-1:] != (K,) or (rows is not None and tensor.numel() != rows * K):
+        what = f"{rows} rows of {K}" if rows is not None else f"rows of {K}"
+        shape = list(tensor.shape) if isinstance(tensor, Tensor) else type(tensor).__name__
+        raise ValueError(f"{name} must hold {what} logits, got {shape}")
+    return tensor.reshape(-1, K)
+
+
+def _samples(pred, mask, name: str, K: int, leading: tuple):
+    """pred [*leading, S, K] and its mask [*leading, S, 1] as [R, S, K] and [R, S], R = prod(leading)."""
+    if not isinstance(pred, Tensor) or pred.dim() != 4 or pred.shape[:2] != leading or pred.shape[3] != K:
+        shape = list(pred.shape) if isinstance(pred, Tensor) else type(pred).__name__
+        raise ValueError(f"{name} must have shape [{leading[0]}, {leading[1]}, S, {K}], got {shape}")
+    S = pred.shape[2]
+    if not isinstance(mask, Tensor) or mask.shape != (*leading, S, 1):
+        shape = list(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+        raise ValueError(f"the mask of {name} must have shape [{leading[0]}, {leading[1]}, {S}, 1], got {shape}")
+    rows = leading[0] * leading[1]
+    return pred.reshape(rows, S, K), mask.reshape(rows, S)

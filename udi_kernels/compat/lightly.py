@@ -1,0 +1,83 @@
+"""lightly's DINOLoss (lightly-ai/lightly, `lightly/loss/dino_loss.py`), one-line swap, on the fused op."""
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..losses import _cross_entropy
+from ._fused import check_center_mean, crop_mean_pairs, update_center_buffer
+
+
+class DINOLoss(nn.Module):
+    """`lightly.loss.DINOLoss` with the same constructor, forward, state and numbers (UDI_SPEC §5's L_cls).
+
+    DINOLoss(output_dim=65536, warmup_teacher_temp=0.04, teacher_temp=0.04, warmup_teacher_temp_epochs=30,
+             student_temp=0.1, center_momentum=0.9, center_mode='mean', *, center_mean='global', backend=None)
+      center_mode: 'mean' only (as lightly; ValueError otherwise).
+      center_mean: 'global' (default) the exact mean of the teacher rows over all ranks; 'per_rank' each rank's
+          mean averaged over the ranks, as lightly does. The same when every rank has as many rows.
+    State: buffer `center` [1, 1, output_dim] (lightly's state-dict key and shape); `teacher_temp_schedule`
+    (float32 linspace over the warm-up epochs, not in the state dict).
+
+    forward(teacher_out: list of T [B, K] views, student_out: list of S [B, K] views, teacher_temp=None,
+            epoch=None) -> loss []
+      loss = mean over the pairs (teacher view t, student view s), s ≠ t, of the batch-mean
+      CE(softmax((teacher_t − center) / τt), log_softmax(student_s / τs)); view i of both lists is the same
+      crop (lightly's diagonal). τt: teacher_temp if given, else the schedule at epoch (teacher_temp once it is
+      past the warm-up), else teacher_temp. lightly's positional order: the third argument is teacher_temp, so
+      pass the epoch as epoch=epoch (lightly before 1.5.21 took the epoch third). The center is then updated
+      from the mean teacher row. Raises ValueError without a cross-view pair or when views differ in shape.
+    Difference: B = 0 gives 0 and leaves the center alone (lightly: NaN).
+    """
+
+    def __init__(self, output_dim: int = 65536, warmup_teacher_temp: float = 0.04, teacher_temp: float = 0.04,
+                 warmup_teacher_temp_epochs: int = 30, student_temp: float = 0.1, center_momentum: float = 0.9,
+                 center_mode: str = "mean", *, center_mean: str = "global", backend: Optional[str] = None):
+        super().__init__()
+        if center_mode != "mean":
+            raise ValueError(f"Unknown mode '{center_mode}'. Valid modes are ['mean'].")
+        check_center_mean(center_mean)
+        self.teacher_temp, self.student_temp, self.center_momentum = teacher_temp, student_temp, center_momentum
+        self.register_buffer("center", torch.zeros(1, 1, output_dim))
+        self.warmup_teacher_temp_epochs = warmup_teacher_temp_epochs
+        self.teacher_temp_schedule = torch.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs)
+        self.center_mean, self.backend = center_mean, backend
+
+    def teacher_temperature(self, teacher_temp: Optional[float] = None, epoch: Optional[int] = None) -> float:
+        """τt as lightly picks it, rounded to float32 as lightly's temperature tensors are."""
+        if teacher_temp is None and epoch is not None and epoch < self.warmup_teacher_temp_epochs:
+            return float(self.teacher_temp_schedule[epoch])
+        return float(np.float32(self.teacher_temp if teacher_temp is None else teacher_temp))
+
+    def forward(self, teacher_out: Sequence[Tensor], student_out: Sequence[Tensor],
+                teacher_temp: Optional[float] = None, epoch: Optional[int] = None) -> Tensor:
+        pairs = tuple((s, t) for t in range(len(teacher_out)) for s in range(len(student_out)) if s != t)
+        if not pairs:
+            raise ValueError(f"DINOLoss needs at least one pair of different views (view i of both lists is the "
+                             f"same crop), got {len(teacher_out)} teacher and {len(student_out)} student view(s)")
+        teacher, student = _stack_views(teacher_out, "teacher_out"), _stack_views(student_out, "student_out")
+        batch, K = teacher_out[0].shape
+        if student_out[0].shape != (batch, K) or K != self.center.shape[-1]:
+            raise ValueError(f"every view must have shape [B, {self.center.shape[-1]}] with one B, got teacher "
+                             f"{list(teacher_out[0].shape)} and student {list(student_out[0].shape)}")
+        table = crop_mean_pairs(pairs, batch, len(student_out), len(teacher_out), student.device)
+        out = _cross_entropy(student, teacher, self.center.view(1, K), table, self.student_temp,
+                             self.teacher_temperature(teacher_temp, epoch), self.backend)
+        update_center_buffer(self, self.center_momentum, out.center_sum, out.center_count[:, None], self.center_mean)
+        return out.loss
+
+    @torch.no_grad()
+    def update_center(self, teacher_out: Tensor) -> None:
+        """lightly's update_center: EMA step of the center from teacher_out [views, B, K]."""
+        rows = teacher_out.reshape(-1, teacher_out.shape[-1]).float()
+        update_center_buffer(self, self.center_momentum, rows.sum(0, keepdim=True),
+                             rows.new_full((1, 1), rows.shape[0]), self.center_mean)
+
+
+def _stack_views(views: Sequence[Tensor], name: str) -> Tensor:
+    """The views as crop-major rows [views·B, K]; all views must have one shape."""
+    if any(not isinstance(v, Tensor) or v.dim() != 2 or v.shape != views[0].shape for v in views):
+        raise ValueError(f"{name} must be a list of [B, K] tensors of one shape, got "
+                         f"{[list(v.shape) if isinstance(v, Tensor) else type(v).__name__ for v in views]}")
+    return torch.cat(list(views))
