@@ -24,6 +24,15 @@ from udi_kernels.losses import DINOLoss
 
 LOSS_BACKENDS = [b for b in ("reference", "native", "triton")
                  if backends.why_unavailable(b, "distill_ce_forward", torch.device("cpu")) is None]
+# The losses' structure is backend-independent and each kernel is tested in its own file: every case runs on
+# the first two backends, one case per test on the slow Triton interpreter.
+EVERY_CASE_BACKENDS, ONE_CASE_BACKENDS = LOSS_BACKENDS[:2], LOSS_BACKENDS[2:]
+
+
+def loss_cases(cases):
+    """(backend, *case) for every case on EVERY_CASE_BACKENDS, and for the first case on ONE_CASE_BACKENDS."""
+    return [(backend, *case) for backend in EVERY_CASE_BACKENDS for case in cases] + \
+        [(backend, *cases[0]) for backend in ONE_CASE_BACKENDS]
 ATTENTION_BACKENDS = [b for b in ("reference", "native")
                       if backends.why_unavailable(b, "srs_attention", torch.device("cpu")) is None]
 FP32, FP64 = 1e-5, 1e-10
@@ -345,10 +354,12 @@ CONFIGS = [dict(num_clt=2, include_patch=True), dict(num_clt=1, include_patch=Tr
 SCHEDULE = np.concatenate((np.linspace(0.04, 0.07, 3), np.ones(2) * 0.07))
 
 
-@pytest.mark.parametrize("backend", LOSS_BACKENDS)
-@pytest.mark.parametrize("config", CONFIGS, ids=["udi", "cls_patch", "cls_only"])
-@pytest.mark.parametrize("B, L, K, Sg, Sl", [(3, 1, 37, 5, 3), (1, 3, 61, 4, 9), (2, 0, 29, 3, 2)])
-def test_udi_loss_matches_the_reference(backend, config, B, L, K, Sg, Sl):
+@pytest.mark.parametrize("backend, config, shape", loss_cases(
+    [(config, shape) for config in CONFIGS for shape in [(3, 1, 37, 5, 3), (1, 3, 61, 4, 9), (2, 0, 29, 3, 2)]]),
+    ids=lambda value: "-".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else
+    "x".join(map(str, value)) if isinstance(value, tuple) else None)
+def test_udi_loss_matches_the_reference(backend, config, shape):
+    B, L, K, Sg, Sl = shape
     weights = [0.2, 0.5, 0.3][:config["num_clt"] + config["include_patch"]]
     loss_fn = UDILoss(L, K, SCHEDULE, weights=weights, backend=backend, **config)
     loss_fn.centering.center.normal_(generator=torch.Generator().manual_seed(7))
@@ -524,8 +535,7 @@ def lightly_reference(teacher_views, student_views, center, tau_t, tau_s=0.1):
     return sum(terms) / len(terms), 0.9 * center + 0.1 * mean
 
 
-@pytest.mark.parametrize("backend", LOSS_BACKENDS)
-@pytest.mark.parametrize("T, S, B, K", [(2, 2, 4, 33), (2, 6, 3, 47), (3, 5, 2, 21), (1, 3, 5, 17)])
+@pytest.mark.parametrize("backend, T, S, B, K", loss_cases([(2, 6, 3, 47), (2, 2, 4, 33), (3, 5, 2, 21), (1, 3, 5, 17)]))
 def test_lightly_dino_loss_matches_lightly(backend, T, S, B, K):
     loss_fn = LightlyDINOLoss(K, 0.04, 0.07, 3, backend=backend)
     loss_fn.center.normal_()
