@@ -7,6 +7,10 @@ Environment:
   TORCH_CUDA_ARCH_LIST architectures to compile for (default "8.0;9.0")
   CUDA_HOME            toolkit root; when unset and `nvcc` on PATH is a wrapper script that
                        execs the real compiler, the root is read from that script.
+
+The torch version compiled against is written to udi_kernels/_build_info.py beside the extension;
+udi_kernels refuses to load an extension built for another torch (udi_kernels/_native.py). Build with
+`pip install --no-build-isolation`, so that it is the installed torch.
 """
 import glob
 import os
@@ -66,8 +70,20 @@ def _extension():
     )
 
 
+class BuildExtensionRecordingTorch(BuildExtension):
+    """BuildExtension that also writes udi_kernels/_build_info.py (TORCH_VERSION) where the extension goes: the
+    source tree for in-place and editable builds, the build directory (hence the wheel) otherwise."""
+
+    def run(self):
+        super().run()
+        path = os.path.join(os.path.dirname(self.get_ext_fullpath("udi_kernels._C")), "_build_info.py")
+        with open(path, "w") as f:
+            f.write(f'"""Written by setup.py: the torch that udi_kernels._C was compiled against."""\n'
+                    f'TORCH_VERSION = "{torch.__version__}"\n')
+
+
 setup(
     packages=find_packages(include=["udi_kernels*", "udi*"]),
     ext_modules=[_extension()],
-    cmdclass={"build_ext": BuildExtension},
+    cmdclass={"build_ext": BuildExtensionRecordingTorch},
 )

@@ -10,14 +10,24 @@ import time
 import torch
 
 
+RECORDED_DIR = os.path.join(os.path.dirname(__file__), "results")  # tracked: runs recorded with --record
+SCRATCH_DIR = os.path.join(os.path.dirname(__file__), "out")  # ignored by git
+
+
 def parse_args(description, **extra):
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"),
-                        help="directory for the JSON and PNG results")
+    parser.add_argument("--out", help="directory for the JSON and PNG results (default: benchmarks/out/, ignored by "
+                                      "git)")
+    parser.add_argument("--record", action="store_true",
+                        help="write the results into benchmarks/results/ (tracked by git), to record a run")
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repetitions (GPU run < ~60 s)")
     for flag, kwargs in extra.items():
         parser.add_argument(flag, **kwargs)
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.record and args.out:
+        parser.error("--record writes into benchmarks/results/; give --out or --record, not both")
+    args.out = RECORDED_DIR if args.record else (args.out or SCRATCH_DIR)
+    return args
 
 
 def pick_device():

@@ -1,6 +1,6 @@
 """Benchmark: the fused DINO and UDI losses vs eager implementations written the reference's way (issue 4 §4).
 
-    python benchmarks/distill_loss.py [--quick] [--out DIR] [--backend native|triton]
+    python benchmarks/distill_loss.py [--quick] [--out DIR | --record] [--backend native|triton]
 
 GPU: DINO (2 + 10 crops, B=128, K=65536, fp16) and UDI at UDI_SPEC §7 shapes, on the teacher's logits and on
 targets formed in the bottleneck (udi_case); median of CUDA-event times

@@ -6,9 +6,10 @@ CUDA graphs (mode="reduce-overhead"), for the four cases but not the sweep (comp
 against the bytes floor of §8 (k, v once + the tapped q rows + the output) over the measured copy ceiling.
 Module-level fwd+bwd closures are timed back to back (no L2 flush), the rest with do_bench (L2 flushed).
 
-    python benchmarks/srs_attention.py [--quick] [--out DIR]
+    python benchmarks/srs_attention.py [--quick] [--out DIR | --record]
 
-Writes JSON and a PNG into --out and prints a table last. Without a GPU: a small CPU run.
+Writes JSON and a PNG into --out (default benchmarks/out/, ignored by git; --record: benchmarks/results/) and
+prints a table last. Without a GPU: a small CPU run.
 """
 import os
 import sys

@@ -1,6 +1,6 @@
 """Stratified random sampling of a batch: reference, CPU C++, CUDA and Triton.
 
-    python benchmarks/srs_sample.py [--quick] [--out DIR]
+    python benchmarks/srs_sample.py [--quick] [--out DIR | --record]
 
 CPU numbers are per image (what a data loader pays); GPU numbers are per batch of B images,
 median of per-call CUDA-event times. The reference UDI code builds dense maps per image in

@@ -1,7 +1,7 @@
 """One UDI training step, per phase (issue 5 §5): this package, an eager step with the reference's structure, and
 the timm backbone alone on the same crops (the floor: everything UDI adds is overhead on top of it).
 
-    python benchmarks/train_step.py [--quick] [--out DIR] [--providers udi_kernels reference_structure backbone]
+    python benchmarks/train_step.py [--quick] [--out DIR | --record] [--providers udi_kernels reference_structure backbone]
 
 - udi_kernels: udi.train's step: GPU sampling, teacher backbone once, SRS attention on the sampled queries,
   teacher targets formed in the bottleneck, the fused UDILoss.

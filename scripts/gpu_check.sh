@@ -2,11 +2,12 @@
 # The whole GPU check in one run (H100/H200, torch + triton preinstalled, offline): build with the
 # CUDA kernels, GPU tests, compute-sanitizer, benchmarks; a short table printed last.
 #   OUT=/some/dir bash scripts/gpu_check.sh [--skip-build]
-# $OUT receives the benchmark JSON files, summary.txt and gpu_check.tar.gz (every log and chart).
+# $OUT (default benchmarks/out/gpu_check, ignored by git) receives the benchmark JSON files, summary.txt and
+# gpu_check.tar.gz (every log and chart); copy what is worth recording into benchmarks/results/.
 # Each step has a time limit, shortened to what is left of GPU_CHECK_BUDGET_S; with < 20 s left it is skipped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-benchmarks/results/gpu_check}
+OUT=${OUT:-benchmarks/out/gpu_check}
 BUDGET=${GPU_CHECK_BUDGET_S:-480}
 WORK=$(mktemp -d)
 mkdir -p "$OUT"

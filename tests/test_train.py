@@ -13,9 +13,8 @@ import torch.nn.functional as F
 from udi import eval_linear, utils
 from udi.data import Crop, MultiCropAugmentation, crop_box
 from udi.eval_knn import knn_classify
-from udi.model import (DINOHead, UDIModel, ViTBackbone, build_model, form_targets, from_reference_state_dict,
-                       student_taps, to_reference_state_dict)
-from udi.train import parse_args, sample_pairs, teacher_entropies, train_udi
+from udi.model import DINOHead, UDIModel, ViTBackbone, build_model, form_targets, student_taps
+from udi.train import collapse_warning, parse_args, sample_pairs, seen_boxes, teacher_entropies, train_udi
 from udi_kernels import PairTaps
 from udi_kernels.losses import UDILoss, UDITeacher, cls_plus_targets
 from udi_kernels.ops.distill_ce import DistillCE
@@ -204,28 +203,7 @@ def test_student_output_shapes_and_gradients():
     assert out.cls.shape == ((2 + L) * B, 64) and out.cls_plus.shape == ((2 + L) * B, 64)
     assert out.patch.shape == (2 * B, 4, 64)
     (out.cls.sum() + out.cls_plus.sum() + out.patch.sum()).backward()
-    assert model.backbone.vit.reg_token.grad.abs().sum() > 0 and model.srs.attn.qkv.weight.grad.abs().sum() > 0
-
-
-def test_reference_checkpoint_round_trip():
-    model = tiny_model()
-    ours = model.state_dict()
-    reference = {"module." + k: v for k, v in to_reference_state_dict(ours).items()}
-    C, N = 32, 16
-    assert reference["module.backbone.cls_token"].shape == (1, 2, C)
-    assert reference["module.backbone.pos_embed"].shape == (1, 1 + N, C)
-    assert {"module.norm1.weight", "module.attn.qkv.weight", "module.attn.norm.bias",
-            "module.head.mlp.4.weight", "module.head.last_layer.weight_g"} <= set(reference)
-    back = from_reference_state_dict(reference)
-    assert set(back) == set(ours) and all(torch.equal(back[k], ours[k]) for k in ours)
-    fresh = tiny_model(seed=1)
-    fresh.load_state_dict(back)
-    images = torch.randn(2, 3, 32, 32)
-    assert torch.equal(fresh.backbone(images).cls, model.backbone(images).cls)
-    # both extra tokens carry the reference's single cls position embedding
-    tokens = fresh.backbone.tokens(torch.randn(1, 3, 32, 32))
-    cls_token, pos = reference["module.backbone.cls_token"], reference["module.backbone.pos_embed"]
-    torch.testing.assert_close(tokens[0, :2], (cls_token + pos[:, :1])[0])
+    assert model.backbone.cls_token.grad[0, 1].abs().sum() > 0 and model.srs.attn.qkv.weight.grad.abs().sum() > 0
 
 
 # ---- schedules, k-NN --------------------------------------------------------------------------------

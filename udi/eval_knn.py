@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import labelled_dataset
+from .utils import load_checkpoint
 
 
 @torch.no_grad()
@@ -38,16 +39,23 @@ def split_features(backbone, data_path, image_size, device):
                  for train in (True, False))
 
 
-def knn_accuracies(backbone, data_path, image_size, device, k=20, temperature=0.07):
+def data_name(data_path) -> str:
+    return data_path or "scikit-learn's digits"
+
+
+def knn_accuracies(backbone, data_path, image_size, device, k=20, temperature=0.07) -> dict:
+    """Top-1 (%) of the weighted k-NN on cls and on cls+ features, with what it ran on: dict(cls, cls_plus, k,
+    data, train_images, val_images)."""
     train, test = split_features(backbone, data_path, image_size, device)
-    return {name: knn_classify(train[i], train[2], test[i], test[2], k, temperature)
-            for i, name in enumerate(("cls", "cls_plus"))}
+    accuracies = {name: knn_classify(train[i], train[2], test[i], test[2], k, temperature)
+                  for i, name in enumerate(("cls", "cls_plus"))}
+    return dict(accuracies, k=k, data=data_name(data_path), train_images=len(train[2]), val_images=len(test[2]))
 
 
 def load_backbone(path, checkpoint_key="teacher"):
     """The backbone of a udi.train checkpoint (its args rebuild the architecture) and those args."""
     from .model import build_model
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint = load_checkpoint(path)
     model = build_model(argparse.Namespace(**checkpoint["args"]))
     model.load_state_dict(checkpoint[checkpoint_key])
     return model.backbone, argparse.Namespace(**checkpoint["args"])
@@ -57,9 +65,11 @@ def checkpoint_parser(description):
     """The arguments every evaluation takes: which checkpoint, which data, which image size."""
     p = argparse.ArgumentParser(description)
     p.add_argument("--pretrained_weights", required=True, help="a udi.train checkpoint")
-    p.add_argument("--checkpoint_key", default="teacher")
+    p.add_argument("--checkpoint_key", default="teacher", help="the network to evaluate: teacher or student")
     p.add_argument("--data_path", default=None, help="ImageFolder root (train/, val/); default: digits")
-    p.add_argument("--image_size", default=None, type=int, help="default: the checkpoint's global crop size")
+    p.add_argument("--image_size", default=None, type=int,
+                   help="evaluation image side (floored to a multiple of the patch size, as in training); default: "
+                        "the checkpoint's global crop size")
     return p
 
 
@@ -73,13 +83,14 @@ def checkpoint_features(args):
 
 def main(argv=None):
     p = checkpoint_parser("UDI weighted k-NN")
-    p.add_argument("--nb_knn", default=[10, 20, 100, 200], nargs="+", type=int)
-    p.add_argument("--temperature", default=0.07, type=float)
+    p.add_argument("--nb_knn", default=[10, 20, 100, 200], nargs="+", type=int, help="the k values to evaluate")
+    p.add_argument("--temperature", default=0.07, type=float, help="temperature of the similarity-weighted vote")
     args = p.parse_args(argv)
     train, test = checkpoint_features(args)
     for k in args.nb_knn:
         accs = [knn_classify(train[i], train[2], test[i], test[2], k, args.temperature) for i in (0, 1)]
-        print(f"{k}-NN top-1: cls {accs[0]:.2f} %  cls+ {accs[1]:.2f} %")
+        print(f"{k}-NN top-1 on {data_name(args.data_path)} ({len(train[2])} train, {len(test[2])} val images): "
+              f"cls {accs[0]:.2f} %, cls+ {accs[1]:.2f} %")
 
 
 if __name__ == "__main__":

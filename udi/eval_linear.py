@@ -49,10 +49,10 @@ def feature_sets(cls: Tensor, cls_plus: Tensor) -> dict:
 
 def main(argv=None):
     p = checkpoint_parser("UDI linear probe")
-    p.add_argument("--epochs", default=100, type=int)
-    p.add_argument("--lr", default=1e-2, type=float)
-    p.add_argument("--weight_decay", default=1e-4, type=float)
-    p.add_argument("--batch_size", default=256, type=int)
+    p.add_argument("--epochs", default=100, type=int, help="epochs of the linear classifier")
+    p.add_argument("--lr", default=1e-2, type=float, help="AdamW learning rate (cosine schedule)")
+    p.add_argument("--weight_decay", default=1e-4, type=float, help="AdamW weight decay")
+    p.add_argument("--batch_size", default=256, type=int, help="mini-batch size")
     args = p.parse_args(argv)
     train, test = checkpoint_features(args)
     train_sets, test_sets = feature_sets(*train[:2]), feature_sets(*test[:2])

@@ -1,15 +1,18 @@
 """The UDI network: a timm ViT with a cls+ token, the SRS-attention head path and one shared DINO head.
 
-Token layout (as in the reference): `[cls, cls+, patches]`. The reference stores both extra tokens in one
-`cls_token [1, 2, C]` and its `pos_embed [1, 1 + N, C]` has one entry for them; we read that as both tokens
-receiving the cls position embedding. Here cls+ is timm's register token (`reg_tokens=1`), timm's `pos_embed`
-covers the patches only (`no_embed_class=True`) and `cls_pos_embed [1, 1, C]` is added to cls and cls+.
-Position embeddings are resampled (bicubic) for crops whose grid differs from `img_size / patch_size`.
+Token layout and parameters as in the reference's vision_transformer.py (UDI_SPEC §4): tokens `[cls, cls+, patches]`,
+`cls_token [1, 2, C]` and `pos_embed [1, 2 + N, C]`, a learned position embedding for each class token, then one per
+patch of the `img_size / patch_size` grid. The timm ViT supplies the patch embedding, the blocks and the norms
+(created without its own class token and position embedding). Crops whose side is not a multiple of the patch size
+are floored as DINO's patch embedding (a convolution with stride = patch size) does: the last `side % patch` rows
+and columns are not seen. For other grids the patch part of `pos_embed` is resampled: by default the reference's
+(DINO's) rule, `reference_pos_embed_interpolation`; `pos_embed_resampling="timm"` uses timm's instead.
 
 Crop-major batches as in DINO: row `crop * B + b`. Pair `p` of a batch (UDI_SPEC §2) has source global crop `p`
 and target global crop `1 - p`. Outputs are udi_kernels.losses' UDIStudent and UDITargets (their docstrings give
 the row orders), so UDILoss takes them as they are.
 """
+import math
 from typing import NamedTuple, Optional
 
 import timm
@@ -24,6 +27,8 @@ from udi_kernels.nn import SRSAttention
 
 DINO_ARCHS = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224",
               "vit_base": "vit_base_patch16_224"}
+NUM_CLASS_TOKENS = 2  # cls, cls+
+POS_EMBED_RESAMPLING = ("reference", "timm")
 
 
 class BackboneOutput(NamedTuple):
@@ -32,33 +37,75 @@ class BackboneOutput(NamedTuple):
     patch: Tensor      # [B, N, C] last block's output, before the final norm
 
 
+def reference_pos_embed_interpolation(patch_pos_embed: Tensor, rows: int, cols: int) -> Tensor:
+    """The reference's (and DINO's) resampling of patch position embeddings, vision_transformer.py
+    `interpolate_pos_encoding`: [1, n*n, C] (a square grid) -> [1, rows*cols, C], bicubic (PyTorch's cubic
+    convolution, A = -0.75), no antialias, align_corners=False, with the scale factor (side + 0.1) / n per axis
+    used as given (not recomputed from the sizes): the 0.1 keeps floor(n * scale) = side despite rounding.
+    Computed in the embedding's dtype."""
+    n = math.isqrt(patch_pos_embed.shape[1])
+    if n * n != patch_pos_embed.shape[1]:
+        raise ValueError(f"patch_pos_embed must cover a square grid, got {patch_pos_embed.shape[1]} entries")
+    grid = patch_pos_embed.reshape(1, n, n, -1).permute(0, 3, 1, 2)
+    resampled = F.interpolate(grid, scale_factor=((rows + 0.1) / n, (cols + 0.1) / n), mode="bicubic")
+    return resampled.permute(0, 2, 3, 1).reshape(1, rows * cols, -1)
+
+
 class ViTBackbone(nn.Module):
-    def __init__(self, arch="vit_small", patch_size=16, img_size=224, drop_path_rate=0.1, **overrides):
+    """A ViT with the reference's token parameters (module docstring).
+
+    forward(images [B, 3, H, W]) -> BackboneOutput; H, W >= patch_size (floored to multiples of it).
+    pos_embed_resampling: "reference" (DINO's rule, default) or "timm" (timm's antialiased bicubic).
+    """
+
+    def __init__(self, arch="vit_small", patch_size=16, img_size=224, drop_path_rate=0.1,
+                 pos_embed_resampling="reference", **overrides):
         super().__init__()
+        if pos_embed_resampling not in POS_EMBED_RESAMPLING:
+            raise ValueError(f"pos_embed_resampling must be one of {POS_EMBED_RESAMPLING}, "
+                             f"got {pos_embed_resampling!r}")
+        if img_size < patch_size:
+            raise ValueError(f"img_size ({img_size}) must be at least patch_size ({patch_size})")
         overrides = {k: v for k, v in overrides.items() if v is not None}
         self.vit = timm.create_model(DINO_ARCHS.get(arch, arch), pretrained=False, img_size=img_size,
-                                     patch_size=patch_size, num_classes=0, reg_tokens=1, no_embed_class=True,
-                                     dynamic_img_size=True, drop_path_rate=drop_path_rate, **overrides)
+                                     patch_size=patch_size, num_classes=0, global_pool="", class_token=False,
+                                     pos_embed="none", dynamic_img_size=True, drop_path_rate=drop_path_rate,
+                                     **overrides)
         self.embed_dim, self.num_heads = self.vit.embed_dim, self.vit.blocks[0].attn.num_heads
-        self.patch_size = patch_size
-        self.cls_pos_embed = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
-        trunc_normal_(self.cls_pos_embed, std=0.02)
+        self.patch_size, self.grid_size = patch_size, img_size // patch_size
+        self.pos_embed_resampling = pos_embed_resampling
+        self.cls_token = nn.Parameter(torch.zeros(1, NUM_CLASS_TOKENS, self.embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, NUM_CLASS_TOKENS + self.grid_size ** 2, self.embed_dim))
+        trunc_normal_(self.pos_embed, std=0.02)
+        trunc_normal_(self.cls_token, std=0.02)
+
+    def position_embedding(self, rows: int, cols: int) -> Tensor:
+        """[1, 2 + rows*cols, C]: the class tokens' entries, then the patch part resampled to rows x cols."""
+        if (rows, cols) == (self.grid_size, self.grid_size):
+            return self.pos_embed
+        prefix, patch = self.pos_embed[:, :NUM_CLASS_TOKENS], self.pos_embed[:, NUM_CLASS_TOKENS:]
+        if self.pos_embed_resampling == "timm":
+            patch = resample_abs_pos_embed(patch, new_size=[rows, cols], old_size=[self.grid_size] * 2,
+                                           num_prefix_tokens=0)
+        else:
+            patch = reference_pos_embed_interpolation(patch, rows, cols)
+        return torch.cat([prefix, patch], 1)
 
     def tokens(self, images: Tensor) -> Tensor:
-        """images [B, 3, H, W] -> embedded tokens [B, 2 + N, C] before the first block."""
-        vit = self.vit
-        x = vit.patch_embed(images)
-        pos = resample_abs_pos_embed(vit.pos_embed, new_size=list(x.shape[1:3]),
-                                     old_size=list(vit.patch_embed.grid_size), num_prefix_tokens=0)
-        x = x.flatten(1, 2) + pos
-        prefix = torch.cat([vit.cls_token, vit.reg_token], 1) + self.cls_pos_embed
-        x = torch.cat([prefix.expand(x.shape[0], -1, -1), x], 1)
-        return vit.norm_pre(vit.pos_drop(x))
+        """images [B, 3, H, W] -> embedded tokens [B, 2 + (H // p) * (W // p), C] before the first block."""
+        p = self.patch_size
+        rows, cols = images.shape[-2] // p, images.shape[-1] // p
+        if rows == 0 or cols == 0:
+            raise ValueError(f"images of {images.shape[-2]}x{images.shape[-1]} px are smaller than one patch "
+                             f"(patch_size {p})")
+        x = self.vit.patch_embed(images[..., :rows * p, :cols * p]).flatten(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + self.position_embedding(rows, cols)
+        return self.vit.norm_pre(self.vit.pos_drop(x))
 
     def forward(self, images: Tensor) -> BackboneOutput:
         x = self.vit.blocks(self.tokens(images))
-        prefix = self.vit.norm(x[:, :2])
-        return BackboneOutput(prefix[:, 0], prefix[:, 1], x[:, 2:])
+        prefix = self.vit.norm(x[:, :NUM_CLASS_TOKENS])
+        return BackboneOutput(prefix[:, 0], prefix[:, 1], x[:, NUM_CLASS_TOKENS:])
 
     @torch.no_grad()
     def last_attention(self, images: Tensor) -> Tensor:
@@ -201,53 +248,62 @@ def build_model(args, teacher: bool = False) -> UDIModel:
     """The student (stochastic depth at --drop_path_rate) or, with teacher=True, the teacher: no stochastic layer,
     so its targets are a deterministic function of the input (as in DINO, iBOT and the reference)."""
     backbone = ViTBackbone(args.arch, args.patch_size, args.global_crop_size, 0.0 if teacher else args.drop_path_rate,
-                           embed_dim=args.embed_dim, depth=args.depth, num_heads=args.num_heads)
+                           args.pos_embed_resampling, embed_dim=args.embed_dim, depth=args.depth,
+                           num_heads=args.num_heads)
     head = DINOHead(backbone.embed_dim, args.out_dim, args.norm_last_layer, args.head_hidden_dim,
                     args.head_bottleneck_dim)
     return UDIModel(backbone, head)
 
 
 # ---- the reference's checkpoints --------------------------------------------------------------------------
-# Our reading of the reference's UDIWrapper state dict (from UDI_SPEC §3-4): `backbone.*` is a DINO ViT with
-# `cls_token [1, 2, C]` (cls, cls+) and `pos_embed [1, 1 + N, C]`; the SRS-attention parameters sit on the wrapper
-# as `norm1.*` and `attn.{qkv,proj,norm}.*`; `head.mlp.{0,2,4}.*` and `head.last_layer.weight_{g,v}` are DINO's.
-# A DDP student carries a `module.` prefix, which is dropped.
+# The reference saves its MultiCropWrapper (main_udi.py): `backbone` is a UDIWrapper around the ViT
+# (`backbone.backbone.*`, with `cls_token [1, 2, C]` and `pos_embed [1, 2 + N, C]` as ours) holding the SRS-attention
+# parameters (`backbone.norm1.*`, `backbone.attn.{qkv,proj,norm}.*`); `head` is a ModuleList of the one shared DINO
+# head, once per output (cls, cls+, patch): `head.{0,1,2}.*`. A DDP student carries a `module.` prefix.
+REFERENCE_HEADS = 3
+_REFERENCE_PREFIXES = (("backbone.backbone.cls_token", "backbone.cls_token"),
+                       ("backbone.backbone.pos_embed", "backbone.pos_embed"), ("backbone.backbone.", "backbone.vit."),
+                       ("backbone.norm1.", "srs.norm1."), ("backbone.attn.", "srs.attn."))
 
-def _strip_module(state: dict) -> dict:
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+
+def _rename(key: str, prefixes, what: str) -> str:
+    for old, new in prefixes:
+        if key.startswith(old):
+            return new + key[len(old):]
+    raise ValueError(f"unexpected key {key!r} in {what}")
 
 
 def from_reference_state_dict(state: dict) -> dict:
-    converted = {}
-    for key, value in _strip_module(state).items():
-        if key == "backbone.cls_token":
-            converted["backbone.vit.cls_token"], converted["backbone.vit.reg_token"] = value[:, :1], value[:, 1:2]
-        elif key == "backbone.pos_embed":
-            converted["backbone.cls_pos_embed"], converted["backbone.vit.pos_embed"] = value[:, :1], value[:, 1:]
-        elif key.startswith("backbone."):
-            converted["backbone.vit." + key[len("backbone."):]] = value
-        elif key.startswith(("norm1.", "attn.")):
-            converted["srs." + key] = value
-        else:
-            converted[key] = value
+    """A state dict of the reference's MultiCropWrapper (student or teacher; `module.` prefixes dropped) -> one
+    that UDIModel loads strictly. Raises ValueError for keys it does not know and for heads that differ (the
+    reference's decouple_head=True: this model shares one head)."""
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    converted, heads = {}, {}
+    for key, value in state.items():
+        if key.startswith("head."):
+            _, name = key[len("head."):].split(".", 1)
+            heads.setdefault(name, []).append(value)
+            continue
+        converted[_rename(key, _REFERENCE_PREFIXES, "a reference UDI state dict")] = value
+    for name, copies in heads.items():
+        if any(not torch.equal(c, copies[0]) for c in copies[1:]):
+            raise ValueError(f"the reference checkpoint's heads differ in {name!r} (decouple_head=True?); "
+                             "UDIModel has one shared head")
+        converted["head." + name] = copies[0]
     return converted
 
 
 def to_reference_state_dict(state: dict) -> dict:
+    """UDIModel's state dict -> the reference's MultiCropWrapper layout (no `module.` prefix), loading strictly
+    into `MultiCropWrapper(UDIWrapper(vit, MaskedAttention), DINOHead)` with cls+ and the patch output."""
+    inverse = [(new, old) for old, new in _REFERENCE_PREFIXES]
     converted = {}
     for key, value in state.items():
-        if key == "backbone.vit.cls_token":
-            converted["backbone.cls_token"] = torch.cat([value, state["backbone.vit.reg_token"]], 1)
-        elif key == "backbone.vit.pos_embed":
-            converted["backbone.pos_embed"] = torch.cat([state["backbone.cls_pos_embed"], value], 1)
-        elif key in ("backbone.vit.reg_token", "backbone.cls_pos_embed"):
-            continue
-        elif key.startswith("backbone.vit."):
-            converted["backbone." + key[len("backbone.vit."):]] = value
-        elif key.startswith("srs."):
-            converted[key[len("srs."):]] = value
+        if key.startswith("head."):
+            for index in range(REFERENCE_HEADS):
+                converted[f"head.{index}.{key[len('head.'):]}"] = value
         else:
-            converted[key] = value
+            converted[_rename(key, inverse, "a UDIModel state dict")] = value
     return converted
 
 

@@ -9,6 +9,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 from tqdm import tqdm
 
 from udi_kernels import PairTaps, SampledPairs, stratified_sample
@@ -16,7 +17,7 @@ from udi_kernels.losses import UDILoss
 
 from . import utils
 from .data import MultiCropAugmentation, ShardedBatchSampler, collate_multicrop, pretraining_dataset
-from .model import build_model, student_taps
+from .model import POS_EMBED_RESAMPLING, build_model, student_taps
 
 PRESETS = {
     # ViT-S/16 as in the reference's ImageNet run.
@@ -44,73 +45,135 @@ def str2bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean, got {value!r}")
 
 
-def get_args_parser():
-    p = argparse.ArgumentParser("UDI", add_help=True)
-    p.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="defaults; explicit flags win")
-    # model
-    p.add_argument("--arch", default="vit_small", help="a DINO name (vit_tiny/small/base) or any timm vit_* name")
-    p.add_argument("--patch_size", default=16, type=int)
-    p.add_argument("--embed_dim", default=None, type=int, help="override the arch's width")
-    p.add_argument("--depth", default=None, type=int, help="override the arch's depth")
-    p.add_argument("--num_heads", default=None, type=int, help="override the arch's heads")
-    p.add_argument("--drop_path_rate", default=0.1, type=float)
-    p.add_argument("--out_dim", default=65536, type=int, help="K, the head's output size")
-    p.add_argument("--head_hidden_dim", default=2048, type=int)
-    p.add_argument("--head_bottleneck_dim", default=256, type=int)
-    p.add_argument("--norm_last_layer", default=False, type=str2bool)
-    p.add_argument("--momentum_teacher", default=0.996, type=float)
-    p.add_argument("--alpha", default=0.5, type=float, help="cls+ target: alpha * patch mean + (1 - alpha) * cls")
-    # temperatures
-    p.add_argument("--warmup_teacher_temp", default=0.04, type=float)
-    p.add_argument("--teacher_temp", default=0.07, type=float)
-    p.add_argument("--warmup_teacher_temp_epochs", default=30, type=int)
-    # optimisation
-    p.add_argument("--use_fp16", default=False, type=str2bool, help="fp16 autocast + GradScaler instead of bf16")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-                   help="auto: bf16 on CUDA (fp16 with --use_fp16), fp32 on CPU")
-    p.add_argument("--weight_decay", default=0.04, type=float)
-    p.add_argument("--weight_decay_end", default=0.4, type=float)
-    p.add_argument("--clip_grad", default=3.0, type=float, help="per-parameter gradient norm clip; 0 disables")
-    p.add_argument("--batch_size_per_gpu", default=64, type=int)
-    p.add_argument("--epochs", default=100, type=int)
-    p.add_argument("--freeze_last_layer", default=1, type=int)
-    p.add_argument("--lr", default=0.0005, type=float, help="peak lr at batch 256 (scaled linearly)")
-    p.add_argument("--warmup_epochs", default=10, type=int)
-    p.add_argument("--min_lr", default=1e-6, type=float)
-    # multi-crop and sampling
-    p.add_argument("--global_crops_scale", default=(0.25, 1.0), type=float, nargs=2)
-    p.add_argument("--local_crops_scale", default=(0.05, 0.25), type=float, nargs=2)
-    p.add_argument("--local_crops_number", default=10, type=int)
-    p.add_argument("--global_crop_size", default=224, type=int)
-    p.add_argument("--local_crop_size", default=96, type=int)
-    p.add_argument("--global_window", default=3, type=int, help="SRS window on the global grid")
-    p.add_argument("--local_window", default=2, type=int, help="SRS window on the local grid")
-    # misc
-    p.add_argument("--data_path", default=None, help="ImageFolder root; default: embedded data")
-    p.add_argument("--embedded_data", default="images", choices=["images", "digits"],
-                   help="without --data_path: scikit-image's sample images or scikit-learn's digits (train split)")
-    p.add_argument("--embedded_images", default=512, type=int, help="dataset length of --embedded_data images")
-    p.add_argument("--output_dir", default=".")
-    p.add_argument("--saveckp_freq", default=20, type=int)
-    p.add_argument("--seed", default=0, type=int)
-    p.add_argument("--num_workers", default=10, type=int)
-    p.add_argument("--final_eval", default=False, type=str2bool,
-                   help="after training: k-NN (cls, cls+) vs a random network, attention PNGs")
-    p.add_argument("--knn_data_path", default=None, help="labelled ImageFolder for the final k-NN; default digits")
+def get_args_parser(preset: str = "demo"):
+    """The flags (DINO's and the reference's names) with the defaults of `preset`; --help shows them."""
+    p = argparse.ArgumentParser(
+        "python -m udi.train", usage="%(prog)s [--preset {demo,reference}] [--FLAG VALUE ...]",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=f"UDI pre-training. The defaults shown are those of --preset {preset}; explicit flags win "
+                    "(`--preset reference --help` shows the reference preset's).")
+    p.add_argument("--preset", default=preset, choices=sorted(PRESETS),
+                   help="a set of defaults: demo (a tiny ViT on embedded data, minutes on a CPU) or reference "
+                        "(ViT-S/16 on ImageNet as in the reference)")
+    model = p.add_argument_group("model")
+    model.add_argument("--arch", default="vit_small", help="a DINO name (vit_tiny/small/base) or any timm vit_* name")
+    model.add_argument("--patch_size", default=16, type=int,
+                       help="patch side in pixels; crop sides are floored to multiples of it")
+    model.add_argument("--embed_dim", type=int, help="the width C, overriding the arch's")
+    model.add_argument("--depth", type=int, help="the number of blocks, overriding the arch's")
+    model.add_argument("--num_heads", type=int, help="the attention heads, overriding the arch's")
+    model.add_argument("--drop_path_rate", default=0.1, type=float,
+                       help="the student's stochastic depth (the teacher has none)")
+    model.add_argument("--pos_embed_resampling", default="reference", choices=POS_EMBED_RESAMPLING,
+                       help="position embeddings for other grids: the reference's (DINO's) bicubic rule or timm's "
+                            "antialiased one")
+    model.add_argument("--out_dim", default=65536, type=int, help="K, the head's output size")
+    model.add_argument("--head_hidden_dim", default=2048, type=int, help="width of the DINO head's MLP")
+    model.add_argument("--head_bottleneck_dim", default=256, type=int,
+                       help="the DINO head's bottleneck before the last layer")
+    model.add_argument("--norm_last_layer", default=False, type=str2bool,
+                       help="freeze the last layer's weight norm (DINO; False for ViT-S as in the reference)")
+    model.add_argument("--momentum_teacher", default=0.996, type=float,
+                       help="initial EMA momentum of the teacher, raised to 1 by a cosine schedule")
+    model.add_argument("--alpha", default=0.5, type=float, help="cls+ target: alpha * patch mean + (1 - alpha) * cls")
+    temperatures = p.add_argument_group("teacher temperature")
+    temperatures.add_argument("--warmup_teacher_temp", default=0.04, type=float, help="teacher temperature at epoch 0")
+    temperatures.add_argument("--teacher_temp", default=0.07, type=float, help="teacher temperature after the warm-up")
+    temperatures.add_argument("--warmup_teacher_temp_epochs", default=30, type=int,
+                              help="epochs of the linear warm-up of the teacher temperature")
+    optimisation = p.add_argument_group("optimisation")
+    optimisation.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                              help="autocast dtype; auto: bf16 on CUDA, fp32 on the CPU; fp16 adds a GradScaler "
+                                   "(DINO's --use_fp16 true)")
+    optimisation.add_argument("--weight_decay", default=0.04, type=float, help="initial weight decay (cosine schedule)")
+    optimisation.add_argument("--weight_decay_end", default=0.4, type=float, help="final weight decay")
+    optimisation.add_argument("--clip_grad", default=3.0, type=float,
+                              help="per-parameter gradient norm clip; 0 disables")
+    optimisation.add_argument("--batch_size_per_gpu", default=64, type=int, help="images per process (per GPU)")
+    optimisation.add_argument("--epochs", default=100, type=int, help="training epochs")
+    optimisation.add_argument("--freeze_last_layer", default=1, type=int,
+                              help="epochs during which the head's last layer is not updated")
+    optimisation.add_argument("--lr", default=0.0005, type=float,
+                              help="peak learning rate at a total batch of 256 (scaled linearly with the total batch)")
+    optimisation.add_argument("--warmup_epochs", default=10, type=int, help="epochs of linear learning-rate warm-up")
+    optimisation.add_argument("--min_lr", default=1e-6, type=float, help="final learning rate of the cosine schedule")
+    crops = p.add_argument_group("multi-crop and sampling")
+    crops.add_argument("--global_crops_scale", default=[0.25, 1.0], type=float, nargs=2,
+                       help="area range of the global crops, as fractions of the image")
+    crops.add_argument("--local_crops_scale", default=[0.05, 0.25], type=float, nargs=2,
+                       help="area range of the local crops, as fractions of the image")
+    crops.add_argument("--local_crops_number", default=10, type=int,
+                       help="local crops per image (0: DINO's 2-crop setting)")
+    crops.add_argument("--global_crop_size", default=224, type=int,
+                       help="global crop side in pixels (also the model's img_size)")
+    crops.add_argument("--local_crop_size", default=96, type=int, help="local crop side in pixels")
+    crops.add_argument("--global_window", default=3, type=int, help="SRS window on the global patch grid")
+    crops.add_argument("--local_window", default=2, type=int, help="SRS window on the local patch grid")
+    misc = p.add_argument_group("data, output, evaluation")
+    misc.add_argument("--data_path", help="ImageFolder root of the training images; without it: embedded data")
+    misc.add_argument("--embedded_data", default="images", choices=["images", "digits"],
+                      help="without --data_path: scikit-image's sample images or scikit-learn's digits (train "
+                           "split)")
+    misc.add_argument("--embedded_images", default=512, type=int, help="dataset length of --embedded_data images")
+    misc.add_argument("--output_dir", default=".", help="checkpoint.pth, log.txt, args.json and the evaluation's files")
+    misc.add_argument("--saveckp_freq", default=20, type=int,
+                      help="also keep checkpointNNNN.pth every this many epochs; 0: never")
+    misc.add_argument("--seed", default=0, type=int, help="seed of the initialisation, the views and the sampling")
+    misc.add_argument("--num_workers", default=10, type=int, help="data-loader worker processes")
+    misc.add_argument("--final_eval", default=False, type=str2bool,
+                      help="after training: k-NN (cls, cls+) vs a random network, attention PNGs")
+    misc.add_argument("--knn_data_path", help="labelled ImageFolder (train/, val/) for the final k-NN; without it: "
+                                              "scikit-learn's digits")
+    p.set_defaults(**PRESETS[preset])
     return p
 
 
+def check_sizes(parser, args):
+    """Crop, patch and window sizes that give no SRS grid are refused here, naming the flags. A crop side that
+    is not a multiple of the patch size is floored, as DINO's patch embedding does (udi.model)."""
+    for level in ("global", "local"):
+        size, window = getattr(args, f"{level}_crop_size"), getattr(args, f"{level}_window")
+        grid = size // args.patch_size
+        if grid < max(2, window):
+            parser.error(f"--{level}_crop_size {size} with --patch_size {args.patch_size} gives a {grid}x{grid} "
+                         f"patch grid; SRS needs at least 2x2 and at least --{level}_window ({window})")
+
+
 def parse_args(argv=None):
-    parser = get_args_parser()
-    preset, _ = parser.parse_known_args(argv)
-    parser.set_defaults(**PRESETS[preset.preset])
-    return parser.parse_args(argv)
+    preset_parser = argparse.ArgumentParser(add_help=False)
+    preset_parser.add_argument("--preset", default="demo", choices=sorted(PRESETS))
+    parser = get_args_parser(preset_parser.parse_known_args(argv)[0].preset)
+    args = parser.parse_args(argv)
+    check_sizes(parser, args)
+    return args
+
+
+def changed_args(args) -> str:
+    """The arguments that differ from their preset's defaults, as flags."""
+    defaults = vars(get_args_parser(args.preset).parse_args([]))
+    changed = {k: v for k, v in vars(args).items() if defaults.get(k) != v}
+    return " ".join(f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in changed.items())
 
 
 def autocast_dtype(args, device):
     if args.precision == "auto":
-        return (torch.float16 if args.use_fp16 else torch.bfloat16) if device.type == "cuda" else None
+        return torch.bfloat16 if device.type == "cuda" else None
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.precision]
+
+
+def seen_boxes(boxes: Tensor, args) -> Tensor:
+    """boxes [B, 2 + L, 4] -> the boxes of the pixels the patch grid sees. A crop side that is not a multiple of the
+    patch size is floored (udi.model): the grid covers the first `grid * patch` of `size` pixels, so the box keeps
+    its start (the view's top-left, flips included) and its extent shrinks by (grid * patch - 1) / (size - 1).
+    Crops without remainder keep their boxes bit for bit."""
+    sizes = [args.global_crop_size] * 2 + [args.local_crop_size] * (boxes.shape[1] - 2)
+    p = args.patch_size
+    factors = [1.0 if size % p == 0 else (size // p * p - 1) / (size - 1) for size in sizes]
+    if all(f == 1.0 for f in factors):
+        return boxes
+    factor = torch.tensor(factors, dtype=boxes.dtype, device=boxes.device)[:, None]
+    start, end = boxes[..., :2], boxes[..., 2:]
+    return torch.cat([start, torch.where(factor == 1, end, start + (end - start) * factor)], -1)
 
 
 def sample_pairs(boxes, args, seed, rank, world_size) -> SampledPairs:
@@ -119,7 +182,7 @@ def sample_pairs(boxes, args, seed, rank, world_size) -> SampledPairs:
         gathered = [torch.empty_like(boxes) for _ in range(world_size)]
         dist.all_gather(gathered, boxes)
         boxes = torch.cat(gathered)
-    pairs = stratified_sample(boxes, global_grid=args.global_crop_size // args.patch_size,
+    pairs = stratified_sample(seen_boxes(boxes, args), global_grid=args.global_crop_size // args.patch_size,
                               global_window=args.global_window,
                               local_grid=args.local_crop_size // args.patch_size, local_window=args.local_window,
                               target_grid=args.global_crop_size // args.patch_size, seed=seed)
@@ -140,7 +203,8 @@ def train_udi(args, stop_after_epoch=None):
     utils.fix_random_seeds(args.seed)
     if utils.is_main_process():
         os.makedirs(args.output_dir, exist_ok=True)
-        print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=1)
 
     # ============ data: multi-crop views and their boxes ... ============
     augmentation = MultiCropAugmentation(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
@@ -174,31 +238,89 @@ def train_udi(args, stop_after_epoch=None):
         momentum=utils.cosine_scheduler(args.momentum_teacher, 1.0, args.epochs, iters))
 
     # ============ optionally resume ... ============
-    checkpoint = utils.restart_from_checkpoint(os.path.join(args.output_dir, "checkpoint.pth"), student=student,
-                                               teacher=teacher, optimizer=optimizer, udi_loss=udi_loss,
-                                               scaler=scaler)
-    start_epoch = checkpoint["epoch"] if checkpoint else 0
+    checkpoint_path = os.path.join(args.output_dir, "checkpoint.pth")
+    checkpoint = utils.restart_from_checkpoint(checkpoint_path, student=student, teacher=teacher,
+                                               optimizer=optimizer, udi_loss=udi_loss, scaler=scaler)
+    start_epoch, log = (checkpoint["epoch"], checkpoint["log"]) if checkpoint else (0, [])
     if checkpoint:
         utils.set_rng_state(checkpoint["rng"][rank])
+    utils.restore_log(args.output_dir, log)
+    if utils.is_main_process():
+        print(run_summary(args, dataset, iters, world_size, device, dtype, start_epoch), flush=True)
 
     start_time = time.time()
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch)
         dataset.set_epoch(epoch)
+        epoch_start = time.time()
         stats = train_one_epoch(student_ddp, teacher, udi_loss, loader, optimizer, scaler, schedules, epoch, args,
                                 device, dtype, rank, world_size)
-        save_checkpoint(args, student, teacher, optimizer, udi_loss, scaler, epoch + 1, world_size)
-        utils.log_json(args.output_dir, {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch})
+        record = {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch}
+        log.append(record)
+        # checkpoint first, then log.txt: a run killed in between resumes with log.txt rebuilt from the checkpoint
+        save_checkpoint(args, student, teacher, optimizer, udi_loss, scaler, epoch + 1, world_size, log)
+        utils.log_json(args.output_dir, record)
+        if utils.is_main_process():
+            print(epoch_line(epoch, args.epochs, stats, time.time() - epoch_start), flush=True)
+            warning = collapse_warning(stats, args.out_dim)
+            if warning:
+                print(warning, flush=True)
         if stop_after_epoch is not None and epoch >= stop_after_epoch:
             break
     if utils.is_main_process():
-        print(f"Training time {time.time() - start_time:.0f} s")
+        print(f"training time {time.time() - start_time:.0f} s; checkpoint {checkpoint_path}, "
+              f"log {os.path.join(args.output_dir, 'log.txt')}", flush=True)
     return student, teacher
+
+
+def run_summary(args, dataset, iters, world_size, device, dtype, start_epoch) -> str:
+    """What a run is about to do, in a few lines: changed flags, data, device, output files."""
+    data = args.data_path or f"embedded {args.embedded_data}"
+    lines = [f"udi.train --preset {args.preset} {changed_args(args)}".rstrip()
+             + f"  (all arguments: {os.path.join(args.output_dir, 'args.json')})",
+             f"data: {data}, {len(dataset)} images; {iters} steps of {args.batch_size_per_gpu} x {world_size} "
+             f"images per epoch; {device.type}, {'fp32' if dtype is None else str(dtype).replace('torch.', '')}",
+             f"output: {os.path.abspath(args.output_dir)}: checkpoint.pth after every epoch, log.txt (a JSON line "
+             f"per epoch)"]
+    for level in ("global", "local"):
+        size = getattr(args, f"{level}_crop_size")
+        if size % args.patch_size:
+            lines.append(f"note: --{level}_crop_size {size} is not a multiple of --patch_size {args.patch_size}: "
+                         f"the last {size % args.patch_size} pixel rows and columns are not seen (as in DINO)")
+    if start_epoch:
+        lines.append(f"resumed from checkpoint.pth at epoch {start_epoch}")
+    return "\n".join(lines)
+
+
+def epoch_line(epoch, epochs, stats, seconds) -> str:
+    return (f"epoch [{epoch}/{epochs}] loss {stats['loss']:.4f} = (cls {stats['cls']:.4f} + cls+ "
+            f"{stats['cls_plus']:.4f} + patch {stats['patch']:.4f}) / 3 | teacher entropy "
+            f"{stats['teacher_entropy']:.3f}, batch {stats['teacher_batch_entropy']:.3f} | lr {stats['lr']:.2e} | "
+            f"{seconds:.0f} s")
+
+
+# collapse_warning: an epoch's mean teacher entropy above this fraction of ln K (uniform targets) or its batch
+# entropy below (1 - this fraction) of ln K (the same target for every image)
+COLLAPSE_FRACTION = 0.95
+
+
+def collapse_warning(stats, out_dim):
+    """A warning when the teacher's cls targets collapse (see teacher_entropies), else None."""
+    ln_k = math.log(out_dim)
+    entropy, batch = stats["teacher_entropy"], stats["teacher_batch_entropy"]
+    if entropy >= COLLAPSE_FRACTION * ln_k:
+        return (f"warning: teacher entropy {entropy:.3f} is near ln K = {ln_k:.3f}: uniform targets (collapse); "
+                "a lower --teacher_temp sharpens them")
+    if batch <= (1 - COLLAPSE_FRACTION) * ln_k:
+        return (f"warning: teacher entropy {entropy:.3f} and batch entropy {batch:.3f} are near 0: every image "
+                "gets the same target (collapse to one dimension); a higher --teacher_temp softens them")
+    return None
 
 
 def train_one_epoch(student, teacher, udi_loss, loader, optimizer, scaler, schedules, epoch, args, device, dtype,
                     rank, world_size):
-    totals, progress = {}, tqdm(loader, desc=f"epoch {epoch}", disable=not utils.is_main_process(), leave=False)
+    totals = {}
+    progress = tqdm(loader, desc=f"epoch [{epoch}/{args.epochs}]", disable=not utils.is_main_process(), leave=False)
     for it_in_epoch, (views, boxes) in enumerate(progress):
         it = len(loader) * epoch + it_in_epoch
         for i, group in enumerate(optimizer.param_groups):
@@ -264,14 +386,16 @@ def ema_update(teacher, student, momentum):
     torch._foreach_add_(teacher_params, [p.detach() for p in student_params], alpha=1 - momentum)
 
 
-def save_checkpoint(args, student, teacher, optimizer, udi_loss, scaler, epoch, world_size):
+def save_checkpoint(args, student, teacher, optimizer, udi_loss, scaler, epoch, world_size, log):
+    """checkpoint.pth (replaced atomically), with the log records of every epoch so far (udi.utils.restore_log)."""
     rng = [None] * world_size
     if world_size > 1:
         dist.all_gather_object(rng, utils.rng_state())
     else:
         rng[0] = utils.rng_state()
     state = dict(student=student.state_dict(), teacher=teacher.state_dict(), optimizer=optimizer.state_dict(),
-                 epoch=epoch, args=vars(args), udi_loss=udi_loss.state_dict(), scaler=scaler.state_dict(), rng=rng)
+                 epoch=epoch, args=vars(args), udi_loss=udi_loss.state_dict(), scaler=scaler.state_dict(), rng=rng,
+                 log=log)
     utils.save_on_master(state, os.path.join(args.output_dir, "checkpoint.pth"))
     if args.saveckp_freq and epoch % args.saveckp_freq == 0:
         utils.save_on_master(state, os.path.join(args.output_dir, f"checkpoint{epoch:04}.pth"))
@@ -285,13 +409,16 @@ def final_report(args, teacher, device):
     random_net = build_model(args).backbone.to(device)
     report = {}
     for name, backbone in (("teacher", teacher.backbone), ("random init", random_net)):
-        report[name] = knn_accuracies(backbone, args.knn_data_path, args.global_crop_size, device)
-        print(f"k-NN top-1 ({name}): cls {report[name]['cls']:.1f} %  cls+ {report[name]['cls_plus']:.1f} %")
+        r = report[name] = knn_accuracies(backbone, args.knn_data_path, args.global_crop_size, device)
+        print(f"{r['k']}-NN top-1 on {r['data']} ({r['train_images']} train, {r['val_images']} held-out images), "
+              f"{name}: cls {r['cls']:.1f} %, cls+ {r['cls_plus']:.1f} %")
     paths = save_attention_maps(teacher.backbone, os.path.join(args.output_dir, "attention"),
                                 args.global_crop_size, device)
     print(f"attention maps: {', '.join(paths)}")
-    with open(os.path.join(args.output_dir, "final_eval.json"), "w") as f:
+    path = os.path.join(args.output_dir, "final_eval.json")
+    with open(path, "w") as f:
         json.dump(report, f, indent=1)
+    print(f"k-NN results: {path}")
     return report
 
 

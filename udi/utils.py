@@ -89,22 +89,53 @@ def param_groups(model):
     return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _replace_atomically(path: str, write, mode: str):
+    """write(file) into path + ".tmp", flushed to disk, then os.replace: readers see the old file or the new one."""
+    tmp = path + ".tmp"
+    with open(tmp, mode) as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def save_on_master(obj, path):
     if is_main_process():
-        tmp = path + ".tmp"
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
+        _replace_atomically(path, lambda f: torch.save(obj, f), "wb")
+
+
+def load_checkpoint(path) -> dict:
+    """torch.load on the CPU; a file that does not load (empty, truncated, not a checkpoint) raises RuntimeError
+    naming it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        raise RuntimeError(f"cannot load the checkpoint {path} ({type(error).__name__}: {error}); delete or "
+                           "replace it") from error
 
 
 def restart_from_checkpoint(path, **objects):
     """Load every `name=object` (having load_state_dict) present in the checkpoint; return the checkpoint."""
     if not os.path.isfile(path):
         return None
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint = load_checkpoint(path)
     for name, obj in objects.items():
         if name in checkpoint and obj is not None:
             obj.load_state_dict(checkpoint[name])
     return checkpoint
+
+
+def restore_log(output_dir, records: list):
+    """Make log.txt hold exactly `records` (the checkpoint's, one JSON line each), replaced atomically: a run killed
+    after its checkpoint and before its log.txt line resumes with a log that matches the checkpoint. A log.txt
+    left without a checkpoint (records == []) is kept as log.txt.old."""
+    if not (is_main_process() and output_dir):
+        return
+    path = os.path.join(output_dir, "log.txt")
+    if not records and os.path.isfile(path) and os.path.getsize(path):
+        os.replace(path, path + ".old")
+        print(f"{path} had no checkpoint.pth: kept as {path}.old")
+    _replace_atomically(path, lambda f: f.writelines(json.dumps(r) + "\n" for r in records), "w")
 
 
 def log_json(output_dir, record: dict):

@@ -4,6 +4,16 @@ import warnings
 
 import torch
 
+
+try:
+    from ._build_info import TORCH_VERSION as BUILD_TORCH_VERSION  # written by setup.py
+except ImportError:  # a source tree without a build
+    BUILD_TORCH_VERSION = None
+if BUILD_TORCH_VERSION not in (None, torch.__version__):
+    # an extension compiled against another torch may fail to load, or load and misbehave
+    raise ImportError(f"udi_kernels._C was built against torch {BUILD_TORCH_VERSION}, but torch {torch.__version__} "
+                      "is installed; rebuild it against the installed torch: pip install --no-build-isolation [-e] .")
+
 try:
     from . import _C  # noqa: F401
     LOAD_ERROR = None

@@ -82,7 +82,7 @@ class TappedAttention(nn.Module):
         self.check_taps = check_taps
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
-        self.norm = nn.LayerNorm(dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)  # the reference's norm_layer
 
     def _qkv_parameters(self, dtype: Optional[torch.dtype]):
         """(W_q, W_kv), (b_q, b_kv) or (None, None): one cast of each parameter, split without copies."""
@@ -175,7 +175,7 @@ class SRSAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, backend: Optional[str] = None,
                  check_taps: bool = False):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)  # the reference's UDIWrapper norm_layer
         self.attn = TappedAttention(dim, num_heads, qkv_bias, backend=backend, check_taps=check_taps)
 
     def forward(self, x: Tensor, index: Tensor, weight: Optional[Tensor] = None) -> Tensor:

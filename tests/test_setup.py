@@ -1,0 +1,40 @@
+"""Set-up and tooling (issue 10 §7): the extension knows the torch it was built against and refuses another one;
+benchmarks write into an ignored folder unless asked to record."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import udi_kernels
+from benchmarks import common
+
+
+def test_the_build_records_its_torch_version():
+    from udi_kernels._build_info import TORCH_VERSION
+    assert TORCH_VERSION == torch.__version__ and udi_kernels._native.native_loaded()
+
+
+def test_an_extension_built_for_another_torch_fails_at_import_naming_both_versions():
+    code = "import torch; torch.__version__ = '2.0.0+other'; import udi_kernels"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: udi_kernels._C was built against torch")
+    assert torch.__version__ in last and "2.0.0+other" in last and "--no-build-isolation" in last
+
+
+@pytest.mark.parametrize("argv, out", [([], common.SCRATCH_DIR), (["--record"], common.RECORDED_DIR),
+                                       (["--out", "elsewhere"], "elsewhere")])
+def test_benchmarks_write_to_the_ignored_folder_unless_recording(monkeypatch, argv, out):
+    monkeypatch.setattr(sys, "argv", ["bench", *argv])
+    assert common.parse_args("bench").out == out
+
+
+def test_benchmark_output_folder_is_ignored_and_record_excludes_out(monkeypatch):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(common.__file__)))
+    assert subprocess.run(["git", "check-ignore", "-q", "benchmarks/out/x.json"], cwd=root, timeout=60).returncode == 0
+    monkeypatch.setattr(sys, "argv", ["bench", "--record", "--out", "elsewhere"])
+    with pytest.raises(SystemExit):
+        common.parse_args("bench")
