@@ -6,17 +6,35 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops.srs_attention import attend, check_tap_values
+from .backends import BACKENDS
+from .checks import check_float, check_int
+from .ops.srs_attention import attend, check_tap_args, check_tap_values
 from .reference.srs_attention import compute_dtype, default_scale
 
 
-def tap_rows(x: Tensor, index: Tensor, weight: Optional[Tensor]) -> Tensor:
-    """sum_t weight[b, s, t] * x[b, index[b, s, t]]: x [B, N, C], index/weight [B, S, T] -> [B, S, C]."""
+def tap_rows(x: Tensor, index: Tensor, weight: Optional[Tensor]):
+    """(sum_t w[b, s, t] * x[b, index[b, s, t]] [B, S, C], w [B, S, T]) for x [B, N, C], index/weight [B, S, T],
+    with w the weights (all 1 for weight=None) of the taps inside [0, N) and 0 for the others: a tap out of range
+    is skipped, as in udi_kernels.srs_attention (checked only with check_taps=True)."""
     B, S, T = index.shape
-    rows = x.gather(1, index.long().reshape(B, S * T, 1).expand(B, S * T, x.shape[-1])).reshape(B, S, T, -1)
-    if weight is None:
-        return rows.sum(2)
-    return (rows * weight[..., None].to(x.dtype)).sum(2)
+    C = x.shape[-1]
+    index = index.long()
+    inside = (index >= 0) & (index < x.shape[1])
+    rows = x.gather(1, torch.where(inside, index, 0).reshape(B, S * T, 1).expand(B, S * T, C)).reshape(B, S, T, C)
+    w = inside.to(x.dtype) if weight is None else torch.where(inside, weight.to(x.dtype), 0)
+    return (rows * w[..., None]).sum(2), w
+
+
+def check_module_inputs(x: Tensor, index: Tensor, weight: Optional[Tensor], dim: int, name: str) -> None:
+    """x [B, N >= 1, dim] floating; index [B, S, T >= 1] int32/int64 and weight None or floating [B, S, T] on the
+    device of x. Raises TypeError / ValueError naming the argument. B = 0 and S = 0 are allowed."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 3 or x.shape[2] != dim or x.shape[1] == 0:
+        raise ValueError(f"{name} must have shape [B, N >= 1, C={dim}], got {list(x.shape)}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating tensor, got {x.dtype}")
+    check_tap_args(index, weight, x.shape[0], x.device, name)
 
 
 def _build_identity_taps(batch: int, samples: int, device: torch.device):
@@ -60,7 +78,9 @@ class TappedAttention(nn.Module):
       exist for the N tokens. It costs 4 S H N C FLOPs against 4 N C^2 for the k, v projection.
 
     The hot path has no host sync: taps from stratified_sample are valid by construction. check_taps=True
-    (constructor) checks 0 <= index < N and finite weights on every call, at the cost of one device sync.
+    (constructor) checks 0 <= index < N and finite weights on every call, at the cost of one device sync; with
+    check_taps=False a tap outside [0, N) is skipped (weight 0), as in udi_kernels.srs_attention. Shapes, dtypes
+    and devices are always checked (TypeError / ValueError naming h, index or weight); B = 0 and S = 0 work.
     Under autocast, h and the qkv parameters are cast once and t_s is tapped from the cast h (as the
     reference's map @ h runs under autocast).
     """
@@ -68,8 +88,14 @@ class TappedAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, qk_scale: Optional[float] = None,
                  backend: Optional[str] = None, check_taps: bool = False):
         super().__init__()
+        check_int(dim, "dim", 1)
+        check_int(num_heads, "num_heads", 1)
         if dim % num_heads != 0:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        if qk_scale is not None:
+            check_float(qk_scale, "qk_scale", 0.0, low_open=True)
+        if backend is not None and backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.num_heads = num_heads
         self.scale = qk_scale
         self.backend = backend
@@ -87,13 +113,10 @@ class TappedAttention(nn.Module):
         return weight.split([C, 2 * C]), ((None, None) if bias is None else bias.split([C, 2 * C]))
 
     @staticmethod
-    def _sampled_queries(tapped: Tensor, weight: Optional[Tensor], taps: int, w_q: Tensor,
-                         b_q: Optional[Tensor]) -> Tensor:
+    def _sampled_queries(tapped: Tensor, weight: Tensor, w_q: Tensor, b_q: Optional[Tensor]) -> Tensor:
         """q_s = t_s W_q + (sum_t w_t) b_q: [B, S, C]."""
         if b_q is None:
             return F.linear(tapped, w_q)
-        if weight is None:  # every tap weighs 1
-            return F.linear(tapped, w_q, b_q * taps)
         return torch.addcmul(F.linear(tapped, w_q), weight.sum(-1, keepdim=True), b_q)
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
@@ -108,34 +131,32 @@ class TappedAttention(nn.Module):
         B, S, heads, head_dim = q_s.shape
         # unbind, not indexing: the backward then stacks dk, dv straight into the kv gradient, one kernel
         k, v = (t.transpose(1, 2) for t in F.linear(h, w_kv, b_kv).unflatten(-1, (2, heads, head_dim)).unbind(2))
-        return self._attend(q_s.transpose(1, 2), k, v, scale).transpose(1, 2).reshape(B, S, -1)
+        return self._attend(q_s.transpose(1, 2), k, v, scale).transpose(1, 2).reshape(B, S, heads * head_dim)
 
     def _attend_over_h(self, h: Tensor, q_s: Tensor, w_kv: Tensor, b_kv: Optional[Tensor], scale: float) -> Tensor:
         """q_s [B, S, H, D] -> o [B, S, C], attending over h with q~ = W_k,h^T q_s,h (see the class docstring)."""
         B, S, heads, head_dim = q_s.shape
         w_k, w_v = w_kv.view(2, heads, head_dim, -1).unbind(0)  # [H, D, C] each
-        queries = torch.einsum("bshd,hdc->bshc", q_s, w_k).reshape(B, 1, S * heads, -1)
+        queries = torch.einsum("bshd,hdc->bshc", q_s, w_k).reshape(B, 1, S * heads, h.shape[-1])
         tokens = h[:, None]
-        context = self._attend(queries, tokens, tokens, scale).view(B, S, heads, -1)
+        context = self._attend(queries, tokens, tokens, scale).view(B, S, heads, h.shape[-1])
         o = torch.einsum("bshc,hdc->bshd", context, w_v)
         if b_kv is not None:
             o = o + b_kv.view(2, heads, head_dim)[1]
-        return o.reshape(B, S, -1)
+        return o.reshape(B, S, heads * head_dim)
 
     def forward(self, h: Tensor, index: Tensor, weight: Optional[Tensor] = None) -> Tensor:
-        if h.dim() != 3 or index.dim() != 3 or index.shape[0] != h.shape[0]:
-            raise ValueError(f"h must be [B, N, C] and index [B, S, T], got {list(h.shape)} and {list(index.shape)}")
+        check_module_inputs(h, index, weight, self.qkv.in_features, "h")
         if self.check_taps:
             check_tap_values(index, weight, h.shape[1])
         B, N, C = h.shape
-        S, T = index.shape[1:]
+        S = index.shape[1]
         heads, head_dim = self.num_heads, C // self.num_heads
         dtype = autocast_dtype(h.device)
         (w_q, w_kv), (b_q, b_kv) = self._qkv_parameters(dtype)
         h = h if dtype is None else h.to(dtype)
-        weight = None if weight is None else weight.to(h.dtype)
-        tapped = tap_rows(h, index, weight)
-        q_s = self._sampled_queries(tapped, weight, T, w_q, b_q).view(B, S, heads, head_dim)
+        tapped, weight = tap_rows(h, index, weight)
+        q_s = self._sampled_queries(tapped, weight, w_q, b_q).view(B, S, heads, head_dim)
         scale = default_scale(head_dim) if self.scale is None else float(self.scale)
         attend_over = self._attend_over_h if S <= head_dim else self._attend_over_tokens
         return self.norm(self.proj(attend_over(h, q_s, w_kv, b_kv, scale)) + tapped)
@@ -159,4 +180,5 @@ class SRSAttention(nn.Module):
         self.attn = TappedAttention(dim, num_heads, qkv_bias, backend=backend, check_taps=check_taps)
 
     def forward(self, x: Tensor, index: Tensor, weight: Optional[Tensor] = None) -> Tensor:
+        check_module_inputs(x, index, weight, self.norm1.normalized_shape[0], "x")
         return self.attn(self.norm1(x), index, weight)

@@ -102,6 +102,12 @@ def _empty_pairs(boxes, lead, num_samples):
             torch.empty(*lead, num_samples, 4, dtype=torch.float32, device=boxes.device), torch.empty(*lead, **ints))
 
 
+def as_int32_bits(word: int) -> int:
+    """A uint32 counter word as the int32 with the same bits: Triton passes ints from 2**31 as 64-bit values, which
+    tl.philox cannot take as 32-bit counters."""
+    return word - 2**32 if word >= 2**31 else word
+
+
 def stratified_sample(boxes, global_grid, global_window, local_grid, local_window, target_grid, seed, offset):
     """Same contract as udi_kernels.stratified_sample (arguments already checked); returns 8 tensors."""
     B, L = boxes.shape[0], boxes.shape[1] - 2
@@ -110,6 +116,6 @@ def stratified_sample(boxes, global_grid, global_window, local_grid, local_windo
     locals_ = _empty_pairs(boxes, (B, L, 2), Sl)
     if B > 0:
         _srs_pairs_kernel[(B, 2 + 2 * L)](boxes, *globals_, *locals_, 2 + L, global_grid, global_window, local_grid,
-                                          local_window, target_grid, seed, offset,
+                                          local_window, target_grid, seed, as_int32_bits(offset),
                                           BLOCK=triton.next_power_of_2(max(Sg, Sl)), enable_fp_fusion=False)
     return (*globals_, *locals_)
