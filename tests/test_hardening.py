@@ -25,7 +25,8 @@ from test_losses import make_udi
 
 def available(op, device="cpu"):
     """Backends that can run `op` on `device` (native, triton, reference)."""
-    return [b for b in ("native", "triton", "reference") if backends.why_unavailable(b, op, torch.device(device)) is None]
+    return [b for b in ("native", "triton", "reference")
+            if backends.why_unavailable(b, op, torch.device(device)) is None]
 
 
 DISTILL = available("distill_ce_forward")
@@ -187,6 +188,15 @@ def test_gpu_attention_tap_out_of_range_is_skipped(backend):
         torch.testing.assert_close(a.double(), e, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("backend", ATTENTION)
+def test_attention_nonfinite_weight_of_a_skipped_tap_is_not_read(backend):
+    q, k, v, index, weight = attention_case()
+    index[0, 0, 0], weight[0, 0, 0] = -1, math.nan
+    index[1, 2, 3], weight[1, 2, 3] = 19, math.inf
+    out = attention_forward_backward(q, k, v, index, weight, backend)
+    assert all(torch.isfinite(t).all() for t in out)
+
+
 @pytest.mark.parametrize("check_taps", [False, True])
 @pytest.mark.parametrize("bad", [2**31, -2**31 - 1, 2**40])
 def test_attention_int64_index_outside_int32_is_refused(bad, check_taps):
@@ -219,6 +229,41 @@ def test_gpu_sample_offsets_past_int32_agree_with_the_cpu(offset):
     for backend in ("native", "triton"):
         got = stratified_sample(boxes.cuda(), seed=-5, offset=offset, backend=backend)
         assert all(torch.equal(a.cpu(), b) for a, b in zip([*got.globals, *got.locals],
+                                                           [*expected.globals, *expected.locals]))
+
+
+def unchecked_boxes():
+    """Boxes that check_boxes would refuse: NaN, ±inf, huge and tiny extents, edges outside [0, 1]."""
+    boxes = torch.tensor([[[0.1, 0.1, 0.9, 0.9], [0.2, 0.9, 0.8, 0.1], [0.3, 0.3, 0.5, 0.5]]]).repeat(6, 1, 1)
+    boxes[0, 0, 0] = math.nan
+    boxes[1, 1, 0] = -math.inf
+    boxes[2, 1] = torch.tensor([-3e38, -3e38, 3e38, 3e38])
+    boxes[3, 1, 2] = boxes[3, 1, 0] + 1e-30
+    boxes[4] = boxes[4] * 7 - 3
+    boxes[5, 2, 1] = math.inf
+    return boxes
+
+
+@pytest.mark.parametrize("backend", [b for b in SAMPLE if b != "reference"])
+def test_sample_unchecked_boxes_give_the_same_bits_on_every_backend(backend, poison_empty):
+    """A sample counts only where its target coordinates are finite: nothing backend-specific (NaN floor,
+    min/max or int conversion) reaches the outputs."""
+    boxes = unchecked_boxes()
+    expected = stratified_sample(boxes, seed=11, backend="reference", check_boxes=False)
+    got = stratified_sample(boxes, seed=11, backend=backend, check_boxes=False)
+    for a, e in zip([*got.globals, *got.locals], [*expected.globals, *expected.locals]):
+        assert torch.equal(a, e)
+    taps = expected.globals.tgt_index
+    assert ((taps >= 0) & (taps < 14 * 14)).all()
+
+
+@gpu
+def test_gpu_sample_unchecked_boxes_give_the_same_bits_on_every_backend():
+    boxes = unchecked_boxes()
+    expected = stratified_sample(boxes, seed=11, backend="reference", check_boxes=False)
+    for backend in ("native", "triton"):
+        got = stratified_sample(boxes.cuda(), seed=11, backend=backend, check_boxes=False)
+        assert all(torch.equal(a.cpu(), e) for a, e in zip([*got.globals, *got.locals],
                                                            [*expected.globals, *expected.locals]))
 
 
@@ -341,6 +386,17 @@ def test_sample_other_arguments_are_named(name, value, error):
         stratified_sample(boxes, **{name: value})
 
 
+@pytest.mark.parametrize("call", [
+    lambda: udi_kernels.distill_cross_entropy(**make_case(3, 3, 8, 1, 2), tau_s=0.1, tau_t=0.04, check_values="no"),
+    lambda: srs_attention(*attention_case(), check_taps=None),
+    lambda: stratified_sample(torch.tensor([[[0.1, 0.1, 0.9, 0.9], [0.2, 0.9, 0.8, 0.1]]]), check_boxes=1),
+    lambda: SRSAttention(32, 4, check_taps="yes"),
+], ids=["check_values", "check_taps", "check_boxes", "module_check_taps"])
+def test_check_flags_must_be_bools(call):
+    with pytest.raises(TypeError, match=r"check_\w+ must be a bool"):
+        call()
+
+
 def test_attention_wrong_k_batch_names_k():
     q, k, v, index, weight = attention_case()
     with pytest.raises(ValueError, match=r"k must have shape \[B=2"):
@@ -365,6 +421,12 @@ def test_srs_attention_module_names_wrong_inputs():
         module(x, index.float())
     with pytest.raises(TypeError, match="num_heads must be an int"):
         SRSAttention(32, 4.0)
+    with pytest.raises(ValueError, match="dim must be >= 1"):
+        SRSAttention(-4, 2)
+    with pytest.raises(TypeError, match=r"x must have the dtype of the module's parameters \(torch.float32"):
+        module(x.double(), index)
+    with pytest.raises(ValueError, match=r"index must lie in \[0, 10\).*\(the tokens\)"):
+        SRSAttention(32, 4, check_taps=True)(x, index + 5)
 
 
 @pytest.mark.parametrize("backend", DISTILL)
@@ -375,6 +437,13 @@ def test_half_loss_uses_its_center_in_float32(backend):
     student, teacher = torch.randn(6, K), torch.randn(4, K)
     torch.testing.assert_close(loss_fn(student, teacher, 0), reference(student, teacher, 0))
     assert loss_fn.center.dtype == torch.float16
+
+
+def test_sinkhorn_centering_on_an_empty_batch():
+    loss_fn = DINOLoss(9, 3, 0.04, 0.07, 3, 10, centering="sinkhorn_knopp")
+    student = torch.randn(0, 9, requires_grad=True)
+    loss = loss_fn(student, torch.randn(0, 9), 0)
+    assert loss.item() == 0 and torch.autograd.grad(loss, student)[0].shape == (0, 9)
 
 
 def test_loss_on_another_device_names_the_center():

@@ -27,3 +27,10 @@ def check_float(value, name: str, low: float = -math.inf, high: float = math.inf
         interval = f"{'(' if low_open else '['}{low}, {high}{']' if high < math.inf else ')'}"
         raise ValueError(f"{name} must be in {interval}, got {value}")
     return float(value)
+
+
+def check_bool(value, name: str) -> bool:
+    """A bool (a flag such as check_taps: a string like "no" would be true)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value

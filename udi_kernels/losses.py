@@ -89,6 +89,8 @@ def teacher_temperature(epoch: int, warmup_teacher_temp: float, teacher_temp: fl
                         nepochs: int) -> float:
     """DINO's schedule: linear warm-up over the first epochs (both ends included), then constant."""
     check_int(epoch, "epoch", 0)
+    warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs = _check_schedule(
+        warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs)
     if epoch >= warmup_teacher_temp_epochs or epoch >= nepochs:
         return float(teacher_temp)
     if warmup_teacher_temp_epochs == 1:
@@ -114,6 +116,9 @@ class EMACenter(nn.Module):
 def update_centers(emas, sums, counts):
     """One EMA step of several centers (of one momentum) from their (sum [1, K], count [1]) statistics, as one
     batch of small ops and at most one all-reduce."""
+    if not len(emas) == len(sums) == len(counts) or not emas:
+        raise ValueError(f"update_centers needs one sum and one count per center, got {len(emas)} centers, "
+                         f"{len(sums)} sums and {len(counts)} counts")
     momentum = emas[0].momentum
     if any(ema.momentum != momentum for ema in emas):
         raise ValueError(f"centers updated together must share one momentum, got {[ema.momentum for ema in emas]}")
@@ -177,8 +182,11 @@ def sinkhorn_knopp_center(teacher: Tensor, tau_t: float, iterations: int = 3) ->
 
     Q = diag(β) exp(t/τt) diag(α) is rescaled so that prototypes have equal mass over the global batch
     (all-reduced) and each row sums to 1; the row scaling cancels in the softmax, so c = −τt·log α.
-    Computed in log space (no overflow at small τt). teacher [R, K] -> center [1, K] float32.
+    Computed in log space (no overflow at small τt). teacher [R, K] -> center [1, K] float32; zeros for an empty
+    batch (R = 0 on a single process).
     """
+    if teacher.shape[0] == 0 and not distributed():
+        return teacher.new_zeros(1, teacher.shape[1], dtype=torch.float32)
     u = teacher.float() / tau_t
     log_b = u.new_zeros(u.shape[0], 1)
     log_a = u.new_zeros(1, u.shape[1])
@@ -191,7 +199,8 @@ def sinkhorn_knopp_center(teacher: Tensor, tau_t: float, iterations: int = 3) ->
 
 def _global_logsumexp_over_rows(x: Tensor) -> Tensor:
     """logsumexp over dim 0 across every rank's rows, [1, K]."""
-    row_max = x.max(dim=0, keepdim=True).values
+    # a rank without rows joins the reductions with -inf maxima and zero sums
+    row_max = x.amax(dim=0, keepdim=True) if x.shape[0] else x.new_full((1, x.shape[1]), -torch.inf)
     if distributed():
         dist.all_reduce(row_max, op=dist.ReduceOp.MAX)
     total = all_reduce_sum(torch.exp(x - row_max).sum(dim=0, keepdim=True))

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backends import BACKENDS
-from .checks import check_float, check_int
+from .checks import check_bool, check_float, check_int
 from .ops.srs_attention import attend, check_tap_args, check_tap_values
 from .reference.srs_attention import compute_dtype, default_scale
 
@@ -25,15 +25,19 @@ def tap_rows(x: Tensor, index: Tensor, weight: Optional[Tensor]):
     return (rows * w[..., None]).sum(2), w
 
 
-def check_module_inputs(x: Tensor, index: Tensor, weight: Optional[Tensor], dim: int, name: str) -> None:
-    """x [B, N >= 1, dim] floating; index [B, S, T >= 1] int32/int64 and weight None or floating [B, S, T] on the
-    device of x. Raises TypeError / ValueError naming the argument. B = 0 and S = 0 are allowed."""
+def check_module_inputs(module: nn.Module, x: Tensor, index: Tensor, weight: Optional[Tensor], dim: int,
+                        name: str) -> None:
+    """x [B, N >= 1, dim] floating, in the dtype of the module's parameters unless autocast is on; index
+    [B, S, T >= 1] int32/int64 and weight None or floating [B, S, T] on the device of x. Raises TypeError /
+    ValueError naming the argument. B = 0 and S = 0 are allowed."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 3 or x.shape[2] != dim or x.shape[1] == 0:
         raise ValueError(f"{name} must have shape [B, N >= 1, C={dim}], got {list(x.shape)}")
-    if not x.dtype.is_floating_point:
-        raise TypeError(f"{name} must be a floating tensor, got {x.dtype}")
+    parameters = next(module.parameters())
+    if not x.dtype.is_floating_point or (x.dtype != parameters.dtype and autocast_dtype(x.device) is None):
+        raise TypeError(f"{name} must have the dtype of the module's parameters ({parameters.dtype}; or run under "
+                        f"autocast), got {x.dtype}")
     check_tap_args(index, weight, x.shape[0], x.device, name)
 
 
@@ -96,6 +100,8 @@ class TappedAttention(nn.Module):
             check_float(qk_scale, "qk_scale", 0.0, low_open=True)
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_bool(qkv_bias, "qkv_bias")
+        check_bool(check_taps, "check_taps")
         self.num_heads = num_heads
         self.scale = qk_scale
         self.backend = backend
@@ -146,9 +152,9 @@ class TappedAttention(nn.Module):
         return o.reshape(B, S, heads * head_dim)
 
     def forward(self, h: Tensor, index: Tensor, weight: Optional[Tensor] = None) -> Tensor:
-        check_module_inputs(h, index, weight, self.qkv.in_features, "h")
+        check_module_inputs(self, h, index, weight, self.qkv.in_features, "h")
         if self.check_taps:
-            check_tap_values(index, weight, h.shape[1])
+            check_tap_values(index, weight, h.shape[1], "the tokens")
         B, N, C = h.shape
         S = index.shape[1]
         heads, head_dim = self.num_heads, C // self.num_heads
@@ -176,9 +182,10 @@ class SRSAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, backend: Optional[str] = None,
                  check_taps: bool = False):
         super().__init__()
+        check_int(dim, "dim", 1)
         self.norm1 = nn.LayerNorm(dim)
         self.attn = TappedAttention(dim, num_heads, qkv_bias, backend=backend, check_taps=check_taps)
 
     def forward(self, x: Tensor, index: Tensor, weight: Optional[Tensor] = None) -> Tensor:
-        check_module_inputs(x, index, weight, self.norm1.normalized_shape[0], "x")
+        check_module_inputs(self, x, index, weight, self.norm1.normalized_shape[0], "x")
         return self.attn(self.norm1(x), index, weight)

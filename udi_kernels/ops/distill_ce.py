@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .. import backends
 from .._native import native_loaded
-from ..checks import check_float
+from ..checks import check_bool, check_float
 from ..reference import distill_ce as reference
 
 OP = "distill_ce_forward"
@@ -334,7 +334,7 @@ def distill_cross_entropy(student: Tensor, teacher: Tensor, centers: Tensor, cen
     """
     args = (student, teacher, centers, center_id, pair_student, pair_teacher, pair_weight, row_weight)
     _check_shapes(*args, tau_s, tau_t)
-    if check_values and not torch.compiler.is_compiling():
+    if check_bool(check_values, "check_values") and not torch.compiler.is_compiling():
         _check_values(*args)
     chosen = backends.resolve(OP, student.device, backend)
     if chosen == "reference":

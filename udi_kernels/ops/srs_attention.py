@@ -6,7 +6,7 @@ from torch import Tensor
 
 from .. import backends
 from .._native import native_loaded
-from ..checks import check_float
+from ..checks import check_bool, check_float
 from ..reference import srs_attention as reference
 
 OP = "srs_attention"
@@ -156,14 +156,14 @@ def _index_range_message(index, low, high):
     return f"index must lie in [{low}, {high}), got values in [{int(index.min())}, {int(index.max())}]"
 
 
-def _check_tap_values(index, weight, num_rows):
+def _check_tap_values(index, weight, num_rows, rows):
     """0 <= index < num_rows and finite weights, in one reduction (one device sync on CUDA)."""
     checks = [((index >= 0) & (index < num_rows)).all()]
     if weight is not None:
         checks.append(torch.isfinite(weight).all())
     ok = torch.stack(checks).tolist()
     if not ok[0]:
-        raise ValueError(_index_range_message(index, 0, num_rows) + " (the rows of q)")
+        raise ValueError(_index_range_message(index, 0, num_rows) + f" ({rows})")
     if len(ok) > 1 and not ok[1]:
         raise ValueError("weight must be finite (no NaN or inf)")
 
@@ -175,12 +175,13 @@ def _assert_tap_values(index, weight, num_rows):
         torch._assert_async(torch.isfinite(weight).all(), "weight must be finite (no NaN or inf)")
 
 
-def check_tap_values(index: Tensor, weight: Optional[Tensor], num_rows: int) -> None:
-    """0 <= index < num_rows and finite weights: raises in eager mode, asserts asynchronously when compiled."""
+def check_tap_values(index: Tensor, weight: Optional[Tensor], num_rows: int, rows: str = "the rows of q") -> None:
+    """0 <= index < num_rows and finite weights: raises in eager mode, asserts asynchronously when compiled.
+    rows says what the taps index, for the message."""
     if torch.compiler.is_compiling():
         _assert_tap_values(index, weight, num_rows)
     else:
-        _check_tap_values(index, weight, num_rows)
+        _check_tap_values(index, weight, num_rows, rows)
 
 
 def index_as_int32(index: Tensor) -> Tensor:
@@ -242,7 +243,7 @@ def srs_attention(q: Tensor, k: Tensor, v: Tensor, index: Tensor, weight: Option
     check_tap_args(index, weight, q.shape[0], q.device)
     num_rows, D = q.shape[2:]
     scale = reference.default_scale(D) if scale is None else check_float(scale, "scale")
-    if check_taps:
+    if check_bool(check_taps, "check_taps"):
         check_tap_values(index, weight, num_rows)
     dtype = reference.compute_dtype(q.dtype)
     weight = torch.ones(index.shape, dtype=dtype, device=q.device) if weight is None else weight.to(dtype)

@@ -6,7 +6,7 @@ from torch import Tensor
 
 from .. import backends
 from .._native import native_loaded
-from ..checks import check_int
+from ..checks import check_bool, check_int
 from ..reference import srs_sample as reference
 
 OP = "stratified_sample"
@@ -152,7 +152,7 @@ def stratified_sample(boxes: Tensor, *, global_grid: int = 14, global_window: in
     seed = _draw_seed(generator) if seed is None else check_int(seed, "seed")
     if not -2**63 <= seed < 2**63:
         raise ValueError(f"seed must fit in 64 bits (signed), got {seed}")
-    if check_boxes:
+    if check_bool(check_boxes, "check_boxes"):
         _check_box_values(boxes)
     implementation = _IMPLEMENTATIONS[backends.resolve(OP, boxes.device, backend, AUTO_ORDER.get(boxes.device.type))]
     outputs = implementation(boxes.contiguous(), global_grid, global_window, local_grid, local_window, target_grid,

@@ -21,8 +21,8 @@ def tapped_queries(q_head, index_row, weight_row, sample, sample_ok, dims, dim_o
     acc = tl.zeros((sample.shape[0], dims.shape[0]), dtype=tl.float32)
     for t in range(T):
         idx = tl.load(index_row + sample * T + t, mask=sample_ok, other=0)
-        w = tl.load(weight_row + sample * T + t, mask=sample_ok, other=0.0)
         tap_ok = sample_ok & (idx >= 0) & (idx < NQ)
+        w = tl.load(weight_row + sample * T + t, mask=tap_ok, other=0.0)  # a skipped tap's weight is not read
         rows = tl.load(q_head + idx[:, None].to(tl.int64) * D + dims[None, :],
                        mask=tap_ok[:, None] & dim_ok[None, :], other=0.0)
         acc += w[:, None] * rows.to(tl.float32)

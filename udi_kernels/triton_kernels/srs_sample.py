@@ -27,7 +27,8 @@ def _pattern_cells(sample, image, grid, window, seed, offset, stream):
 
 @triton.jit
 def _axis(cell, src_ptr, tgt_ptr, grid, target_grid):
-    """Source position along one axis, whether it is strictly inside the target, and its taps."""
+    """Source position along one axis, whether it is strictly inside the target with a finite target coordinate
+    (csrc/srs_sample.h: NaN has no floor, min or int conversion every backend shares), and its taps."""
     s0 = tl.load(src_ptr)
     s1 = tl.load(src_ptr + 2)
     t0 = tl.load(tgt_ptr)
@@ -36,6 +37,7 @@ def _axis(cell, src_ptr, tgt_ptr, grid, target_grid):
     pos = s0 + frac * (s1 - s0)
     inside = (tl.minimum(t0, t1) < pos) & (pos < tl.maximum(t0, t1))
     t = tl.math.div_rn((pos - t0) * (target_grid - 1).to(tl.float32), t1 - t0)
+    inside = inside & (tl.abs(t) < float("inf"))
     first = tl.minimum(tl.maximum(tl.floor(t), 0.0), (target_grid - 2).to(tl.float32))
     weight = tl.minimum(tl.maximum(t - first, 0.0), 1.0)
     return inside, first.to(tl.int32), weight
