@@ -154,9 +154,9 @@ def attention_case(dtype=torch.float32, device="cpu", B=2, H=2, N=19, D=24, S=5,
     return q, k, v, index, weight
 
 
-def attention_forward_backward(q, k, v, index, weight, backend, check_taps=False):
+def attention_forward_backward(q, k, v, index, weight, backend, check_taps=False, scale=None):
     q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
-    out = srs_attention(q, k, v, index, weight, backend=backend, check_taps=check_taps)
+    out = srs_attention(q, k, v, index, weight, scale, backend=backend, check_taps=check_taps)
     grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
     return (out, *grads)
 
@@ -277,24 +277,31 @@ def large_query_case(device="cpu"):
     return q, (k.float() * 5e-6).half(), v, index, weight * 2
 
 
+def assert_float16_queries_match_float64(backend, device="cpu"):
+    """Forward and backward against float64; dk of this case truly exceeds 65504 in places (inf in float16 is
+    its correct rounding there), so gradients are compared where the float64 value is representable. Tolerance
+    relative to the largest magnitude: 5e-3 for out, 1e-2 for the gradients (float16 dot operands, 2^-11 each, in
+    sums of terms of both signs)."""
+    q, k, v, index, weight = large_query_case(device)
+    actual = attention_forward_backward(q, k, v, index, weight, backend, scale=2.0)
+    expected = attention_forward_backward(q.double(), k.double(), v.double(), index, weight.double(), "reference",
+                                          scale=2.0)
+    assert torch.isfinite(actual[0]).all()
+    for name, a, e in zip(("out", "dq", "dk", "dv"), actual, expected):
+        representable = e.abs() < 6e4
+        error = (a.double() - e)[representable].abs().max()
+        assert error <= (5e-3 if name == "out" else 1e-2) * e[representable].abs().max(), name
+
+
 @pytest.mark.parametrize("backend", ATTENTION)
 def test_float16_queries_past_the_float16_range_stay_finite(backend):
-    q, k, v, index, weight = large_query_case()
-    out = srs_attention(q, k, v, index, weight, scale=2.0, backend=backend)
-    expected = attention_reference.srs_attention(q.double(), k.double(), v.double(), index, weight.double(), 2.0)
-    assert torch.isfinite(out).all()
-    torch.testing.assert_close(out.double(), expected, rtol=5e-3, atol=5e-3)
+    assert_float16_queries_match_float64(backend)
 
 
 @gpu
-def test_gpu_float16_queries_past_the_float16_range_stay_finite():
-    q, k, v, index, weight = large_query_case("cuda")
-    expected = attention_reference.srs_attention(q.double(), k.double(), v.double(), index, weight.double(), 2.0)
-    for backend in ("native", "triton"):
-        out = attention_forward_backward(q, k, v, index, weight, backend)
-        assert all(torch.isfinite(t).all() for t in out)
-        torch.testing.assert_close(srs_attention(q, k, v, index, weight, scale=2.0, backend=backend).double(),
-                                   expected, rtol=5e-3, atol=5e-3)
+@pytest.mark.parametrize("backend", ["native", "triton"])
+def test_gpu_float16_queries_past_the_float16_range_stay_finite(backend):
+    assert_float16_queries_match_float64(backend, "cuda")
 
 
 # ---- 5. native CPU distill_cross_entropy gradient in float32 at large logits ---------------------------------------

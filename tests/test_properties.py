@@ -144,6 +144,16 @@ def test_distill_triton_matches_float64(drawn):
     check_distill_against_float64(*drawn, "triton")
 
 
+@pytest.mark.gpu
+@examples(10)
+@given(distill_cases(dtypes=(torch.float32, torch.float16, torch.bfloat16)))
+def test_gpu_distill_kernels_match_float64(drawn):
+    case, taus = drawn
+    on_gpu = {name: value.cuda() for name, value in case.items()}
+    for backend in ("native", "triton"):
+        check_distill_against_float64(on_gpu, taus, backend)
+
+
 @st.composite
 def distill_cases_with_bad_indices(draw):
     case, taus = draw(distill_cases(dtypes=(torch.float32,)))
@@ -224,7 +234,8 @@ def attention_cases(draw, dtypes=(torch.float32, torch.float64, torch.float16, t
 def attention_run(q, k, v, index, weight, scale, backend, check_taps=True):
     q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
     out = srs_attention(q, k, v, index, weight, scale, backend=backend, check_taps=check_taps)
-    grad_out = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).reshape(out.shape).to(out.dtype)
+    grad_out = torch.linspace(-1, 1, out.numel(), dtype=torch.float64, device=out.device).reshape(out.shape)
+    grad_out = grad_out.to(out.dtype)
     grads = torch.autograd.grad(out, (q, k, v), grad_out) if out.numel() else [torch.zeros_like(t) for t in (q, k, v)]
     return (out, *grads)
 
@@ -234,7 +245,7 @@ def attention_tolerance(q, k, index, weight, scale):
     bfloat16 dots round q_s to the input dtype)."""
     base = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}[q.dtype]
     scale = attention_reference.default_scale(q.shape[-1]) if scale is None else scale
-    weight = torch.ones(index.shape, dtype=torch.float64) if weight is None else weight.double()
+    weight = torch.ones(index.shape, dtype=torch.float64, device=index.device) if weight is None else weight.double()
     q_s = attention_reference.tapped_queries(q.double(), index, weight)
     logits = q_s @ k.double().transpose(-1, -2) * scale
     return base + 8 * EPS[q.dtype] * (logits.abs().max().item() if logits.numel() else 0.0)
@@ -242,7 +253,8 @@ def attention_tolerance(q, k, index, weight, scale):
 
 def check_attention_against_float64(q, k, v, index, weight, scale, backend, check_taps=True):
     inside = (index >= 0) & (index < q.shape[2])
-    kept = torch.where(inside, torch.ones(index.shape, dtype=torch.float64) if weight is None else weight.double(), 0)
+    ones = torch.ones(index.shape, dtype=torch.float64, device=index.device)
+    kept = torch.where(inside, ones if weight is None else weight.double(), 0)
     expected = attention_run(q.double(), k.double(), v.double(), torch.where(inside, index, 0), kept, scale,
                              "reference", check_taps=False)  # Nq = 0: index 0 lies outside q too
     actual = attention_run(q, k, v, index, weight, scale, backend, check_taps)
@@ -264,6 +276,16 @@ def test_attention_native_and_reference_match_float64(drawn):
 @given(attention_cases(dtypes=(torch.float32, torch.float16)))  # bfloat16 is refused by the interpreter
 def test_attention_triton_matches_float64(drawn):
     check_attention_against_float64(*drawn, "triton")
+
+
+@pytest.mark.gpu
+@examples(10)
+@given(attention_cases(dtypes=(torch.float32, torch.float16, torch.bfloat16)))
+def test_gpu_attention_kernels_match_float64(drawn):
+    on_gpu = [t.cuda() if isinstance(t, torch.Tensor) else t for t in drawn]
+    for backend in ("native", "triton"):
+        if on_gpu[0].shape[-1] <= 512 or backend == "triton":  # the CUDA kernel takes D <= 512
+            check_attention_against_float64(*on_gpu, backend)
 
 
 @st.composite
@@ -337,6 +359,18 @@ def test_sample_backends_agree_bit_for_bit_and_match_the_spec(drawn):
         for a, e in zip([*got.globals, *got.locals], [*expected.globals, *expected.locals]):
             assert a.dtype == e.dtype and torch.equal(a, e), backend
     assert_matches_spec(expected, boxes, seed, offset, **grids)
+
+
+@pytest.mark.gpu
+@examples(10)
+@given(sample_cases())
+def test_gpu_sample_backends_agree_bit_for_bit(drawn):
+    boxes, grids, seed, offset = drawn
+    expected = stratified_sample(boxes, seed=seed, offset=offset, backend="reference", **grids)
+    for backend in ("native", "triton"):
+        got = stratified_sample(boxes.cuda(), seed=seed, offset=offset, backend=backend, **grids)
+        assert all(torch.equal(a.cpu(), e) for a, e in zip([*got.globals, *got.locals],
+                                                           [*expected.globals, *expected.locals])), backend
 
 
 SAMPLE_MUTATIONS = [("seed", 2**63), ("seed", 1.5), ("offset", -1), ("offset", 2**32), ("global_window", 0),

@@ -313,7 +313,7 @@ def distill_cross_entropy(student: Tensor, teacher: Tensor, centers: Tensor, cen
         tau_s, tau_t: positive temperatures.
         backend: 'auto', 'native', 'triton' or 'reference' (default: $UDI_KERNELS_BACKEND or 'auto').
         check_values: check index ranges and that teacher/centers/weights are finite (one device sync;
-            skipped under torch.compile). Shapes, dtypes, devices and the temperatures are always checked.
+            skipped under torch.compile and for meta tensors). Shapes, dtypes, devices and the temperatures are always checked.
             With check_values=False every backend still stays in bounds, writes every output and gives the same
             result on every run: a pair whose pair_student is outside [0, Rs), whose pair_teacher is outside
             [0, Rt) or whose teacher row's center_id is outside [0, n_c) adds exactly 0 to the loss and the
@@ -334,7 +334,8 @@ def distill_cross_entropy(student: Tensor, teacher: Tensor, centers: Tensor, cen
     """
     args = (student, teacher, centers, center_id, pair_student, pair_teacher, pair_weight, row_weight)
     _check_shapes(*args, tau_s, tau_t)
-    if check_bool(check_values, "check_values") and not torch.compiler.is_compiling():
+    if check_bool(check_values, "check_values") and not torch.compiler.is_compiling() and \
+            student.device.type != "meta":
         _check_values(*args)
     chosen = backends.resolve(OP, student.device, backend)
     if chosen == "reference":

@@ -187,8 +187,8 @@ def check_tap_values(index: Tensor, weight: Optional[Tensor], num_rows: int, row
 def index_as_int32(index: Tensor) -> Tensor:
     """index as int32, the kernels' index type. An int64 index must fit in int32 (checked: one device sync on
     CUDA, asserted asynchronously under torch.compile): a value cast would wrap to another row without a word."""
-    if index.dtype == torch.int32:
-        return index
+    if index.dtype == torch.int32 or index.device.type == "meta":
+        return index.to(torch.int32)
     fits = ((index >= INT32_RANGE[0]) & (index < INT32_RANGE[1])).all()  # True when empty
     if torch.compiler.is_compiling():
         torch._assert_async(fits, "index must fit in int32")
@@ -224,7 +224,8 @@ def srs_attention(q: Tensor, k: Tensor, v: Tensor, index: Tensor, weight: Option
         scale: softmax scale, default 1/sqrt(D).
         backend: 'auto', 'native', 'triton' or 'reference' (default: $UDI_KERNELS_BACKEND or 'auto').
         check_taps: check 0 <= index < Nq and finite weights (one device sync on CUDA; asserted
-            asynchronously under torch.compile). Shapes, dtypes and devices are always checked.
+            asynchronously under torch.compile; skipped for meta tensors). Shapes, dtypes and devices are always
+            checked.
             With check_taps=False every backend still stays in bounds and deterministic: a tap outside
             [0, Nq) is skipped (as if its weight were 0), and a non-finite weight gives non-finite outputs for
             its sample only.
@@ -243,7 +244,7 @@ def srs_attention(q: Tensor, k: Tensor, v: Tensor, index: Tensor, weight: Option
     check_tap_args(index, weight, q.shape[0], q.device)
     num_rows, D = q.shape[2:]
     scale = reference.default_scale(D) if scale is None else check_float(scale, "scale")
-    if check_bool(check_taps, "check_taps"):
+    if check_bool(check_taps, "check_taps") and index.device.type != "meta":
         check_tap_values(index, weight, num_rows)
     dtype = reference.compute_dtype(q.dtype)
     weight = torch.ones(index.shape, dtype=dtype, device=q.device) if weight is None else weight.to(dtype)

@@ -152,7 +152,7 @@ def stratified_sample(boxes: Tensor, *, global_grid: int = 14, global_window: in
     seed = _draw_seed(generator) if seed is None else check_int(seed, "seed")
     if not -2**63 <= seed < 2**63:
         raise ValueError(f"seed must fit in 64 bits (signed), got {seed}")
-    if check_bool(check_boxes, "check_boxes"):
+    if check_bool(check_boxes, "check_boxes") and boxes.device.type != "meta":
         _check_box_values(boxes)
     implementation = _IMPLEMENTATIONS[backends.resolve(OP, boxes.device, backend, AUTO_ORDER.get(boxes.device.type))]
     outputs = implementation(boxes.contiguous(), global_grid, global_window, local_grid, local_window, target_grid,
