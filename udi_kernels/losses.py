@@ -131,10 +131,10 @@ def update_centers(emas, sums, counts):
     # normal tensors even under inference_mode, so that a later training call can save the centers for backward
     with torch.inference_mode(False):
         mean = total / count.clamp_min(torch.finfo(torch.float32).tiny)
-        nonfinite = ~torch.isfinite(mean).all(dim=1, keepdim=True)  # NaN/inf teacher rows or counts
+        finite = torch.isfinite(mean).all(dim=1, keepdim=True)  # False for NaN/inf teacher rows or counts
         # new tensors, not copy_: the loss's autograd graph saved the old centers
-        updated = torch.where((count > 0) & ~nonfinite, centers * momentum + mean * (1 - momentum), centers)
-    _skipped_updates.report(nonfinite)
+        updated = torch.where(finite & (count > 0), centers * momentum + mean * (1 - momentum), centers)
+    _skipped_updates.report(finite)
     for ema, center in zip(emas, updated.split(1) if len(emas) > 1 else (updated,)):
         ema.center = center.to(ema.center.dtype)
 
@@ -147,23 +147,24 @@ class _SkippedUpdates:
     def __init__(self):
         self.pending = []  # (flags on the host, CUDA event or None)
 
-    def report(self, skipped: Tensor):
+    def report(self, finite: Tensor):
+        """finite: one flag per center, False where its update was skipped."""
         if torch.compiler.is_compiling():
             return
         event = None
-        if skipped.is_cuda:
+        if finite.is_cuda:
             event = torch.cuda.Event()
-            host = skipped.to("cpu", non_blocking=True)
+            host = finite.to("cpu", non_blocking=True)
             event.record()
         else:
-            host = skipped
+            host = finite
         self.pending.append((host, event))
         self.warn_finished()
 
     def warn_finished(self):
         while self.pending and (self.pending[0][1] is None or self.pending[0][1].query()):
             host, _ = self.pending.pop(0)
-            if host.numpy().any():  # a host read of finished memory, no dispatcher op (and no sync)
+            if not host.numpy().all():  # a host read of finished memory, no dispatcher op (and no sync)
                 warnings.warn("udi_kernels.losses: an EMA center update was skipped: its teacher statistics were "
                               "not finite (NaN or inf teacher logits); the center keeps its value", RuntimeWarning,
                               stacklevel=4)
