@@ -313,7 +313,8 @@ def distill_cross_entropy(student: Tensor, teacher: Tensor, centers: Tensor, cen
         tau_s, tau_t: positive temperatures.
         backend: 'auto', 'native', 'triton' or 'reference' (default: $UDI_KERNELS_BACKEND or 'auto').
         check_values: check index ranges and that teacher/centers/weights are finite (one device sync;
-            skipped under torch.compile and for meta tensors). Shapes, dtypes, devices and the temperatures are always checked.
+            skipped under torch.compile and for meta tensors). Shapes, dtypes, devices and the temperatures are
+            always checked.
             With check_values=False every backend still stays in bounds, writes every output and gives the same
             result on every run: a pair whose pair_student is outside [0, Rs), whose pair_teacher is outside
             [0, Rt) or whose teacher row's center_id is outside [0, n_c) adds exactly 0 to the loss and the
