@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -33,40 +34,65 @@ void check_logits(const at::Tensor& t, const char* name, const at::Device& devic
 
 }  // namespace
 
+namespace {
+
+// student, teacher, centers: 2-d with one positive K, on the student's device, contiguous; centers in the
+// teacher's compute type with at least one row.
+void check_logit_args(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& centers) {
+  const at::Device device = student.device();
+  check_logits(student, "student", device);
+  check_logits(teacher, "teacher", device);
+  check_logits(centers, "centers", device);
+  const int64_t K = student.size(1);
+  TORCH_CHECK(K > 0 && teacher.size(1) == K && centers.size(1) == K,
+              "student, teacher and centers must share a positive K, got ", student.sizes(), ", ", teacher.sizes(),
+              " and ", centers.sizes());
+  TORCH_CHECK(centers.size(0) > 0, "centers must have at least one row");
+  TORCH_CHECK(centers.scalar_type() == compute_type(teacher.scalar_type()), "centers must be ",
+              compute_type(teacher.scalar_type()), ", got ", centers.scalar_type());
+}
+
+// The pair arguments every kernel reads: center_id [Rt], student_ptr [Rs + 1], pair_teacher [P], pair_weight [P].
+void check_pair_args(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& center_id,
+                     const at::Tensor& student_ptr, const at::Tensor& pair_teacher, const at::Tensor& pair_weight) {
+  const at::Device device = student.device();
+  const int64_t P = pair_teacher.numel();
+  check_vector(center_id, "center_id", at::kLong, teacher.size(0), device);
+  check_vector(student_ptr, "student_ptr", at::kLong, student.size(0) + 1, device);
+  check_vector(pair_teacher, "pair_teacher", at::kLong, P, device);
+  check_vector(pair_weight, "pair_weight", compute_type(student.scalar_type()), P, device);
+}
+
+void check_temperatures(double tau_s, double tau_t) {
+  TORCH_CHECK(tau_s > 0 && tau_t > 0, "tau_s and tau_t must be positive, got ", tau_s, " and ", tau_t);
+}
+
+}  // namespace
+
 void check_forward_args(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& centers,
                         const at::Tensor& center_id, const at::Tensor& student_ptr, const at::Tensor& pair_teacher,
                         const at::Tensor& pair_weight, const at::Tensor& center_ptr, const at::Tensor& center_rows,
                         const at::Tensor& row_weight, double tau_s, double tau_t) {
   const at::Device device = student.device();
-  check_logits(student, "student", device);
-  check_logits(teacher, "teacher", device);
-  check_logits(centers, "centers", device);
-  const int64_t K = student.size(1), Rs = student.size(0), Rt = teacher.size(0), n_c = centers.size(0);
-  TORCH_CHECK(K > 0 && teacher.size(1) == K && centers.size(1) == K,
-              "student, teacher and centers must share a positive K, got ", student.sizes(), ", ", teacher.sizes(),
-              " and ", centers.sizes());
-  TORCH_CHECK(n_c > 0, "centers must have at least one row");
-  TORCH_CHECK(centers.scalar_type() == compute_type(teacher.scalar_type()), "centers must be ",
-              compute_type(teacher.scalar_type()), ", got ", centers.scalar_type());
-  const int64_t P = pair_teacher.numel();
-  check_vector(center_id, "center_id", at::kLong, Rt, device);
-  check_vector(student_ptr, "student_ptr", at::kLong, Rs + 1, device);
-  check_vector(pair_teacher, "pair_teacher", at::kLong, P, device);
-  check_vector(pair_weight, "pair_weight", compute_type(student.scalar_type()), P, device);
-  check_vector(center_ptr, "center_ptr", at::kLong, n_c + 1, device);
+  check_logit_args(student, teacher, centers);
+  check_pair_args(student, teacher, center_id, student_ptr, pair_teacher, pair_weight);
+  const int64_t Rt = teacher.size(0);
+  check_vector(center_ptr, "center_ptr", at::kLong, centers.size(0) + 1, device);
   check_vector(center_rows, "center_rows", at::kLong, Rt, device);
   check_vector(row_weight, "row_weight", compute_type(teacher.scalar_type()), Rt, device);
-  TORCH_CHECK(tau_s > 0 && tau_t > 0, "tau_s and tau_t must be positive, got ", tau_s, " and ", tau_t);
+  check_temperatures(tau_s, tau_t);
 }
 
 void check_backward_args(const at::Tensor& grad_pair_loss, const at::Tensor& student, const at::Tensor& teacher,
-                         const at::Tensor& student_ptr, const at::Tensor& pair_teacher,
-                         const at::Tensor& student_lse, const at::Tensor& teacher_lse) {
+                         const at::Tensor& centers, const at::Tensor& center_id, const at::Tensor& student_ptr,
+                         const at::Tensor& pair_teacher, const at::Tensor& pair_weight,
+                         const at::Tensor& student_lse, const at::Tensor& teacher_lse, at::ScalarType lse_type) {
   const at::Device device = student.device();
-  const at::ScalarType out = compute_type(student.scalar_type());
-  check_vector(grad_pair_loss, "grad_pair_loss", out, pair_teacher.numel(), device);
-  check_vector(student_lse, "student_lse", out, student.size(0), device);
-  check_vector(teacher_lse, "teacher_lse", compute_type(teacher.scalar_type()), teacher.size(0), device);
+  check_logit_args(student, teacher, centers);
+  check_pair_args(student, teacher, center_id, student_ptr, pair_teacher, pair_weight);
+  check_vector(grad_pair_loss, "grad_pair_loss", compute_type(student.scalar_type()), pair_teacher.numel(), device);
+  check_vector(student_lse, "student_lse", lse_type, student.size(0), device);
+  check_vector(teacher_lse, "teacher_lse", lse_type, teacher.size(0), device);
 }
 
 namespace {
@@ -100,43 +126,51 @@ template <typename student_t, typename teacher_t>
 void forward_rows(const Rows<student_t, teacher_t>& rows, int64_t Rs, int64_t Rt, double* pair_loss,
                   double* student_lse, double* teacher_lse) {
   at::parallel_for(0, Rt, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r)
-      teacher_lse[r] = log_sum_exp(rows.K, [&](int64_t k) { return rows.centered(r, k); });
+    for (int64_t r = begin; r < end; ++r)  // -inf for a row without a center: no pair reads it
+      teacher_lse[r] = teacher_row_ok(rows, r) ? log_sum_exp(rows.K, [&](int64_t k) { return rows.centered(r, k); })
+                                               : kNegInf;
   });
   at::parallel_for(0, Rs, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const double lse = log_sum_exp(rows.K, [&](int64_t k) { return rows.scaled_student(r, k); });
       student_lse[r] = lse;
-      for (int64_t slot = rows.student_ptr[r]; slot < rows.student_ptr[r + 1]; ++slot) {
-        const double weight = rows.pair_weight[slot];
+      const SlotRange slots = csr_slots(rows.student_ptr, r, rows.num_pairs);
+      for (int64_t slot = slots.first; slot < slots.last; ++slot) {
+        if (!pair_counts(rows, slot)) continue;  // pair_loss starts at 0
+        const int64_t t_row = rows.pair_teacher[slot];
         double ce = 0;
-        if (weight != 0) {
-          const int64_t t_row = rows.pair_teacher[slot];
-          for (int64_t k = 0; k < rows.K; ++k)
-            ce += std::exp(rows.centered(t_row, k) - teacher_lse[t_row]) * (lse - rows.scaled_student(r, k));
-        }
-        pair_loss[slot] = weight * ce;
+        for (int64_t k = 0; k < rows.K; ++k)
+          ce += std::exp(rows.centered(t_row, k) - teacher_lse[t_row]) * (lse - rows.scaled_student(r, k));
+        pair_loss[slot] = rows.pair_weight[slot] * ce;
       }
     }
   });
 }
 
+// Rows of center_rows outside [0, Rt) are skipped, like the rows of a center_id out of range (build_csr leaves
+// those out of every segment).
 template <typename teacher_t>
 void center_sums(const teacher_t* teacher, const int64_t* center_ptr, const int64_t* center_rows,
-                 const double* row_weight, int64_t n_c, int64_t K, double* center_sum, double* center_count) {
+                 const double* row_weight, int64_t n_c, int64_t Rt, int64_t K, double* center_sum,
+                 double* center_count) {
   for (int64_t c = 0; c < n_c; ++c) {
     double count = 0;
-    for (int64_t slot = center_ptr[c]; slot < center_ptr[c + 1]; ++slot) count += row_weight[center_rows[slot]];
+    const SlotRange slots = csr_slots(center_ptr, c, Rt);
+    for (int64_t slot = slots.first; slot < slots.last; ++slot) {
+      const int64_t row = row_or_none(center_rows, slot, Rt);
+      if (row >= 0) count += row_weight[row];
+    }
     center_count[c] = count;
   }
   at::parallel_for(0, K, 1024, [&](int64_t begin, int64_t end) {
     for (int64_t c = 0; c < n_c; ++c) {
       double* out = center_sum + c * K;
       for (int64_t k = begin; k < end; ++k) out[k] = 0;
-      for (int64_t slot = center_ptr[c]; slot < center_ptr[c + 1]; ++slot) {
-        const int64_t row = center_rows[slot];
+      const SlotRange slots = csr_slots(center_ptr, c, Rt);
+      for (int64_t slot = slots.first; slot < slots.last; ++slot) {
+        const int64_t row = row_or_none(center_rows, slot, Rt);
+        if (row < 0 || row_weight[row] == 0) continue;
         const double weight = row_weight[row];
-        if (weight == 0) continue;
         for (int64_t k = begin; k < end; ++k) out[k] += weight * static_cast<double>(teacher[row * K + k]);
       }
     }
@@ -151,7 +185,9 @@ Rows<student_t, teacher_t> make_rows(const at::Tensor& student, const at::Tensor
   const PairArgs<double> pairs{centers.data_ptr<double>(),       center_id.data_ptr<int64_t>(),
                                student_ptr.data_ptr<int64_t>(), pair_teacher.data_ptr<int64_t>(),
                                pair_weight.data_ptr<double>(),  student.size(1),
-                               1.0 / tau_s,                     1.0 / tau_t};
+                               1.0 / tau_s,                     1.0 / tau_t,
+                               teacher.size(0),                 centers.size(0),
+                               pair_teacher.numel()};
   return Rows<student_t, teacher_t>{pairs, student.data_ptr<student_t>(), teacher.data_ptr<teacher_t>()};
 }
 
@@ -181,7 +217,7 @@ ForwardTensors forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
                      center_rows, row_weight, tau_s, tau_t);
   const int64_t Rs = student.size(0), Rt = teacher.size(0), K = student.size(1), n_c = centers.size(0);
   const auto doubles = student.options().dtype(at::kDouble);
-  at::Tensor pair_loss = at::empty({pair_teacher.numel()}, doubles), student_lse = at::empty({Rs}, doubles);
+  at::Tensor pair_loss = at::zeros({pair_teacher.numel()}, doubles), student_lse = at::empty({Rs}, doubles);
   at::Tensor teacher_lse = at::empty({Rt}, doubles), center_sum = at::empty({n_c, K}, doubles);
   at::Tensor center_count = at::empty({n_c}, doubles);
   const at::Tensor centers64 = as_double(centers), pair_weight64 = as_double(pair_weight);
@@ -191,12 +227,12 @@ ForwardTensors forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
               forward_rows(rows, Rs, Rt, pair_loss.data_ptr<double>(), student_lse.data_ptr<double>(),
                            teacher_lse.data_ptr<double>());
               center_sums(rows.teacher, center_ptr.data_ptr<int64_t>(), center_rows.data_ptr<int64_t>(),
-                          row_weight64.data_ptr<double>(), n_c, K, center_sum.data_ptr<double>(),
+                          row_weight64.data_ptr<double>(), n_c, Rt, K, center_sum.data_ptr<double>(),
                           center_count.data_ptr<double>());
             });
   const at::ScalarType out = compute_type(student.scalar_type()), stats = compute_type(teacher.scalar_type());
-  return {pair_loss.to(out), center_sum.to(stats), center_count.to(stats), student_lse.to(out),
-          teacher_lse.to(stats)};
+  // the logsumexps stay double: the backward recomputes the exponents in double against them
+  return {pair_loss.to(out), center_sum.to(stats), center_count.to(stats), student_lse, teacher_lse};
 }
 
 template <typename student_t, typename teacher_t>
@@ -205,13 +241,15 @@ void backward_rows(const Rows<student_t, teacher_t>& rows, int64_t Rs, const dou
   at::parallel_for(0, Rs, 1, [&](int64_t begin, int64_t end) {
     std::vector<double> acc(rows.K);
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t first = rows.student_ptr[r], last = rows.student_ptr[r + 1];
+      const SlotRange slots = csr_slots(rows.student_ptr, r, rows.num_pairs);
+      const auto scale_of = [&](int64_t slot) {
+        return pair_counts(rows, slot) ? rows.pair_weight[slot] * grad_pair_loss[slot] : 0.0;
+      };
       double total = 0;
-      for (int64_t slot = first; slot < last; ++slot)
-        if (rows.pair_weight[slot] != 0) total += rows.pair_weight[slot] * grad_pair_loss[slot];
+      for (int64_t slot = slots.first; slot < slots.last; ++slot) total += scale_of(slot);
       for (int64_t k = 0; k < rows.K; ++k) acc[k] = total * std::exp(rows.scaled_student(r, k) - student_lse[r]);
-      for (int64_t slot = first; slot < last; ++slot) {
-        const double scale = rows.pair_weight[slot] * grad_pair_loss[slot];
+      for (int64_t slot = slots.first; slot < slots.last; ++slot) {
+        const double scale = scale_of(slot);
         if (scale == 0) continue;
         const int64_t t_row = rows.pair_teacher[slot];
         for (int64_t k = 0; k < rows.K; ++k) acc[k] -= scale * std::exp(rows.centered(t_row, k) - teacher_lse[t_row]);
@@ -226,16 +264,16 @@ at::Tensor backward_cpu(const at::Tensor& grad_pair_loss, const at::Tensor& stud
                         const at::Tensor& pair_teacher, const at::Tensor& pair_weight, const at::Tensor& student_lse,
                         const at::Tensor& teacher_lse, double tau_s, double tau_t) {
   TORCH_CHECK(student.device().is_cpu(), "student must be a CPU tensor for the CPU kernel");
-  check_backward_args(grad_pair_loss, student, teacher, student_ptr, pair_teacher, student_lse, teacher_lse);
+  check_backward_args(grad_pair_loss, student, teacher, centers, center_id, student_ptr, pair_teacher, pair_weight,
+                      student_lse, teacher_lse, at::kDouble);
   at::Tensor grad_student = at::empty_like(student);
   const at::Tensor centers64 = as_double(centers), pair_weight64 = as_double(pair_weight);
-  const at::Tensor grad64 = as_double(grad_pair_loss), student_lse64 = as_double(student_lse);
-  const at::Tensor teacher_lse64 = as_double(teacher_lse);
+  const at::Tensor grad64 = as_double(grad_pair_loss);
   with_rows(student, teacher, centers64, center_id, student_ptr, pair_teacher, pair_weight64, tau_s, tau_t,
             [&](const auto& rows) {
               using student_t = std::remove_cv_t<std::remove_pointer_t<decltype(rows.student)>>;
-              backward_rows(rows, student.size(0), grad64.data_ptr<double>(), student_lse64.data_ptr<double>(),
-                            teacher_lse64.data_ptr<double>(), grad_student.data_ptr<student_t>());
+              backward_rows(rows, student.size(0), grad64.data_ptr<double>(), student_lse.data_ptr<double>(),
+                            teacher_lse.data_ptr<double>(), grad_student.data_ptr<student_t>());
             });
   return grad_student;
 }

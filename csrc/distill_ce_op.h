@@ -5,6 +5,8 @@
 
 #include <tuple>
 
+#include "host_device.h"
+
 namespace udi::distill {
 
 // pair_loss, center_sum, center_count, student_lse, teacher_lse
@@ -12,6 +14,12 @@ using ForwardTensors = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor
 
 // The pairs in student-row CSR order and the centers, as raw pointers; acc_t is the accumulation type
 // (double on the CPU, float on CUDA).
+//
+// Indices read from memory are never trusted (the public op checks them only with check_values=True): every
+// kernel reads a CSR segment through csr_slots and a pair through pair_counts, so that an index out of range
+// skips its pair (loss 0, no gradient) or teacher row (left out of the center statistics) instead of reading
+// out of bounds. The Triton kernels and
+// the reference follow the same rule (udi_kernels/ops/distill_ce.py).
 template <typename acc_t>
 struct PairArgs {
   const acc_t* centers;
@@ -21,7 +29,43 @@ struct PairArgs {
   const acc_t* pair_weight;
   int64_t K;
   acc_t inv_tau_s, inv_tau_t;
+  int64_t num_teacher_rows, num_centers, num_pairs;  // Rt, n_c, P: the bounds of the indices above
 };
+
+struct SlotRange {
+  int64_t first, last;
+};
+
+UDI_HOST_DEVICE int64_t clamp_index(int64_t value, int64_t low, int64_t high) {
+  return value < low ? low : (value > high ? high : value);
+}
+
+// The slots [ptr[i], ptr[i + 1]) of CSR segment i, clamped into [0, size] (empty when the offsets decrease).
+UDI_HOST_DEVICE SlotRange csr_slots(const int64_t* ptr, int64_t i, int64_t size) {
+  const int64_t first = clamp_index(ptr[i], 0, size);
+  return {first, clamp_index(ptr[i + 1], first, size)};
+}
+
+// rows[slot] when it lies in [0, size), else -1.
+UDI_HOST_DEVICE int64_t row_or_none(const int64_t* rows, int64_t slot, int64_t size) {
+  const int64_t row = rows[slot];
+  return row >= 0 && row < size ? row : -1;
+}
+
+// Whether teacher row `row` exists and has a center.
+template <typename acc_t>
+UDI_HOST_DEVICE bool teacher_row_ok(const PairArgs<acc_t>& p, int64_t row) {
+  if (row < 0 || row >= p.num_teacher_rows) return false;
+  const int64_t center = p.center_id[row];
+  return center >= 0 && center < p.num_centers;
+}
+
+// Whether the pair in CSR slot `slot` counts: a nonzero weight and a teacher row that exists and has a center.
+// A pair that does not count adds exactly 0 to the loss and to the gradient.
+template <typename acc_t>
+UDI_HOST_DEVICE bool pair_counts(const PairArgs<acc_t>& p, int64_t slot) {
+  return p.pair_weight[slot] != 0 && teacher_row_ok(p, p.pair_teacher[slot]);
+}
 
 // float64 stays float64; other floating dtypes compute and return float32.
 inline at::ScalarType compute_type(at::ScalarType type) {
@@ -34,9 +78,11 @@ void check_forward_args(const at::Tensor& student, const at::Tensor& teacher, co
                         const at::Tensor& pair_weight, const at::Tensor& center_ptr, const at::Tensor& center_rows,
                         const at::Tensor& row_weight, double tau_s, double tau_t);
 
-// The same for the backward's extra arguments.
+// The same for the backward's extra arguments; the saved logsumexps are in `lse_type`, the kernel's
+// accumulation type (the CPU kernel saves doubles, so that its backward, which computes in double, stays exact).
 void check_backward_args(const at::Tensor& grad_pair_loss, const at::Tensor& student, const at::Tensor& teacher,
-                         const at::Tensor& student_ptr, const at::Tensor& pair_teacher,
-                         const at::Tensor& student_lse, const at::Tensor& teacher_lse);
+                         const at::Tensor& centers, const at::Tensor& center_id, const at::Tensor& student_ptr,
+                         const at::Tensor& pair_teacher, const at::Tensor& pair_weight,
+                         const at::Tensor& student_lse, const at::Tensor& teacher_lse, at::ScalarType lse_type);
 
 }  // namespace udi::distill

@@ -39,8 +39,7 @@ Shape check_forward_args(const at::Tensor& q, const at::Tensor& k, const at::Ten
   check_same(q, "q", q, "q");
   TORCH_CHECK(k.dim() == 4 && k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3),
               "k must have shape [B=", q.size(0), ", H=", q.size(1), ", N, D=", q.size(3), "], got ", k.sizes());
-  TORCH_CHECK(q.size(2) >= 1 && k.size(2) >= 1 && q.size(3) >= 1,
-              "q and k need at least one row and one channel, got q ", q.sizes(), " and k ", k.sizes());
+  TORCH_CHECK(k.size(2) >= 1 && q.size(3) >= 1, "k needs at least one row and one channel, got ", k.sizes());
   for (const auto& [t, name] : {std::pair{&k, "k"}, std::pair{&v, "v"}}) {
     check_sizes(*t, name, k.sizes());
     TORCH_CHECK(t->scalar_type() == dtype, name, " must have the dtype of q (", dtype, "), got ", t->scalar_type());
@@ -82,12 +81,16 @@ acc_t dot(const acc_t* a, const scalar_t* b, int64_t D) {
   return sum;
 }
 
+// Whether a tap lands on a row of q; the others are skipped (weight 0) by every kernel, since the public op
+// checks the taps only with check_taps=True (udi_kernels/ops/srs_attention.py).
+inline bool tap_ok(int32_t idx, const Shape& s) { return idx >= 0 && idx < s.Nq; }
+
 // q_s = sum_t w_t q[idx_t] for sample s of crop b, head h (q_head points at q[b, h]).
 template <typename scalar_t, typename acc_t>
 void tapped_query(const scalar_t* q_head, const int32_t* idx, const acc_t* w, const Shape& s, acc_t* q_s) {
   std::fill(q_s, q_s + s.D, acc_t(0));
   for (int64_t t = 0; t < s.T; ++t) {
-    TORCH_CHECK(idx[t] >= 0 && idx[t] < s.Nq, "index must lie in [0, ", s.Nq, ") (the rows of q), got ", idx[t]);
+    if (!tap_ok(idx[t], s)) continue;
     const scalar_t* row = q_head + idx[t] * s.D;
     for (int64_t d = 0; d < s.D; ++d) q_s[d] += w[t] * static_cast<acc_t>(row[d]);
   }
@@ -165,8 +168,10 @@ void backward_one_head(const scalar_t* grad_out, const scalar_t* q_head, const s
         dq_s[d] += ds * static_cast<acc_t>(k_head[n * s.D + d]);
       }
     }
-    for (int64_t t = 0; t < s.T; ++t)
+    for (int64_t t = 0; t < s.T; ++t) {
+      if (!tap_ok(idx[taps + t], s)) continue;
       for (int64_t d = 0; d < s.D; ++d) dq[idx[taps + t] * s.D + d] += w[taps + t] * dq_s[d];
+    }
   }
 }
 

@@ -55,14 +55,22 @@ struct AxisTaps {
   float frac;   // weight of first + 1, in [0, 1]
 };
 
-// Bilinear taps on the target grid along one axis: t = (pos - edge0) * (grid - 1) / (edge1 - edge0).
-UDI_HOST_DEVICE AxisTaps axis_taps(float pos, float edge0, float edge1, int grid) {
-  const float t = div_rn(mul_rn(sub_rn(pos, edge0), static_cast<float>(grid - 1)), sub_rn(edge1, edge0));
-  int first = static_cast<int>(floorf(t));
-  first = first < 0 ? 0 : (first > grid - 2 ? grid - 2 : first);
-  float frac = sub_rn(t, static_cast<float>(first));
+// The target grid coordinate t = (pos - edge0) * (grid - 1) / (edge1 - edge0) along one axis.
+UDI_HOST_DEVICE float target_coordinate(float pos, float edge0, float edge1, int grid) {
+  return div_rn(mul_rn(sub_rn(pos, edge0), static_cast<float>(grid - 1)), sub_rn(edge1, edge0));
+}
+
+// A sample counts only where both target coordinates are finite (boxes unchecked with check_boxes=False can give
+// inf or NaN): NaN has no defined floor, min, max or int conversion that every backend shares.
+UDI_HOST_DEVICE bool is_finite(float t) { return fabsf(t) < INFINITY; }
+
+// Bilinear taps on the target grid along one axis from a finite t, clamped before the int conversion (a huge t
+// would overflow int).
+UDI_HOST_DEVICE AxisTaps axis_taps(float t, int grid) {
+  const float first = fminf(fmaxf(floorf(t), 0.f), static_cast<float>(grid - 2));
+  float frac = sub_rn(t, first);
   frac = frac < 0.f ? 0.f : (frac > 1.f ? 1.f : frac);
-  return AxisTaps{first, frac};
+  return AxisTaps{static_cast<int>(first), frac};
 }
 
 struct PairOutput {
@@ -83,8 +91,10 @@ UDI_HOST_DEVICE void sample_pair(const float* src_box, const float* tgt_box, Pat
     const float pos_i = cell_position(src_box[0], src_box[2], cell.row, src.grid);
     const float pos_j = cell_position(src_box[1], src_box[3], cell.col, src.grid);
     if (!strictly_inside(pos_i, tgt_box[0], tgt_box[2]) || !strictly_inside(pos_j, tgt_box[1], tgt_box[3])) continue;
-    const AxisTaps ti = axis_taps(pos_i, tgt_box[0], tgt_box[2], target_grid);
-    const AxisTaps tj = axis_taps(pos_j, tgt_box[1], tgt_box[3], target_grid);
+    const float t_i = target_coordinate(pos_i, tgt_box[0], tgt_box[2], target_grid);
+    const float t_j = target_coordinate(pos_j, tgt_box[1], tgt_box[3], target_grid);
+    if (!is_finite(t_i) || !is_finite(t_j)) continue;
+    const AxisTaps ti = axis_taps(t_i, target_grid), tj = axis_taps(t_j, target_grid);
     const float ri = ti.frac, rj = tj.frac, qi = sub_rn(1.f, ri), qj = sub_rn(1.f, rj);
     const int top_left = ti.first * target_grid + tj.first;
     out.src_index[kept] = cell.row * src.grid + cell.col;

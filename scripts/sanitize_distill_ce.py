@@ -2,7 +2,9 @@
     compute-sanitizer --tool memcheck python scripts/sanitize_distill_ce.py
     compute-sanitizer --tool racecheck python scripts/sanitize_distill_ce.py
 Shapes cover one and several K chunks of 4096 (the last one partial), 16-byte and scalar loads (K % 8, and a
-student pointer off 16-byte alignment), rows without pairs and weight-0 pairs and rows.
+student pointer off 16-byte alignment), rows without pairs and weight-0 pairs and rows; every shape also runs once
+with check_values=False and pair_student, pair_teacher and center_id out of range (1e9, -1e12, their size, -1),
+which the kernels must skip without reading out of bounds.
 """
 import torch
 
@@ -18,7 +20,14 @@ def misaligned(rows, K, dtype):
     return torch.randn(rows * K + 1, dtype=dtype, device="cuda")[1:].view(rows, K)
 
 
-def run(Rs, Rt, K, n_c, P, dtype, offset_student):
+def with_bad_indices(indices, size):
+    """1e9, -1e12, size and -1 over the first entries."""
+    bad = torch.tensor([10**9, -10**12, size, -1], device="cuda")
+    indices[:4] = bad[:indices.shape[0]]
+    return indices
+
+
+def run(Rs, Rt, K, n_c, P, dtype, offset_student, bad_indices=False):
     cuda = dict(device="cuda")
     student = misaligned(Rs, K, dtype) if offset_student else torch.randn(Rs, K, dtype=dtype, **cuda)
     student.requires_grad_(True)
@@ -26,10 +35,14 @@ def run(Rs, Rt, K, n_c, P, dtype, offset_student):
     weight, row_weight = torch.rand(P, **cuda), torch.rand(Rt, **cuda)
     weight[::3] = 0  # weight-0 pairs take the skip path
     row_weight[::2] = 0
+    center_id, pairs = torch.randint(0, n_c, (Rt,), **cuda), (torch.randint(0, Rs, (P,), **cuda),
+                                                              torch.randint(0, Rt, (P,), **cuda))
+    if bad_indices:
+        center_id, pairs = with_bad_indices(center_id, n_c), (with_bad_indices(pairs[0], Rs).roll(2),
+                                                              with_bad_indices(pairs[1], Rt))
     out = udi_kernels.distill_cross_entropy(
-        student, teacher, torch.randn(n_c, K, **cuda), torch.randint(0, n_c, (Rt,), **cuda),
-        torch.randint(0, Rs, (P,), **cuda), torch.randint(0, Rt, (P,), **cuda), weight, row_weight,
-        0.1, 0.04, backend="native")
+        student, teacher, torch.randn(n_c, K, **cuda), center_id, *pairs, weight, row_weight, 0.1, 0.04,
+        backend="native", check_values=not bad_indices)
     out.loss.backward()
     torch.cuda.synchronize()
     return bool(torch.isfinite(out.loss)) and bool(torch.isfinite(student.grad).all())
@@ -40,6 +53,7 @@ def main():
     runs = [(shape, dtype, False) for shape in SHAPES for dtype in dtypes]
     runs += [(ALIGNED_K_SHAPE, dtype, True) for dtype in dtypes]  # K % 8 == 0 but the student is misaligned
     results = [run(*shape, dtype, offset) for shape, dtype, offset in runs]
+    results += [run(*shape, torch.float16, False, bad_indices=True) for shape in SHAPES]
     if not all(results):
         raise SystemExit("sanitize_distill_ce: non-finite output")
     print(f"sanitize_distill_ce: {len(results)} forward+backward runs ok")

@@ -278,9 +278,9 @@ def test_bad_inputs_raise_naming_the_argument(name, mutate, error, message):
         udi_kernels.distill_cross_entropy(**case, tau_s=0.1, tau_t=0.04)
 
 
-@pytest.mark.parametrize("tau", [0.0, -1.0, math.nan])
+@pytest.mark.parametrize("tau", [0.0, -1.0, math.nan, math.inf])
 def test_bad_temperature(tau):
-    with pytest.raises(ValueError, match="tau_t must be a positive float"):
+    with pytest.raises(ValueError, match="tau_t must be"):
         udi_kernels.distill_cross_entropy(**make_case(3, 3, 8, 1, 2), tau_s=0.1, tau_t=tau)
 
 

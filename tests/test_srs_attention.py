@@ -232,7 +232,8 @@ def _bad(**changes):
 BAD_INPUTS = [
     (dict(q=lambda a: a["q"][0]), ValueError, "q must have shape"),
     (dict(k=lambda a: a["k"][:, :, :5]), ValueError, "v must have the shape of k"),
-    (dict(q=lambda a: a["q"][:, :1]), ValueError, "q must have shape"),
+    (dict(q=lambda a: a["q"][:, :1]), ValueError, r"k must have shape \[B=2, H=1, N, D=8\] \(like q\)"),
+    (dict(k=lambda a: a["k"][:1]), ValueError, r"k must have shape \[B=2"),
     (dict(v=lambda a: a["v"].double()), TypeError, "v must have the dtype of q"),
     (dict(q=lambda a: a["q"].int()), TypeError, "q must be float16"),
     (dict(index=lambda a: a["index"].float()), TypeError, "index must be int32 or int64"),
@@ -253,10 +254,13 @@ def test_bad_inputs_raise(changes, error, message):
 
 
 @needs("native")
-def test_native_kernel_rejects_bad_index_itself():
-    (q, k, v), index, weight = make_case(1, 1, 10, 8, 3, 1, dtype=torch.float32)
-    with pytest.raises(RuntimeError, match="index must lie in"):
-        torch.ops.udi_kernels.srs_attention(q, k, v, index + 10, weight, 1.0)
+def test_native_kernel_skips_bad_taps_itself():
+    """The kernel is memory-safe on its own: taps outside q's rows are skipped (as if their weight were 0)."""
+    (q, k, v), index, weight = make_case(1, 1, 10, 8, 3, 2, dtype=torch.float32)
+    index[0, :, 1] += 10
+    out, _ = torch.ops.udi_kernels.srs_attention(q, k, v, index, weight, 1.0)
+    kept = torch.where(index < 10, weight, 0)
+    torch.testing.assert_close(out, reference.srs_attention(q, k, v, index.clamp(max=9), kept, 1.0))
     with pytest.raises(RuntimeError, match="weight must be Float"):
         torch.ops.udi_kernels.srs_attention(q, k, v, index, weight.double(), 1.0)
 

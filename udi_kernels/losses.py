@@ -2,15 +2,21 @@
 
 Centers are exact global means: the per-center weighted sum and count of the teacher rows come out of the
 fused op and are all-reduced (when a torch.distributed process group exists) before the EMA step
-c ← m·c + (1 − m)·sum/count; a zero count leaves the center unchanged.
+c ← m·c + (1 − m)·sum/count; a zero count leaves the center unchanged. Statistics that are not finite (NaN or inf
+teacher logits) leave the center unchanged too, and a RuntimeWarning says so: on CPU tensors at once, on CUDA at
+a later update, once the device has finished (no host sync). The loss of such a step is not finite either.
+An empty batch (B = 0, no rows) gives a loss of 0 with a zero gradient and leaves the centers unchanged.
 """
 import functools
+import warnings
 from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .backends import BACKENDS
+from .checks import check_float, check_int
 from .ops.distill_ce import DistillCE, PairCSR, build_csr, distill_cross_entropy_csr
 
 
@@ -26,11 +32,65 @@ def all_reduce_sum(tensor: Tensor) -> Tensor:
     return tensor
 
 
+# ---- argument checks -----------------------------------------------------------------------------------------------
+
+def _check_choice(value, name: str, choices):
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _check_backend(backend):
+    if backend is not None:
+        _check_choice(backend, "backend", BACKENDS)
+
+
+def _check_schedule(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs, suffix=""):
+    """The teacher temperature schedule's arguments (DINO's flag names, iBOT's with suffix '2')."""
+    return (check_float(warmup_teacher_temp, f"warmup_teacher_temp{suffix}", 0.0, low_open=True),
+            check_float(teacher_temp, f"teacher_temp{suffix}", 0.0, low_open=True),
+            check_int(warmup_teacher_temp_epochs, "warmup_teacher_temp_epochs", 0), check_int(nepochs, "nepochs", 1))
+
+
+def _check_rows(tensor: Tensor, name: str, rows: int, out_dim: int, device=None):
+    if not isinstance(tensor, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dim() != 2 or tensor.shape != (rows, out_dim):
+        raise ValueError(f"{name} must have shape [{rows}, {out_dim}], got {list(tensor.shape)}")
+    _check_logits(tensor, name, device)
+
+
+def _check_logits(tensor: Tensor, name: str, device=None):
+    if not tensor.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating tensor, got {tensor.dtype}")
+    _check_device(tensor, name, device)
+
+
+def _check_device(tensor: Tensor, name: str, device=None):
+    if device is not None and tensor.device != device:
+        raise ValueError(f"{name} must be on {device} (like the other inputs), got {tensor.device}")
+
+
+def _check_mask(mask, name: str, shape, device):
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != shape:
+        got = f"{mask.dtype} {list(mask.shape)}" if isinstance(mask, Tensor) else type(mask).__name__
+        raise ValueError(f"{name} must be a bool tensor of shape {list(shape)}, got {got}")
+    _check_device(mask, name, device)
+
+
+def _check_state_device(loss: nn.Module, device: torch.device):
+    """The loss's centers (its buffers) must be where its inputs are."""
+    for name, buffer in loss.named_buffers():
+        if buffer.device != device:
+            raise ValueError(f"{type(loss).__name__}.{name} is on {buffer.device} but the inputs are on {device}; "
+                             f"move the loss there with .to({str(device)!r})")
+
+
 def teacher_temperature(epoch: int, warmup_teacher_temp: float, teacher_temp: float, warmup_teacher_temp_epochs: int,
                         nepochs: int) -> float:
     """DINO's schedule: linear warm-up over the first epochs (both ends included), then constant."""
-    if not 0 <= epoch:
-        raise ValueError(f"epoch must be >= 0, got {epoch}")
+    check_int(epoch, "epoch", 0)
+    warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs = _check_schedule(
+        warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs)
     if epoch >= warmup_teacher_temp_epochs or epoch >= nepochs:
         return float(teacher_temp)
     if warmup_teacher_temp_epochs == 1:
@@ -42,9 +102,10 @@ def teacher_temperature(epoch: int, warmup_teacher_temp: float, teacher_temp: fl
 class EMACenter(nn.Module):
     """A [1, K] center updated from (sum [1, K], count [1]) statistics; global over ranks."""
 
-    def __init__(self, out_dim: int, momentum: float):
+    def __init__(self, out_dim: int, momentum: float, momentum_name: str = "momentum"):
         super().__init__()
-        self.momentum = momentum
+        check_int(out_dim, "out_dim", 1)
+        self.momentum = check_float(momentum, momentum_name, 0.0, 1.0)
         self.register_buffer("center", torch.zeros(1, out_dim))
 
     def update(self, center_sum: Tensor, center_count: Tensor):
@@ -55,6 +116,9 @@ class EMACenter(nn.Module):
 def update_centers(emas, sums, counts):
     """One EMA step of several centers (of one momentum) from their (sum [1, K], count [1]) statistics, as one
     batch of small ops and at most one all-reduce."""
+    if not len(emas) == len(sums) == len(counts) or not emas:
+        raise ValueError(f"update_centers needs one sum and one count per center, got {len(emas)} centers, "
+                         f"{len(sums)} sums and {len(counts)} counts")
     momentum = emas[0].momentum
     if any(ema.momentum != momentum for ema in emas):
         raise ValueError(f"centers updated together must share one momentum, got {[ema.momentum for ema in emas]}")
@@ -67,10 +131,46 @@ def update_centers(emas, sums, counts):
     # normal tensors even under inference_mode, so that a later training call can save the centers for backward
     with torch.inference_mode(False):
         mean = total / count.clamp_min(torch.finfo(torch.float32).tiny)
+        finite = torch.isfinite(mean).all(dim=1, keepdim=True)  # False for NaN/inf teacher rows or counts
         # new tensors, not copy_: the loss's autograd graph saved the old centers
-        updated = torch.where(count > 0, centers * momentum + mean * (1 - momentum), centers)
+        updated = torch.where(finite & (count > 0), centers * momentum + mean * (1 - momentum), centers)
+    _skipped_updates.report(finite)
     for ema, center in zip(emas, updated.split(1) if len(emas) > 1 else (updated,)):
-        ema.center = center
+        ema.center = center.to(ema.center.dtype)
+
+
+class _SkippedUpdates:
+    """Warns about center updates skipped for non-finite statistics without a host sync: the flags reach the host
+    asynchronously and are read once the device has finished them (CPU flags at once, CUDA flags at a later
+    update)."""
+
+    def __init__(self):
+        self.pending = []  # (flags on the host, CUDA event or None)
+
+    def report(self, finite: Tensor):
+        """finite: one flag per center, False where its update was skipped."""
+        if torch.compiler.is_compiling():
+            return
+        event = None
+        if finite.is_cuda:
+            event = torch.cuda.Event()
+            host = finite.to("cpu", non_blocking=True)
+            event.record()
+        else:
+            host = finite
+        self.pending.append((host, event))
+        self.warn_finished()
+
+    def warn_finished(self):
+        while self.pending and (self.pending[0][1] is None or self.pending[0][1].query()):
+            host, _ = self.pending.pop(0)
+            if not host.numpy().all():  # a host read of finished memory, no dispatcher op (and no sync)
+                warnings.warn("udi_kernels.losses: an EMA center update was skipped: its teacher statistics were "
+                              "not finite (NaN or inf teacher logits); the center keeps its value", RuntimeWarning,
+                              stacklevel=4)
+
+
+_skipped_updates = _SkippedUpdates()
 
 
 def _stack(tensors, join):
@@ -83,8 +183,11 @@ def sinkhorn_knopp_center(teacher: Tensor, tau_t: float, iterations: int = 3) ->
 
     Q = diag(β) exp(t/τt) diag(α) is rescaled so that prototypes have equal mass over the global batch
     (all-reduced) and each row sums to 1; the row scaling cancels in the softmax, so c = −τt·log α.
-    Computed in log space (no overflow at small τt). teacher [R, K] -> center [1, K] float32.
+    Computed in log space (no overflow at small τt). teacher [R, K] -> center [1, K] float32; zeros for an empty
+    batch (R = 0 on a single process).
     """
+    if teacher.shape[0] == 0 and not distributed():
+        return teacher.new_zeros(1, teacher.shape[1], dtype=torch.float32)
     u = teacher.float() / tau_t
     log_b = u.new_zeros(u.shape[0], 1)
     log_a = u.new_zeros(1, u.shape[1])
@@ -97,7 +200,8 @@ def sinkhorn_knopp_center(teacher: Tensor, tau_t: float, iterations: int = 3) ->
 
 def _global_logsumexp_over_rows(x: Tensor) -> Tensor:
     """logsumexp over dim 0 across every rank's rows, [1, K]."""
-    row_max = x.max(dim=0, keepdim=True).values
+    # a rank without rows joins the reductions with -inf maxima and zero sums
+    row_max = x.amax(dim=0, keepdim=True) if x.shape[0] else x.new_full((1, x.shape[1]), -torch.inf)
     if distributed():
         dist.all_reduce(row_max, op=dist.ReduceOp.MAX)
     total = all_reduce_sum(torch.exp(x - row_max).sum(dim=0, keepdim=True))
@@ -122,7 +226,10 @@ def _cross_entropy(student: Tensor, teacher: Tensor, center: Tensor, table: Pair
     """One center; returns the loss and the teacher rows' (sum [1, K], count [1]); row_weight default: all 1.
 
     The pairs are built by the losses, valid by construction and cached with their CSR, so a call sorts nothing
-    and the op's value checks (a device sync and a pass over the teacher) stay off the training path."""
+    and the op's value checks (a device sync and a pass over the teacher) stay off the training path. A center kept
+    in float16/bfloat16 (the loss moved with .half()) is used in float32."""
+    if center.dtype not in (torch.float32, torch.float64):
+        center = center.float()
     return distill_cross_entropy_csr(student, teacher, center, table.csr,
                                      table.unit_rows if row_weight is None else row_weight, tau_s, tau_t,
                                      backend=backend)
@@ -130,6 +237,11 @@ def _cross_entropy(student: Tensor, teacher: Tensor, center: Tensor, table: Pair
 
 def _cat_pairs(groups) -> ScoredPairs:
     return ScoredPairs(*(torch.cat([g[i] for g in groups]) for i in range(3)))
+
+
+def _mean_weight(terms: int) -> float:
+    """The weight of each of `terms` terms of a mean (0 when there are none: an empty batch)."""
+    return 1.0 / terms if terms else 0.0
 
 
 def _crop_pairs(student_crop: int, teacher_crop: int, batch: int, weight: float, device) -> ScoredPairs:
@@ -147,11 +259,11 @@ def level_weighted_pairs(student_rows_of_global, student_rows_of_local, teacher_
     local crop l meets teacher crops teacher_rows_for(l, g) for g in 0, 1.
     """
     levels = 2 + 2 * num_local
-    global_weight = 2 / levels / (2 * batch)
+    global_weight = 2 / levels * _mean_weight(2 * batch)
     groups = [_crop_pairs(student_rows_of_global(v), teacher_rows_for(v, None), batch, global_weight, device)
               for v in range(2)]
     if num_local:
-        local_weight = 2 * num_local / levels / (2 * num_local * batch)
+        local_weight = 2 * num_local / levels * _mean_weight(2 * num_local * batch)
         groups += [_crop_pairs(student_rows_of_local(l), teacher_rows_for(l, g), batch, local_weight, device)
                    for l in range(num_local) for g in range(2)]
     return _cat_pairs(groups)
@@ -162,7 +274,7 @@ def scored_pairs(kind: str, crops: int, batch: int, device: torch.device) -> Sco
     student view; 'cls' / 'cls_plus' (crops = L): UDI's level-weighted cls and cls+ terms."""
     if kind == "dino":
         terms = 2 * (crops - 1)
-        return _cat_pairs([_crop_pairs(v, iq, batch, 1.0 / (terms * batch), device)
+        return _cat_pairs([_crop_pairs(v, iq, batch, _mean_weight(terms * batch), device)
                            for iq in range(2) for v in range(crops) if v != iq])
     teacher_rows = {"cls": lambda c, g: 1 - c if g is None else g,
                     "cls_plus": lambda c, g: c if g is None else 2 + 2 * c + g}[kind]
@@ -209,21 +321,6 @@ def _table(pairs: ScoredPairs, student_rows: int, teacher_rows: int) -> PairTabl
     return PairTable(build_csr(*pairs, center_id, student_rows, 1), torch.ones(teacher_rows, device=device))
 
 
-def _check_choice(value, name: str, choices):
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-
-
-def _check_ncrops(ncrops: int):
-    if ncrops < 2:
-        raise ValueError(f"ncrops must be >= 2 (two global crops), got {ncrops}")
-
-
-def _check_rows(tensor: Tensor, name: str, rows: int, out_dim: int):
-    if tensor.dim() != 2 or tensor.shape != (rows, out_dim):
-        raise ValueError(f"{name} must have shape [{rows}, {out_dim}], got {list(tensor.shape)}")
-
-
 # ---- DINO ----------------------------------------------------------------------------------------------------------
 
 class DINOLoss(nn.Module):
@@ -241,12 +338,15 @@ class DINOLoss(nn.Module):
                  center_momentum: float = 0.9, centering: str = "ema", sinkhorn_iterations: int = 3,
                  backend: Optional[str] = None):
         super().__init__()
-        _check_ncrops(ncrops)
+        check_int(ncrops, "ncrops (two global crops, then the local ones)", 2)
         _check_choice(centering, "centering", ("ema", "sinkhorn_knopp"))
-        self.out_dim, self.ncrops, self.student_temp = out_dim, ncrops, student_temp
-        self.schedule = (warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs)
-        self.centering, self.sinkhorn_iterations, self.backend = centering, sinkhorn_iterations, backend
-        self.center_momentum = center_momentum
+        _check_backend(backend)
+        self.out_dim, self.ncrops = check_int(out_dim, "out_dim", 1), ncrops
+        self.student_temp = check_float(student_temp, "student_temp", 0.0, low_open=True)
+        self.schedule = _check_schedule(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs)
+        self.centering, self.backend = centering, backend
+        self.sinkhorn_iterations = check_int(sinkhorn_iterations, "sinkhorn_iterations", 1)
+        self.center_momentum = check_float(center_momentum, "center_momentum", 0.0, 1.0)
         self.register_buffer("center", torch.zeros(1, out_dim))
 
     @property
@@ -261,9 +361,12 @@ class DINOLoss(nn.Module):
         return pair_table("dino", self.ncrops, batch, torch.device(device))
 
     def forward(self, student_output: Tensor, teacher_output: Tensor, epoch: int) -> Tensor:
+        if not isinstance(teacher_output, Tensor):
+            raise TypeError(f"teacher_output must be a torch.Tensor, got {type(teacher_output).__name__}")
         batch = teacher_output.shape[0] // 2
         _check_rows(teacher_output, "teacher_output", 2 * batch, self.out_dim)
-        _check_rows(student_output, "student_output", self.ncrops * batch, self.out_dim)
+        _check_rows(student_output, "student_output", self.ncrops * batch, self.out_dim, teacher_output.device)
+        _check_state_device(self, student_output.device)
         tau_t = self.teacher_temp(epoch)
         center = self.center if self.centering == "ema" else sinkhorn_knopp_center(teacher_output, tau_t,
                                                                                   self.sinkhorn_iterations)
@@ -288,25 +391,33 @@ class IBOTPatchLoss(nn.Module):
                  warmup_teacher_temp_epochs: int, nepochs: int, student_temp: float = 0.1,
                  center_momentum2: float = 0.9, backend: Optional[str] = None):
         super().__init__()
-        self.out_dim, self.student_temp, self.backend = patch_out_dim, student_temp, backend
-        self.schedule = (warmup_teacher_temp2, teacher_temp2, warmup_teacher_temp_epochs, nepochs)
-        self.centering_ema = EMACenter(patch_out_dim, center_momentum2)
+        _check_backend(backend)
+        self.out_dim, self.backend = check_int(patch_out_dim, "patch_out_dim", 1), backend
+        self.student_temp = check_float(student_temp, "student_temp", 0.0, low_open=True)
+        self.schedule = _check_schedule(warmup_teacher_temp2, teacher_temp2, warmup_teacher_temp_epochs, nepochs, "2")
+        self.centering_ema = EMACenter(patch_out_dim, center_momentum2, "center_momentum2")
 
     @property
     def center(self) -> Tensor:
         return self.centering_ema.center
 
     def forward(self, student_patch: Tensor, teacher_patch: Tensor, mask: Tensor, epoch: int) -> Tensor:
+        for value, name in ((student_patch, "student_patch"), (teacher_patch, "teacher_patch")):
+            if not isinstance(value, Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
         if student_patch.dim() != 3 or student_patch.shape != teacher_patch.shape or \
                 student_patch.shape[-1] != self.out_dim:
             raise ValueError(f"student_patch and teacher_patch must both have shape [R, N, {self.out_dim}], got "
                              f"{list(student_patch.shape)} and {list(teacher_patch.shape)}")
-        if mask.shape != student_patch.shape[:2] or mask.dtype != torch.bool:
-            raise ValueError(f"mask must be bool of shape {list(student_patch.shape[:2])}, got {mask.dtype} "
-                             f"{list(mask.shape)}")
+        device = student_patch.device
+        _check_mask(mask, "mask", student_patch.shape[:2], device)
+        _check_logits(student_patch, "student_patch")
+        _check_logits(teacher_patch, "teacher_patch", device)
+        _check_state_device(self, device)
         images, tokens = mask.shape
         weight = mask.float() / mask.sum(1, keepdim=True).clamp_min(1) / max(images, 1)
-        out = _cross_entropy(student_patch.reshape(images * tokens, -1), teacher_patch.reshape(images * tokens, -1),
+        rows = images * tokens
+        out = _cross_entropy(student_patch.reshape(rows, self.out_dim), teacher_patch.reshape(rows, self.out_dim),
                              self.center, _identity_pairs(weight.reshape(-1)), self.student_temp,
                              teacher_temperature(epoch, *self.schedule), self.backend)
         self.centering_ema.update(out.center_sum, out.center_count)
@@ -393,7 +504,7 @@ def blend_cls_plus(cls: Tensor, global_samples: Tensor, global_mask: Tensor, loc
     wider) and local_count [] (same dtype).
     """
     B2, D = cls.shape
-    L = 0 if local_samples is None else local_samples.shape[0] // B2
+    L = 0 if local_samples is None or B2 == 0 else local_samples.shape[0] // B2  # B = 0: no rows either way
     accumulate = torch.promote_types(dtype, torch.float32)
     rows = torch.empty(B2 * (1 + L), D, dtype=dtype, device=cls.device)
     base = (1 - alpha) * cls.to(dtype)
@@ -427,14 +538,16 @@ class UDILoss(nn.Module):
                  center_momentum: float = 0.9, alpha: float = 0.5, cls_plus_target: str = "logits",
                  backend: Optional[str] = None):
         super().__init__()
-        _check_ncrops(ncrops)
+        num_local = check_int(ncrops, "ncrops (two global crops, then the local ones)", 2) - 2
         _check_choice(cls_plus_target, "cls_plus_target", ("logits", "probabilities"))
-        self.out_dim, self.num_local, self.student_temp = out_dim, ncrops - 2, student_temp
-        self.schedule = (warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs)
-        self.alpha, self.cls_plus_target, self.backend = alpha, cls_plus_target, backend
-        self.center_cls = EMACenter(out_dim, center_momentum)
-        self.center_cls_plus = EMACenter(out_dim, center_momentum)
-        self.center_patch = EMACenter(out_dim, center_momentum)
+        _check_backend(backend)
+        self.out_dim, self.num_local = check_int(out_dim, "out_dim", 1), num_local
+        self.student_temp = check_float(student_temp, "student_temp", 0.0, low_open=True)
+        self.schedule = _check_schedule(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs)
+        self.alpha, self.cls_plus_target, self.backend = check_float(alpha, "alpha", 0.0, 1.0), cls_plus_target, backend
+        self.center_cls = EMACenter(out_dim, center_momentum, "center_momentum")
+        self.center_cls_plus = EMACenter(out_dim, center_momentum, "center_momentum")
+        self.center_patch = EMACenter(out_dim, center_momentum, "center_momentum")
 
     def teacher_temp(self, epoch: int) -> float:
         return teacher_temperature(epoch, *self.schedule)
@@ -447,9 +560,8 @@ class UDILoss(nn.Module):
 
     def forward(self, student: UDIStudent, teacher: Union[UDITeacher, UDITargets], epoch: int):
         tau_t = self.teacher_temp(epoch)
+        B = self._check(student, teacher)
         targets = teacher if isinstance(teacher, UDITargets) else cls_plus_targets(teacher, self.alpha)
-        B = targets.cls.shape[0] // 2
-        self._check(student, targets, B)
         device = targets.cls.device
         cls = self._loss(student.cls, targets.cls, self.center_cls, self.cls_pairs(B, device), tau_t)
         plus_rows, plus_weight = self._cls_plus_rows(teacher, targets, tau_t)
@@ -506,16 +618,41 @@ class UDILoss(nn.Module):
                            [cls.center_sum, plus_sum, patch.center_sum + targets.extra_patch_sum],
                            [cls.center_count, plus_count, patch.center_count + targets.extra_patch_count])
 
-    def _check(self, student: UDIStudent, targets: UDITargets, B: int):
-        K, L = self.out_dim, self.num_local
-        _check_rows(targets.cls, "teacher cls", 2 * B, K)
-        _check_rows(student.cls, "student cls", (2 + L) * B, K)
-        _check_rows(student.cls_plus, "student cls_plus", (2 + L) * B, K)
-        _check_rows(targets.cls_plus, "teacher cls_plus targets", (2 + 2 * L) * B, K)
-        if targets.patch.dim() != 3 or targets.patch.shape[0] != 2 * B or targets.patch.shape[2] != K:
-            raise ValueError(f"teacher patch must have shape [{2 * B}, Sg, {K}], got {list(targets.patch.shape)}")
-        if student.patch.shape != targets.patch.shape:
-            raise ValueError(f"student patch {list(student.patch.shape)} must match teacher patch "
-                             f"{list(targets.patch.shape)}")
-        if targets.patch_mask.shape != targets.patch.shape[:2] or targets.patch_mask.dtype != torch.bool:
-            raise ValueError(f"patch_mask must be bool of shape {list(targets.patch.shape[:2])}")
+    def _check(self, student: UDIStudent, teacher: Union[UDITeacher, UDITargets]) -> int:
+        """Types, shapes, dtypes and devices of every input, named as in UDIStudent / UDITeacher / UDITargets;
+        returns the batch size B."""
+        if not isinstance(student, UDIStudent):
+            raise TypeError(f"student must be a UDIStudent, got {type(student).__name__}")
+        if not isinstance(teacher, (UDITeacher, UDITargets)):
+            raise TypeError(f"teacher must be a UDITeacher or UDITargets, got {type(teacher).__name__}")
+        if not isinstance(teacher.cls, Tensor):
+            raise TypeError(f"teacher cls must be a torch.Tensor, got {type(teacher.cls).__name__}")
+        K, L, B, device = self.out_dim, self.num_local, teacher.cls.shape[0] // 2, teacher.cls.device
+        _check_rows(teacher.cls, "teacher cls", 2 * B, K, device)
+        _check_rows(student.cls, "student cls", (2 + L) * B, K, device)
+        _check_rows(student.cls_plus, "student cls_plus", (2 + L) * B, K, device)
+        self._check_samples(teacher.patch, teacher.patch_mask, "teacher patch", "patch_mask", 2 * B, device)
+        if not isinstance(student.patch, Tensor) or student.patch.shape != teacher.patch.shape:
+            raise ValueError(f"student patch must have the shape of teacher patch {list(teacher.patch.shape)}, got "
+                             f"{list(getattr(student.patch, 'shape', []))}")
+        _check_logits(student.patch, "student patch", device)
+        if isinstance(teacher, UDITargets):
+            _check_rows(teacher.cls_plus, "teacher cls_plus targets", (2 + 2 * L) * B, K, device)
+            for value, name, shape in ((teacher.extra_patch_sum, "extra_patch_sum", (K,)),
+                                       (teacher.extra_patch_count, "extra_patch_count", ())):
+                if not isinstance(value, Tensor) or value.shape != shape:
+                    raise ValueError(f"{name} must be a tensor of shape {list(shape)}")
+                _check_logits(value, name, device)
+        elif L and B:
+            self._check_samples(teacher.local, teacher.local_mask, "teacher local", "local_mask", 2 * L * B, device)
+        _check_state_device(self, device)
+        return B
+
+    def _check_samples(self, samples, mask, name: str, mask_name: str, rows: int, device):
+        """samples [rows, S, K] floating and mask [rows, S] bool."""
+        if not isinstance(samples, Tensor) or samples.dim() != 3 or samples.shape[0] != rows or \
+                samples.shape[2] != self.out_dim:
+            got = list(samples.shape) if isinstance(samples, Tensor) else type(samples).__name__
+            raise ValueError(f"{name} must have shape [{rows}, S, {self.out_dim}], got {got}")
+        _check_logits(samples, name, device)
+        _check_mask(mask, mask_name, samples.shape[:2], device)

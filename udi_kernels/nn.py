@@ -1,22 +1,44 @@
 """nn modules of the UDI head path."""
 import functools
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops.srs_attention import attend, check_tap_values
+from .backends import BACKENDS
+from .checks import check_bool, check_float, check_int
+from .ops.srs_attention import attend, check_tap_args, check_tap_values
 from .reference.srs_attention import compute_dtype, default_scale
 
 
-def tap_rows(x: Tensor, index: Tensor, weight: Optional[Tensor]) -> Tensor:
-    """sum_t weight[b, s, t] * x[b, index[b, s, t]]: x [B, N, C], index/weight [B, S, T] -> [B, S, C]."""
+def tap_rows(x: Tensor, index: Tensor, weight: Optional[Tensor]):
+    """(sum_t w[b, s, t] * x[b, index[b, s, t]] [B, S, C], w [B, S, T]) for x [B, N, C], index/weight [B, S, T],
+    with w the weights (all 1 for weight=None) of the taps inside [0, N) and 0 for the others: a tap out of range
+    is skipped, as in udi_kernels.srs_attention (checked only with check_taps=True)."""
     B, S, T = index.shape
-    rows = x.gather(1, index.long().reshape(B, S * T, 1).expand(B, S * T, x.shape[-1])).reshape(B, S, T, -1)
-    if weight is None:
-        return rows.sum(2)
-    return (rows * weight[..., None].to(x.dtype)).sum(2)
+    C = x.shape[-1]
+    index = index.long()
+    inside = (index >= 0) & (index < x.shape[1])
+    rows = x.gather(1, torch.where(inside, index, 0).reshape(B, S * T, 1).expand(B, S * T, C)).reshape(B, S, T, C)
+    w = inside.to(x.dtype) if weight is None else torch.where(inside, weight.to(x.dtype), 0)
+    return (rows * w[..., None]).sum(2), w
+
+
+def check_module_inputs(module: nn.Module, x: Tensor, index: Tensor, weight: Optional[Tensor], dim: int,
+                        name: str) -> None:
+    """x [B, N >= 1, dim] floating, in the dtype of the module's parameters unless autocast is on; index
+    [B, S, T >= 1] int32/int64 and weight None or floating [B, S, T] on the device of x. Raises TypeError /
+    ValueError naming the argument. B = 0 and S = 0 are allowed."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 3 or x.shape[2] != dim or x.shape[1] == 0:
+        raise ValueError(f"{name} must have shape [B, N >= 1, C={dim}], got {list(x.shape)}")
+    parameters = next(module.parameters())
+    if not x.dtype.is_floating_point or (x.dtype != parameters.dtype and autocast_dtype(x.device) is None):
+        raise TypeError(f"{name} must have the dtype of the module's parameters ({parameters.dtype}; or run under "
+                        f"autocast), got {x.dtype}")
+    check_tap_args(index, weight, x.shape[0], x.device, name)
 
 
 def _build_identity_taps(batch: int, samples: int, device: torch.device):
@@ -66,7 +88,9 @@ class TappedAttention(nn.Module):
       exist for the N tokens. It costs 4 S H N C FLOPs against 4 N C^2 for the k, v projection.
 
     The hot path has no host sync: taps from stratified_sample are valid by construction. check_taps=True
-    (constructor) checks 0 <= index < N and finite weights on every call, at the cost of one device sync.
+    (constructor) checks 0 <= index < N and finite weights on every call, at the cost of one device sync; with
+    check_taps=False a tap outside [0, N) is skipped (weight 0), as in udi_kernels.srs_attention. Shapes, dtypes
+    and devices are always checked (TypeError / ValueError naming h, index or weight); B = 0 and S = 0 work.
     Under autocast, h and the qkv parameters are cast once and t_s is tapped from the cast h (as the
     reference's map @ h runs under autocast).
     """
@@ -74,8 +98,16 @@ class TappedAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, qk_scale: Optional[float] = None,
                  backend: Optional[str] = None, check_taps: bool = False):
         super().__init__()
+        check_int(dim, "dim", 1)
+        check_int(num_heads, "num_heads", 1)
         if dim % num_heads != 0:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        if qk_scale is not None:
+            check_float(qk_scale, "qk_scale", 0.0, low_open=True)
+        if backend is not None and backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_bool(qkv_bias, "qkv_bias")
+        check_bool(check_taps, "check_taps")
         self.num_heads = num_heads
         self.scale = qk_scale
         self.backend = backend
@@ -93,13 +125,11 @@ class TappedAttention(nn.Module):
         return weight.split([C, 2 * C]), ((None, None) if bias is None else bias.split([C, 2 * C]))
 
     @staticmethod
-    def _sampled_queries(tapped: Tensor, tap_sum: Union[Tensor, int], w_q: Tensor, b_q: Optional[Tensor]) -> Tensor:
-        """q_s = t_s W_q + (sum_t w_t) b_q: [B, S, C]; tap_sum [B, S, 1], or a number for every sample."""
+    def _sampled_queries(tapped: Tensor, tap_sum: Tensor, w_q: Tensor, b_q: Optional[Tensor]) -> Tensor:
+        """q_s = t_s W_q + (sum_t w_t) b_q: [B, S, C]; tap_sum [B, S, 1] the samples' sum_t w_t."""
         if b_q is None:
             return F.linear(tapped, w_q)
-        if isinstance(tap_sum, Tensor):
-            return torch.addcmul(F.linear(tapped, w_q), tap_sum, b_q)
-        return F.linear(tapped, w_q, b_q * tap_sum)
+        return torch.addcmul(F.linear(tapped, w_q), tap_sum, b_q)
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
         """srs_attention of every row of q [B, H, S, D] (identity taps) over k, v [B, H, N, D]."""
@@ -129,21 +159,18 @@ class TappedAttention(nn.Module):
         return o.reshape(B, S, C)
 
     def forward(self, h: Tensor, index: Tensor, weight: Optional[Tensor] = None) -> Tensor:
-        if h.dim() != 3 or index.dim() != 3 or index.shape[0] != h.shape[0]:
-            raise ValueError(f"h must be [B, N, C] and index [B, S, T], got {list(h.shape)} and {list(index.shape)}")
+        check_module_inputs(self, h, index, weight, self.qkv.in_features, "h")
         if self.check_taps:
-            check_tap_values(index, weight, h.shape[1])
+            check_tap_values(index, weight, h.shape[1], "the tokens")
         h = cast_for_autocast(h)
-        weight = None if weight is None else weight.to(h.dtype)
-        tapped = tap_rows(h, index, weight)
-        tap_sum = index.shape[2] if weight is None else weight.sum(-1, keepdim=True)
-        return self.attend_tapped(h, tapped, tap_sum, skip=tapped)
+        tapped, weight = tap_rows(h, index, weight)
+        return self.attend_tapped(h, tapped, weight.sum(-1, keepdim=True), skip=tapped)
 
-    def attend_tapped(self, h: Tensor, tapped: Tensor, tap_sum: Union[Tensor, int], skip: Optional[Tensor]) -> Tensor:
+    def attend_tapped(self, h: Tensor, tapped: Tensor, tap_sum: Tensor, skip: Optional[Tensor]) -> Tensor:
         """norm(proj(softmax(q_s k^T * scale) v) + skip) for q_s = tapped W_q + tap_sum b_q: [B, S, C].
 
         h [B, N, C] already in the autocast dtype (cast_for_autocast); tapped [B, S, C] the samples' tapped rows
-        sum_t w_t h[idx_t]; tap_sum [B, S, 1] (or a number) their sum_t w_t; skip [B, S, C] added before the norm
+        sum_t w_t h[idx_t]; tap_sum [B, S, 1] their sum_t w_t; skip [B, S, C] added before the norm
         (None: no skip). The forward passes tapped itself as the skip; udi_kernels.compat.MaskedAttention forms
         tapped with a dense map and masks the queries of its padding rows.
         """
@@ -152,12 +179,8 @@ class TappedAttention(nn.Module):
         (w_q, w_kv), (b_q, b_kv) = self._qkv_parameters(autocast_dtype(h.device))
         q_s = self._sampled_queries(tapped, tap_sum, w_q, b_q).view(B, S, heads, head_dim)
         scale = default_scale(head_dim) if self.scale is None else float(self.scale)
-        if S == 0:  # no sample: nothing to attend (the kernels need at least one query)
-            o = tapped
-        else:
-            attend_over = self._attend_over_h if S <= head_dim else self._attend_over_tokens
-            o = attend_over(h, q_s, w_kv, b_kv, scale)
-        o = self.proj(o)
+        attend_over = self._attend_over_h if S <= head_dim else self._attend_over_tokens
+        o = self.proj(attend_over(h, q_s, w_kv, b_kv, scale))
         return self.norm(o if skip is None else o + skip)
 
 
@@ -175,8 +198,10 @@ class SRSAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, backend: Optional[str] = None,
                  check_taps: bool = False):
         super().__init__()
+        check_int(dim, "dim", 1)
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)  # the reference's UDIWrapper norm_layer
         self.attn = TappedAttention(dim, num_heads, qkv_bias, backend=backend, check_taps=check_taps)
 
     def forward(self, x: Tensor, index: Tensor, weight: Optional[Tensor] = None) -> Tensor:
+        check_module_inputs(self, x, index, weight, self.norm1.normalized_shape[0], "x")
         return self.attn(self.norm1(x), index, weight)

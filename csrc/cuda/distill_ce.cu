@@ -8,6 +8,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -203,19 +204,26 @@ __device__ OnlineLse combined_partials(const float* part_max, const float* part_
   return total;
 }
 
-// g_p · w_p, exactly 0 for a weight-0 pair.
+// g_p · w_p, exactly 0 for a pair that does not count (pair_counts).
 __device__ float pair_scale(const float* grad_pair_loss, const Pairs& p, int64_t slot) {
-  const float weight = p.pair_weight[slot];
-  return weight != 0.f ? weight * grad_pair_loss[slot] : 0.f;
+  return pair_counts(p, slot) ? p.pair_weight[slot] * grad_pair_loss[slot] : 0.f;
 }
 
 // ---- kernels ------------------------------------------------------------------------------------------------------
 
-// Grid (Rt, chunks): max and Σ exp(u - max) of each teacher chunk.
+// Grid (Rt, chunks): max and Σ exp(u - max) of each teacher chunk (-inf and 0 for a row without a center: its
+// logsumexp is -inf and no pair reads it).
 template <typename teacher_t>
 __global__ void teacher_partials_kernel(const teacher_t* teacher, Pairs p, float* part_max, float* part_sum) {
   __shared__ OnlineLse scratch[kWarps];
   const int64_t row = blockIdx.x, chunk = blockIdx.y;
+  if (!teacher_row_ok(p, row)) {  // uniform across the block
+    if (threadIdx.x == 0) {
+      part_max[row * p.num_chunks + chunk] = -INFINITY;
+      part_sum[row * p.num_chunks + chunk] = 0.f;
+    }
+    return;
+  }
   CenterSlice center;
   Slice u;
   centered_slice(teacher, p, row, chunk * kChunk, center, u);
@@ -234,20 +242,20 @@ __global__ void lse_combine_kernel(const float* part_max, const float* part_sum,
 }
 
 // Grid (column blocks, n_c): warp w adds rows w, w + kWarps, ... of the center (lane l owns 8 columns); the warp
-// partials are then added in a fixed order through shared memory.
+// partials are then added in a fixed order through shared memory. Rows outside [0, Rt) are skipped.
 template <typename teacher_t>
 __global__ void center_sum_kernel(const teacher_t* teacher, const int64_t* center_ptr, const int64_t* center_rows,
-                                  const float* row_weight, int64_t K, bool vectorized, float* center_sum,
+                                  const float* row_weight, int64_t Rt, int64_t K, bool vectorized, float* center_sum,
                                   float* center_count) {
   __shared__ float partial[kWarps][kCenterColumns];
   const int64_t center = blockIdx.y, block_begin = int64_t{blockIdx.x} * kCenterColumns;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t first = center_ptr[center], last = center_ptr[center + 1];
+  const SlotRange slots = csr_slots(center_ptr, center, Rt);
   float acc[kGroup] = {};
-  for (int64_t slot = first + warp; slot < last; slot += kWarps) {
-    const int64_t row = center_rows[slot];
+  for (int64_t slot = slots.first + warp; slot < slots.last; slot += kWarps) {
+    const int64_t row = row_or_none(center_rows, slot, Rt);
+    if (row < 0 || row_weight[row] == 0.f) continue;  // weight-0 rows are never read
     const float weight = row_weight[row];
-    if (weight == 0.f) continue;  // weight-0 rows are never read
     float t[kGroup];
     load_group(teacher + row * K, block_begin + lane * kGroup, K, vectorized, 0.f, t);
 #pragma unroll
@@ -264,7 +272,10 @@ __global__ void center_sum_kernel(const teacher_t* teacher, const int64_t* cente
   }
   if (blockIdx.x == 0 && threadIdx.x == 0) {
     float count = 0.f;
-    for (int64_t slot = first; slot < last; ++slot) count += row_weight[center_rows[slot]];
+    for (int64_t slot = slots.first; slot < slots.last; ++slot) {
+      const int64_t row = row_or_none(center_rows, slot, Rt);
+      if (row >= 0) count += row_weight[row];
+    }
     center_count[center] = count;
   }
 }
@@ -285,9 +296,10 @@ __global__ void student_partials_kernel(const student_t* student, const teacher_
     part_sum[row * p.num_chunks + chunk] = part.sum;
   }
   CenterSlice center;
-  for (int64_t slot = p.student_ptr[row]; slot < p.student_ptr[row + 1]; ++slot) {
+  const SlotRange slots = csr_slots(p.student_ptr, row, p.num_pairs);
+  for (int64_t slot = slots.first; slot < slots.last; ++slot) {
     float mass = 0.f, gap = 0.f;
-    if (p.pair_weight[slot] != 0.f) {  // uniform across the block: every thread reaches block_sum or none
+    if (pair_counts(p, slot)) {  // uniform across the block: every thread reaches block_sum or none
       Slice prob;
       teacher_probs_slice(teacher, p, p.pair_teacher[slot], chunk_begin, center, prob);
 #pragma unroll
@@ -315,12 +327,13 @@ __global__ void student_combine_kernel(Pairs p, int64_t Rs, const float* part_ma
   const int64_t chunks = p.num_chunks;
   const float lse = combined_partials(part_max, part_sum, row, chunks).value();
   student_lse[row] = lse;
-  for (int64_t slot = p.student_ptr[row]; slot < p.student_ptr[row + 1]; ++slot) {
+  const SlotRange slots = csr_slots(p.student_ptr, row, p.num_pairs);
+  for (int64_t slot = slots.first; slot < slots.last; ++slot) {
+    if (!pair_counts(p, slot)) continue;  // pair_loss starts at 0
     float ce = 0.f;
     for (int64_t c = 0; c < chunks; ++c)
       ce += pair_mass[slot * chunks + c] * (lse - part_max[row * chunks + c]) + pair_gap[slot * chunks + c];
-    const float weight = p.pair_weight[slot];
-    pair_loss[slot] = weight != 0.f ? weight * ce : 0.f;
+    pair_loss[slot] = p.pair_weight[slot] * ce;
   }
 }
 
@@ -330,16 +343,16 @@ __global__ void student_backward_kernel(const float* grad_pair_loss, const stude
                                         const teacher_t* teacher, Pairs p, const float* student_lse,
                                         student_t* grad_student) {
   const int64_t row = blockIdx.x, chunk_begin = int64_t{blockIdx.y} * kChunk;
-  const int64_t first = p.student_ptr[row], last = p.student_ptr[row + 1];
+  const SlotRange slots = csr_slots(p.student_ptr, row, p.num_pairs);
   float total = 0.f;
-  for (int64_t slot = first; slot < last; ++slot) total += pair_scale(grad_pair_loss, p, slot);
+  for (int64_t slot = slots.first; slot < slots.last; ++slot) total += pair_scale(grad_pair_loss, p, slot);
   Slice acc;
   scaled_student_slice(student, p, row, chunk_begin, acc);
   const float lse = student_lse[row];
 #pragma unroll
   for (int j = 0; j < kPerThread; ++j) acc[j] = total * __expf(acc[j] - lse);  // 0 past K
   CenterSlice center;
-  for (int64_t slot = first; slot < last; ++slot) {
+  for (int64_t slot = slots.first; slot < slots.last; ++slot) {
     const float scale = pair_scale(grad_pair_loss, p, slot);
     if (scale == 0.f) continue;
     Slice prob;
@@ -383,7 +396,9 @@ Pairs make_pairs(const at::Tensor& centers, const at::Tensor& center_id, const a
   const PairArgs<float> args{centers.data_ptr<float>(),       center_id.data_ptr<int64_t>(),
                              student_ptr.data_ptr<int64_t>(), pair_teacher.data_ptr<int64_t>(),
                              pair_weight.data_ptr<float>(),   K,
-                             static_cast<float>(1.0 / tau_s), static_cast<float>(1.0 / tau_t)};
+                             static_cast<float>(1.0 / tau_s), static_cast<float>(1.0 / tau_t),
+                             center_id.numel(),               centers.size(0),
+                             pair_teacher.numel()};
   return Pairs{args, teacher_lse.data_ptr<float>(), num_chunks(K), vectorized};
 }
 
@@ -411,7 +426,7 @@ ForwardTensors forward_cuda(const at::Tensor& student, const at::Tensor& teacher
   const int64_t P = pair_teacher.numel();
   TORCH_CHECK(n_c <= kMaxGridY, "the CUDA kernel takes at most ", kMaxGridY, " centers, got ", n_c);
   const auto floats = student.options().dtype(at::kFloat);
-  at::Tensor pair_loss = at::empty({P}, floats), student_lse = at::empty({Rs}, floats);
+  at::Tensor pair_loss = at::zeros({P}, floats), student_lse = at::empty({Rs}, floats);
   at::Tensor teacher_lse = at::empty({Rt}, floats), center_sum = at::empty({n_c, K}, floats);
   at::Tensor center_count = at::empty({n_c}, floats);
   const bool vectorized = can_vectorize(K, {&student, &teacher, &centers});
@@ -436,7 +451,7 @@ ForwardTensors forward_cuda(const at::Tensor& student, const at::Tensor& teacher
       }
       const dim3 center_grid(static_cast<unsigned>(ceil_div(K, kCenterColumns)), static_cast<unsigned>(n_c));
       center_sum_kernel<<<center_grid, kThreads, 0, stream>>>(
-          t, center_ptr.data_ptr<int64_t>(), center_rows.data_ptr<int64_t>(), row_weight.data_ptr<float>(), K,
+          t, center_ptr.data_ptr<int64_t>(), center_rows.data_ptr<int64_t>(), row_weight.data_ptr<float>(), Rt, K,
           can_vectorize(K, {&teacher}), center_sum.data_ptr<float>(), center_count.data_ptr<float>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (Rs > 0) {
@@ -462,7 +477,8 @@ at::Tensor backward_cuda(const at::Tensor& grad_pair_loss, const at::Tensor& stu
                          const at::Tensor& pair_teacher, const at::Tensor& pair_weight, const at::Tensor& student_lse,
                          const at::Tensor& teacher_lse, double tau_s, double tau_t) {
   check_cuda_kernel_types(student, teacher);
-  check_backward_args(grad_pair_loss, student, teacher, student_ptr, pair_teacher, student_lse, teacher_lse);
+  check_backward_args(grad_pair_loss, student, teacher, centers, center_id, student_ptr, pair_teacher, pair_weight,
+                      student_lse, teacher_lse, at::kFloat);
   const c10::cuda::CUDAGuard guard(student.device());
   at::Tensor grad_student = at::empty_like(student);
   const int64_t Rs = student.size(0), K = student.size(1);

@@ -5,7 +5,8 @@
 // Pass 2 of the backward: one block per tile of kKeys keys; it walks the samples in chunks and
 // accumulates dk and dv for its keys. Pass 3: one block per tile of kKeys rows of q, accumulating dq
 // through the transposed tap map. Deterministic, no atomics.
-// Taps outside [0, Nq) are skipped (the public op rejects them before launch).
+// Taps outside [0, Nq) are skipped (weight 0), as in every backend: the public op checks them only with
+// check_taps=True.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -368,7 +369,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> srs_attention_backward_cuda(
   const c10::cuda::CUDAGuard guard(q.device());
   const Shape s = check_backward_args(grad_out, q, k, v, index, weight, out, lse);
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
-  if (dq.numel() == 0) return {dq, dk, dv};
+  if (s.B * s.H == 0) return {dq, dk, dv};  // all empty; with S = 0 or Nq = 0 the passes below still write dk, dv
   at::Tensor dq_s = at::empty({s.B, s.H, s.S, s.D}, q.options().dtype(at::kFloat));
   at::Tensor delta = at::empty({s.B, s.H, s.S}, q.options().dtype(at::kFloat));
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -388,8 +389,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> srs_attention_backward_cuda(
       launch(key_grad_kernel<scalar_t, dims>, tiles(s.N), kPass2Threads, key_smem, stream, a,
              grad_out.data_ptr<scalar_t>(), lse.data_ptr<float>(), delta.data_ptr<float>(), dk.data_ptr<scalar_t>(),
              dv.data_ptr<scalar_t>());
-      launch(token_grad_kernel<scalar_t, dims>, tiles(s.Nq), kPass2Threads, token_smem, stream, a,
-             dq_s.data_ptr<float>(), dq.data_ptr<scalar_t>());
+      if (s.Nq > 0)
+        launch(token_grad_kernel<scalar_t, dims>, tiles(s.Nq), kPass2Threads, token_smem, stream, a,
+               dq_s.data_ptr<float>(), dq.data_ptr<scalar_t>());
     });
   });
   return {dq, dk, dv};

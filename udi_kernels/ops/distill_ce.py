@@ -5,10 +5,14 @@ The kernels (native and Triton) share one pair of ops on a student-row CSR of th
                      student_ptr [Rs + 1] i64, pair_teacher [P] i64, pair_weight [P] f32,   (pairs sorted by student)
                      center_ptr [n_c + 1] i64, center_rows [Rt] i64,                        (teacher rows by center)
                      row_weight [Rt] f32, tau_s, tau_t)
-      -> pair_loss [P] f32, center_sum [n_c, K] f32, center_count [n_c] f32, student_lse [Rs] f32, teacher_lse [Rt] f32
+      -> pair_loss [P] f32, center_sum [n_c, K] f32, center_count [n_c] f32, student_lse [Rs], teacher_lse [Rt]
   distill_ce_backward(grad_pair_loss [P], student, teacher, centers, center_id, student_ptr, pair_teacher,
                       pair_weight, student_lse, teacher_lse, tau_s, tau_t) -> grad_student [Rs, K] (student dtype)
-student_lse is logsumexp(s / τs), teacher_lse is logsumexp((t - c) / τt): O(rows) saved for the backward.
+student_lse is logsumexp(s / τs), teacher_lse is logsumexp((t - c) / τt): O(rows) saved for the backward, in the
+kernel's accumulation dtype (saved_stats_dtype: float64 for the native CPU kernel, which recomputes the exponents
+in double, so that a rounded logsumexp cannot skew its gradient at large logits; float32 on CUDA and Triton).
+Indices are never trusted by the kernels: an index out of range skips its pair or teacher row (see
+distill_cross_entropy), so that the op stays memory-safe with check_values=False.
 distill_cross_entropy builds the CSR (build_csr) on every call; callers with fixed pairs build it once and call
 distill_cross_entropy_csr. In eager mode the kernels run under one autograd.Function (_EagerKernels); torch.compile
 traces the registered ops.
@@ -21,6 +25,7 @@ from torch import Tensor
 
 from .. import backends
 from .._native import native_loaded
+from ..checks import check_bool, check_float
 from ..reference import distill_ce as reference
 
 OP = "distill_ce_forward"
@@ -69,13 +74,23 @@ def csr_pair_student(csr: PairCSR) -> Tensor:
 
 # ---- fake impls, autograd --------------------------------------------------------------------------------------
 
-def _forward_fake(student, teacher, centers, center_id, student_ptr, pair_teacher, pair_weight, center_ptr,
-                  center_rows, row_weight, tau_s, tau_t):
-    out = reference.compute_dtype(student.dtype)
-    stats = reference.compute_dtype(teacher.dtype)
-    return (student.new_empty(pair_teacher.shape[0], dtype=out), teacher.new_empty(centers.shape, dtype=stats),
-            teacher.new_empty(centers.shape[0], dtype=stats), student.new_empty(student.shape[0], dtype=out),
-            teacher.new_empty(teacher.shape[0], dtype=stats))
+def saved_stats_dtype(backend: str, device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the saved logsumexps: the native CPU kernel accumulates (and saves) in float64."""
+    if backend == "native" and device.type == "cpu":
+        return torch.float64
+    return reference.compute_dtype(dtype)
+
+
+def _make_forward_fake(backend: str):
+    def fake(student, teacher, centers, center_id, student_ptr, pair_teacher, pair_weight, center_ptr, center_rows,
+             row_weight, tau_s, tau_t):
+        out = reference.compute_dtype(student.dtype)
+        stats = reference.compute_dtype(teacher.dtype)
+        return (student.new_empty(pair_teacher.shape[0], dtype=out), teacher.new_empty(centers.shape, dtype=stats),
+                teacher.new_empty(centers.shape[0], dtype=stats),
+                student.new_empty(student.shape[0], dtype=saved_stats_dtype(backend, student.device, student.dtype)),
+                teacher.new_empty(teacher.shape[0], dtype=saved_stats_dtype(backend, teacher.device, teacher.dtype)))
+    return fake
 
 
 def _backward_fake(grad_pair_loss, student, teacher, centers, center_id, student_ptr, pair_teacher, pair_weight,
@@ -159,13 +174,13 @@ def _triton_backward(grad_pair_loss: Tensor, student: Tensor, teacher: Tensor, c
                                        pair_teacher, pair_weight, student_lse, teacher_lse, tau_s, tau_t)
 
 
-_triton_forward.register_fake(_forward_fake)
+_triton_forward.register_fake(_make_forward_fake("triton"))
 _triton_backward.register_fake(_backward_fake)
 torch.library.register_autograd("udi_kernels::distill_ce_forward_triton", _make_backward(_triton_backward),
                                 setup_context=_setup_context)
 
 if native_loaded():
-    torch.library.register_fake("udi_kernels::distill_ce_forward")(_forward_fake)
+    torch.library.register_fake("udi_kernels::distill_ce_forward")(_make_forward_fake("native"))
     torch.library.register_fake("udi_kernels::distill_ce_backward")(_backward_fake)
     torch.library.register_autograd("udi_kernels::distill_ce_forward", _make_backward(_kernels("native").backward),
                                     setup_context=_setup_context)
@@ -209,9 +224,8 @@ def _check_logits(student, teacher, centers, tau_s, tau_t):
                          f"{teacher.shape[1]} and {centers.shape[1]}")
     if K == 0 or centers.shape[0] == 0:
         raise ValueError(f"K and the number of centers must be positive, got centers of shape {list(centers.shape)}")
-    for value, name in ((tau_s, "tau_s"), (tau_t, "tau_t")):
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-            raise ValueError(f"{name} must be a positive float, got {value!r}")
+    check_float(tau_s, "tau_s", 0.0, low_open=True)
+    check_float(tau_t, "tau_t", 0.0, low_open=True)
 
 
 def _check_shapes(student, teacher, centers, center_id, pair_student, pair_teacher, pair_weight, row_weight,
@@ -226,6 +240,25 @@ def _check_shapes(student, teacher, centers, center_id, pair_student, pair_teach
     _check_length(row_weight, "row_weight", teacher.shape[0], "one per teacher row")
     _check_length(pair_teacher, "pair_teacher", pair_student.shape[0], "one per pair, like pair_student")
     _check_length(pair_weight, "pair_weight", pair_student.shape[0], "one per pair, like pair_student")
+
+
+def _check_csr(csr, row_weight, student, teacher, centers):
+    """The shapes, dtypes and devices of a prebuilt PairCSR and row_weight (no device sync): what keeps the kernels
+    in bounds whatever the values (which the kernels clamp)."""
+    if not isinstance(csr, PairCSR):
+        raise TypeError(f"csr must be a PairCSR (build_csr), got {type(csr).__name__}")
+    device, (Rs, Rt, n_c) = student.device, (student.shape[0], teacher.shape[0], centers.shape[0])
+    P = csr.pair_teacher.shape[0] if isinstance(csr.pair_teacher, Tensor) else -1
+    int64, floats = (torch.int64,), (torch.float32, torch.float64)
+    for value, name, dtypes, length in ((csr.student_ptr, "csr.student_ptr", int64, Rs + 1),
+                                        (csr.pair_teacher, "csr.pair_teacher", int64, P),
+                                        (csr.pair_weight, "csr.pair_weight", floats, P),
+                                        (csr.center_id, "csr.center_id", int64, Rt),
+                                        (csr.center_ptr, "csr.center_ptr", int64, n_c + 1),
+                                        (csr.center_rows, "csr.center_rows", int64, Rt),
+                                        (row_weight, "row_weight", floats, Rt)):
+        _check_tensor(value, name, 1, dtypes, device)
+        _check_length(value, name, length, "as build_csr makes it")
 
 
 def _check_kernel_dtypes(backend, student, teacher):
@@ -280,16 +313,30 @@ def distill_cross_entropy(student: Tensor, teacher: Tensor, centers: Tensor, cen
         tau_s, tau_t: positive temperatures.
         backend: 'auto', 'native', 'triton' or 'reference' (default: $UDI_KERNELS_BACKEND or 'auto').
         check_values: check index ranges and that teacher/centers/weights are finite (one device sync;
-            skipped under torch.compile). Shapes, dtypes and devices are always checked.
+            skipped under torch.compile and for meta tensors). Shapes, dtypes, devices and the temperatures are
+            always checked.
+            With check_values=False every backend still stays in bounds, writes every output and gives the same
+            result on every run: a pair whose pair_student is outside [0, Rs), whose pair_teacher is outside
+            [0, Rt) or whose teacher row's center_id is outside [0, n_c) adds exactly 0 to the loss and the
+            gradient, and a teacher row whose center_id is outside [0, n_c) is left out of the center
+            statistics. Non-finite values give non-finite results.
 
     Returns:
         DistillCE(loss [], center_sum [n_c, K], center_count [n_c]); float32 (float64 for float64 inputs).
         Memory beyond the student's gradient is O((Rs + Rt + P) · K / 4096) fp32 partials; no [*, K]
         probabilities are stored.
+
+    Raises:
+        TypeError / ValueError naming the argument: wrong type, dtype, shape or device, a temperature that is
+        not a positive finite float, and (check_values) an index out of range or a non-finite value; TypeError
+        for float64 logits with backend='triton'.
+
+    Source: UDI_SPEC §5.
     """
     args = (student, teacher, centers, center_id, pair_student, pair_teacher, pair_weight, row_weight)
     _check_shapes(*args, tau_s, tau_t)
-    if check_values and not torch.compiler.is_compiling():
+    if check_bool(check_values, "check_values") and not torch.compiler.is_compiling() and \
+            student.device.type != "meta":
         _check_values(*args)
     chosen = backends.resolve(OP, student.device, backend)
     if chosen == "reference":
@@ -302,10 +349,13 @@ def distill_cross_entropy(student: Tensor, teacher: Tensor, centers: Tensor, cen
 def distill_cross_entropy_csr(student: Tensor, teacher: Tensor, centers: Tensor, csr: PairCSR, row_weight: Tensor,
                               tau_s: float, tau_t: float, *, backend: Optional[str] = None) -> DistillCE:
     """distill_cross_entropy on pairs already in the kernels' layout (build_csr), for callers that build valid
-    pairs once and reuse them (udi_kernels.losses): no sort per call and no checks of the pairs or row_weight
-    (shapes or values); the logits, centers and temperatures are checked as in distill_cross_entropy.
-    The reference backend runs on the CSR-ordered pairs."""
+    pairs once and reuse them (udi_kernels.losses): no sort per call and no check of the values of the pairs or
+    row_weight (as check_values=False: indices out of range skip their pairs); the logits, centers and
+    temperatures are checked as in distill_cross_entropy, the CSR's shapes, dtypes and devices too. The CSR must
+    come from build_csr: its offsets are clamped into bounds, but offsets that decrease can give a slot to two
+    student rows. The reference backend runs on the CSR-ordered pairs."""
     _check_logits(student, teacher, centers, tau_s, tau_t)
+    _check_csr(csr, row_weight, student, teacher, centers)
     chosen = backends.resolve(OP, student.device, backend)
     if chosen == "reference":
         return DistillCE(*reference.distill_cross_entropy(student, teacher, centers, csr.center_id,

@@ -6,6 +6,7 @@ from torch import Tensor
 
 from .. import backends
 from .._native import native_loaded
+from ..checks import check_bool, check_float
 from ..reference import srs_attention as reference
 
 OP = "srs_attention"
@@ -103,6 +104,9 @@ _IMPLEMENTATIONS = {
 
 # ---- argument checks ----------------------------------------------------------------------------
 
+INT32_RANGE = (-2**31, 2**31)
+
+
 def _check_qkv(q, k, v):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
@@ -111,29 +115,31 @@ def _check_qkv(q, k, v):
             raise ValueError(f"{name} must have shape [B, H, N, D], got {list(t.shape)}")
         if t.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    B, H, _, D = q.shape
+    if k.shape[:2] != (B, H) or k.shape[3] != D:
+        raise ValueError(f"k must have shape [B={B}, H={H}, N, D={D}] (like q), got {list(k.shape)}")
     if v.shape != k.shape:
         raise ValueError(f"v must have the shape of k {list(k.shape)}, got {list(v.shape)}")
-    B, H, N, D = k.shape
-    if q.shape[:2] != (B, H) or q.shape[3] != D:
-        raise ValueError(f"q must have shape [B={B}, H={H}, Nq, D={D}], got {list(q.shape)}")
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
             raise TypeError(f"{name} must have the dtype of q ({q.dtype}), got {t.dtype}")
         if t.device != q.device:
             raise ValueError(f"{name} must be on the device of q ({q.device}), got {t.device}")
-    if q.shape[2] == 0 or N == 0 or D == 0:
-        raise ValueError(f"q, k, v need at least one token and one channel, got q {list(q.shape)}, k {list(k.shape)}")
+    if k.shape[2] == 0 or D == 0:  # q may have no rows: every tap then lies outside it
+        raise ValueError(f"k and v need at least one token and one channel, got k {list(k.shape)}")
 
 
-def _check_taps(q, index, weight):
+def check_tap_args(index, weight, batch: int, device: torch.device, rows_name: str = "q") -> None:
+    """index [batch, S, T >= 1] int32/int64 and weight None or a floating tensor of its shape, both on `device`.
+    Shapes, dtypes and devices only (no device sync); rows_name names what the taps index, for the messages."""
     if not isinstance(index, Tensor):
         raise TypeError(f"index must be a torch.Tensor, got {type(index).__name__}")
-    if index.dim() != 3 or index.shape[0] != q.shape[0] or index.shape[2] == 0:
-        raise ValueError(f"index must have shape [B={q.shape[0]}, S, T>=1], got {list(index.shape)}")
+    if index.dim() != 3 or index.shape[0] != batch or index.shape[2] == 0:
+        raise ValueError(f"index must have shape [B={batch}, S, T>=1] (B of {rows_name}), got {list(index.shape)}")
     if index.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"index must be int32 or int64, got {index.dtype}")
-    if index.device != q.device:
-        raise ValueError(f"index must be on the device of q ({q.device}), got {index.device}")
+    if index.device != device:
+        raise ValueError(f"index must be on the device of {rows_name} ({device}), got {index.device}")
     if weight is None:
         return
     if not isinstance(weight, Tensor):
@@ -142,36 +148,61 @@ def _check_taps(q, index, weight):
         raise ValueError(f"weight must have the shape of index {list(index.shape)}, got {list(weight.shape)}")
     if not weight.dtype.is_floating_point:
         raise TypeError(f"weight must be a floating tensor, got {weight.dtype}")
-    if weight.device != q.device:
-        raise ValueError(f"weight must be on the device of q ({q.device}), got {weight.device}")
+    if weight.device != device:
+        raise ValueError(f"weight must be on the device of {rows_name} ({device}), got {weight.device}")
 
 
-def _check_tap_values(index, weight, num_tokens):
-    """0 <= index < N and finite weights, in one reduction (one device sync on CUDA)."""
-    checks = [((index >= 0) & (index < num_tokens)).all()]
+def _index_range_message(index, low, high):
+    return f"index must lie in [{low}, {high}), got values in [{int(index.min())}, {int(index.max())}]"
+
+
+def _check_tap_values(index, weight, num_rows, rows):
+    """0 <= index < num_rows and finite weights, in one reduction (one device sync on CUDA)."""
+    checks = [((index >= 0) & (index < num_rows)).all()]
     if weight is not None:
         checks.append(torch.isfinite(weight).all())
     ok = torch.stack(checks).tolist()
     if not ok[0]:
-        raise ValueError(f"index must lie in [0, {num_tokens}) (the rows of q), got values in "
-                         f"[{int(index.min())}, {int(index.max())}]")
+        raise ValueError(_index_range_message(index, 0, num_rows) + f" ({rows})")
     if len(ok) > 1 and not ok[1]:
         raise ValueError("weight must be finite (no NaN or inf)")
 
 
-def _assert_tap_values(index, weight, num_tokens):
+def _assert_tap_values(index, weight, num_rows):
     """The same checks inside torch.compile, without a graph break (asserted asynchronously)."""
-    torch._assert_async(((index >= 0) & (index < num_tokens)).all(), "index must lie in [0, rows of q)")
+    torch._assert_async(((index >= 0) & (index < num_rows)).all(), "index must lie in [0, rows of q)")
     if weight is not None:
         torch._assert_async(torch.isfinite(weight).all(), "weight must be finite (no NaN or inf)")
 
 
-def check_tap_values(index: Tensor, weight: Optional[Tensor], num_rows: int) -> None:
-    """0 <= index < num_rows and finite weights: raises in eager mode, asserts asynchronously when compiled."""
+def check_tap_values(index: Tensor, weight: Optional[Tensor], num_rows: int, rows: str = "the rows of q") -> None:
+    """0 <= index < num_rows and finite weights: raises in eager mode, asserts asynchronously when compiled.
+    rows says what the taps index, for the message."""
     if torch.compiler.is_compiling():
         _assert_tap_values(index, weight, num_rows)
     else:
-        _check_tap_values(index, weight, num_rows)
+        _check_tap_values(index, weight, num_rows, rows)
+
+
+def index_as_int32(index: Tensor) -> Tensor:
+    """index as int32, the kernels' index type. An int64 index must fit in int32 (checked: one device sync on
+    CUDA, asserted asynchronously under torch.compile): a value cast would wrap to another row without a word."""
+    if index.dtype == torch.int32 or index.device.type == "meta":
+        return index.to(torch.int32)
+    fits = ((index >= INT32_RANGE[0]) & (index < INT32_RANGE[1])).all()  # True when empty
+    if torch.compiler.is_compiling():
+        torch._assert_async(fits, "index must fit in int32")
+    elif not bool(fits):
+        raise ValueError(_index_range_message(index, *INT32_RANGE) + " (int32, the kernels' index type)")
+    return index.to(torch.int32)
+
+
+def _check_triton_dtype(dtype: torch.dtype) -> None:
+    if dtype == torch.float64:
+        raise TypeError("the Triton backend supports float16, bfloat16 and float32 inputs, got float64")
+    if dtype == torch.bfloat16 and backends.triton_interpreted():
+        raise TypeError("the Triton interpreter (TRITON_INTERPRET=1) computes bfloat16 tl.dot wrongly: run bfloat16 "
+                        "srs_attention with backend='triton' on a GPU, or use backend='native' or 'reference'")
 
 
 # ---- public op ------------------------------------------------------------------------------------
@@ -186,28 +217,38 @@ def srs_attention(q: Tensor, k: Tensor, v: Tensor, index: Tensor, weight: Option
             q may hold a different number of rows Nq than k, v (e.g. queries already tapped and
             projected, with identity taps); the taps index q's rows.
         index: [B, S, T] int32/int64 taps into the Nq rows of q (T = 1: one-hot source samples, T = 4: bilinear
-            targets). Several sample sets of one crop can simply be concatenated along S.
+            targets). Several sample sets of one crop can simply be concatenated along S. An int64 index must
+            fit in int32 (always checked; one device sync on CUDA, none for int32).
         weight: [B, S, T] tap weights, None for all ones. q_s = sum_t weight[s, t] * q[index[s, t]].
             A sample whose weights are all 0 attends uniformly (never NaN).
         scale: softmax scale, default 1/sqrt(D).
         backend: 'auto', 'native', 'triton' or 'reference' (default: $UDI_KERNELS_BACKEND or 'auto').
-        check_taps: check 0 <= index < N and finite weights (one device sync on CUDA; asserted
-            asynchronously under torch.compile). Shapes, dtypes and devices are always checked.
+        check_taps: check 0 <= index < Nq and finite weights (one device sync on CUDA; asserted
+            asynchronously under torch.compile; skipped for meta tensors). Shapes, dtypes and devices are always
+            checked.
+            With check_taps=False every backend still stays in bounds and deterministic: a tap outside
+            [0, Nq) is skipped (as if its weight were 0), and a non-finite weight gives non-finite outputs for
+            its sample only.
 
     Returns:
         out [B, H, S, D] in the dtype of q; math in float32 (float64 for float64 inputs).
 
+    Raises:
+        TypeError / ValueError naming the argument for a wrong type, dtype, shape, device, value (check_taps) or
+        scale; TypeError for float64 with backend='triton', and for bfloat16 with backend='triton' under the
+        Triton interpreter (it computes bfloat16 dots wrongly).
+
     Gradients flow to q (scattered back through the taps), k and v; index, weight and scale get none.
     """
     _check_qkv(q, k, v)
-    _check_taps(q, index, weight)
+    check_tap_args(index, weight, q.shape[0], q.device)
     num_rows, D = q.shape[2:]
-    if check_taps:
+    scale = reference.default_scale(D) if scale is None else check_float(scale, "scale")
+    if check_bool(check_taps, "check_taps") and index.device.type != "meta":
         check_tap_values(index, weight, num_rows)
-    scale = reference.default_scale(D) if scale is None else float(scale)
     dtype = reference.compute_dtype(q.dtype)
     weight = torch.ones(index.shape, dtype=dtype, device=q.device) if weight is None else weight.to(dtype)
-    return attend(q, k, v, index.to(torch.int32), weight, scale, backend)
+    return attend(q, k, v, index_as_int32(index), weight, scale, backend)
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, index: Tensor, weight: Tensor, scale: float,
@@ -216,7 +257,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, index: Tensor, weight: Tensor, scale
     (udi_kernels.nn): index int32, weight in reference.compute_dtype(q.dtype), scale a float.
     Launches no kernel besides the attention itself when q, k, v, index and weight are contiguous."""
     chosen = _resolve_backend(q.device, q.dtype, shape_class(index.shape[1]), backend)
-    if chosen == "triton" and q.dtype == torch.float64:
-        raise TypeError("the Triton backend supports float16, bfloat16 and float32 inputs, got float64")
+    if chosen == "triton":
+        _check_triton_dtype(q.dtype)
     return _IMPLEMENTATIONS[chosen](q.contiguous(), k.contiguous(), v.contiguous(), index.contiguous(),
                                     weight.contiguous(), scale)

@@ -6,6 +6,7 @@ from torch import Tensor
 
 from .. import backends
 from .._native import native_loaded
+from ..checks import check_bool, check_int
 from ..reference import srs_sample as reference
 
 OP = "stratified_sample"
@@ -75,15 +76,14 @@ _IMPLEMENTATIONS = {
 
 
 def _check_pattern(grid, window, grid_name, window_name):
-    for value, name in ((grid, grid_name), (window, window_name)):
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    grid, window = check_int(grid, grid_name), check_int(window, window_name)
     if window < 1:
         raise ValueError(f"{window_name} must be >= 1, got {window}")
     if not 2 <= grid <= 4096:
         raise ValueError(f"{grid_name} must be in [2, 4096], got {grid}")
     if grid < window:
         raise ValueError(f"{grid_name} ({grid}) must not be smaller than {window_name} ({window})")
+    return grid, window
 
 
 def _check_boxes(boxes):
@@ -124,26 +124,35 @@ def stratified_sample(boxes: Tensor, *, global_grid: int = 14, global_window: in
         global_grid, global_window: source grid and window of the global pair (16 samples by default).
         local_grid, local_window: the same for the local crops (9 samples by default).
         target_grid: the target global crop's grid, where the bilinear taps land.
-        seed, offset: the Philox key and the fourth counter word. With seed=None a seed is drawn
-            from `generator` (or the default CPU generator). Same (seed, offset) -> same samples,
-            bit for bit, on every backend.
+        seed, offset: the Philox key (an int in [-2**63, 2**63)) and the fourth counter word (an int in
+            [0, 2**32)). With seed=None a seed is drawn from `generator` (or the default CPU generator).
+            Same (seed, offset) -> same samples, bit for bit, on every backend.
         backend: 'auto', 'native', 'triton' or 'reference' (default: $UDI_KERNELS_BACKEND or 'auto').
-        check_boxes: check the box values (one device sync on CUDA); shapes are always checked.
+        check_boxes: check the box values (one device sync on CUDA); shapes, dtypes and every other argument
+            are always checked. With check_boxes=False, boxes outside [0, 1], degenerate or non-finite give
+            garbage samples, but every output element is still written and nothing is read or written out of
+            bounds.
 
     Returns:
         SampledPairs(globals=PairTaps[B, 2, Sg], locals=PairTaps[B, L, 2, Sl]).
+
+    Raises:
+        TypeError / ValueError naming the argument (e.g. a seed that is not an int, an offset outside
+        [0, 2**32), boxes of the wrong shape, dtype or values).
     """
     _check_boxes(boxes)
-    _check_pattern(global_grid, global_window, "global_grid", "global_window")
-    _check_pattern(local_grid, local_window, "local_grid", "local_window")
-    _check_pattern(target_grid, 1, "target_grid", "1")
+    global_grid, global_window = _check_pattern(global_grid, global_window, "global_grid", "global_window")
+    local_grid, local_window = _check_pattern(local_grid, local_window, "local_grid", "local_window")
+    target_grid, _ = _check_pattern(target_grid, 1, "target_grid", "1")
+    offset = check_int(offset, "offset")
     if not 0 <= offset < 2**32:
         raise ValueError(f"offset must be in [0, 2**32), got {offset}")
-    if seed is None:
-        seed = _draw_seed(generator)
-    elif not -2**63 <= seed < 2**63:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    seed = _draw_seed(generator) if seed is None else check_int(seed, "seed")
+    if not -2**63 <= seed < 2**63:
         raise ValueError(f"seed must fit in 64 bits (signed), got {seed}")
-    if check_boxes:
+    if check_bool(check_boxes, "check_boxes") and boxes.device.type != "meta":
         _check_box_values(boxes)
     implementation = _IMPLEMENTATIONS[backends.resolve(OP, boxes.device, backend, AUTO_ORDER.get(boxes.device.type))]
     outputs = implementation(boxes.contiguous(), global_grid, global_window, local_grid, local_window, target_grid,

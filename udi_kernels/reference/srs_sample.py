@@ -35,10 +35,14 @@ def _strictly_inside(pos, edge0, edge1):
 
 
 def _axis_taps(pos, edge0, edge1, grid):
+    """(first, frac, finite): the taps along one axis, and whether the target coordinate is finite (a sample
+    counts only then, as in csrc/srs_sample.h)."""
     t = ((pos - edge0) * _full(pos, grid - 1)) / (edge1 - edge0)
+    finite = t.abs() < torch.inf
+    t = torch.where(finite, t, 0)  # the taps of such samples are discarded
     first = torch.floor(t).clamp(0, grid - 2)
     frac = (t - first).clamp(0, 1)
-    return first.to(torch.int32), frac
+    return first.to(torch.int32), frac, finite
 
 
 def _sample_pairs(src_boxes, tgt_boxes, row, col, grid, target_grid):
@@ -48,9 +52,9 @@ def _sample_pairs(src_boxes, tgt_boxes, row, col, grid, target_grid):
     row, col = row.expand_as(src[0]), col.expand_as(src[0])
     pos_i = _cell_position(src[0], src[2], row, grid)
     pos_j = _cell_position(src[1], src[3], col, grid)
-    valid = _strictly_inside(pos_i, tgt[0], tgt[2]) & _strictly_inside(pos_j, tgt[1], tgt[3])
-    first_i, ri = _axis_taps(pos_i, tgt[0], tgt[2], target_grid)
-    first_j, rj = _axis_taps(pos_j, tgt[1], tgt[3], target_grid)
+    first_i, ri, finite_i = _axis_taps(pos_i, tgt[0], tgt[2], target_grid)
+    first_j, rj, finite_j = _axis_taps(pos_j, tgt[1], tgt[3], target_grid)
+    valid = _strictly_inside(pos_i, tgt[0], tgt[2]) & _strictly_inside(pos_j, tgt[1], tgt[3]) & finite_i & finite_j
     qi, qj = 1 - ri, 1 - rj
     top_left = first_i * target_grid + first_j
     tgt_index = torch.stack([top_left, top_left + 1, top_left + target_grid, top_left + target_grid + 1], -1)

@@ -15,6 +15,9 @@ Partials are O((rows + P) × C) fp32; no K-wide probability is stored.
      mass = Σ p_t and gap = Σ p_t·(m_c - x), both >= 0, with p_t = exp(u - teacher_lse)
   5. student_lse [Rs]; pair_loss [P] = w · Σ_c (mass_c·(lse - m_c) + gap_c) = w · Σ_k p_t,k·(lse - x_k),
      a sum of non-negative terms (no cancellation at large logits)
+Indices read from memory are never trusted (as in csrc/distill_ce_op.h): CSR segments are clamped into bounds
+(csr_slots), a pair counts only with a nonzero weight and a teacher row that exists and has a center
+(pair_counts); one that does not adds exactly 0 to the loss and the gradient.
 """
 import torch
 import triton
@@ -39,6 +42,28 @@ def scaled_student(student_ptr, row, k, mask, K, inv_tau_s):
 
 
 @triton.jit
+def csr_slots(ptr_ptr, i, size):
+    """The slots [ptr[i], ptr[i + 1]) of CSR segment i, clamped into [0, size] (empty when the offsets decrease)."""
+    first = tl.minimum(tl.maximum(tl.load(ptr_ptr + i), 0), size)
+    return first, tl.minimum(tl.maximum(tl.load(ptr_ptr + i + 1), first), size)
+
+
+@triton.jit
+def teacher_row_ok(center_id_ptr, row, Rt, n_c):
+    """Whether teacher row `row` exists and has a center."""
+    in_rows = (row >= 0) & (row < Rt)
+    center = tl.load(center_id_ptr + row, mask=in_rows, other=-1)
+    return in_rows & (center >= 0) & (center < n_c)
+
+
+@triton.jit
+def pair_counts(pair_weight_ptr, pair_teacher_ptr, center_id_ptr, slot, Rt, n_c):
+    """Whether the pair in CSR slot `slot` counts: a nonzero weight and a teacher row with a center."""
+    t_row = tl.load(pair_teacher_ptr + slot)
+    return (tl.load(pair_weight_ptr + slot) != 0) & teacher_row_ok(center_id_ptr, t_row, Rt, n_c)
+
+
+@triton.jit
 def center_chunk(centers_ptr, center_id_ptr, t_row, cached, c, k, mask, K):
     """(center of teacher row t_row, its chunk); c is reused when that center is `cached` (the losses use one)."""
     center = tl.load(center_id_ptr + t_row)
@@ -59,10 +84,11 @@ def teacher_probs(teacher_ptr, teacher_lse_ptr, t_row, c, k, mask, K, inv_tau_t)
 
 
 @triton.jit
-def pair_scale(grad_pair_loss_ptr, pair_weight_ptr, slot):
-    """g_p · w_p, exactly 0 for a weight-0 pair."""
-    weight = tl.load(pair_weight_ptr + slot)
-    return tl.where(weight != 0, weight * tl.load(grad_pair_loss_ptr + slot).to(tl.float32), 0.0)
+def pair_scale(grad_pair_loss_ptr, pair_weight_ptr, pair_teacher_ptr, center_id_ptr, slot, Rt, n_c):
+    """g_p · w_p, exactly 0 for a pair that does not count (pair_counts)."""
+    counts = pair_counts(pair_weight_ptr, pair_teacher_ptr, center_id_ptr, slot, Rt, n_c)
+    scale = tl.load(pair_weight_ptr + slot) * tl.load(grad_pair_loss_ptr + slot).to(tl.float32)
+    return tl.where(counts, scale, 0.0)
 
 
 @triton.jit
@@ -85,7 +111,8 @@ def _combined_lse(part_max_ptr, part_sum_ptr, row, num_chunks, CHUNKS: tl.conste
     part_max = tl.load(part_max_ptr + row * num_chunks + chunk, mask=mask, other=float("-inf"))
     part_sum = tl.load(part_sum_ptr + row * num_chunks + chunk, mask=mask, other=0.0)
     top = tl.max(part_max, 0)
-    return top + tl.log(tl.sum(part_sum * tl.exp(part_max - top), 0))
+    shift = tl.where(top == float("-inf"), 0.0, top)  # a row of -inf partials (no center) gives -inf, not NaN
+    return top + tl.log(tl.sum(part_sum * tl.exp(part_max - shift), 0))
 
 
 @triton.jit
@@ -97,13 +124,17 @@ def _store_lse_partials(part_max_ptr, part_sum_ptr, row, num_chunks, x):
 
 
 @triton.jit
-def _teacher_partials_kernel(teacher_ptr, centers_ptr, center_id_ptr, part_max_ptr, part_sum_ptr, K, num_chunks,
-                             inv_tau_t, CHUNK: tl.constexpr):
+def _teacher_partials_kernel(teacher_ptr, centers_ptr, center_id_ptr, part_max_ptr, part_sum_ptr, K, Rt, n_c,
+                             num_chunks, inv_tau_t, CHUNK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     k, mask = chunk_offsets(K, CHUNK)
-    c = _load_center(centers_ptr, tl.load(center_id_ptr + row), k, mask, K)
-    u = _centered(teacher_ptr, row, c, k, mask, K, inv_tau_t)
-    _store_lse_partials(part_max_ptr, part_sum_ptr, row, num_chunks, u)
+    if teacher_row_ok(center_id_ptr, row, Rt, n_c):
+        c = _load_center(centers_ptr, tl.load(center_id_ptr + row), k, mask, K)
+        u = _centered(teacher_ptr, row, c, k, mask, K, inv_tau_t)
+        _store_lse_partials(part_max_ptr, part_sum_ptr, row, num_chunks, u)
+    else:  # no pair reads this row's logsumexp: -inf
+        tl.store(part_max_ptr + row * num_chunks + tl.program_id(1), float("-inf"))
+        tl.store(part_sum_ptr + row * num_chunks + tl.program_id(1), 0.0)
 
 
 @triton.jit
@@ -114,17 +145,18 @@ def _lse_combine_kernel(part_max_ptr, part_sum_ptr, lse_ptr, num_chunks, CHUNKS:
 
 @triton.jit
 def _center_sum_kernel(teacher_ptr, center_ptr, center_rows_ptr, row_weight_ptr, center_sum_ptr, center_count_ptr,
-                       K, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+                       K, Rt, BLOCK: tl.constexpr, ROWS: tl.constexpr):
     center = tl.program_id(1).to(tl.int64)
     k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     k_mask = k < K
-    end = tl.load(center_ptr + center + 1)
+    begin, end = csr_slots(center_ptr, center, Rt)
     acc = tl.zeros((ROWS, BLOCK), tl.float32)  # reduced over rows once, at the end
     weights = tl.zeros((ROWS,), tl.float32)
-    for first in range(tl.load(center_ptr + center), end, ROWS):
+    for first in range(begin, end, ROWS):
         slot = first + tl.arange(0, ROWS)
-        row = tl.load(center_rows_ptr + slot, mask=slot < end, other=0)
-        weight = tl.load(row_weight_ptr + row, mask=slot < end, other=0.0)
+        row = tl.load(center_rows_ptr + slot, mask=slot < end, other=-1)
+        row_ok = (row >= 0) & (row < Rt)  # other rows are skipped
+        weight = tl.load(row_weight_ptr + row, mask=row_ok, other=0.0)
         tile_mask = (weight != 0)[:, None] & k_mask[None, :]  # weight-0 rows are never read
         t = tl.load(teacher_ptr + row[:, None] * K + k[None, :], mask=tile_mask, other=0.0).to(tl.float32)
         acc += weight[:, None] * t
@@ -137,17 +169,18 @@ def _center_sum_kernel(teacher_ptr, center_ptr, center_rows_ptr, row_weight_ptr,
 @triton.jit
 def _student_partials_kernel(student_ptr, teacher_ptr, centers_ptr, center_id_ptr, student_ptr_ptr, pair_teacher_ptr,
                              pair_weight_ptr, teacher_lse_ptr, part_max_ptr, part_sum_ptr, pair_mass_ptr,
-                             pair_gap_ptr, K, num_chunks, inv_tau_s, inv_tau_t, CHUNK: tl.constexpr):
+                             pair_gap_ptr, K, Rt, n_c, P, num_chunks, inv_tau_s, inv_tau_t, CHUNK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     k, mask = chunk_offsets(K, CHUNK)
     x = scaled_student(student_ptr, row, k, mask, K, inv_tau_s)
     top = _store_lse_partials(part_max_ptr, part_sum_ptr, row, num_chunks, x)
     center, c = no_center(CHUNK)
-    for slot in range(tl.load(student_ptr_ptr + row), tl.load(student_ptr_ptr + row + 1)):
+    first, end = csr_slots(student_ptr_ptr, row, P)
+    for slot in range(first, end):
         mass = tl.zeros((), tl.float32)
         gap = tl.zeros((), tl.float32)
-        if tl.load(pair_weight_ptr + slot) != 0:
+        if pair_counts(pair_weight_ptr, pair_teacher_ptr, center_id_ptr, slot, Rt, n_c):
             t_row = tl.load(pair_teacher_ptr + slot)
             center, c = center_chunk(centers_ptr, center_id_ptr, t_row, center, c, k, mask, K)
             p = teacher_probs(teacher_ptr, teacher_lse_ptr, t_row, c, k, mask, K, inv_tau_t)
@@ -158,20 +191,22 @@ def _student_partials_kernel(student_ptr, teacher_ptr, centers_ptr, center_id_pt
 
 
 @triton.jit
-def _student_combine_kernel(student_ptr_ptr, pair_weight_ptr, part_max_ptr, part_sum_ptr, pair_mass_ptr, pair_gap_ptr,
-                            student_lse_ptr, pair_loss_ptr, num_chunks, CHUNKS: tl.constexpr):
+def _student_combine_kernel(student_ptr_ptr, pair_weight_ptr, pair_teacher_ptr, center_id_ptr, part_max_ptr,
+                            part_sum_ptr, pair_mass_ptr, pair_gap_ptr, student_lse_ptr, pair_loss_ptr, Rt, n_c, P,
+                            num_chunks, CHUNKS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     lse = _combined_lse(part_max_ptr, part_sum_ptr, row, num_chunks, CHUNKS)
     tl.store(student_lse_ptr + row, lse)
     chunk = tl.arange(0, CHUNKS)
     mask = chunk < num_chunks
     top = tl.load(part_max_ptr + row * num_chunks + chunk, mask=mask, other=0.0)
-    for slot in range(tl.load(student_ptr_ptr + row), tl.load(student_ptr_ptr + row + 1)):
+    first, end = csr_slots(student_ptr_ptr, row, P)
+    for slot in range(first, end):
         mass = tl.load(pair_mass_ptr + slot * num_chunks + chunk, mask=mask, other=0.0)
         gap = tl.load(pair_gap_ptr + slot * num_chunks + chunk, mask=mask, other=0.0)
-        weight = tl.load(pair_weight_ptr + slot)
         ce = tl.sum(mass * (lse - top) + gap, 0)
-        tl.store(pair_loss_ptr + slot, tl.where(weight != 0, weight * ce, 0.0))
+        counts = pair_counts(pair_weight_ptr, pair_teacher_ptr, center_id_ptr, slot, Rt, n_c)
+        tl.store(pair_loss_ptr + slot, tl.where(counts, tl.load(pair_weight_ptr + slot) * ce, 0.0))
 
 
 def chunking(K):
@@ -187,23 +222,23 @@ def forward(student, teacher, centers, center_id, student_ptr, pair_teacher, pai
     chunk, num_chunks, num_warps = chunking(K)
     chunks = triton.next_power_of_2(num_chunks)
     floats = dict(dtype=torch.float32, device=student.device)
-    pair_loss, student_lse, teacher_lse = torch.empty(P, **floats), torch.empty(Rs, **floats), torch.empty(Rt, **floats)
+    pair_loss, student_lse, teacher_lse = torch.zeros(P, **floats), torch.empty(Rs, **floats), torch.empty(Rt, **floats)
     center_sum, center_count = torch.empty(n_c, K, **floats), torch.empty(n_c, **floats)
     if Rt > 0:
         t_max, t_sum = torch.empty(2, Rt, num_chunks, **floats)
-        _teacher_partials_kernel[(Rt, num_chunks)](teacher, centers, center_id, t_max, t_sum, K, num_chunks,
+        _teacher_partials_kernel[(Rt, num_chunks)](teacher, centers, center_id, t_max, t_sum, K, Rt, n_c, num_chunks,
                                                    1.0 / tau_t, CHUNK=chunk, num_warps=num_warps)
         _lse_combine_kernel[(Rt,)](t_max, t_sum, teacher_lse, num_chunks, CHUNKS=chunks)
     _center_sum_kernel[(triton.cdiv(K, CENTER_BLOCK), n_c)](teacher, center_ptr, center_rows, row_weight, center_sum,
-                                                            center_count, K, BLOCK=CENTER_BLOCK, ROWS=CENTER_ROWS,
+                                                            center_count, K, Rt, BLOCK=CENTER_BLOCK, ROWS=CENTER_ROWS,
                                                             num_warps=8)
     if Rs > 0:
         s_max, s_sum = torch.empty(2, Rs, num_chunks, **floats)
         pair_mass, pair_gap = torch.empty(2, P, num_chunks, **floats)
         _student_partials_kernel[(Rs, num_chunks)](student, teacher, centers, center_id, student_ptr, pair_teacher,
                                                    pair_weight, teacher_lse, s_max, s_sum, pair_mass, pair_gap, K,
-                                                   num_chunks, 1.0 / tau_s, 1.0 / tau_t, CHUNK=chunk,
+                                                   Rt, n_c, P, num_chunks, 1.0 / tau_s, 1.0 / tau_t, CHUNK=chunk,
                                                    num_warps=num_warps)
-        _student_combine_kernel[(Rs,)](student_ptr, pair_weight, s_max, s_sum, pair_mass, pair_gap, student_lse,
-                                       pair_loss, num_chunks, CHUNKS=chunks)
+        _student_combine_kernel[(Rs,)](student_ptr, pair_weight, pair_teacher, center_id, s_max, s_sum, pair_mass,
+                                       pair_gap, student_lse, pair_loss, Rt, n_c, P, num_chunks, CHUNKS=chunks)
     return pair_loss, center_sum, center_count, student_lse, teacher_lse

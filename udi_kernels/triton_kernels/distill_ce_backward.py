@@ -9,26 +9,25 @@ import torch
 import triton
 import triton.language as tl
 
-from .distill_ce import (center_chunk, chunk_offsets, chunking, no_center, pair_scale, scaled_student,
+from .distill_ce import (center_chunk, chunk_offsets, chunking, csr_slots, no_center, pair_scale, scaled_student,
                          teacher_probs)
 
 
 @triton.jit
 def _student_backward_kernel(grad_pair_loss_ptr, student_ptr, teacher_ptr, centers_ptr, center_id_ptr,
                              student_ptr_ptr, pair_teacher_ptr, pair_weight_ptr, student_lse_ptr, teacher_lse_ptr,
-                             grad_student_ptr, K, inv_tau_s, inv_tau_t, CHUNK: tl.constexpr):
+                             grad_student_ptr, K, Rt, n_c, P, inv_tau_s, inv_tau_t, CHUNK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     k, mask = chunk_offsets(K, CHUNK)
-    first = tl.load(student_ptr_ptr + row)
-    end = tl.load(student_ptr_ptr + row + 1)
+    first, end = csr_slots(student_ptr_ptr, row, P)
     total = tl.zeros((), tl.float32)
     for slot in range(first, end):
-        total += pair_scale(grad_pair_loss_ptr, pair_weight_ptr, slot)
+        total += pair_scale(grad_pair_loss_ptr, pair_weight_ptr, pair_teacher_ptr, center_id_ptr, slot, Rt, n_c)
     x = scaled_student(student_ptr, row, k, mask, K, inv_tau_s)
     acc = total * tl.exp(x - tl.load(student_lse_ptr + row))
     center, c = no_center(CHUNK)
     for slot in range(first, end):
-        scale = pair_scale(grad_pair_loss_ptr, pair_weight_ptr, slot)
+        scale = pair_scale(grad_pair_loss_ptr, pair_weight_ptr, pair_teacher_ptr, center_id_ptr, slot, Rt, n_c)
         if scale != 0:
             t_row = tl.load(pair_teacher_ptr + slot)
             center, c = center_chunk(centers_ptr, center_id_ptr, t_row, center, c, k, mask, K)
@@ -45,5 +44,6 @@ def backward(grad_pair_loss, student, teacher, centers, center_id, student_ptr, 
     if Rs > 0:
         _student_backward_kernel[(Rs, num_chunks)](grad_pair_loss, student, teacher, centers, center_id, student_ptr,
                                                    pair_teacher, pair_weight, student_lse, teacher_lse, grad_student,
-                                                   K, 1.0 / tau_s, 1.0 / tau_t, CHUNK=chunk, num_warps=num_warps)
+                                                   K, teacher.shape[0], centers.shape[0], pair_teacher.shape[0],
+                                                   1.0 / tau_s, 1.0 / tau_t, CHUNK=chunk, num_warps=num_warps)
     return grad_student

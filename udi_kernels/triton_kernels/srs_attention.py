@@ -1,11 +1,14 @@
 """SRS attention forward (UDI_SPEC §3) in Triton: one program per (sample block, head, crop).
 
 The tapped queries q_s = sum_t w_t q[idx_t] are summed on chip, then an online softmax runs over
-blocks of keys; the logsumexp of every row is saved for the backward pass.
+blocks of keys; the logsumexp of every row is saved for the backward pass. The dots take q_s in the dtype of k
+(scaled_queries): for float16 each row is first scaled by a power of two into [2^13, 2^14) and the logits are
+scaled back in fp32, so that q_s * scale never overflows float16's 65504 (the true logits may well be finite).
 
 Shapes (contiguous): q [B, H, NQ, D], k, v [B, H, N, D] fp32/fp16/bf16; index [B, S, T] int32 into
 the NQ rows of q; weight [B, S, T] fp32 -> out [B, H, S, D] (dtype of q), lse [B, H, S] fp32 (natural
-log of the scaled logits). Taps outside [0, NQ) are skipped (the public op rejects them).
+log of the scaled logits). Taps outside [0, NQ) are skipped (weight 0), as in every backend: the public op
+checks them only with check_taps=True.
 """
 import torch
 import triton
@@ -18,8 +21,8 @@ def tapped_queries(q_head, index_row, weight_row, sample, sample_ok, dims, dim_o
     acc = tl.zeros((sample.shape[0], dims.shape[0]), dtype=tl.float32)
     for t in range(T):
         idx = tl.load(index_row + sample * T + t, mask=sample_ok, other=0)
-        w = tl.load(weight_row + sample * T + t, mask=sample_ok, other=0.0)
         tap_ok = sample_ok & (idx >= 0) & (idx < NQ)
+        w = tl.load(weight_row + sample * T + t, mask=tap_ok, other=0.0)  # a skipped tap's weight is not read
         rows = tl.load(q_head + idx[:, None].to(tl.int64) * D + dims[None, :],
                        mask=tap_ok[:, None] & dim_ok[None, :], other=0.0)
         acc += w[:, None] * rows.to(tl.float32)
@@ -36,11 +39,25 @@ def sample_block(H, S, D, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
+def _power_of_two(exponent):
+    """2^exponent, exactly, for int32 exponents in [-126, 127] (built from the float32 bits)."""
+    return ((exponent + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def scaled_queries(q, index, weight, b, head, sample, sample_ok, dims, dim_ok, NQ, S, T, D, scale, dtype):
-    """q_s * scale in the dtype of k: the left operand of the logits."""
+    """(q_op [BLOCK_S, BLOCK_D] in `dtype`, row_scale [BLOCK_S] fp32) with q_s * scale = q_op * row_scale:
+    the left operand of the logits, dot(q_op, k^T) * row_scale. float16 rows are scaled by a power of two so that
+    their largest element lies in [2^13, 2^14) (no overflow past 65504, no subnormals); other dtypes have the
+    range of float32 and carry the scale in q_op."""
     taps = b.to(tl.int64) * S * T
     q_s = tapped_queries(q + head * NQ * D, index + taps, weight + taps, sample, sample_ok, dims, dim_ok, NQ, T, D)
-    return (q_s * scale).to(dtype)
+    if dtype == tl.float16:
+        top = tl.max(tl.abs(q_s), 1)
+        exponent = ((top.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # floor(log2(top)); -127 for 0
+        shift = tl.minimum(tl.maximum(13 - exponent, -126), 126)
+        return (q_s * _power_of_two(shift)[:, None]).to(dtype), scale * _power_of_two(-shift)
+    return (q_s * scale).to(dtype), tl.full((sample.shape[0],), 1.0, tl.float32)
 
 
 @triton.jit
@@ -56,8 +73,8 @@ def _forward_kernel(q, k, v, index, weight, out, lse, H, NQ, N, S, T, D, scale,
                     BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                     PRECISION: tl.constexpr):
     b, head, sample, sample_ok, dims, dim_ok = sample_block(H, S, D, BLOCK_S, BLOCK_D)
-    q_s = scaled_queries(q, index, weight, b, head, sample, sample_ok, dims, dim_ok, NQ, S, T, D, scale,
-                         k.dtype.element_ty)
+    q_s, row_scale = scaled_queries(q, index, weight, b, head, sample, sample_ok, dims, dim_ok, NQ, S, T, D, scale,
+                                    k.dtype.element_ty)
 
     row_max = tl.full((BLOCK_S,), float("-inf"), dtype=tl.float32)
     row_sum = tl.zeros((BLOCK_S,), dtype=tl.float32)
@@ -65,7 +82,7 @@ def _forward_kernel(q, k, v, index, weight, out, lse, H, NQ, N, S, T, D, scale,
     for start in range(0, N, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
         k_block, v_block, _, _ = kv_block(k, v, head, keys, dims, N, D)
-        logits = tl.dot(q_s, tl.trans(k_block), input_precision=PRECISION)
+        logits = tl.dot(q_s, tl.trans(k_block), input_precision=PRECISION) * row_scale[:, None]
         logits = tl.where((keys < N)[None, :], logits, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(logits, 1))
         p = tl.exp(logits - new_max[:, None])

@@ -27,7 +27,8 @@ def _pattern_cells(sample, image, grid, window, seed, offset, stream):
 
 @triton.jit
 def _axis(cell, src_ptr, tgt_ptr, grid, target_grid):
-    """Source position along one axis, whether it is strictly inside the target, and its taps."""
+    """Source position along one axis, whether it is strictly inside the target with a finite target coordinate
+    (csrc/srs_sample.h: NaN has no floor, min or int conversion every backend shares), and its taps."""
     s0 = tl.load(src_ptr)
     s1 = tl.load(src_ptr + 2)
     t0 = tl.load(tgt_ptr)
@@ -36,6 +37,7 @@ def _axis(cell, src_ptr, tgt_ptr, grid, target_grid):
     pos = s0 + frac * (s1 - s0)
     inside = (tl.minimum(t0, t1) < pos) & (pos < tl.maximum(t0, t1))
     t = tl.math.div_rn((pos - t0) * (target_grid - 1).to(tl.float32), t1 - t0)
+    inside = inside & (tl.abs(t) < float("inf"))
     first = tl.minimum(tl.maximum(tl.floor(t), 0.0), (target_grid - 2).to(tl.float32))
     weight = tl.minimum(tl.maximum(t - first, 0.0), 1.0)
     return inside, first.to(tl.int32), weight
@@ -102,6 +104,12 @@ def _empty_pairs(boxes, lead, num_samples):
             torch.empty(*lead, num_samples, 4, dtype=torch.float32, device=boxes.device), torch.empty(*lead, **ints))
 
 
+def as_int32_bits(word: int) -> int:
+    """A uint32 counter word as the int32 with the same bits: Triton passes ints from 2**31 as 64-bit values, which
+    tl.philox cannot take as 32-bit counters."""
+    return word - 2**32 if word >= 2**31 else word
+
+
 def stratified_sample(boxes, global_grid, global_window, local_grid, local_window, target_grid, seed, offset):
     """Same contract as udi_kernels.stratified_sample (arguments already checked); returns 8 tensors."""
     B, L = boxes.shape[0], boxes.shape[1] - 2
@@ -110,6 +118,6 @@ def stratified_sample(boxes, global_grid, global_window, local_grid, local_windo
     locals_ = _empty_pairs(boxes, (B, L, 2), Sl)
     if B > 0:
         _srs_pairs_kernel[(B, 2 + 2 * L)](boxes, *globals_, *locals_, 2 + L, global_grid, global_window, local_grid,
-                                          local_window, target_grid, seed, offset,
+                                          local_window, target_grid, seed, as_int32_bits(offset),
                                           BLOCK=triton.next_power_of_2(max(Sg, Sl)), enable_fp_fusion=False)
     return (*globals_, *locals_)

@@ -1,0 +1,37 @@
+"""Checks of plain Python arguments (ints, floats) shared by the ops, modules and losses: each raises TypeError or
+ValueError naming the argument, and returns the value as a Python int / float."""
+import math
+import numbers
+from typing import Optional
+
+from torch import Tensor
+
+
+def check_int(value, name: str, minimum: Optional[int] = None) -> int:
+    """An integer (not a bool, not a tensor: one-element tensors are refused rather than synced), >= minimum."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        hint = " (pass int(t) for a one-element tensor)" if isinstance(value, Tensor) else ""
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}{hint}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_float(value, name: str, low: float = -math.inf, high: float = math.inf, low_open: bool = False) -> float:
+    """A finite real number (not a bool, not a tensor) in [low, high] ((low, high] with low_open)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite float, got {value}")
+    if not (low < value if low_open else low <= value) or not value <= high:
+        interval = f"{'(' if low_open else '['}{low}, {high}{']' if high < math.inf else ')'}"
+        raise ValueError(f"{name} must be in {interval}, got {value}")
+    return float(value)
+
+
+def check_bool(value, name: str) -> bool:
+    """A bool (a flag such as check_taps: a string like "no" would be true)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
