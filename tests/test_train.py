@@ -366,3 +366,24 @@ def test_teacher_is_deterministic_while_the_student_drops_paths(tmp_path):
     with torch.no_grad():
         assert torch.equal(teacher.backbone(images).patch, teacher.backbone(images).patch)
         assert not torch.allclose(student.backbone(images).patch, student.backbone(images).patch)
+
+
+# ---- the DINO objective and the embedded evaluation (issue 12) -----------------------------------------------
+
+def test_dino_objective_trains_one_class_token_without_srs_head(tmp_path):
+    from udi.eval_scenes import evaluate
+    # a sharp, fast teacher: the loss falls within a few epochs (on 16 images it climbs again later)
+    args = tiny_args(tmp_path, "--objective", "dino", "--epochs", "4", "--embedded_images", "16", "--lr", "0.01",
+                     "--momentum_teacher", "0.9", "--warmup_teacher_temp", "0.02", "--teacher_temp", "0.02")
+    student, teacher = train_udi(args)
+    losses = [r["train_loss"] for r in read_log(tmp_path)]
+    assert len(losses) == 4 and all(np.isfinite(losses)) and np.mean(losses[-2:]) < 0.8 * losses[0], losses
+    assert not hasattr(student, "srs") and teacher.backbone.vit.reg_token is None
+    out = teacher.backbone(torch.randn(2, 3, 32, 32))
+    assert out.cls_plus is None and out.patch.shape == (2, 16, 32)
+    checkpoint = torch.load(tmp_path / "checkpoint.pth", weights_only=False)
+    assert "dino_loss" in checkpoint and "udi_loss" not in checkpoint
+    assert torch.isfinite(checkpoint["dino_loss"]["centering_ema.center"]).all()
+    metrics = evaluate(teacher.backbone, 32, torch.device("cpu"), train_count=40, test_count=20)
+    assert set(metrics) == {"knn_cls", "linear_cls", "dense_accuracy", "dense_miou"}
+    assert all(0 <= v <= 100 for v in metrics.values())

@@ -1,5 +1,6 @@
 """Weighted k-NN on frozen cls / cls+ features (DINO's protocol): `python -m udi.eval_knn --pretrained_weights
-out/checkpoint.pth [--data_path /imagenet]` (ImageFolder with train/ and val/; default: scikit-learn's digits)."""
+out/checkpoint.pth [--data_path /imagenet]` (ImageFolder with train/ and val/; default: the generated scenes,
+udi.scenes). cls+ results are absent for a backbone with one class token (--objective dino)."""
 import argparse
 
 import torch
@@ -10,16 +11,17 @@ from .data import labelled_dataset
 
 @torch.no_grad()
 def extract_features(backbone, dataset, device, batch_size=128):
-    """-> (cls [N, C], cls_plus [N, C]) L2-normalised, labels [N]."""
+    """-> (cls [N, C], cls_plus [N, C] or None with one class token) L2-normalised, labels [N]."""
     backbone.eval()
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
     cls, cls_plus, labels = [], [], []
     for images, targets in loader:
         out = backbone(images.to(device))
         cls.append(F.normalize(out.cls.float(), dim=-1).cpu())
-        cls_plus.append(F.normalize(out.cls_plus.float(), dim=-1).cpu())
+        if out.cls_plus is not None:
+            cls_plus.append(F.normalize(out.cls_plus.float(), dim=-1).cpu())
         labels.append(torch.as_tensor(targets))
-    return torch.cat(cls), torch.cat(cls_plus), torch.cat(labels)
+    return torch.cat(cls), torch.cat(cls_plus) if cls_plus else None, torch.cat(labels)
 
 
 def knn_classify(train_features, train_labels, test_features, test_labels, k=20, temperature=0.07):
@@ -41,7 +43,7 @@ def split_features(backbone, data_path, image_size, device):
 def knn_accuracies(backbone, data_path, image_size, device, k=20, temperature=0.07):
     train, test = split_features(backbone, data_path, image_size, device)
     return {name: knn_classify(train[i], train[2], test[i], test[2], k, temperature)
-            for i, name in enumerate(("cls", "cls_plus"))}
+            for i, name in enumerate(("cls", "cls_plus")) if train[i] is not None}
 
 
 def load_backbone(path, checkpoint_key="teacher"):
@@ -53,12 +55,15 @@ def load_backbone(path, checkpoint_key="teacher"):
     return model.backbone, argparse.Namespace(**checkpoint["args"])
 
 
-def checkpoint_parser(description):
-    """The arguments every evaluation takes: which checkpoint, which data, which image size."""
+def checkpoint_parser(description, data_path: bool = True):
+    """The arguments every evaluation takes: which checkpoint, which data (unless data_path=False: the generated
+    scenes only), which image size."""
     p = argparse.ArgumentParser(description)
     p.add_argument("--pretrained_weights", required=True, help="a udi.train checkpoint")
-    p.add_argument("--checkpoint_key", default="teacher")
-    p.add_argument("--data_path", default=None, help="ImageFolder root (train/, val/); default: digits")
+    p.add_argument("--checkpoint_key", default="teacher", help="teacher or student")
+    if data_path:
+        p.add_argument("--data_path", default=None,
+                       help="ImageFolder root (train/, val/); default: the generated scenes (udi.scenes)")
     p.add_argument("--image_size", default=None, type=int, help="default: the checkpoint's global crop size")
     return p
 
@@ -78,8 +83,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     train, test = checkpoint_features(args)
     for k in args.nb_knn:
-        accs = [knn_classify(train[i], train[2], test[i], test[2], k, args.temperature) for i in (0, 1)]
-        print(f"{k}-NN top-1: cls {accs[0]:.2f} %  cls+ {accs[1]:.2f} %")
+        accs = [f"{name} {knn_classify(train[i], train[2], test[i], test[2], k, args.temperature):.2f} %"
+                for i, name in enumerate(("cls", "cls+")) if train[i] is not None]
+        print(f"{k}-NN top-1: {'  '.join(accs)}")
 
 
 if __name__ == "__main__":

@@ -27,42 +27,49 @@ DINO_ARCHS = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch1
 
 
 class BackboneOutput(NamedTuple):
-    cls: Tensor        # [B, C] after the final norm
-    cls_plus: Tensor   # [B, C] after the final norm
-    patch: Tensor      # [B, N, C] last block's output, before the final norm
+    cls: Tensor                 # [B, C] after the final norm
+    cls_plus: Optional[Tensor]  # [B, C] after the final norm; None for a backbone with one class token (DINO)
+    patch: Tensor               # [B, N, C] last block's output, before the final norm
 
 
 class ViTBackbone(nn.Module):
-    def __init__(self, arch="vit_small", patch_size=16, img_size=224, drop_path_rate=0.1, **overrides):
+    """`class_tokens`: 2 (cls, cls+: UDI) or 1 (cls: DINO)."""
+
+    def __init__(self, arch="vit_small", patch_size=16, img_size=224, drop_path_rate=0.1, class_tokens=2,
+                 **overrides):
         super().__init__()
+        if class_tokens not in (1, 2):
+            raise ValueError(f"class_tokens must be 1 (DINO) or 2 (UDI), got {class_tokens}")
         overrides = {k: v for k, v in overrides.items() if v is not None}
         self.vit = timm.create_model(DINO_ARCHS.get(arch, arch), pretrained=False, img_size=img_size,
-                                     patch_size=patch_size, num_classes=0, reg_tokens=1, no_embed_class=True,
-                                     dynamic_img_size=True, drop_path_rate=drop_path_rate, **overrides)
+                                     patch_size=patch_size, num_classes=0, reg_tokens=class_tokens - 1,
+                                     no_embed_class=True, dynamic_img_size=True, drop_path_rate=drop_path_rate,
+                                     **overrides)
         self.embed_dim, self.num_heads = self.vit.embed_dim, self.vit.blocks[0].attn.num_heads
-        self.patch_size = patch_size
+        self.patch_size, self.class_tokens = patch_size, class_tokens
         self.cls_pos_embed = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
         trunc_normal_(self.cls_pos_embed, std=0.02)
 
     def tokens(self, images: Tensor) -> Tensor:
-        """images [B, 3, H, W] -> embedded tokens [B, 2 + N, C] before the first block."""
+        """images [B, 3, H, W] -> embedded tokens [B, class_tokens + N, C] before the first block."""
         vit = self.vit
         x = vit.patch_embed(images)
         pos = resample_abs_pos_embed(vit.pos_embed, new_size=list(x.shape[1:3]),
                                      old_size=list(vit.patch_embed.grid_size), num_prefix_tokens=0)
         x = x.flatten(1, 2) + pos
-        prefix = torch.cat([vit.cls_token, vit.reg_token], 1) + self.cls_pos_embed
+        prefix = (vit.cls_token if vit.reg_token is None else torch.cat([vit.cls_token, vit.reg_token], 1)) + \
+            self.cls_pos_embed
         x = torch.cat([prefix.expand(x.shape[0], -1, -1), x], 1)
         return vit.norm_pre(vit.pos_drop(x))
 
     def forward(self, images: Tensor) -> BackboneOutput:
         x = self.vit.blocks(self.tokens(images))
-        prefix = self.vit.norm(x[:, :2])
-        return BackboneOutput(prefix[:, 0], prefix[:, 1], x[:, 2:])
+        prefix = self.vit.norm(x[:, :self.class_tokens])
+        return BackboneOutput(prefix[:, 0], prefix[:, 1] if self.class_tokens == 2 else None, x[:, self.class_tokens:])
 
     @torch.no_grad()
     def last_attention(self, images: Tensor) -> Tensor:
-        """Attention probabilities of the last block, [B, H, 2 + N, 2 + N]."""
+        """Attention probabilities of the last block, [B, H, class_tokens + N, class_tokens + N]."""
         x = self.tokens(images)
         for block in self.vit.blocks[:-1]:
             x = block(x)
@@ -197,14 +204,37 @@ class UDIModel(nn.Module):
                             mask_local, alpha)
 
 
-def build_model(args, teacher: bool = False) -> UDIModel:
+class DINOModel(nn.Module):
+    """DINO's network on the same backbone, with one class token: backbone + DINO head on cls (no SRS head)."""
+
+    def __init__(self, backbone: ViTBackbone, head: DINOHead):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, global_crops: Tensor, local_crops) -> Tensor:
+        """global_crops [2B, 3, Hg, Wg], local_crops [LB, 3, Hl, Wl] or None -> logits [(2 + L)B, K] crop-major."""
+        cls = [self.backbone(global_crops).cls]
+        if local_crops is not None:
+            cls.append(self.backbone(local_crops).cls)
+        return self.head(torch.cat(cls))
+
+    @torch.no_grad()
+    def teacher_targets(self, global_crops: Tensor) -> Tensor:
+        """-> the teacher's cls logits [2B, K], crop-major."""
+        return self.head(self.backbone(global_crops).cls)
+
+
+def build_model(args, teacher: bool = False):
     """The student (stochastic depth at --drop_path_rate) or, with teacher=True, the teacher: no stochastic layer,
-    so its targets are a deterministic function of the input (as in DINO, iBOT and the reference)."""
+    so its targets are a deterministic function of the input (as in DINO, iBOT and the reference).
+    `args.objective` "udi" (the default) -> UDIModel, "dino" -> DINOModel."""
+    dino = getattr(args, "objective", "udi") == "dino"
     backbone = ViTBackbone(args.arch, args.patch_size, args.global_crop_size, 0.0 if teacher else args.drop_path_rate,
-                           embed_dim=args.embed_dim, depth=args.depth, num_heads=args.num_heads)
+                           class_tokens=1 if dino else 2, embed_dim=args.embed_dim, depth=args.depth,
+                           num_heads=args.num_heads)
     head = DINOHead(backbone.embed_dim, args.out_dim, args.norm_last_layer, args.head_hidden_dim,
                     args.head_bottleneck_dim)
-    return UDIModel(backbone, head)
+    return (DINOModel if dino else UDIModel)(backbone, head)
 
 
 # ---- the reference's checkpoints --------------------------------------------------------------------------

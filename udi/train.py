@@ -12,7 +12,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from udi_kernels import PairTaps, SampledPairs, stratified_sample
-from udi_kernels.losses import UDILoss
+from udi_kernels.losses import DINOLoss, UDILoss
 
 from . import utils
 from .data import MultiCropAugmentation, ShardedBatchSampler, collate_multicrop, pretraining_dataset
@@ -27,11 +27,11 @@ PRESETS = {
     # DINO's teacher temperature is 0.04): at 0.04 the teacher is uniform after ~10 steps and the run learns little.
     # A sharper teacher (0.02) and a faster one (momentum 0.97) keep the patch targets informative and learn more;
     # the cls head still collapses at this scale (README, "Training").
-    "demo": dict(arch="vit_tiny", embed_dim=96, depth=4, num_heads=3, patch_size=8, global_crop_size=32,
-                 local_crop_size=16, local_crops_number=4, global_window=2, local_window=1, out_dim=1024,
+    "demo": dict(arch="vit_tiny", embed_dim=96, depth=4, num_heads=3, patch_size=4, global_crop_size=32,
+                 local_crop_size=16, local_crops_number=4, global_window=2, local_window=2, out_dim=1024,
                  head_hidden_dim=256, batch_size_per_gpu=64, epochs=12, warmup_epochs=2,
                  warmup_teacher_temp=0.02, teacher_temp=0.02, warmup_teacher_temp_epochs=0, lr=0.005,
-                 momentum_teacher=0.97, drop_path_rate=0.0, embedded_data="digits",
+                 momentum_teacher=0.97, drop_path_rate=0.0, embedded_data="scenes", embedded_images=2048,
                  num_workers=0, saveckp_freq=0, output_dir="udi_demo_output", final_eval=True),
 }
 
@@ -47,6 +47,9 @@ def str2bool(value: str) -> bool:
 def get_args_parser():
     p = argparse.ArgumentParser("UDI", add_help=True)
     p.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="defaults; explicit flags win")
+    p.add_argument("--objective", default="udi", choices=["udi", "dino"],
+                   help="udi: UDI's loss (cls, cls+, SRS patch terms); dino: DINO's cls loss alone on the same "
+                        "backbone with one class token and no SRS head (same data, crops and schedules)")
     # model
     p.add_argument("--arch", default="vit_small", help="a DINO name (vit_tiny/small/base) or any timm vit_* name")
     p.add_argument("--patch_size", default=16, type=int)
@@ -87,16 +90,19 @@ def get_args_parser():
     p.add_argument("--local_window", default=2, type=int, help="SRS window on the local grid")
     # misc
     p.add_argument("--data_path", default=None, help="ImageFolder root; default: embedded data")
-    p.add_argument("--embedded_data", default="images", choices=["images", "digits"],
-                   help="without --data_path: scikit-image's sample images or scikit-learn's digits (train split)")
-    p.add_argument("--embedded_images", default=512, type=int, help="dataset length of --embedded_data images")
+    p.add_argument("--embedded_data", default="scenes", choices=["scenes", "images"],
+                   help="without --data_path: generated labelled scenes (train split; udi.scenes) or regions of "
+                        "scikit-image's sample images")
+    p.add_argument("--embedded_images", default=2048, type=int, help="dataset length of --embedded_data")
     p.add_argument("--output_dir", default=".")
     p.add_argument("--saveckp_freq", default=20, type=int)
     p.add_argument("--seed", default=0, type=int)
     p.add_argument("--num_workers", default=10, type=int)
     p.add_argument("--final_eval", default=False, type=str2bool,
-                   help="after training: k-NN (cls, cls+) vs a random network, attention PNGs")
-    p.add_argument("--knn_data_path", default=None, help="labelled ImageFolder for the final k-NN; default digits")
+                   help="after training: udi.eval_scenes (k-NN, linear, dense probes) of the teacher and of a "
+                        "random network, attention PNGs of both")
+    p.add_argument("--knn_data_path", default=None,
+                   help="labelled ImageFolder (train/, val/) for an extra final k-NN beside the scenes' evaluation")
     return p
 
 
@@ -128,10 +134,25 @@ def sample_pairs(boxes, args, seed, rank, world_size) -> SampledPairs:
     return SampledPairs(*(PairTaps(*(t[mine] for t in taps)) for taps in pairs))
 
 
-def build_loss(args) -> UDILoss:
-    """UDILoss (UDI_SPEC §5); its centers update inside forward, after the loss, from the step's teacher rows."""
-    return UDILoss(args.out_dim, 2 + args.local_crops_number, args.warmup_teacher_temp, args.teacher_temp,
-                   args.warmup_teacher_temp_epochs, args.epochs)
+class DINOObjective(DINOLoss):
+    """DINOLoss returning (loss, parts) like UDILoss, parts = {"cls": the loss}."""
+
+    def forward(self, student_output, teacher_output, epoch):
+        loss = super().forward(student_output, teacher_output, epoch)
+        return loss, {"cls": loss.detach()}
+
+
+def build_loss(args):
+    """UDILoss (UDI_SPEC §5) or, with --objective dino, DINO's cls loss; their centers update inside forward,
+    after the loss, from the step's teacher rows."""
+    loss = DINOObjective if args.objective == "dino" else UDILoss
+    return loss(args.out_dim, 2 + args.local_crops_number, args.warmup_teacher_temp, args.teacher_temp,
+                args.warmup_teacher_temp_epochs, args.epochs)
+
+
+def loss_state_key(args) -> str:
+    """The checkpoint entry of the loss's state (its centers): "udi_loss" or "dino_loss"."""
+    return f"{args.objective}_loss"
 
 
 def train_udi(args, stop_after_epoch=None):
@@ -162,7 +183,7 @@ def train_udi(args, stop_after_epoch=None):
     student_ddp = torch.nn.parallel.DistributedDataParallel(student) if world_size > 1 else student
 
     # ============ loss, optimizer, schedules ... ============
-    udi_loss = build_loss(args).to(device)
+    loss_module = build_loss(args).to(device)
     optimizer = torch.optim.AdamW(utils.param_groups(student))
     dtype = autocast_dtype(args, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -175,8 +196,8 @@ def train_udi(args, stop_after_epoch=None):
 
     # ============ optionally resume ... ============
     checkpoint = utils.restart_from_checkpoint(os.path.join(args.output_dir, "checkpoint.pth"), student=student,
-                                               teacher=teacher, optimizer=optimizer, udi_loss=udi_loss,
-                                               scaler=scaler)
+                                               teacher=teacher, optimizer=optimizer, scaler=scaler,
+                                               **{loss_state_key(args): loss_module})
     start_epoch = checkpoint["epoch"] if checkpoint else 0
     if checkpoint:
         utils.set_rng_state(checkpoint["rng"][rank])
@@ -185,9 +206,9 @@ def train_udi(args, stop_after_epoch=None):
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch)
         dataset.set_epoch(epoch)
-        stats = train_one_epoch(student_ddp, teacher, udi_loss, loader, optimizer, scaler, schedules, epoch, args,
+        stats = train_one_epoch(student_ddp, teacher, loss_module, loader, optimizer, scaler, schedules, epoch, args,
                                 device, dtype, rank, world_size)
-        save_checkpoint(args, student, teacher, optimizer, udi_loss, scaler, epoch + 1, world_size)
+        save_checkpoint(args, student, teacher, optimizer, loss_module, scaler, epoch + 1, world_size)
         utils.log_json(args.output_dir, {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch})
         if stop_after_epoch is not None and epoch >= stop_after_epoch:
             break
@@ -196,7 +217,7 @@ def train_udi(args, stop_after_epoch=None):
     return student, teacher
 
 
-def train_one_epoch(student, teacher, udi_loss, loader, optimizer, scaler, schedules, epoch, args, device, dtype,
+def train_one_epoch(student, teacher, loss_module, loader, optimizer, scaler, schedules, epoch, args, device, dtype,
                     rank, world_size):
     totals, progress = {}, tqdm(loader, desc=f"epoch {epoch}", disable=not utils.is_main_process(), leave=False)
     for it_in_epoch, (views, boxes) in enumerate(progress):
@@ -209,14 +230,19 @@ def train_one_epoch(student, teacher, udi_loss, loader, optimizer, scaler, sched
         views = [v.to(device, non_blocking=True) for v in views]
         global_crops = torch.cat(views[:2])
         local_crops = torch.cat(views[2:]) if len(views) > 2 else None
-        pairs = sample_pairs(boxes.to(device), args, utils.step_seed(args.seed, it), rank, world_size)
 
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            targets = teacher.teacher_targets(global_crops, pairs, args.alpha)
-            outputs = student(global_crops, local_crops, *student_taps(pairs))
+            if args.objective == "udi":
+                pairs = sample_pairs(boxes.to(device), args, utils.step_seed(args.seed, it), rank, world_size)
+                targets = teacher.teacher_targets(global_crops, pairs, args.alpha)
+                outputs = student(global_crops, local_crops, *student_taps(pairs))
+                teacher_cls, cls_center = targets.cls, loss_module.center_cls.center
+            else:
+                targets = teacher_cls = teacher.teacher_targets(global_crops)
+                outputs, cls_center = student(global_crops, local_crops), loss_module.center
             # before the loss, which moves the centers
-            entropies = teacher_entropies(targets.cls, udi_loss.center_cls.center, udi_loss.teacher_temp(epoch))
-            loss, parts = udi_loss(outputs, targets, epoch)
+            entropies = teacher_entropies(teacher_cls, cls_center, loss_module.teacher_temp(epoch))
+            loss, parts = loss_module(outputs, targets, epoch)
         if not math.isfinite(loss.item()):
             print(f"Loss is {loss.item()}, stopping training", flush=True)
             sys.exit(1)
@@ -264,31 +290,39 @@ def ema_update(teacher, student, momentum):
     torch._foreach_add_(teacher_params, [p.detach() for p in student_params], alpha=1 - momentum)
 
 
-def save_checkpoint(args, student, teacher, optimizer, udi_loss, scaler, epoch, world_size):
+def save_checkpoint(args, student, teacher, optimizer, loss_module, scaler, epoch, world_size):
     rng = [None] * world_size
     if world_size > 1:
         dist.all_gather_object(rng, utils.rng_state())
     else:
         rng[0] = utils.rng_state()
     state = dict(student=student.state_dict(), teacher=teacher.state_dict(), optimizer=optimizer.state_dict(),
-                 epoch=epoch, args=vars(args), udi_loss=udi_loss.state_dict(), scaler=scaler.state_dict(), rng=rng)
+                 epoch=epoch, args=vars(args), scaler=scaler.state_dict(), rng=rng,
+                 **{loss_state_key(args): loss_module.state_dict()})
     utils.save_on_master(state, os.path.join(args.output_dir, "checkpoint.pth"))
     if args.saveckp_freq and epoch % args.saveckp_freq == 0:
         utils.save_on_master(state, os.path.join(args.output_dir, f"checkpoint{epoch:04}.pth"))
 
 
 def final_report(args, teacher, device):
-    """k-NN of the teacher's cls / cls+ features vs a randomly initialised network, and attention PNGs."""
+    """The embedded evaluation (udi.eval_scenes: k-NN and linear probe on cls / cls+, dense probe) of the teacher
+    and of a randomly initialised network, and attention PNGs of both on held-out scenes."""
     from .eval_knn import knn_accuracies
-    from .visualize import save_attention_maps
+    from .eval_scenes import evaluate, print_metrics
+    from .visualize import held_out_scenes, save_attention_maps
     utils.fix_random_seeds(args.seed + 1)
-    random_net = build_model(args).backbone.to(device)
+    backbones = {"teacher": teacher.backbone, "random init": build_model(args).backbone.to(device)}
     report = {}
-    for name, backbone in (("teacher", teacher.backbone), ("random init", random_net)):
-        report[name] = knn_accuracies(backbone, args.knn_data_path, args.global_crop_size, device)
-        print(f"k-NN top-1 ({name}): cls {report[name]['cls']:.1f} %  cls+ {report[name]['cls_plus']:.1f} %")
-    paths = save_attention_maps(teacher.backbone, os.path.join(args.output_dir, "attention"),
-                                args.global_crop_size, device)
+    for name, backbone in backbones.items():
+        report[name] = evaluate(backbone, args.global_crop_size, device)
+        print(f"{name} (held-out scenes): ", end="")
+        print_metrics(report[name])
+        if args.knn_data_path:
+            report[name]["knn_data_path"] = knn_accuracies(backbone, args.knn_data_path, args.global_crop_size,
+                                                           device)
+            print(f"{name} k-NN top-1 on {args.knn_data_path}: {report[name]['knn_data_path']}")
+    paths = save_attention_maps(backbones, os.path.join(args.output_dir, "attention"),
+                                held_out_scenes(4, args.global_crop_size), device)
     print(f"attention maps: {', '.join(paths)}")
     with open(os.path.join(args.output_dir, "final_eval.json"), "w") as f:
         json.dump(report, f, indent=1)
