@@ -12,8 +12,10 @@ Presets: `cpu` (the default: the demo's network and data on a shorter schedule, 
 for 2 objectives x 3 seeds) and `gpu` (the demo's network, a longer schedule and a larger batch).
 """
 import argparse
+import concurrent.futures
 import datetime
 import json
+import multiprocessing
 import os
 import platform
 import statistics
@@ -33,24 +35,26 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 OBJECTIVES = ("udi", "dino")
 # udi.train flags on top of the demo preset
 PRESETS = {
-    "cpu": ["--epochs", "5", "--warmup_epochs", "1"],
+    "cpu": ["--epochs", "2", "--warmup_epochs", "1", "--embedded_images", "512"],
     "gpu": ["--epochs", "60", "--warmup_epochs", "5", "--batch_size_per_gpu", "128", "--embedded_images", "8192"],
 }
 
 
-def train_and_evaluate(objective: str, seed: int, preset: str, workdir: str) -> dict:
-    """Train one objective with one seed; -> dict(metrics, train_seconds, log (the last epoch's record))."""
+def train_and_evaluate(objective: str, seed: int, flags: list, workdir: str, threads: int) -> dict:
+    """Train one objective with one seed (udi.train flags on top of the demo preset) in `threads` threads;
+    -> dict(metrics, train_seconds, train_cpu_seconds, last_epoch (its log record), args)."""
+    torch.set_num_threads(threads)
     output_dir = os.path.join(workdir, f"{objective}_seed{seed}")
     args = parse_args(["--preset", "demo", "--objective", objective, "--seed", str(seed), "--output_dir",
-                       output_dir, "--final_eval", "false", *PRESETS[preset]])
-    start = time.time()
+                       output_dir, "--final_eval", "false", *flags])
+    start, cpu_start = time.time(), time.process_time()
     _, teacher = train_udi(args)
-    train_seconds = time.time() - start
+    train_seconds, train_cpu_seconds = time.time() - start, time.process_time() - cpu_start
     device = next(teacher.parameters()).device
     with open(os.path.join(output_dir, "log.txt")) as f:
         last_epoch = json.loads(f.readlines()[-1])
     return dict(metrics=evaluate(teacher.backbone, args.global_crop_size, device), train_seconds=train_seconds,
-                last_epoch=last_epoch, args=vars(args))
+                train_cpu_seconds=train_cpu_seconds, last_epoch=last_epoch, args=vars(args))
 
 
 def evaluate_random(seed: int, args_dict: dict) -> dict:
@@ -110,16 +114,22 @@ def main(argv=None):
     p.add_argument("--seeds", default=[0, 1, 2], type=int, nargs="+", help="training seeds")
     p.add_argument("--record", action="store_true", help="write into benchmarks/results/ (tracked)")
     p.add_argument("--output_dir", default=os.path.join(HERE, "out"), help="where results go without --record")
+    p.add_argument("--jobs", default=2 if not torch.cuda.is_available() else 1, type=int,
+                   help="trainings run at the same time, in processes of torch.get_num_threads() // jobs threads "
+                        "each (default: 2 on a CPU machine, 1 with a GPU)")
     args = p.parse_args(argv)
     out_dir = os.path.join(HERE, "results") if args.record else args.output_dir
     os.makedirs(out_dir, exist_ok=True)
     start = time.time()
-    runs = {"random init": [], "dino": [], "udi": []}
-    with tempfile.TemporaryDirectory() as workdir:
-        for seed in args.seeds:
-            for objective in OBJECTIVES:
-                runs[objective].append(train_and_evaluate(objective, seed, args.preset, workdir))
-            runs["random init"].append(evaluate_random(seed + 1000, runs["udi"][-1]["args"]))
+    threads = max(1, torch.get_num_threads() // args.jobs)
+    with tempfile.TemporaryDirectory() as workdir, \
+            concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {(objective, seed): pool.submit(train_and_evaluate, objective, seed, PRESETS[args.preset], workdir,
+                                                   threads)
+                   for seed in args.seeds for objective in OBJECTIVES}
+        runs = {objective: [futures[objective, seed].result() for seed in args.seeds] for objective in OBJECTIVES}
+    runs["random init"] = [evaluate_random(seed + 1000, run["args"]) for seed, run in zip(args.seeds, runs["udi"])]
+    runs = {name: runs[name] for name in ("random init", "dino", "udi")}
     summary = summarise(runs)
     steps = runs["udi"][0]["args"]
     title = (f"generated scenes, {len(args.seeds)} seeds, preset {args.preset}: {steps['epochs']} epochs x "
@@ -128,7 +138,7 @@ def main(argv=None):
     record = dict(benchmark="objectives", preset=args.preset, seeds=args.seeds, title=title,
                   date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
                   device=platform.processor() or platform.machine(), torch=torch.__version__,
-                  threads=torch.get_num_threads(), wall_seconds=time.time() - start,
+                  threads=torch.get_num_threads(), jobs=args.jobs, wall_seconds=time.time() - start,
                   summary={n: {m: dict(mean=v[0], std=v[1]) for m, v in s.items()} for n, s in summary.items()},
                   runs={n: [{k: v for k, v in r.items() if k != "args"} for r in rs] for n, rs in runs.items()},
                   train_args={k: v for k, v in steps.items() if k not in ("seed", "output_dir", "objective")})

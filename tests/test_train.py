@@ -262,7 +262,8 @@ def test_eval_linear_runs_on_a_checkpoint(tmp_path):
     torch.save({"args": vars(args), "teacher": build_model(args).state_dict()}, path)
     results = eval_linear.main(["--pretrained_weights", str(path), "--epochs", "10"])
     assert set(results) == {"cls", "cls+", "cls ‖ cls+"}
-    assert all(20 < accuracy <= 100 for accuracy in results.values()), results  # 10 classes: chance is 10 %
+    # a random network on the generated scenes: about chance (10 classes), far from the 90 % of separable features
+    assert all(0 <= accuracy < 40 for accuracy in results.values()), results
 
 
 def test_teacher_entropies_tell_the_collapses_apart():
@@ -387,3 +388,18 @@ def test_dino_objective_trains_one_class_token_without_srs_head(tmp_path):
     metrics = evaluate(teacher.backbone, 32, torch.device("cpu"), train_count=40, test_count=20)
     assert set(metrics) == {"knn_cls", "linear_cls", "dense_accuracy", "dense_miou"}
     assert all(0 <= v <= 100 for v in metrics.values())
+
+
+def test_attention_maps_of_both_objectives_beside_a_random_network(tmp_path):
+    from udi.visualize import attention_grids, held_out_scenes, save_attention_maps
+    udi, dino = (build_model(tiny_args(tmp_path, "--objective", objective, "--patch_size", "4")).backbone
+                 for objective in ("udi", "dino"))
+    pictures = held_out_scenes(2, 32)
+    assert attention_grids(udi, pictures[next(iter(pictures))][0]).shape == (2, 2, 8, 8)  # cls, cls+; 2 heads
+    grids = attention_grids(dino, pictures[next(iter(pictures))][0])
+    assert grids.shape == (1, 2, 8, 8)
+    torch.testing.assert_close(grids.sum((-2, -1)), torch.ones(1, 2), atol=0.05, rtol=0)  # most mass on patches
+    for backbone in (udi, dino):
+        paths = save_attention_maps({"trained": backbone, "random init": backbone}, tmp_path / "maps", pictures,
+                                    torch.device("cpu"))
+        assert len(paths) == 2 and all(os.path.getsize(p) > 1000 for p in paths)

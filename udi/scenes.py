@@ -1,12 +1,17 @@
 """Generated scenes: labelled images with a class per image and a class per pixel, made deterministically from
 a seed (nothing downloaded). The demo pre-trains on them and evaluates image-level and dense features on them.
 
-A scene of `size x size` pixels has a textured background (a grating, a checkerboard or smooth blobs between two
-random colours) and 1-3 drawn shapes out of the 10 classes of `SHAPES`: one large main object, whose class is the
-image's label, and 0-2 smaller distractors of other classes. The pixel labels are 0 for the background and
-1 + class where a shape covers the pixel centre (the main object is drawn last, on top). Colours, textures,
-sizes, positions, rotations and aspect ratios are random and independent of the class, so only the silhouette
-tells the classes apart. Shapes are antialiased (4 x 4 supersampling).
+A scene of `size x size` grey pixels has a noise-textured background and 1-3 drawn shapes out of the 10 classes of
+`SHAPES`: one large main object, whose class is the image's label, and 0-2 smaller distractors of other classes.
+The pixel labels are 0 for the background and 1 + class where a shape covers the pixel centre (the main object is
+drawn last, on top). Grey levels, sizes, positions, rotations and aspect ratios are random and independent of the
+class, so only the silhouette tells the classes apart. Shapes are antialiased (4 x 4 supersampling).
+
+Why grey and noise: self-supervised learning finds whatever stays the same across two views of an image and tells
+images apart. Scenes with random colours and smooth or periodic backgrounds (an earlier version) were clustered by
+colour and background, not by shape (k-NN at chance after training): here the background's noise differs between
+any two crops and the grey levels are blurred by the brightness / contrast augmentation, so the silhouette is the
+main content two views share.
 
 Item `i` of split `s` comes from its own generator seeded by (seed, s, i): the train and held-out splits never
 share a scene, and a scene does not depend on how many others are made.
@@ -50,34 +55,17 @@ def _inside(name: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     raise ValueError(f"unknown shape {name!r}; expected one of {SHAPES}")
 
 
-def _luminance(rgb: np.ndarray) -> float:
-    return float(rgb @ np.array([0.299, 0.587, 0.114]))
+def _noise_texture(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Grey noise in 2 x 2 pixel cells (at the supersampled resolution): the same statistics in every scene and
+    different content in every crop, so the background tells neither scenes nor views apart."""
+    cells = rng.uniform(-1, 1, (size // 2, size // 2))
+    return np.kron(cells, np.ones((2 * SUPERSAMPLING, 2 * SUPERSAMPLING)))
 
 
-def _background(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, size: int) -> np.ndarray:
-    """A texture in [0, 1] on the (supersampled) pixel grid x, y."""
-    kind = rng.integers(3)
-    theta = rng.uniform(0, math.pi)
-    along = (x * math.cos(theta) + y * math.sin(theta)) / size
-    if kind == 0:  # grating, 1.5-5 periods per image
-        return 0.5 + 0.5 * np.sin(2 * math.pi * rng.uniform(1.5, 5.0) * along + rng.uniform(0, 2 * math.pi))
-    if kind == 1:  # checkerboard of 4-10 pixel cells at a random angle
-        across = (-x * math.sin(theta) + y * math.cos(theta)) / size
-        cells = size / rng.uniform(4, 10)
-        return (np.floor(along * cells) + np.floor(across * cells)) % 2
-    # smooth blobs: four plane waves of 1-3 periods per image in random directions
-    waves = sum(np.sin(2 * math.pi * (fx * x + fy * y) / size + phase)
-                for fx, fy, phase in rng.uniform([-3, -3, 0], [3, 3, 2 * math.pi], (4, 3)))
-    return (waves - waves.min()) / max(waves.max() - waves.min(), 1e-6)
-
-
-def _contrasting_colour(rng: np.random.Generator, background_luminance: float, gap: float = 0.3) -> np.ndarray:
-    """A random RGB colour whose luminance differs from the background's by at least `gap` (so that the shape
-    survives the grayscale augmentation)."""
-    while True:
-        colour = rng.uniform(0, 1, 3)
-        if abs(_luminance(colour) - background_luminance) >= gap:
-            return colour
+def _object_level(rng: np.random.Generator, background: float, gap: float = 0.3) -> float:
+    """A grey level at least `gap` darker or brighter than the background's."""
+    darker = rng.uniform() < 0.5 and background - gap > 0.05 or background + gap > 0.95
+    return rng.uniform(0.0, background - gap) if darker else rng.uniform(background + gap, 1.0)
 
 
 def _place(rng, size, radius, avoid=None):
@@ -94,19 +82,15 @@ def render_scene(rng: np.random.Generator, size: int = 32):
     fine = size * SUPERSAMPLING
     coords = (np.arange(fine, dtype=np.float32) + 0.5) / SUPERSAMPLING
     y, x = np.meshgrid(coords, coords, indexing="ij")
-    colours = rng.uniform(0, 1, (2, 3))
-    colours[1] = colours[0] + rng.uniform(0.15, 0.35) * np.sign(rng.uniform(-1, 1, 3)) * rng.uniform(0.5, 1, 3)
-    colours = np.clip(colours, 0, 1)
-    texture = _background(rng, x, y, size)
-    image = colours[0][:, None, None] * (1 - texture) + colours[1][:, None, None] * texture
+    background = rng.uniform(0.35, 0.65)
+    image = background + rng.uniform(0.05, 0.15) * _noise_texture(rng, size)
     labels = np.zeros((fine, fine), dtype=np.int64)
-    background_luminance = _luminance(colours.mean(0))
 
     main_class = int(rng.integers(NUM_CLASSES))
-    main_radius = size * rng.uniform(0.24, 0.34)
+    main_radius = size * rng.uniform(0.28, 0.38)
     main_centre = _place(rng, size, main_radius)
     others = rng.permutation([c for c in range(NUM_CLASSES) if c != main_class])[:rng.integers(0, 3)]
-    objects = [(int(c), size * rng.uniform(0.11, 0.16)) for c in others]
+    objects = [(int(c), size * rng.uniform(0.11, 0.15)) for c in others]
     for n, (cls, radius) in enumerate(objects + [(main_class, main_radius)]):
         centre = main_centre if n == len(objects) else _place(rng, size, radius, (main_centre, main_radius))
         angle = rng.uniform(-math.pi / 6, math.pi / 6)
@@ -115,13 +99,13 @@ def render_scene(rng: np.random.Generator, size: int = 32):
         u = (dx * math.cos(angle) + dy * math.sin(angle)) * aspect
         v = (-dx * math.sin(angle) + dy * math.cos(angle)) / aspect
         inside = _inside(SHAPES[cls], u, v)
-        colour = _contrasting_colour(rng, background_luminance)[:, None, None]
-        shading = 1 + 0.15 * np.clip(u - v, -1, 1)  # a soft gradient across the shape
-        image = np.where(inside, np.clip(colour * shading, 0, 1), image)
+        shading = 1 + 0.1 * np.clip(u - v, -1, 1)  # a soft gradient across the shape
+        image = np.where(inside, np.clip(_object_level(rng, background) * shading, 0, 1), image)
         labels = np.where(inside, 1 + cls, labels)
-    image = image.reshape(3, size, SUPERSAMPLING, size, SUPERSAMPLING).mean((2, 4))
+    image = np.clip(image, 0, 1).reshape(size, SUPERSAMPLING, size, SUPERSAMPLING).mean((1, 3))
     centre = SUPERSAMPLING // 2
-    return image.astype(np.float32), main_class, labels[centre::SUPERSAMPLING, centre::SUPERSAMPLING]
+    grey = np.broadcast_to(image, (3, size, size))
+    return grey.astype(np.float32), main_class, labels[centre::SUPERSAMPLING, centre::SUPERSAMPLING]
 
 
 @functools.lru_cache(maxsize=8)
