@@ -1,6 +1,6 @@
 """UDI against DINO on image-level and dense quality (issue 12), on the generated scenes (udi.scenes):
 
-    python benchmarks/objectives.py [--preset cpu|gpu] [--seeds 0 1 2] [--record]
+    python benchmarks/objectives.py [--preset cpu|gpu] [--seeds 0 1 2] [--jobs N] [--record]
 
 Trains `udi.train --objective udi` and `--objective dino` (same backbone, data, augmentation, schedule and number
 of steps; DINO with one class token and no SRS head) for every seed, evaluates each teacher and a randomly
@@ -8,8 +8,9 @@ initialised network with udi.eval_scenes (k-NN and linear probe on cls and cls+,
 patch tokens: per-patch accuracy and mIoU), prints a table of mean ± std over the seeds and writes
 objectives_<preset>.json / .png to benchmarks/out/ (ignored by git), or to benchmarks/results/ with --record.
 
-Presets: `cpu` (the default: the demo's network and data on a shorter schedule, about 15 minutes on 2 CPU cores
-for 2 objectives x 3 seeds) and `gpu` (the demo's network, a longer schedule and a larger batch).
+Presets: `cpu` (the default: the demo's network, crops and temperatures, 2 epochs of 16 steps of 32 images per
+training, minutes on 2 CPU cores for 2 objectives x 3 seeds) and `gpu` (the demo's network, 60 epochs of 64 steps
+of 128 images). Trainings run in `--jobs` processes at once (single-threaded on a CPU machine by default).
 """
 import argparse
 import concurrent.futures
