@@ -23,9 +23,9 @@ PRESETS = {
     "reference": dict(arch="vit_small", patch_size=16, global_crop_size=224, local_crop_size=96, out_dim=65536,
                       local_crops_number=10, batch_size_per_gpu=128, epochs=100, final_eval=False),
     # A tiny ViT (64-d, 4 blocks, 4 heads, patch 4: an 8 x 8 grid) pre-trained on 1024 generated scenes (udi.scenes,
-    # labels unused), 256 steps of 32 images: a few minutes on 2 CPU cores. What keeps the cls head out of collapse
-    # (benchmarks/NOTES.md, "The demo learns"): objects whose silhouette is the view-invariant content, a sharp and
-    # fast teacher (0.02, momentum 0.97; at 0.03-0.04 it drifts to uniform), K = 256 and global crops of 40-100 %.
+    # labels unused), 256 steps of 32 images: a few minutes on 2 CPU cores. The teacher is sharp and fast (0.02,
+    # momentum 0.97; at 0.03-0.04 its cls targets drift to uniform), K = 256, global crops of 40-100 %. What the
+    # entropy logs showed for each choice, and what is still missing: benchmarks/NOTES.md, "The demo learns".
     "demo": dict(arch="vit_tiny", embed_dim=64, depth=4, num_heads=4, patch_size=4, global_crop_size=32,
                  local_crop_size=16, local_crops_number=4, global_window=2, local_window=2, out_dim=256,
                  head_hidden_dim=256, batch_size_per_gpu=32, epochs=8, warmup_epochs=1,
