@@ -159,3 +159,27 @@ def test_crops_are_floored_to_the_patch_grid_as_dino_does():
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match=r"12x40 px are smaller than one patch \(patch_size 16\)"):
         model.backbone(torch.randn(1, 3, 12, 40))
+
+
+def test_one_class_token_has_dino_vits_parameters_and_tokens():
+    """--objective dino: cls_token [1, 1, C] and pos_embed [1, 1 + N, C] as DINO's ViT, resampled by the same rule."""
+    torch.manual_seed(2)
+    backbone = ViTBackbone("vit_tiny", PATCH, IMG, 0.0, class_tokens=1, embed_dim=C, depth=1, num_heads=HEADS)
+    assert backbone.cls_token.shape == (1, 1, C) and backbone.pos_embed.shape == (1, 1 + BASE_GRID ** 2, C)
+    backbone = backbone.double()
+    images = torch.randn(2, 3, 96, 80, dtype=torch.float64)
+    pos = backbone.pos_embed.detach().double()
+    two_token_layout = torch.cat([pos[:, :1], pos], 1)  # expected_pos_embed reads the patches after two entries
+    expected_pos = expected_pos_embed(two_token_layout, 6, 5)[1:]
+    x = images.numpy()
+    patches = x.reshape(2, 3, 6, PATCH, 5, PATCH)
+    weight = backbone.vit.patch_embed.proj.weight.detach().numpy()
+    embedded = np.einsum("bcrpkq,ocpq->brko", patches, weight).reshape(2, 30, C)
+    embedded = embedded + backbone.vit.patch_embed.proj.bias.detach().numpy()
+    cls = np.broadcast_to(backbone.cls_token.detach().numpy(), (2, 1, C))
+    np.testing.assert_allclose(backbone.tokens(images).detach().numpy(),
+                               np.concatenate([cls, embedded], 1) + expected_pos, rtol=0, atol=1e-10)
+    out = backbone(images)
+    assert out.cls_plus is None and out.cls.shape == (2, C) and out.patch.shape == (2, 30, C)
+    with pytest.raises(ValueError, match="class_tokens must be 1"):
+        ViTBackbone("vit_tiny", PATCH, IMG, class_tokens=3, embed_dim=C, depth=1, num_heads=HEADS)

@@ -240,7 +240,8 @@ def test_eval_linear_runs_on_a_checkpoint(tmp_path):
     torch.save({"args": vars(args), "teacher": build_model(args).state_dict()}, path)
     results = eval_linear.main(["--pretrained_weights", str(path), "--epochs", "10"])
     assert set(results) == {"cls", "cls+", "cls ‖ cls+"}
-    assert all(20 < accuracy <= 100 for accuracy in results.values()), results  # 10 classes: chance is 10 %
+    # a random network on the generated scenes: about chance (10 classes), far from the 90 % of separable features
+    assert all(0 <= accuracy < 40 for accuracy in results.values()), results
 
 
 def test_teacher_entropies_tell_the_collapses_apart():
@@ -344,3 +345,42 @@ def test_teacher_is_deterministic_while_the_student_drops_paths(tmp_path):
     with torch.no_grad():
         assert torch.equal(teacher.backbone(images).patch, teacher.backbone(images).patch)
         assert not torch.allclose(student.backbone(images).patch, student.backbone(images).patch)
+
+
+# ---- the DINO objective and the embedded evaluation (issue 12) -----------------------------------------------
+
+def test_dino_objective_trains_one_class_token_without_srs_head(tmp_path, capsys):
+    from udi.eval_scenes import evaluate
+    # a sharp, fast teacher: the loss falls within a few epochs (on 16 images it climbs again later)
+    args = tiny_args(tmp_path, "--objective", "dino", "--epochs", "4", "--embedded_images", "16", "--lr", "0.01",
+                     "--momentum_teacher", "0.9", "--warmup_teacher_temp", "0.02", "--teacher_temp", "0.02")
+    student, teacher = train_udi(args)
+    losses = [r["train_loss"] for r in read_log(tmp_path)]
+    assert len(losses) == 4 and all(np.isfinite(losses)) and np.mean(losses[-2:]) < 0.8 * losses[0], losses
+    epoch_lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch [")]
+    assert len(epoch_lines) == 4 and f"loss (DINO, cls) {losses[-1]:.4f} | teacher entropy" in epoch_lines[-1]
+    assert not hasattr(student, "srs")
+    assert teacher.backbone.cls_token.shape == (1, 1, 32) and teacher.backbone.pos_embed.shape == (1, 1 + 16, 32)
+    out = teacher.backbone(torch.randn(2, 3, 32, 32))
+    assert out.cls_plus is None and out.patch.shape == (2, 16, 32)
+    checkpoint = torch.load(tmp_path / "checkpoint.pth", weights_only=False)
+    assert "dino_loss" in checkpoint and "udi_loss" not in checkpoint
+    assert torch.isfinite(checkpoint["dino_loss"]["center"]).all()
+    metrics = evaluate(teacher.backbone, 32, torch.device("cpu"), train_count=40, test_count=20)
+    assert set(metrics) == {"knn_cls", "linear_cls", "dense_accuracy", "dense_miou"}
+    assert all(0 <= v <= 100 for v in metrics.values())
+
+
+def test_attention_maps_of_both_objectives_beside_a_random_network(tmp_path):
+    from udi.visualize import attention_grids, held_out_scenes, save_attention_maps
+    udi, dino = (build_model(tiny_args(tmp_path, "--objective", objective, "--patch_size", "4")).backbone
+                 for objective in ("udi", "dino"))
+    pictures = held_out_scenes(2, 32)
+    assert attention_grids(udi, pictures[next(iter(pictures))][0]).shape == (2, 2, 8, 8)  # cls, cls+; 2 heads
+    grids = attention_grids(dino, pictures[next(iter(pictures))][0])
+    assert grids.shape == (1, 2, 8, 8)
+    torch.testing.assert_close(grids.sum((-2, -1)), torch.ones(1, 2), atol=0.05, rtol=0)  # most mass on patches
+    for backbone in (udi, dino):
+        paths = save_attention_maps({"trained": backbone, "random init": backbone}, tmp_path / "maps", pictures,
+                                    torch.device("cpu"))
+        assert len(paths) == 2 and all(os.path.getsize(p) > 1000 for p in paths)

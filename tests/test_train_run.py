@@ -13,7 +13,7 @@ import torch
 from test_train import read_log, tiny_args
 from udi import eval_knn, utils
 from udi.model import build_model
-from udi.train import COLLAPSE_FRACTION, get_args_parser, parse_args, seen_boxes, train_udi
+from udi.train import COLLAPSE_FRACTION, PRESETS, get_args_parser, parse_args, seen_boxes, train_udi
 from udi.train import collapse_warning as warning_for
 
 # ---- crop and patch sizes --------------------------------------------------------------------------------
@@ -52,7 +52,8 @@ def test_evaluation_image_sizes_floor_like_training(tmp_path, capsys):
     path = tmp_path / "checkpoint.pth"
     torch.save({"args": vars(args), "teacher": build_model(args).state_dict()}, path)
     eval_knn.main(["--pretrained_weights", str(path), "--image_size", "36", "--nb_knn", "5"])
-    assert re.search(r"5-NN top-1 on scikit-learn's digits \(1257 train, 540 val images\): cls \d+\.\d\d %",
+    assert re.search(r"5-NN top-1 on the generated scenes \(2048 train, 512 val images\): cls \d+\.\d\d %, "
+                     r"cls\+ \d+\.\d\d %$",
                      capsys.readouterr().out)
     with pytest.raises(ValueError, match=r"4x4 px are smaller than one patch \(patch_size 8\)"):
         eval_knn.main(["--pretrained_weights", str(path), "--image_size", "4", "--nb_knn", "5"])
@@ -68,7 +69,8 @@ def test_every_flag_has_help_and_help_shows_the_active_presets_defaults():
     for action in get_args_parser()._actions:
         assert action.help and action.help != argparse.SUPPRESS, action.option_strings
     assert "images per process (per GPU) (default: 128)" in help_text("reference")
-    assert "images per process (per GPU) (default: 64)" in help_text("demo")
+    assert f"images per process (per GPU) (default: {PRESETS['demo']['batch_size_per_gpu']})" in help_text("demo")
+    assert "--objective {udi,dino}" in help_text("demo")
     assert "the defaults shown are those of --preset reference" in help_text("reference").lower()
 
 

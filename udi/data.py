@@ -31,6 +31,11 @@ EMBEDDED_IMAGES = ("astronaut", "brick", "camera", "cat", "chelsea", "clock", "c
                    "rocket", "text", "cell")
 
 
+def normalize(images: Tensor) -> Tensor:
+    """[..., 3, H, W] in [0, 1] -> normalised with the ImageNet statistics (as every view)."""
+    return TF.normalize(images, IMAGENET_MEAN, IMAGENET_STD)
+
+
 class Crop(NamedTuple):
     top: int
     left: int
@@ -127,7 +132,7 @@ def photometric(gen, image, policy: PhotometricPolicy, blur_sigma=DINO_BLUR_SIGM
         image = gaussian_blur(gen, image, blur_sigma)
     if _uniform(gen, 0, 1) < policy.solarize:
         image = TF.solarize(image, threshold=0.5)
-    return TF.normalize(image.clamp(0, 1), IMAGENET_MEAN, IMAGENET_STD)
+    return normalize(image.clamp(0, 1))
 
 
 class MultiCropAugmentation:
@@ -228,32 +233,22 @@ def eval_transform(size: int):
     """Deterministic evaluation view: resize the short side, centre crop, normalise."""
     def transform(picture):
         image = TF.resize(to_float_image(picture), [size], antialias=True)
-        return TF.normalize(TF.center_crop(image, [size, size]), IMAGENET_MEAN, IMAGENET_STD)
+        return normalize(TF.center_crop(image, [size, size]))
     return transform
 
 
-def digits_split(train: bool, test_fraction: float = 0.3, seed: int = 0):
-    """scikit-learn's 8x8 digits (1797 images, 10 classes), a fixed split: images [n, 1, 8, 8] in [0, 1], labels."""
-    from sklearn.datasets import load_digits
-    digits = load_digits()
-    order = np.random.default_rng(seed).permutation(len(digits.target))
-    cut = int(len(order) * (1 - test_fraction))
-    chosen = order[:cut] if train else order[cut:]
-    return torch.from_numpy(digits.images[chosen]).float()[:, None] / 16.0, torch.from_numpy(digits.target[chosen])
+SCENES_SEED = 0  # the generated data are the same for every training seed
 
 
-def resized_digits(images: Tensor, size: int) -> Tensor:
-    """[n, 1, 8, 8] -> [n, 3, size, size] in [0, 1]."""
-    return TF.resize(images, [size, size], antialias=True).clamp(0, 1).expand(-1, 3, -1, -1)
+class SceneDataset(torch.utils.data.Dataset):
+    """Generated scenes (udi.scenes) of one split, `count` of them at `size` pixels: items are (normalised image
+    [3, size, size], image label); `pixel_labels` [count, size, size] holds the per-pixel classes (0 background,
+    1 + shape class)."""
 
-
-class DigitsDataset(torch.utils.data.Dataset):
-    """The digits as labelled, normalised [3, size, size] images (the k-NN and linear-probe check)."""
-
-    def __init__(self, train: bool, size: int = 32):
-        images, labels = digits_split(train)
-        self.images = TF.normalize(resized_digits(images, size), IMAGENET_MEAN, IMAGENET_STD)
-        self.labels = labels.long()
+    def __init__(self, split: str, count: int, size: int = 32):
+        from .scenes import generate_scenes
+        images, self.labels, self.pixel_labels = generate_scenes(count, size, split, SCENES_SEED)
+        self.images = normalize(images)
 
     def __len__(self):
         return len(self.labels)
@@ -262,25 +257,30 @@ class DigitsDataset(torch.utils.data.Dataset):
         return self.images[index], self.labels[index]
 
 
-def labelled_dataset(path, train: bool, size: int):
-    """An ImageFolder `path/{train,val}` (or `path` itself for both) or, with path None, the embedded digits."""
+SCENES_HELD_OUT = 512  # held-out scenes of the evaluation
+
+
+def labelled_dataset(path, train: bool, size: int, train_count: int = 2048):
+    """An ImageFolder `path/{train,val}` (or `path` itself for both) or, with path None, the generated scenes: the
+    first `train_count` of the train split, or the held-out split."""
     if path is None:
-        return DigitsDataset(train=train, size=size)
+        return SceneDataset("train" if train else "val", train_count if train else SCENES_HELD_OUT, size)
     import os
     from torchvision.datasets import ImageFolder
     split = os.path.join(path, "train" if train else "val")
     return ImageFolder(split if os.path.isdir(split) else path, transform=eval_transform(size))
 
 
-def pretraining_dataset(path, augmentation: MultiCropAugmentation, seed: int, embedded: str = "images",
-                        embedded_length: int = 512, embedded_size: int = 128):
-    """ImageFolder at `path`, or with path None embedded data: "images", scikit-image's sample images, or "digits",
-    the digits' train split without labels (the k-NN check uses the held-out split)."""
+def pretraining_dataset(path, augmentation: MultiCropAugmentation, seed: int, embedded: str = "scenes",
+                        embedded_length: int = 2048, embedded_size: int = 128):
+    """ImageFolder at `path`, or with path None embedded data: "scenes", the generated scenes' train split without
+    labels (evaluation uses the held-out split), or "images", regions of scikit-image's sample images."""
     if path is not None:
         from torchvision.datasets import ImageFolder
         images = ImageFolder(path)
-    elif embedded == "digits":
-        images = resized_digits(digits_split(train=True)[0], 32)
+    elif embedded == "scenes":
+        from .scenes import generate_scenes
+        images = generate_scenes(embedded_length, augmentation.global_size, "train", SCENES_SEED)[0]
     else:
         images = EmbeddedImages(length=embedded_length, size=embedded_size, seed=seed)
     return MultiCropDataset(images, augmentation, seed=seed)

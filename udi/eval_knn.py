@@ -1,5 +1,6 @@
 """Weighted k-NN on frozen cls / cls+ features (DINO's protocol): `python -m udi.eval_knn --pretrained_weights
-out/checkpoint.pth [--data_path /imagenet]` (ImageFolder with train/ and val/; default: scikit-learn's digits)."""
+out/checkpoint.pth [--data_path /imagenet]` (ImageFolder with train/ and val/; default: the generated scenes,
+udi.scenes). cls+ results are absent for a backbone with one class token (--objective dino)."""
 import argparse
 
 import torch
@@ -11,16 +12,17 @@ from .utils import load_checkpoint
 
 @torch.no_grad()
 def extract_features(backbone, dataset, device, batch_size=128):
-    """-> (cls [N, C], cls_plus [N, C]) L2-normalised, labels [N]."""
+    """-> (cls [N, C], cls_plus [N, C] or None with one class token) L2-normalised, labels [N]."""
     backbone.eval()
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
     cls, cls_plus, labels = [], [], []
     for images, targets in loader:
         out = backbone(images.to(device))
         cls.append(F.normalize(out.cls.float(), dim=-1).cpu())
-        cls_plus.append(F.normalize(out.cls_plus.float(), dim=-1).cpu())
+        if out.cls_plus is not None:
+            cls_plus.append(F.normalize(out.cls_plus.float(), dim=-1).cpu())
         labels.append(torch.as_tensor(targets))
-    return torch.cat(cls), torch.cat(cls_plus), torch.cat(labels)
+    return torch.cat(cls), torch.cat(cls_plus) if cls_plus else None, torch.cat(labels)
 
 
 def knn_classify(train_features, train_labels, test_features, test_labels, k=20, temperature=0.07):
@@ -40,7 +42,7 @@ def split_features(backbone, data_path, image_size, device):
 
 
 def data_name(data_path) -> str:
-    return data_path or "scikit-learn's digits"
+    return data_path or "the generated scenes"
 
 
 def knn_accuracies(backbone, data_path, image_size, device, k=20, temperature=0.07) -> dict:
@@ -48,7 +50,7 @@ def knn_accuracies(backbone, data_path, image_size, device, k=20, temperature=0.
     data, train_images, val_images)."""
     train, test = split_features(backbone, data_path, image_size, device)
     accuracies = {name: knn_classify(train[i], train[2], test[i], test[2], k, temperature)
-                  for i, name in enumerate(("cls", "cls_plus"))}
+                  for i, name in enumerate(("cls", "cls_plus")) if train[i] is not None}
     return dict(accuracies, k=k, data=data_name(data_path), train_images=len(train[2]), val_images=len(test[2]))
 
 
@@ -61,12 +63,15 @@ def load_backbone(path, checkpoint_key="teacher"):
     return model.backbone, argparse.Namespace(**checkpoint["args"])
 
 
-def checkpoint_parser(description):
-    """The arguments every evaluation takes: which checkpoint, which data, which image size."""
+def checkpoint_parser(description, data_path: bool = True):
+    """The arguments every evaluation takes: which checkpoint, which data (unless data_path=False: the generated
+    scenes only), which image size."""
     p = argparse.ArgumentParser(description)
     p.add_argument("--pretrained_weights", required=True, help="a udi.train checkpoint")
     p.add_argument("--checkpoint_key", default="teacher", help="the network to evaluate: teacher or student")
-    p.add_argument("--data_path", default=None, help="ImageFolder root (train/, val/); default: digits")
+    if data_path:
+        p.add_argument("--data_path", default=None,
+                       help="ImageFolder root (train/, val/); default: the generated scenes (udi.scenes)")
     p.add_argument("--image_size", default=None, type=int,
                    help="evaluation image side (floored to a multiple of the patch size, as in training); default: "
                         "the checkpoint's global crop size")
@@ -88,9 +93,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     train, test = checkpoint_features(args)
     for k in args.nb_knn:
-        accs = [knn_classify(train[i], train[2], test[i], test[2], k, args.temperature) for i in (0, 1)]
+        accs = [f"{name} {knn_classify(train[i], train[2], test[i], test[2], k, args.temperature):.2f} %"
+                for i, name in enumerate(("cls", "cls+")) if train[i] is not None]
         print(f"{k}-NN top-1 on {data_name(args.data_path)} ({len(train[2])} train, {len(test[2])} val images): "
-              f"cls {accs[0]:.2f} %, cls+ {accs[1]:.2f} %")
+              f"{', '.join(accs)}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """Linear probe on frozen cls / cls+ features: `python -m udi.eval_linear --pretrained_weights out/checkpoint.pth
-[--data_path /imagenet]` (ImageFolder with train/ and val/; default: scikit-learn's digits).
+[--data_path /imagenet]` (ImageFolder with train/ and val/; default: the generated scenes, udi.scenes).
 
 Features are extracted once (centre crops, no augmentation) and standardised with the train split's statistics;
 one linear classifier per feature set (cls, cls+, and both concatenated) is trained with AdamW and a cosine
@@ -13,10 +13,11 @@ from .eval_knn import checkpoint_features, checkpoint_parser
 
 
 def train_linear(features: Tensor, labels: Tensor, epochs=100, lr=1e-2, weight_decay=1e-4, batch_size=256,
-                 seed=0) -> nn.Linear:
-    """A linear classifier features [N, C] -> logits [N, num_classes], trained with cross-entropy."""
+                 seed=0, num_classes=None) -> nn.Linear:
+    """A linear classifier features [N, C] -> logits [N, num_classes] (default: labels.max() + 1), trained with
+    cross-entropy."""
     gen = torch.Generator().manual_seed(seed)
-    classifier = nn.Linear(features.shape[1], int(labels.max()) + 1)
+    classifier = nn.Linear(features.shape[1], num_classes or int(labels.max()) + 1)
     optimizer = torch.optim.AdamW(classifier.parameters(), lr=lr, weight_decay=weight_decay)
     steps_per_epoch = -(-len(labels) // batch_size)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch)
@@ -31,8 +32,12 @@ def train_linear(features: Tensor, labels: Tensor, epochs=100, lr=1e-2, weight_d
 
 
 @torch.no_grad()
+def top1_predictions(classifier: nn.Linear, features: Tensor) -> Tensor:
+    return classifier(features).argmax(1)
+
+
 def top1(classifier: nn.Linear, features: Tensor, labels: Tensor) -> float:
-    return 100.0 * (classifier(features).argmax(1) == labels).float().mean().item()
+    return 100.0 * (top1_predictions(classifier, features) == labels).float().mean().item()
 
 
 def linear_probe(train_features: Tensor, train_labels: Tensor, test_features: Tensor, test_labels: Tensor,
@@ -43,7 +48,10 @@ def linear_probe(train_features: Tensor, train_labels: Tensor, test_features: Te
     return top1(classifier, (test_features - mean) / std, test_labels)
 
 
-def feature_sets(cls: Tensor, cls_plus: Tensor) -> dict:
+def feature_sets(cls: Tensor, cls_plus) -> dict:
+    """cls, cls+ and both concatenated; cls alone when cls_plus is None (one class token)."""
+    if cls_plus is None:
+        return {"cls": cls}
     return {"cls": cls, "cls+": cls_plus, "cls ‖ cls+": torch.cat([cls, cls_plus], 1)}
 
 

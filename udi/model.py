@@ -27,14 +27,13 @@ from udi_kernels.nn import SRSAttention
 
 DINO_ARCHS = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224",
               "vit_base": "vit_base_patch16_224"}
-NUM_CLASS_TOKENS = 2  # cls, cls+
 POS_EMBED_RESAMPLING = ("reference", "timm")
 
 
 class BackboneOutput(NamedTuple):
-    cls: Tensor        # [B, C] after the final norm
-    cls_plus: Tensor   # [B, C] after the final norm
-    patch: Tensor      # [B, N, C] last block's output, before the final norm
+    cls: Tensor                 # [B, C] after the final norm
+    cls_plus: Optional[Tensor]  # [B, C] after the final norm; None for a backbone with one class token (DINO)
+    patch: Tensor               # [B, N, C] last block's output, before the final norm
 
 
 def reference_pos_embed_interpolation(patch_pos_embed: Tensor, rows: int, cols: int) -> Tensor:
@@ -56,14 +55,18 @@ class ViTBackbone(nn.Module):
 
     forward(images [B, 3, H, W]) -> BackboneOutput; H, W >= patch_size (floored to multiples of it).
     pos_embed_resampling: "reference" (DINO's rule, default) or "timm" (timm's antialiased bicubic).
+    class_tokens: 2 (cls, cls+: UDI; `cls_token [1, 2, C]`, `pos_embed [1, 2 + N, C]`) or 1 (cls: DINO;
+    `cls_token [1, 1, C]`, `pos_embed [1, 1 + N, C]`).
     """
 
     def __init__(self, arch="vit_small", patch_size=16, img_size=224, drop_path_rate=0.1,
-                 pos_embed_resampling="reference", **overrides):
+                 pos_embed_resampling="reference", class_tokens=2, **overrides):
         super().__init__()
         if pos_embed_resampling not in POS_EMBED_RESAMPLING:
             raise ValueError(f"pos_embed_resampling must be one of {POS_EMBED_RESAMPLING}, "
                              f"got {pos_embed_resampling!r}")
+        if class_tokens not in (1, 2):
+            raise ValueError(f"class_tokens must be 1 (DINO) or 2 (UDI), got {class_tokens}")
         if img_size < patch_size:
             raise ValueError(f"img_size ({img_size}) must be at least patch_size ({patch_size})")
         overrides = {k: v for k, v in overrides.items() if v is not None}
@@ -72,18 +75,18 @@ class ViTBackbone(nn.Module):
                                      pos_embed="none", dynamic_img_size=True, drop_path_rate=drop_path_rate,
                                      **overrides)
         self.embed_dim, self.num_heads = self.vit.embed_dim, self.vit.blocks[0].attn.num_heads
-        self.patch_size, self.grid_size = patch_size, img_size // patch_size
+        self.patch_size, self.grid_size, self.class_tokens = patch_size, img_size // patch_size, class_tokens
         self.pos_embed_resampling = pos_embed_resampling
-        self.cls_token = nn.Parameter(torch.zeros(1, NUM_CLASS_TOKENS, self.embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, NUM_CLASS_TOKENS + self.grid_size ** 2, self.embed_dim))
+        self.cls_token = nn.Parameter(torch.zeros(1, class_tokens, self.embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, class_tokens + self.grid_size ** 2, self.embed_dim))
         trunc_normal_(self.pos_embed, std=0.02)
         trunc_normal_(self.cls_token, std=0.02)
 
     def position_embedding(self, rows: int, cols: int) -> Tensor:
-        """[1, 2 + rows*cols, C]: the class tokens' entries, then the patch part resampled to rows x cols."""
+        """[1, class_tokens + rows*cols, C]: the class tokens' entries, then the patch part resampled to rows x cols."""
         if (rows, cols) == (self.grid_size, self.grid_size):
             return self.pos_embed
-        prefix, patch = self.pos_embed[:, :NUM_CLASS_TOKENS], self.pos_embed[:, NUM_CLASS_TOKENS:]
+        prefix, patch = self.pos_embed[:, :self.class_tokens], self.pos_embed[:, self.class_tokens:]
         if self.pos_embed_resampling == "timm":
             patch = resample_abs_pos_embed(patch, new_size=[rows, cols], old_size=[self.grid_size] * 2,
                                            num_prefix_tokens=0)
@@ -92,7 +95,8 @@ class ViTBackbone(nn.Module):
         return torch.cat([prefix, patch], 1)
 
     def tokens(self, images: Tensor) -> Tensor:
-        """images [B, 3, H, W] -> embedded tokens [B, 2 + (H // p) * (W // p), C] before the first block."""
+        """images [B, 3, H, W] -> embedded tokens [B, class_tokens + (H // p) * (W // p), C] before the first
+        block."""
         p = self.patch_size
         rows, cols = images.shape[-2] // p, images.shape[-1] // p
         if rows == 0 or cols == 0:
@@ -104,12 +108,13 @@ class ViTBackbone(nn.Module):
 
     def forward(self, images: Tensor) -> BackboneOutput:
         x = self.vit.blocks(self.tokens(images))
-        prefix = self.vit.norm(x[:, :NUM_CLASS_TOKENS])
-        return BackboneOutput(prefix[:, 0], prefix[:, 1], x[:, NUM_CLASS_TOKENS:])
+        k = self.class_tokens
+        prefix = self.vit.norm(x[:, :k])
+        return BackboneOutput(prefix[:, 0], prefix[:, 1] if k == 2 else None, x[:, k:])
 
     @torch.no_grad()
     def last_attention(self, images: Tensor) -> Tensor:
-        """Attention probabilities of the last block, [B, H, 2 + N, 2 + N]."""
+        """Attention probabilities of the last block, [B, H, class_tokens + N, class_tokens + N]."""
         x = self.tokens(images)
         for block in self.vit.blocks[:-1]:
             x = block(x)
@@ -244,15 +249,37 @@ class UDIModel(nn.Module):
                             mask_local, alpha)
 
 
-def build_model(args, teacher: bool = False) -> UDIModel:
+class DINOModel(nn.Module):
+    """DINO's network on the same backbone, with one class token: backbone + DINO head on cls (no SRS head)."""
+
+    def __init__(self, backbone: ViTBackbone, head: DINOHead):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, global_crops: Tensor, local_crops) -> Tensor:
+        """global_crops [2B, 3, Hg, Wg], local_crops [LB, 3, Hl, Wl] or None -> logits [(2 + L)B, K] crop-major."""
+        cls = [self.backbone(global_crops).cls]
+        if local_crops is not None:
+            cls.append(self.backbone(local_crops).cls)
+        return self.head(torch.cat(cls))
+
+    @torch.no_grad()
+    def teacher_targets(self, global_crops: Tensor) -> Tensor:
+        """-> the teacher's cls logits [2B, K], crop-major."""
+        return self.head(self.backbone(global_crops).cls)
+
+
+def build_model(args, teacher: bool = False):
     """The student (stochastic depth at --drop_path_rate) or, with teacher=True, the teacher: no stochastic layer,
-    so its targets are a deterministic function of the input (as in DINO, iBOT and the reference)."""
+    so its targets are a deterministic function of the input (as in DINO, iBOT and the reference).
+    `args.objective` "udi" (the default) -> UDIModel, "dino" -> DINOModel."""
+    dino = getattr(args, "objective", "udi") == "dino"
     backbone = ViTBackbone(args.arch, args.patch_size, args.global_crop_size, 0.0 if teacher else args.drop_path_rate,
-                           args.pos_embed_resampling, embed_dim=args.embed_dim, depth=args.depth,
-                           num_heads=args.num_heads)
+                           args.pos_embed_resampling, class_tokens=1 if dino else 2, embed_dim=args.embed_dim,
+                           depth=args.depth, num_heads=args.num_heads)
     head = DINOHead(backbone.embed_dim, args.out_dim, args.norm_last_layer, args.head_hidden_dim,
                     args.head_bottleneck_dim)
-    return UDIModel(backbone, head)
+    return (DINOModel if dino else UDIModel)(backbone, head)
 
 
 # ---- the reference's checkpoints --------------------------------------------------------------------------

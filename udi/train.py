@@ -13,7 +13,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from udi_kernels import PairTaps, SampledPairs, stratified_sample
-from udi_kernels.losses import UDILoss
+from udi_kernels.losses import DINOLoss, UDILoss
 
 from . import utils
 from .data import MultiCropAugmentation, ShardedBatchSampler, collate_multicrop, pretraining_dataset
@@ -23,17 +23,16 @@ PRESETS = {
     # ViT-S/16 as in the reference's ImageNet run.
     "reference": dict(arch="vit_small", patch_size=16, global_crop_size=224, local_crop_size=96, out_dim=65536,
                       local_crops_number=10, batch_size_per_gpu=128, epochs=100, final_eval=False),
-    # A tiny ViT pre-trained on scikit-learn's digits (train split, labels unused): a few minutes on 2 CPU cores.
-    # 228 steps from a random network whose centred cls logits barely differ between images (about 0.03 where
-    # DINO's teacher temperature is 0.04): at 0.04 the teacher is uniform after ~10 steps and the run learns little.
-    # A sharper teacher (0.02) and a faster one (momentum 0.97) keep the patch targets informative and learn more;
-    # the cls head still collapses at this scale (README, "Training").
-    "demo": dict(arch="vit_tiny", embed_dim=96, depth=4, num_heads=3, patch_size=8, global_crop_size=32,
-                 local_crop_size=16, local_crops_number=4, global_window=2, local_window=1, out_dim=1024,
-                 head_hidden_dim=256, batch_size_per_gpu=64, epochs=12, warmup_epochs=2,
-                 warmup_teacher_temp=0.02, teacher_temp=0.02, warmup_teacher_temp_epochs=0, lr=0.005,
-                 momentum_teacher=0.97, drop_path_rate=0.0, embedded_data="digits",
-                 num_workers=0, saveckp_freq=0, output_dir="udi_demo_output", final_eval=True),
+    # A tiny ViT (64-d, 4 blocks, 4 heads, patch 4: an 8 x 8 grid) pre-trained on 1024 generated scenes (udi.scenes,
+    # labels unused), 256 steps of 32 images: a few minutes on 2 CPU cores. The teacher is sharp and fast (0.02,
+    # momentum 0.97; at 0.03-0.04 its cls targets drift to uniform), K = 256, global crops of 40-100 %. What the
+    # entropy logs showed for each choice, and what is still missing: benchmarks/NOTES.md, "The demo learns".
+    "demo": dict(arch="vit_tiny", embed_dim=64, depth=4, num_heads=4, patch_size=4, global_crop_size=32,
+                 local_crop_size=16, local_crops_number=4, global_window=2, local_window=2, out_dim=256,
+                 head_hidden_dim=256, batch_size_per_gpu=32, epochs=8, warmup_epochs=1,
+                 warmup_teacher_temp=0.02, teacher_temp=0.02, warmup_teacher_temp_epochs=0, lr=0.01,
+                 momentum_teacher=0.97, drop_path_rate=0.0, global_crops_scale=(0.4, 1.0), embedded_data="scenes",
+                 embedded_images=1024, num_workers=0, saveckp_freq=0, output_dir="udi_demo_output", final_eval=True),
 }
 
 
@@ -55,6 +54,9 @@ def get_args_parser(preset: str = "demo"):
     p.add_argument("--preset", default=preset, choices=sorted(PRESETS),
                    help="a set of defaults: demo (a tiny ViT on embedded data, minutes on a CPU) or reference "
                         "(ViT-S/16 on ImageNet as in the reference)")
+    p.add_argument("--objective", default="udi", choices=["udi", "dino"],
+                   help="udi: UDI's loss (cls, cls+, SRS patch terms); dino: DINO's cls loss alone on the same "
+                        "backbone with one class token and no SRS head (same data, crops and schedules)")
     model = p.add_argument_group("model")
     model.add_argument("--arch", default="vit_small", help="a DINO name (vit_tiny/small/base) or any timm vit_* name")
     model.add_argument("--patch_size", default=16, type=int,
@@ -111,19 +113,20 @@ def get_args_parser(preset: str = "demo"):
     crops.add_argument("--local_window", default=2, type=int, help="SRS window on the local patch grid")
     misc = p.add_argument_group("data, output, evaluation")
     misc.add_argument("--data_path", help="ImageFolder root of the training images; without it: embedded data")
-    misc.add_argument("--embedded_data", default="images", choices=["images", "digits"],
-                      help="without --data_path: scikit-image's sample images or scikit-learn's digits (train "
-                           "split)")
-    misc.add_argument("--embedded_images", default=512, type=int, help="dataset length of --embedded_data images")
+    misc.add_argument("--embedded_data", default="scenes", choices=["scenes", "images"],
+                      help="without --data_path: generated labelled scenes (train split; udi.scenes) or regions of "
+                           "scikit-image's sample images")
+    misc.add_argument("--embedded_images", default=2048, type=int, help="dataset length of --embedded_data")
     misc.add_argument("--output_dir", default=".", help="checkpoint.pth, log.txt, args.json and the evaluation's files")
     misc.add_argument("--saveckp_freq", default=20, type=int,
                       help="also keep checkpointNNNN.pth every this many epochs; 0: never")
     misc.add_argument("--seed", default=0, type=int, help="seed of the initialisation, the views and the sampling")
     misc.add_argument("--num_workers", default=10, type=int, help="data-loader worker processes")
     misc.add_argument("--final_eval", default=False, type=str2bool,
-                      help="after training: k-NN (cls, cls+) vs a random network, attention PNGs")
-    misc.add_argument("--knn_data_path", help="labelled ImageFolder (train/, val/) for the final k-NN; without it: "
-                                              "scikit-learn's digits")
+                      help="after training: udi.eval_scenes (k-NN, linear, dense probes) of the teacher and of a "
+                           "random network, attention PNGs of both")
+    misc.add_argument("--knn_data_path",
+                      help="labelled ImageFolder (train/, val/) for an extra final k-NN beside the scenes' evaluation")
     p.set_defaults(**PRESETS[preset])
     return p
 
@@ -191,10 +194,25 @@ def sample_pairs(boxes, args, seed, rank, world_size) -> SampledPairs:
     return SampledPairs(*(PairTaps(*(t[mine] for t in taps)) for taps in pairs))
 
 
-def build_loss(args) -> UDILoss:
-    """UDILoss (UDI_SPEC §5); its centers update inside forward, after the loss, from the step's teacher rows."""
-    return UDILoss(args.out_dim, 2 + args.local_crops_number, args.warmup_teacher_temp, args.teacher_temp,
-                   args.warmup_teacher_temp_epochs, args.epochs)
+class DINOObjective(DINOLoss):
+    """DINOLoss returning (loss, parts) like UDILoss, parts = {"cls": the loss}."""
+
+    def forward(self, student_output, teacher_output, epoch):
+        loss = super().forward(student_output, teacher_output, epoch)
+        return loss, {"cls": loss.detach()}
+
+
+def build_loss(args):
+    """UDILoss (UDI_SPEC §5) or, with --objective dino, DINO's cls loss; their centers update inside forward,
+    after the loss, from the step's teacher rows."""
+    loss = DINOObjective if args.objective == "dino" else UDILoss
+    return loss(args.out_dim, 2 + args.local_crops_number, args.warmup_teacher_temp, args.teacher_temp,
+                args.warmup_teacher_temp_epochs, args.epochs)
+
+
+def loss_state_key(args) -> str:
+    """The checkpoint entry of the loss's state (its centers): "udi_loss" or "dino_loss"."""
+    return f"{args.objective}_loss"
 
 
 def train_udi(args, stop_after_epoch=None):
@@ -226,7 +244,7 @@ def train_udi(args, stop_after_epoch=None):
     student_ddp = torch.nn.parallel.DistributedDataParallel(student) if world_size > 1 else student
 
     # ============ loss, optimizer, schedules ... ============
-    udi_loss = build_loss(args).to(device)
+    loss_module = build_loss(args).to(device)
     optimizer = torch.optim.AdamW(utils.param_groups(student))
     dtype = autocast_dtype(args, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -240,7 +258,8 @@ def train_udi(args, stop_after_epoch=None):
     # ============ optionally resume ... ============
     checkpoint_path = os.path.join(args.output_dir, "checkpoint.pth")
     checkpoint = utils.restart_from_checkpoint(checkpoint_path, student=student, teacher=teacher,
-                                               optimizer=optimizer, udi_loss=udi_loss, scaler=scaler)
+                                               optimizer=optimizer, scaler=scaler,
+                                               **{loss_state_key(args): loss_module})
     start_epoch, log = (checkpoint["epoch"], checkpoint["log"]) if checkpoint else (0, [])
     if checkpoint:
         utils.set_rng_state(checkpoint["rng"][rank])
@@ -253,12 +272,12 @@ def train_udi(args, stop_after_epoch=None):
         sampler.set_epoch(epoch)
         dataset.set_epoch(epoch)
         epoch_start = time.time()
-        stats = train_one_epoch(student_ddp, teacher, udi_loss, loader, optimizer, scaler, schedules, epoch, args,
+        stats = train_one_epoch(student_ddp, teacher, loss_module, loader, optimizer, scaler, schedules, epoch, args,
                                 device, dtype, rank, world_size)
         record = {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch}
         log.append(record)
         # checkpoint first, then log.txt: a run killed in between resumes with log.txt rebuilt from the checkpoint
-        save_checkpoint(args, student, teacher, optimizer, udi_loss, scaler, epoch + 1, world_size, log)
+        save_checkpoint(args, student, teacher, optimizer, loss_module, scaler, epoch + 1, world_size, log)
         utils.log_json(args.output_dir, record)
         if utils.is_main_process():
             print(epoch_line(epoch, args.epochs, stats, time.time() - epoch_start), flush=True)
@@ -293,10 +312,15 @@ def run_summary(args, dataset, iters, world_size, device, dtype, start_epoch) ->
 
 
 def epoch_line(epoch, epochs, stats, seconds) -> str:
-    return (f"epoch [{epoch}/{epochs}] loss {stats['loss']:.4f} = (cls {stats['cls']:.4f} + cls+ "
-            f"{stats['cls_plus']:.4f} + patch {stats['patch']:.4f}) / 3 | teacher entropy "
-            f"{stats['teacher_entropy']:.3f}, batch {stats['teacher_batch_entropy']:.3f} | lr {stats['lr']:.2e} | "
-            f"{seconds:.0f} s")
+    """The epoch's persistent line: the loss (UDI's with its cls / cls+ / patch terms, or DINO's cls loss), the
+    teacher's entropies, the learning rate, the seconds."""
+    if "cls_plus" in stats:
+        loss = (f"loss {stats['loss']:.4f} = (cls {stats['cls']:.4f} + cls+ {stats['cls_plus']:.4f} + patch "
+                f"{stats['patch']:.4f}) / 3")
+    else:
+        loss = f"loss (DINO, cls) {stats['loss']:.4f}"
+    return (f"epoch [{epoch}/{epochs}] {loss} | teacher entropy {stats['teacher_entropy']:.3f}, batch "
+            f"{stats['teacher_batch_entropy']:.3f} | lr {stats['lr']:.2e} | {seconds:.0f} s")
 
 
 # collapse_warning: an epoch's mean teacher entropy above this fraction of ln K (uniform targets) or its batch
@@ -317,7 +341,7 @@ def collapse_warning(stats, out_dim):
     return None
 
 
-def train_one_epoch(student, teacher, udi_loss, loader, optimizer, scaler, schedules, epoch, args, device, dtype,
+def train_one_epoch(student, teacher, loss_module, loader, optimizer, scaler, schedules, epoch, args, device, dtype,
                     rank, world_size):
     totals = {}
     progress = tqdm(loader, desc=f"epoch [{epoch}/{args.epochs}]", disable=not utils.is_main_process(), leave=False)
@@ -331,14 +355,19 @@ def train_one_epoch(student, teacher, udi_loss, loader, optimizer, scaler, sched
         views = [v.to(device, non_blocking=True) for v in views]
         global_crops = torch.cat(views[:2])
         local_crops = torch.cat(views[2:]) if len(views) > 2 else None
-        pairs = sample_pairs(boxes.to(device), args, utils.step_seed(args.seed, it), rank, world_size)
 
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            targets = teacher.teacher_targets(global_crops, pairs, args.alpha)
-            outputs = student(global_crops, local_crops, *student_taps(pairs))
+            if args.objective == "udi":
+                pairs = sample_pairs(boxes.to(device), args, utils.step_seed(args.seed, it), rank, world_size)
+                targets = teacher.teacher_targets(global_crops, pairs, args.alpha)
+                outputs = student(global_crops, local_crops, *student_taps(pairs))
+                teacher_cls, cls_center = targets.cls, loss_module.center_cls.center
+            else:
+                targets = teacher_cls = teacher.teacher_targets(global_crops)
+                outputs, cls_center = student(global_crops, local_crops), loss_module.center
             # before the loss, which moves the centers
-            entropies = teacher_entropies(targets.cls, udi_loss.center_cls.center, udi_loss.teacher_temp(epoch))
-            loss, parts = udi_loss(outputs, targets, epoch)
+            entropies = teacher_entropies(teacher_cls, cls_center, loss_module.teacher_temp(epoch))
+            loss, parts = loss_module(outputs, targets, epoch)
         if not math.isfinite(loss.item()):
             print(f"Loss is {loss.item()}, stopping training", flush=True)
             sys.exit(1)
@@ -386,7 +415,7 @@ def ema_update(teacher, student, momentum):
     torch._foreach_add_(teacher_params, [p.detach() for p in student_params], alpha=1 - momentum)
 
 
-def save_checkpoint(args, student, teacher, optimizer, udi_loss, scaler, epoch, world_size, log):
+def save_checkpoint(args, student, teacher, optimizer, loss_module, scaler, epoch, world_size, log):
     """checkpoint.pth (replaced atomically), with the log records of every epoch so far (udi.utils.restore_log)."""
     rng = [None] * world_size
     if world_size > 1:
@@ -394,31 +423,40 @@ def save_checkpoint(args, student, teacher, optimizer, udi_loss, scaler, epoch, 
     else:
         rng[0] = utils.rng_state()
     state = dict(student=student.state_dict(), teacher=teacher.state_dict(), optimizer=optimizer.state_dict(),
-                 epoch=epoch, args=vars(args), udi_loss=udi_loss.state_dict(), scaler=scaler.state_dict(), rng=rng,
-                 log=log)
+                 epoch=epoch, args=vars(args), scaler=scaler.state_dict(), rng=rng, log=log,
+                 **{loss_state_key(args): loss_module.state_dict()})
     utils.save_on_master(state, os.path.join(args.output_dir, "checkpoint.pth"))
     if args.saveckp_freq and epoch % args.saveckp_freq == 0:
         utils.save_on_master(state, os.path.join(args.output_dir, f"checkpoint{epoch:04}.pth"))
 
 
 def final_report(args, teacher, device):
-    """k-NN of the teacher's cls / cls+ features vs a randomly initialised network, and attention PNGs."""
+    """The embedded evaluation (udi.eval_scenes: k-NN and linear probe on cls / cls+, dense probe) of the teacher
+    and of a randomly initialised network, and attention PNGs of both on held-out scenes."""
     from .eval_knn import knn_accuracies
-    from .visualize import save_attention_maps
+    from .data import SCENES_HELD_OUT
+    from .eval_scenes import TRAIN_SCENES, evaluate, print_metrics
+    from .visualize import held_out_scenes, save_attention_maps
     utils.fix_random_seeds(args.seed + 1)
-    random_net = build_model(args).backbone.to(device)
+    backbones = {"teacher": teacher.backbone, "random init": build_model(args).backbone.to(device)}
     report = {}
-    for name, backbone in (("teacher", teacher.backbone), ("random init", random_net)):
-        r = report[name] = knn_accuracies(backbone, args.knn_data_path, args.global_crop_size, device)
-        print(f"{r['k']}-NN top-1 on {r['data']} ({r['train_images']} train, {r['val_images']} held-out images), "
-              f"{name}: cls {r['cls']:.1f} %, cls+ {r['cls_plus']:.1f} %")
-    paths = save_attention_maps(teacher.backbone, os.path.join(args.output_dir, "attention"),
-                                args.global_crop_size, device)
+    for name, backbone in backbones.items():
+        report[name] = evaluate(backbone, args.global_crop_size, device)
+        print(f"{name}, {SCENES_HELD_OUT} held-out scenes (probes fit on {TRAIN_SCENES} train scenes, "
+              f"k-NN k = 20): ", end="")
+        print_metrics(report[name])
+        if args.knn_data_path:
+            r = report[name]["knn_data_path"] = knn_accuracies(backbone, args.knn_data_path, args.global_crop_size,
+                                                               device)
+            print(f"{r['k']}-NN top-1 on {r['data']} ({r['train_images']} train, {r['val_images']} held-out "
+                  f"images), {name}: " + ", ".join(f"{t} {r[t]:.1f} %" for t in ("cls", "cls_plus") if t in r))
+    paths = save_attention_maps(backbones, os.path.join(args.output_dir, "attention"),
+                                held_out_scenes(4, args.global_crop_size), device)
     print(f"attention maps: {', '.join(paths)}")
     path = os.path.join(args.output_dir, "final_eval.json")
     with open(path, "w") as f:
         json.dump(report, f, indent=1)
-    print(f"k-NN results: {path}")
+    print(f"evaluation results: {path}")
     return report
 
 

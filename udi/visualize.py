@@ -1,59 +1,78 @@
-"""Attention maps of the last block, from cls and from cls+, one panel per head (the paper's visualisation):
-`python -m udi.visualize --pretrained_weights out/checkpoint.pth [--image_path a.jpg ...] --output_dir maps`."""
+"""Attention maps of the last block, from cls and from cls+ to the patches, one panel per head with its colour bar,
+for a trained network and, beside it, a randomly initialised one (the paper's visualisation):
+`python -m udi.visualize --pretrained_weights out/checkpoint.pth [--image_path a.jpg ...] --output_dir maps`.
+
+Default pictures: held-out generated scenes (udi.scenes), shown with their per-pixel classes.
+"""
 import argparse
 import os
 
 import matplotlib
 import torch
 
-from .data import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from .data import IMAGENET_MEAN, IMAGENET_STD, SCENES_SEED, eval_transform, normalize
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-DEFAULT_IMAGES = ("astronaut", "chelsea", "coffee", "rocket")
+TOKEN_NAMES = ("cls", "cls+")
 
 
-def _embedded_picture(name):
-    import skimage.data
-    return getattr(skimage.data, name)()
-
-
-def attention_grids(backbone, image, patch_size):
-    """image [3, H, W] -> attention of cls and of cls+ to the patches, [2, heads, H/p, W/p]."""
+def attention_grids(backbone, image):
+    """image [3, H, W] -> attention of each class token to the patches, [class_tokens, heads, H/p, W/p]."""
     attn = backbone.last_attention(image[None])[0]
-    grid = (image.shape[-2] // patch_size, image.shape[-1] // patch_size)
-    return attn[:, :2, 2:].transpose(0, 1).reshape(2, attn.shape[0], *grid).float().cpu()
+    k = backbone.class_tokens
+    grid = (image.shape[-2] // backbone.patch_size, image.shape[-1] // backbone.patch_size)
+    return attn[:, :k, k:].transpose(0, 1).reshape(k, attn.shape[0], *grid).float().cpu()
 
 
-def plot_attention(image, grids, path):
-    heads = grids.shape[1]
-    fig, axes = plt.subplots(2, heads + 1, figsize=(2 * (heads + 1), 4.2), squeeze=False)
+def _picture(image):
     mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
-    picture = (image.cpu() * std + mean).clamp(0, 1).permute(1, 2, 0)
-    for row, token in enumerate(("cls", "cls+")):
-        axes[row, 0].imshow(picture)
-        axes[row, 0].set_title(token)
+    return (image.cpu() * std + mean).clamp(0, 1).permute(1, 2, 0)
+
+
+def plot_attention(image, networks: dict, path, pixel_labels=None):
+    """One row per (network, class token), one column per head; `networks` maps a name to its attention grids
+    [class_tokens, heads, h, w]. The first column shows the picture (and below it the pixel classes, if given)."""
+    rows = [(name, t) for name, grids in networks.items() for t in range(grids.shape[0])]
+    heads = next(iter(networks.values())).shape[1]
+    fig, axes = plt.subplots(len(rows), heads + 1, figsize=(2.4 * heads + 2, 2.1 * len(rows)), squeeze=False)
+    firsts = [_picture(image)] + ([pixel_labels] if pixel_labels is not None else [])
+    for r, (name, token) in enumerate(rows):
+        first = firsts[r % len(firsts)]
+        axes[r, 0].imshow(first, **({} if first.ndim == 3 else dict(cmap="tab20", vmin=0, vmax=19,
+                                                                      interpolation="nearest")))
+        axes[r, 0].set_title("image" if first.ndim == 3 else "pixel classes", fontsize=8)
         for h in range(heads):
-            axes[row, h + 1].imshow(grids[row, h], cmap="inferno")
-            axes[row, h + 1].set_title(f"{token} head {h}", fontsize=8)
+            panel = axes[r, h + 1].imshow(networks[name][token, h], cmap="inferno", interpolation="nearest")
+            axes[r, h + 1].set_title(f"{name}: {TOKEN_NAMES[token]}, head {h}", fontsize=8)
+            fig.colorbar(panel, ax=axes[r, h + 1], fraction=0.046, pad=0.03).ax.tick_params(labelsize=6)
     for ax in axes.flat:
-        ax.axis("off")
+        ax.set_xticks([])
+        ax.set_yticks([])
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
-def save_attention_maps(backbone, output_dir, image_size, device, pictures=None):
-    """Write one PNG per picture (default: a few embedded sample images); returns the paths."""
+def held_out_scenes(count: int, image_size: int) -> dict:
+    """The first `count` held-out scenes: name -> (normalised image [3, s, s], pixel classes [s, s])."""
+    from .scenes import SHAPES, generate_scenes
+    images, labels, pixels = generate_scenes(count, image_size, "val", SCENES_SEED)
+    return {f"scene{i}_{SHAPES[labels[i]]}": (normalize(images[i]), pixels[i]) for i in range(count)}
+
+
+def save_attention_maps(backbones: dict, output_dir, pictures: dict, device):
+    """backbones: name -> backbone (e.g. trained, random init); pictures: name -> (normalised image, pixel classes
+    or None). Writes one PNG per picture; returns the paths."""
     os.makedirs(output_dir, exist_ok=True)
-    pictures = pictures or {name: _embedded_picture(name) for name in DEFAULT_IMAGES}
-    transform, paths = eval_transform(image_size), []
-    backbone.eval()
-    for name, picture in pictures.items():
-        image = transform(picture).to(device)
+    paths = []
+    for backbone in backbones.values():
+        backbone.eval()
+    for name, (image, pixel_labels) in pictures.items():
+        grids = {net: attention_grids(backbone, image.to(device)) for net, backbone in backbones.items()}
         path = os.path.join(output_dir, f"attention_{name}.png")
-        plot_attention(image, attention_grids(backbone, image, backbone.patch_size), path)
+        plot_attention(image, grids, path, pixel_labels)
         paths.append(path)
     return paths
 
@@ -62,18 +81,27 @@ def main(argv=None):
     from PIL import Image
 
     from .eval_knn import load_backbone
+    from .model import build_model
     p = argparse.ArgumentParser("UDI attention maps")
-    p.add_argument("--pretrained_weights", required=True)
-    p.add_argument("--checkpoint_key", default="teacher")
-    p.add_argument("--image_path", nargs="*", default=None, help="default: embedded sample images")
-    p.add_argument("--image_size", default=None, type=int)
-    p.add_argument("--output_dir", default="attention")
+    p.add_argument("--pretrained_weights", required=True, help="a udi.train checkpoint")
+    p.add_argument("--checkpoint_key", default="teacher", help="teacher or student")
+    p.add_argument("--image_path", nargs="*", default=None, help="pictures; default: held-out generated scenes")
+    p.add_argument("--num_scenes", default=4, type=int, help="how many held-out scenes without --image_path")
+    p.add_argument("--image_size", default=None, type=int, help="default: the checkpoint's global crop size")
+    p.add_argument("--output_dir", default="attention", help="where the PNGs go")
+    p.add_argument("--seed", default=1, type=int, help="seed of the randomly initialised network shown beside")
     args = p.parse_args(argv)
     backbone, train_args = load_backbone(args.pretrained_weights, args.checkpoint_key)
-    pictures = {os.path.splitext(os.path.basename(f))[0]: Image.open(f).convert("RGB")
-                for f in args.image_path} if args.image_path else None
-    paths = save_attention_maps(backbone, args.output_dir, args.image_size or train_args.global_crop_size,
-                                torch.device("cpu"), pictures)
+    torch.manual_seed(args.seed)
+    backbones = {"trained": backbone, "random init": build_model(train_args).backbone}
+    size = args.image_size or train_args.global_crop_size
+    if args.image_path:
+        transform = eval_transform(size)
+        pictures = {os.path.splitext(os.path.basename(f))[0]: (transform(Image.open(f).convert("RGB")), None)
+                    for f in args.image_path}
+    else:
+        pictures = held_out_scenes(args.num_scenes, size)
+    paths = save_attention_maps(backbones, args.output_dir, pictures, torch.device("cpu"))
     print("\n".join(paths))
 
 

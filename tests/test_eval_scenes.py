@@ -1,0 +1,60 @@
+"""The generated scenes, the dense probe and the embedded evaluation (issue 12), on the CPU in a few seconds."""
+import numpy as np
+import pytest
+import torch
+
+from udi.eval_dense import accuracy_and_miou, dense_probe
+from udi.scenes import NUM_CLASSES, generate_scenes, patch_labels, render_scene
+
+
+def test_scenes_are_deterministic_labelled_and_split():
+    images, labels, pixels = generate_scenes(6, 32, "train", 0)
+    assert images.shape == (6, 3, 32, 32) and images.dtype == torch.float32
+    assert float(images.min()) >= 0 and float(images.max()) <= 1
+    assert labels.shape == (6,) and pixels.shape == (6, 32, 32)
+    assert int(pixels.min()) == 0 and int(pixels.max()) <= NUM_CLASSES
+    for i in range(6):
+        assert (pixels[i] == 1 + labels[i]).any(), "the main object is in the picture"
+    again = render_scene(np.random.default_rng([0, 0, 3]), 32)
+    assert np.array_equal(again[0], images[3].numpy()) and again[1] == labels[3]
+    held_out = generate_scenes(6, 32, "val", 0)[0]
+    assert not torch.equal(held_out, images)
+    with pytest.raises(ValueError, match="split"):
+        generate_scenes(2, 32, "test", 0)
+
+
+def test_patch_labels_take_the_most_frequent_class():
+    pixels = torch.zeros(1, 4, 4, dtype=torch.int64)
+    pixels[0, :2, :2] = torch.tensor([[3, 3], [3, 0]])  # 3 of 4 pixels: class 3
+    pixels[0, :2, 2:] = torch.tensor([[5, 0], [0, 0]])  # 1 of 4: background
+    pixels[0, 2:, :2] = torch.tensor([[2, 2], [4, 4]])  # a tie: the smaller class
+    assert patch_labels(pixels, 2).tolist() == [[[3, 0], [2, 0]]]
+
+
+def test_accuracy_and_miou_by_hand():
+    target = torch.tensor([0, 0, 1, 1, 2])
+    predicted = torch.tensor([0, 1, 1, 1, 0])
+    metrics = accuracy_and_miou(predicted, target, 4)  # class 3 absent from both: left out of the mean
+    # IoU: class 0: 1 / 3, class 1: 2 / 3, class 2: 0 / 1
+    assert metrics["accuracy"] == pytest.approx(60.0)
+    assert metrics["miou"] == pytest.approx(100 * (1 / 3 + 2 / 3 + 0) / 3)
+
+
+def _tokens(gen, n, labels, planted: bool, classes, dim=16):
+    noise = torch.randn(n, labels.shape[1], dim, generator=gen)
+    if not planted:
+        return noise
+    return noise * 0.3 + torch.nn.functional.one_hot(labels, dim).float()[..., :dim] * 2.0
+
+
+@pytest.mark.parametrize("planted", [True, False])
+def test_dense_probe_finds_a_planted_signal_and_nothing_in_noise(planted):
+    gen = torch.Generator().manual_seed(0)
+    classes, n, patches = 5, 60, 16
+    labels = torch.randint(0, classes, (2 * n, patches), generator=gen)
+    tokens = _tokens(gen, 2 * n, labels, planted, classes)
+    metrics = dense_probe(tokens[:n], labels[:n], tokens[n:], labels[n:], classes, epochs=20, batch_size=256)
+    if planted:
+        assert metrics["accuracy"] > 99 and metrics["miou"] > 98, metrics
+    else:  # chance: 20 %
+        assert 10 < metrics["accuracy"] < 30 and metrics["miou"] < 20, metrics
