@@ -16,10 +16,17 @@ progress "3/4 torch $TORCH_VERSION and torchvision (a download of a few GB the f
 # torchvision with torch, so that the resolver picks the torchvision built for this torch
 .venv/bin/python -m pip install -q "torch==$TORCH_VERSION" torchvision
 progress "4/4 udi_kernels and its test, bench and train extras: compiling the kernels takes several minutes"
-( while sleep 30; do progress "    still compiling"; done ) &
-heartbeat=$!
-trap 'kill "$heartbeat" 2>/dev/null' EXIT
-MAX_JOBS=${MAX_JOBS:-2} .venv/bin/python -m pip install -q --no-build-isolation -e ".[test,bench,train]"
-kill "$heartbeat" 2>/dev/null || true
+MAX_JOBS=${MAX_JOBS:-2} .venv/bin/python -m pip install -q --no-build-isolation -e ".[test,bench,train]" &
+build=$!
+trap 'kill "$build" 2>/dev/null || true' INT TERM
+next_heartbeat=$((SECONDS + 30))
+while kill -0 "$build" 2>/dev/null; do
+  sleep 1
+  if ((SECONDS >= next_heartbeat)); then
+    progress "    still compiling"
+    next_heartbeat=$((next_heartbeat + 30))
+  fi
+done
+wait "$build"  # the build's exit status
 progress "done"
 .venv/bin/python -c "import udi_kernels as u; print('udi_kernels', u.__version__, '| CUDA kernels compiled:', u.cuda_compiled())"

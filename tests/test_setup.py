@@ -38,3 +38,21 @@ def test_benchmark_output_folder_is_ignored_and_record_excludes_out(monkeypatch)
     monkeypatch.setattr(sys, "argv", ["bench", "--record", "--out", "elsewhere"])
     with pytest.raises(SystemExit):
         common.parse_args("bench")
+
+
+
+@pytest.mark.parametrize("build_status", [0, 3])
+def test_setup_script_exits_with_the_builds_status(tmp_path, build_status):
+    """Runs scripts/setup.sh in a copy whose .venv/bin/python is a stub: every step succeeds, and the package build
+    (the step with the progress heartbeat) takes 2 s and exits with `build_status`. The script's own control flow
+    decides the rest; it once exited 1 after a successful build (its exit trap's status)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(common.__file__)))
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "scripts" / "setup.sh").write_text(open(os.path.join(root, "scripts", "setup.sh")).read())
+    stub = tmp_path / ".venv" / "bin" / "python"
+    stub.parent.mkdir(parents=True)
+    stub.write_text(f'#!/bin/sh\ncase "$*" in *--no-build-isolation*) sleep 2; exit {build_status};; esac\nexit 0\n')
+    stub.chmod(0o755)
+    result = subprocess.run(["bash", "scripts/setup.sh"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == build_status, result.stdout + result.stderr
+    assert "4/4" in result.stdout and ("done" in result.stdout) == (build_status == 0)
