@@ -15,9 +15,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .backends import BACKENDS
-from .checks import check_float, check_int
-from .ops.distill_ce import DistillCE, PairCSR, build_csr, distill_cross_entropy_csr
+from ..backends import BACKENDS
+from ..checks import check_float, check_int
+from ..ops.distill_ce import DistillCE, PairCSR, build_csr, distill_cross_entropy_csr
 
 
 # ---- shared pieces -------------------------------------------------------------------------------------------------
