@@ -3,7 +3,7 @@ from ._native import cuda_compiled, native_loaded
 from .backends import BACKENDS
 from .ops.distill_ce import DistillCE, distill_cross_entropy
 from .ops.srs_attention import srs_attention
-from .ops.srs_sample import PairTaps, SampledPairs, stratified_sample
+from .ops.stratified_sample import PairTaps, SampledPairs, stratified_sample
 from .taps import dense_to_taps, one_hot_taps, taps_to_dense
 
 __all__ = ["BACKENDS", "DistillCE", "PairTaps", "SampledPairs", "cuda_compiled", "dense_to_taps",
