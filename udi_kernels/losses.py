@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .backends import BACKENDS
 from .checks import check_float, check_int
-from .ops.distill_ce import DistillCE, PairCSR, build_csr, distill_cross_entropy_csr
+from .ops.distill_cross_entropy import DistillCrossEntropyResult, PairCSR, build_csr, distill_cross_entropy_csr
 
 
 # ---- shared pieces -------------------------------------------------------------------------------------------------
@@ -222,7 +222,7 @@ class PairTable(NamedTuple):
 
 
 def _cross_entropy(student: Tensor, teacher: Tensor, center: Tensor, table: PairTable, tau_s: float, tau_t: float,
-                   backend: Optional[str], row_weight: Optional[Tensor] = None) -> DistillCE:
+                   backend: Optional[str], row_weight: Optional[Tensor] = None) -> DistillCrossEntropyResult:
     """One center; returns the loss and the teacher rows' (sum [1, K], count [1]); row_weight default: all 1.
 
     The pairs are built by the losses, valid by construction and cached with their CSR, so a call sorts nothing
