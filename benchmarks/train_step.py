@@ -7,7 +7,7 @@ the timm backbone alone on the same crops (the floor: everything UDI adds is ove
   teacher targets formed in the bottleneck, the fused UDILoss.
 - reference_structure: dense [S, N] maps (built on the CPU beforehand, as the reference's data loader does),
   the teacher backbone run twice, teacher local-sample logits materialised with an unused fp32 softmax, the
-  student's local SRS attention run and thrown away, the eager loss of benchmarks/distill_loss.py.
+  student's local SRS attention run and thrown away, the eager loss of benchmarks/distill_cross_entropy.py.
 - backbone: the student's timm ViT alone on every crop, forward + backward of a scalar + AdamW.
 
 GPU: ViT-S/16, B=128, L=10, K=65536, bf16 autocast; --quick stops there, otherwise a sweep over B follows.
@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common  # noqa: E402
-from benchmarks.distill_loss import eager_udi  # noqa: E402
+from benchmarks.distill_cross_entropy import eager_udi  # noqa: E402
 from udi import utils  # noqa: E402
 from udi.model import build_model, local_rows_by_target, student_taps, teacher_taps  # noqa: E402
 from udi.train import build_loss, ema_update, parse_args, sample_pairs  # noqa: E402

@@ -16,10 +16,10 @@ import udi_kernels
 from udi_kernels import backends, srs_attention, stratified_sample
 from udi_kernels.losses import DINOLoss, IBOTPatchLoss, UDILoss
 from udi_kernels.nn import SRSAttention
-from udi_kernels.reference import distill_ce as distill_reference
+from udi_kernels.reference import distill_cross_entropy as distill_reference
 from udi_kernels.reference import srs_attention as attention_reference
 
-from test_distill_ce import as_float64, assert_close_rel, make_case
+from test_distill_cross_entropy import as_float64, assert_close_rel, make_case
 from test_losses import make_udi
 
 
@@ -29,7 +29,7 @@ def available(op, device="cpu"):
             if backends.why_unavailable(b, op, torch.device(device)) is None]
 
 
-DISTILL = available("distill_ce_forward")
+DISTILL = available("distill_cross_entropy")
 ATTENTION = available("srs_attention")
 SAMPLE = available("stratified_sample")
 gpu = pytest.mark.gpu
@@ -125,7 +125,7 @@ def test_gpu_distill_index_out_of_range_skips_the_pair(backend, field, poison_em
 @pytest.mark.parametrize("backend", [b for b in DISTILL if b != "reference"])
 def test_distill_csr_with_decreasing_offsets_stays_in_bounds(backend):
     """A hand-made CSR whose offsets leave [0, P] or decrease: clamped, no crash, the same result twice."""
-    from udi_kernels.ops import distill_ce as op
+    from udi_kernels.ops import distill_cross_entropy as op
     case = make_case(4, 3, 21, 1, 5)
     csr = op.build_csr(case["pair_student"], case["pair_teacher"], case["pair_weight"], case["center_id"], 4, 1)
     csr = csr._replace(student_ptr=torch.tensor([-7, 3, 1, 99, 2]), center_ptr=torch.tensor([2, -5]),
@@ -136,7 +136,7 @@ def test_distill_csr_with_decreasing_offsets_stays_in_bounds(backend):
 
 
 def test_distill_csr_shapes_are_checked():
-    from udi_kernels.ops import distill_ce as op
+    from udi_kernels.ops import distill_cross_entropy as op
     case = make_case(4, 3, 21, 1, 5)
     csr = op.build_csr(case["pair_student"], case["pair_teacher"], case["pair_weight"], case["center_id"], 4, 1)
     with pytest.raises(ValueError, match="csr.student_ptr must have length 5"):
@@ -541,7 +541,7 @@ def test_attention_weight_gets_no_gradient(backend):
 
 
 @pytest.mark.parametrize("backend", DISTILL)
-def test_distill_centers_and_teacher_get_no_gradient(backend):
+def test_distill_cross_entropynters_and_teacher_get_no_gradient(backend):
     case = make_case(5, 4, 37, 2, 8)
     case["centers"].requires_grad_(True)
     case["teacher"].requires_grad_(True)

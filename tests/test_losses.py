@@ -13,12 +13,12 @@ from udi_kernels import backends
 from udi_kernels.losses import (DINOLoss, EMACenter, IBOTPatchLoss, UDILoss, UDIStudent, UDITeacher, blend_cls_plus,
                                 cls_plus_targets, identity_table, pair_table, scored_pairs, sinkhorn_knopp_center,
                                 teacher_temperature, update_centers)
-from udi_kernels.ops.distill_ce import csr_pair_student
+from udi_kernels.ops.distill_cross_entropy import csr_pair_student
 
 BACKENDS = ["reference"]
-if backends.why_unavailable("native", "distill_ce_forward", torch.device("cpu")) is None:
+if backends.why_unavailable("native", "distill_cross_entropy", torch.device("cpu")) is None:
     BACKENDS.append("native")
-if backends.why_unavailable("triton", "distill_ce_forward", torch.device("cpu")) is None:
+if backends.why_unavailable("triton", "distill_cross_entropy", torch.device("cpu")) is None:
     BACKENDS.append("triton")
 
 

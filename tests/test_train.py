@@ -17,7 +17,7 @@ from udi.model import DINOHead, UDIModel, ViTBackbone, build_model, form_targets
 from udi.train import collapse_warning, parse_args, sample_pairs, seen_boxes, teacher_entropies, train_udi
 from udi_kernels import PairTaps
 from udi_kernels.losses import UDILoss, UDITeacher, cls_plus_targets
-from udi_kernels.ops.distill_ce import DistillCE
+from udi_kernels.ops.distill_cross_entropy import DistillCrossEntropyResult
 
 TINY = ["--preset", "demo", "--embed_dim", "32", "--depth", "1", "--num_heads", "2", "--patch_size", "8",
         "--global_crop_size", "32", "--local_crop_size", "16", "--global_window", "2", "--local_window", "1",
@@ -314,7 +314,7 @@ class TwoRankPatchLoss(UDILoss):
             student._replace(patch=student.patch[rows]),
             targets._replace(patch=targets.patch[rows], patch_mask=targets.patch_mask[rows]), tau_t)
             for rows in torch.arange(2 * B).reshape(2, 2, B // 2).transpose(0, 1).flatten(1)]
-        return DistillCE(*(sum(values) for values in zip(*halves)))._replace(
+        return DistillCrossEntropyResult(*(sum(values) for values in zip(*halves)))._replace(
             loss=(halves[0].loss + halves[1].loss) / 2)
 
 

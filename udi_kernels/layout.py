@@ -42,7 +42,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .ops.srs_sample import SampledPairs
+from .ops.stratified_sample import SampledPairs
 from .taps import one_hot_taps
 
 GLOBAL_CROPS = 2

@@ -5,7 +5,7 @@ import torch
 from torch import Tensor, nn
 
 from ..losses import _blend_into, _cross_entropy, _identity_pairs
-from ..ops.distill_ce import DistillCE
+from ..ops.distill_cross_entropy import DistillCrossEntropyResult
 from ._fused import check_center_mean, crop_mean_pairs, update_center_buffer
 
 # The reference's student/teacher pairs, as (student crop, teacher crop) with crop-major rows of B images:
@@ -121,7 +121,7 @@ class UDILoss(nn.Module):
         return sum(w * level for w, level in zip(self.weights, totals)), parts
 
     def _cross_entropy(self, student: Tensor, teacher: Tensor, center_row: int, table, tau_t: float,
-                       row_weight: Optional[Tensor] = None) -> DistillCE:
+                       row_weight: Optional[Tensor] = None) -> DistillCrossEntropyResult:
         """One term: its loss and the center statistics (sum [1, K], count [1]) of its teacher rows."""
         center = self.centering.center[center_row:center_row + 1]
         return _cross_entropy(student, teacher, center, table, self.student_temp, tau_t, self.backend, row_weight)
@@ -153,7 +153,7 @@ class UDILoss(nn.Module):
         local_sum = local_totals.sum(0, dtype=torch.promote_types(cls.dtype, torch.float32))
         return rows[:B2], rows[B2:], local_sum, inputs.teacher_local_mask.sum(dtype=local_sum.dtype)
 
-    def _patch_term(self, inputs: "_Inputs", tau_t: float) -> DistillCE:
+    def _patch_term(self, inputs: "_Inputs", tau_t: float) -> DistillCrossEntropyResult:
         """Σ m_s·CE / Σ m_s over the global samples (student mask m_s); the teacher's mask weighs the center rows."""
         K = self.dim
         as_weights = lambda mask: mask.reshape(-1).to(torch.promote_types(mask.dtype, torch.float32))  # noqa: E731
@@ -164,7 +164,7 @@ class UDILoss(nn.Module):
                                    tau_t, as_weights(inputs.teacher_patch_mask))
 
 
-def _stats(*terms: DistillCE):
+def _stats(*terms: DistillCrossEntropyResult):
     return sum(t.center_sum for t in terms), sum(t.center_count for t in terms)
 
 

@@ -1,5 +1,5 @@
 """Pair tables: which student row meets which teacher row with what weight in a loss term, in the fused op's layout
-(a student-row CSR, udi_kernels.ops.distill_ce.PairCSR), built once per structure; and `cross_entropy`, one loss
+(a student-row CSR, udi_kernels.ops.distill_cross_entropy.PairCSR), built once per structure; and `cross_entropy`, one loss
 term on a table.
 
 Crop pairs (udi_kernels.layout) become row pairs here: student block s against teacher block t is row
@@ -13,7 +13,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from ..ops.distill_ce import DistillCE, PairCSR, build_csr, distill_cross_entropy_csr
+from ..ops.distill_cross_entropy import DistillCrossEntropyResult, PairCSR, build_csr, distill_cross_entropy_csr
 
 
 class ScoredPairs(NamedTuple):
@@ -80,7 +80,7 @@ def _table(pairs: ScoredPairs, student_rows: int, teacher_rows: int) -> PairTabl
 
 
 def cross_entropy(student: Tensor, teacher: Tensor, center: Tensor, table: PairTable, tau_s: float, tau_t: float,
-                  row_weight: Optional[Tensor] = None, *, backend: Optional[str] = None) -> DistillCE:
+                  row_weight: Optional[Tensor] = None, *, backend: Optional[str] = None) -> DistillCrossEntropyResult:
     """One loss term on one center [1, K]: Σ_p w_p · CE(softmax((t − c)/τt), log_softmax(s/τs)) over the table's
     pairs, and the teacher rows' (sum [1, K], count [1]) weighted by row_weight [Rt] (default: every row once).
 

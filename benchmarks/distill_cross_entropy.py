@@ -1,6 +1,6 @@
 """Benchmark: the fused DINO and UDI losses vs eager implementations written the reference's way (issue 4 §4).
 
-    python benchmarks/distill_loss.py [--quick] [--out DIR | --record] [--backend native|triton]
+    python benchmarks/distill_cross_entropy.py [--quick] [--out DIR | --record] [--backend native|triton]
 
 GPU: DINO (2 + 10 crops, B=128, K=65536, fp16) and UDI at UDI_SPEC §7 shapes, on the teacher's logits and on
 targets formed in the bottleneck (udi_case); median of CUDA-event times
@@ -157,7 +157,7 @@ def main():
                    results=results)
     chart = ("eager vs fused loss", [r["case"] for r in results],
              {impl: [r[impl]["fwd_bwd"]["ms"] for r in results] for impl in ("eager", "fused")}, "fwd+bwd ms (median)")
-    common.finish(args.out, "distill_loss", device, payload, chart, table_rows(results),
+    common.finish(args.out, "distill_cross_entropy", device, payload, chart, table_rows(results),
                   [("case", "case", "{}"), ("impl", "impl", "{}"), ("fwd_ms", "fwd ms", "{:.3f}"),
                    ("fwd_bwd_ms", "fwd+bwd ms", "{:.3f}"), ("speedup_fwd", "speedup fwd", "{:.1f}x"),
                    ("speedup_fwd_bwd", "fwd+bwd", "{:.1f}x"), ("gbps", "GB/s vs floor", "{:.1f}"),
