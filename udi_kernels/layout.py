@@ -18,7 +18,7 @@ A batch holds B images (per process), each cut into 2 global crops (crops 0 and 
    Every teacher tensor that exists per crop pair has row block k, rows `k * B + b`: UDITeacher.patch (k < 2),
    UDITeacher.local (block k - 2), UDITargets.cls_plus (every k). The loss orders a local crop's pairs by
    target crop g, the sampler by pair p = 1 - g: hence the flips of `local_pairs_by_target` and
-   `local_rows_by_target`.
+   `split_teacher_samples`.
 5. Taps. The student samples its global crops at the source cells of the global pairs (`student_taps`: rows
    v * B + b, student global crop v = pair v's source, one tap each). The teacher answers every pair on its
    target crop with 4 bilinear taps (`teacher_taps`), running its SRS attention once per teacher crop for all
@@ -114,13 +114,6 @@ def local_pairs_by_target(per_image: Tensor) -> Tensor:
     return per_image.flip(2).permute(1, 2, 0, *range(3, per_image.dim())).flatten(0, 2)
 
 
-def local_rows_by_target(rows: Tensor, num_local: int, local_samples: int) -> Tensor:
-    """[2B, L * Sl, D] teacher rows by pair (row p * B + b: local crop l's samples of pair p at l * Sl, as
-    teacher_taps orders them) -> [2LB, Sl, D], row (2l + g) * B + b for target crop g = pair_target(p)."""
-    pair_rows = rows.unflatten(0, (GLOBAL_CROPS, rows.shape[0] // GLOBAL_CROPS))
-    return pair_rows.unflatten(2, (num_local, local_samples)).flip(0).permute(2, 0, 1, 3, 4).flatten(0, 2)
-
-
 def sample_mask(count: Tensor, num_samples: int) -> Tensor:
     """count [...] valid samples of each pair -> mask [..., num_samples] bool (valid samples come first)."""
     return torch.arange(num_samples, device=count.device) < count[..., None]
@@ -161,6 +154,19 @@ def teacher_taps(pairs: SampledPairs) -> TeacherTaps:
                        by_pair(globals_.tgt_weight, locals_.tgt_weight),
                        sample_mask(crop_major(globals_.count), globals_.src_index.shape[-1]),
                        sample_mask(local_pairs_by_target(locals_.count), Sl))
+
+
+def split_teacher_samples(rows: Tensor, taps: TeacherTaps):
+    """The teacher's outputs at its taps, rows [2B, Sg + L * Sl, D] in TeacherTaps' order (by pair) -> UDITeacher's
+    sample fields (patch [2B, Sg, D], patch_mask [2B, Sg], local [2LB, Sl, D], local_mask [2LB, Sl]): patch row
+    v * B + b holds global pair v's samples; local row (2l + g) * B + b local crop l's samples on teacher crop g
+    (pair p = 1 - g), as local_pairs_by_target orders the masks. D is any width: logits or bottleneck vectors."""
+    global_samples, local_samples = taps.global_mask.shape[-1], taps.local_mask.shape[-1]
+    local = rows[:, global_samples:]
+    pair_rows = local.unflatten(0, (GLOBAL_CROPS, rows.shape[0] // GLOBAL_CROPS))
+    num_local = local.shape[1] // local_samples
+    local = pair_rows.unflatten(2, (num_local, local_samples)).flip(0).permute(2, 0, 1, 3, 4).flatten(0, 2)
+    return rows[:, :global_samples], taps.global_mask, local, taps.local_mask
 
 
 # ---- the UDI loss's inputs ---------------------------------------------------------------------------------------
