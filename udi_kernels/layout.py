@@ -1,17 +1,19 @@
 """The row layouts of a UDI batch, from the data loader to the loss rows, and the UDI loss's input types.
 
 A batch holds B images (per process), each cut into 2 global crops (crops 0 and 1) and L local crops (crops
-2 .. 1 + L); K is the head's output size. One crop's way through the package (UDI_SPEC §1, §2, §5):
+2 .. 1 + L); K is the head's output size, Sg / Sl the samples of a global / local pair. One crop's way through the
+package (UDI_SPEC §1, §2, §5), with the function of this module that does each step:
 
 1. Data loader (udi.data.collate_multicrop): `views`, a list of 2 + L tensors [B, 3, s, s] (one per crop), and
-   `boxes` [B, 2 + L, 4], image-major: boxes[b, c] is crop c of image b.
+   `boxes` [B, 2 + L, 4], image-major: boxes[b, c] is crop c of image b, (i0, j0, i1, j1) as in UDI_SPEC §1.
 2. Crop-major rows. The networks see the crops of a level stacked crop after crop, as in DINO: row `c * B + b`
    is crop c of image b (`stack_crops(views)`: global crops [2B, ...], local crops [LB, ...]). Whatever exists per
    image ([B, n, ...]) becomes rows the same way (`crop_major`).
-3. SRS pairs. `udi_kernels.stratified_sample(boxes)` returns SampledPairs, image-major: `globals` [B, 2] and
-   `locals` [B, L, 2]. Pair p (global or local) has the target global crop `pair_target(p) = 1 - p`: global
-   pair p goes from global crop p to global crop 1 - p; local pair p of local crop l goes from l to global crop
-   1 - p (l -> g1 first, then l -> g0). Each pair holds S samples (Sg global, Sl local), valid ones first.
+3. SRS pairs. udi.train.sample_pairs runs `udi_kernels.stratified_sample(boxes)` (on the boxes of the pixels the
+   patch grid sees) and keeps this process's B images: SampledPairs, image-major, `globals` [B, 2] and `locals`
+   [B, L, 2] PairTaps. Pair p (global or local) has the target global crop `pair_target(p) = 1 - p`: global pair
+   p goes from global crop p to global crop 1 - p; local pair p of local crop l goes from l to global crop 1 - p
+   (l -> g1 first, then l -> g0). Each pair holds S samples, valid ones first, then padding.
 4. The loss's crop pairs (`udi_crop_pairs(L)`), numbered k:
      k = v            student global crop v against teacher global crop 1 - v (v = 0, 1), the global level;
      k = 2 + 2l + g   student local crop l (student crop 2 + l) against teacher global crop g, the local level.
@@ -19,16 +21,21 @@ A batch holds B images (per process), each cut into 2 global crops (crops 0 and 
    UDITeacher.local (block k - 2), UDITargets.cls_plus (every k). The loss orders a local crop's pairs by
    target crop g, the sampler by pair p = 1 - g: hence the flips of `local_pairs_by_target` and
    `split_teacher_samples`.
-5. Taps. The student samples its global crops at the source cells of the global pairs (`student_taps`: rows
-   v * B + b, student global crop v = pair v's source, one tap each). The teacher answers every pair on its
-   target crop with 4 bilinear taps (`teacher_taps`), running its SRS attention once per teacher crop for all
-   the sample sets that target it: row block p of its input is teacher crop 1 - p (`teacher_rows_by_pair`),
-   with global pair p's Sg samples first, then each local crop's Sl samples of pair p.
-6. Outputs: UDIStudent (crop-major cls / cls_plus rows, patch rows by global pair), UDITeacher or UDITargets
-   (rows by crop pair k, as above).
+5. Taps, the same way for both networks. `student_taps(pairs)` -> StudentTaps: the student samples its global
+   crops at the source cells of the global pairs (rows v * B + b, student global crop v = pair v's source, one
+   tap each); UDIModel.forward(global crops, local crops, StudentTaps). `teacher_taps(pairs)` -> TeacherTaps: the
+   teacher answers every pair on its target crop with 4 bilinear taps, running its SRS attention once per teacher
+   crop for all the sample sets that target it: row block p of its input is teacher crop 1 - p
+   (`teacher_rows_by_pair` of the crop-major rows), with global pair p's Sg samples first, then each local crop's
+   Sl samples of pair p; UDIModel.teacher_targets(global crops, TeacherTaps).
+6. Outputs. The student returns UDIStudent (crop-major cls / cls_plus rows, patch rows by global pair). The
+   teacher's rows by pair become UDITeacher's rows by crop pair k (`split_teacher_samples`); the targets are
+   formed from them in one place, udi_kernels.losses.cls_plus_targets (in the head's bottleneck for the model),
+   giving UDITargets.
 7. Loss rows. cls: student crop `pair.student` against teacher cls block `pair.teacher`; cls+: student crop
    `pair.student` against UDITargets.cls_plus block k; patch: student patch row r against teacher patch row r.
-   DINO scores `dino_crop_pairs`. udi_kernels.losses turns these crop pairs into row pairs (block * B + b).
+   DINO scores `dino_crop_pairs`. udi_kernels.losses.pair_tables turns crop pairs into row pairs
+   (block * B + b) and caches them.
 
 The reference code's layout (udi_kernels.compat.UDILoss, UDI_SPEC §9) differs in two ways: its teacher rows of the
 global crops come by pair ([crop 1; crop 0], `teacher_rows_by_pair`), so that student global row r meets teacher
