@@ -18,9 +18,9 @@ from udi_kernels.losses import DINOLoss, IBOTPatchLoss, UDILoss
 from udi_kernels.nn import SRSAttention
 from udi_kernels.reference import distill_cross_entropy as distill_reference
 from udi_kernels.reference import srs_attention as attention_reference
+from udi_kernels.testing.losses import random_udi_inputs
 
 from test_distill_cross_entropy import as_float64, assert_close_rel, make_case
-from test_losses import make_udi
 
 
 def available(op, device="cpu"):
@@ -337,7 +337,7 @@ def test_empty_batches_give_zero_losses_and_leave_the_centers(backend):
         assert loss.item() == 0 and torch.autograd.grad(loss, patches)[0].shape == (*shape, K)
     assert not ibot.center.any()
     udi = UDILoss(K, 4, backend=backend)
-    student, teacher = make_udi(0, 2, K, 4, 3)
+    student, teacher = random_udi_inputs(0, 2, K, 4, 3)
     loss, parts = udi(student, teacher, 0)
     assert loss.item() == 0 and all(p.item() == 0 for p in parts.values())
     assert torch.autograd.grad(loss, student.cls)[0].shape == (0, K)
@@ -498,7 +498,7 @@ def test_nonfinite_teacher_skips_the_center_update_with_a_warning(backend, bad):
 def test_nonfinite_udi_teacher_leaves_all_three_centers():
     K = 17
     udi = UDILoss(K, 4)
-    student, teacher = make_udi(2, 2, K, 4, 3)
+    student, teacher = random_udi_inputs(2, 2, K, 4, 3)
     teacher.patch[0, 0, 0] = math.nan
     with pytest.warns(RuntimeWarning, match="center update was skipped"):
         udi(student, teacher, 0)

@@ -120,10 +120,6 @@ def test_dino_loss_with_sinkhorn_centering():
 
 # ---- UDI -----------------------------------------------------------------------------------------------------------
 
-def make_udi(B, L, K, Sg, Sl, seed=0, all_masked_patches=False):
-    return random_udi_inputs(B, L, K, Sg, Sl, seed=seed, all_masked_patches=all_masked_patches)
-
-
 def udi_eager(student: UDIStudent, teacher: UDITeacher, centers, tau_t):
     """The float64 eager loss, its parts and the centers after the step (udi_kernels.testing.losses)."""
     loss, parts = udi_loss_eager(student, teacher, centers, tau_t)
@@ -142,7 +138,7 @@ def test_udi_loss_matches_eager(backend, L, all_masked):
     for center in _centers(loss_fn):
         center.normal_()
     before = [c.clone() for c in _centers(loss_fn)]
-    student, teacher = make_udi(B, L, K, Sg, Sl, all_masked_patches=all_masked)
+    student, teacher = random_udi_inputs(B, L, K, Sg, Sl, all_masked_patches=all_masked)
     if L == 0:
         teacher = teacher._replace(local=None, local_mask=None)
         teacher_eager = teacher._replace(local=torch.zeros(0, Sl, K), local_mask=torch.zeros(0, Sl, dtype=torch.bool))
@@ -167,7 +163,7 @@ def test_udi_loss_matches_eager(backend, L, all_masked):
 def test_udi_targets_input_gives_the_same_loss():
     """The bottleneck-friendly UDITargets input path equals the sample-logit path."""
     B, L, K = 2, 2, 97
-    student, teacher = make_udi(B, L, K, 4, 4)
+    student, teacher = random_udi_inputs(B, L, K, 4, 4)
     first, second = UDILoss(K, 2 + L), UDILoss(K, 2 + L)
     loss_a, _ = first(student, teacher, 0)
     loss_b, _ = second(student, cls_plus_targets(teacher), 0)
@@ -212,7 +208,7 @@ def test_blend_cls_plus_matches_the_spec_row_by_row(dtype, tolerance):
 
 def test_udi_probability_mixture_option():
     B, L, K = 2, 1, 61
-    student, teacher = make_udi(B, L, K, 3, 3)
+    student, teacher = random_udi_inputs(B, L, K, 3, 3)
     loss_fn = UDILoss(K, 2 + L, cls_plus_target="probabilities")
     loss_fn.center_cls_plus.center.normal_()
     center = loss_fn.center_cls_plus.center.double().clone()
@@ -236,7 +232,7 @@ def test_udi_probability_mixture_option():
 
 def test_zero_count_leaves_center_unchanged():
     B, K = 2, 33
-    student, teacher = make_udi(B, 1, K, 3, 3, all_masked_patches=True)
+    student, teacher = random_udi_inputs(B, 1, K, 3, 3, all_masked_patches=True)
     teacher = teacher._replace(local_mask=torch.zeros_like(teacher.local_mask))
     loss_fn = UDILoss(K, 3)
     loss_fn.center_patch.center.normal_()
@@ -246,7 +242,7 @@ def test_zero_count_leaves_center_unchanged():
 
 
 def test_udi_bad_shapes_are_named():
-    student, teacher = make_udi(2, 1, 33, 3, 3)
+    student, teacher = random_udi_inputs(2, 1, 33, 3, 3)
     with pytest.raises(ValueError, match="student cls must have shape"):
         UDILoss(33, 4)(student, teacher, 0)
 
@@ -323,7 +319,7 @@ def test_losses_follow_a_changed_structure(backend):
         torch.testing.assert_close(ibot(s, t, mask, 0).double(), per_image.mean(), rtol=1e-5, atol=1e-6)
     udi = UDILoss(K, 4, backend=backend)
     for B, L, seed in ((3, 2, 0), (2, 2, 1), (3, 2, 2)):
-        student, teacher = make_udi(B, L, K, 4, 3, seed=seed)
+        student, teacher = random_udi_inputs(B, L, K, 4, 3, seed=seed)
         centers = [c.clone() for c in _centers(udi)]
         expected, _, _ = udi_eager(student, teacher, centers, teacher_temperature(0, 0.04, 0.07, 30, 100))
         torch.testing.assert_close(udi(student, teacher, 0)[0].double(), expected, rtol=1e-5, atol=1e-6)
@@ -349,7 +345,7 @@ def test_a_call_with_a_cached_structure_sorts_nothing_and_never_syncs(backend):
     dino = DINOLoss(K, 2 + L, 0.04, 0.07, 30, 100, backend=backend)
     ibot = IBOTPatchLoss(K, 0.04, 0.07, 30, 100, backend=backend)
     udi = UDILoss(K, 2 + L, backend=backend)
-    student, teacher = make_udi(B, L, K, 4, 3)
+    student, teacher = random_udi_inputs(B, L, K, 4, 3)
     patch_mask = teacher.patch_mask
     calls = [lambda: dino(student.cls, teacher.cls, 0), lambda: ibot(student.patch, teacher.patch, patch_mask, 0),
              lambda: udi(student, teacher, 0)[0]]
@@ -405,7 +401,7 @@ def _halves(tensor, crops, rank):
 def _run_losses(rank, world, B, L, K, parts_out):
     torch.manual_seed(0)
     dino_student, dino_teacher = torch.randn((2 + L) * B, K), torch.randn(2 * B, K)
-    student, teacher = make_udi(B, L, K, 4, 3, seed=1)
+    student, teacher = random_udi_inputs(B, L, K, 4, 3, seed=1)
     if world == 2:
         dino_student, dino_teacher = _halves(dino_student, 2 + L, rank), _halves(dino_teacher, 2, rank)
         student = UDIStudent(_halves(student.cls, 2 + L, rank), _halves(student.cls_plus, 2 + L, rank),
