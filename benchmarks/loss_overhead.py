@@ -21,8 +21,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, when not installed
-from udi_kernels.losses import (DINOLoss, IBOTPatchLoss, UDILoss, UDIStudent, UDITeacher,  # noqa: E402
-                                cls_plus_targets)
+from udi_kernels.losses import DINOLoss, IBOTPatchLoss, UDILoss, cls_plus_targets  # noqa: E402
+from udi_kernels.testing.losses import random_udi_inputs  # noqa: E402
 
 K = 64
 
@@ -62,11 +62,7 @@ def ibot_case(images=4, tokens=16):
 
 
 def udi_case(from_targets, B=2, L=10, Sg=16, Sl=9):
-    new = lambda *shape: torch.randn(*shape)
-    student = UDIStudent(new((2 + L) * B, K).requires_grad_(), new((2 + L) * B, K).requires_grad_(),
-                         new(2 * B, Sg, K).requires_grad_())
-    teacher = UDITeacher(new(2 * B, K), new(2 * B, Sg, K), torch.rand(2 * B, Sg) < 0.8, new(2 * L * B, Sl, K),
-                         torch.rand(2 * L * B, Sl) < 0.8)
+    student, teacher = random_udi_inputs(B, L, K, Sg, Sl, seed=None, valid_fraction=0.8)
     given = cls_plus_targets(teacher) if from_targets else teacher
     loss = UDILoss(K, 2 + L, backend="native")
     return lambda: loss(student, given, 0)[0], list(student)

@@ -7,7 +7,7 @@ the timm backbone alone on the same crops (the floor: everything UDI adds is ove
   teacher targets formed in the bottleneck, the fused UDILoss.
 - reference_structure: dense [S, N] maps (built on the CPU beforehand, as the reference's data loader does),
   the teacher backbone run twice, teacher local-sample logits materialised with an unused fp32 softmax, the
-  student's local SRS attention run and thrown away, the eager loss of benchmarks/distill_loss.py.
+  student's local SRS attention run and thrown away, the eager loss of benchmarks/distill_cross_entropy.py.
 - backbone: the student's timm ViT alone on every crop, forward + backward of a scalar + AdamW.
 
 GPU: ViT-S/16, B=128, L=10, K=65536, bf16 autocast; --quick stops there, otherwise a sweep over B follows.
@@ -25,12 +25,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common  # noqa: E402
-from benchmarks.distill_loss import eager_udi  # noqa: E402
 from udi import utils  # noqa: E402
-from udi.model import build_model, local_rows_by_target, student_taps, teacher_taps  # noqa: E402
+from udi.model import build_model  # noqa: E402
 from udi.train import build_loss, ema_update, parse_args, sample_pairs  # noqa: E402
-from udi_kernels.losses import UDIStudent, UDITeacher  # noqa: E402
+from udi_kernels.layout import (TeacherTaps, UDIStudent, UDITeacher, crop_major, split_teacher_samples,  # noqa: E402
+                                student_taps, teacher_rows_by_pair, teacher_taps)
 from udi_kernels.taps import taps_to_dense  # noqa: E402
+from udi_kernels.testing.losses import udi_loss_eager  # noqa: E402
 
 PHASES = ("teacher_fwd", "student_fwd", "loss_fwd", "backward", "optimizer")
 PROVIDERS = ("udi_kernels", "reference_structure", "backbone")
@@ -109,9 +110,9 @@ class Step:
 
     def udi_kernels(self, timer):
         pairs = sample_pairs(self.boxes, self.cfg, 1234, 0, 1)
-        targets = self.teacher.teacher_targets(self.global_crops, pairs)
+        targets = self.teacher.teacher_targets(self.global_crops, teacher_taps(pairs))
         timer.mark()
-        outputs = self.student(self.global_crops, self.local_crops, *student_taps(pairs))
+        outputs = self.student(self.global_crops, self.local_crops, student_taps(pairs))
         timer.mark()
         loss, _ = self.loss(outputs, targets, 0)
         timer.mark()
@@ -122,25 +123,23 @@ class Step:
         cfg = self.cfg
         pairs = sample_pairs(self.boxes.cpu(), cfg, 1234, 0, 1)
         Ng, Nl = (cfg.global_crop_size // cfg.patch_size) ** 2, (cfg.local_crop_size // cfg.patch_size) ** 2
-        t_index, t_weight, mask_global, mask_local = teacher_taps(pairs)
-        s_index, s_weight = student_taps(pairs)
-        local_src = pairs.locals.src_index[:, :, 0].transpose(0, 1).flatten(0, 1)[..., None].long()
-        maps = dict(teacher=taps_to_dense(t_index.long(), t_weight, Ng),
-                    student=taps_to_dense(s_index.long(), s_weight, Ng),
-                    student_local=taps_to_dense(local_src, torch.ones(local_src.shape), Nl),
-                    mask_global=mask_global, mask_local=mask_local)
-        return {name: value.to(self.device) for name, value in maps.items()}
+        teacher, student = teacher_taps(pairs), student_taps(pairs)
+        local_src = crop_major(pairs.locals.src_index[:, :, 0])[..., None].long()
+        maps = dict(teacher=taps_to_dense(teacher.index.long(), teacher.weight, Ng),
+                    student=taps_to_dense(student.index.long(), student.weight, Ng),
+                    student_local=taps_to_dense(local_src, torch.ones(local_src.shape), Nl))
+        maps = {name: value.to(self.device) for name, value in maps.items()}
+        maps["teacher_taps"] = TeacherTaps(*(t.to(self.device) for t in teacher))  # its masks order the rows
+        return maps
 
     def reference_structure(self, timer):
-        maps, teacher, student, B = self.dense_maps, self.teacher, self.student, self.B
-        Sg = maps["mask_global"].shape[1]
+        maps, teacher, student = self.dense_maps, self.teacher, self.student
         with torch.no_grad():
             cls_t = teacher.backbone(self.global_crops).cls
-            patch_t = teacher.backbone(self.global_crops).patch.unflatten(0, (2, B)).flip(0).flatten(0, 1)
+            patch_t = teacher_rows_by_pair(teacher.backbone(self.global_crops).patch)
             logits = teacher.head(dense_srs(teacher.srs, patch_t, maps["teacher"]))
-            local = local_rows_by_target(logits[:, Sg:], B, self.cfg.local_crops_number)
-            local.float().softmax(-1)  # the reference's unused fp32 softmax
-            targets = UDITeacher(teacher.head(cls_t), logits[:, :Sg], maps["mask_global"], local, maps["mask_local"])
+            targets = UDITeacher(teacher.head(cls_t), *split_teacher_samples(logits, maps["teacher_taps"]))
+            targets.local.float().softmax(-1)  # the reference's unused fp32 softmax
         timer.mark()
         g, l = student.backbone(self.global_crops), student.backbone(self.local_crops)
         dense_srs(student.srs, l.patch, maps["student_local"])  # computed and thrown away, as the reference does
@@ -150,7 +149,7 @@ class Step:
         c, cp, p = rows.split([len(cls), len(cls), samples.shape[0] * samples.shape[1]])
         outputs = UDIStudent(c, cp, p.unflatten(0, samples.shape[:2]))
         timer.mark()
-        loss = eager_udi(outputs, targets, self.centers, self.cfg.local_crops_number, 0.04)
+        loss, _ = udi_loss_eager(outputs, targets, self.centers, 0.04, dtype=torch.float32)
         update_centers_eagerly(self.centers, targets)
         timer.mark()
         return loss

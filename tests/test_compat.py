@@ -23,7 +23,7 @@ from udi_kernels.compat.lightly import DINOLoss as LightlyDINOLoss
 from udi_kernels.losses import DINOLoss
 
 LOSS_BACKENDS = [b for b in ("reference", "native", "triton")
-                 if backends.why_unavailable(b, "distill_ce_forward", torch.device("cpu")) is None]
+                 if backends.why_unavailable(b, "distill_cross_entropy", torch.device("cpu")) is None]
 # The losses' structure is backend-independent and each kernel is tested in its own file: every case runs on
 # the first two backends, one case per test on the slow Triton interpreter.
 EVERY_CASE_BACKENDS, ONE_CASE_BACKENDS = LOSS_BACKENDS[:2], LOSS_BACKENDS[2:]

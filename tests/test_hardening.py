@@ -16,11 +16,11 @@ import udi_kernels
 from udi_kernels import backends, srs_attention, stratified_sample
 from udi_kernels.losses import DINOLoss, IBOTPatchLoss, UDILoss
 from udi_kernels.nn import SRSAttention
-from udi_kernels.reference import distill_ce as distill_reference
+from udi_kernels.reference import distill_cross_entropy as distill_reference
 from udi_kernels.reference import srs_attention as attention_reference
+from udi_kernels.testing.losses import random_udi_inputs
 
-from test_distill_ce import as_float64, assert_close_rel, make_case
-from test_losses import make_udi
+from test_distill_cross_entropy import as_float64, assert_close_rel, make_case
 
 
 def available(op, device="cpu"):
@@ -29,7 +29,7 @@ def available(op, device="cpu"):
             if backends.why_unavailable(b, op, torch.device(device)) is None]
 
 
-DISTILL = available("distill_ce_forward")
+DISTILL = available("distill_cross_entropy")
 ATTENTION = available("srs_attention")
 SAMPLE = available("stratified_sample")
 gpu = pytest.mark.gpu
@@ -125,7 +125,7 @@ def test_gpu_distill_index_out_of_range_skips_the_pair(backend, field, poison_em
 @pytest.mark.parametrize("backend", [b for b in DISTILL if b != "reference"])
 def test_distill_csr_with_decreasing_offsets_stays_in_bounds(backend):
     """A hand-made CSR whose offsets leave [0, P] or decrease: clamped, no crash, the same result twice."""
-    from udi_kernels.ops import distill_ce as op
+    from udi_kernels.ops import distill_cross_entropy as op
     case = make_case(4, 3, 21, 1, 5)
     csr = op.build_csr(case["pair_student"], case["pair_teacher"], case["pair_weight"], case["center_id"], 4, 1)
     csr = csr._replace(student_ptr=torch.tensor([-7, 3, 1, 99, 2]), center_ptr=torch.tensor([2, -5]),
@@ -136,7 +136,7 @@ def test_distill_csr_with_decreasing_offsets_stays_in_bounds(backend):
 
 
 def test_distill_csr_shapes_are_checked():
-    from udi_kernels.ops import distill_ce as op
+    from udi_kernels.ops import distill_cross_entropy as op
     case = make_case(4, 3, 21, 1, 5)
     csr = op.build_csr(case["pair_student"], case["pair_teacher"], case["pair_weight"], case["center_id"], 4, 1)
     with pytest.raises(ValueError, match="csr.student_ptr must have length 5"):
@@ -337,7 +337,7 @@ def test_empty_batches_give_zero_losses_and_leave_the_centers(backend):
         assert loss.item() == 0 and torch.autograd.grad(loss, patches)[0].shape == (*shape, K)
     assert not ibot.center.any()
     udi = UDILoss(K, 4, backend=backend)
-    student, teacher = make_udi(0, 2, K, 4, 3)
+    student, teacher = random_udi_inputs(0, 2, K, 4, 3)
     loss, parts = udi(student, teacher, 0)
     assert loss.item() == 0 and all(p.item() == 0 for p in parts.values())
     assert torch.autograd.grad(loss, student.cls)[0].shape == (0, K)
@@ -498,7 +498,7 @@ def test_nonfinite_teacher_skips_the_center_update_with_a_warning(backend, bad):
 def test_nonfinite_udi_teacher_leaves_all_three_centers():
     K = 17
     udi = UDILoss(K, 4)
-    student, teacher = make_udi(2, 2, K, 4, 3)
+    student, teacher = random_udi_inputs(2, 2, K, 4, 3)
     teacher.patch[0, 0, 0] = math.nan
     with pytest.warns(RuntimeWarning, match="center update was skipped"):
         udi(student, teacher, 0)
@@ -541,7 +541,7 @@ def test_attention_weight_gets_no_gradient(backend):
 
 
 @pytest.mark.parametrize("backend", DISTILL)
-def test_distill_centers_and_teacher_get_no_gradient(backend):
+def test_distill_cross_entropynters_and_teacher_get_no_gradient(backend):
     case = make_case(5, 4, 37, 2, 8)
     case["centers"].requires_grad_(True)
     case["teacher"].requires_grad_(True)

@@ -10,21 +10,19 @@ import torch
 import torch.nn.functional as F
 
 from udi_kernels import backends
-from udi_kernels.losses import (DINOLoss, EMACenter, IBOTPatchLoss, UDILoss, UDIStudent, UDITeacher, blend_cls_plus,
-                                cls_plus_targets, identity_table, pair_table, scored_pairs, sinkhorn_knopp_center,
-                                teacher_temperature, update_centers)
-from udi_kernels.ops.distill_ce import csr_pair_student
+from udi_kernels.layout import UDIStudent, UDITeacher, dino_crop_pairs, teacher_rows_by_pair
+from udi_kernels.losses import (DINOLoss, EMACenter, IBOTPatchLoss, UDILoss, blend_cls_plus, cls_plus_targets,
+                                crop_mean_table, identity_table, sinkhorn_knopp_center, teacher_temperature,
+                                udi_pair_tables, update_centers)
+from udi_kernels.ops.distill_cross_entropy import csr_pair_student
+from udi_kernels.testing.losses import cross_entropy_rows as H
+from udi_kernels.testing.losses import random_udi_inputs, udi_centers_eager, udi_loss_eager
 
 BACKENDS = ["reference"]
-if backends.why_unavailable("native", "distill_ce_forward", torch.device("cpu")) is None:
+if backends.why_unavailable("native", "distill_cross_entropy", torch.device("cpu")) is None:
     BACKENDS.append("native")
-if backends.why_unavailable("triton", "distill_ce_forward", torch.device("cpu")) is None:
+if backends.why_unavailable("triton", "distill_cross_entropy", torch.device("cpu")) is None:
     BACKENDS.append("triton")
-
-
-def H(teacher, student, center, tau_t, tau_s=0.1):
-    """CE(softmax((t − c)/τt), log_softmax(s/τs)) per row, float64."""
-    return torch.sum(-F.softmax((teacher - center) / tau_t, -1) * F.log_softmax(student / tau_s, -1), -1)
 
 
 def ema(center, mean, count):
@@ -122,58 +120,10 @@ def test_dino_loss_with_sinkhorn_centering():
 
 # ---- UDI -----------------------------------------------------------------------------------------------------------
 
-def make_udi(B, L, K, Sg, Sl, seed=0, all_masked_patches=False):
-    g = torch.Generator().manual_seed(seed)
-    randn = lambda *shape: torch.randn(*shape, generator=g)
-    student = UDIStudent(randn((2 + L) * B, K).requires_grad_(), randn((2 + L) * B, K).requires_grad_(),
-                         randn(2 * B, Sg, K).requires_grad_())
-    patch_mask = torch.rand(2 * B, Sg, generator=g) < 0.6
-    if all_masked_patches:
-        patch_mask[:] = False
-    local_mask = torch.rand(2 * L * B, Sl, generator=g) < 0.6
-    local_mask[:1] = False  # a local pair without valid samples
-    teacher = UDITeacher(randn(2 * B, K), randn(2 * B, Sg, K), patch_mask, randn(2 * L * B, Sl, K), local_mask)
-    return student, teacher
-
-
-def udi_eager(student: UDIStudent, teacher: UDITeacher, centers, B, L, tau_t, alpha=0.5):
-    """UDI_SPEC §5 written the reference's way: views as separate tensors, loops over crop pairs."""
-    c_cls, c_plus, c_patch = (c.double() for c in centers)
-    K = teacher.cls.shape[-1]
-    s_cls = student.cls.double().reshape(2 + L, B, K)
-    s_plus = student.cls_plus.double().reshape(2 + L, B, K)
-    s_patch = student.patch.double().reshape(2, B, -1, K)
-    t_cls = teacher.cls.double().reshape(2, B, K)
-    t_patch, m_patch = teacher.patch.double().reshape(2, B, -1, K), teacher.patch_mask.reshape(2, B, -1).double()
-    Sl = teacher.local.shape[1]
-    t_local = teacher.local.double().reshape(L, 2, B, Sl, K)
-    m_local = teacher.local_mask.reshape(L, 2, B, Sl).double()
-
-    def blend(samples, mask, cls):
-        return alpha * (mask[..., None] * samples).sum(-2) / (mask.sum(-1)[..., None] + 1e-5) + (1 - alpha) * cls
-
-    def levels(student_rows, target_of, center):
-        global_loss = sum(H(target_of(v, None), student_rows[v], center, tau_t).mean() for v in range(2)) / 2
-        if L == 0:
-            return global_loss
-        local_loss = sum(H(target_of(l, g), student_rows[2 + l], center, tau_t).mean()
-                         for l in range(L) for g in range(2)) / (2 * L)
-        return (2 * global_loss + 2 * L * local_loss) / (2 + 2 * L)
-
-    loss_cls = levels(s_cls, lambda c, g: t_cls[1 - c] if g is None else t_cls[g], c_cls)
-    plus_global = [blend(t_patch[v], m_patch[v], t_cls[1 - v]) for v in range(2)]
-    plus_local = [[blend(t_local[l, g], m_local[l, g], t_cls[g]) for g in range(2)] for l in range(L)]
-    loss_plus = levels(s_plus, lambda c, g: plus_global[c] if g is None else plus_local[c][g], c_plus)
-    ce_patch = H(t_patch, s_patch, c_patch, tau_t)
-    loss_patch = (ce_patch * m_patch).sum() / m_patch.sum().clamp(min=1)
-
-    plus_rows = torch.cat([torch.cat(plus_global)] + [torch.cat(pair) for pair in plus_local])
-    patch_sum = (t_patch * m_patch[..., None]).sum((0, 1, 2)) + (t_local * m_local[..., None]).sum((0, 1, 2, 3))
-    patch_count = m_patch.sum() + m_local.sum()
-    new_centers = (ema(c_cls, t_cls.mean((0, 1))[None], 1), ema(c_plus, plus_rows.mean(0)[None], 1),
-                   ema(c_patch, patch_sum[None] / max(patch_count.item(), 1), patch_count.item()))
-    parts = {"cls": loss_cls, "cls_plus": loss_plus, "patch": loss_patch}
-    return (loss_cls + loss_plus + loss_patch) / 3, parts, new_centers
+def udi_eager(student: UDIStudent, teacher: UDITeacher, centers, tau_t):
+    """The float64 eager loss, its parts and the centers after the step (udi_kernels.testing.losses)."""
+    loss, parts = udi_loss_eager(student, teacher, centers, tau_t)
+    return loss, parts, udi_centers_eager(teacher, centers)
 
 
 def _centers(loss_fn):
@@ -188,14 +138,14 @@ def test_udi_loss_matches_eager(backend, L, all_masked):
     for center in _centers(loss_fn):
         center.normal_()
     before = [c.clone() for c in _centers(loss_fn)]
-    student, teacher = make_udi(B, L, K, Sg, Sl, all_masked_patches=all_masked)
+    student, teacher = random_udi_inputs(B, L, K, Sg, Sl, all_masked_patches=all_masked)
     if L == 0:
         teacher = teacher._replace(local=None, local_mask=None)
         teacher_eager = teacher._replace(local=torch.zeros(0, Sl, K), local_mask=torch.zeros(0, Sl, dtype=torch.bool))
     else:
         teacher_eager = teacher
     loss, parts = loss_fn(student, teacher, epoch=3)
-    expected, expected_parts, new_centers = udi_eager(student, teacher_eager, before, B, L,
+    expected, expected_parts, new_centers = udi_eager(student, teacher_eager, before,
                                                       teacher_temperature(3, 0.04, 0.07, 30, 100))
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
     for name in parts:
@@ -213,7 +163,7 @@ def test_udi_loss_matches_eager(backend, L, all_masked):
 def test_udi_targets_input_gives_the_same_loss():
     """The bottleneck-friendly UDITargets input path equals the sample-logit path."""
     B, L, K = 2, 2, 97
-    student, teacher = make_udi(B, L, K, 4, 4)
+    student, teacher = random_udi_inputs(B, L, K, 4, 4)
     first, second = UDILoss(K, 2 + L), UDILoss(K, 2 + L)
     loss_a, _ = first(student, teacher, 0)
     loss_b, _ = second(student, cls_plus_targets(teacher), 0)
@@ -242,22 +192,23 @@ def test_blend_cls_plus_matches_the_spec_row_by_row(dtype, tolerance):
                                           ((2 * B, D), (2 * B, Sg, D), (2 * L * B, Sl, D)))
     global_mask, local_mask = torch.rand(2 * B, Sg, generator=g) < 0.6, torch.rand(2 * L * B, Sl, generator=g) < 0.6
     global_mask[1], local_mask[-1] = False, False  # rows without a valid sample keep (1 − α) T_cls
-    rows, local_sum, local_count = blend_cls_plus(cls, global_samples, global_mask, local_samples, local_mask, 0.5,
-                                                  dtype)
+    rows, local_sum, local_count = blend_cls_plus(cls, global_samples, global_mask, local_samples, local_mask, 0.5)
     want_rows, want_sum, want_count = blend_eager(cls, global_samples, global_mask, local_samples, local_mask)
     assert rows.dtype == dtype and local_sum.dtype == torch.promote_types(dtype, torch.float32)
     scale = want_rows.abs().max()
     assert ((rows.double() - want_rows).abs().max() / scale).item() <= tolerance
     assert ((local_sum.double() - want_sum).abs().max() / want_sum.abs().max()).item() <= tolerance
     assert float(local_count) == want_count
-    no_locals = blend_cls_plus(cls, global_samples, global_mask, None, None, 0.5, dtype)
+    no_locals = blend_cls_plus(cls, global_samples, global_mask, None, None, 0.5)
     torch.testing.assert_close(no_locals[0], rows[:2 * B], rtol=0, atol=0)
     assert float(no_locals[1].abs().sum()) == 0 and float(no_locals[2]) == 0
+    by_pair = blend_cls_plus(teacher_rows_by_pair(cls), global_samples, global_mask, None, None, 0.5, cls_by_pair=True)
+    torch.testing.assert_close(by_pair[0], rows[:2 * B], rtol=0, atol=0)
 
 
 def test_udi_probability_mixture_option():
     B, L, K = 2, 1, 61
-    student, teacher = make_udi(B, L, K, 3, 3)
+    student, teacher = random_udi_inputs(B, L, K, 3, 3)
     loss_fn = UDILoss(K, 2 + L, cls_plus_target="probabilities")
     loss_fn.center_cls_plus.center.normal_()
     center = loss_fn.center_cls_plus.center.double().clone()
@@ -281,7 +232,7 @@ def test_udi_probability_mixture_option():
 
 def test_zero_count_leaves_center_unchanged():
     B, K = 2, 33
-    student, teacher = make_udi(B, 1, K, 3, 3, all_masked_patches=True)
+    student, teacher = random_udi_inputs(B, 1, K, 3, 3, all_masked_patches=True)
     teacher = teacher._replace(local_mask=torch.zeros_like(teacher.local_mask))
     loss_fn = UDILoss(K, 3)
     loss_fn.center_patch.center.normal_()
@@ -291,35 +242,60 @@ def test_zero_count_leaves_center_unchanged():
 
 
 def test_udi_bad_shapes_are_named():
-    student, teacher = make_udi(2, 1, 33, 3, 3)
+    student, teacher = random_udi_inputs(2, 1, 33, 3, 3)
     with pytest.raises(ValueError, match="student cls must have shape"):
         UDILoss(33, 4)(student, teacher, 0)
 
 
 # ---- cached pair structure, host work per call ------------------------------------------------------------------
 
+def _table(kind: str, crops: int, batch: int, device):
+    """The cached table of a loss term: 'dino' (crops = ncrops) or UDI's 'cls' / 'cls_plus' (crops = L)."""
+    if kind == "dino":
+        return crop_mean_table(dino_crop_pairs(crops), batch, crops, 2, torch.device(device))
+    return getattr(udi_pair_tables(crops, batch, torch.device(device)), kind)
+
+
 def test_pair_tables_are_cached_per_structure_and_device():
     cpu, meta = torch.device("cpu"), torch.device("meta")
-    table = pair_table("dino", 4, 3, cpu)
-    assert pair_table("dino", 4, 3, cpu) is table
-    others = [pair_table("dino", 4, 2, cpu), pair_table("dino", 5, 3, cpu), pair_table("cls", 4, 3, cpu),
-              pair_table("cls_plus", 4, 3, cpu), pair_table("dino", 4, 3, meta)]
+    table = _table("dino", 4, 3, cpu)
+    assert _table("dino", 4, 3, cpu) is table and _table("cls", 4, 3, cpu) is _table("cls", 4, 3, cpu)
+    others = [_table("dino", 4, 2, cpu), _table("dino", 5, 3, cpu), _table("cls", 4, 3, cpu),
+              _table("cls_plus", 4, 3, cpu), _table("dino", 4, 3, meta)]
     assert all(other is not table for other in others)
     assert {t.device for t in (*table.csr, table.unit_rows)} == {cpu}
     assert {t.device for t in (*others[-1].csr, others[-1].unit_rows)} == {meta}
-    assert identity_table(7, cpu) is identity_table(7, cpu) and identity_table(7, meta) is not identity_table(7, cpu)
+    structure = lambda rows, device: identity_table(torch.ones(rows, device=device)).csr.student_ptr  # noqa: E731
+    assert structure(7, cpu) is structure(7, cpu) and structure(7, meta) is not structure(7, cpu)
+
+
+def spec_pairs(kind: str, crops: int, B: int):
+    """The (student row, teacher row, weight) pairs of a loss term, written from UDI_SPEC §5 and DINO's loop."""
+    if kind == "dino":
+        blocks = [(v, iq, 1 / (2 * (crops - 1) * B)) for iq in range(2) for v in range(crops) if v != iq]
+    else:
+        L = crops
+        global_weight, local_weight = 2 / (2 + 2 * L) / (2 * B), 2 * L / (2 + 2 * L) / (2 * L * B) if L else 0
+        if kind == "cls":  # student global v meets teacher crop 1 - v; local crop l meets teacher crop g
+            blocks = [(v, 1 - v, global_weight) for v in range(2)]
+            blocks += [(2 + l, g, local_weight) for l in range(L) for g in range(2)]
+        else:  # ... and their cls+ targets, one block per crop pair
+            blocks = [(v, v, global_weight) for v in range(2)]
+            blocks += [(2 + l, 2 + 2 * l + g, local_weight) for l in range(L) for g in range(2)]
+    return sorted((s * B + b, t * B + b, w) for s, t, w in blocks for b in range(B))
 
 
 @pytest.mark.parametrize("kind,crops,rows", [("dino", 5, (5, 2)), ("cls", 3, (5, 2)), ("cls_plus", 3, (5, 8)),
                                              ("cls_plus", 0, (2, 2))])
 def test_pair_table_is_the_csr_of_its_pairs(kind, crops, rows):
     B = 3
-    table = pair_table(kind, crops, B, torch.device("cpu"))
-    pairs = scored_pairs(kind, crops, B, torch.device("cpu"))
+    table = _table(kind, crops, B, "cpu")
     csr = table.csr
-    as_set = lambda s, t, w: sorted(zip(s.tolist(), t.tolist(), w.tolist()))
     pair_student = csr_pair_student(csr)
-    assert as_set(pair_student, csr.pair_teacher, csr.pair_weight) == as_set(*pairs)
+    got = sorted(zip(pair_student.tolist(), csr.pair_teacher.tolist(), csr.pair_weight.tolist()))
+    want = spec_pairs(kind, crops, B)
+    assert [g[:2] for g in got] == [w[:2] for w in want]
+    assert [g[2] for g in got] == pytest.approx([w[2] for w in want], rel=1e-6)
     assert csr.student_ptr[-1] == len(pair_student) and (pair_student.diff() >= 0).all()
     assert torch.equal(csr.student_ptr, torch.searchsorted(pair_student, torch.arange(rows[0] * B + 1)))
     assert torch.equal(csr.center_id, torch.zeros(rows[1] * B, dtype=torch.int64))
@@ -341,12 +317,11 @@ def test_losses_follow_a_changed_structure(backend):
         center = ibot.center.double().clone()
         per_image = (H(t.double(), s.double(), center, 0.04) * mask).sum(-1) / mask.sum(-1).clamp(min=1)
         torch.testing.assert_close(ibot(s, t, mask, 0).double(), per_image.mean(), rtol=1e-5, atol=1e-6)
-    assert torch.equal(identity_table(15, torch.device("cpu")).csr.pair_weight, torch.ones(15))  # weights per call
     udi = UDILoss(K, 4, backend=backend)
     for B, L, seed in ((3, 2, 0), (2, 2, 1), (3, 2, 2)):
-        student, teacher = make_udi(B, L, K, 4, 3, seed=seed)
+        student, teacher = random_udi_inputs(B, L, K, 4, 3, seed=seed)
         centers = [c.clone() for c in _centers(udi)]
-        expected, _, _ = udi_eager(student, teacher, centers, B, L, teacher_temperature(0, 0.04, 0.07, 30, 100))
+        expected, _, _ = udi_eager(student, teacher, centers, teacher_temperature(0, 0.04, 0.07, 30, 100))
         torch.testing.assert_close(udi(student, teacher, 0)[0].double(), expected, rtol=1e-5, atol=1e-6)
 
 
@@ -370,7 +345,7 @@ def test_a_call_with_a_cached_structure_sorts_nothing_and_never_syncs(backend):
     dino = DINOLoss(K, 2 + L, 0.04, 0.07, 30, 100, backend=backend)
     ibot = IBOTPatchLoss(K, 0.04, 0.07, 30, 100, backend=backend)
     udi = UDILoss(K, 2 + L, backend=backend)
-    student, teacher = make_udi(B, L, K, 4, 3)
+    student, teacher = random_udi_inputs(B, L, K, 4, 3)
     patch_mask = teacher.patch_mask
     calls = [lambda: dino(student.cls, teacher.cls, 0), lambda: ibot(student.patch, teacher.patch, patch_mask, 0),
              lambda: udi(student, teacher, 0)[0]]
@@ -426,7 +401,7 @@ def _halves(tensor, crops, rank):
 def _run_losses(rank, world, B, L, K, parts_out):
     torch.manual_seed(0)
     dino_student, dino_teacher = torch.randn((2 + L) * B, K), torch.randn(2 * B, K)
-    student, teacher = make_udi(B, L, K, 4, 3, seed=1)
+    student, teacher = random_udi_inputs(B, L, K, 4, 3, seed=1)
     if world == 2:
         dino_student, dino_teacher = _halves(dino_student, 2 + L, rank), _halves(dino_teacher, 2, rank)
         student = UDIStudent(_halves(student.cls, 2 + L, rank), _halves(student.cls_plus, 2 + L, rank),

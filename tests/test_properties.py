@@ -2,7 +2,7 @@
 strides and views, index ranges and extreme values.
 
 - valid draws: every backend against the float64 reference on the same (rounded) inputs; stratified_sample bit
-  for bit against the reference and against the float64 spec (tests/test_srs_sample.py);
+  for bit against the reference and against the float64 spec (tests/test_stratified_sample.py);
 - indices out of range with the value checks off: the defined behaviour (the pair / tap is skipped), compared
   with the reference on the equivalent valid input;
 - invalid arguments: a TypeError / ValueError whose message names the argument.
@@ -26,7 +26,7 @@ from udi_kernels import srs_attention, stratified_sample
 from udi_kernels.reference import srs_attention as attention_reference
 
 from test_hardening import ATTENTION, DISTILL, SAMPLE, valid_equivalent
-from test_srs_sample import assert_matches_spec, random_boxes
+from test_stratified_sample import assert_matches_spec, random_boxes
 
 # 'ci': the same examples on every run (derandomized), sized to keep the suite fast; 'thorough': ten times more,
 # random. No deadline: the first Triton interpreter call of a shape is slow.

@@ -13,11 +13,12 @@ import torch.nn.functional as F
 from udi import eval_linear, utils
 from udi.data import Crop, MultiCropAugmentation, crop_box
 from udi.eval_knn import knn_classify
-from udi.model import DINOHead, UDIModel, ViTBackbone, build_model, form_targets, student_taps
+from udi.model import DINOHead, UDIModel, ViTBackbone, build_model
 from udi.train import collapse_warning, parse_args, sample_pairs, seen_boxes, teacher_entropies, train_udi
 from udi_kernels import PairTaps
-from udi_kernels.losses import UDILoss, UDITeacher, cls_plus_targets
-from udi_kernels.ops.distill_ce import DistillCE
+from udi_kernels.layout import UDITeacher, student_taps, teacher_taps
+from udi_kernels.losses import UDILoss, cls_plus_targets
+from udi_kernels.ops.distill_cross_entropy import DistillCrossEntropyResult
 
 TINY = ["--preset", "demo", "--embed_dim", "32", "--depth", "1", "--num_heads", "2", "--patch_size", "8",
         "--global_crop_size", "32", "--local_crop_size", "16", "--global_window", "2", "--local_window", "1",
@@ -118,7 +119,8 @@ def test_bottleneck_targets_equal_logit_space():
     mask_global = torch.rand(2 * B, Sg) < 0.6
     mask_global[0] = False  # an image whose pair has no valid sample
     mask_local = torch.rand(2 * L * B, Sl) < 0.6
-    got = form_targets(head.last_layer, z_cls, z_global, mask_global, z_local, mask_local, alpha=0.5)
+    got = cls_plus_targets(UDITeacher(z_cls, z_global, mask_global, z_local, mask_local), alpha=0.5,
+                           last_layer=head.last_layer)
     W = head.last_layer.weight.detach()
     want = cls_plus_targets(UDITeacher(z_cls @ W.t(), z_global @ W.t(), mask_global, z_local @ W.t(), mask_local),
                             alpha=0.5)
@@ -140,7 +142,7 @@ def test_teacher_targets_match_a_per_pair_computation():
     crops = torch.randn(2 * B, 3, 32, 32, dtype=torch.float64)
     calls = []
     model.backbone.register_forward_hook(lambda *a: calls.append(1))
-    targets = model.teacher_targets(crops, pairs, alpha)
+    targets = model.teacher_targets(crops, teacher_taps(pairs), alpha)
     assert len(calls) == 1, "the teacher runs its backbone once per step"
     out = model.backbone(crops)
     patch, cls = out.patch.unflatten(0, (2, B)), model.head(out.cls).unflatten(0, (2, B))
@@ -179,13 +181,13 @@ def test_teacher_targets_without_local_crops():
     B = 3
     pairs = _pairs(B, L=0)
     crops = torch.randn(2 * B, 3, 32, 32)
-    targets = model.teacher_targets(crops, pairs)
+    targets = model.teacher_targets(crops, teacher_taps(pairs))
     assert targets.cls_plus.shape == (2 * B, 64) and targets.patch.shape == (2 * B, 4, 64)
     assert targets.extra_patch_count == 0 and not targets.extra_patch_sum.any()
-    with_locals = model.teacher_targets(crops, _pairs(B, L=2))
+    with_locals = model.teacher_targets(crops, teacher_taps(_pairs(B, L=2)))
     torch.testing.assert_close(targets.cls_plus, with_locals.cls_plus[:2 * B])
     torch.testing.assert_close(targets.patch, with_locals.patch)
-    student = model(crops, None, *student_taps(pairs))
+    student = model(crops, None, student_taps(pairs))
     loss, parts = UDILoss(64, 2)(student, targets, 0)
     assert torch.isfinite(loss)
 
@@ -199,7 +201,7 @@ def test_student_output_shapes_and_gradients():
     model = tiny_model()
     B, L = 3, 2
     pairs = _pairs(B, L)
-    out = model(torch.randn(2 * B, 3, 32, 32), torch.randn(L * B, 3, 16, 16), *student_taps(pairs))
+    out = model(torch.randn(2 * B, 3, 32, 32), torch.randn(L * B, 3, 16, 16), student_taps(pairs))
     assert out.cls.shape == ((2 + L) * B, 64) and out.cls_plus.shape == ((2 + L) * B, 64)
     assert out.patch.shape == (2 * B, 4, 64)
     (out.cls.sum() + out.cls_plus.sum() + out.patch.sum()).backward()
@@ -314,7 +316,7 @@ class TwoRankPatchLoss(UDILoss):
             student._replace(patch=student.patch[rows]),
             targets._replace(patch=targets.patch[rows], patch_mask=targets.patch_mask[rows]), tau_t)
             for rows in torch.arange(2 * B).reshape(2, 2, B // 2).transpose(0, 1).flatten(1)]
-        return DistillCE(*(sum(values) for values in zip(*halves)))._replace(
+        return DistillCrossEntropyResult(*(sum(values) for values in zip(*halves)))._replace(
             loss=(halves[0].loss + halves[1].loss) / 2)
 
 

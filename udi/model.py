@@ -8,9 +8,10 @@ are floored as DINO's patch embedding (a convolution with stride = patch size) d
 and columns are not seen. For other grids the patch part of `pos_embed` is resampled: by default the reference's
 (DINO's) rule, `reference_pos_embed_interpolation`; `pos_embed_resampling="timm"` uses timm's instead.
 
-Crop-major batches as in DINO: row `crop * B + b`. Pair `p` of a batch (UDI_SPEC §2) has source global crop `p`
-and target global crop `1 - p`. Outputs are udi_kernels.losses' UDIStudent and UDITargets (their docstrings give
-the row orders), so UDILoss takes them as they are.
+Rows, taps and outputs follow udi_kernels.layout (its docstring walks a crop from the data loader to the loss rows):
+crop-major batches as in DINO (row `crop * B + b`); the student takes StudentTaps and returns UDIStudent, the teacher
+takes TeacherTaps and returns UDITargets (formed by udi_kernels.losses.cls_plus_targets in the bottleneck), so
+UDILoss takes them as they are.
 """
 import math
 from typing import NamedTuple, Optional
@@ -21,8 +22,9 @@ import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed, trunc_normal_
 from torch import Tensor, nn
 
-from udi_kernels import SampledPairs, one_hot_taps
-from udi_kernels.losses import UDIStudent, UDITargets, blend_cls_plus
+from udi_kernels.layout import (StudentTaps, TeacherTaps, UDIStudent, UDITargets, UDITeacher, split_teacher_samples,
+                                teacher_rows_by_pair)
+from udi_kernels.losses import cls_plus_targets
 from udi_kernels.nn import SRSAttention
 
 DINO_ARCHS = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224",
@@ -162,60 +164,6 @@ class DINOHead(nn.Module):
         return self.last_layer(self.bottleneck(x))
 
 
-def student_taps(pairs: SampledPairs):
-    """Source taps of the global pairs, crop-major: index, weight [2B, Sg, 1]."""
-    src = pairs.globals.src_index.transpose(0, 1).flatten(0, 1)
-    return one_hot_taps(src, pairs.globals.count.transpose(0, 1).flatten(0, 1))
-
-
-def sample_mask(count: Tensor, num_samples: int) -> Tensor:
-    return torch.arange(num_samples, device=count.device) < count[..., None]
-
-
-def teacher_taps(pairs: SampledPairs):
-    """Target taps of every pair, grouped by pair p (row p*B + b, answered by teacher crop 1 - p).
-
-    -> index, weight [2B, Sg + L*Sl, 4] (the global pair's samples, then local crop l's at L*Sl);
-       mask_global [2B, Sg]; mask_local [2LB, Sl] in UDITeacher.local's order, row (2l + g)*B + b, g = 1 - p.
-    """
-    g, l = pairs.globals, pairs.locals
-    B, L, _, Sl = l.src_index.shape
-
-    def by_pair(global_taps, local_taps):
-        local_taps = local_taps.permute(2, 0, 1, 3, 4).reshape(2, B, L * Sl, local_taps.shape[-1])
-        return torch.cat([global_taps.transpose(0, 1), local_taps], 2).flatten(0, 1)
-
-    mask_global = sample_mask(g.count.transpose(0, 1).flatten(0, 1), g.src_index.shape[-1])
-    mask_local = sample_mask(l.count.flip(2).permute(1, 2, 0).flatten(0, 2), Sl)
-    return by_pair(g.tgt_index, l.tgt_index), by_pair(g.tgt_weight, l.tgt_weight), mask_global, mask_local
-
-
-def local_rows_by_target(z: Tensor, B: int, L: int, Sl: Optional[int] = None) -> Tensor:
-    """[2B, L*Sl, D] rows by pair p -> [2LB, Sl, D] rows (2l + g)*B + b of target global g = 1 - p.
-    Sl defaults to z.shape[1] // L; pass it when L may be 0."""
-    Sl = z.shape[1] // L if Sl is None else Sl
-    return z.unflatten(0, (2, B)).unflatten(2, (L, Sl)).flip(0).permute(2, 0, 1, 3, 4).flatten(0, 2)
-
-
-def form_targets(last_layer: WeightNormLinear, z_cls, z_global, mask_global, z_local, mask_local,
-                 alpha=0.5) -> UDITargets:
-    """UDILoss's teacher targets from 256-d bottleneck vectors (UDI_SPEC §6): the last layer is linear without
-    bias, so the cls+ blends and the local-sample patch-center sum are formed before it and only
-    2B(2 + L) + 2B*Sg rows reach K.
-
-    z_cls [2B, D] (row c*B + b: teacher crop c); z_global [2B, Sg, D], mask_global [2B, Sg] (row v*B + b: the
-    samples of pair v on teacher crop 1 - v); z_local [2LB, Sl, D], mask_local [2LB, Sl] (row (2l + g)*B + b:
-    local crop l's samples on teacher crop g). The blend is udi_kernels.losses.blend_cls_plus.
-    """
-    plus, local_sum, local_count = blend_cls_plus(z_cls, z_global, mask_global, z_local, mask_local, alpha,
-                                                  z_cls.dtype)
-    rows = [z_cls, plus, z_global.flatten(0, 1)]
-    cls, plus, patch = last_layer(torch.cat(rows)).split([len(r) for r in rows])
-    with torch.autocast(local_sum.device.type, enabled=False):
-        local_center_sum = F.linear(local_sum, last_layer.weight.to(local_sum.dtype))
-    return UDITargets(cls, patch.unflatten(0, z_global.shape[:2]), mask_global, plus, local_center_sum, local_count)
-
-
 class UDIModel(nn.Module):
     """Backbone + SRS attention (`srs`) + the shared DINO head. `forward` is the student's whole computation."""
 
@@ -224,29 +172,27 @@ class UDIModel(nn.Module):
         self.backbone, self.head = backbone, head
         self.srs = SRSAttention(backbone.embed_dim, backbone.num_heads)
 
-    def forward(self, global_crops: Tensor, local_crops, sample_index: Tensor, sample_weight: Tensor) -> UDIStudent:
-        """global_crops [2B, 3, Hg, Wg], local_crops [LB, 3, Hl, Wl] or None, taps [2B, Sg, T] (crop-major)."""
+    def forward(self, global_crops: Tensor, local_crops: Optional[Tensor], taps: StudentTaps) -> UDIStudent:
+        """global_crops [2B, 3, Hg, Wg], local_crops [LB, 3, Hl, Wl] or None (layout.stack_crops),
+        taps: layout.student_taps of the batch's SampledPairs."""
         outputs = [self.backbone(global_crops)]
         if local_crops is not None:
             outputs.append(self.backbone(local_crops))
-        samples = self.srs(outputs[0].patch, sample_index, sample_weight)
+        samples = self.srs(outputs[0].patch, taps.index, taps.weight)
         cls = torch.cat([o.cls for o in outputs])
         rows = torch.cat([cls, torch.cat([o.cls_plus for o in outputs]), samples.flatten(0, 1)])
         cls, cls_plus, patch = self.head(rows).split([len(cls), len(cls), samples.shape[0] * samples.shape[1]])
         return UDIStudent(cls, cls_plus, patch.unflatten(0, samples.shape[:2]))
 
     @torch.no_grad()
-    def teacher_targets(self, global_crops: Tensor, pairs: SampledPairs, alpha: float = 0.5) -> UDITargets:
-        """One backbone pass over the global crops, one SRS pass per crop for all its sample sets."""
+    def teacher_targets(self, global_crops: Tensor, taps: TeacherTaps, alpha: float = 0.5) -> UDITargets:
+        """global_crops [2B, 3, Hg, Wg], taps: layout.teacher_taps of the batch's SampledPairs. One backbone pass
+        over the global crops, one SRS pass per crop for all its sample sets; the targets are formed in the head's
+        bottleneck and projected (cls_plus_targets with the head's last layer, UDI_SPEC §6)."""
         out = self.backbone(global_crops)
-        B = global_crops.shape[0] // 2
-        index, weight, mask_global, mask_local = teacher_taps(pairs)
-        by_pair = out.patch.unflatten(0, (2, B)).flip(0).flatten(0, 1)
-        z = self.head.bottleneck(self.srs(by_pair, index, weight))
-        Sg = mask_global.shape[-1]
-        z_local = local_rows_by_target(z[:, Sg:], B, mask_local.shape[0] // (2 * B), mask_local.shape[-1])
-        return form_targets(self.head.last_layer, self.head.bottleneck(out.cls), z[:, :Sg], mask_global, z_local,
-                            mask_local, alpha)
+        z = self.head.bottleneck(self.srs(teacher_rows_by_pair(out.patch), taps.index, taps.weight))
+        bottleneck = UDITeacher(self.head.bottleneck(out.cls), *split_teacher_samples(z, taps))
+        return cls_plus_targets(bottleneck, alpha, last_layer=self.head.last_layer)
 
 
 class DINOModel(nn.Module):

@@ -1,11 +1,13 @@
 """UDI pre-training: `python -m udi.train` (demo preset on embedded data) or `torchrun ... -m udi.train --preset
 reference --data_path /imagenet/train ...`. Reads like DINO's main_dino.py: arguments, train_udi, train_one_epoch."""
 import argparse
+import dataclasses
 import json
 import math
 import os
 import sys
 import time
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -13,11 +15,12 @@ from torch import Tensor
 from tqdm import tqdm
 
 from udi_kernels import PairTaps, SampledPairs, stratified_sample
+from udi_kernels.layout import stack_crops, student_taps, teacher_taps
 from udi_kernels.losses import DINOLoss, UDILoss
 
 from . import utils
 from .data import MultiCropAugmentation, ShardedBatchSampler, collate_multicrop, pretraining_dataset
-from .model import POS_EMBED_RESAMPLING, build_model, student_taps
+from .model import POS_EMBED_RESAMPLING, build_model
 
 PRESETS = {
     # ViT-S/16 as in the reference's ImageNet run.
@@ -158,7 +161,8 @@ def changed_args(args) -> str:
     return " ".join(f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in changed.items())
 
 
-def autocast_dtype(args, device):
+def precision_dtype(args, device) -> Optional[torch.dtype]:
+    """The autocast dtype that --precision asks for on `device` (None: float32, no autocast)."""
     if args.precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.precision]
@@ -246,7 +250,7 @@ def train_udi(args, stop_after_epoch=None):
     # ============ loss, optimizer, schedules ... ============
     loss_module = build_loss(args).to(device)
     optimizer = torch.optim.AdamW(utils.param_groups(student))
-    dtype = autocast_dtype(args, device)
+    dtype = precision_dtype(args, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     iters = len(loader)
     schedules = dict(
@@ -267,13 +271,14 @@ def train_udi(args, stop_after_epoch=None):
     if utils.is_main_process():
         print(run_summary(args, dataset, iters, world_size, device, dtype, start_epoch), flush=True)
 
+    run = TrainingRun(args, student_ddp, teacher, loss_module, optimizer, scaler, schedules, device, dtype, rank,
+                      world_size)
     start_time = time.time()
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch)
         dataset.set_epoch(epoch)
         epoch_start = time.time()
-        stats = train_one_epoch(student_ddp, teacher, loss_module, loader, optimizer, scaler, schedules, epoch, args,
-                                device, dtype, rank, world_size)
+        stats = train_one_epoch(run, loader, epoch)
         record = {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch}
         log.append(record)
         # checkpoint first, then log.txt: a run killed in between resumes with log.txt rebuilt from the checkpoint
@@ -341,8 +346,27 @@ def collapse_warning(stats, out_dim):
     return None
 
 
-def train_one_epoch(student, teacher, loss_module, loader, optimizer, scaler, schedules, epoch, args, device, dtype,
-                    rank, world_size):
+@dataclasses.dataclass
+class TrainingRun:
+    """What every step of a run uses: its arguments, networks (the student possibly DDP-wrapped), loss, optimizer,
+    GradScaler, per-iteration schedules (lr, wd, momentum), device, autocast dtype (None: float32) and process."""
+    args: argparse.Namespace
+    student: torch.nn.Module
+    teacher: torch.nn.Module
+    loss_module: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    schedules: dict
+    device: torch.device
+    dtype: Optional[torch.dtype]
+    rank: int
+    world_size: int
+
+
+def train_one_epoch(run: TrainingRun, loader, epoch: int) -> dict:
+    """One epoch over loader; returns the epoch means of the logged scalars (averaged over the processes)."""
+    args, student, teacher, loss_module, optimizer = run.args, run.student, run.teacher, run.loss_module, run.optimizer
+    device, dtype, scaler, schedules = run.device, run.dtype, run.scaler, run.schedules
     totals = {}
     progress = tqdm(loader, desc=f"epoch [{epoch}/{args.epochs}]", disable=not utils.is_main_process(), leave=False)
     for it_in_epoch, (views, boxes) in enumerate(progress):
@@ -352,15 +376,13 @@ def train_one_epoch(student, teacher, loss_module, loader, optimizer, scaler, sc
             if i == 0:
                 group["weight_decay"] = schedules["wd"][it]
 
-        views = [v.to(device, non_blocking=True) for v in views]
-        global_crops = torch.cat(views[:2])
-        local_crops = torch.cat(views[2:]) if len(views) > 2 else None
+        global_crops, local_crops = stack_crops([v.to(device, non_blocking=True) for v in views])
 
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             if args.objective == "udi":
-                pairs = sample_pairs(boxes.to(device), args, utils.step_seed(args.seed, it), rank, world_size)
-                targets = teacher.teacher_targets(global_crops, pairs, args.alpha)
-                outputs = student(global_crops, local_crops, *student_taps(pairs))
+                pairs = sample_pairs(boxes.to(device), args, utils.step_seed(args.seed, it), run.rank, run.world_size)
+                targets = teacher.teacher_targets(global_crops, teacher_taps(pairs), args.alpha)
+                outputs = student(global_crops, local_crops, student_taps(pairs))
                 teacher_cls, cls_center = targets.cls, loss_module.center_cls.center
             else:
                 targets = teacher_cls = teacher.teacher_targets(global_crops)
@@ -389,9 +411,9 @@ def train_one_epoch(student, teacher, loss_module, loader, optimizer, scaler, sc
             totals[k] = totals.get(k, 0.0) + v
         progress.set_postfix(loss=f"{record['loss']:.4f}")
     means = torch.tensor(list(totals.values()), dtype=torch.float64) / len(loader)
-    if world_size > 1:
+    if run.world_size > 1:
         dist.all_reduce(means)
-        means /= world_size
+        means /= run.world_size
     return dict(zip(totals, means.tolist()))
 
 

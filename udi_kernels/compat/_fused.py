@@ -1,25 +1,12 @@
-"""What the compat losses share: cached pair tables for the fused distillation op, and EMA center updates."""
-import functools
+"""What the compat losses share: EMA center updates with the reference codes' choice of mean."""
 from types import SimpleNamespace
 
 import torch
 from torch import Tensor, nn
 
-from ..losses import PairTable, _cat_pairs, _crop_pairs, _table, update_centers
+from ..losses import update_centers
 
 CENTER_MEANS = ("global", "per_rank")
-
-
-@functools.lru_cache(maxsize=64)
-@torch.inference_mode(False)  # later training calls save these tensors for the backward
-def crop_mean_pairs(pattern: tuple, batch: int, student_crops: int, teacher_crops: int,
-                    device: torch.device) -> PairTable:
-    """Row b of student crop s against row b of teacher crop t for every (s, t) in pattern, each pair weighing
-    1 / (len(pattern) · batch): the mean cross-entropy over those pairs. Rows are crop-major (row c·batch + b);
-    built once per arguments (no sort or small launches per step)."""
-    weight = 1.0 / max(len(pattern) * batch, 1)
-    groups = [_crop_pairs(s, t, batch, weight, device) for s, t in pattern] or [_crop_pairs(0, 0, 0, weight, device)]
-    return _table(_cat_pairs(groups), student_crops * batch, teacher_crops * batch)
 
 
 def check_center_mean(center_mean: str):

@@ -5,8 +5,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..losses import _cross_entropy
-from ._fused import check_center_mean, crop_mean_pairs, update_center_buffer
+from ..losses import crop_mean_table, cross_entropy
+from ._fused import check_center_mean, update_center_buffer
 
 
 class DINOLoss(nn.Module):
@@ -61,9 +61,9 @@ class DINOLoss(nn.Module):
         if student_out[0].shape != (batch, K) or K != self.center.shape[-1]:
             raise ValueError(f"every view must have shape [B, {self.center.shape[-1]}] with one B, got teacher "
                              f"{list(teacher_out[0].shape)} and student {list(student_out[0].shape)}")
-        table = crop_mean_pairs(pairs, batch, len(student_out), len(teacher_out), student.device)
-        out = _cross_entropy(student, teacher, self.center.view(1, K), table, self.student_temp,
-                             self.teacher_temperature(teacher_temp, epoch), self.backend)
+        table = crop_mean_table(pairs, batch, len(student_out), len(teacher_out), student.device)
+        out = cross_entropy(student, teacher, self.center.view(1, K), table, self.student_temp,
+                            self.teacher_temperature(teacher_temp, epoch), backend=self.backend)
         update_center_buffer(self, self.center_momentum, out.center_sum, out.center_count[:, None], self.center_mean)
         return out.loss
 

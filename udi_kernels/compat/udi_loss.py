@@ -4,22 +4,10 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..losses import _blend_into, _cross_entropy, _identity_pairs
-from ..ops.distill_ce import DistillCE
-from ._fused import check_center_mean, crop_mean_pairs, update_center_buffer
-
-# The reference's student/teacher pairs, as (student crop, teacher crop) with crop-major rows of B images:
-# global: student crop v against teacher rows v (the teacher sees the globals reversed, so that is crop 1 − v);
-# local crop l against both teacher globals, and its cls+ against its own targets on both (rows 2l + g).
-GLOBAL_PAIRS = ((0, 0), (1, 1))
-
-
-def local_cls_pairs(num_local: int) -> tuple:
-    return tuple((l, g) for l in range(num_local) for g in range(2))
-
-
-def local_cls_plus_pairs(num_local: int) -> tuple:
-    return tuple((l, 2 * l + g) for l in range(num_local) for g in range(2))
+from ..layout import GLOBAL_CROPS, reference_crop_pairs
+from ..losses import blend_cls_plus, crop_mean_table, cross_entropy, identity_table
+from ..ops.distill_cross_entropy import DistillCrossEntropyResult
+from ._fused import check_center_mean, update_center_buffer
 
 
 class Centering(nn.Module):
@@ -97,14 +85,15 @@ class UDILoss(nn.Module):
         tau_t = self.teacher_temp(epoch)
         inputs = _Inputs.parse(student_output, teacher_output, self)
         L = self.num_local_crops
-        cls = self._cls_terms(0, inputs.student_cls, inputs.teacher_cls, inputs.teacher_cls, local_cls_pairs(L),
-                              tau_t)
+        global_pairs, local_cls_pairs, local_cls_plus_pairs = reference_crop_pairs(L)
+        cls = self._cls_terms(0, inputs.student_cls, inputs.teacher_cls, inputs.teacher_cls, global_pairs,
+                              local_cls_pairs, tau_t)
         levels, stats = [cls], [_stats(cls[0])]
         local_sum, local_count = None, None
         if self.num_clt == 2:
             plus_global, plus_local, local_sum, local_count = self._cls_plus_targets(inputs)
-            plus = self._cls_terms(1, inputs.student_cls_plus, plus_global, plus_local, local_cls_plus_pairs(L),
-                                   tau_t)
+            plus = self._cls_terms(1, inputs.student_cls_plus, plus_global, plus_local, global_pairs,
+                                   local_cls_plus_pairs, tau_t)
             levels.append(plus)
             stats.append(_stats(*plus))
         parts = [[g.loss for g, _ in levels], [l.loss for _, l in levels]]
@@ -121,21 +110,23 @@ class UDILoss(nn.Module):
         return sum(w * level for w, level in zip(self.weights, totals)), parts
 
     def _cross_entropy(self, student: Tensor, teacher: Tensor, center_row: int, table, tau_t: float,
-                       row_weight: Optional[Tensor] = None) -> DistillCE:
-        """One term: its loss and the center statistics (sum [1, K], count [1]) of its teacher rows."""
+                       row_weight: Optional[Tensor] = None) -> DistillCrossEntropyResult:
+        """One term on center row `center_row`: its loss and its teacher rows' center statistics (sum [1, K],
+        count [1])."""
         center = self.centering.center[center_row:center_row + 1]
-        return _cross_entropy(student, teacher, center, table, self.student_temp, tau_t, self.backend, row_weight)
+        return cross_entropy(student, teacher, center, table, self.student_temp, tau_t, row_weight,
+                             backend=self.backend)
 
     def _cls_terms(self, center_row: int, student: tuple, teacher_global: Tensor, teacher_local: Tensor,
-                   local_pairs: tuple, tau_t: float):
+                   global_pairs: tuple, local_pairs: tuple, tau_t: float):
         """(global term, local term) of a cls-type level: student = (global rows [2B, K], local rows [LB, K]),
-        teacher_global [2B, K], teacher_local [T·B, K] scored as local_pairs (local crop, teacher crop)."""
+        teacher_global [2B, K] and teacher_local [T·B, K] scored as the crop pairs of reference_crop_pairs."""
         B, L, device = student[0].shape[0] // 2, self.num_local_crops, student[0].device
         local_teacher_crops = teacher_local.shape[0] // B if B else 0
         global_term = self._cross_entropy(student[0], teacher_global, center_row,
-                                          crop_mean_pairs(GLOBAL_PAIRS, B, 2, 2, device), tau_t)
+                                          crop_mean_table(global_pairs, B, GLOBAL_CROPS, GLOBAL_CROPS, device), tau_t)
         local_term = self._cross_entropy(student[1], teacher_local, center_row,
-                                         crop_mean_pairs(local_pairs, B, L, local_teacher_crops, device), tau_t)
+                                         crop_mean_table(local_pairs, B, L, local_teacher_crops, device), tau_t)
         return global_term, local_term
 
     @torch.no_grad()
@@ -143,28 +134,24 @@ class UDILoss(nn.Module):
         """The reference's cls+ targets α·(masked sample mean) + (1 − α)·teacher cls, in logit space, eps 1e-5:
         global rows [2B, K] (row r: teacher image r), local rows [2LB, K] (row l·2B + r), and the sum [K] and
         count [] of the masked local samples, which join the patch center."""
-        cls = inputs.teacher_cls
-        B2, K = cls.shape
-        rows = torch.empty(B2 * (1 + self.num_local_crops), K, dtype=cls.dtype, device=cls.device)
-        base = (1 - self.alpha) * cls
-        _blend_into(rows[:B2].view(1, B2, K), inputs.teacher_patch, inputs.teacher_patch_mask, base, self.alpha)
-        local_totals = _blend_into(rows[B2:].view(self.num_local_crops, B2, K), inputs.teacher_local,
-                                   inputs.teacher_local_mask, base, self.alpha)
-        local_sum = local_totals.sum(0, dtype=torch.promote_types(cls.dtype, torch.float32))
-        return rows[:B2], rows[B2:], local_sum, inputs.teacher_local_mask.sum(dtype=local_sum.dtype)
+        B2 = inputs.teacher_cls.shape[0]
+        rows, local_sum, local_count = blend_cls_plus(inputs.teacher_cls, inputs.teacher_patch,
+                                                      inputs.teacher_patch_mask, inputs.teacher_local,
+                                                      inputs.teacher_local_mask, self.alpha, cls_by_pair=True)
+        return rows[:B2], rows[B2:], local_sum, local_count
 
-    def _patch_term(self, inputs: "_Inputs", tau_t: float) -> DistillCE:
+    def _patch_term(self, inputs: "_Inputs", tau_t: float) -> DistillCrossEntropyResult:
         """Σ m_s·CE / Σ m_s over the global samples (student mask m_s); the teacher's mask weighs the center rows."""
         K = self.dim
         as_weights = lambda mask: mask.reshape(-1).to(torch.promote_types(mask.dtype, torch.float32))  # noqa: E731
         weight = as_weights(inputs.student_patch_mask)
         total = weight.sum()
         return self._cross_entropy(inputs.student_patch.reshape(-1, K), inputs.teacher_patch.reshape(-1, K),
-                                   self.num_ctr - 1, _identity_pairs(weight / total.masked_fill(total == 0, 1)),
+                                   self.num_ctr - 1, identity_table(weight / total.masked_fill(total == 0, 1)),
                                    tau_t, as_weights(inputs.teacher_patch_mask))
 
 
-def _stats(*terms: DistillCE):
+def _stats(*terms: DistillCrossEntropyResult):
     return sum(t.center_sum for t in terms), sum(t.center_count for t in terms)
 
 

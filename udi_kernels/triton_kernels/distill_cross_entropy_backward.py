@@ -1,6 +1,8 @@
-"""Fused distillation cross-entropy backward (UDI_SPEC §5) in Triton; contract in udi_kernels/ops/distill_ce.py.
+"""Fused distillation cross-entropy backward (UDI_SPEC §5) in Triton; contract in
+udi_kernels/ops/distill_cross_entropy.py.
 
-One program per (student row, K chunk) (chunking as in distill_ce.py): with g_p the incoming gradient of pair p,
+One program per (student row, K chunk) (chunking as in distill_cross_entropy.py): with g_p the incoming
+gradient of pair p,
   grad_s = (Σ_p g_p w_p · softmax(s/τs) - Σ_p g_p w_p · p_t,p) / τs,
 from the saved student_lse [Rs] and teacher_lse [Rt]; the chunk stays in registers and is written once.
 Shapes: grad_pair_loss [P] fp32, student [Rs, K], teacher [Rt, K], centers [n_c, K] fp32 -> grad [Rs, K].
@@ -9,8 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .distill_ce import (center_chunk, chunk_offsets, chunking, csr_slots, no_center, pair_scale, scaled_student,
-                         teacher_probs)
+from .distill_cross_entropy import (center_chunk, chunk_offsets, chunking, csr_slots, no_center, pair_scale,
+                                    scaled_student, teacher_probs)
 
 
 @triton.jit

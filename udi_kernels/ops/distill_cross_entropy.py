@@ -1,12 +1,12 @@
 """udi_kernels.distill_cross_entropy: fused centered-teacher cross-entropy + center statistics (UDI_SPEC §5).
 
 The kernels (native and Triton) share one pair of ops on a student-row CSR of the pairs, built here:
-  distill_ce_forward(student [Rs, K], teacher [Rt, K], centers [n_c, K] f32, center_id [Rt] i64,
+  distill_cross_entropy(student [Rs, K], teacher [Rt, K], centers [n_c, K] f32, center_id [Rt] i64,
                      student_ptr [Rs + 1] i64, pair_teacher [P] i64, pair_weight [P] f32,   (pairs sorted by student)
                      center_ptr [n_c + 1] i64, center_rows [Rt] i64,                        (teacher rows by center)
                      row_weight [Rt] f32, tau_s, tau_t)
       -> pair_loss [P] f32, center_sum [n_c, K] f32, center_count [n_c] f32, student_lse [Rs], teacher_lse [Rt]
-  distill_ce_backward(grad_pair_loss [P], student, teacher, centers, center_id, student_ptr, pair_teacher,
+  distill_cross_entropy_backward(grad_pair_loss [P], student, teacher, centers, center_id, student_ptr, pair_teacher,
                       pair_weight, student_lse, teacher_lse, tau_s, tau_t) -> grad_student [Rs, K] (student dtype)
 student_lse is logsumexp(s / τs), teacher_lse is logsumexp((t - c) / τt): O(rows) saved for the backward, in the
 kernel's accumulation dtype (saved_stats_dtype: float64 for the native CPU kernel, which recomputes the exponents
@@ -26,14 +26,14 @@ from torch import Tensor
 from .. import backends
 from .._native import native_loaded
 from ..checks import check_bool, check_float
-from ..reference import distill_ce as reference
+from ..reference import distill_cross_entropy as reference
 
-OP = "distill_ce_forward"
+OP = "distill_cross_entropy"
 FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 KERNEL_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
-class DistillCE(NamedTuple):
+class DistillCrossEntropyResult(NamedTuple):
     """loss [] (float32; float64 for float64 inputs), center_sum [n_c, K], center_count [n_c]."""
     loss: Tensor
     center_sum: Tensor
@@ -108,8 +108,8 @@ class _Kernels(NamedTuple):
 def _kernels(backend: str) -> _Kernels:
     if backend == "native":
         ops = torch.ops.udi_kernels
-        return _Kernels(ops.distill_ce_forward.default, ops.distill_ce_backward.default)
-    from ..triton_kernels import distill_ce as forward_kernels, distill_ce_backward as backward_kernels
+        return _Kernels(ops.distill_cross_entropy.default, ops.distill_cross_entropy_backward.default)
+    from ..triton_kernels import distill_cross_entropy as forward_kernels, distill_cross_entropy_backward as backward_kernels
     return _Kernels(forward_kernels.forward, backward_kernels.backward)
 
 
@@ -157,7 +157,7 @@ class _EagerKernels(torch.autograd.Function):
         return (None,) + _input_grads(ctx, ctx.backward_kernel, grad_pair_loss, ctx.needs_input_grad[1])
 
 
-@torch.library.custom_op("udi_kernels::distill_ce_forward_triton", mutates_args=())
+@torch.library.custom_op("udi_kernels::distill_cross_entropy_triton", mutates_args=())
 def _triton_forward(student: Tensor, teacher: Tensor, centers: Tensor, center_id: Tensor, student_ptr: Tensor,
                     pair_teacher: Tensor, pair_weight: Tensor, center_ptr: Tensor, center_rows: Tensor,
                     row_weight: Tensor, tau_s: float, tau_t: float
@@ -166,7 +166,7 @@ def _triton_forward(student: Tensor, teacher: Tensor, centers: Tensor, center_id
                                       center_ptr, center_rows, row_weight, tau_s, tau_t)
 
 
-@torch.library.custom_op("udi_kernels::distill_ce_backward_triton", mutates_args=())
+@torch.library.custom_op("udi_kernels::distill_cross_entropy_triton_backward", mutates_args=())
 def _triton_backward(grad_pair_loss: Tensor, student: Tensor, teacher: Tensor, centers: Tensor, center_id: Tensor,
                      student_ptr: Tensor, pair_teacher: Tensor, pair_weight: Tensor, student_lse: Tensor,
                      teacher_lse: Tensor, tau_s: float, tau_t: float) -> Tensor:
@@ -176,17 +176,17 @@ def _triton_backward(grad_pair_loss: Tensor, student: Tensor, teacher: Tensor, c
 
 _triton_forward.register_fake(_make_forward_fake("triton"))
 _triton_backward.register_fake(_backward_fake)
-torch.library.register_autograd("udi_kernels::distill_ce_forward_triton", _make_backward(_triton_backward),
+torch.library.register_autograd("udi_kernels::distill_cross_entropy_triton", _make_backward(_triton_backward),
                                 setup_context=_setup_context)
 
 if native_loaded():
-    torch.library.register_fake("udi_kernels::distill_ce_forward")(_make_forward_fake("native"))
-    torch.library.register_fake("udi_kernels::distill_ce_backward")(_backward_fake)
-    torch.library.register_autograd("udi_kernels::distill_ce_forward", _make_backward(_kernels("native").backward),
+    torch.library.register_fake("udi_kernels::distill_cross_entropy")(_make_forward_fake("native"))
+    torch.library.register_fake("udi_kernels::distill_cross_entropy_backward")(_backward_fake)
+    torch.library.register_autograd("udi_kernels::distill_cross_entropy", _make_backward(_kernels("native").backward),
                                     setup_context=_setup_context)
 
 _REGISTERED_OPS = {
-    "native": lambda *args: torch.ops.udi_kernels.distill_ce_forward(*args),
+    "native": lambda *args: torch.ops.udi_kernels.distill_cross_entropy(*args),
     "triton": lambda *args: _triton_forward(*args),
 }
 
@@ -296,7 +296,7 @@ def _in_range(index, size):
 
 def distill_cross_entropy(student: Tensor, teacher: Tensor, centers: Tensor, center_id: Tensor, pair_student: Tensor,
                           pair_teacher: Tensor, pair_weight: Tensor, row_weight: Tensor, tau_s: float, tau_t: float,
-                          *, backend: Optional[str] = None, check_values: bool = True) -> DistillCE:
+                          *, backend: Optional[str] = None, check_values: bool = True) -> DistillCrossEntropyResult:
     """Weighted cross-entropies of student rows against centered teacher rows, and the teacher's center statistics.
 
     loss = Σ_p pair_weight[p] · CE(softmax((teacher[pair_teacher[p]] - centers[center_id[pair_teacher[p]]]) / tau_t),
@@ -322,7 +322,7 @@ def distill_cross_entropy(student: Tensor, teacher: Tensor, centers: Tensor, cen
             statistics. Non-finite values give non-finite results.
 
     Returns:
-        DistillCE(loss [], center_sum [n_c, K], center_count [n_c]); float32 (float64 for float64 inputs).
+        DistillCrossEntropyResult(loss [], center_sum [n_c, K], center_count [n_c]); float32 (float64 for float64 inputs).
         Memory beyond the student's gradient is O((Rs + Rt + P) · K / 4096) fp32 partials; no [*, K]
         probabilities are stored.
 
@@ -340,14 +340,14 @@ def distill_cross_entropy(student: Tensor, teacher: Tensor, centers: Tensor, cen
         _check_values(*args)
     chosen = backends.resolve(OP, student.device, backend)
     if chosen == "reference":
-        return DistillCE(*reference.distill_cross_entropy(*args, float(tau_s), float(tau_t)))
+        return DistillCrossEntropyResult(*reference.distill_cross_entropy(*args, float(tau_s), float(tau_t)))
     _check_kernel_dtypes(chosen, student, teacher)
     csr = build_csr(pair_student, pair_teacher, pair_weight, center_id, student.shape[0], centers.shape[0])
     return _run_kernels(chosen, student, teacher, centers, csr, row_weight, tau_s, tau_t)
 
 
 def distill_cross_entropy_csr(student: Tensor, teacher: Tensor, centers: Tensor, csr: PairCSR, row_weight: Tensor,
-                              tau_s: float, tau_t: float, *, backend: Optional[str] = None) -> DistillCE:
+                              tau_s: float, tau_t: float, *, backend: Optional[str] = None) -> DistillCrossEntropyResult:
     """distill_cross_entropy on pairs already in the kernels' layout (build_csr), for callers that build valid
     pairs once and reuse them (udi_kernels.losses): no sort per call and no check of the values of the pairs or
     row_weight (as check_values=False: indices out of range skip their pairs); the logits, centers and
@@ -358,14 +358,14 @@ def distill_cross_entropy_csr(student: Tensor, teacher: Tensor, centers: Tensor,
     _check_csr(csr, row_weight, student, teacher, centers)
     chosen = backends.resolve(OP, student.device, backend)
     if chosen == "reference":
-        return DistillCE(*reference.distill_cross_entropy(student, teacher, centers, csr.center_id,
+        return DistillCrossEntropyResult(*reference.distill_cross_entropy(student, teacher, centers, csr.center_id,
                                                           csr_pair_student(csr), csr.pair_teacher, csr.pair_weight,
                                                           row_weight, float(tau_s), float(tau_t)))
     _check_kernel_dtypes(chosen, student, teacher)
     return _run_kernels(chosen, student, teacher, centers, csr, row_weight, tau_s, tau_t)
 
 
-def _run_kernels(backend, student, teacher, centers, csr: PairCSR, row_weight, tau_s, tau_t) -> DistillCE:
+def _run_kernels(backend, student, teacher, centers, csr: PairCSR, row_weight, tau_s, tau_t) -> DistillCrossEntropyResult:
     """The native or Triton kernels: the registered op under torch.compile, else _EagerKernels."""
     stats_dtype = reference.compute_dtype(teacher.dtype)
     inputs = (student.contiguous(), teacher.detach().contiguous(), centers.to(stats_dtype).contiguous(), csr.center_id,
@@ -375,4 +375,4 @@ def _run_kernels(backend, student, teacher, centers, csr: PairCSR, row_weight, t
         pair_loss, center_sum, center_count, _, _ = _REGISTERED_OPS[backend](*inputs)
     else:
         pair_loss, center_sum, center_count, _, _ = _EagerKernels.apply(_kernels(backend), *inputs)
-    return DistillCE(pair_loss.sum(), center_sum, center_count)
+    return DistillCrossEntropyResult(pair_loss.sum(), center_sum, center_count)

@@ -3,9 +3,9 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
-#include "srs_sample_op.h"
+#include "stratified_sample_op.h"
 
-namespace udi::srs {
+namespace udi::stratified_sample {
 
 namespace {
 
@@ -83,4 +83,4 @@ TORCH_LIBRARY_FRAGMENT(udi_kernels, m) {
 
 TORCH_LIBRARY_IMPL(udi_kernels, CPU, m) { m.impl("stratified_sample", &stratified_sample_cpu); }
 
-}  // namespace udi::srs
+}  // namespace udi::stratified_sample

@@ -4,9 +4,9 @@
 #include <c10/cuda/CUDAException.h>
 #include <torch/library.h>
 
-#include "srs_sample_op.h"
+#include "stratified_sample_op.h"
 
-namespace udi::srs {
+namespace udi::stratified_sample {
 
 namespace {
 
@@ -36,4 +36,4 @@ SampleTensors stratified_sample_cuda(const at::Tensor& boxes, int64_t global_gri
 
 TORCH_LIBRARY_IMPL(udi_kernels, CUDA, m) { m.impl("stratified_sample", &stratified_sample_cuda); }
 
-}  // namespace udi::srs
+}  // namespace udi::stratified_sample

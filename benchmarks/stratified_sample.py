@@ -1,6 +1,6 @@
 """Stratified random sampling of a batch: reference, CPU C++, CUDA and Triton.
 
-    python benchmarks/srs_sample.py [--quick] [--out DIR | --record]
+    python benchmarks/stratified_sample.py [--quick] [--out DIR | --record]
 
 CPU numbers are per image (what a data loader pays); GPU numbers are per batch of B images,
 median of per-call CUDA-event times. The reference UDI code builds dense maps per image in
@@ -54,7 +54,7 @@ def main():
                                  peak_extra_mib=common.mib(r["peak_extra_bytes"])))
                 us_by_backend.setdefault(backend, {})[labels[-1]] = us
     series = {backend: [by_label.get(label) for label in labels] for backend, by_label in us_by_backend.items()}
-    common.finish(args.out, "srs_sample", device, {"B": B, "L": L, "rows": rows},
+    common.finish(args.out, "stratified_sample", device, {"B": B, "L": L, "rows": rows},
                   (f"stratified_sample, B={B}, L={L}", labels, series, "µs (median)"), rows,
                   [("device", "device", "{}"), ("backend", "backend", "{}"), ("check_boxes", "checked", "{}"),
                    ("us", "µs", "{:.1f}"), ("per", "per", "{}"), ("goal_us", "goal µs", "{:.0f}"),

@@ -1,6 +1,6 @@
-"""Runs every CUDA kernel of distill_ce (forward and backward) on small odd shapes, for compute-sanitizer:
-    compute-sanitizer --tool memcheck python scripts/sanitize_distill_ce.py
-    compute-sanitizer --tool racecheck python scripts/sanitize_distill_ce.py
+"""Runs every CUDA kernel of distill_cross_entropy (forward and backward) on small odd shapes, for compute-sanitizer:
+    compute-sanitizer --tool memcheck python scripts/sanitize_distill_cross_entropy.py
+    compute-sanitizer --tool racecheck python scripts/sanitize_distill_cross_entropy.py
 Shapes cover one and several K chunks of 4096 (the last one partial), 16-byte and scalar loads (K % 8, and a
 student pointer off 16-byte alignment), rows without pairs and weight-0 pairs and rows; every shape also runs once
 with check_values=False and pair_student, pair_teacher and center_id out of range (1e9, -1e12, their size, -1),
@@ -55,8 +55,8 @@ def main():
     results = [run(*shape, dtype, offset) for shape, dtype, offset in runs]
     results += [run(*shape, torch.float16, False, bad_indices=True) for shape in SHAPES]
     if not all(results):
-        raise SystemExit("sanitize_distill_ce: non-finite output")
-    print(f"sanitize_distill_ce: {len(results)} forward+backward runs ok")
+        raise SystemExit("sanitize_distill_cross_entropy: non-finite output")
+    print(f"sanitize_distill_cross_entropy: {len(results)} forward+backward runs ok")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-// udi_kernels::distill_ce_forward / distill_ce_backward: schemas, argument checks and the CPU kernels.
+// udi_kernels::distill_cross_entropy / distill_cross_entropy_backward: schemas, argument checks and the CPU kernels.
 // CPU kernels accumulate in double; one parallel task per row (forward, backward) or per K range (center sums).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -12,9 +12,9 @@
 #include <type_traits>
 #include <vector>
 
-#include "distill_ce_op.h"
+#include "distill_cross_entropy_op.h"
 
-namespace udi::distill {
+namespace udi::distill_cross_entropy {
 
 namespace {
 
@@ -199,9 +199,9 @@ template <typename Body>
 void with_rows(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& centers64,
                const at::Tensor& center_id, const at::Tensor& student_ptr, const at::Tensor& pair_teacher,
                const at::Tensor& pair_weight64, double tau_s, double tau_t, const Body& body) {
-  UDI_DISPATCH_LOGITS(student.scalar_type(), "distill_ce_cpu", [&] {
+  UDI_DISPATCH_LOGITS(student.scalar_type(), "distill_cross_entropy_cpu", [&] {
     using student_t = scalar_t;
-    UDI_DISPATCH_LOGITS(teacher.scalar_type(), "distill_ce_cpu", [&] {
+    UDI_DISPATCH_LOGITS(teacher.scalar_type(), "distill_cross_entropy_cpu", [&] {
       body(make_rows<student_t, scalar_t>(student, teacher, centers64, center_id, student_ptr, pair_teacher,
                                           pair_weight64, tau_s, tau_t));
     });
@@ -282,18 +282,18 @@ at::Tensor backward_cpu(const at::Tensor& grad_pair_loss, const at::Tensor& stud
 
 TORCH_LIBRARY_FRAGMENT(udi_kernels, m) {
   m.def(
-      "distill_ce_forward(Tensor student, Tensor teacher, Tensor centers, Tensor center_id, Tensor student_ptr, "
+      "distill_cross_entropy(Tensor student, Tensor teacher, Tensor centers, Tensor center_id, Tensor student_ptr, "
       "Tensor pair_teacher, Tensor pair_weight, Tensor center_ptr, Tensor center_rows, Tensor row_weight, "
       "float tau_s, float tau_t) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
-      "distill_ce_backward(Tensor grad_pair_loss, Tensor student, Tensor teacher, Tensor centers, Tensor center_id, "
-      "Tensor student_ptr, Tensor pair_teacher, Tensor pair_weight, Tensor student_lse, Tensor teacher_lse, "
-      "float tau_s, float tau_t) -> Tensor");
+      "distill_cross_entropy_backward(Tensor grad_pair_loss, Tensor student, Tensor teacher, Tensor centers, "
+      "Tensor center_id, Tensor student_ptr, Tensor pair_teacher, Tensor pair_weight, Tensor student_lse, "
+      "Tensor teacher_lse, float tau_s, float tau_t) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(udi_kernels, CPU, m) {
-  m.impl("distill_ce_forward", &forward_cpu);
-  m.impl("distill_ce_backward", &backward_cpu);
+  m.impl("distill_cross_entropy", &forward_cpu);
+  m.impl("distill_cross_entropy_backward", &backward_cpu);
 }
 
-}  // namespace udi::distill
+}  // namespace udi::distill_cross_entropy

@@ -7,7 +7,7 @@ from torch import Tensor
 from .. import backends
 from .._native import native_loaded
 from ..checks import check_bool, check_int
-from ..reference import srs_sample as reference
+from ..reference import stratified_sample as reference
 
 OP = "stratified_sample"
 
@@ -43,8 +43,8 @@ def _fake(boxes, global_grid, global_window, local_grid, local_window, target_gr
 
 
 def _triton_kernel(*args):
-    from ..triton_kernels import srs_sample as triton_srs  # imported late: TRITON_INTERPRET is read at import
-    return triton_srs.stratified_sample(*args)
+    from ..triton_kernels import stratified_sample as triton_kernel  # imported late: TRITON_INTERPRET is read at import
+    return triton_kernel.stratified_sample(*args)
 
 
 @torch.library.custom_op("udi_kernels::stratified_sample_triton", mutates_args=())
@@ -64,7 +64,7 @@ _triton_op.register_fake(_fake)
 if native_loaded():
     torch.library.register_fake(f"udi_kernels::{OP}")(_fake)
 
-# Measured on an H100 (benchmarks/results/srs_sample_gpu.json, 2026-11-26): Triton 10.7 µs, CUDA 19.7 µs per
+# Measured on an H100 (benchmarks/results/stratified_sample_gpu.json, 2026-11-26): Triton 10.7 µs, CUDA 19.7 µs per
 # batch of 128 images; both are bit-identical, so auto takes the faster one.
 AUTO_ORDER = {"cuda": ("triton", "native", "reference")}
 

@@ -9,4 +9,4 @@ for B, L, grids in ((3, 5, {}), (1, 0, dict(global_grid=13, global_window=1)), (
     boxes = torch.cat([low, low + 0.2 + 0.3 * torch.rand(B, 2 + L, 2, generator=g)], -1).cuda()
     udi_kernels.stratified_sample(boxes, seed=B, backend="native", **grids)
 torch.cuda.synchronize()
-print("sanitize srs_sample: ok")
+print("sanitize_stratified_sample: ok")

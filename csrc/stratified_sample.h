@@ -12,7 +12,7 @@
 #include "host_device.h"
 #include "philox.h"
 
-namespace udi::srs {
+namespace udi::stratified_sample {
 
 struct Pattern {
   int grid;    // G: cells per side of the source crop's grid
@@ -161,4 +161,4 @@ UDI_HOST_DEVICE void sample_one_pair(const SampleArgs& a, int64_t flat_pair) {
               a.offset, static_cast<uint32_t>(image), plan.local ? 1u : 0u, out);
 }
 
-}  // namespace udi::srs
+}  // namespace udi::stratified_sample

@@ -12,7 +12,7 @@ import torch
 
 import udi_kernels
 from udi_kernels import backends
-from udi_kernels.ops import distill_ce as op
+from udi_kernels.ops import distill_cross_entropy as op
 
 TRITON = backends.why_unavailable("triton", op.OP, torch.device("cpu")) is None
 NATIVE = backends.why_unavailable("native", op.OP, torch.device("cpu")) is None
@@ -149,7 +149,7 @@ def rows_with_0_1_and_many_pairs(case):
                          ids=["remainder", "many_chunks", "exact_chunks", "tiny"])
 def test_cpu_kernels_split_k(backend, K, chunk, monkeypatch, poisoned_empty):
     """Several K chunks per row (the last one partial or full), rows with 0, 1 and many pairs."""
-    from udi_kernels.triton_kernels import distill_ce as kernels
+    from udi_kernels.triton_kernels import distill_cross_entropy as kernels
     monkeypatch.setattr(kernels, "MAX_CHUNK", chunk)
     monkeypatch.setattr(kernels, "CENTER_BLOCK", 64)
     monkeypatch.setattr(kernels, "CENTER_ROWS", 4)
@@ -229,8 +229,8 @@ def _op_args(case, tau_s=0.1, tau_t=0.04):
 
 @pytest.mark.parametrize("backend", CPU_KERNELS)
 def test_opcheck(backend):
-    forward = torch.ops.udi_kernels.distill_ce_forward if backend == "native" \
-        else torch.ops.udi_kernels.distill_ce_forward_triton
+    forward = torch.ops.udi_kernels.distill_cross_entropy if backend == "native" \
+        else torch.ops.udi_kernels.distill_cross_entropy_triton
     torch.library.opcheck(forward, _op_args(make_case(5, 4, 37, 2, 8)))
 
 
@@ -325,5 +325,5 @@ def test_gpu_deterministic(backend):
 
 @pytest.mark.gpu
 def test_gpu_opcheck_native():
-    torch.library.opcheck(torch.ops.udi_kernels.distill_ce_forward, _op_args(make_case(5, 4, 37, 2, 8,
+    torch.library.opcheck(torch.ops.udi_kernels.distill_cross_entropy, _op_args(make_case(5, 4, 37, 2, 8,
                                                                                         device="cuda")))

@@ -1,4 +1,5 @@
-"""Fused distillation cross-entropy forward (UDI_SPEC §5) in Triton; contract in udi_kernels/ops/distill_ce.py.
+"""Fused distillation cross-entropy forward (UDI_SPEC §5) in Triton; contract in
+udi_kernels/ops/distill_cross_entropy.py.
 
 Shapes: student [Rs, K], teacher [Rt, K] (fp32/fp16/bf16), centers [n_c, K] fp32, pairs in a student-row CSR
 (student_ptr [Rs + 1], pair_teacher [P], pair_weight [P]), teacher rows by center (center_ptr [n_c + 1],
@@ -15,7 +16,7 @@ Partials are O((rows + P) × C) fp32; no K-wide probability is stored.
      mass = Σ p_t and gap = Σ p_t·(m_c - x), both >= 0, with p_t = exp(u - teacher_lse)
   5. student_lse [Rs]; pair_loss [P] = w · Σ_c (mass_c·(lse - m_c) + gap_c) = w · Σ_k p_t,k·(lse - x_k),
      a sum of non-negative terms (no cancellation at large logits)
-Indices read from memory are never trusted (as in csrc/distill_ce_op.h): CSR segments are clamped into bounds
+Indices read from memory are never trusted (as in csrc/distill_cross_entropy_op.h): CSR segments are clamped into bounds
 (csr_slots), a pair counts only with a nonzero weight and a teacher row that exists and has a center
 (pair_counts); one that does not adds exactly 0 to the loss and the gradient.
 """

@@ -1,7 +1,7 @@
 """Stratified random sampling (UDI_SPEC §2) in eager PyTorch, bit-identical to the kernels.
 
 Every float op is a separate full-tensor op on the boxes' device, in the order of
-csrc/srs_sample.h, so that no FMA contraction or scalar-reciprocal shortcut changes a bit.
+csrc/stratified_sample.h, so that no FMA contraction or scalar-reciprocal shortcut changes a bit.
 """
 import torch
 
@@ -36,7 +36,7 @@ def _strictly_inside(pos, edge0, edge1):
 
 def _axis_taps(pos, edge0, edge1, grid):
     """(first, frac, finite): the taps along one axis, and whether the target coordinate is finite (a sample
-    counts only then, as in csrc/srs_sample.h)."""
+    counts only then, as in csrc/stratified_sample.h)."""
     t = ((pos - edge0) * _full(pos, grid - 1)) / (edge1 - edge0)
     finite = t.abs() < torch.inf
     t = torch.where(finite, t, 0)  # the taps of such samples are discarded

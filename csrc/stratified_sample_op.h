@@ -4,9 +4,9 @@
 
 #include <tuple>
 
-#include "srs_sample.h"
+#include "stratified_sample.h"
 
-namespace udi::srs {
+namespace udi::stratified_sample {
 
 // (globals: src_index, tgt_index, tgt_weight, count, locals: the same four)
 using SampleTensors = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
@@ -21,4 +21,4 @@ struct PreparedSample {
 PreparedSample prepare_sample(const at::Tensor& boxes, int64_t global_grid, int64_t global_window, int64_t local_grid,
                               int64_t local_window, int64_t target_grid, int64_t seed, int64_t offset);
 
-}  // namespace udi::srs
+}  // namespace udi::stratified_sample

@@ -1,5 +1,6 @@
-// Host-side plumbing of udi_kernels::distill_ce_forward / distill_ce_backward shared by the CPU and CUDA kernels.
-// Contract (shapes, CSR layout, saved statistics): udi_kernels/ops/distill_ce.py.
+// Host-side plumbing of udi_kernels::distill_cross_entropy / distill_cross_entropy_backward shared by the CPU and
+// CUDA kernels.
+// Contract (shapes, CSR layout, saved statistics): udi_kernels/ops/distill_cross_entropy.py.
 #pragma once
 #include <ATen/core/Tensor.h>
 
@@ -7,7 +8,7 @@
 
 #include "host_device.h"
 
-namespace udi::distill {
+namespace udi::distill_cross_entropy {
 
 // pair_loss, center_sum, center_count, student_lse, teacher_lse
 using ForwardTensors = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
@@ -19,7 +20,7 @@ using ForwardTensors = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor
 // kernel reads a CSR segment through csr_slots and a pair through pair_counts, so that an index out of range
 // skips its pair (loss 0, no gradient) or teacher row (left out of the center statistics) instead of reading
 // out of bounds. The Triton kernels and
-// the reference follow the same rule (udi_kernels/ops/distill_ce.py).
+// the reference follow the same rule (udi_kernels/ops/distill_cross_entropy.py).
 template <typename acc_t>
 struct PairArgs {
   const acc_t* centers;
@@ -85,4 +86,4 @@ void check_backward_args(const at::Tensor& grad_pair_loss, const at::Tensor& stu
                          const at::Tensor& pair_teacher, const at::Tensor& pair_weight,
                          const at::Tensor& student_lse, const at::Tensor& teacher_lse, at::ScalarType lse_type);
 
-}  // namespace udi::distill
+}  // namespace udi::distill_cross_entropy

@@ -1,6 +1,6 @@
 """Benchmark: the fused DINO and UDI losses vs eager implementations written the reference's way (issue 4 §4).
 
-    python benchmarks/distill_loss.py [--quick] [--out DIR | --record] [--backend native|triton]
+    python benchmarks/distill_cross_entropy.py [--quick] [--out DIR | --record] [--backend native|triton]
 
 GPU: DINO (2 + 10 crops, B=128, K=65536, fp16) and UDI at UDI_SPEC §7 shapes, on the teacher's logits and on
 targets formed in the bottleneck (udi_case); median of CUDA-event times
@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, when not installed
 from benchmarks import common  # noqa: E402
-from udi_kernels.losses import DINOLoss, UDILoss, UDIStudent, UDITeacher, cls_plus_targets  # noqa: E402
+from udi_kernels.losses import DINOLoss, UDILoss, cls_plus_targets  # noqa: E402
+from udi_kernels.testing.losses import random_udi_inputs, udi_loss_eager  # noqa: E402
 
 
 def eager_dino(student, teacher, center, ncrops, tau_t, tau_s=0.1):
@@ -25,38 +26,6 @@ def eager_dino(student, teacher, center, ncrops, tau_t, tau_s=0.1):
     terms = [torch.sum(-t[iq] * F.log_softmax(s[v], dim=-1), dim=-1).mean()
              for iq in range(2) for v in range(ncrops) if v != iq]
     return sum(terms) / len(terms)
-
-
-def eager_udi(student: UDIStudent, teacher: UDITeacher, centers, L, tau_t, alpha=0.5, tau_s=0.1):
-    """UDI_SPEC §5 the reference's way: fp32 copies, materialised targets and probabilities, loops over crops."""
-    B, K = teacher.cls.shape[0] // 2, teacher.cls.shape[1]
-    c_cls, c_plus, c_patch = centers
-    t_cls = teacher.cls.float().chunk(2)
-
-    def ce(t_logits, s_logits, center):
-        return torch.sum(-F.softmax((t_logits - center) / tau_t, -1) * F.log_softmax(s_logits.float() / tau_s, -1), -1)
-
-    def blend(samples, mask, cls):
-        mask = mask.float()[..., None]
-        return alpha * (samples.float() * mask).sum(-2) / (mask.sum(-2) + 1e-5) + (1 - alpha) * cls
-
-    def levels(s_rows, target, center):
-        g = sum(ce(target(v, None), s_rows[v], center).mean() for v in range(2)) / 2
-        loc = sum(ce(target(l, g_), s_rows[2 + l], center).mean() for l in range(L) for g_ in range(2)) / (2 * L)
-        return (2 * g + 2 * L * loc) / (2 + 2 * L)
-
-    patch = teacher.patch.chunk(2)
-    mask = teacher.patch_mask.chunk(2)
-    local = teacher.local.reshape(L, 2, B, -1, K)
-    local_mask = teacher.local_mask.reshape(L, 2, B, -1)
-    plus_global = [blend(patch[v], mask[v], t_cls[1 - v]) for v in range(2)]
-    plus_local = [[blend(local[l, g], local_mask[l, g], t_cls[g]) for g in range(2)] for l in range(L)]
-    loss_cls = levels(student.cls.chunk(2 + L), lambda c, g: t_cls[1 - c] if g is None else t_cls[g], c_cls)
-    loss_plus = levels(student.cls_plus.chunk(2 + L), lambda c, g: plus_global[c] if g is None else plus_local[c][g],
-                       c_plus)
-    m = teacher.patch_mask.float()
-    loss_patch = (ce(teacher.patch.float(), student.patch, c_patch) * m).sum() / m.sum().clamp(min=1)
-    return (loss_cls + loss_plus + loss_patch) / 3
 
 
 # ---- cases ---------------------------------------------------------------------------------------------------------
@@ -88,20 +57,11 @@ def dino_case(B, K, ncrops, dtype, device, backend, quick):
             "fused": fwd_and_fwd_bwd(lambda: fused(student, teacher, 0), [student], device, quick)}
 
 
-def udi_inputs(B, L, K, Sg, Sl, dtype, device):
-    new = lambda *shape: torch.randn(*shape, device=device, dtype=dtype)
-    student = UDIStudent(new((2 + L) * B, K).requires_grad_(), new((2 + L) * B, K).requires_grad_(),
-                         new(2 * B, Sg, K).requires_grad_())
-    teacher = UDITeacher(new(2 * B, K), new(2 * B, Sg, K), torch.rand(2 * B, Sg, device=device) < 0.8,
-                         new(2 * L * B, Sl, K), torch.rand(2 * L * B, Sl, device=device) < 0.8)
-    return student, teacher
-
-
 def udi_case(B, L, K, Sg, Sl, dtype, device, backend, quick, bottleneck_targets=False):
     """UDILoss on the teacher's logits (UDITeacher, 4.3 GB at UDI_SPEC §7 shapes, as the reference feeds its loss)
     or, with bottleneck_targets, on UDITargets as udi.model forms them in the bottleneck (UDI_SPEC §6: the cls+
     rows arrive blended, the local-sample logits never exist). The eager baseline always starts from the logits."""
-    student, teacher = udi_inputs(B, L, K, Sg, Sl, dtype, device)
+    student, teacher = random_udi_inputs(B, L, K, Sg, Sl, dtype=dtype, device=device, seed=None, valid_fraction=0.8)
     fused = UDILoss(K, 2 + L, backend=backend).to(device)
     centers = [torch.randn(1, K, device=device) for _ in range(3)]
     size = torch.finfo(dtype).bits // 8
@@ -114,8 +74,8 @@ def udi_case(B, L, K, Sg, Sl, dtype, device, backend, quick, bottleneck_targets=
     floor = 3 * student_elems * size + sum(t.numel() * t.element_size() for t in teacher_rows)
     name = f"UDI B={B} L={L} K={K}" + (" bottleneck targets" if bottleneck_targets else "")
     return {"case": name, "floor_bytes": floor, "grad_bytes": student_elems * size,
-            "eager": fwd_and_fwd_bwd(lambda: eager_udi(student, teacher, centers, L, 0.04), list(student),
-                                     device, quick),
+            "eager": fwd_and_fwd_bwd(lambda: udi_loss_eager(student, teacher, centers, 0.04, dtype=torch.float32)[0],
+                                     list(student), device, quick),
             "fused": fwd_and_fwd_bwd(lambda: fused(student, targets, 0)[0], list(student), device, quick)}
 
 
@@ -157,7 +117,7 @@ def main():
                    results=results)
     chart = ("eager vs fused loss", [r["case"] for r in results],
              {impl: [r[impl]["fwd_bwd"]["ms"] for r in results] for impl in ("eager", "fused")}, "fwd+bwd ms (median)")
-    common.finish(args.out, "distill_loss", device, payload, chart, table_rows(results),
+    common.finish(args.out, "distill_cross_entropy", device, payload, chart, table_rows(results),
                   [("case", "case", "{}"), ("impl", "impl", "{}"), ("fwd_ms", "fwd ms", "{:.3f}"),
                    ("fwd_bwd_ms", "fwd+bwd ms", "{:.3f}"), ("speedup_fwd", "speedup fwd", "{:.1f}x"),
                    ("speedup_fwd_bwd", "fwd+bwd", "{:.1f}x"), ("gbps", "GB/s vs floor", "{:.1f}"),

@@ -1,5 +1,5 @@
-// udi_kernels::distill_ce_forward / distill_ce_backward on CUDA. Contract: udi_kernels/ops/distill_ce.py; the
-// Triton kernels (udi_kernels/triton_kernels/distill_ce*.py) follow the same plan:
+// udi_kernels::distill_cross_entropy / distill_cross_entropy_backward on CUDA. Contract:
+// udi_kernels/ops/distill_cross_entropy.py; the Triton kernels (udi_kernels/triton_kernels/distill_cross_entropy*.py) follow the same plan:
 //   K is split into chunks of kChunk = 4096; every row kernel runs one block per (row, chunk) (rows on grid x, so
 //   blocks running together share a chunk of the teacher and centers in L2), each thread holding 16 elements of
 //   the chunk in registers (two groups of 8 contiguous elements, 16-byte loads when K % 8 == 0 and the rows are
@@ -20,9 +20,9 @@
 #include <limits>
 #include <utility>
 
-#include "distill_ce_op.h"
+#include "distill_cross_entropy_op.h"
 
-namespace udi::distill {
+namespace udi::distill_cross_entropy {
 
 namespace {
 
@@ -436,9 +436,9 @@ ForwardTensors forward_cuda(const at::Tensor& student, const at::Tensor& teacher
   at::Tensor teacher_parts = at::empty({2, Rt, chunks}, floats), student_parts = at::empty({2, Rs, chunks}, floats);
   at::Tensor pair_parts = at::empty({2, P, chunks}, floats);
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  UDI_DISPATCH_CUDA_LOGITS(student.scalar_type(), "distill_ce_forward_cuda", [&] {
+  UDI_DISPATCH_CUDA_LOGITS(student.scalar_type(), "distill_cross_entropy_cuda", [&] {
     using student_t = scalar_t;
-    UDI_DISPATCH_CUDA_LOGITS(teacher.scalar_type(), "distill_ce_forward_cuda", [&] {
+    UDI_DISPATCH_CUDA_LOGITS(teacher.scalar_type(), "distill_cross_entropy_cuda", [&] {
       const scalar_t* t = teacher.data_ptr<scalar_t>();
       if (Rt > 0) {
         float* t_max = teacher_parts[0].data_ptr<float>();
@@ -487,9 +487,9 @@ at::Tensor backward_cuda(const at::Tensor& grad_pair_loss, const at::Tensor& stu
   const Pairs pairs = make_pairs(centers, center_id, student_ptr, pair_teacher, pair_weight, teacher_lse, K, tau_s,
                                  tau_t, vectorized);
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  UDI_DISPATCH_CUDA_LOGITS(student.scalar_type(), "distill_ce_backward_cuda", [&] {
+  UDI_DISPATCH_CUDA_LOGITS(student.scalar_type(), "distill_cross_entropy_backward_cuda", [&] {
     using student_t = scalar_t;
-    UDI_DISPATCH_CUDA_LOGITS(teacher.scalar_type(), "distill_ce_backward_cuda", [&] {
+    UDI_DISPATCH_CUDA_LOGITS(teacher.scalar_type(), "distill_cross_entropy_backward_cuda", [&] {
       student_backward_kernel<<<row_chunk_grid(Rs, pairs.num_chunks), kThreads, 0, stream>>>(
           grad_pair_loss.data_ptr<float>(), student.data_ptr<student_t>(), teacher.data_ptr<scalar_t>(), pairs,
           student_lse.data_ptr<float>(), grad_student.data_ptr<student_t>());
@@ -502,8 +502,8 @@ at::Tensor backward_cuda(const at::Tensor& grad_pair_loss, const at::Tensor& stu
 }  // namespace
 
 TORCH_LIBRARY_IMPL(udi_kernels, CUDA, m) {
-  m.impl("distill_ce_forward", &forward_cuda);
-  m.impl("distill_ce_backward", &backward_cuda);
+  m.impl("distill_cross_entropy", &forward_cuda);
+  m.impl("distill_cross_entropy_backward", &backward_cuda);
 }
 
-}  // namespace udi::distill
+}  // namespace udi::distill_cross_entropy

@@ -1,6 +1,6 @@
 """Stratified random sampling (UDI_SPEC §2) in Triton: one program per (image, pair).
 
-Bit-identical to csrc/srs_sample.h: the same Philox stream, correctly rounded division
+Bit-identical to csrc/stratified_sample.h: the same Philox stream, correctly rounded division
 (div_rn) and no FMA contraction (launched with enable_fp_fusion=False).
 
 Shapes: boxes [B, 2 + L, 4] float32 ->
@@ -28,7 +28,7 @@ def _pattern_cells(sample, image, grid, window, seed, offset, stream):
 @triton.jit
 def _axis(cell, src_ptr, tgt_ptr, grid, target_grid):
     """Source position along one axis, whether it is strictly inside the target with a finite target coordinate
-    (csrc/srs_sample.h: NaN has no floor, min or int conversion every backend shares), and its taps."""
+    (csrc/stratified_sample.h: NaN has no floor, min or int conversion every backend shares), and its taps."""
     s0 = tl.load(src_ptr)
     s1 = tl.load(src_ptr + 2)
     t0 = tl.load(tgt_ptr)
@@ -55,7 +55,7 @@ def _store_pair(src_ptr, tgt_ptr, weight_ptr, count_ptr, slot, dest, in_range, i
 
 
 @triton.jit
-def _srs_pairs_kernel(boxes_ptr, g_src, g_tgt, g_weight, g_count, l_src, l_tgt, l_weight, l_count, num_crops,
+def _stratified_sample_kernel(boxes_ptr, g_src, g_tgt, g_weight, g_count, l_src, l_tgt, l_weight, l_count, num_crops,
                       global_grid, global_window, local_grid, local_window, target_grid, seed, offset,
                       BLOCK: tl.constexpr):
     image = tl.program_id(0)
@@ -117,7 +117,7 @@ def stratified_sample(boxes, global_grid, global_window, local_grid, local_windo
     globals_ = _empty_pairs(boxes, (B, 2), Sg)
     locals_ = _empty_pairs(boxes, (B, L, 2), Sl)
     if B > 0:
-        _srs_pairs_kernel[(B, 2 + 2 * L)](boxes, *globals_, *locals_, 2 + L, global_grid, global_window, local_grid,
+        _stratified_sample_kernel[(B, 2 + 2 * L)](boxes, *globals_, *locals_, 2 + L, global_grid, global_window, local_grid,
                                           local_window, target_grid, seed, as_int32_bits(offset),
                                           BLOCK=triton.next_power_of_2(max(Sg, Sl)), enable_fp_fusion=False)
     return (*globals_, *locals_)

@@ -1,0 +1,49 @@
+"""Argument and input checks shared by the losses: TypeError / ValueError naming the argument."""
+import torch
+from torch import Tensor, nn
+
+from ..backends import BACKENDS
+
+
+def check_choice(value, name: str, choices):
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def check_backend(backend):
+    if backend is not None:
+        check_choice(backend, "backend", BACKENDS)
+
+
+def check_rows(tensor: Tensor, name: str, rows: int, out_dim: int, device=None):
+    if not isinstance(tensor, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dim() != 2 or tensor.shape != (rows, out_dim):
+        raise ValueError(f"{name} must have shape [{rows}, {out_dim}], got {list(tensor.shape)}")
+    check_logits(tensor, name, device)
+
+
+def check_logits(tensor: Tensor, name: str, device=None):
+    if not tensor.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating tensor, got {tensor.dtype}")
+    check_device(tensor, name, device)
+
+
+def check_device(tensor: Tensor, name: str, device=None):
+    if device is not None and tensor.device != device:
+        raise ValueError(f"{name} must be on {device} (like the other inputs), got {tensor.device}")
+
+
+def check_mask(mask, name: str, shape, device):
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != shape:
+        got = f"{mask.dtype} {list(mask.shape)}" if isinstance(mask, Tensor) else type(mask).__name__
+        raise ValueError(f"{name} must be a bool tensor of shape {list(shape)}, got {got}")
+    check_device(mask, name, device)
+
+
+def check_state_device(loss: nn.Module, device: torch.device):
+    """The loss's centers (its buffers) must be where its inputs are."""
+    for name, buffer in loss.named_buffers():
+        if buffer.device != device:
+            raise ValueError(f"{type(loss).__name__}.{name} is on {buffer.device} but the inputs are on {device}; "
+                             f"move the loss there with .to({str(device)!r})")

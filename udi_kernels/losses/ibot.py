@@ -1,0 +1,55 @@
+"""iBOT's masked-patch loss on the fused udi_kernels.distill_cross_entropy."""
+from typing import Optional
+
+from torch import Tensor, nn
+
+from ..checks import check_float, check_int
+from .centering import EMACenter
+from .checks import check_backend, check_logits, check_mask, check_state_device
+from .pair_tables import cross_entropy, identity_table
+from .schedule import check_schedule, teacher_temperature
+
+
+class IBOTPatchLoss(nn.Module):
+    """iBOT's masked-patch loss: per image, Σ_masked CE / max(#masked, 1), averaged over the images.
+
+    forward(student_patch [R, N, K], teacher_patch [R, N, K], mask [R, N] bool, epoch) -> loss, with R the
+    images (all views stacked); student patch n of image r is scored against teacher patch n of image r
+    where mask is set. Own center (`center` [1, K], the global mean over all teacher patches) and temperature.
+    """
+
+    def __init__(self, patch_out_dim: int, warmup_teacher_temp2: float, teacher_temp2: float,
+                 warmup_teacher_temp_epochs: int, nepochs: int, student_temp: float = 0.1,
+                 center_momentum2: float = 0.9, backend: Optional[str] = None):
+        super().__init__()
+        check_backend(backend)
+        self.out_dim, self.backend = check_int(patch_out_dim, "patch_out_dim", 1), backend
+        self.student_temp = check_float(student_temp, "student_temp", 0.0, low_open=True)
+        self.schedule = check_schedule(warmup_teacher_temp2, teacher_temp2, warmup_teacher_temp_epochs, nepochs, "2")
+        self.centering_ema = EMACenter(patch_out_dim, center_momentum2, "center_momentum2")
+
+    @property
+    def center(self) -> Tensor:
+        return self.centering_ema.center
+
+    def forward(self, student_patch: Tensor, teacher_patch: Tensor, mask: Tensor, epoch: int) -> Tensor:
+        for value, name in ((student_patch, "student_patch"), (teacher_patch, "teacher_patch")):
+            if not isinstance(value, Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        if student_patch.dim() != 3 or student_patch.shape != teacher_patch.shape or \
+                student_patch.shape[-1] != self.out_dim:
+            raise ValueError(f"student_patch and teacher_patch must both have shape [R, N, {self.out_dim}], got "
+                             f"{list(student_patch.shape)} and {list(teacher_patch.shape)}")
+        device = student_patch.device
+        check_mask(mask, "mask", student_patch.shape[:2], device)
+        check_logits(student_patch, "student_patch")
+        check_logits(teacher_patch, "teacher_patch", device)
+        check_state_device(self, device)
+        images, tokens = mask.shape
+        weight = mask.float() / mask.sum(1, keepdim=True).clamp_min(1) / max(images, 1)
+        rows = images * tokens
+        out = cross_entropy(student_patch.reshape(rows, self.out_dim), teacher_patch.reshape(rows, self.out_dim),
+                            self.center, identity_table(weight.reshape(-1)), self.student_temp,
+                            teacher_temperature(epoch, *self.schedule), backend=self.backend)
+        self.centering_ema.update(out.center_sum, out.center_count)
+        return out.loss

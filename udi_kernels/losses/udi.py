@@ -1,0 +1,238 @@
+"""UDI's loss (UDI_SPEC §5) and its teacher targets, on the fused udi_kernels.distill_cross_entropy.
+
+The inputs and their row layouts are udi_kernels.layout's (UDIStudent, UDITeacher, UDITargets; crop pairs k of
+udi_crop_pairs). The teacher targets are formed here, once, for both ways of forming them: from the teacher's
+logits (UDILoss on a UDITeacher) and from its bottleneck vectors (udi.model, UDI_SPEC §6): cls_plus_targets.
+"""
+import functools
+from typing import NamedTuple, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..checks import check_float, check_int
+from ..layout import GLOBAL_CROPS, UDIStudent, UDITargets, UDITeacher, teacher_rows_by_pair, udi_crop_pairs
+from .centering import EMACenter, update_centers
+from .checks import check_backend, check_choice, check_logits, check_mask, check_rows, check_state_device
+from .pair_tables import PairTable, crop_pair_table, cross_entropy, identity_table, mean_weight
+from .schedule import check_schedule, teacher_temperature
+
+
+# ---- teacher targets ---------------------------------------------------------------------------------------------
+
+def masked_mean(rows: Tensor, mask: Tensor, eps: float = 1e-5) -> Tensor:
+    """Σ_s m_s x_s / (Σ_s m_s + eps): rows [R, S, D], mask [R, S] -> [R, D] float32 (float64 for float64 rows),
+    no [R, S, D] temporary."""
+    weights = mask.to(rows.dtype)[:, None, :]
+    dtype = torch.promote_types(rows.dtype, torch.float32)
+    total = torch.bmm(weights, rows).squeeze(1).to(dtype)
+    return total / (mask.sum(1, keepdim=True).to(dtype) + eps)
+
+
+def blend_into(out: Tensor, samples: Tensor, mask: Tensor, base: Tensor, alpha: float) -> Tensor:
+    """out [n, R, D] = alpha * masked mean of samples [n*R, S, D] (mask [n*R, S], eps 1e-5) + base [R, D] (already
+    scaled by 1 - alpha), without [n, R, D] temporaries; returns the masked sums [n*R, D] (dtype of samples)."""
+    totals = torch.bmm(mask.to(samples.dtype)[:, None], samples).squeeze(1)
+    scale = alpha / (mask.sum(1, dtype=torch.promote_types(out.dtype, torch.float32)) + 1e-5)
+    torch.addcmul(base, totals.view(out.shape), scale.view(*out.shape[:2], 1), out=out)  # math in scale's dtype
+    return totals
+
+
+def blend_cls_plus(cls: Tensor, global_samples: Tensor, global_mask: Tensor, local_samples: Optional[Tensor],
+                   local_mask: Optional[Tensor], alpha: float, *, cls_by_pair: bool = False):
+    """UDI's cls+ targets T+ = alpha * masked mean of the samples + (1 - alpha) * T_cls, with eps 1e-5 (UDI_SPEC §5),
+    for every crop pair, and the sum and count of the valid local samples (they join the patch center), reading
+    the samples once. Works on logits (D = K) and on bottleneck vectors (UDI_SPEC §6).
+
+    cls [2B, D]: the teacher's cls rows, crop-major (udi_kernels.layout), or with cls_by_pair=True by pair (the
+    reference's teacher order, layout.teacher_rows_by_pair); global_samples [2B, Sg, D], global_mask [2B, Sg]
+    (block v: crop pair v); local_samples [2LB, Sl, D], local_mask [2LB, Sl] (block j of local crop l: blended
+    with cls block j) or None.
+    Returns rows [2B + 2LB, D] in the dtype of cls (the blocks in the order of the samples: global, then local),
+    blended in float32 or wider, local_sum [D] and local_count [] (float32 or wider).
+    """
+    B2, D = cls.shape
+    L = 0 if local_samples is None or B2 == 0 else local_samples.shape[0] // B2  # B = 0: no rows either way
+    accumulate = torch.promote_types(cls.dtype, torch.float32)
+    rows = torch.empty(B2 * (1 + L), D, dtype=cls.dtype, device=cls.device)
+    base = (1 - alpha) * cls
+    blend_into(rows[:B2].view(1, B2, D), global_samples, global_mask, base if cls_by_pair else teacher_rows_by_pair(base),
+               alpha)
+    if L == 0:
+        return rows, cls.new_zeros(D, dtype=accumulate), cls.new_zeros((), dtype=accumulate)
+    local_totals = blend_into(rows[B2:].view(L, B2, D), local_samples, local_mask, base, alpha)
+    return rows, local_totals.sum(0, dtype=accumulate), local_mask.sum(dtype=accumulate)
+
+
+def cls_plus_targets(teacher: UDITeacher, alpha: float = 0.5, last_layer: Optional[nn.Module] = None) -> UDITargets:
+    """UDILoss's teacher targets: the cls+ rows blended by blend_cls_plus (UDI_SPEC §5) and the local samples'
+    patch-center statistics.
+
+    last_layer None: `teacher` holds logits [.., K]; the rows come in their dtype. last_layer (the head's last
+    layer, linear without bias, weight [K, D]): `teacher` holds bottleneck vectors [.., D], blended there and
+    projected, so that only 2B(2 + L) + 2B·Sg rows reach K and the local-sample logits never exist (UDI_SPEC §6;
+    exact in real arithmetic). The local-sample sum is formed in float32 or wider either way.
+    """
+    plus, local_sum, local_count = blend_cls_plus(teacher.cls, teacher.patch, teacher.patch_mask, teacher.local,
+                                                  teacher.local_mask, alpha)
+    if last_layer is None:
+        return UDITargets(teacher.cls, teacher.patch, teacher.patch_mask, plus, local_sum, local_count)
+    rows = [teacher.cls, plus, teacher.patch.flatten(0, 1)]
+    cls, plus, patch = last_layer(torch.cat(rows)).split([len(r) for r in rows])
+    with torch.autocast(local_sum.device.type, enabled=False):
+        local_center_sum = F.linear(local_sum, last_layer.weight.to(local_sum.dtype))
+    return UDITargets(cls, patch.unflatten(0, teacher.patch.shape[:2]), teacher.patch_mask, plus, local_center_sum,
+                      local_count)
+
+
+# ---- pair tables -------------------------------------------------------------------------------------------------
+
+class UDIPairTables(NamedTuple):
+    """The cls and cls+ terms' pairs: student crop pair.student against teacher cls block pair.teacher, and
+    against cls+ target block k, for every crop pair k of udi_crop_pairs. Each pair of rows weighs its level's
+    share: the level-weighted mean (2·L_global + 2L·L_local)/(2 + 2L), each level a mean over its pairs."""
+    cls: PairTable
+    cls_plus: PairTable
+
+
+@functools.lru_cache(maxsize=64)
+def udi_pair_tables(num_local: int, batch: int, device: torch.device) -> UDIPairTables:
+    """The UDIPairTables of a batch, built once per (num_local, batch, device)."""
+    levels = udi_crop_pairs(num_local)
+    pairs = sum(map(len, levels))
+    weighted = [(pair, len(level) / pairs * mean_weight(len(level) * batch)) for level in levels for pair in level]
+    cls = tuple((pair.student, pair.teacher, weight) for pair, weight in weighted)
+    cls_plus = tuple((pair.student, k, weight) for k, (pair, weight) in enumerate(weighted))
+    student_crops = GLOBAL_CROPS + num_local
+    return UDIPairTables(crop_pair_table(cls, batch, student_crops, GLOBAL_CROPS, device),
+                         crop_pair_table(cls_plus, batch, student_crops, pairs, device))
+
+
+# ---- the loss ----------------------------------------------------------------------------------------------------
+
+class UDILoss(nn.Module):
+    """UDI's loss (UDI_SPEC §5): (L_cls + L_cls+ + L_patch) / 3 with three EMA centers.
+
+    forward(student: UDIStudent, teacher: UDITeacher | UDITargets, epoch) -> (loss, parts), parts a dict of
+    the detached 'cls', 'cls_plus' and 'patch' losses. L_cls and L_cls+ use the level weighting
+    (2·L_global + 2L·L_local)/(2 + 2L) (udi_pair_tables); L_patch is Σ_valid CE / #valid samples on this rank
+    (0 when none). cls_plus_target: 'logits' (the reference: blend logits, α = 0.5) or 'probabilities' (the
+    paper: the same blend of the centered softmaxes; needs UDITeacher; the cls+ center still follows the logit
+    blend). Centers: udi_kernels.losses.centering (exact global means; an empty batch leaves them unchanged).
+    """
+
+    def __init__(self, out_dim: int, ncrops: int, warmup_teacher_temp: float = 0.04, teacher_temp: float = 0.07,
+                 warmup_teacher_temp_epochs: int = 30, nepochs: int = 100, student_temp: float = 0.1,
+                 center_momentum: float = 0.9, alpha: float = 0.5, cls_plus_target: str = "logits",
+                 backend: Optional[str] = None):
+        super().__init__()
+        num_local = check_int(ncrops, "ncrops (two global crops, then the local ones)", 2) - 2
+        check_choice(cls_plus_target, "cls_plus_target", ("logits", "probabilities"))
+        check_backend(backend)
+        self.out_dim, self.num_local = check_int(out_dim, "out_dim", 1), num_local
+        self.student_temp = check_float(student_temp, "student_temp", 0.0, low_open=True)
+        self.schedule = check_schedule(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs)
+        self.alpha, self.cls_plus_target, self.backend = check_float(alpha, "alpha", 0.0, 1.0), cls_plus_target, backend
+        self.center_cls = EMACenter(out_dim, center_momentum, "center_momentum")
+        self.center_cls_plus = EMACenter(out_dim, center_momentum, "center_momentum")
+        self.center_patch = EMACenter(out_dim, center_momentum, "center_momentum")
+
+    def teacher_temp(self, epoch: int) -> float:
+        return teacher_temperature(epoch, *self.schedule)
+
+    def forward(self, student: UDIStudent, teacher: Union[UDITeacher, UDITargets], epoch: int):
+        tau_t = self.teacher_temp(epoch)
+        B = self._check(student, teacher)
+        targets = teacher if isinstance(teacher, UDITargets) else cls_plus_targets(teacher, self.alpha)
+        tables = udi_pair_tables(self.num_local, B, targets.cls.device)
+        cls = cross_entropy(student.cls, targets.cls, self.center_cls.center, tables.cls, self.student_temp, tau_t,
+                            backend=self.backend)
+        plus_rows, plus_weight = self._cls_plus_rows(teacher, targets, tau_t)
+        cls_plus = cross_entropy(student.cls_plus, plus_rows, self.center_cls_plus.center, tables.cls_plus,
+                                 self.student_temp, tau_t, plus_weight, backend=self.backend)
+        patch = self._patch_loss(student, targets, tau_t)
+        self._update_centers(cls, cls_plus, patch, targets, plus_stats_from_op=plus_weight is None)
+        parts = {"cls": cls.loss.detach(), "cls_plus": cls_plus.loss.detach(), "patch": patch.loss.detach()}
+        return (cls.loss + cls_plus.loss + patch.loss) / 3, parts
+
+    def _cls_plus_rows(self, teacher, targets: UDITargets, tau_t):
+        """Teacher rows of the cls+ loss and their center weights (None: all 1)."""
+        if self.cls_plus_target == "logits":
+            return targets.cls_plus, None
+        if not isinstance(teacher, UDITeacher):
+            raise TypeError("cls_plus_target='probabilities' needs the teacher's sample logits (a UDITeacher)")
+        probs = self._probability_targets(teacher, tau_t)
+        # rows whose centered softmax is exactly `probs`; the center statistics come from the logit blend instead
+        rows = tau_t * torch.log(probs.clamp_min(torch.finfo(torch.float32).tiny)) + self.center_cls_plus.center
+        return rows, torch.zeros(rows.shape[0], device=rows.device)
+
+    def _probability_targets(self, teacher: UDITeacher, tau_t):
+        """The blend of blend_cls_plus on the centered softmaxes, renormalised; rows by crop pair."""
+        center = self.center_cls_plus.center
+        softmax = lambda x: torch.softmax((x.float() - center) / tau_t, dim=-1)  # noqa: E731
+        cls = softmax(teacher.cls)
+        mix = [self.alpha * masked_mean(softmax(teacher.patch), teacher.patch_mask)
+               + (1 - self.alpha) * teacher_rows_by_pair(cls)]
+        if teacher.local is not None and teacher.local.shape[0]:
+            mix.append(self.alpha * masked_mean(softmax(teacher.local), teacher.local_mask)
+                       + (1 - self.alpha) * cls.repeat(teacher.local.shape[0] // cls.shape[0], 1))
+        mix = torch.cat(mix)
+        return mix / mix.sum(-1, keepdim=True)
+
+    def _patch_loss(self, student: UDIStudent, targets: UDITargets, tau_t):
+        K = targets.patch.shape[2]
+        valid = targets.patch_mask.reshape(-1).float()
+        return cross_entropy(student.patch.reshape(-1, K), targets.patch.reshape(-1, K), self.center_patch.center,
+                             identity_table(valid / valid.sum().clamp_min(1)), self.student_temp, tau_t, valid,
+                             backend=self.backend)
+
+    def _update_centers(self, cls, cls_plus, patch, targets: UDITargets, plus_stats_from_op: bool):
+        with torch.no_grad():
+            if plus_stats_from_op:
+                plus_sum, plus_count = cls_plus.center_sum, cls_plus.center_count
+            else:  # probability targets: the center still follows the logit blend
+                plus = targets.cls_plus.float()
+                plus_sum, plus_count = plus.sum(0, keepdim=True), plus.new_full((1,), plus.shape[0])
+            update_centers([self.center_cls, self.center_cls_plus, self.center_patch],
+                           [cls.center_sum, plus_sum, patch.center_sum + targets.extra_patch_sum],
+                           [cls.center_count, plus_count, patch.center_count + targets.extra_patch_count])
+
+    def _check(self, student: UDIStudent, teacher: Union[UDITeacher, UDITargets]) -> int:
+        """Types, shapes, dtypes and devices of every input, named as in UDIStudent / UDITeacher / UDITargets;
+        returns the batch size B."""
+        if not isinstance(student, UDIStudent):
+            raise TypeError(f"student must be a UDIStudent, got {type(student).__name__}")
+        if not isinstance(teacher, (UDITeacher, UDITargets)):
+            raise TypeError(f"teacher must be a UDITeacher or UDITargets, got {type(teacher).__name__}")
+        if not isinstance(teacher.cls, Tensor):
+            raise TypeError(f"teacher cls must be a torch.Tensor, got {type(teacher.cls).__name__}")
+        K, L, B, device = self.out_dim, self.num_local, teacher.cls.shape[0] // 2, teacher.cls.device
+        check_rows(teacher.cls, "teacher cls", 2 * B, K, device)
+        check_rows(student.cls, "student cls", (2 + L) * B, K, device)
+        check_rows(student.cls_plus, "student cls_plus", (2 + L) * B, K, device)
+        self._check_samples(teacher.patch, teacher.patch_mask, "teacher patch", "patch_mask", 2 * B, device)
+        if not isinstance(student.patch, Tensor) or student.patch.shape != teacher.patch.shape:
+            raise ValueError(f"student patch must have the shape of teacher patch {list(teacher.patch.shape)}, got "
+                             f"{list(getattr(student.patch, 'shape', []))}")
+        check_logits(student.patch, "student patch", device)
+        if isinstance(teacher, UDITargets):
+            check_rows(teacher.cls_plus, "teacher cls_plus targets", (2 + 2 * L) * B, K, device)
+            for value, name, shape in ((teacher.extra_patch_sum, "extra_patch_sum", (K,)),
+                                       (teacher.extra_patch_count, "extra_patch_count", ())):
+                if not isinstance(value, Tensor) or value.shape != shape:
+                    raise ValueError(f"{name} must be a tensor of shape {list(shape)}")
+                check_logits(value, name, device)
+        elif L and B:
+            self._check_samples(teacher.local, teacher.local_mask, "teacher local", "local_mask", 2 * L * B, device)
+        check_state_device(self, device)
+        return B
+
+    def _check_samples(self, samples, mask, name: str, mask_name: str, rows: int, device):
+        """samples [rows, S, K] floating and mask [rows, S] bool."""
+        if not isinstance(samples, Tensor) or samples.dim() != 3 or samples.shape[0] != rows or \
+                samples.shape[2] != self.out_dim:
+            got = list(samples.shape) if isinstance(samples, Tensor) else type(samples).__name__
+            raise ValueError(f"{name} must have shape [{rows}, S, {self.out_dim}], got {got}")
+        check_logits(samples, name, device)
+        check_mask(mask, mask_name, samples.shape[:2], device)
