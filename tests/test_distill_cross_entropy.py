@@ -223,7 +223,7 @@ def _op_args(case, tau_s=0.1, tau_t=0.04):
     csr = op.build_csr(case["pair_student"], case["pair_teacher"], case["pair_weight"], case["center_id"],
                        case["student"].shape[0], case["centers"].shape[0])
     return (case["student"].requires_grad_(True), case["teacher"], case["centers"], case["center_id"].long(),
-            csr.student_ptr, csr.pair_teacher, csr.pair_weight, csr.center_ptr, csr.center_rows,
+            csr.student_offsets, csr.pair_teacher, csr.pair_weight, csr.center_offsets, csr.center_rows,
             case["row_weight"], tau_s, tau_t)
 
 

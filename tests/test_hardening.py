@@ -128,7 +128,7 @@ def test_distill_csr_with_decreasing_offsets_stays_in_bounds(backend):
     from udi_kernels.ops import distill_cross_entropy as op
     case = make_case(4, 3, 21, 1, 5)
     csr = op.build_csr(case["pair_student"], case["pair_teacher"], case["pair_weight"], case["center_id"], 4, 1)
-    csr = csr._replace(student_ptr=torch.tensor([-7, 3, 1, 99, 2]), center_ptr=torch.tensor([2, -5]),
+    csr = csr._replace(student_offsets=torch.tensor([-7, 3, 1, 99, 2]), center_offsets=torch.tensor([2, -5]),
                        center_rows=torch.tensor([0, 9, -2]))
     runs = [op.distill_cross_entropy_csr(case["student"], case["teacher"], case["centers"], csr, case["row_weight"],
                                          0.1, 0.04, backend=backend) for _ in range(2)]
@@ -139,9 +139,10 @@ def test_distill_csr_shapes_are_checked():
     from udi_kernels.ops import distill_cross_entropy as op
     case = make_case(4, 3, 21, 1, 5)
     csr = op.build_csr(case["pair_student"], case["pair_teacher"], case["pair_weight"], case["center_id"], 4, 1)
-    with pytest.raises(ValueError, match="csr.student_ptr must have length 5"):
+    with pytest.raises(ValueError, match="csr.student_offsets must have length 5"):
         op.distill_cross_entropy_csr(case["student"], case["teacher"], case["centers"],
-                                     csr._replace(student_ptr=csr.student_ptr[:-1]), case["row_weight"], 0.1, 0.04)
+                                     csr._replace(student_offsets=csr.student_offsets[:-1]), case["row_weight"], 0.1,
+                                     0.04)
 
 
 # ---- 2. srs_attention: taps out of range with check_taps=False ----------------------------------------------------

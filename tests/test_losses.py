@@ -320,10 +320,10 @@ def test_pair_table_is_the_csr_of_its_pairs(kind, crops, rows):
     as_set = lambda s, t, w: sorted(zip(s.tolist(), t.tolist(), w.tolist()))
     pair_student = csr_pair_student(csr)
     assert as_set(pair_student, csr.pair_teacher, csr.pair_weight) == as_set(*pairs)
-    assert csr.student_ptr[-1] == len(pair_student) and (pair_student.diff() >= 0).all()
-    assert torch.equal(csr.student_ptr, torch.searchsorted(pair_student, torch.arange(rows[0] * B + 1)))
+    assert csr.student_offsets[-1] == len(pair_student) and (pair_student.diff() >= 0).all()
+    assert torch.equal(csr.student_offsets, torch.searchsorted(pair_student, torch.arange(rows[0] * B + 1)))
     assert torch.equal(csr.center_id, torch.zeros(rows[1] * B, dtype=torch.int64))
-    assert torch.equal(csr.center_ptr, torch.tensor([0, rows[1] * B]))
+    assert torch.equal(csr.center_offsets, torch.tensor([0, rows[1] * B]))
     assert torch.equal(table.unit_rows, torch.ones(rows[1] * B))
 
 

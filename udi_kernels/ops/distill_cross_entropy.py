@@ -2,12 +2,13 @@
 
 The kernels (native and Triton) share one pair of ops on a student-row CSR of the pairs, built here:
   distill_cross_entropy(student [Rs, K], teacher [Rt, K], centers [n_c, K] f32, center_id [Rt] i64,
-                     student_ptr [Rs + 1] i64, pair_teacher [P] i64, pair_weight [P] f32,   (pairs sorted by student)
-                     center_ptr [n_c + 1] i64, center_rows [Rt] i64,                        (teacher rows by center)
-                     row_weight [Rt] f32, tau_s, tau_t)
+                        student_offsets [Rs + 1] i64, pair_teacher [P] i64, pair_weight [P] f32,  (pairs by student)
+                        center_offsets [n_c + 1] i64, center_rows [Rt] i64,             (teacher rows by center)
+                        row_weight [Rt] f32, tau_s, tau_t)
       -> pair_loss [P] f32, center_sum [n_c, K] f32, center_count [n_c] f32, student_lse [Rs], teacher_lse [Rt]
-  distill_cross_entropy_backward(grad_pair_loss [P], student, teacher, centers, center_id, student_ptr, pair_teacher,
-                      pair_weight, student_lse, teacher_lse, tau_s, tau_t) -> grad_student [Rs, K] (student dtype)
+  distill_cross_entropy_backward(grad_pair_loss [P], student, teacher, centers, center_id, student_offsets,
+                                 pair_teacher, pair_weight, student_lse, teacher_lse, tau_s, tau_t)
+      -> grad_student [Rs, K] (student dtype)
 student_lse is logsumexp(s / τs), teacher_lse is logsumexp((t - c) / τt): O(rows) saved for the backward, in the
 kernel's accumulation dtype (saved_stats_dtype: float64 for the native CPU kernel, which recomputes the exponents
 in double, so that a rounded logsumexp cannot skew its gradient at large logits; float32 on CUDA and Triton).
@@ -26,6 +27,7 @@ from torch import Tensor
 from .. import backends
 from .._native import native_loaded
 from ..checks import check_bool, check_float
+from ..dtypes import compute_dtype
 from ..reference import distill_cross_entropy as reference
 
 OP = "distill_cross_entropy"
@@ -44,12 +46,12 @@ class PairCSR(NamedTuple):
     """The pairs sorted (stably) by student row, and the teacher rows grouped by center: what the kernels read.
     It depends only on the pairs, so a caller whose pairs do not change builds it once (build_csr) and passes it
     to distill_cross_entropy_csr on every call."""
-    student_ptr: Tensor    # [Rs + 1]: the pairs of student row r are the slots student_ptr[r] .. student_ptr[r + 1]
-    pair_teacher: Tensor   # [P] in CSR order
-    pair_weight: Tensor    # [P] in CSR order
-    center_id: Tensor      # [Rt] int64
-    center_ptr: Tensor     # [n_c + 1]
-    center_rows: Tensor    # [Rt]
+    student_offsets: Tensor  # [Rs + 1]: the pairs of student row r are the slots [student_offsets[r], [r + 1])
+    pair_teacher: Tensor     # [P] in CSR order
+    pair_weight: Tensor      # [P] in CSR order
+    center_id: Tensor        # [Rt] int64
+    center_offsets: Tensor   # [n_c + 1]
+    center_rows: Tensor      # [Rt]
 
 
 def _group(keys: Tensor, num_segments: int):
@@ -60,16 +62,16 @@ def _group(keys: Tensor, num_segments: int):
 
 def build_csr(pair_student, pair_teacher, pair_weight, center_id, num_students, num_centers) -> PairCSR:
     """The PairCSR of these pairs: one stable sort and searchsorted per key, no host sync."""
-    order, student_ptr = _group(pair_student.long(), num_students)
-    center_rows, center_ptr = _group(center_id.long(), num_centers)
-    return PairCSR(student_ptr, pair_teacher.long()[order], pair_weight[order], center_id.long(), center_ptr,
+    order, student_offsets = _group(pair_student.long(), num_students)
+    center_rows, center_offsets = _group(center_id.long(), num_centers)
+    return PairCSR(student_offsets, pair_teacher.long()[order], pair_weight[order], center_id.long(), center_offsets,
                    center_rows)
 
 
 def csr_pair_student(csr: PairCSR) -> Tensor:
     """The student row of each CSR slot, [P] int64 (no host sync)."""
-    rows = torch.arange(csr.student_ptr.shape[0] - 1, device=csr.student_ptr.device)
-    return torch.repeat_interleave(rows, csr.student_ptr.diff(), output_size=csr.pair_teacher.shape[0])
+    rows = torch.arange(csr.student_offsets.shape[0] - 1, device=csr.student_offsets.device)
+    return torch.repeat_interleave(rows, csr.student_offsets.diff(), output_size=csr.pair_teacher.shape[0])
 
 
 # ---- fake impls, autograd --------------------------------------------------------------------------------------
@@ -78,14 +80,14 @@ def saved_stats_dtype(backend: str, device: torch.device, dtype: torch.dtype) ->
     """The dtype of the saved logsumexps: the native CPU kernel accumulates (and saves) in float64."""
     if backend == "native" and device.type == "cpu":
         return torch.float64
-    return reference.compute_dtype(dtype)
+    return compute_dtype(dtype)
 
 
 def _make_forward_fake(backend: str):
-    def fake(student, teacher, centers, center_id, student_ptr, pair_teacher, pair_weight, center_ptr, center_rows,
-             row_weight, tau_s, tau_t):
-        out = reference.compute_dtype(student.dtype)
-        stats = reference.compute_dtype(teacher.dtype)
+    def fake(student, teacher, centers, center_id, student_offsets, pair_teacher, pair_weight, center_offsets,
+             center_rows, row_weight, tau_s, tau_t):
+        out = compute_dtype(student.dtype)
+        stats = compute_dtype(teacher.dtype)
         return (student.new_empty(pair_teacher.shape[0], dtype=out), teacher.new_empty(centers.shape, dtype=stats),
                 teacher.new_empty(centers.shape[0], dtype=stats),
                 student.new_empty(student.shape[0], dtype=saved_stats_dtype(backend, student.device, student.dtype)),
@@ -93,7 +95,7 @@ def _make_forward_fake(backend: str):
     return fake
 
 
-def _backward_fake(grad_pair_loss, student, teacher, centers, center_id, student_ptr, pair_teacher, pair_weight,
+def _backward_fake(grad_pair_loss, student, teacher, centers, center_id, student_offsets, pair_teacher, pair_weight,
                    student_lse, teacher_lse, tau_s, tau_t):
     return torch.empty_like(student)
 
@@ -114,9 +116,9 @@ def _kernels(backend: str) -> _Kernels:
 
 
 def _setup_context(ctx, inputs, output):
-    student, teacher, centers, center_id, student_ptr, pair_teacher, pair_weight = inputs[:7]
+    student, teacher, centers, center_id, student_offsets, pair_teacher, pair_weight = inputs[:7]
     ctx.taus = inputs[10], inputs[11]
-    ctx.save_for_backward(student, teacher, centers, center_id, student_ptr, pair_teacher, pair_weight,
+    ctx.save_for_backward(student, teacher, centers, center_id, student_offsets, pair_teacher, pair_weight,
                           output[3], output[4])
     # only pair_loss depends on the student: no zero gradients are made for the other outputs
     ctx.mark_non_differentiable(*output[1:])
@@ -158,19 +160,19 @@ class _EagerKernels(torch.autograd.Function):
 
 
 @torch.library.custom_op("udi_kernels::distill_cross_entropy_triton", mutates_args=())
-def _triton_forward(student: Tensor, teacher: Tensor, centers: Tensor, center_id: Tensor, student_ptr: Tensor,
-                    pair_teacher: Tensor, pair_weight: Tensor, center_ptr: Tensor, center_rows: Tensor,
+def _triton_forward(student: Tensor, teacher: Tensor, centers: Tensor, center_id: Tensor, student_offsets: Tensor,
+                    pair_teacher: Tensor, pair_weight: Tensor, center_offsets: Tensor, center_rows: Tensor,
                     row_weight: Tensor, tau_s: float, tau_t: float
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _kernels("triton").forward(student, teacher, centers, center_id, student_ptr, pair_teacher, pair_weight,
-                                      center_ptr, center_rows, row_weight, tau_s, tau_t)
+    return _kernels("triton").forward(student, teacher, centers, center_id, student_offsets, pair_teacher, pair_weight,
+                                      center_offsets, center_rows, row_weight, tau_s, tau_t)
 
 
 @torch.library.custom_op("udi_kernels::distill_cross_entropy_triton_backward", mutates_args=())
 def _triton_backward(grad_pair_loss: Tensor, student: Tensor, teacher: Tensor, centers: Tensor, center_id: Tensor,
-                     student_ptr: Tensor, pair_teacher: Tensor, pair_weight: Tensor, student_lse: Tensor,
+                     student_offsets: Tensor, pair_teacher: Tensor, pair_weight: Tensor, student_lse: Tensor,
                      teacher_lse: Tensor, tau_s: float, tau_t: float) -> Tensor:
-    return _kernels("triton").backward(grad_pair_loss, student, teacher, centers, center_id, student_ptr,
+    return _kernels("triton").backward(grad_pair_loss, student, teacher, centers, center_id, student_offsets,
                                        pair_teacher, pair_weight, student_lse, teacher_lse, tau_s, tau_t)
 
 
@@ -250,11 +252,11 @@ def _check_csr(csr, row_weight, student, teacher, centers):
     device, (Rs, Rt, n_c) = student.device, (student.shape[0], teacher.shape[0], centers.shape[0])
     P = csr.pair_teacher.shape[0] if isinstance(csr.pair_teacher, Tensor) else -1
     int64, floats = (torch.int64,), (torch.float32, torch.float64)
-    for value, name, dtypes, length in ((csr.student_ptr, "csr.student_ptr", int64, Rs + 1),
+    for value, name, dtypes, length in ((csr.student_offsets, "csr.student_offsets", int64, Rs + 1),
                                         (csr.pair_teacher, "csr.pair_teacher", int64, P),
                                         (csr.pair_weight, "csr.pair_weight", floats, P),
                                         (csr.center_id, "csr.center_id", int64, Rt),
-                                        (csr.center_ptr, "csr.center_ptr", int64, n_c + 1),
+                                        (csr.center_offsets, "csr.center_offsets", int64, n_c + 1),
                                         (csr.center_rows, "csr.center_rows", int64, Rt),
                                         (row_weight, "row_weight", floats, Rt)):
         _check_tensor(value, name, 1, dtypes, device)
@@ -367,10 +369,10 @@ def distill_cross_entropy_csr(student: Tensor, teacher: Tensor, centers: Tensor,
 
 def _run_kernels(backend, student, teacher, centers, csr: PairCSR, row_weight, tau_s, tau_t) -> DistillCrossEntropyResult:
     """The native or Triton kernels: the registered op under torch.compile, else _EagerKernels."""
-    stats_dtype = reference.compute_dtype(teacher.dtype)
+    stats_dtype = compute_dtype(teacher.dtype)
     inputs = (student.contiguous(), teacher.detach().contiguous(), centers.to(stats_dtype).contiguous(), csr.center_id,
-              csr.student_ptr, csr.pair_teacher, csr.pair_weight.to(reference.compute_dtype(student.dtype)),
-              csr.center_ptr, csr.center_rows, row_weight.to(stats_dtype).contiguous(), float(tau_s), float(tau_t))
+              csr.student_offsets, csr.pair_teacher, csr.pair_weight.to(compute_dtype(student.dtype)),
+              csr.center_offsets, csr.center_rows, row_weight.to(stats_dtype).contiguous(), float(tau_s), float(tau_t))
     if torch.compiler.is_compiling():
         pair_loss, center_sum, center_count, _, _ = _REGISTERED_OPS[backend](*inputs)
     else:

@@ -7,6 +7,7 @@ from torch import Tensor
 from .. import backends
 from .._native import native_loaded
 from ..checks import check_bool, check_float
+from ..dtypes import compute_dtype
 from ..reference import srs_attention as reference
 
 OP = "srs_attention"
@@ -42,7 +43,7 @@ def _resolve_backend(device: torch.device, dtype: torch.dtype, shape: str, backe
 def _fake_forward(q, k, v, index, weight, scale):
     B, H, _, D = q.shape
     S = index.shape[1]
-    return q.new_empty(B, H, S, D), q.new_empty(B, H, S, dtype=reference.compute_dtype(q.dtype))
+    return q.new_empty(B, H, S, D), q.new_empty(B, H, S, dtype=compute_dtype(q.dtype))
 
 
 def _fake_backward(grad_out, q, k, v, index, weight, out, lse, scale):
@@ -246,7 +247,7 @@ def srs_attention(q: Tensor, k: Tensor, v: Tensor, index: Tensor, weight: Option
     scale = reference.default_scale(D) if scale is None else check_float(scale, "scale")
     if check_bool(check_taps, "check_taps") and index.device.type != "meta":
         check_tap_values(index, weight, num_rows)
-    dtype = reference.compute_dtype(q.dtype)
+    dtype = compute_dtype(q.dtype)
     weight = torch.ones(index.shape, dtype=dtype, device=q.device) if weight is None else weight.to(dtype)
     return attend(q, k, v, index_as_int32(index), weight, scale, backend)
 
@@ -254,7 +255,7 @@ def srs_attention(q: Tensor, k: Tensor, v: Tensor, index: Tensor, weight: Option
 def attend(q: Tensor, k: Tensor, v: Tensor, index: Tensor, weight: Tensor, scale: float,
            backend: Optional[str] = None) -> Tensor:
     """srs_attention without the argument checks, for callers that build valid arguments themselves
-    (udi_kernels.nn): index int32, weight in reference.compute_dtype(q.dtype), scale a float.
+    (udi_kernels.nn): index int32, weight in compute_dtype(q.dtype), scale a float.
     Launches no kernel besides the attention itself when q, k, v, index and weight are contiguous."""
     chosen = _resolve_backend(q.device, q.dtype, shape_class(index.shape[1]), backend)
     if chosen == "triton":

@@ -12,10 +12,8 @@ the end, whose contributions are masked out.
 import torch
 from torch import Tensor
 
+from ..dtypes import compute_dtype
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; every other floating dtype is computed (and returned) in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def sentinel_index(index: Tensor, size: int) -> Tensor:
