@@ -1,0 +1,99 @@
+"""What each op's backends support and which one `auto` takes: the one place that says so.
+
+udi_kernels.backends reads these declarations to resolve a backend and to say why one cannot run a call; the ops
+and the tests read them too. A declaration names, per backend, the device types and input dtypes it takes (also
+under the Triton interpreter, which gets bfloat16 dots wrong) and its size limits, and per (device type, shape
+class) the order `auto` tries, fastest first, with the measurements that order rests on (benchmarks/results/).
+The reference backend runs everything, on every device.
+
+The idea follows xformers' per-operator declarations (ops/fmha/common.py: SUPPORTED_DEVICES, SUPPORTED_DTYPES,
+SUPPORTED_MAX_K, not_supported_reasons); the code is our own.
+"""
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Optional
+
+import torch
+
+HALF_AND_FLOAT = frozenset({torch.float16, torch.bfloat16, torch.float32})
+FLOATING = HALF_AND_FLOAT | {torch.float64}
+BOXES = frozenset({torch.float32})
+ANY_DEVICE = ("*",)  # the device-type key that stands for every device type
+
+
+@dataclass(frozen=True)
+class BackendSupport:
+    """What one backend of an op takes. dtypes: per device type ("*": any); interpreted_dtypes: under TRITON_INTERPRET=1
+    (None: as on the GPU); max_sizes: named sizes (see the op's `sizes`) and their largest supported value."""
+    dtypes: Mapping[str, frozenset]
+    interpreted_dtypes: Optional[frozenset] = None
+    max_sizes: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OpDeclaration:
+    """An op's backends, the dtype its dispatch is decided on, and `auto`'s order per (device type, shape class).
+
+    shape_class maps the op's sizes (keyword ints) to a class name of auto_order; measured cites the numbers."""
+    name: str
+    support: Mapping[str, BackendSupport]
+    auto_order: Mapping[tuple, tuple]
+    measured: str
+    shape_class: Callable[..., str] = lambda **sizes: "any"
+
+
+def _on(devices, dtypes):
+    return {device: frozenset(dtypes) for device in devices}
+
+
+def attention_shape_class(num_samples: int, head_dim: int = 0) -> str:
+    """Student crops ask 16 or 9 queries; the teacher's global crops answer 16 + L*9 at once."""
+    return "few_queries" if num_samples <= 32 else "many_queries"
+
+
+STRATIFIED_SAMPLE = OpDeclaration(
+    name="stratified_sample",
+    support={
+        "native": BackendSupport(_on(("cpu", "cuda"), BOXES)),
+        "triton": BackendSupport(_on(("cpu", "cuda"), BOXES)),
+        "reference": BackendSupport(_on(ANY_DEVICE, BOXES)),
+    },
+    auto_order={("cuda", "any"): ("triton", "native", "reference"),
+                ("cpu", "any"): ("native", "reference")},
+    measured="cuda: H100, B = 128 images, L = 10 (benchmarks/results/stratified_sample_gpu.json, 2026-11-26): "
+             "Triton 10.7 us, CUDA 19.7 us, bit-identical. "
+             "cpu: see benchmarks/results/stratified_sample_cpu.json.",
+)
+
+SRS_ATTENTION = OpDeclaration(
+    name="srs_attention",
+    support={
+        "native": BackendSupport({"cpu": FLOATING, "cuda": HALF_AND_FLOAT}, max_sizes={"head_dim": 512}),
+        "triton": BackendSupport(_on(("cpu", "cuda"), HALF_AND_FLOAT),
+                                 interpreted_dtypes=frozenset({torch.float16, torch.float32})),
+        "reference": BackendSupport(_on(ANY_DEVICE, FLOATING)),
+    },
+    auto_order={("cuda", "few_queries"): ("triton", "native", "reference"),
+                ("cuda", "many_queries"): ("triton", "native", "reference"),
+                ("cpu", "few_queries"): ("reference", "native"),
+                ("cpu", "many_queries"): ("reference", "native")},
+    measured="cuda: H100, fp16, B = 128 (benchmarks/results/srs_attention_gpu.json, 2026-11-26): few_queries "
+             "(S = 16 / 9) Triton 0.044 / 0.051 ms fwd+bwd vs CUDA 0.453 / 0.491 ms; many_queries (S = 16 + 90) "
+             "Triton 0.091 ms fwd vs CUDA 2.370 ms. "
+             "cpu: see benchmarks/results/srs_attention_cpu.json.",
+    shape_class=attention_shape_class,
+)
+
+DISTILL_CROSS_ENTROPY = OpDeclaration(
+    name="distill_cross_entropy",
+    support={
+        "native": BackendSupport({"cpu": FLOATING, "cuda": HALF_AND_FLOAT}),
+        "triton": BackendSupport(_on(("cpu", "cuda"), HALF_AND_FLOAT)),
+        "reference": BackendSupport(_on(ANY_DEVICE, FLOATING)),
+    },
+    auto_order={("cuda", "any"): ("native", "triton", "reference"),
+                ("cpu", "any"): ("reference", "native")},
+    measured="cuda: H100 (benchmarks/results/distill_cross_entropy_gpu.json, 2026-11-26). "
+             "cpu: see benchmarks/results/distill_cross_entropy_cpu.json.",
+)
+
+DECLARATIONS = {d.name: d for d in (STRATIFIED_SAMPLE, SRS_ATTENTION, DISTILL_CROSS_ENTROPY)}

@@ -1,0 +1,3 @@
+"""Shared by the tests and the benchmarks: float64 references of the UDI head, input builders, and the pytest
+fixture that poisons uninitialised memory. Import the modules (udi_kernels.testing.references, .inputs, .poison);
+nothing here is used by the ops themselves."""
