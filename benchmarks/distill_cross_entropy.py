@@ -8,6 +8,9 @@ targets formed in the bottleneck (udi_case); median of CUDA-event times
 the §8 floor and the floor's time at the measured copy ceiling. Without a GPU: small CPU shapes only.
 """
 
+import functools
+import statistics
+
 import torch
 import torch.nn.functional as F
 
@@ -128,14 +131,20 @@ def op_backends(B, K, ncrops, dtype, device, quick):
     pair_student, pair_teacher = (crop * B + image)[other].to(device), (target * B + image)[other].to(device)
     args = (teacher, centers, torch.zeros(2 * B, dtype=torch.int64, device=device), pair_student, pair_teacher,
             torch.ones(pair_student.shape, device=device), torch.ones(2 * B, device=device), 0.1, 0.04)
-    results = {}
+    steps = {}
     for backend in ("reference", "native") + (("triton",) if device.type == "cuda" else ()):
         if why_unavailable(backend, "distill_cross_entropy", device) is None:
-            def step():
-                student.grad = None
-                distill_cross_entropy(student, *args, backend=backend, check_values=False).loss.backward()
-            results[backend] = common.measure(step, device, quick, flush_l2=False)["ms"]
-    return results
+            steps[backend] = functools.partial(_fwd_bwd, student, args, backend)
+    # the backends in turn, three rounds, median per backend: a load that drifts during the run (a shared CPU)
+    # then weighs on every backend alike
+    rounds = [{b: common.measure(step, device, quick, flush_l2=False)["ms"] for b, step in steps.items()}
+              for _ in range(3)]
+    return {b: statistics.median(r[b] for r in rounds) for b in steps}
+
+
+def _fwd_bwd(student, args, backend):
+    student.grad = None
+    distill_cross_entropy(student, *args, backend=backend, check_values=False).loss.backward()
 
 
 def summarize(result, copy_gb_per_s):
