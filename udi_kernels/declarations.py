@@ -18,6 +18,7 @@ HALF_AND_FLOAT = frozenset({torch.float16, torch.bfloat16, torch.float32})
 FLOATING = HALF_AND_FLOAT | {torch.float64}
 BOXES = frozenset({torch.float32})
 ANY_DEVICE = ("*",)  # the device-type key that stands for every device type
+KERNEL_DEVICES = ("cpu", "cuda")  # Triton runs CPU tensors under TRITON_INTERPRET=1 only (backends.why_unavailable)
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,20 @@ def _on(devices, dtypes):
     return {device: frozenset(dtypes) for device in devices}
 
 
+def _backends(reference: frozenset, native: Mapping, triton: frozenset, native_max_sizes: Optional[Mapping] = None,
+              triton_interpreted: Optional[frozenset] = None) -> dict:
+    """The support of the three backends: the reference's dtypes on any device, the native kernels' per device
+    type, Triton's on CPU (interpreter) and CUDA tensors."""
+    return {"native": BackendSupport(native, max_sizes=native_max_sizes or {}),
+            "triton": BackendSupport(_on(KERNEL_DEVICES, triton), interpreted_dtypes=triton_interpreted),
+            "reference": BackendSupport(_on(ANY_DEVICE, reference))}
+
+
+def _one_shape_class(cuda: tuple, cpu: tuple) -> dict:
+    """The auto order of an op whose speed ranking does not depend on the shape."""
+    return {("cuda", "any"): cuda, ("cpu", "any"): cpu}
+
+
 def attention_shape_class(num_samples: int, head_dim: int = 0) -> str:
     """Student crops ask 16 or 9 queries; the teacher's global crops answer 16 + L*9 at once."""
     return "few_queries" if num_samples <= 32 else "many_queries"
@@ -52,13 +67,8 @@ def attention_shape_class(num_samples: int, head_dim: int = 0) -> str:
 
 STRATIFIED_SAMPLE = OpDeclaration(
     name="stratified_sample",
-    support={
-        "native": BackendSupport(_on(("cpu", "cuda"), BOXES)),
-        "triton": BackendSupport(_on(("cpu", "cuda"), BOXES)),
-        "reference": BackendSupport(_on(ANY_DEVICE, BOXES)),
-    },
-    auto_order={("cuda", "any"): ("triton", "native", "reference"),
-                ("cpu", "any"): ("native", "reference")},
+    support=_backends(reference=BOXES, native=_on(KERNEL_DEVICES, BOXES), triton=BOXES),
+    auto_order=_one_shape_class(cuda=("triton", "native", "reference"), cpu=("native", "reference")),
     measured="cuda: H100, B = 128 images, L = 10 (benchmarks/results/stratified_sample_gpu.json, 2026-11-26): "
              "Triton 10.7 us, CUDA 19.7 us, bit-identical. "
              "cpu: 2-core x86_64 shared with other jobs (load ~2.5), B = 128, L = 10, per image, unchecked "
@@ -67,12 +77,9 @@ STRATIFIED_SAMPLE = OpDeclaration(
 
 SRS_ATTENTION = OpDeclaration(
     name="srs_attention",
-    support={
-        "native": BackendSupport({"cpu": FLOATING, "cuda": HALF_AND_FLOAT}, max_sizes={"head_dim": 512}),
-        "triton": BackendSupport(_on(("cpu", "cuda"), HALF_AND_FLOAT),
-                                 interpreted_dtypes=frozenset({torch.float16, torch.float32})),
-        "reference": BackendSupport(_on(ANY_DEVICE, FLOATING)),
-    },
+    support=_backends(reference=FLOATING, native={"cpu": FLOATING, "cuda": HALF_AND_FLOAT}, triton=HALF_AND_FLOAT,
+                      native_max_sizes={"head_dim": 512},  # kMaxDim, csrc/cuda/srs_attention.cu
+                      triton_interpreted=frozenset({torch.float16, torch.float32})),
     auto_order={("cuda", "few_queries"): ("triton", "native", "reference"),
                 ("cuda", "many_queries"): ("triton", "native", "reference"),
                 ("cpu", "few_queries"): ("reference", "native"),  # the CPU kernel: one sample at a time,
@@ -89,13 +96,8 @@ SRS_ATTENTION = OpDeclaration(
 
 DISTILL_CROSS_ENTROPY = OpDeclaration(
     name="distill_cross_entropy",
-    support={
-        "native": BackendSupport({"cpu": FLOATING, "cuda": HALF_AND_FLOAT}),
-        "triton": BackendSupport(_on(("cpu", "cuda"), HALF_AND_FLOAT)),
-        "reference": BackendSupport(_on(ANY_DEVICE, FLOATING)),
-    },
-    auto_order={("cuda", "any"): ("native", "triton", "reference"),
-                ("cpu", "any"): ("native", "reference")},
+    support=_backends(reference=FLOATING, native={"cpu": FLOATING, "cuda": HALF_AND_FLOAT}, triton=HALF_AND_FLOAT),
+    auto_order=_one_shape_class(cuda=("native", "triton", "reference"), cpu=("native", "reference")),
     measured="cuda: not yet measured side by side; the H100 run (benchmarks/results/distill_cross_entropy_gpu.json, "
              "2026-11-26) timed auto = native only (DINO fwd+bwd 2.61 ms, UDI 13.7 ms at B = 128, K = 65536); the "
              "next GPU run records op_fwd_bwd_ms per backend and 'fastest'. "
