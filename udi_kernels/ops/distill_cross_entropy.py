@@ -31,7 +31,7 @@ from ..dtypes import compute_dtype
 from ..reference import distill_cross_entropy as reference
 from .registration import Backward, register_kernels
 
-OP = "distill_cross_entropy"
+OP = DISTILL_CROSS_ENTROPY.name
 FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 

@@ -12,7 +12,7 @@ from ..dtypes import compute_dtype
 from ..reference import srs_attention as reference
 from .registration import Backward, register_kernels
 
-OP = "srs_attention"
+OP = SRS_ATTENTION.name
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 

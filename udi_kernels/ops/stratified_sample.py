@@ -11,7 +11,7 @@ from ..declarations import STRATIFIED_SAMPLE
 from ..reference import stratified_sample as reference
 from .registration import register_kernels
 
-OP = "stratified_sample"
+OP = STRATIFIED_SAMPLE.name
 
 
 class PairTaps(NamedTuple):
