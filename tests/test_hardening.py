@@ -23,15 +23,9 @@ from test_distill_cross_entropy import as_float64, assert_close_rel, make_case
 from test_losses import make_udi
 
 
-def available(op, device="cpu"):
-    """Backends that can run `op` on `device` (native, triton, reference)."""
-    return [b for b in ("native", "triton", "reference")
-            if backends.why_unavailable(b, op, torch.device(device)) is None]
-
-
-DISTILL = available("distill_cross_entropy")
-ATTENTION = available("srs_attention")
-SAMPLE = available("stratified_sample")
+DISTILL = backends.available("distill_cross_entropy", "cpu")
+ATTENTION = backends.available("srs_attention", "cpu")
+SAMPLE = backends.available("stratified_sample", "cpu")
 gpu = pytest.mark.gpu
 
 

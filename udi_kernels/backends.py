@@ -51,6 +51,12 @@ def why_unavailable(backend: str, op: str, device: torch.device):
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
+def available(op: str, device) -> list:
+    """The declared backends of `op` that this installation can run on `device` (built, installed, enabled)."""
+    device = torch.device(device)
+    return [b for b in DECLARATIONS[op].support if why_unavailable(b, op, device) is None]
+
+
 class Unsupported(NamedTuple):
     """Why a backend cannot run a call, and the error to raise for it."""
     error: type
