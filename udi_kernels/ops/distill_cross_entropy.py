@@ -15,8 +15,8 @@ in double, so that a rounded logsumexp cannot skew its gradient at large logits;
 Indices are never trusted by the kernels: an index out of range skips its pair or teacher row (see
 distill_cross_entropy), so that the op stays memory-safe with check_values=False.
 distill_cross_entropy builds the CSR (build_csr) on every call; callers with fixed pairs build it once and call
-distill_cross_entropy_csr. The kernels are registered ops (udi_kernels/ops/registration.py), in eager mode as under
-torch.compile.
+distill_cross_entropy_csr. The kernels are registered ops, called through register_kernels
+(udi_kernels/ops/registration.py) like every op's.
 """
 from typing import NamedTuple, Optional
 
@@ -112,9 +112,9 @@ def _setup_context(ctx, inputs, output):
 
 def _autograd_through(backward_op) -> Backward:
     """The student's gradient; none to the other 11 inputs."""
-    def input_grads(ctx, grad_pair_loss, *unused_grads):
+    def input_grads(ctx, needs_input_grad, grad_pair_loss, *unused_grads):
         grad_student = None
-        if ctx.needs_input_grad[0]:
+        if needs_input_grad[0]:
             grad_student = backward_op(grad_pair_loss.contiguous(), *ctx.saved_tensors, *ctx.taus)
         return (grad_student,) + (None,) * 11
     return Backward(backward_op, _backward_fake, _setup_context, input_grads)
@@ -139,15 +139,11 @@ def _triton_backward(grad_pair_loss: Tensor, student: Tensor, teacher: Tensor, c
                     student_lse, teacher_lse, tau_s, tau_t)
 
 
-register_kernels(OP, _triton_forward, _make_forward_fake("triton"), _autograd_through(_triton_backward))
+_KERNELS = {"triton": register_kernels(OP, _triton_forward, _make_forward_fake("triton"),
+                                      _autograd_through(_triton_backward))}
 if native_loaded():
-    register_kernels(OP, f"udi_kernels::{OP}", _make_forward_fake("native"),
-                     _autograd_through(torch.ops.udi_kernels.distill_cross_entropy_backward.default))
-
-_KERNELS = {
-    "native": lambda *args: torch.ops.udi_kernels.distill_cross_entropy(*args),
-    "triton": _triton_forward,
-}
+    _KERNELS["native"] = register_kernels(OP, f"udi_kernels::{OP}", _make_forward_fake("native"), _autograd_through(
+        torch.ops.udi_kernels.distill_cross_entropy_backward.default))
 
 
 # ---- checks ----------------------------------------------------------------------------------------------------

@@ -51,23 +51,26 @@ def _setup_context(ctx, inputs, output):
 
 def _autograd_through(backward_op) -> Backward:
     """Gradients to q, k, v; none to index, weight or scale."""
-    def input_grads(ctx, grad_out, _grad_lse):
+    def input_grads(ctx, needs_input_grad, grad_out, _grad_lse):
         q, k, v, index, weight, out, lse = ctx.saved_tensors
         dq, dk, dv = backward_op(grad_out.contiguous(), q, k, v, index, weight, out, lse, ctx.scale)
         return dq, dk, dv, None, None, None
     return Backward(backward_op, _fake_backward, _setup_context, input_grads)
 
 
-register_kernels(OP, _triton_forward, _fake_forward, _autograd_through(_triton_backward))
+_KERNELS = {"triton": register_kernels(OP, _triton_forward, _fake_forward, _autograd_through(_triton_backward))}
 if native_loaded():
-    register_kernels(OP, f"udi_kernels::{OP}", _fake_forward,
-                     _autograd_through(torch.ops.udi_kernels.srs_attention_backward.default))
+    _KERNELS["native"] = register_kernels(OP, f"udi_kernels::{OP}", _fake_forward,
+                                          _autograd_through(torch.ops.udi_kernels.srs_attention_backward.default))
 
-_IMPLEMENTATIONS = {
-    "native": lambda *args: torch.ops.udi_kernels.srs_attention(*args)[0],
-    "triton": lambda *args: _triton_forward(*args)[0],
-    "reference": reference.srs_attention,
-}
+
+def _output_only(kernel):
+    """The kernels return (out, lse); the lse is for the backward."""
+    return lambda *args: kernel(*args)[0]
+
+
+_IMPLEMENTATIONS = {**{backend: _output_only(kernel) for backend, kernel in _KERNELS.items()},
+                    "reference": reference.srs_attention}
 
 
 # ---- argument checks ----------------------------------------------------------------------------

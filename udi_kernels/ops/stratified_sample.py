@@ -53,15 +53,9 @@ def _triton_op(boxes: Tensor, global_grid: int, global_window: int, local_grid: 
                                            seed, offset, image_offset)
 
 
-register_kernels(OP, _triton_op, _fake)
+_IMPLEMENTATIONS = {"triton": register_kernels(OP, _triton_op, _fake), "reference": reference.stratified_sample}
 if native_loaded():
-    register_kernels(OP, f"udi_kernels::{OP}", _fake)
-
-_IMPLEMENTATIONS = {
-    "native": lambda *args: torch.ops.udi_kernels.stratified_sample(*args),
-    "triton": _triton_op,
-    "reference": reference.stratified_sample,
-}
+    _IMPLEMENTATIONS["native"] = register_kernels(OP, f"udi_kernels::{OP}", _fake)
 
 
 def _check_word(value, name):
