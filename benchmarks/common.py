@@ -120,6 +120,8 @@ def write_json(out_dir, name, device, payload):
         "torch": torch.__version__,
         **payload,
     }
+    if device.type == "cpu":  # a shared CPU slows every provider of a run alike, but not its runs alike
+        record.update(cpus=os.cpu_count(), load_average_1min=round(os.getloadavg()[0], 2))
     kind = "gpu" if device.type == "cuda" else "cpu"
     path = os.path.join(out_dir, f"{name}_{kind}.json")
     with open(path, "w") as f:
@@ -170,6 +172,12 @@ def bar_chart(path, title, labels, series, ylabel, lines=None):
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def fastest_backends(ms_by_class):
+    """{shape class: {backend: ms}} -> {shape class: the backend with the least ms}: what a recorded run says
+    `auto` should try first (udi_kernels/declarations.py; tests/test_declarations.py compares the two)."""
+    return {shape_class: min(ms, key=ms.get) for shape_class, ms in ms_by_class.items()}
 
 
 def finish(out_dir, name, device, payload, chart, rows, columns, caption=None):

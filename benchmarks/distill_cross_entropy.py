@@ -1,22 +1,24 @@
 """Benchmark: the fused DINO and UDI losses vs eager implementations written the reference's way (issue 4 §4).
 
-    python benchmarks/distill_cross_entropy.py [--quick] [--out DIR | --record] [--backend native|triton]
+    python -m benchmarks.distill_cross_entropy [--quick] [--out DIR | --record] [--backend native|triton]
 
 GPU: DINO (2 + 10 crops, B=128, K=65536, fp16) and UDI at UDI_SPEC §7 shapes, on the teacher's logits and on
 targets formed in the bottleneck (udi_case); median of CUDA-event times
 (forward: do_bench, L2 flushed; fwd+bwd: back to back); fwd and fwd+bwd ms, peak extra memory, GB/s against
 the §8 floor and the floor's time at the measured copy ceiling. Without a GPU: small CPU shapes only.
 """
-import os
-import sys
+
+import functools
+import statistics
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, when not installed
-from benchmarks import common  # noqa: E402
-from udi_kernels.losses import DINOLoss, UDILoss, cls_plus_targets  # noqa: E402
-from udi_kernels.testing.losses import random_udi_inputs, udi_loss_eager  # noqa: E402
+from benchmarks import common
+from udi_kernels import distill_cross_entropy
+from udi_kernels.backends import why_unavailable
+from udi_kernels.losses import DINOLoss, UDILoss, cls_plus_targets
+from udi_kernels.testing.losses import random_udi_inputs, udi_loss_eager
 
 
 def eager_dino(student, teacher, center, ncrops, tau_t, tau_s=0.1):
@@ -79,6 +81,32 @@ def udi_case(B, L, K, Sg, Sl, dtype, device, backend, quick, bottleneck_targets=
             "fused": fwd_and_fwd_bwd(lambda: fused(student, targets, 0)[0], list(student), device, quick)}
 
 
+def op_backends(B, K, ncrops, dtype, device, quick):
+    """{backend: fwd+bwd ms} of the op alone on the DINO pairs (every student crop against both teacher globals
+    but its own), for each backend `auto` may take on this device (Triton on the CPU is the interpreter)."""
+    student = torch.randn(ncrops * B, K, device=device, dtype=dtype).requires_grad_(True)
+    teacher, centers = torch.randn(2 * B, K, device=device, dtype=dtype), torch.randn(1, K, device=device)
+    crop, target, image = torch.meshgrid(torch.arange(ncrops), torch.arange(2), torch.arange(B), indexing="ij")
+    other = crop != target
+    pair_student, pair_teacher = (crop * B + image)[other].to(device), (target * B + image)[other].to(device)
+    args = (teacher, centers, torch.zeros(2 * B, dtype=torch.int64, device=device), pair_student, pair_teacher,
+            torch.ones(pair_student.shape, device=device), torch.ones(2 * B, device=device), 0.1, 0.04)
+    steps = {}
+    for backend in ("reference", "native") + (("triton",) if device.type == "cuda" else ()):
+        if why_unavailable(backend, "distill_cross_entropy", device) is None:
+            steps[backend] = functools.partial(_fwd_bwd, student, args, backend)
+    # the backends in turn, three rounds, median per backend: a load that drifts during the run (a shared CPU)
+    # then weighs on every backend alike
+    rounds = [{b: common.measure(step, device, quick, flush_l2=False)["ms"] for b, step in steps.items()}
+              for _ in range(3)]
+    return {b: statistics.median(r[b] for r in rounds) for b in steps}
+
+
+def _fwd_bwd(student, args, backend):
+    student.grad = None
+    distill_cross_entropy(student, *args, backend=backend, check_values=False).loss.backward()
+
+
 def summarize(result, copy_gb_per_s):
     for impl in ("eager", "fused"):
         r = result[impl]
@@ -113,8 +141,9 @@ def main():
                summarize(udi_case(*shapes["udi"], dtype, device, args.backend, args.quick), copy_gb_per_s),
                summarize(udi_case(*shapes["udi"], dtype, device, args.backend, args.quick, bottleneck_targets=True),
                          copy_gb_per_s)]
+    op_ms = op_backends(*shapes["dino"], dtype, device, args.quick)
     payload = dict(dtype=str(dtype), quick=args.quick, backend=args.backend or "auto", copy_gb_per_s=copy_gb_per_s,
-                   results=results)
+                   results=results, op_fwd_bwd_ms=op_ms, fastest=common.fastest_backends({"any": op_ms}))
     chart = ("eager vs fused loss", [r["case"] for r in results],
              {impl: [r[impl]["fwd_bwd"]["ms"] for r in results] for impl in ("eager", "fused")}, "fwd+bwd ms (median)")
     common.finish(args.out, "distill_cross_entropy", device, payload, chart, table_rows(results),

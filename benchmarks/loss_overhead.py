@@ -1,6 +1,6 @@
 """Host-side cost of the losses per forward+backward at a tiny K (issue 4): ops dispatched and wall time.
 
-    python benchmarks/loss_overhead.py [--iters N] [--threads T] [--verbose]
+    python -m benchmarks.loss_overhead [--iters N] [--threads T] [--verbose]
 
 The losses run on the native CPU kernels (the extension must be built) at K=64 and B=2, where the kernels are
 a small, separately measured part of a call: per loss (DINOLoss 2 + 10 crops, IBOTPatchLoss, UDILoss with
@@ -11,18 +11,15 @@ must stay below the kernel time; these are numbers of the machine it runs on, no
 """
 import argparse
 import functools
-import os
 import statistics
-import sys
 import time
 from collections import Counter
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, when not installed
-from udi_kernels.losses import DINOLoss, IBOTPatchLoss, UDILoss, cls_plus_targets  # noqa: E402
-from udi_kernels.testing.losses import random_udi_inputs  # noqa: E402
+from udi_kernels.losses import DINOLoss, IBOTPatchLoss, UDILoss, cls_plus_targets
+from udi_kernels.testing.losses import random_udi_inputs
 
 K = 64
 

@@ -6,44 +6,28 @@ CUDA graphs (mode="reduce-overhead"), for the four cases but not the sweep (comp
 against the bytes floor of §8 (k, v once + the tapped q rows + the output) over the measured copy ceiling.
 Module-level fwd+bwd closures are timed back to back (no L2 flush), the rest with do_bench (L2 flushed).
 
-    python benchmarks/srs_attention.py [--quick] [--out DIR | --record]
+    python -m benchmarks.srs_attention [--quick] [--out DIR | --record]
 
 Writes JSON and a PNG into --out (default benchmarks/out/, ignored by git; --record: benchmarks/results/) and
 prints a table last. Without a GPU: a small CPU run.
 """
-import os
-import sys
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, when not installed
-from benchmarks import common  # noqa: E402
-from udi_kernels import srs_attention  # noqa: E402
-from udi_kernels.backends import why_unavailable  # noqa: E402
-from udi_kernels.nn import SRSAttention, tap_rows  # noqa: E402
+from benchmarks import common
+from udi_kernels import srs_attention
+from udi_kernels.backends import why_unavailable
+from udi_kernels.declarations import attention_shape_class
+from udi_kernels.nn import SRSAttention, tap_rows
+from udi_kernels.taps import taps_to_dense
+from udi_kernels.testing.inputs import random_taps
+from udi_kernels.testing.references import dense_srs_block
 
 C, HEADS, L = 384, 6, 10
 # name: (crops per image, tokens N, samples S, taps T, backward?)
 CASES = {"student_global_fwd_bwd": (2, 196, 16, 1, True), "student_local_fwd_bwd": (L, 36, 9, 1, True),
          "teacher_global_fwd": (2, 196, 16, 4, False), "teacher_local_targets_fwd": (2, 196, L * 9, 4, False)}
-
-
-class DenseMapAttention(torch.nn.Module):
-    """The reference's way: q, k, v for every token, dense [S, N] maps multiplied in, probabilities in memory."""
-
-    def __init__(self, module):
-        super().__init__()
-        self.m = module
-
-    def forward(self, x, dense):
-        attn, (B, N, _) = self.m.attn, x.shape
-        h = self.m.norm1(x)
-        q, k, v = attn.qkv(h).reshape(B, N, 3, HEADS, C // HEADS).permute(2, 0, 3, 1, 4)
-        q_s = torch.einsum("bsn,bhnd->bhsd", dense.to(q.dtype), q)
-        p = torch.softmax(q_s @ k.transpose(-1, -2) * (C // HEADS) ** -0.5, dim=-1)
-        o = (p @ v).transpose(1, 2).reshape(B, -1, C)
-        return attn.norm(attn.proj(o) + dense.to(h.dtype) @ h)
 
 
 class GatherSDPA(torch.nn.Module):
@@ -57,19 +41,16 @@ class GatherSDPA(torch.nn.Module):
         attn, (B, N, _) = self.m.attn, x.shape
         h = self.m.norm1(x)
         qkv = attn.qkv(h)
-        tapped_q = tap_rows(qkv[..., :C], index, weight).reshape(B, -1, HEADS, C // HEADS).transpose(1, 2)
+        tapped_q = tap_rows(qkv[..., :C], index, weight)[0].reshape(B, -1, HEADS, C // HEADS).transpose(1, 2)
         k, v = qkv[..., C:].reshape(B, N, 2, HEADS, C // HEADS).permute(2, 0, 3, 1, 4)
         o = F.scaled_dot_product_attention(tapped_q.to(k.dtype), k, v).transpose(1, 2).reshape(B, -1, C)
-        return attn.norm(attn.proj(o) + tap_rows(h, index, weight))
+        return attn.norm(attn.proj(o) + tap_rows(h, index, weight)[0])
 
 
 def make_inputs(crops, N, S, T, device):
     x = torch.randn(crops, N, C, device=device)
-    index = torch.randint(0, N, (crops, S, T), device=device, dtype=torch.int32)
-    weight = torch.rand(crops, S, T, device=device)
-    weight = weight / weight.sum(-1, keepdim=True)
-    dense = torch.zeros(crops, S, N, device=device).scatter_add_(-1, index.long(), weight)
-    return x, index, weight, dense
+    index, weight = random_taps(crops, S, T, N, device)
+    return x, index, weight, taps_to_dense(index, weight, N)
 
 
 def on_backend(module, backend):
@@ -91,10 +72,12 @@ def compiled_on_triton(module):
 
 
 def module_providers(module, device, with_compiled):
-    dense_module, sdpa_module = DenseMapAttention(module), GatherSDPA(module)
-    providers = {"eager_dense": lambda x, i, w, d: dense_module(x, d),
+    sdpa_module = GatherSDPA(module)
+    # eager_dense: the reference's way, q, k, v for every token, dense [S, N] maps, probabilities in memory
+    providers = {"eager_dense": lambda x, i, w, d: dense_srs_block(module, x, d),
                  "gather_sdpa": lambda x, i, w, d: sdpa_module(x, i, w)}
-    for name, backend in (("triton", "triton"), ("cuda" if device.type == "cuda" else "native_cpu", "native")):
+    for name, backend in (("reference", "reference"), ("triton", "triton"),
+                          ("cuda" if device.type == "cuda" else "native_cpu", "native")):
         if why_unavailable(backend, "srs_attention", device) is None:
             providers[name] = on_backend(module, backend)
     if with_compiled and device.type == "cuda" and "triton" in providers:
@@ -133,7 +116,7 @@ def run_op_case(name, batch, device, quick, dtype):
                  "cuda" if device.type == "cuda" else "native_cpu": "native"}
 
     def gather_sdpa():
-        q_s = tap_rows(q.flatten(0, 1).transpose(0, 1).reshape(N, crops, HEADS * D).transpose(0, 1), index, weight)
+        q_s, _ = tap_rows(q.flatten(0, 1).transpose(0, 1).reshape(N, crops, HEADS * D).transpose(0, 1), index, weight)
         return F.scaled_dot_product_attention(q_s.reshape(crops, S, HEADS, D).transpose(1, 2).to(dtype), k, v)
     results = {"gather_sdpa": common.measure(gather_sdpa, device, quick)}
     for provider, backend in providers.items():
@@ -144,6 +127,22 @@ def run_op_case(name, batch, device, quick, dtype):
     for r in results.values():
         r["gb_per_s"] = floor / r["ms"] / 1e6
     return results, floor
+
+
+def op_ms_by_shape_class(op_results, device):
+    """{shape class: {backend: summed op ms over its cases}} for the backends `auto` may take on this device (Triton
+    on the CPU is the interpreter, a correctness tool)."""
+    backend_of = {"reference": "reference", "cuda": "native", "native_cpu": "native"}
+    if device.type == "cuda":
+        backend_of["triton"] = "triton"
+    totals = {}
+    for case, results in op_results.items():
+        per_image, N, S, T, _ = CASES[case]
+        by_backend = totals.setdefault(attention_shape_class(S), {})
+        for provider, backend in backend_of.items():
+            if provider in results:
+                by_backend[backend] = by_backend.get(backend, 0.0) + results[provider]["ms"]
+    return totals
 
 
 def ms_series(cases, providers):
@@ -182,6 +181,7 @@ def main():
         report["op"][name], report["floor_bytes"][name] = run_op_case(name, batch, device, args.quick, op_dtype)
     for b in sweep:
         report["sweep"][str(b)] = run_module_case("student_global_fwd_bwd", b, device, args.quick, autocast)
+    report["fastest"] = common.fastest_backends(op_ms_by_shape_class(report["op"], device))
 
     providers = sorted({p for r in report["module"].values() for p in r})
     chart = (f"module, B={batch}", list(report["module"]), ms_series(report["module"], providers), "ms (median)",

@@ -1,20 +1,17 @@
 """Stratified random sampling of a batch: reference, CPU C++, CUDA and Triton.
 
-    python benchmarks/stratified_sample.py [--quick] [--out DIR | --record]
+    python -m benchmarks.stratified_sample [--quick] [--out DIR | --record]
 
 CPU numbers are per image (what a data loader pays); GPU numbers are per batch of B images,
 median of per-call CUDA-event times. The reference UDI code builds dense maps per image in
 Python at about 6.5 ms per image on a 2-core CPU (UDI_SPEC / issue 2): that is the baseline.
 """
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks import common  # noqa: E402
-import udi_kernels  # noqa: E402
-from udi_kernels.backends import why_unavailable  # noqa: E402
+from benchmarks import common
+import udi_kernels
+from udi_kernels.backends import why_unavailable
 
 B, L = 128, 10
 GOALS_US = {"cpu": 65.0, "cuda": 50.0}  # CPU per image, GPU per batch (issue 2)
@@ -54,7 +51,9 @@ def main():
                                  peak_extra_mib=common.mib(r["peak_extra_bytes"])))
                 us_by_backend.setdefault(backend, {})[labels[-1]] = us
     series = {backend: [by_label.get(label) for label in labels] for backend, by_label in us_by_backend.items()}
-    common.finish(args.out, "stratified_sample", device, {"B": B, "L": L, "rows": rows},
+    unchecked_cpu = {r["backend"]: r["us"] for r in rows if r["device"] == "cpu" and not r["check_boxes"]}
+    fastest = common.fastest_backends({"any": unchecked_cpu})
+    common.finish(args.out, "stratified_sample", device, {"B": B, "L": L, "rows": rows, "fastest": fastest},
                   (f"stratified_sample, B={B}, L={L}", labels, series, "µs (median)"), rows,
                   [("device", "device", "{}"), ("backend", "backend", "{}"), ("check_boxes", "checked", "{}"),
                    ("us", "µs", "{:.1f}"), ("per", "per", "{}"), ("goal_us", "goal µs", "{:.0f}"),

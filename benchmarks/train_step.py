@@ -1,7 +1,7 @@
 """One UDI training step, per phase (issue 5 §5): this package, an eager step with the reference's structure, and
 the timm backbone alone on the same crops (the floor: everything UDI adds is overhead on top of it).
 
-    python benchmarks/train_step.py [--quick] [--out DIR | --record] [--providers udi_kernels reference_structure backbone]
+    python -m benchmarks.train_step [--quick] [--out DIR | --record] [--providers udi_kernels reference_structure backbone]
 
 - udi_kernels: udi.train's step: GPU sampling, teacher backbone once, SRS attention on the sampled queries,
   teacher targets formed in the bottleneck, the fused UDILoss.
@@ -16,22 +16,20 @@ over the iterations; `step` is the median whole step (common.median_ms); peak me
 during the timed steps (parameters and optimizer states included). Without a GPU: a tiny CPU configuration that
 only shows the code runs; GPU numbers need a GPU.
 """
-import os
 import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks import common  # noqa: E402
-from udi import utils  # noqa: E402
-from udi.model import build_model  # noqa: E402
-from udi.train import build_loss, ema_update, parse_args, sample_pairs  # noqa: E402
-from udi_kernels.layout import (TeacherTaps, UDIStudent, UDITeacher, crop_major, split_teacher_samples,  # noqa: E402
+from benchmarks import common
+from udi import utils
+from udi.model import build_model
+from udi.train import build_loss, ema_update, parse_args, sample_pairs
+from udi_kernels.layout import (TeacherTaps, UDIStudent, UDITeacher, crop_major, split_teacher_samples,
                                 student_taps, teacher_rows_by_pair, teacher_taps)
-from udi_kernels.taps import taps_to_dense  # noqa: E402
-from udi_kernels.testing.losses import udi_loss_eager  # noqa: E402
+from udi_kernels.taps import taps_to_dense
+from udi_kernels.testing.losses import udi_loss_eager
+from udi_kernels.testing.references import dense_srs_block
 
 PHASES = ("teacher_fwd", "student_fwd", "loss_fwd", "backward", "optimizer")
 PROVIDERS = ("udi_kernels", "reference_structure", "backbone")
@@ -109,7 +107,7 @@ class Step:
         timer.mark()
 
     def udi_kernels(self, timer):
-        pairs = sample_pairs(self.boxes, self.cfg, 1234, 0, 1)
+        pairs = sample_pairs(self.boxes, self.cfg, 1234)
         targets = self.teacher.teacher_targets(self.global_crops, teacher_taps(pairs))
         timer.mark()
         outputs = self.student(self.global_crops, self.local_crops, student_taps(pairs))
@@ -121,7 +119,7 @@ class Step:
     def _dense_maps(self):
         """The reference's dense maps [rows, S, N], built on the CPU (its data loader's work; not timed)."""
         cfg = self.cfg
-        pairs = sample_pairs(self.boxes.cpu(), cfg, 1234, 0, 1)
+        pairs = sample_pairs(self.boxes.cpu(), cfg, 1234)
         Ng, Nl = (cfg.global_crop_size // cfg.patch_size) ** 2, (cfg.local_crop_size // cfg.patch_size) ** 2
         teacher, student = teacher_taps(pairs), student_taps(pairs)
         local_src = crop_major(pairs.locals.src_index[:, :, 0])[..., None].long()
@@ -137,13 +135,13 @@ class Step:
         with torch.no_grad():
             cls_t = teacher.backbone(self.global_crops).cls
             patch_t = teacher_rows_by_pair(teacher.backbone(self.global_crops).patch)
-            logits = teacher.head(dense_srs(teacher.srs, patch_t, maps["teacher"]))
+            logits = teacher.head(dense_srs_block(teacher.srs, patch_t, maps["teacher"]))
             targets = UDITeacher(teacher.head(cls_t), *split_teacher_samples(logits, maps["teacher_taps"]))
             targets.local.float().softmax(-1)  # the reference's unused fp32 softmax
         timer.mark()
         g, l = student.backbone(self.global_crops), student.backbone(self.local_crops)
-        dense_srs(student.srs, l.patch, maps["student_local"])  # computed and thrown away, as the reference does
-        samples = dense_srs(student.srs, g.patch, maps["student"])
+        dense_srs_block(student.srs, l.patch, maps["student_local"])  # computed and thrown away, as the reference does
+        samples = dense_srs_block(student.srs, g.patch, maps["student"])
         cls = torch.cat([g.cls, l.cls])
         rows = student.head(torch.cat([cls, g.cls_plus, l.cls_plus, samples.flatten(0, 1)]))
         c, cp, p = rows.split([len(cls), len(cls), samples.shape[0] * samples.shape[1]])
@@ -161,18 +159,6 @@ class Step:
         loss = sum(o.cls.float().square().mean() + o.patch.float().square().mean() for o in out)
         timer.mark()
         return loss
-
-
-def dense_srs(srs, x, dense):
-    """The reference's MaskedAttention with a dense map [B, S, N]: every token projected, maps multiplied."""
-    h = srs.norm1(x)
-    B, N, C = h.shape
-    H = srs.attn.num_heads
-    q, k, v = srs.attn.qkv(h).reshape(B, N, 3, H, C // H).permute(2, 0, 3, 1, 4)
-    q = torch.einsum("bsn,bhnd->bhsd", dense.to(q.dtype), q)
-    attn = (q @ k.transpose(-2, -1) * (C // H) ** -0.5).softmax(-1)
-    out = srs.attn.proj((attn @ v).transpose(1, 2).reshape(B, -1, C))
-    return srs.attn.norm(out + dense.to(h.dtype) @ h)
 
 
 @torch.no_grad()
@@ -199,7 +185,6 @@ def measure(provider, cfg, B, device, warmup, iters):
     result = {name: statistics.median(s[k] for s in samples) for k, name in enumerate(PHASES)}
     if device.type == "cuda":
         result["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
-    phases_ms = sum(result[name] for name in PHASES)
     result["step"] = common.median_ms(lambda: step(PhaseTimer(device)), device, quick=True, flush_l2=False)
     return result
 

@@ -37,7 +37,7 @@ void check_logits(const at::Tensor& t, const char* name, const at::Device& devic
 namespace {
 
 // student, teacher, centers: 2-d with one positive K, on the student's device, contiguous; centers in the
-// teacher's compute type with at least one row.
+// teacher's compute dtype with at least one row.
 void check_logit_args(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& centers) {
   const at::Device device = student.device();
   check_logits(student, "student", device);
@@ -48,19 +48,19 @@ void check_logit_args(const at::Tensor& student, const at::Tensor& teacher, cons
               "student, teacher and centers must share a positive K, got ", student.sizes(), ", ", teacher.sizes(),
               " and ", centers.sizes());
   TORCH_CHECK(centers.size(0) > 0, "centers must have at least one row");
-  TORCH_CHECK(centers.scalar_type() == compute_type(teacher.scalar_type()), "centers must be ",
-              compute_type(teacher.scalar_type()), ", got ", centers.scalar_type());
+  TORCH_CHECK(centers.scalar_type() == compute_dtype(teacher.scalar_type()), "centers must be ",
+              compute_dtype(teacher.scalar_type()), ", got ", centers.scalar_type());
 }
 
-// The pair arguments every kernel reads: center_id [Rt], student_ptr [Rs + 1], pair_teacher [P], pair_weight [P].
+// The pair arguments every kernel reads: center_id [Rt], student_offsets [Rs + 1], pair_teacher [P], pair_weight [P].
 void check_pair_args(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& center_id,
-                     const at::Tensor& student_ptr, const at::Tensor& pair_teacher, const at::Tensor& pair_weight) {
+                     const at::Tensor& student_offsets, const at::Tensor& pair_teacher, const at::Tensor& pair_weight) {
   const at::Device device = student.device();
   const int64_t P = pair_teacher.numel();
   check_vector(center_id, "center_id", at::kLong, teacher.size(0), device);
-  check_vector(student_ptr, "student_ptr", at::kLong, student.size(0) + 1, device);
+  check_vector(student_offsets, "student_offsets", at::kLong, student.size(0) + 1, device);
   check_vector(pair_teacher, "pair_teacher", at::kLong, P, device);
-  check_vector(pair_weight, "pair_weight", compute_type(student.scalar_type()), P, device);
+  check_vector(pair_weight, "pair_weight", compute_dtype(student.scalar_type()), P, device);
 }
 
 void check_temperatures(double tau_s, double tau_t) {
@@ -70,27 +70,27 @@ void check_temperatures(double tau_s, double tau_t) {
 }  // namespace
 
 void check_forward_args(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& centers,
-                        const at::Tensor& center_id, const at::Tensor& student_ptr, const at::Tensor& pair_teacher,
-                        const at::Tensor& pair_weight, const at::Tensor& center_ptr, const at::Tensor& center_rows,
+                        const at::Tensor& center_id, const at::Tensor& student_offsets, const at::Tensor& pair_teacher,
+                        const at::Tensor& pair_weight, const at::Tensor& center_offsets, const at::Tensor& center_rows,
                         const at::Tensor& row_weight, double tau_s, double tau_t) {
   const at::Device device = student.device();
   check_logit_args(student, teacher, centers);
-  check_pair_args(student, teacher, center_id, student_ptr, pair_teacher, pair_weight);
+  check_pair_args(student, teacher, center_id, student_offsets, pair_teacher, pair_weight);
   const int64_t Rt = teacher.size(0);
-  check_vector(center_ptr, "center_ptr", at::kLong, centers.size(0) + 1, device);
+  check_vector(center_offsets, "center_offsets", at::kLong, centers.size(0) + 1, device);
   check_vector(center_rows, "center_rows", at::kLong, Rt, device);
-  check_vector(row_weight, "row_weight", compute_type(teacher.scalar_type()), Rt, device);
+  check_vector(row_weight, "row_weight", compute_dtype(teacher.scalar_type()), Rt, device);
   check_temperatures(tau_s, tau_t);
 }
 
 void check_backward_args(const at::Tensor& grad_pair_loss, const at::Tensor& student, const at::Tensor& teacher,
-                         const at::Tensor& centers, const at::Tensor& center_id, const at::Tensor& student_ptr,
+                         const at::Tensor& centers, const at::Tensor& center_id, const at::Tensor& student_offsets,
                          const at::Tensor& pair_teacher, const at::Tensor& pair_weight,
                          const at::Tensor& student_lse, const at::Tensor& teacher_lse, at::ScalarType lse_type) {
   const at::Device device = student.device();
   check_logit_args(student, teacher, centers);
-  check_pair_args(student, teacher, center_id, student_ptr, pair_teacher, pair_weight);
-  check_vector(grad_pair_loss, "grad_pair_loss", compute_type(student.scalar_type()), pair_teacher.numel(), device);
+  check_pair_args(student, teacher, center_id, student_offsets, pair_teacher, pair_weight);
+  check_vector(grad_pair_loss, "grad_pair_loss", compute_dtype(student.scalar_type()), pair_teacher.numel(), device);
   check_vector(student_lse, "student_lse", lse_type, student.size(0), device);
   check_vector(teacher_lse, "teacher_lse", lse_type, teacher.size(0), device);
 }
@@ -134,7 +134,7 @@ void forward_rows(const Rows<student_t, teacher_t>& rows, int64_t Rs, int64_t Rt
     for (int64_t r = begin; r < end; ++r) {
       const double lse = log_sum_exp(rows.K, [&](int64_t k) { return rows.scaled_student(r, k); });
       student_lse[r] = lse;
-      const SlotRange slots = csr_slots(rows.student_ptr, r, rows.num_pairs);
+      const SlotRange slots = csr_slots(rows.student_offsets, r, rows.num_pairs);
       for (int64_t slot = slots.first; slot < slots.last; ++slot) {
         if (!pair_counts(rows, slot)) continue;  // pair_loss starts at 0
         const int64_t t_row = rows.pair_teacher[slot];
@@ -150,12 +150,12 @@ void forward_rows(const Rows<student_t, teacher_t>& rows, int64_t Rs, int64_t Rt
 // Rows of center_rows outside [0, Rt) are skipped, like the rows of a center_id out of range (build_csr leaves
 // those out of every segment).
 template <typename teacher_t>
-void center_sums(const teacher_t* teacher, const int64_t* center_ptr, const int64_t* center_rows,
+void center_sums(const teacher_t* teacher, const int64_t* center_offsets, const int64_t* center_rows,
                  const double* row_weight, int64_t n_c, int64_t Rt, int64_t K, double* center_sum,
                  double* center_count) {
   for (int64_t c = 0; c < n_c; ++c) {
     double count = 0;
-    const SlotRange slots = csr_slots(center_ptr, c, Rt);
+    const SlotRange slots = csr_slots(center_offsets, c, Rt);
     for (int64_t slot = slots.first; slot < slots.last; ++slot) {
       const int64_t row = row_or_none(center_rows, slot, Rt);
       if (row >= 0) count += row_weight[row];
@@ -166,7 +166,7 @@ void center_sums(const teacher_t* teacher, const int64_t* center_ptr, const int6
     for (int64_t c = 0; c < n_c; ++c) {
       double* out = center_sum + c * K;
       for (int64_t k = begin; k < end; ++k) out[k] = 0;
-      const SlotRange slots = csr_slots(center_ptr, c, Rt);
+      const SlotRange slots = csr_slots(center_offsets, c, Rt);
       for (int64_t slot = slots.first; slot < slots.last; ++slot) {
         const int64_t row = row_or_none(center_rows, slot, Rt);
         if (row < 0 || row_weight[row] == 0) continue;
@@ -179,11 +179,11 @@ void center_sums(const teacher_t* teacher, const int64_t* center_ptr, const int6
 
 template <typename student_t, typename teacher_t>
 Rows<student_t, teacher_t> make_rows(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& centers,
-                                     const at::Tensor& center_id, const at::Tensor& student_ptr,
+                                     const at::Tensor& center_id, const at::Tensor& student_offsets,
                                      const at::Tensor& pair_teacher, const at::Tensor& pair_weight, double tau_s,
                                      double tau_t) {
   const PairArgs<double> pairs{centers.data_ptr<double>(),       center_id.data_ptr<int64_t>(),
-                               student_ptr.data_ptr<int64_t>(), pair_teacher.data_ptr<int64_t>(),
+                               student_offsets.data_ptr<int64_t>(), pair_teacher.data_ptr<int64_t>(),
                                pair_weight.data_ptr<double>(),  student.size(1),
                                1.0 / tau_s,                     1.0 / tau_t,
                                teacher.size(0),                 centers.size(0),
@@ -197,23 +197,24 @@ Rows<student_t, teacher_t> make_rows(const at::Tensor& student, const at::Tensor
 // Calls body(rows) with the Rows of the student's and the teacher's dtypes.
 template <typename Body>
 void with_rows(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& centers64,
-               const at::Tensor& center_id, const at::Tensor& student_ptr, const at::Tensor& pair_teacher,
+               const at::Tensor& center_id, const at::Tensor& student_offsets, const at::Tensor& pair_teacher,
                const at::Tensor& pair_weight64, double tau_s, double tau_t, const Body& body) {
   UDI_DISPATCH_LOGITS(student.scalar_type(), "distill_cross_entropy_cpu", [&] {
     using student_t = scalar_t;
     UDI_DISPATCH_LOGITS(teacher.scalar_type(), "distill_cross_entropy_cpu", [&] {
-      body(make_rows<student_t, scalar_t>(student, teacher, centers64, center_id, student_ptr, pair_teacher,
+      body(make_rows<student_t, scalar_t>(student, teacher, centers64, center_id, student_offsets, pair_teacher,
                                           pair_weight64, tau_s, tau_t));
     });
   });
 }
 
 ForwardTensors forward_cpu(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& centers,
-                           const at::Tensor& center_id, const at::Tensor& student_ptr, const at::Tensor& pair_teacher,
-                           const at::Tensor& pair_weight, const at::Tensor& center_ptr, const at::Tensor& center_rows,
+                           const at::Tensor& center_id, const at::Tensor& student_offsets,
+                           const at::Tensor& pair_teacher, const at::Tensor& pair_weight,
+                           const at::Tensor& center_offsets, const at::Tensor& center_rows,
                            const at::Tensor& row_weight, double tau_s, double tau_t) {
   TORCH_CHECK(student.device().is_cpu(), "student must be a CPU tensor for the CPU kernel");
-  check_forward_args(student, teacher, centers, center_id, student_ptr, pair_teacher, pair_weight, center_ptr,
+  check_forward_args(student, teacher, centers, center_id, student_offsets, pair_teacher, pair_weight, center_offsets,
                      center_rows, row_weight, tau_s, tau_t);
   const int64_t Rs = student.size(0), Rt = teacher.size(0), K = student.size(1), n_c = centers.size(0);
   const auto doubles = student.options().dtype(at::kDouble);
@@ -222,15 +223,15 @@ ForwardTensors forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
   at::Tensor center_count = at::empty({n_c}, doubles);
   const at::Tensor centers64 = as_double(centers), pair_weight64 = as_double(pair_weight);
   const at::Tensor row_weight64 = as_double(row_weight);
-  with_rows(student, teacher, centers64, center_id, student_ptr, pair_teacher, pair_weight64, tau_s, tau_t,
+  with_rows(student, teacher, centers64, center_id, student_offsets, pair_teacher, pair_weight64, tau_s, tau_t,
             [&](const auto& rows) {
               forward_rows(rows, Rs, Rt, pair_loss.data_ptr<double>(), student_lse.data_ptr<double>(),
                            teacher_lse.data_ptr<double>());
-              center_sums(rows.teacher, center_ptr.data_ptr<int64_t>(), center_rows.data_ptr<int64_t>(),
+              center_sums(rows.teacher, center_offsets.data_ptr<int64_t>(), center_rows.data_ptr<int64_t>(),
                           row_weight64.data_ptr<double>(), n_c, Rt, K, center_sum.data_ptr<double>(),
                           center_count.data_ptr<double>());
             });
-  const at::ScalarType out = compute_type(student.scalar_type()), stats = compute_type(teacher.scalar_type());
+  const at::ScalarType out = compute_dtype(student.scalar_type()), stats = compute_dtype(teacher.scalar_type());
   // the logsumexps stay double: the backward recomputes the exponents in double against them
   return {pair_loss.to(out), center_sum.to(stats), center_count.to(stats), student_lse, teacher_lse};
 }
@@ -241,7 +242,7 @@ void backward_rows(const Rows<student_t, teacher_t>& rows, int64_t Rs, const dou
   at::parallel_for(0, Rs, 1, [&](int64_t begin, int64_t end) {
     std::vector<double> acc(rows.K);
     for (int64_t r = begin; r < end; ++r) {
-      const SlotRange slots = csr_slots(rows.student_ptr, r, rows.num_pairs);
+      const SlotRange slots = csr_slots(rows.student_offsets, r, rows.num_pairs);
       const auto scale_of = [&](int64_t slot) {
         return pair_counts(rows, slot) ? rows.pair_weight[slot] * grad_pair_loss[slot] : 0.0;
       };
@@ -260,16 +261,16 @@ void backward_rows(const Rows<student_t, teacher_t>& rows, int64_t Rs, const dou
 }
 
 at::Tensor backward_cpu(const at::Tensor& grad_pair_loss, const at::Tensor& student, const at::Tensor& teacher,
-                        const at::Tensor& centers, const at::Tensor& center_id, const at::Tensor& student_ptr,
+                        const at::Tensor& centers, const at::Tensor& center_id, const at::Tensor& student_offsets,
                         const at::Tensor& pair_teacher, const at::Tensor& pair_weight, const at::Tensor& student_lse,
                         const at::Tensor& teacher_lse, double tau_s, double tau_t) {
   TORCH_CHECK(student.device().is_cpu(), "student must be a CPU tensor for the CPU kernel");
-  check_backward_args(grad_pair_loss, student, teacher, centers, center_id, student_ptr, pair_teacher, pair_weight,
+  check_backward_args(grad_pair_loss, student, teacher, centers, center_id, student_offsets, pair_teacher, pair_weight,
                       student_lse, teacher_lse, at::kDouble);
   at::Tensor grad_student = at::empty_like(student);
   const at::Tensor centers64 = as_double(centers), pair_weight64 = as_double(pair_weight);
   const at::Tensor grad64 = as_double(grad_pair_loss);
-  with_rows(student, teacher, centers64, center_id, student_ptr, pair_teacher, pair_weight64, tau_s, tau_t,
+  with_rows(student, teacher, centers64, center_id, student_offsets, pair_teacher, pair_weight64, tau_s, tau_t,
             [&](const auto& rows) {
               using student_t = std::remove_cv_t<std::remove_pointer_t<decltype(rows.student)>>;
               backward_rows(rows, student.size(0), grad64.data_ptr<double>(), student_lse.data_ptr<double>(),
@@ -282,12 +283,12 @@ at::Tensor backward_cpu(const at::Tensor& grad_pair_loss, const at::Tensor& stud
 
 TORCH_LIBRARY_FRAGMENT(udi_kernels, m) {
   m.def(
-      "distill_cross_entropy(Tensor student, Tensor teacher, Tensor centers, Tensor center_id, Tensor student_ptr, "
-      "Tensor pair_teacher, Tensor pair_weight, Tensor center_ptr, Tensor center_rows, Tensor row_weight, "
+      "distill_cross_entropy(Tensor student, Tensor teacher, Tensor centers, Tensor center_id, Tensor student_offsets, "
+      "Tensor pair_teacher, Tensor pair_weight, Tensor center_offsets, Tensor center_rows, Tensor row_weight, "
       "float tau_s, float tau_t) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "distill_cross_entropy_backward(Tensor grad_pair_loss, Tensor student, Tensor teacher, Tensor centers, "
-      "Tensor center_id, Tensor student_ptr, Tensor pair_teacher, Tensor pair_weight, Tensor student_lse, "
+      "Tensor center_id, Tensor student_offsets, Tensor pair_teacher, Tensor pair_weight, Tensor student_lse, "
       "Tensor teacher_lse, float tau_s, float tau_t) -> Tensor");
 }
 

@@ -6,6 +6,7 @@
 
 #include <tuple>
 
+#include "dtypes.h"
 #include "host_device.h"
 
 namespace udi::distill_cross_entropy {
@@ -25,7 +26,7 @@ template <typename acc_t>
 struct PairArgs {
   const acc_t* centers;
   const int64_t* center_id;
-  const int64_t* student_ptr;
+  const int64_t* student_offsets;
   const int64_t* pair_teacher;
   const acc_t* pair_weight;
   int64_t K;
@@ -41,10 +42,10 @@ UDI_HOST_DEVICE int64_t clamp_index(int64_t value, int64_t low, int64_t high) {
   return value < low ? low : (value > high ? high : value);
 }
 
-// The slots [ptr[i], ptr[i + 1]) of CSR segment i, clamped into [0, size] (empty when the offsets decrease).
-UDI_HOST_DEVICE SlotRange csr_slots(const int64_t* ptr, int64_t i, int64_t size) {
-  const int64_t first = clamp_index(ptr[i], 0, size);
-  return {first, clamp_index(ptr[i + 1], first, size)};
+// The slots [offsets[i], offsets[i + 1]) of CSR segment i, clamped into [0, size] (empty when the offsets decrease).
+UDI_HOST_DEVICE SlotRange csr_slots(const int64_t* offsets, int64_t i, int64_t size) {
+  const int64_t first = clamp_index(offsets[i], 0, size);
+  return {first, clamp_index(offsets[i + 1], first, size)};
 }
 
 // rows[slot] when it lies in [0, size), else -1.
@@ -68,21 +69,16 @@ UDI_HOST_DEVICE bool pair_counts(const PairArgs<acc_t>& p, int64_t slot) {
   return p.pair_weight[slot] != 0 && teacher_row_ok(p, p.pair_teacher[slot]);
 }
 
-// float64 stays float64; other floating dtypes compute and return float32.
-inline at::ScalarType compute_type(at::ScalarType type) {
-  return type == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // Shapes, dtypes, devices and contiguity of the forward's arguments (values are checked in Python).
 void check_forward_args(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& centers,
-                        const at::Tensor& center_id, const at::Tensor& student_ptr, const at::Tensor& pair_teacher,
-                        const at::Tensor& pair_weight, const at::Tensor& center_ptr, const at::Tensor& center_rows,
+                        const at::Tensor& center_id, const at::Tensor& student_offsets, const at::Tensor& pair_teacher,
+                        const at::Tensor& pair_weight, const at::Tensor& center_offsets, const at::Tensor& center_rows,
                         const at::Tensor& row_weight, double tau_s, double tau_t);
 
 // The same for the backward's extra arguments; the saved logsumexps are in `lse_type`, the kernel's
 // accumulation type (the CPU kernel saves doubles, so that its backward, which computes in double, stays exact).
 void check_backward_args(const at::Tensor& grad_pair_loss, const at::Tensor& student, const at::Tensor& teacher,
-                         const at::Tensor& centers, const at::Tensor& center_id, const at::Tensor& student_ptr,
+                         const at::Tensor& centers, const at::Tensor& center_id, const at::Tensor& student_offsets,
                          const at::Tensor& pair_teacher, const at::Tensor& pair_weight,
                          const at::Tensor& student_lse, const at::Tensor& teacher_lse, at::ScalarType lse_type);
 

@@ -14,7 +14,7 @@
 
 #include "srs_attention_op.h"
 
-namespace udi::attention {
+namespace udi::srs_attention {
 
 namespace {
 
@@ -50,7 +50,7 @@ Shape check_forward_args(const at::Tensor& q, const at::Tensor& k, const at::Ten
   TORCH_CHECK(index.scalar_type() == at::kInt, "index must be int32, got ", index.scalar_type());
   check_same(index, "index", q, "q");
   check_sizes(weight, "weight", index.sizes());
-  TORCH_CHECK(weight.scalar_type() == accumulation_type(dtype), "weight must be ", accumulation_type(dtype),
+  TORCH_CHECK(weight.scalar_type() == compute_dtype(dtype), "weight must be ", compute_dtype(dtype),
               " for ", dtype, " inputs, got ", weight.scalar_type());
   check_same(weight, "weight", q, "q");
   return Shape{q.size(0), q.size(1), q.size(2), k.size(2), index.size(1), index.size(2), q.size(3)};
@@ -66,8 +66,8 @@ Shape check_backward_args(const at::Tensor& grad_out, const at::Tensor& q, const
     check_same(*t, name, q, "q");
   }
   check_sizes(lse, "lse", {s.B, s.H, s.S});
-  TORCH_CHECK(lse.scalar_type() == accumulation_type(q.scalar_type()), "lse must be ",
-              accumulation_type(q.scalar_type()), ", got ", lse.scalar_type());
+  TORCH_CHECK(lse.scalar_type() == compute_dtype(q.scalar_type()), "lse must be ",
+              compute_dtype(q.scalar_type()), ", got ", lse.scalar_type());
   check_same(lse, "lse", q, "q");
   return s;
 }
@@ -139,7 +139,7 @@ std::tuple<at::Tensor, at::Tensor> srs_attention_cpu(const at::Tensor& q, const 
   TORCH_CHECK(q.device().is_cpu(), "q must be a CPU tensor for the CPU kernel");
   const Shape s = check_forward_args(q, k, v, index, weight);
   at::Tensor out = at::empty({s.B, s.H, s.S, s.D}, q.options());
-  at::Tensor lse = at::empty({s.B, s.H, s.S}, q.options().dtype(accumulation_type(q.scalar_type())));
+  at::Tensor lse = at::empty({s.B, s.H, s.S}, q.options().dtype(compute_dtype(q.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "srs_attention_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     forward_cpu<scalar_t, acc_t>(q, k, v, index, weight, static_cast<acc_t>(scale), s, out, lse);
@@ -228,4 +228,4 @@ TORCH_LIBRARY_IMPL(udi_kernels, CPU, m) {
   m.impl("srs_attention_backward", &srs_attention_backward_cpu);
 }
 
-}  // namespace udi::attention
+}  // namespace udi::srs_attention

@@ -26,12 +26,15 @@ PairOutput pair_output(const at::Tensor& src, const at::Tensor& tgt, const at::T
 }  // namespace
 
 PreparedSample prepare_sample(const at::Tensor& boxes, int64_t global_grid, int64_t global_window, int64_t local_grid,
-                              int64_t local_window, int64_t target_grid, int64_t seed, int64_t offset) {
+                              int64_t local_window, int64_t target_grid, int64_t seed, int64_t offset,
+                              int64_t image_offset) {
   TORCH_CHECK(boxes.dim() == 3 && boxes.size(1) >= 2 && boxes.size(2) == 4,
               "boxes must have shape [B, 2 + L, 4], got ", boxes.sizes());
   TORCH_CHECK(boxes.scalar_type() == at::kFloat, "boxes must be float32, got ", boxes.scalar_type());
   TORCH_CHECK(boxes.is_contiguous(), "boxes must be contiguous");
   TORCH_CHECK(offset >= 0 && offset <= 0xFFFFFFFFll, "offset must be in [0, 2**32), got ", offset);
+  TORCH_CHECK(image_offset >= 0 && image_offset <= 0xFFFFFFFFll, "image_offset must be in [0, 2**32), got ",
+              image_offset);
   const Pattern global = checked_pattern(global_grid, global_window, "global_grid", "global_window");
   const Pattern local = checked_pattern(local_grid, local_window, "local_grid", "local_window");
   TORCH_CHECK(target_grid >= 2 && target_grid <= 4096, "target_grid must be in [2, 4096], got ", target_grid);
@@ -52,6 +55,7 @@ PreparedSample prepare_sample(const at::Tensor& boxes, int64_t global_grid, int6
                   static_cast<int>(target_grid),
                   static_cast<uint64_t>(seed),
                   static_cast<uint32_t>(offset),
+                  static_cast<uint32_t>(image_offset),
                   pair_output(std::get<0>(out), std::get<1>(out), std::get<2>(out), std::get<3>(out)),
                   pair_output(std::get<4>(out), std::get<5>(out), std::get<6>(out), std::get<7>(out))};
   return PreparedSample{std::move(out), args};
@@ -61,10 +65,11 @@ namespace {
 
 SampleTensors stratified_sample_cpu(const at::Tensor& boxes, int64_t global_grid, int64_t global_window,
                                     int64_t local_grid, int64_t local_window, int64_t target_grid, int64_t seed,
-                                    int64_t offset) {
+                                    int64_t offset, int64_t image_offset) {
   TORCH_CHECK(boxes.device().is_cpu(), "boxes must be a CPU tensor for the CPU kernel");
   PreparedSample prepared =
-      prepare_sample(boxes, global_grid, global_window, local_grid, local_window, target_grid, seed, offset);
+      prepare_sample(boxes, global_grid, global_window, local_grid, local_window, target_grid, seed, offset,
+                     image_offset);
   const SampleArgs& args = prepared.args;
   const int64_t num_pairs = args.num_images * pairs_per_image(args);
   at::parallel_for(0, num_pairs, 64, [&](int64_t begin, int64_t end) {
@@ -78,7 +83,8 @@ SampleTensors stratified_sample_cpu(const at::Tensor& boxes, int64_t global_grid
 TORCH_LIBRARY_FRAGMENT(udi_kernels, m) {
   m.def(
       "stratified_sample(Tensor boxes, int global_grid, int global_window, int local_grid, int local_window, "
-      "int target_grid, int seed, int offset) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "int target_grid, int seed, int offset, int image_offset) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(udi_kernels, CPU, m) { m.impl("stratified_sample", &stratified_sample_cpu); }

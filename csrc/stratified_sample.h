@@ -1,7 +1,9 @@
 // Stratified random sampling (UDI_SPEC §2), shared by the CPU and CUDA kernels.
 //
 // Random stream: sample s of pattern `stream` (0 = the image's global pair, 1 = its local
-// crops) of image b uses philox4x32(seed, {s, b, stream, offset}). Words 0 and 1 pick the
+// crops) of image b uses philox4x32(seed, {s, image_offset + b, stream, offset}) (word 1 wraps
+// modulo 2**32), so that the rows of a batch slice starting at global image image_offset draw what
+// the global batch draws for them (data-parallel ranks sample their own images). Words 0 and 1 pick the
 // cell inside the sample's window (x % w); words 2 and 3 of sample 0 pick the corner that
 // holds the n*w block when the grid is larger (bit 0 of each: bottom, right).
 // Every float expression is evaluated in this exact order with correctly rounded ops.
@@ -142,6 +144,7 @@ struct SampleArgs {
   int target_grid;
   uint64_t seed;
   uint32_t offset;
+  uint32_t image_offset;  // global index of image 0 (the Philox word of image b is image_offset + b)
   PairOutput globals, locals;  // base pointers of the [B, 2, ...] and [B, L, 2, ...] outputs
 };
 
@@ -158,7 +161,7 @@ UDI_HOST_DEVICE void sample_one_pair(const SampleArgs& a, int64_t flat_pair) {
                        base.tgt_weight + plan.slot * S * 4, base.count + plan.slot};
   const float* image_boxes = a.boxes + image * (2 + a.num_locals) * 4;
   sample_pair(image_boxes + 4 * plan.src_crop, image_boxes + 4 * plan.tgt_crop, pattern, a.target_grid, a.seed,
-              a.offset, static_cast<uint32_t>(image), plan.local ? 1u : 0u, out);
+              a.offset, a.image_offset + static_cast<uint32_t>(image), plan.local ? 1u : 0u, out);
 }
 
 }  // namespace udi::stratified_sample

@@ -19,6 +19,7 @@ struct PreparedSample {
 
 // Checks the arguments, allocates the outputs on the boxes' device and fills the kernel arguments.
 PreparedSample prepare_sample(const at::Tensor& boxes, int64_t global_grid, int64_t global_window, int64_t local_grid,
-                              int64_t local_window, int64_t target_grid, int64_t seed, int64_t offset);
+                              int64_t local_window, int64_t target_grid, int64_t seed, int64_t offset,
+                              int64_t image_offset);
 
 }  // namespace udi::stratified_sample

@@ -46,7 +46,7 @@ BENCHES="srs_attention distill_cross_entropy stratified_sample train_step"
 for bench in $BENCHES; do
   limit=100
   [ "$bench" = srs_attention ] && limit=200  # compiles the CUDA-graph module provider for four shapes
-  [ -f "benchmarks/$bench.py" ] && step "bench_$bench" $limit python3 "benchmarks/$bench.py" --quick --out "$WORK"
+  [ -f "benchmarks/$bench.py" ] && step "bench_$bench" $limit python3 -m "benchmarks.$bench" --quick --out "$WORK"
 done
 
 step profile 60 python3 scripts/profile_gpu.py

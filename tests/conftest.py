@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+from udi_kernels.testing.poison import poison_empty  # noqa: F401  (the fixture, for every test module)
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
@@ -9,16 +11,3 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
-
-
-@pytest.fixture
-def poison_empty():
-    """Make torch.empty (also at::empty in the extension) return NaN / INT_MAX-filled memory,
-    so an element a kernel forgets to write shows up."""
-    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
-    torch.utils.deterministic.fill_uninitialized_memory = fill

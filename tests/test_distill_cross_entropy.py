@@ -68,16 +68,6 @@ def run(case, backend, tau_s=0.1, tau_t=0.04, grad=True):
     return out, g
 
 
-@pytest.fixture
-def poisoned_empty():
-    """Uninitialised memory is NaN-filled (deterministic mode), so unwritten outputs show."""
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(previous)
-
-
 def assert_close_rel(actual, expected, rel, name):
     expected = expected.to(torch.float64)
     err = (actual.to(torch.float64) - expected).abs().max().item()
@@ -129,7 +119,7 @@ def assert_float32_matches_reference(case, backend):
 @pytest.mark.parametrize("backend", CPU_KERNELS)
 @pytest.mark.parametrize("shape", [(7, 5, 333, 2, 11), (3, 2, 1031, 1, 4), (4, 6, 1, 3, 7), (6, 3, 64, 2, 0)],
                          ids=["odd", "multi_block", "K1", "no_pairs"])
-def test_cpu_kernels_match_reference(backend, shape, poisoned_empty):
+def test_cpu_kernels_match_reference(backend, shape, poison_empty):
     case = make_case(*shape)
     out, grad = assert_float32_matches_reference(case, backend)
     assert out.loss.dtype == torch.float32 and grad.dtype == torch.float32
@@ -144,23 +134,24 @@ def rows_with_0_1_and_many_pairs(case):
     return case
 
 
-@pytest.mark.parametrize("backend", CPU_KERNELS)
+@pytest.mark.skipif(not TRITON, reason="needs TRITON_INTERPRET=1")
 @pytest.mark.parametrize("K,chunk", [(333, 128), (1031, 256), (256, 64), (5, 4)],
                          ids=["remainder", "many_chunks", "exact_chunks", "tiny"])
-def test_cpu_kernels_split_k(backend, K, chunk, monkeypatch, poisoned_empty):
-    """Several K chunks per row (the last one partial or full), rows with 0, 1 and many pairs."""
+def test_triton_split_k(K, chunk, monkeypatch, poison_empty):
+    """Several K chunks per row (the last one partial or full), rows with 0, 1 and many pairs: the Triton kernels
+    (the native CPU kernel walks whole rows; its CUDA chunks of 4096 are covered by the GPU tests)."""
     from udi_kernels.triton_kernels import distill_cross_entropy as kernels
     monkeypatch.setattr(kernels, "MAX_CHUNK", chunk)
     monkeypatch.setattr(kernels, "CENTER_BLOCK", 64)
     monkeypatch.setattr(kernels, "CENTER_ROWS", 4)
     case = rows_with_0_1_and_many_pairs(make_case(6, 9, K, 2, 13, scale=4.0, seed=K))
-    out, grad = assert_float32_matches_reference(case, backend)
+    out, grad = assert_float32_matches_reference(case, "triton")
     assert (grad[0] == 0).all(), "a student row without pairs gets a zero gradient"
 
 
 @pytest.mark.parametrize("backend", CPU_KERNELS)
 @pytest.mark.parametrize("dtype,rel", [(torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
-def test_cpu_kernels_low_precision(backend, dtype, rel, poisoned_empty):
+def test_cpu_kernels_low_precision(backend, dtype, rel, poison_empty):
     case = make_case(5, 4, 300, 2, 9, dtype=dtype, scale=1.0)
     out, grad = run(case, backend, tau_t=0.07)
     ref, ref_grad = run(as_float64(case), "reference", tau_t=0.07)
@@ -223,7 +214,7 @@ def _op_args(case, tau_s=0.1, tau_t=0.04):
     csr = op.build_csr(case["pair_student"], case["pair_teacher"], case["pair_weight"], case["center_id"],
                        case["student"].shape[0], case["centers"].shape[0])
     return (case["student"].requires_grad_(True), case["teacher"], case["centers"], case["center_id"].long(),
-            csr.student_ptr, csr.pair_teacher, csr.pair_weight, csr.center_ptr, csr.center_rows,
+            csr.student_offsets, csr.pair_teacher, csr.pair_weight, csr.center_offsets, csr.center_rows,
             case["row_weight"], tau_s, tau_t)
 
 
@@ -302,7 +293,7 @@ GPU_TOL = {torch.float32: (2e-5, 5e-5), torch.bfloat16: (1e-5, 1e-2), torch.floa
 @pytest.mark.parametrize("shape", [(37, 5, 4099, 2, 61), (9, 7, 12296, 2, 20), (24, 4, 65536, 1, 44),
                                    (3, 2, 1, 3, 4)],
                          ids=["odd_scalar_loads", "partial_last_chunk", "dino_K", "K1"])
-def test_gpu_kernels_match_reference(backend, dtype, shape, poisoned_empty):
+def test_gpu_kernels_match_reference(backend, dtype, shape, poison_empty):
     case = make_case(*shape, dtype=dtype, device="cuda", scale=1.0)
     out, grad = run(case, backend, tau_t=0.04)
     ref, ref_grad = run(as_float64(case), "reference", tau_t=0.04)

@@ -17,21 +17,14 @@ from udi_kernels import backends, srs_attention, stratified_sample
 from udi_kernels.losses import DINOLoss, IBOTPatchLoss, UDILoss
 from udi_kernels.nn import SRSAttention
 from udi_kernels.reference import distill_cross_entropy as distill_reference
-from udi_kernels.reference import srs_attention as attention_reference
 from udi_kernels.testing.losses import random_udi_inputs
 
 from test_distill_cross_entropy import as_float64, assert_close_rel, make_case
 
 
-def available(op, device="cpu"):
-    """Backends that can run `op` on `device` (native, triton, reference)."""
-    return [b for b in ("native", "triton", "reference")
-            if backends.why_unavailable(b, op, torch.device(device)) is None]
-
-
-DISTILL = available("distill_cross_entropy")
-ATTENTION = available("srs_attention")
-SAMPLE = available("stratified_sample")
+DISTILL = backends.available("distill_cross_entropy", "cpu")
+ATTENTION = backends.available("srs_attention", "cpu")
+SAMPLE = backends.available("stratified_sample", "cpu")
 gpu = pytest.mark.gpu
 
 
@@ -128,7 +121,7 @@ def test_distill_csr_with_decreasing_offsets_stays_in_bounds(backend):
     from udi_kernels.ops import distill_cross_entropy as op
     case = make_case(4, 3, 21, 1, 5)
     csr = op.build_csr(case["pair_student"], case["pair_teacher"], case["pair_weight"], case["center_id"], 4, 1)
-    csr = csr._replace(student_ptr=torch.tensor([-7, 3, 1, 99, 2]), center_ptr=torch.tensor([2, -5]),
+    csr = csr._replace(student_offsets=torch.tensor([-7, 3, 1, 99, 2]), center_offsets=torch.tensor([2, -5]),
                        center_rows=torch.tensor([0, 9, -2]))
     runs = [op.distill_cross_entropy_csr(case["student"], case["teacher"], case["centers"], csr, case["row_weight"],
                                          0.1, 0.04, backend=backend) for _ in range(2)]
@@ -139,9 +132,10 @@ def test_distill_csr_shapes_are_checked():
     from udi_kernels.ops import distill_cross_entropy as op
     case = make_case(4, 3, 21, 1, 5)
     csr = op.build_csr(case["pair_student"], case["pair_teacher"], case["pair_weight"], case["center_id"], 4, 1)
-    with pytest.raises(ValueError, match="csr.student_ptr must have length 5"):
+    with pytest.raises(ValueError, match="csr.student_offsets must have length 5"):
         op.distill_cross_entropy_csr(case["student"], case["teacher"], case["centers"],
-                                     csr._replace(student_ptr=csr.student_ptr[:-1]), case["row_weight"], 0.1, 0.04)
+                                     csr._replace(student_offsets=csr.student_offsets[:-1]), case["row_weight"], 0.1,
+                                     0.04)
 
 
 # ---- 2. srs_attention: taps out of range with check_taps=False ----------------------------------------------------

@@ -296,10 +296,10 @@ def test_pair_table_is_the_csr_of_its_pairs(kind, crops, rows):
     want = spec_pairs(kind, crops, B)
     assert [g[:2] for g in got] == [w[:2] for w in want]
     assert [g[2] for g in got] == pytest.approx([w[2] for w in want], rel=1e-6)
-    assert csr.student_ptr[-1] == len(pair_student) and (pair_student.diff() >= 0).all()
-    assert torch.equal(csr.student_ptr, torch.searchsorted(pair_student, torch.arange(rows[0] * B + 1)))
+    assert csr.student_offsets[-1] == len(pair_student) and (pair_student.diff() >= 0).all()
+    assert torch.equal(csr.student_offsets, torch.searchsorted(pair_student, torch.arange(rows[0] * B + 1)))
     assert torch.equal(csr.center_id, torch.zeros(rows[1] * B, dtype=torch.int64))
-    assert torch.equal(csr.center_ptr, torch.tensor([0, rows[1] * B]))
+    assert torch.equal(csr.center_offsets, torch.tensor([0, rows[1] * B]))
     assert torch.equal(table.unit_rows, torch.ones(rows[1] * B))
 
 

@@ -22,11 +22,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import udi_kernels
+from udi_kernels.testing.inputs import random_boxes
 from udi_kernels import srs_attention, stratified_sample
 from udi_kernels.reference import srs_attention as attention_reference
 
 from test_hardening import ATTENTION, DISTILL, SAMPLE, valid_equivalent
-from test_stratified_sample import assert_matches_spec, random_boxes
+from test_stratified_sample import assert_matches_spec
 
 # 'ci': the same examples on every run (derandomized), sized to keep the suite fast; 'thorough': ten times more,
 # random. No deadline: the first Triton interpreter call of a shape is slow.

@@ -11,12 +11,13 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from udi_kernels import srs_attention
 from udi_kernels.backends import why_unavailable
 from udi_kernels.nn import SRSAttention
 from udi_kernels.reference import srs_attention as reference
+from udi_kernels.testing.poison import poison_cuda_allocator
+from udi_kernels.testing.references import dense_head_path, dense_map
 
 # (B, H, N, D, S, T): N not a power of 2, S = 1, T = 1 and 4, H = 1, D = 32/64/128, B = 1, and whole
 # tokens as one head (H = 1, D = C = 384, S = 6 heads x 16 samples: how SRSAttention attends over h).
@@ -30,9 +31,6 @@ GPU_SHAPES = [(3, 6, 196, 64, 16, 1), (5, 6, 36, 64, 9, 1), (2, 6, 196, 64, 106,
 def needs(backend, device="cpu"):
     reason = why_unavailable(backend, "srs_attention", torch.device(device))
     return pytest.mark.skipif(reason is not None, reason=str(reason))
-
-
-gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
 def make_case(B, H, N, D, S, T, dtype=torch.float64, device="cpu", seed=0, rows=None):
@@ -54,7 +52,7 @@ def make_case(B, H, N, D, S, T, dtype=torch.float64, device="cpu", seed=0, rows=
 
 def dense_map_attention(q, k, v, index, weight, scale=None):
     """Independent of the reference: one dense [S, Nq] map per crop, explicit max-subtracted softmax."""
-    dense = (F.one_hot(index.long(), q.shape[2]).to(q.dtype) * weight[..., None].to(q.dtype)).sum(2)
+    dense = dense_map(index, weight, q.shape[2], q.dtype)
     q_s = torch.einsum("bsn,bhnd->bhsd", dense, q)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     logits = torch.einsum("bhsd,bhnd->bhsn", q_s, k) * scale
@@ -275,17 +273,6 @@ def test_triton_rejects_float64():
 
 # ---- modules ---------------------------------------------------------------------------------------
 
-def dense_head_path(module_attn, h, dense):
-    """The reference's way: full q, k, v for every token, dense [S, N] maps, skip = map @ h."""
-    B, N, C = h.shape
-    heads = module_attn.num_heads
-    q, k, v = module_attn.qkv(h).reshape(B, N, 3, heads, C // heads).permute(2, 0, 3, 1, 4)
-    q_s = torch.einsum("bsn,bhnd->bhsd", dense, q)
-    p = torch.softmax(q_s @ k.transpose(-1, -2) * (C // heads) ** -0.5, dim=-1)
-    o = (p @ v).transpose(1, 2).reshape(B, -1, C)
-    return module_attn.norm(module_attn.proj(o) + dense @ h)
-
-
 def _randomize(module):
     with torch.no_grad():
         for p in module.parameters():
@@ -305,7 +292,7 @@ def test_srs_attention_module_matches_dense_head_path(backend, T, weighted, S):
     _, index, weight = make_case(B, 1, N, 8, S, T, seed=7)
     weight = weight if weighted else None  # None: every tap weighs 1
     x = torch.randn(B, N, C, dtype=torch.float64, requires_grad=True)
-    dense = (F.one_hot(index.long(), N).double() * (1 if weight is None else weight[..., None])).sum(2)
+    dense = dense_map(index, weight, N)
     out = module(x, index, weight)
     expected = dense_head_path(module.attn, module.norm1(x), dense)
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
@@ -323,7 +310,7 @@ def test_triton_module_matches_dense_head_path(S):
     module = _randomize(SRSAttention(C, num_heads=3, backend="triton"))
     _, index, weight = make_case(B, 1, N, 8, S, 4, seed=11, dtype=torch.float32)
     x = torch.randn(B, N, C, requires_grad=True)
-    dense = (F.one_hot(index.long(), N).double() * weight[..., None].double()).sum(2)
+    dense = dense_map(index, weight, N)
     out = module(x, index, weight)
     reference_module = copy.deepcopy(module).double()
     expected = dense_head_path(reference_module.attn, reference_module.norm1(x.double()), dense)
@@ -432,11 +419,7 @@ def test_srs_attention_module_parameter_names_and_stratified_taps():
 GPU_TOLERANCES = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
 
-def poison_cuda_allocator():
-    """Fill freed cached blocks with NaN so an output element a kernel never writes shows up."""
-    torch.empty(64 << 20, device="cuda").fill_(float("nan"))
-
-
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["native", "triton"])
 @pytest.mark.parametrize("dtype", list(GPU_TOLERANCES))
 @pytest.mark.parametrize("shape", GPU_SHAPES)
@@ -447,12 +430,14 @@ def test_gpu_matches_reference(backend, dtype, shape):
     check_backend(backend, shape, dtype, "cuda", GPU_TOLERANCES[dtype])
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["native", "triton"])
 def test_gpu_query_rows_differ_from_keys(backend):
     poison_cuda_allocator()
     check_backend(backend, (2, 6, 196, 64, 20, 1), torch.float32, "cuda", GPU_TOLERANCES[torch.float32], rows=20)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("S", [16, 106])  # attends over h / over projected k, v
 def test_gpu_module_backends_agree(S):
     module = _randomize(SRSAttention(384, num_heads=6)).cuda()
@@ -467,6 +452,7 @@ def test_gpu_module_backends_agree(S):
         torch.testing.assert_close(outs[backend], outs["reference"], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("S", [16, 106])
 def test_gpu_module_compiled_with_cuda_graphs_matches_eager(S):
     """What benchmarks/srs_attention.py times as triton_compiled: Inductor + CUDA graphs, fp16 autocast."""
@@ -478,6 +464,7 @@ def test_gpu_module_compiled_with_cuda_graphs_matches_eager(S):
         compiled_matches_eager(module, x, index, weight, 1e-2, mode="reduce-overhead")
 
 
+@pytest.mark.gpu
 def test_gpu_module_fwd_bwd_has_no_host_sync():
     module = SRSAttention(384, num_heads=6).cuda()
     x = torch.randn(8, 196, 384, device="cuda", requires_grad=True)
@@ -496,8 +483,3 @@ def test_gpu_module_fwd_bwd_has_no_host_sync():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
-
-
-for _name in [n for n in list(globals()) if n.startswith("test_gpu")]:
-    for _mark in gpu:
-        globals()[_name] = _mark(globals()[_name])

@@ -10,25 +10,15 @@ from scipy import stats
 
 import udi_kernels
 from udi_kernels import stratified_sample, taps_to_dense
+from udi_kernels._native import has_native_kernel
+from udi_kernels.declarations import DECLARATIONS
 from udi_kernels.reference.philox import philox4x32
+from udi_kernels.testing.inputs import random_boxes
 
 TRITON = os.environ.get("TRITON_INTERPRET") == "1"
 needs_interpreter = pytest.mark.skipif(not TRITON, reason="Triton on the CPU runs only under TRITON_INTERPRET=1")
 
 # ---------------------------------------------------------------- inputs
-
-
-def random_boxes(B, L, generator, flip_i=False):
-    """Crops of random size and place; j flipped at random (and i, if asked)."""
-    size = 0.15 + 0.45 * torch.rand(B, 2 + L, 2, generator=generator)
-    low = (1 - size) * torch.rand(B, 2 + L, 2, generator=generator)
-    boxes = torch.cat([low, low + size], -1)
-    flips = [1, 0] if flip_i else [1]
-    for axis in flips:
-        flip = torch.rand(B, 2 + L, generator=generator) < 0.5
-        boxes[..., [axis, axis + 2]] = torch.where(flip[..., None], boxes[..., [axis + 2, axis]],
-                                                   boxes[..., [axis, axis + 2]])
-    return boxes
 
 
 def nested_and_disjoint_boxes():
@@ -133,6 +123,21 @@ def test_triton_equals_native_cpu_over_many_seeds(grids, poison_empty):
     for seed in torch.randint(-2**63, 2**63 - 1, (8,), generator=g).tolist():
         expected = stratified_sample(boxes, seed=seed, offset=seed & 0xFFFF, backend="native", **grids)
         assert_bitwise(stratified_sample(boxes, seed=seed, offset=seed & 0xFFFF, backend="triton", **grids), expected)
+
+
+@pytest.mark.parametrize("backend", ["reference", "native", pytest.param("triton", marks=needs_interpreter)])
+def test_rank_slices_equal_the_global_draw(backend, poison_empty):
+    """Each data-parallel rank samples its own images with image_offset and gets its rows of the global draw."""
+    g = torch.Generator().manual_seed(21)
+    boxes = random_boxes(7, 3, g, flip_i=True)
+    everything = stratified_sample(boxes, seed=-31, offset=5, backend=backend)
+    for start, stop in ((0, 3), (3, 4), (4, 7)):
+        rank = stratified_sample(boxes[start:stop], seed=-31, offset=5, image_offset=start, backend=backend)
+        assert_bitwise(rank, type(everything)(*(type(p)(*(t[start:stop] for t in p)) for p in everything)))
+    # the same rule on every backend (the reference's, checked here against the kernels' wrap modulo 2**32)
+    wrapped = stratified_sample(boxes, seed=-31, offset=5, image_offset=2**32 - 3, backend=backend)
+    assert_bitwise(stratified_sample(boxes[3:], seed=-31, offset=5, backend=backend),
+                   type(wrapped)(*(type(p)(*(t[3:] for t in p)) for p in wrapped)))
 
 
 def test_no_locals_and_empty_batch():
@@ -339,13 +344,13 @@ def test_generator_and_seed():
 
 def test_opcheck_native():
     boxes = random_boxes(3, 2, torch.Generator().manual_seed(0))
-    torch.library.opcheck(torch.ops.udi_kernels.stratified_sample.default, (boxes, 14, 3, 6, 2, 14, 5, 1))
+    torch.library.opcheck(torch.ops.udi_kernels.stratified_sample.default, (boxes, 14, 3, 6, 2, 14, 5, 1, 3))
 
 
 @needs_interpreter
 def test_opcheck_triton():
     boxes = random_boxes(2, 1, torch.Generator().manual_seed(0))
-    torch.library.opcheck(torch.ops.udi_kernels.stratified_sample_triton.default, (boxes, 14, 3, 6, 2, 14, 5, 1),
+    torch.library.opcheck(torch.ops.udi_kernels.stratified_sample_triton.default, (boxes, 14, 3, 6, 2, 14, 5, 1, 3),
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -361,7 +366,9 @@ def test_torch_compile_traces_without_graph_break(backend):
 
 
 def test_cuda_compiled_is_reported():
-    assert isinstance(udi_kernels.cuda_compiled(), bool)
+    """cuda_compiled() says whether this build has CUDA kernels: all three ops have one, or none has."""
+    per_op = {op: has_native_kernel(op, "cuda") for op in DECLARATIONS}
+    assert set(per_op.values()) == {udi_kernels.cuda_compiled()}, per_op
     if os.environ.get("UDI_KERNELS_EXPECT_CUDA") == "1":
         assert udi_kernels.cuda_compiled(), "this build was expected to contain the CUDA kernels"
 
@@ -382,6 +389,8 @@ def test_cuda_compiled_is_reported():
     (None, dict(target_grid=1), ValueError, "target_grid must be in"),
     (None, dict(local_grid=6.0), TypeError, "local_grid must be an int"),
     (None, dict(offset=-1), ValueError, "offset must be in"),
+    (None, dict(image_offset=2**32), ValueError, "image_offset must be in"),
+    (None, dict(image_offset=1.0), TypeError, "image_offset must be an int"),
     (None, dict(seed=2**64), ValueError, "seed must fit"),
     (None, dict(backend="cuda"), ValueError, "backend must be one of"),
 ])
@@ -394,9 +403,9 @@ def test_bad_input_names_the_argument(boxes, kwargs, error, match):
 
 def test_native_kernel_checks_its_own_arguments():
     with pytest.raises(RuntimeError, match="boxes must be float32"):
-        torch.ops.udi_kernels.stratified_sample(torch.rand(1, 2, 4).double(), 14, 3, 6, 2, 14, 0, 0)
+        torch.ops.udi_kernels.stratified_sample(torch.rand(1, 2, 4).double(), 14, 3, 6, 2, 14, 0, 0, 0)
     with pytest.raises(RuntimeError, match="global_grid .* must not be smaller than global_window"):
-        torch.ops.udi_kernels.stratified_sample(torch.rand(1, 2, 4), 2, 3, 6, 2, 14, 0, 0)
+        torch.ops.udi_kernels.stratified_sample(torch.rand(1, 2, 4), 2, 3, 6, 2, 14, 0, 0, 0)
 
 
 def test_unavailable_backend_is_an_error_not_a_fallback(monkeypatch):
@@ -424,11 +433,11 @@ def test_cuda_equals_cpu_equals_triton(grids, poison_empty):
     g = torch.Generator().manual_seed(8)
     boxes = random_boxes(64, 10, g, flip_i=True)
     for seed in torch.randint(-2**63, 2**63 - 1, (16,), generator=g).tolist():
-        expected = stratified_sample(boxes, seed=seed, offset=3, backend="native", **grids)
+        expected = stratified_sample(boxes, seed=seed, offset=3, image_offset=9, backend="native", **grids)
         on_gpu = boxes.cuda()
-        assert_bitwise(stratified_sample(on_gpu, seed=seed, offset=3, backend="native", **grids), expected)
-        assert_bitwise(stratified_sample(on_gpu, seed=seed, offset=3, backend="triton", **grids), expected)
-        assert_bitwise(stratified_sample(on_gpu, seed=seed, offset=3, backend="reference", **grids), expected)
+        for backend in ("native", "triton", "reference"):
+            assert_bitwise(stratified_sample(on_gpu, seed=seed, offset=3, image_offset=9, backend=backend, **grids),
+                           expected)
 
 
 @pytest.mark.gpu

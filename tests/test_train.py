@@ -14,7 +14,7 @@ from udi import eval_linear, utils
 from udi.data import Crop, MultiCropAugmentation, crop_box
 from udi.eval_knn import knn_classify
 from udi.model import DINOHead, UDIModel, ViTBackbone, build_model
-from udi.train import collapse_warning, parse_args, sample_pairs, seen_boxes, teacher_entropies, train_udi
+from udi.train import parse_args, sample_pairs, teacher_entropies, train_udi
 from udi_kernels import PairTaps
 from udi_kernels.layout import UDITeacher, student_taps, teacher_taps
 from udi_kernels.losses import UDILoss, cls_plus_targets
@@ -132,7 +132,7 @@ def _pairs(B=3, L=2, seed=5):
     boxes = torch.tensor([[0.1, 0.2, 0.8, 0.9], [0.3, 0.7, 0.95, 0.05]] + [[0.2, 0.1, 0.6, 0.5]] * L)
     boxes = boxes.expand(B, -1, -1).contiguous()
     args = tiny_args("/tmp/unused", "--local_crops_number", str(L))
-    return sample_pairs(boxes, args, seed, 0, 1)
+    return sample_pairs(boxes, args, seed)
 
 
 def test_teacher_targets_match_a_per_pair_computation():

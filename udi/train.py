@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import Tensor
 from tqdm import tqdm
 
-from udi_kernels import PairTaps, SampledPairs, stratified_sample
+from udi_kernels import SampledPairs, stratified_sample
 from udi_kernels.layout import stack_crops, student_taps, teacher_taps
 from udi_kernels.losses import DINOLoss, UDILoss
 
@@ -183,19 +183,14 @@ def seen_boxes(boxes: Tensor, args) -> Tensor:
     return torch.cat([start, torch.where(factor == 1, end, start + (end - start) * factor)], -1)
 
 
-def sample_pairs(boxes, args, seed, rank, world_size) -> SampledPairs:
-    """Sample the global batch (boxes gathered in rank order), keep this rank's images: DDP = one process."""
-    if world_size > 1:
-        gathered = [torch.empty_like(boxes) for _ in range(world_size)]
-        dist.all_gather(gathered, boxes)
-        boxes = torch.cat(gathered)
-    pairs = stratified_sample(seen_boxes(boxes, args), global_grid=args.global_crop_size // args.patch_size,
-                              global_window=args.global_window,
-                              local_grid=args.local_crop_size // args.patch_size, local_window=args.local_window,
-                              target_grid=args.global_crop_size // args.patch_size, seed=seed)
-    B = boxes.shape[0] // world_size
-    mine = slice(rank * B, (rank + 1) * B)
-    return SampledPairs(*(PairTaps(*(t[mine] for t in taps)) for taps in pairs))
+def sample_pairs(boxes, args, seed, rank=0) -> SampledPairs:
+    """This rank's rows of the global batch's draw (every rank holds the same number of images): image b of
+    rank r draws as global image r * B + b, so DDP samples as one process would, without gathering boxes."""
+    return stratified_sample(seen_boxes(boxes, args), global_grid=args.global_crop_size // args.patch_size,
+                             global_window=args.global_window,
+                             local_grid=args.local_crop_size // args.patch_size, local_window=args.local_window,
+                             target_grid=args.global_crop_size // args.patch_size, seed=seed,
+                             image_offset=rank * boxes.shape[0])
 
 
 class DINOObjective(DINOLoss):
@@ -380,7 +375,7 @@ def train_one_epoch(run: TrainingRun, loader, epoch: int) -> dict:
 
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             if args.objective == "udi":
-                pairs = sample_pairs(boxes.to(device), args, utils.step_seed(args.seed, it), run.rank, run.world_size)
+                pairs = sample_pairs(boxes.to(device), args, utils.step_seed(args.seed, it), run.rank)
                 targets = teacher.teacher_targets(global_crops, teacher_taps(pairs), args.alpha)
                 outputs = student(global_crops, local_crops, student_taps(pairs))
                 teacher_cls, cls_center = targets.cls, loss_module.center_cls.center

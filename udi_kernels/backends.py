@@ -3,16 +3,19 @@
 - native:    the compiled C++ (CPU) or CUDA kernel for the tensor's device
 - triton:    the Triton kernel (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)
 - reference: the eager PyTorch implementation (any device)
-- auto:      the fastest available one (each op states its order)
-Asking for an unavailable backend raises; nothing falls back silently.
+- auto:      the fastest backend that supports the call, in the order of the op's declaration
+             (udi_kernels/declarations.py, with the measurements it rests on)
+Asking for a backend that cannot run a call raises, saying why; nothing falls back silently.
 """
 import functools
 import importlib.util
 import os
+from typing import NamedTuple, Optional
 
 import torch
 
 from ._native import has_native_kernel
+from .declarations import DECLARATIONS, OpDeclaration
 
 BACKENDS = ("auto", "native", "triton", "reference")
 ENV_VAR = "UDI_KERNELS_BACKEND"
@@ -48,23 +51,85 @@ def why_unavailable(backend: str, op: str, device: torch.device):
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
-def default_auto_order(device: torch.device):
-    return ("native", "triton", "reference") if device.type == "cuda" else ("native", "reference")
+def available(op: str, device) -> list:
+    """The declared backends of `op` that this installation can run on `device` (built, installed, enabled)."""
+    device = torch.device(device)
+    return [b for b in DECLARATIONS[op].support if why_unavailable(b, op, device) is None]
 
 
-@torch.compiler.assume_constant_result
-def resolve(op: str, device: torch.device, backend=None, auto_order=None) -> str:
-    """The backend that runs `op` for tensors on `device` (a constant to torch.compile)."""
+class Unsupported(NamedTuple):
+    """Why a backend cannot run a call, and the error to raise for it."""
+    error: type
+    reason: str
+
+
+_LABELS = {"native": "native", "triton": "Triton", "reference": "reference"}
+
+
+def _dtype_names(dtypes) -> str:
+    return ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
+
+
+def size_limit_exceeded(declaration: OpDeclaration, backend: str, **sizes: int) -> str:
+    """The first declared size limit of `backend` that these sizes exceed, as "name <= limit (got value)", or ""."""
+    for name, limit in declaration.support[backend].max_sizes.items():
+        if sizes.get(name, 0) > limit:
+            return f"{name} <= {limit} (got {sizes[name]})"
+    return ""
+
+
+def why_unsupported(declaration: OpDeclaration, backend: str, device: torch.device, dtype: torch.dtype,
+                    exceeded_limit: str = "") -> Optional[Unsupported]:
+    """None when `backend` can run a call of the declared op on inputs of `dtype` on `device` whose sizes exceed no
+    limit of it (exceeded_limit: size_limit_exceeded's answer), else why not: RuntimeError (not built, installed or
+    enabled), TypeError (dtype), ValueError (size)."""
+    reason = why_unavailable(backend, declaration.name, device)
+    if reason is not None:
+        return Unsupported(RuntimeError, reason)
+    support = declaration.support[backend]
+    label = _LABELS[backend]
+    dtypes = support.dtypes.get(device.type, support.dtypes.get("*"))
+    if dtypes is None:
+        return Unsupported(RuntimeError, f"the {label} backend of {declaration.name} does not run {device.type} "
+                                         "tensors")
+    if dtype not in dtypes:
+        return Unsupported(TypeError, f"the {label} backend supports {_dtype_names(dtypes)} inputs on "
+                                      f"{device.type} tensors, got {dtype}")
+    if backend == "triton" and triton_interpreted() and support.interpreted_dtypes is not None \
+            and dtype not in support.interpreted_dtypes:
+        name = str(dtype).removeprefix("torch.")
+        return Unsupported(TypeError, f"the Triton interpreter (TRITON_INTERPRET=1) computes {name} tl.dot wrongly: "
+                                      f"run {name} {declaration.name} with backend='triton' on a GPU, or use "
+                                      "backend='native' or 'reference'")
+    if exceeded_limit:
+        return Unsupported(ValueError, f"the {label} kernel supports {exceeded_limit} only")
+    return None
+
+
+def resolve(declaration: OpDeclaration, device: torch.device, dtype: torch.dtype, backend: Optional[str] = None,
+            **sizes: int) -> str:
+    """The backend that runs this call of the declared op (sizes: the ints its shape_class and limits name):
+    `backend`, else $UDI_KERNELS_BACKEND, else the first of the declared auto order for the device and shape class
+    that supports the call (the reference alone on other devices). Raises ValueError for an unknown name, and the
+    Unsupported error of a requested backend that cannot run the call (or of the last candidate of `auto`)."""
+    # strings only: torch.compile folds _resolve to a constant, and takes constants as its arguments (the sizes may
+    # be symbolic; these comparisons become guards)
+    exceeded = "\n".join(f"{b}={size_limit_exceeded(declaration, b, **sizes)}" for b in declaration.support)
+    return _resolve(declaration.name, device, dtype, backend, declaration.shape_class(**sizes), exceeded)
+
+
+@torch.compiler.assume_constant_result  # the dispatcher query inside is not traceable
+def _resolve(op: str, device: torch.device, dtype: torch.dtype, backend: Optional[str], shape_class: str,
+             exceeded: str) -> str:
+    declaration, exceeded = DECLARATIONS[op], dict(line.split("=", 1) for line in exceeded.split("\n"))
     requested = backend or os.environ.get(ENV_VAR) or "auto"
     if requested not in BACKENDS:
         source = "backend" if backend else ENV_VAR
         raise ValueError(f"{source} must be one of {BACKENDS}, got {requested!r}")
-    if requested == "auto":
-        for candidate in auto_order or default_auto_order(device):
-            if why_unavailable(candidate, op, device) is None:
-                return candidate
-        raise RuntimeError(f"no backend can run {op} on {device}")
-    reason = why_unavailable(requested, op, device)
-    if reason is not None:
-        raise RuntimeError(f"backend {requested!r} cannot run {op} on {device}: {reason}")
-    return requested
+    candidates = (requested,) if requested != "auto" else \
+        declaration.auto_order.get((device.type, shape_class), ("reference",))
+    for candidate in candidates:
+        unsupported = why_unsupported(declaration, candidate, device, dtype, exceeded[candidate])
+        if unsupported is None:
+            return candidate
+    raise unsupported.error(f"backend {candidate!r} cannot run {op} on {device}: {unsupported.reason}")

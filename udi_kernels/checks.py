@@ -4,6 +4,7 @@ import math
 import numbers
 from typing import Optional
 
+import torch
 from torch import Tensor
 
 
@@ -35,3 +36,12 @@ def check_bool(value, name: str) -> bool:
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     return value
 
+
+
+def first_failed(conditions: dict) -> Optional[str]:
+    """The name of the first False among named boolean 0-dim tensors (None when all hold), read in one device
+    sync: the value checks of every op cost one sync on CUDA, however many conditions they test."""
+    if not conditions:
+        return None
+    held = torch.stack(list(conditions.values())).tolist()
+    return next((name for name, ok in zip(conditions, held) if not ok), None)

@@ -9,7 +9,8 @@ from torch import Tensor, nn
 from .backends import BACKENDS
 from .checks import check_bool, check_float, check_int
 from .ops.srs_attention import attend, check_tap_args, check_tap_values
-from .reference.srs_attention import compute_dtype, default_scale
+from .dtypes import compute_dtype
+from .reference.srs_attention import default_scale
 
 
 def tap_rows(x: Tensor, index: Tensor, weight: Optional[Tensor]):

@@ -1,5 +1,6 @@
 // udi_kernels::distill_cross_entropy / distill_cross_entropy_backward on CUDA. Contract:
-// udi_kernels/ops/distill_cross_entropy.py; the Triton kernels (udi_kernels/triton_kernels/distill_cross_entropy*.py) follow the same plan:
+// udi_kernels/ops/distill_cross_entropy.py; the Triton kernels (udi_kernels/triton_kernels/distill_cross_entropy*.py)
+// follow the same plan:
 //   K is split into chunks of kChunk = 4096; every row kernel runs one block per (row, chunk) (rows on grid x, so
 //   blocks running together share a chunk of the teacher and centers in L2), each thread holding 16 elements of
 //   the chunk in registers (two groups of 8 contiguous elements, 16-byte loads when K % 8 == 0 and the rows are
@@ -244,13 +245,13 @@ __global__ void lse_combine_kernel(const float* part_max, const float* part_sum,
 // Grid (column blocks, n_c): warp w adds rows w, w + kWarps, ... of the center (lane l owns 8 columns); the warp
 // partials are then added in a fixed order through shared memory. Rows outside [0, Rt) are skipped.
 template <typename teacher_t>
-__global__ void center_sum_kernel(const teacher_t* teacher, const int64_t* center_ptr, const int64_t* center_rows,
+__global__ void center_sum_kernel(const teacher_t* teacher, const int64_t* center_offsets, const int64_t* center_rows,
                                   const float* row_weight, int64_t Rt, int64_t K, bool vectorized, float* center_sum,
                                   float* center_count) {
   __shared__ float partial[kWarps][kCenterColumns];
   const int64_t center = blockIdx.y, block_begin = int64_t{blockIdx.x} * kCenterColumns;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const SlotRange slots = csr_slots(center_ptr, center, Rt);
+  const SlotRange slots = csr_slots(center_offsets, center, Rt);
   float acc[kGroup] = {};
   for (int64_t slot = slots.first + warp; slot < slots.last; slot += kWarps) {
     const int64_t row = row_or_none(center_rows, slot, Rt);
@@ -296,7 +297,7 @@ __global__ void student_partials_kernel(const student_t* student, const teacher_
     part_sum[row * p.num_chunks + chunk] = part.sum;
   }
   CenterSlice center;
-  const SlotRange slots = csr_slots(p.student_ptr, row, p.num_pairs);
+  const SlotRange slots = csr_slots(p.student_offsets, row, p.num_pairs);
   for (int64_t slot = slots.first; slot < slots.last; ++slot) {
     float mass = 0.f, gap = 0.f;
     if (pair_counts(p, slot)) {  // uniform across the block: every thread reaches block_sum or none
@@ -327,7 +328,7 @@ __global__ void student_combine_kernel(Pairs p, int64_t Rs, const float* part_ma
   const int64_t chunks = p.num_chunks;
   const float lse = combined_partials(part_max, part_sum, row, chunks).value();
   student_lse[row] = lse;
-  const SlotRange slots = csr_slots(p.student_ptr, row, p.num_pairs);
+  const SlotRange slots = csr_slots(p.student_offsets, row, p.num_pairs);
   for (int64_t slot = slots.first; slot < slots.last; ++slot) {
     if (!pair_counts(p, slot)) continue;  // pair_loss starts at 0
     float ce = 0.f;
@@ -343,7 +344,7 @@ __global__ void student_backward_kernel(const float* grad_pair_loss, const stude
                                         const teacher_t* teacher, Pairs p, const float* student_lse,
                                         student_t* grad_student) {
   const int64_t row = blockIdx.x, chunk_begin = int64_t{blockIdx.y} * kChunk;
-  const SlotRange slots = csr_slots(p.student_ptr, row, p.num_pairs);
+  const SlotRange slots = csr_slots(p.student_offsets, row, p.num_pairs);
   float total = 0.f;
   for (int64_t slot = slots.first; slot < slots.last; ++slot) total += pair_scale(grad_pair_loss, p, slot);
   Slice acc;
@@ -390,11 +391,11 @@ bool can_vectorize(int64_t K, std::initializer_list<const at::Tensor*> tensors) 
   return aligned;
 }
 
-Pairs make_pairs(const at::Tensor& centers, const at::Tensor& center_id, const at::Tensor& student_ptr,
+Pairs make_pairs(const at::Tensor& centers, const at::Tensor& center_id, const at::Tensor& student_offsets,
                  const at::Tensor& pair_teacher, const at::Tensor& pair_weight, const at::Tensor& teacher_lse,
                  int64_t K, double tau_s, double tau_t, bool vectorized) {
   const PairArgs<float> args{centers.data_ptr<float>(),       center_id.data_ptr<int64_t>(),
-                             student_ptr.data_ptr<int64_t>(), pair_teacher.data_ptr<int64_t>(),
+                             student_offsets.data_ptr<int64_t>(), pair_teacher.data_ptr<int64_t>(),
                              pair_weight.data_ptr<float>(),   K,
                              static_cast<float>(1.0 / tau_s), static_cast<float>(1.0 / tau_t),
                              center_id.numel(),               centers.size(0),
@@ -414,12 +415,12 @@ dim3 row_chunk_grid(int64_t rows, int64_t chunks) {
                                      AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 ForwardTensors forward_cuda(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& centers,
-                            const at::Tensor& center_id, const at::Tensor& student_ptr,
+                            const at::Tensor& center_id, const at::Tensor& student_offsets,
                             const at::Tensor& pair_teacher, const at::Tensor& pair_weight,
-                            const at::Tensor& center_ptr, const at::Tensor& center_rows, const at::Tensor& row_weight,
-                            double tau_s, double tau_t) {
+                            const at::Tensor& center_offsets, const at::Tensor& center_rows,
+                            const at::Tensor& row_weight, double tau_s, double tau_t) {
   check_cuda_kernel_types(student, teacher);
-  check_forward_args(student, teacher, centers, center_id, student_ptr, pair_teacher, pair_weight, center_ptr,
+  check_forward_args(student, teacher, centers, center_id, student_offsets, pair_teacher, pair_weight, center_offsets,
                      center_rows, row_weight, tau_s, tau_t);
   const c10::cuda::CUDAGuard guard(student.device());
   const int64_t Rs = student.size(0), Rt = teacher.size(0), K = student.size(1), n_c = centers.size(0);
@@ -430,7 +431,7 @@ ForwardTensors forward_cuda(const at::Tensor& student, const at::Tensor& teacher
   at::Tensor teacher_lse = at::empty({Rt}, floats), center_sum = at::empty({n_c, K}, floats);
   at::Tensor center_count = at::empty({n_c}, floats);
   const bool vectorized = can_vectorize(K, {&student, &teacher, &centers});
-  const Pairs pairs = make_pairs(centers, center_id, student_ptr, pair_teacher, pair_weight, teacher_lse, K, tau_s,
+  const Pairs pairs = make_pairs(centers, center_id, student_offsets, pair_teacher, pair_weight, teacher_lse, K, tau_s,
                                  tau_t, vectorized);
   const int64_t chunks = pairs.num_chunks;
   at::Tensor teacher_parts = at::empty({2, Rt, chunks}, floats), student_parts = at::empty({2, Rs, chunks}, floats);
@@ -451,7 +452,7 @@ ForwardTensors forward_cuda(const at::Tensor& student, const at::Tensor& teacher
       }
       const dim3 center_grid(static_cast<unsigned>(ceil_div(K, kCenterColumns)), static_cast<unsigned>(n_c));
       center_sum_kernel<<<center_grid, kThreads, 0, stream>>>(
-          t, center_ptr.data_ptr<int64_t>(), center_rows.data_ptr<int64_t>(), row_weight.data_ptr<float>(), Rt, K,
+          t, center_offsets.data_ptr<int64_t>(), center_rows.data_ptr<int64_t>(), row_weight.data_ptr<float>(), Rt, K,
           can_vectorize(K, {&teacher}), center_sum.data_ptr<float>(), center_count.data_ptr<float>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (Rs > 0) {
@@ -473,18 +474,18 @@ ForwardTensors forward_cuda(const at::Tensor& student, const at::Tensor& teacher
 }
 
 at::Tensor backward_cuda(const at::Tensor& grad_pair_loss, const at::Tensor& student, const at::Tensor& teacher,
-                         const at::Tensor& centers, const at::Tensor& center_id, const at::Tensor& student_ptr,
+                         const at::Tensor& centers, const at::Tensor& center_id, const at::Tensor& student_offsets,
                          const at::Tensor& pair_teacher, const at::Tensor& pair_weight, const at::Tensor& student_lse,
                          const at::Tensor& teacher_lse, double tau_s, double tau_t) {
   check_cuda_kernel_types(student, teacher);
-  check_backward_args(grad_pair_loss, student, teacher, centers, center_id, student_ptr, pair_teacher, pair_weight,
+  check_backward_args(grad_pair_loss, student, teacher, centers, center_id, student_offsets, pair_teacher, pair_weight,
                       student_lse, teacher_lse, at::kFloat);
   const c10::cuda::CUDAGuard guard(student.device());
   at::Tensor grad_student = at::empty_like(student);
   const int64_t Rs = student.size(0), K = student.size(1);
   if (Rs == 0) return grad_student;
   const bool vectorized = can_vectorize(K, {&student, &teacher, &centers, &grad_student});
-  const Pairs pairs = make_pairs(centers, center_id, student_ptr, pair_teacher, pair_weight, teacher_lse, K, tau_s,
+  const Pairs pairs = make_pairs(centers, center_id, student_offsets, pair_teacher, pair_weight, teacher_lse, K, tau_s,
                                  tau_t, vectorized);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   UDI_DISPATCH_CUDA_LOGITS(student.scalar_type(), "distill_cross_entropy_backward_cuda", [&] {

@@ -2,8 +2,8 @@
 //
 // Forward and pass 1 of the backward: one warp per sample, kRows samples per block; the block walks
 // the keys in tiles of 32 (one key per lane) held in shared memory, with an online softmax.
-// Pass 2 of the backward: one block per tile of kKeys keys; it walks the samples in chunks and
-// accumulates dk and dv for its keys. Pass 3: one block per tile of kKeys rows of q, accumulating dq
+// Pass 2 of the backward: one block per tile of kBlockRows keys; it walks the samples in chunks and
+// accumulates dk and dv for its keys. Pass 3: one block per tile of kBlockRows rows of q, accumulating dq
 // through the transposed tap map. Deterministic, no atomics.
 // Taps outside [0, Nq) are skipped (weight 0), as in every backend: the public op checks them only with
 // check_taps=True.
@@ -20,7 +20,7 @@
 
 #include "srs_attention_op.h"
 
-namespace udi::attention {
+namespace udi::srs_attention {
 
 namespace {
 
@@ -31,16 +31,16 @@ constexpr int kSmallDim = 128;
 constexpr int kMaxDim = 512;
 constexpr int kRows = 8;                  // samples (warps) per block, forward and pass 1
 constexpr int kTileKeys = kWarp;          // keys per tile, forward and pass 1
-constexpr int kKeys = 16;                 // keys (pass 2) or rows of q (pass 3) per block
+constexpr int kBlockRows = 16;            // rows per block: of k and v (pass 2) or of q (pass 3)
 constexpr int kChunk = 16;                // samples per chunk, passes 2 and 3
-constexpr int kPass2Threads = kKeys * kChunk;  // one thread per (sample, key) pair of a chunk
+constexpr int kPass2Threads = kBlockRows * kChunk;  // one thread per (sample, key) pair of a chunk
 constexpr size_t kDefaultSmem = 48 * 1024;  // more dynamic shared memory needs an opt-in per kernel
 
 template <int kDims>
 constexpr int dims_per_lane() { return kDims / kWarp; }
 
 template <int kDims>
-constexpr int owned_per_thread() { return kKeys * kDims / kPass2Threads; }
+constexpr int owned_per_thread() { return kBlockRows * kDims / kPass2Threads; }
 
 template <typename scalar_t>
 struct Inputs {
@@ -85,14 +85,14 @@ __device__ void load_rows(const scalar_t* src, int64_t first, int64_t valid, int
   }
 }
 
-// Calls f(i, row, d) for each element (row, d) of a [kKeys][D] tile that this thread of a pass-2/3
+// Calls f(i, row, d) for each element (row, d) of a [kBlockRows][D] tile that this thread of a pass-2/3
 // block owns; i indexes the thread's accumulators.
 template <int kDims, typename F>
 __device__ __forceinline__ void for_owned(int64_t D, F f) {
 #pragma unroll
   for (int i = 0; i < owned_per_thread<kDims>(); ++i) {
     const int e = threadIdx.x + i * kPass2Threads;
-    if (e >= kKeys * D) break;
+    if (e >= kBlockRows * D) break;
     f(i, e / static_cast<int>(D), e % static_cast<int>(D));
   }
 }
@@ -221,15 +221,15 @@ __global__ void __launch_bounds__(kPass2Threads)
   extern __shared__ float smem[];
   const int stride = a.D + 1;
   float* k_tile = smem;
-  float* v_tile = k_tile + kKeys * stride;
-  float* q_rows = v_tile + kKeys * stride;
+  float* v_tile = k_tile + kBlockRows * stride;
+  float* q_rows = v_tile + kBlockRows * stride;
   float* d_out = q_rows + kChunk * stride;
-  float* probs = d_out + kChunk * stride;    // [kChunk][kKeys]
-  float* dscores = probs + kChunk * kKeys;  // [kChunk][kKeys]
-  const int64_t b = blockIdx.z, head = b * a.H + blockIdx.y, first_key = blockIdx.x * kKeys;
+  float* probs = d_out + kChunk * stride;    // [kChunk][kBlockRows]
+  float* dscores = probs + kChunk * kBlockRows;  // [kChunk][kBlockRows]
+  const int64_t b = blockIdx.z, head = b * a.H + blockIdx.y, first_key = blockIdx.x * kBlockRows;
   const int64_t kv_offset = head * a.N * a.D, head_rows = head * a.S;
-  load_rows(a.k + kv_offset, first_key, a.N, kKeys, a.D, stride, k_tile);
-  load_rows(a.v + kv_offset, first_key, a.N, kKeys, a.D, stride, v_tile);
+  load_rows(a.k + kv_offset, first_key, a.N, kBlockRows, a.D, stride, k_tile);
+  load_rows(a.v + kv_offset, first_key, a.N, kBlockRows, a.D, stride, v_tile);
 
   float acc_dk[owned_per_thread<kDims>()] = {}, acc_dv[owned_per_thread<kDims>()] = {};
   for (int64_t start = 0; start < a.S; start += kChunk) {
@@ -243,21 +243,21 @@ __global__ void __launch_bounds__(kPass2Threads)
     }
     __syncthreads();
     {
-      const int s = threadIdx.x / kKeys, n = threadIdx.x % kKeys;
+      const int s = threadIdx.x / kBlockRows, n = threadIdx.x % kBlockRows;
       const int64_t sample = start + s, row = head_rows + sample;
       float p = 0.f, ds = 0.f;
       if (sample < a.S && first_key + n < a.N) {
         p = expf(shared_dot(q_rows + s * stride, k_tile + n * stride, a.D) * a.scale - lse[row]);
         ds = p * (shared_dot(d_out + s * stride, v_tile + n * stride, a.D) - delta[row]) * a.scale;
       }
-      probs[s * kKeys + n] = p;
-      dscores[s * kKeys + n] = ds;
+      probs[s * kBlockRows + n] = p;
+      dscores[s * kBlockRows + n] = ds;
     }
     __syncthreads();
     for_owned<kDims>(a.D, [&](int i, int n, int d) {
       for (int s = 0; s < kChunk; ++s) {
-        acc_dv[i] += probs[s * kKeys + n] * d_out[s * stride + d];
-        acc_dk[i] += dscores[s * kKeys + n] * q_rows[s * stride + d];
+        acc_dv[i] += probs[s * kBlockRows + n] * d_out[s * stride + d];
+        acc_dk[i] += dscores[s * kBlockRows + n] * q_rows[s * stride + d];
       }
     });
   }
@@ -275,25 +275,25 @@ __global__ void __launch_bounds__(kPass2Threads)
   extern __shared__ float smem[];
   const int stride = a.D + 1;
   float* dq_rows = smem;                          // [kChunk][stride]
-  float* tap_map = dq_rows + kChunk * stride;     // [kChunk][kKeys]
-  const int64_t b = blockIdx.z, head = b * a.H + blockIdx.y, first_row = blockIdx.x * kKeys;
+  float* tap_map = dq_rows + kChunk * stride;     // [kChunk][kBlockRows]
+  const int64_t b = blockIdx.z, head = b * a.H + blockIdx.y, first_row = blockIdx.x * kBlockRows;
   const int64_t head_rows = head * a.S, taps = b * a.S * a.T;
   float acc[owned_per_thread<kDims>()] = {};
   for (int64_t start = 0; start < a.S; start += kChunk) {
     __syncthreads();
     load_rows(dq_s + head_rows * a.D, start, a.S, kChunk, a.D, stride, dq_rows);
     {
-      const int s = threadIdx.x / kKeys, r = threadIdx.x % kKeys;
+      const int s = threadIdx.x / kBlockRows, r = threadIdx.x % kBlockRows;
       const int64_t sample = start + s;
       float tap_weight = 0.f;
       if (sample < a.S)
         for (int64_t t = 0; t < a.T; ++t)
           if (a.index[taps + sample * a.T + t] == first_row + r) tap_weight += a.weight[taps + sample * a.T + t];
-      tap_map[s * kKeys + r] = tap_weight;
+      tap_map[s * kBlockRows + r] = tap_weight;
     }
     __syncthreads();
     for_owned<kDims>(a.D, [&](int i, int r, int d) {
-      for (int s = 0; s < kChunk; ++s) acc[i] += tap_map[s * kKeys + r] * dq_rows[s * stride + d];
+      for (int s = 0; s < kChunk; ++s) acc[i] += tap_map[s * kBlockRows + r] * dq_rows[s * stride + d];
     });
   }
   for_owned<kDims>(a.D, [&](int i, int r, int d) {
@@ -374,11 +374,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> srs_attention_backward_cuda(
   at::Tensor delta = at::empty({s.B, s.H, s.S}, q.options().dtype(at::kFloat));
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const auto tiles = [&](int64_t rows) {
-    return dim3(static_cast<unsigned>((rows + kKeys - 1) / kKeys), static_cast<unsigned>(s.H),
+    return dim3(static_cast<unsigned>((rows + kBlockRows - 1) / kBlockRows), static_cast<unsigned>(s.H),
                 static_cast<unsigned>(s.B));
   };
-  const size_t key_smem = sizeof(float) * ((2 * kKeys + 2 * kChunk) * (s.D + 1) + 2 * kChunk * kKeys);
-  const size_t token_smem = sizeof(float) * (kChunk * (s.D + 1) + kChunk * kKeys);
+  const size_t key_smem = sizeof(float) * ((2 * kBlockRows + 2 * kChunk) * (s.D + 1) + 2 * kChunk * kBlockRows);
+  const size_t token_smem = sizeof(float) * (kChunk * (s.D + 1) + kChunk * kBlockRows);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "srs_attention_backward_cuda", [&] {
     const auto a = inputs<scalar_t>(q, k, v, index, weight, scale, s);
     with_dim_bound(s.D, [&](auto dims) {
@@ -404,4 +404,4 @@ TORCH_LIBRARY_IMPL(udi_kernels, CUDA, m) {
   m.impl("srs_attention_backward", &srs_attention_backward_cuda);
 }
 
-}  // namespace udi::attention
+}  // namespace udi::srs_attention

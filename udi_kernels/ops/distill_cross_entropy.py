@@ -2,35 +2,37 @@
 
 The kernels (native and Triton) share one pair of ops on a student-row CSR of the pairs, built here:
   distill_cross_entropy(student [Rs, K], teacher [Rt, K], centers [n_c, K] f32, center_id [Rt] i64,
-                     student_ptr [Rs + 1] i64, pair_teacher [P] i64, pair_weight [P] f32,   (pairs sorted by student)
-                     center_ptr [n_c + 1] i64, center_rows [Rt] i64,                        (teacher rows by center)
-                     row_weight [Rt] f32, tau_s, tau_t)
+                        student_offsets [Rs + 1] i64, pair_teacher [P] i64, pair_weight [P] f32,  (pairs by student)
+                        center_offsets [n_c + 1] i64, center_rows [Rt] i64,             (teacher rows by center)
+                        row_weight [Rt] f32, tau_s, tau_t)
       -> pair_loss [P] f32, center_sum [n_c, K] f32, center_count [n_c] f32, student_lse [Rs], teacher_lse [Rt]
-  distill_cross_entropy_backward(grad_pair_loss [P], student, teacher, centers, center_id, student_ptr, pair_teacher,
-                      pair_weight, student_lse, teacher_lse, tau_s, tau_t) -> grad_student [Rs, K] (student dtype)
+  distill_cross_entropy_backward(grad_pair_loss [P], student, teacher, centers, center_id, student_offsets,
+                                 pair_teacher, pair_weight, student_lse, teacher_lse, tau_s, tau_t)
+      -> grad_student [Rs, K] (student dtype)
 student_lse is logsumexp(s / τs), teacher_lse is logsumexp((t - c) / τt): O(rows) saved for the backward, in the
 kernel's accumulation dtype (saved_stats_dtype: float64 for the native CPU kernel, which recomputes the exponents
 in double, so that a rounded logsumexp cannot skew its gradient at large logits; float32 on CUDA and Triton).
 Indices are never trusted by the kernels: an index out of range skips its pair or teacher row (see
 distill_cross_entropy), so that the op stays memory-safe with check_values=False.
 distill_cross_entropy builds the CSR (build_csr) on every call; callers with fixed pairs build it once and call
-distill_cross_entropy_csr. In eager mode the kernels run under one autograd.Function (_EagerKernels); torch.compile
-traces the registered ops.
+distill_cross_entropy_csr. The kernels are registered ops, called through register_kernels
+(udi_kernels/ops/registration.py) like every op's.
 """
-import functools
-from typing import Callable, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 from .. import backends
 from .._native import native_loaded
-from ..checks import check_bool, check_float
+from ..checks import check_bool, check_float, first_failed
+from ..declarations import DISTILL_CROSS_ENTROPY
+from ..dtypes import compute_dtype
 from ..reference import distill_cross_entropy as reference
+from .registration import Backward, register_kernels
 
-OP = "distill_cross_entropy"
+OP = DISTILL_CROSS_ENTROPY.name
 FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-KERNEL_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class DistillCrossEntropyResult(NamedTuple):
@@ -44,12 +46,12 @@ class PairCSR(NamedTuple):
     """The pairs sorted (stably) by student row, and the teacher rows grouped by center: what the kernels read.
     It depends only on the pairs, so a caller whose pairs do not change builds it once (build_csr) and passes it
     to distill_cross_entropy_csr on every call."""
-    student_ptr: Tensor    # [Rs + 1]: the pairs of student row r are the slots student_ptr[r] .. student_ptr[r + 1]
-    pair_teacher: Tensor   # [P] in CSR order
-    pair_weight: Tensor    # [P] in CSR order
-    center_id: Tensor      # [Rt] int64
-    center_ptr: Tensor     # [n_c + 1]
-    center_rows: Tensor    # [Rt]
+    student_offsets: Tensor  # [Rs + 1]: the pairs of student row r are the slots [student_offsets[r], [r + 1])
+    pair_teacher: Tensor     # [P] in CSR order
+    pair_weight: Tensor      # [P] in CSR order
+    center_id: Tensor        # [Rt] int64
+    center_offsets: Tensor   # [n_c + 1]
+    center_rows: Tensor      # [Rt]
 
 
 def _group(keys: Tensor, num_segments: int):
@@ -60,16 +62,16 @@ def _group(keys: Tensor, num_segments: int):
 
 def build_csr(pair_student, pair_teacher, pair_weight, center_id, num_students, num_centers) -> PairCSR:
     """The PairCSR of these pairs: one stable sort and searchsorted per key, no host sync."""
-    order, student_ptr = _group(pair_student.long(), num_students)
-    center_rows, center_ptr = _group(center_id.long(), num_centers)
-    return PairCSR(student_ptr, pair_teacher.long()[order], pair_weight[order], center_id.long(), center_ptr,
+    order, student_offsets = _group(pair_student.long(), num_students)
+    center_rows, center_offsets = _group(center_id.long(), num_centers)
+    return PairCSR(student_offsets, pair_teacher.long()[order], pair_weight[order], center_id.long(), center_offsets,
                    center_rows)
 
 
 def csr_pair_student(csr: PairCSR) -> Tensor:
     """The student row of each CSR slot, [P] int64 (no host sync)."""
-    rows = torch.arange(csr.student_ptr.shape[0] - 1, device=csr.student_ptr.device)
-    return torch.repeat_interleave(rows, csr.student_ptr.diff(), output_size=csr.pair_teacher.shape[0])
+    rows = torch.arange(csr.student_offsets.shape[0] - 1, device=csr.student_offsets.device)
+    return torch.repeat_interleave(rows, csr.student_offsets.diff(), output_size=csr.pair_teacher.shape[0])
 
 
 # ---- fake impls, autograd --------------------------------------------------------------------------------------
@@ -78,14 +80,14 @@ def saved_stats_dtype(backend: str, device: torch.device, dtype: torch.dtype) ->
     """The dtype of the saved logsumexps: the native CPU kernel accumulates (and saves) in float64."""
     if backend == "native" and device.type == "cpu":
         return torch.float64
-    return reference.compute_dtype(dtype)
+    return compute_dtype(dtype)
 
 
 def _make_forward_fake(backend: str):
-    def fake(student, teacher, centers, center_id, student_ptr, pair_teacher, pair_weight, center_ptr, center_rows,
-             row_weight, tau_s, tau_t):
-        out = reference.compute_dtype(student.dtype)
-        stats = reference.compute_dtype(teacher.dtype)
+    def fake(student, teacher, centers, center_id, student_offsets, pair_teacher, pair_weight, center_offsets,
+             center_rows, row_weight, tau_s, tau_t):
+        out = compute_dtype(student.dtype)
+        stats = compute_dtype(teacher.dtype)
         return (student.new_empty(pair_teacher.shape[0], dtype=out), teacher.new_empty(centers.shape, dtype=stats),
                 teacher.new_empty(centers.shape[0], dtype=stats),
                 student.new_empty(student.shape[0], dtype=saved_stats_dtype(backend, student.device, student.dtype)),
@@ -93,102 +95,55 @@ def _make_forward_fake(backend: str):
     return fake
 
 
-def _backward_fake(grad_pair_loss, student, teacher, centers, center_id, student_ptr, pair_teacher, pair_weight,
+def _backward_fake(grad_pair_loss, student, teacher, centers, center_id, student_offsets, pair_teacher, pair_weight,
                    student_lse, teacher_lse, tau_s, tau_t):
     return torch.empty_like(student)
 
 
-class _Kernels(NamedTuple):
-    """A backend's forward and backward kernels, called without autograd."""
-    forward: Callable
-    backward: Callable
-
-
-@functools.cache
-def _kernels(backend: str) -> _Kernels:
-    if backend == "native":
-        ops = torch.ops.udi_kernels
-        return _Kernels(ops.distill_cross_entropy.default, ops.distill_cross_entropy_backward.default)
-    from ..triton_kernels import distill_cross_entropy as forward_kernels, distill_cross_entropy_backward as backward_kernels
-    return _Kernels(forward_kernels.forward, backward_kernels.backward)
-
-
 def _setup_context(ctx, inputs, output):
-    student, teacher, centers, center_id, student_ptr, pair_teacher, pair_weight = inputs[:7]
+    student, teacher, centers, center_id, student_offsets, pair_teacher, pair_weight = inputs[:7]
     ctx.taus = inputs[10], inputs[11]
-    ctx.save_for_backward(student, teacher, centers, center_id, student_ptr, pair_teacher, pair_weight,
+    ctx.save_for_backward(student, teacher, centers, center_id, student_offsets, pair_teacher, pair_weight,
                           output[3], output[4])
     # only pair_loss depends on the student: no zero gradients are made for the other outputs
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)
 
 
-def _input_grads(ctx, backward_kernel, grad_pair_loss, student_needs_grad):
-    """The gradients of the op's 12 inputs: the student's, then None."""
-    grad_student = None
-    if student_needs_grad:
-        grad_student = backward_kernel(grad_pair_loss.contiguous(), *ctx.saved_tensors, *ctx.taus)
-    return (grad_student,) + (None,) * 11
-
-
-def _make_backward(backward_kernel):
-    def backward(ctx, grad_pair_loss, *unused_grads):
-        return _input_grads(ctx, backward_kernel, grad_pair_loss, ctx.needs_input_grad[0])
-    return backward
-
-
-class _EagerKernels(torch.autograd.Function):
-    """The kernels with autograd outside torch.compile, called below the autograd dispatch key: this skips the
-    Python autograd layer that torch.library.register_autograd puts in front of the registered ops (tens of µs
-    of host time per call) and, for Triton, the custom op's dispatch. torch.compile traces the registered ops."""
-
-    # ctx in forward, no setup_context: with one, Function.apply binds the arguments to the signature on every
-    # call (inspect, tens of µs)
-    @staticmethod
-    def forward(ctx, kernels: _Kernels, *inputs):
-        with torch._C._AutoDispatchBelowAutograd():
-            output = kernels.forward(*inputs)
-        _setup_context(ctx, inputs, output)
-        ctx.backward_kernel = kernels.backward
-        return output
-
-    @staticmethod
-    def backward(ctx, grad_pair_loss, *unused_grads):
-        return (None,) + _input_grads(ctx, ctx.backward_kernel, grad_pair_loss, ctx.needs_input_grad[1])
+def _autograd_through(backward_op) -> Backward:
+    """The student's gradient; none to the other 11 inputs."""
+    def input_grads(ctx, needs_input_grad, grad_pair_loss, *unused_grads):
+        grad_student = None
+        if needs_input_grad[0]:
+            grad_student = backward_op(grad_pair_loss.contiguous(), *ctx.saved_tensors, *ctx.taus)
+        return (grad_student,) + (None,) * 11
+    return Backward(backward_op, _backward_fake, _setup_context, input_grads)
 
 
 @torch.library.custom_op("udi_kernels::distill_cross_entropy_triton", mutates_args=())
-def _triton_forward(student: Tensor, teacher: Tensor, centers: Tensor, center_id: Tensor, student_ptr: Tensor,
-                    pair_teacher: Tensor, pair_weight: Tensor, center_ptr: Tensor, center_rows: Tensor,
+def _triton_forward(student: Tensor, teacher: Tensor, centers: Tensor, center_id: Tensor, student_offsets: Tensor,
+                    pair_teacher: Tensor, pair_weight: Tensor, center_offsets: Tensor, center_rows: Tensor,
                     row_weight: Tensor, tau_s: float, tau_t: float
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _kernels("triton").forward(student, teacher, centers, center_id, student_ptr, pair_teacher, pair_weight,
-                                      center_ptr, center_rows, row_weight, tau_s, tau_t)
+    from ..triton_kernels.distill_cross_entropy import forward
+    return forward(student, teacher, centers, center_id, student_offsets, pair_teacher, pair_weight, center_offsets,
+                   center_rows, row_weight, tau_s, tau_t)
 
 
 @torch.library.custom_op("udi_kernels::distill_cross_entropy_triton_backward", mutates_args=())
 def _triton_backward(grad_pair_loss: Tensor, student: Tensor, teacher: Tensor, centers: Tensor, center_id: Tensor,
-                     student_ptr: Tensor, pair_teacher: Tensor, pair_weight: Tensor, student_lse: Tensor,
+                     student_offsets: Tensor, pair_teacher: Tensor, pair_weight: Tensor, student_lse: Tensor,
                      teacher_lse: Tensor, tau_s: float, tau_t: float) -> Tensor:
-    return _kernels("triton").backward(grad_pair_loss, student, teacher, centers, center_id, student_ptr,
-                                       pair_teacher, pair_weight, student_lse, teacher_lse, tau_s, tau_t)
+    from ..triton_kernels.distill_cross_entropy_backward import backward
+    return backward(grad_pair_loss, student, teacher, centers, center_id, student_offsets, pair_teacher, pair_weight,
+                    student_lse, teacher_lse, tau_s, tau_t)
 
 
-_triton_forward.register_fake(_make_forward_fake("triton"))
-_triton_backward.register_fake(_backward_fake)
-torch.library.register_autograd("udi_kernels::distill_cross_entropy_triton", _make_backward(_triton_backward),
-                                setup_context=_setup_context)
-
+_KERNELS = {"triton": register_kernels(OP, _triton_forward, _make_forward_fake("triton"),
+                                      _autograd_through(_triton_backward))}
 if native_loaded():
-    torch.library.register_fake("udi_kernels::distill_cross_entropy")(_make_forward_fake("native"))
-    torch.library.register_fake("udi_kernels::distill_cross_entropy_backward")(_backward_fake)
-    torch.library.register_autograd("udi_kernels::distill_cross_entropy", _make_backward(_kernels("native").backward),
-                                    setup_context=_setup_context)
-
-_REGISTERED_OPS = {
-    "native": lambda *args: torch.ops.udi_kernels.distill_cross_entropy(*args),
-    "triton": lambda *args: _triton_forward(*args),
-}
+    _KERNELS["native"] = register_kernels(OP, f"udi_kernels::{OP}", _make_forward_fake("native"), _autograd_through(
+        torch.ops.udi_kernels.distill_cross_entropy_backward.default))
 
 
 # ---- checks ----------------------------------------------------------------------------------------------------
@@ -250,40 +205,29 @@ def _check_csr(csr, row_weight, student, teacher, centers):
     device, (Rs, Rt, n_c) = student.device, (student.shape[0], teacher.shape[0], centers.shape[0])
     P = csr.pair_teacher.shape[0] if isinstance(csr.pair_teacher, Tensor) else -1
     int64, floats = (torch.int64,), (torch.float32, torch.float64)
-    for value, name, dtypes, length in ((csr.student_ptr, "csr.student_ptr", int64, Rs + 1),
+    for value, name, dtypes, length in ((csr.student_offsets, "csr.student_offsets", int64, Rs + 1),
                                         (csr.pair_teacher, "csr.pair_teacher", int64, P),
                                         (csr.pair_weight, "csr.pair_weight", floats, P),
                                         (csr.center_id, "csr.center_id", int64, Rt),
-                                        (csr.center_ptr, "csr.center_ptr", int64, n_c + 1),
+                                        (csr.center_offsets, "csr.center_offsets", int64, n_c + 1),
                                         (csr.center_rows, "csr.center_rows", int64, Rt),
                                         (row_weight, "row_weight", floats, Rt)):
         _check_tensor(value, name, 1, dtypes, device)
         _check_length(value, name, length, "as build_csr makes it")
 
 
-def _check_kernel_dtypes(backend, student, teacher):
-    if backend == "triton" and (student.dtype not in KERNEL_FLOATS or teacher.dtype not in KERNEL_FLOATS):
-        raise TypeError(f"the Triton kernel takes float32/float16/bfloat16 student and teacher, got {student.dtype} "
-                        f"and {teacher.dtype}")
-
-
 def _check_values(student, teacher, centers, center_id, pair_student, pair_teacher, pair_weight, row_weight):
     """Index ranges and finite teacher, centers and weights, in one device sync."""
-    checks = {
-        "pair_student": lambda: _in_range(pair_student, student.shape[0]),
-        "pair_teacher": lambda: _in_range(pair_teacher, teacher.shape[0]),
-        "center_id": lambda: _in_range(center_id, centers.shape[0]),
-        "teacher": lambda: torch.isfinite(teacher).all(),
-        "centers": lambda: torch.isfinite(centers).all(),
-        "pair_weight": lambda: torch.isfinite(pair_weight).all(),
-        "row_weight": lambda: torch.isfinite(row_weight).all(),
-    }
-    ok = torch.stack([check() for check in checks.values()]).tolist()
-    for (name, _), passed in zip(checks.items(), ok):
-        if not passed:
-            what = "finite values (no NaN or inf)" if name in ("teacher", "centers", "pair_weight", "row_weight") \
-                else "indices inside the range of the rows it points to"
-            raise ValueError(f"{name} must hold {what}")
+    indices = {"pair_student": _in_range(pair_student, student.shape[0]),
+               "pair_teacher": _in_range(pair_teacher, teacher.shape[0]),
+               "center_id": _in_range(center_id, centers.shape[0])}
+    finite = {name: torch.isfinite(value).all() for name, value in
+              (("teacher", teacher), ("centers", centers), ("pair_weight", pair_weight), ("row_weight", row_weight))}
+    failed = first_failed({**indices, **finite})
+    if failed is not None:
+        what = "indices inside the range of the rows it points to" if failed in indices \
+            else "finite values (no NaN or inf)"
+        raise ValueError(f"{failed} must hold {what}")
 
 
 def _in_range(index, size):
@@ -322,14 +266,16 @@ def distill_cross_entropy(student: Tensor, teacher: Tensor, centers: Tensor, cen
             statistics. Non-finite values give non-finite results.
 
     Returns:
-        DistillCrossEntropyResult(loss [], center_sum [n_c, K], center_count [n_c]); float32 (float64 for float64 inputs).
+        DistillCrossEntropyResult(loss [], center_sum [n_c, K], center_count [n_c]); float32 (float64 for float64
+        inputs).
         Memory beyond the student's gradient is O((Rs + Rt + P) · K / 4096) fp32 partials; no [*, K]
         probabilities are stored.
 
     Raises:
         TypeError / ValueError naming the argument: wrong type, dtype, shape or device, a temperature that is
-        not a positive finite float, and (check_values) an index out of range or a non-finite value; TypeError
-        for float64 logits with backend='triton'.
+        not a positive finite float, and (check_values) an index out of range or a non-finite value; the error
+        of backends.resolve for a backend that cannot run the call (udi_kernels/declarations.py), e.g. TypeError
+        for float64 logits with backend='triton' or with backend='native' on CUDA.
 
     Source: UDI_SPEC §5.
     """
@@ -338,16 +284,16 @@ def distill_cross_entropy(student: Tensor, teacher: Tensor, centers: Tensor, cen
     if check_bool(check_values, "check_values") and not torch.compiler.is_compiling() and \
             student.device.type != "meta":
         _check_values(*args)
-    chosen = backends.resolve(OP, student.device, backend)
+    chosen = _resolve(student, teacher, backend)
     if chosen == "reference":
         return DistillCrossEntropyResult(*reference.distill_cross_entropy(*args, float(tau_s), float(tau_t)))
-    _check_kernel_dtypes(chosen, student, teacher)
     csr = build_csr(pair_student, pair_teacher, pair_weight, center_id, student.shape[0], centers.shape[0])
     return _run_kernels(chosen, student, teacher, centers, csr, row_weight, tau_s, tau_t)
 
 
 def distill_cross_entropy_csr(student: Tensor, teacher: Tensor, centers: Tensor, csr: PairCSR, row_weight: Tensor,
-                              tau_s: float, tau_t: float, *, backend: Optional[str] = None) -> DistillCrossEntropyResult:
+                              tau_s: float, tau_t: float, *,
+                              backend: Optional[str] = None) -> DistillCrossEntropyResult:
     """distill_cross_entropy on pairs already in the kernels' layout (build_csr), for callers that build valid
     pairs once and reuse them (udi_kernels.losses): no sort per call and no check of the values of the pairs or
     row_weight (as check_values=False: indices out of range skip their pairs); the logits, centers and
@@ -356,23 +302,26 @@ def distill_cross_entropy_csr(student: Tensor, teacher: Tensor, centers: Tensor,
     student rows. The reference backend runs on the CSR-ordered pairs."""
     _check_logits(student, teacher, centers, tau_s, tau_t)
     _check_csr(csr, row_weight, student, teacher, centers)
-    chosen = backends.resolve(OP, student.device, backend)
+    chosen = _resolve(student, teacher, backend)
     if chosen == "reference":
-        return DistillCrossEntropyResult(*reference.distill_cross_entropy(student, teacher, centers, csr.center_id,
-                                                          csr_pair_student(csr), csr.pair_teacher, csr.pair_weight,
-                                                          row_weight, float(tau_s), float(tau_t)))
-    _check_kernel_dtypes(chosen, student, teacher)
+        return DistillCrossEntropyResult(*reference.distill_cross_entropy(
+            student, teacher, centers, csr.center_id, csr_pair_student(csr), csr.pair_teacher, csr.pair_weight,
+            row_weight, float(tau_s), float(tau_t)))
     return _run_kernels(chosen, student, teacher, centers, csr, row_weight, tau_s, tau_t)
 
 
-def _run_kernels(backend, student, teacher, centers, csr: PairCSR, row_weight, tau_s, tau_t) -> DistillCrossEntropyResult:
-    """The native or Triton kernels: the registered op under torch.compile, else _EagerKernels."""
-    stats_dtype = reference.compute_dtype(teacher.dtype)
+def _resolve(student: Tensor, teacher: Tensor, backend: Optional[str]) -> str:
+    """The backend for these logits: the kernels take one dtype rule for both, so the wider of the two decides."""
+    dtype = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else student.dtype
+    return backends.resolve(DISTILL_CROSS_ENTROPY, student.device, dtype, backend)
+
+
+def _run_kernels(backend, student, teacher, centers, csr: PairCSR, row_weight, tau_s,
+                 tau_t) -> DistillCrossEntropyResult:
+    """The registered native or Triton op."""
+    stats_dtype = compute_dtype(teacher.dtype)
     inputs = (student.contiguous(), teacher.detach().contiguous(), centers.to(stats_dtype).contiguous(), csr.center_id,
-              csr.student_ptr, csr.pair_teacher, csr.pair_weight.to(reference.compute_dtype(student.dtype)),
-              csr.center_ptr, csr.center_rows, row_weight.to(stats_dtype).contiguous(), float(tau_s), float(tau_t))
-    if torch.compiler.is_compiling():
-        pair_loss, center_sum, center_count, _, _ = _REGISTERED_OPS[backend](*inputs)
-    else:
-        pair_loss, center_sum, center_count, _, _ = _EagerKernels.apply(_kernels(backend), *inputs)
+              csr.student_offsets, csr.pair_teacher, csr.pair_weight.to(compute_dtype(student.dtype)),
+              csr.center_offsets, csr.center_rows, row_weight.to(stats_dtype).contiguous(), float(tau_s), float(tau_t))
+    pair_loss, center_sum, center_count, _, _ = _KERNELS[backend](*inputs)
     return DistillCrossEntropyResult(pair_loss.sum(), center_sum, center_count)

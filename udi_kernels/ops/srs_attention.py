@@ -6,35 +6,14 @@ from torch import Tensor
 
 from .. import backends
 from .._native import native_loaded
-from ..checks import check_bool, check_float
+from ..checks import check_bool, check_float, first_failed
+from ..declarations import SRS_ATTENTION
+from ..dtypes import compute_dtype
 from ..reference import srs_attention as reference
+from .registration import Backward, register_kernels
 
-OP = "srs_attention"
+OP = SRS_ATTENTION.name
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-# The backend `auto` picks per (device type, shape class), fastest first, from measured numbers
-# (benchmarks/results/srs_attention_gpu.json, H100, fp16, B = 128, 2026-11-26). few_queries (student crops,
-# S = 16 / 9): Triton 0.044 / 0.051 ms fwd+bwd vs CUDA 0.453 / 0.491 ms. many_queries (teacher crops,
-# S = 16 + 90): Triton 0.091 ms fwd vs CUDA 2.370 ms. Triton wins both classes on CUDA tensors.
-AUTO_ORDER = {
-    ("cuda", "few_queries"): ("triton", "native", "reference"),
-    ("cuda", "many_queries"): ("triton", "native", "reference"),
-    ("cpu", "few_queries"): ("native", "reference"),
-    ("cpu", "many_queries"): ("native", "reference"),
-}
-
-
-def shape_class(num_samples: int) -> str:
-    """Student crops ask 16 or 9 queries; the teacher's global crops answer 16 + L*9 at once."""
-    return "few_queries" if num_samples <= 32 else "many_queries"
-
-
-@torch.compiler.assume_constant_result  # the dispatcher query inside is not traceable; the answer is fixed
-def _resolve_backend(device: torch.device, dtype: torch.dtype, shape: str, backend: Optional[str]) -> str:
-    order = AUTO_ORDER.get((device.type, shape))
-    if order is not None and dtype == torch.float64:  # only the CPU kernel and the reference do float64
-        order = tuple(b for b in order if b == "reference" or (b == "native" and device.type == "cpu"))
-    return backends.resolve(OP, device, backend, auto_order=order)
 
 
 # ---- registration: Triton custom ops, fake impls, autograd -------------------------------------
@@ -42,7 +21,7 @@ def _resolve_backend(device: torch.device, dtype: torch.dtype, shape: str, backe
 def _fake_forward(q, k, v, index, weight, scale):
     B, H, _, D = q.shape
     S = index.shape[1]
-    return q.new_empty(B, H, S, D), q.new_empty(B, H, S, dtype=reference.compute_dtype(q.dtype))
+    return q.new_empty(B, H, S, D), q.new_empty(B, H, S, dtype=compute_dtype(q.dtype))
 
 
 def _fake_backward(grad_out, q, k, v, index, weight, out, lse, scale):
@@ -70,36 +49,28 @@ def _setup_context(ctx, inputs, output):
     ctx.scale = scale
 
 
-def _autograd_through(backward_op):
+def _autograd_through(backward_op) -> Backward:
     """Gradients to q, k, v; none to index, weight or scale."""
-    def backward(ctx, grad_out, _grad_lse):
+    def input_grads(ctx, needs_input_grad, grad_out, _grad_lse):
         q, k, v, index, weight, out, lse = ctx.saved_tensors
         dq, dk, dv = backward_op(grad_out.contiguous(), q, k, v, index, weight, out, lse, ctx.scale)
         return dq, dk, dv, None, None, None
-    return backward
+    return Backward(backward_op, _fake_backward, _setup_context, input_grads)
 
 
-def _no_double_backward(ctx, *grads):
-    raise NotImplementedError("srs_attention supports first-order gradients only (no double backward)")
-
-
-def _register(forward, backward, backward_op):
-    torch.library.register_fake(forward)(_fake_forward)
-    torch.library.register_fake(backward)(_fake_backward)
-    torch.library.register_autograd(forward, _autograd_through(backward_op), setup_context=_setup_context)
-    torch.library.register_autograd(backward, _no_double_backward, setup_context=lambda ctx, inputs, output: None)
-
-
-_register("udi_kernels::srs_attention_triton", "udi_kernels::srs_attention_triton_backward", _triton_backward)
+_KERNELS = {"triton": register_kernels(OP, _triton_forward, _fake_forward, _autograd_through(_triton_backward))}
 if native_loaded():
-    _register(f"udi_kernels::{OP}", f"udi_kernels::{OP}_backward",
-              lambda *args: torch.ops.udi_kernels.srs_attention_backward(*args))
+    _KERNELS["native"] = register_kernels(OP, f"udi_kernels::{OP}", _fake_forward,
+                                          _autograd_through(torch.ops.udi_kernels.srs_attention_backward.default))
 
-_IMPLEMENTATIONS = {
-    "native": lambda *args: torch.ops.udi_kernels.srs_attention(*args)[0],
-    "triton": lambda *args: _triton_forward(*args)[0],
-    "reference": reference.srs_attention,
-}
+
+def _output_only(kernel):
+    """The kernels return (out, lse); the lse is for the backward."""
+    return lambda *args: kernel(*args)[0]
+
+
+_IMPLEMENTATIONS = {**{backend: _output_only(kernel) for backend, kernel in _KERNELS.items()},
+                    "reference": reference.srs_attention}
 
 
 # ---- argument checks ----------------------------------------------------------------------------
@@ -158,13 +129,13 @@ def _index_range_message(index, low, high):
 
 def _check_tap_values(index, weight, num_rows, rows):
     """0 <= index < num_rows and finite weights, in one reduction (one device sync on CUDA)."""
-    checks = [((index >= 0) & (index < num_rows)).all()]
+    conditions = {"index": ((index >= 0) & (index < num_rows)).all()}
     if weight is not None:
-        checks.append(torch.isfinite(weight).all())
-    ok = torch.stack(checks).tolist()
-    if not ok[0]:
+        conditions["weight"] = torch.isfinite(weight).all()
+    failed = first_failed(conditions)
+    if failed == "index":
         raise ValueError(_index_range_message(index, 0, num_rows) + f" ({rows})")
-    if len(ok) > 1 and not ok[1]:
+    if failed == "weight":
         raise ValueError("weight must be finite (no NaN or inf)")
 
 
@@ -197,14 +168,6 @@ def index_as_int32(index: Tensor) -> Tensor:
     return index.to(torch.int32)
 
 
-def _check_triton_dtype(dtype: torch.dtype) -> None:
-    if dtype == torch.float64:
-        raise TypeError("the Triton backend supports float16, bfloat16 and float32 inputs, got float64")
-    if dtype == torch.bfloat16 and backends.triton_interpreted():
-        raise TypeError("the Triton interpreter (TRITON_INTERPRET=1) computes bfloat16 tl.dot wrongly: run bfloat16 "
-                        "srs_attention with backend='triton' on a GPU, or use backend='native' or 'reference'")
-
-
 # ---- public op ------------------------------------------------------------------------------------
 
 def srs_attention(q: Tensor, k: Tensor, v: Tensor, index: Tensor, weight: Optional[Tensor] = None,
@@ -235,8 +198,9 @@ def srs_attention(q: Tensor, k: Tensor, v: Tensor, index: Tensor, weight: Option
 
     Raises:
         TypeError / ValueError naming the argument for a wrong type, dtype, shape, device, value (check_taps) or
-        scale; TypeError for float64 with backend='triton', and for bfloat16 with backend='triton' under the
-        Triton interpreter (it computes bfloat16 dots wrongly).
+        scale; the error of backends.resolve for a backend that cannot run the call (udi_kernels/declarations.py),
+        e.g. TypeError for float64 with backend='triton', or for bfloat16 with backend='triton' under the Triton
+        interpreter (it computes bfloat16 dots wrongly), ValueError for D > 512 with backend='native' on CUDA.
 
     Gradients flow to q (scattered back through the taps), k and v; index, weight and scale get none.
     """
@@ -246,7 +210,7 @@ def srs_attention(q: Tensor, k: Tensor, v: Tensor, index: Tensor, weight: Option
     scale = reference.default_scale(D) if scale is None else check_float(scale, "scale")
     if check_bool(check_taps, "check_taps") and index.device.type != "meta":
         check_tap_values(index, weight, num_rows)
-    dtype = reference.compute_dtype(q.dtype)
+    dtype = compute_dtype(q.dtype)
     weight = torch.ones(index.shape, dtype=dtype, device=q.device) if weight is None else weight.to(dtype)
     return attend(q, k, v, index_as_int32(index), weight, scale, backend)
 
@@ -254,10 +218,9 @@ def srs_attention(q: Tensor, k: Tensor, v: Tensor, index: Tensor, weight: Option
 def attend(q: Tensor, k: Tensor, v: Tensor, index: Tensor, weight: Tensor, scale: float,
            backend: Optional[str] = None) -> Tensor:
     """srs_attention without the argument checks, for callers that build valid arguments themselves
-    (udi_kernels.nn): index int32, weight in reference.compute_dtype(q.dtype), scale a float.
+    (udi_kernels.nn): index int32, weight in compute_dtype(q.dtype), scale a float.
     Launches no kernel besides the attention itself when q, k, v, index and weight are contiguous."""
-    chosen = _resolve_backend(q.device, q.dtype, shape_class(index.shape[1]), backend)
-    if chosen == "triton":
-        _check_triton_dtype(q.dtype)
+    chosen = backends.resolve(SRS_ATTENTION, q.device, q.dtype, backend, num_samples=index.shape[1],
+                              head_dim=q.shape[3])
     return _IMPLEMENTATIONS[chosen](q.contiguous(), k.contiguous(), v.contiguous(), index.contiguous(),
                                     weight.contiguous(), scale)

@@ -6,10 +6,12 @@ from torch import Tensor
 
 from .. import backends
 from .._native import native_loaded
-from ..checks import check_bool, check_int
+from ..checks import check_bool, check_int, first_failed
+from ..declarations import STRATIFIED_SAMPLE
 from ..reference import stratified_sample as reference
+from .registration import register_kernels
 
-OP = "stratified_sample"
+OP = STRATIFIED_SAMPLE.name
 
 
 class PairTaps(NamedTuple):
@@ -32,7 +34,7 @@ class SampledPairs(NamedTuple):
     locals: PairTaps
 
 
-def _fake(boxes, global_grid, global_window, local_grid, local_window, target_grid, seed, offset):
+def _fake(boxes, global_grid, global_window, local_grid, local_window, target_grid, seed, offset, image_offset):
     B, L = boxes.shape[0], boxes.shape[1] - 2
     Sg, Sl = (global_grid // global_window) ** 2, (local_grid // local_window) ** 2
     ints, floats = dict(dtype=torch.int32), dict(dtype=torch.float32)
@@ -42,37 +44,25 @@ def _fake(boxes, global_grid, global_window, local_grid, local_window, target_gr
             boxes.new_empty(B, L, 2, Sl, 4, **floats), boxes.new_empty(B, L, 2, **ints))
 
 
-def _triton_kernel(*args):
-    from ..triton_kernels import stratified_sample as triton_kernel  # imported late: TRITON_INTERPRET is read at import
-    return triton_kernel.stratified_sample(*args)
-
-
 @torch.library.custom_op("udi_kernels::stratified_sample_triton", mutates_args=())
 def _triton_op(boxes: Tensor, global_grid: int, global_window: int, local_grid: int, local_window: int,
-               target_grid: int, seed: int, offset: int
+               target_grid: int, seed: int, offset: int, image_offset: int
                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _triton_kernel(boxes, global_grid, global_window, local_grid, local_window, target_grid, seed, offset)
+    from ..triton_kernels import stratified_sample as triton_kernel  # imported late: TRITON_INTERPRET is read at import
+    return triton_kernel.stratified_sample(boxes, global_grid, global_window, local_grid, local_window, target_grid,
+                                           seed, offset, image_offset)
 
 
-def _run_triton(*args):
-    """The custom op for torch.compile to trace; in eager mode the kernel directly (the op's dispatch
-    costs tens of µs, more than the kernel)."""
-    return _triton_op(*args) if torch.compiler.is_compiling() else _triton_kernel(*args)
-
-
-_triton_op.register_fake(_fake)
+_IMPLEMENTATIONS = {"triton": register_kernels(OP, _triton_op, _fake), "reference": reference.stratified_sample}
 if native_loaded():
-    torch.library.register_fake(f"udi_kernels::{OP}")(_fake)
+    _IMPLEMENTATIONS["native"] = register_kernels(OP, f"udi_kernels::{OP}", _fake)
 
-# Measured on an H100 (benchmarks/results/stratified_sample_gpu.json, 2026-11-26): Triton 10.7 µs, CUDA 19.7 µs per
-# batch of 128 images; both are bit-identical, so auto takes the faster one.
-AUTO_ORDER = {"cuda": ("triton", "native", "reference")}
 
-_IMPLEMENTATIONS = {
-    "native": lambda *args: torch.ops.udi_kernels.stratified_sample(*args),
-    "triton": _run_triton,
-    "reference": reference.stratified_sample,
-}
+def _check_word(value, name):
+    value = check_int(value, name)
+    if not 0 <= value < 2**32:
+        raise ValueError(f"{name} must be in [0, 2**32), got {value}")
+    return value
 
 
 def _check_pattern(grid, window, grid_name, window_name):
@@ -97,12 +87,11 @@ def _check_boxes(boxes):
 
 def _check_box_values(boxes):
     """One reduction (one device sync on CUDA): finite, inside [0, 1], non-degenerate."""
-    inside = ((boxes >= 0) & (boxes <= 1)).all()
-    extent = (boxes[..., 2:] != boxes[..., :2]).all()
-    ok = torch.stack([inside, extent]).tolist()
-    if not ok[0]:
+    failed = first_failed({"inside": ((boxes >= 0) & (boxes <= 1)).all(),
+                           "extent": (boxes[..., 2:] != boxes[..., :2]).all()})
+    if failed == "inside":
         raise ValueError("boxes must hold finite values inside [0, 1] (normalised 'ij' coordinates)")
-    if not ok[1]:
+    if failed == "extent":
         raise ValueError("boxes must not be degenerate: i0 != i1 and j0 != j1 for every crop")
 
 
@@ -113,8 +102,8 @@ def _draw_seed(generator: Optional[torch.Generator]) -> int:
 
 def stratified_sample(boxes: Tensor, *, global_grid: int = 14, global_window: int = 3, local_grid: int = 6,
                       local_window: int = 2, target_grid: int = 14, seed: Optional[int] = None, offset: int = 0,
-                      generator: Optional[torch.Generator] = None, backend: Optional[str] = None,
-                      check_boxes: bool = True) -> SampledPairs:
+                      image_offset: int = 0, generator: Optional[torch.Generator] = None,
+                      backend: Optional[str] = None, check_boxes: bool = True) -> SampledPairs:
     """Stratified random samples of every crop pair of a batch, with their bilinear targets.
 
     Args:
@@ -127,6 +116,10 @@ def stratified_sample(boxes: Tensor, *, global_grid: int = 14, global_window: in
         seed, offset: the Philox key (an int in [-2**63, 2**63)) and the fourth counter word (an int in
             [0, 2**32)). With seed=None a seed is drawn from `generator` (or the default CPU generator).
             Same (seed, offset) -> same samples, bit for bit, on every backend.
+        image_offset: the global index of image 0 of `boxes` (an int in [0, 2**32)): image b draws as image
+            image_offset + b of a global batch (the Philox counter word, modulo 2**32), so that a data-parallel
+            rank sampling its own slice boxes[i:j] with image_offset=i gets exactly rows i:j of the global
+            batch's samples, without gathering the other ranks' boxes.
         backend: 'auto', 'native', 'triton' or 'reference' (default: $UDI_KERNELS_BACKEND or 'auto').
         check_boxes: check the box values (one device sync on CUDA); shapes, dtypes and every other argument
             are always checked. With check_boxes=False, boxes outside [0, 1], degenerate or non-finite give
@@ -137,16 +130,15 @@ def stratified_sample(boxes: Tensor, *, global_grid: int = 14, global_window: in
         SampledPairs(globals=PairTaps[B, 2, Sg], locals=PairTaps[B, L, 2, Sl]).
 
     Raises:
-        TypeError / ValueError naming the argument (e.g. a seed that is not an int, an offset outside
-        [0, 2**32), boxes of the wrong shape, dtype or values).
+        TypeError / ValueError naming the argument (e.g. a seed that is not an int, an offset or image_offset
+        outside [0, 2**32), boxes of the wrong shape, dtype or values); the error of backends.resolve for a
+        backend that cannot run the call.
     """
     _check_boxes(boxes)
     global_grid, global_window = _check_pattern(global_grid, global_window, "global_grid", "global_window")
     local_grid, local_window = _check_pattern(local_grid, local_window, "local_grid", "local_window")
     target_grid, _ = _check_pattern(target_grid, 1, "target_grid", "1")
-    offset = check_int(offset, "offset")
-    if not 0 <= offset < 2**32:
-        raise ValueError(f"offset must be in [0, 2**32), got {offset}")
+    offset, image_offset = _check_word(offset, "offset"), _check_word(image_offset, "image_offset")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     seed = _draw_seed(generator) if seed is None else check_int(seed, "seed")
@@ -154,7 +146,7 @@ def stratified_sample(boxes: Tensor, *, global_grid: int = 14, global_window: in
         raise ValueError(f"seed must fit in 64 bits (signed), got {seed}")
     if check_bool(check_boxes, "check_boxes") and boxes.device.type != "meta":
         _check_box_values(boxes)
-    implementation = _IMPLEMENTATIONS[backends.resolve(OP, boxes.device, backend, AUTO_ORDER.get(boxes.device.type))]
+    implementation = _IMPLEMENTATIONS[backends.resolve(STRATIFIED_SAMPLE, boxes.device, boxes.dtype, backend)]
     outputs = implementation(boxes.contiguous(), global_grid, global_window, local_grid, local_window, target_grid,
-                             seed, offset)
+                             seed, offset, image_offset)
     return SampledPairs(PairTaps(*outputs[:4]), PairTaps(*outputs[4:]))

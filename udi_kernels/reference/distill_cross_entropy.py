@@ -12,10 +12,8 @@ the end, whose contributions are masked out.
 import torch
 from torch import Tensor
 
+from ..dtypes import compute_dtype
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; every other floating dtype is computed (and returned) in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def sentinel_index(index: Tensor, size: int) -> Tensor:
@@ -55,7 +53,7 @@ def distill_cross_entropy(student: Tensor, teacher: Tensor, centers: Tensor, cen
     or an index out of range contribute exactly 0 (even when their rows would give a non-finite CE).
     """
     dtype = compute_dtype(student.dtype)
-    (Rs, K), Rt, num_centers = student.shape, teacher.shape[0], centers.shape[0]
+    Rs, Rt, num_centers = student.shape[0], teacher.shape[0], centers.shape[0]
     log_q = _with_zero_row(torch.log_softmax(student.to(dtype) / tau_s, dim=-1))
     p_t = _with_zero_row(centered_teacher_probs(teacher, centers, center_id, tau_t).to(dtype))
     rows_s, rows_t = sentinel_index(pair_student, Rs), sentinel_index(pair_teacher, Rt)

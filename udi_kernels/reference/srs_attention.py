@@ -9,10 +9,8 @@ import math
 import torch
 from torch import Tensor
 
+from ..dtypes import compute_dtype
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; every other floating dtype is computed (and weighted) in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def default_scale(head_dim: int) -> float:

@@ -8,12 +8,14 @@ import torch
 from .philox import philox4x32
 
 
-def pattern_cells(num_images: int, grid: int, window: int, seed: int, offset: int, stream: int, device):
-    """Row and column [B, n*n] of each image's sampled cells (n = grid // window)."""
+def pattern_cells(num_images: int, grid: int, window: int, seed: int, offset: int, stream: int, device,
+                  image_offset: int = 0):
+    """Row and column [B, n*n] of each image's sampled cells (n = grid // window); image b draws as global image
+    image_offset + b."""
     n = grid // window
     spare = grid - n * window
     sample = torch.arange(n * n, device=device)
-    image = torch.arange(num_images, device=device)[:, None]
+    image = torch.arange(image_offset, image_offset + num_images, device=device)[:, None]
     x0, x1, _, _ = philox4x32(seed, sample, image, stream, offset)
     _, _, first2, first3 = philox4x32(seed, 0, image, stream, offset)
     row = (first2 & 1) * spare + (sample // n) * window + x0 % window
@@ -70,13 +72,14 @@ def _sample_pairs(src_boxes, tgt_boxes, row, col, grid, target_grid):
     return src_index, tgt_index.to(torch.int32), tgt_weight, valid.sum(-1, dtype=torch.int32)
 
 
-def stratified_sample(boxes, global_grid, global_window, local_grid, local_window, target_grid, seed, offset):
+def stratified_sample(boxes, global_grid, global_window, local_grid, local_window, target_grid, seed, offset,
+                      image_offset):
     """Same contract as udi_kernels.stratified_sample (arguments already checked); returns 8 tensors."""
     B, L = boxes.shape[0], boxes.shape[1] - 2
-    row, col = pattern_cells(B, global_grid, global_window, seed, offset, 0, boxes.device)
+    row, col = pattern_cells(B, global_grid, global_window, seed, offset, 0, boxes.device, image_offset)
     globals_ = _sample_pairs(boxes[:, [0, 1]], boxes[:, [1, 0]], row[:, None], col[:, None], global_grid, target_grid)
 
-    row, col = pattern_cells(B, local_grid, local_window, seed, offset, 1, boxes.device)
+    row, col = pattern_cells(B, local_grid, local_window, seed, offset, 1, boxes.device, image_offset)
     local_boxes = boxes[:, 2:, None, :].expand(B, L, 2, 4).reshape(B, 2 * L, 4)
     targets = boxes[:, [1, 0]].repeat(1, L, 1)
     locals_ = _sample_pairs(local_boxes, targets, row[:, None], col[:, None], local_grid, target_grid)

@@ -1,2 +1,3 @@
-"""Shared test and benchmark helpers: float64 eager references and random input builders (udi_kernels.testing.losses
-for the losses)."""
+"""Shared by the tests and the benchmarks: float64 references of the ops and the UDI head, input builders, and the
+pytest fixture that poisons uninitialised memory. Import the modules (udi_kernels.testing.references, .inputs,
+.poison, .losses for the losses); nothing here is used by the ops themselves."""

@@ -2,7 +2,7 @@
 udi_kernels/ops/distill_cross_entropy.py.
 
 Shapes: student [Rs, K], teacher [Rt, K] (fp32/fp16/bf16), centers [n_c, K] fp32, pairs in a student-row CSR
-(student_ptr [Rs + 1], pair_teacher [P], pair_weight [P]), teacher rows by center (center_ptr [n_c + 1],
+(student_offsets [Rs + 1], pair_teacher [P], pair_weight [P]), teacher rows by center (center_offsets [n_c + 1],
 center_rows [Rt]). K is split into C = cdiv(K, CHUNK) chunks; every row kernel runs one program per
 (row, chunk) with rows on grid axis 0 (programs running together share a chunk of the teacher and centers in
 L2) and holds its chunk in registers: the student is read from HBM once per pass, thousands of programs run,
@@ -43,10 +43,11 @@ def scaled_student(student_ptr, row, k, mask, K, inv_tau_s):
 
 
 @triton.jit
-def csr_slots(ptr_ptr, i, size):
-    """The slots [ptr[i], ptr[i + 1]) of CSR segment i, clamped into [0, size] (empty when the offsets decrease)."""
-    first = tl.minimum(tl.maximum(tl.load(ptr_ptr + i), 0), size)
-    return first, tl.minimum(tl.maximum(tl.load(ptr_ptr + i + 1), first), size)
+def csr_slots(offsets_ptr, i, size):
+    """The slots [offsets[i], offsets[i + 1]) of CSR segment i, clamped into [0, size] (empty when the offsets
+    decrease)."""
+    first = tl.minimum(tl.maximum(tl.load(offsets_ptr + i), 0), size)
+    return first, tl.minimum(tl.maximum(tl.load(offsets_ptr + i + 1), first), size)
 
 
 @triton.jit
@@ -145,12 +146,12 @@ def _lse_combine_kernel(part_max_ptr, part_sum_ptr, lse_ptr, num_chunks, CHUNKS:
 
 
 @triton.jit
-def _center_sum_kernel(teacher_ptr, center_ptr, center_rows_ptr, row_weight_ptr, center_sum_ptr, center_count_ptr,
-                       K, Rt, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+def _center_sum_kernel(teacher_ptr, center_offsets_ptr, center_rows_ptr, row_weight_ptr, center_sum_ptr,
+                       center_count_ptr, K, Rt, BLOCK: tl.constexpr, ROWS: tl.constexpr):
     center = tl.program_id(1).to(tl.int64)
     k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     k_mask = k < K
-    begin, end = csr_slots(center_ptr, center, Rt)
+    begin, end = csr_slots(center_offsets_ptr, center, Rt)
     acc = tl.zeros((ROWS, BLOCK), tl.float32)  # reduced over rows once, at the end
     weights = tl.zeros((ROWS,), tl.float32)
     for first in range(begin, end, ROWS):
@@ -168,16 +169,17 @@ def _center_sum_kernel(teacher_ptr, center_ptr, center_rows_ptr, row_weight_ptr,
 
 
 @triton.jit
-def _student_partials_kernel(student_ptr, teacher_ptr, centers_ptr, center_id_ptr, student_ptr_ptr, pair_teacher_ptr,
-                             pair_weight_ptr, teacher_lse_ptr, part_max_ptr, part_sum_ptr, pair_mass_ptr,
-                             pair_gap_ptr, K, Rt, n_c, P, num_chunks, inv_tau_s, inv_tau_t, CHUNK: tl.constexpr):
+def _student_partials_kernel(student_ptr, teacher_ptr, centers_ptr, center_id_ptr, student_offsets_ptr,
+                             pair_teacher_ptr, pair_weight_ptr, teacher_lse_ptr, part_max_ptr, part_sum_ptr,
+                             pair_mass_ptr, pair_gap_ptr, K, Rt, n_c, P, num_chunks, inv_tau_s, inv_tau_t,
+                             CHUNK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     k, mask = chunk_offsets(K, CHUNK)
     x = scaled_student(student_ptr, row, k, mask, K, inv_tau_s)
     top = _store_lse_partials(part_max_ptr, part_sum_ptr, row, num_chunks, x)
     center, c = no_center(CHUNK)
-    first, end = csr_slots(student_ptr_ptr, row, P)
+    first, end = csr_slots(student_offsets_ptr, row, P)
     for slot in range(first, end):
         mass = tl.zeros((), tl.float32)
         gap = tl.zeros((), tl.float32)
@@ -192,7 +194,7 @@ def _student_partials_kernel(student_ptr, teacher_ptr, centers_ptr, center_id_pt
 
 
 @triton.jit
-def _student_combine_kernel(student_ptr_ptr, pair_weight_ptr, pair_teacher_ptr, center_id_ptr, part_max_ptr,
+def _student_combine_kernel(student_offsets_ptr, pair_weight_ptr, pair_teacher_ptr, center_id_ptr, part_max_ptr,
                             part_sum_ptr, pair_mass_ptr, pair_gap_ptr, student_lse_ptr, pair_loss_ptr, Rt, n_c, P,
                             num_chunks, CHUNKS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -201,7 +203,7 @@ def _student_combine_kernel(student_ptr_ptr, pair_weight_ptr, pair_teacher_ptr, 
     chunk = tl.arange(0, CHUNKS)
     mask = chunk < num_chunks
     top = tl.load(part_max_ptr + row * num_chunks + chunk, mask=mask, other=0.0)
-    first, end = csr_slots(student_ptr_ptr, row, P)
+    first, end = csr_slots(student_offsets_ptr, row, P)
     for slot in range(first, end):
         mass = tl.load(pair_mass_ptr + slot * num_chunks + chunk, mask=mask, other=0.0)
         gap = tl.load(pair_gap_ptr + slot * num_chunks + chunk, mask=mask, other=0.0)
@@ -216,8 +218,8 @@ def chunking(K):
     return chunk, triton.cdiv(K, chunk), 8 if chunk >= 2048 else 4
 
 
-def forward(student, teacher, centers, center_id, student_ptr, pair_teacher, pair_weight, center_ptr, center_rows,
-            row_weight, tau_s, tau_t):
+def forward(student, teacher, centers, center_id, student_offsets, pair_teacher, pair_weight, center_offsets,
+            center_rows, row_weight, tau_s, tau_t):
     """Returns pair_loss [P], center_sum [n_c, K], center_count [n_c], student_lse [Rs], teacher_lse [Rt] (fp32)."""
     (Rs, K), Rt, n_c, P = student.shape, teacher.shape[0], centers.shape[0], pair_teacher.shape[0]
     chunk, num_chunks, num_warps = chunking(K)
@@ -230,16 +232,16 @@ def forward(student, teacher, centers, center_id, student_ptr, pair_teacher, pai
         _teacher_partials_kernel[(Rt, num_chunks)](teacher, centers, center_id, t_max, t_sum, K, Rt, n_c, num_chunks,
                                                    1.0 / tau_t, CHUNK=chunk, num_warps=num_warps)
         _lse_combine_kernel[(Rt,)](t_max, t_sum, teacher_lse, num_chunks, CHUNKS=chunks)
-    _center_sum_kernel[(triton.cdiv(K, CENTER_BLOCK), n_c)](teacher, center_ptr, center_rows, row_weight, center_sum,
-                                                            center_count, K, Rt, BLOCK=CENTER_BLOCK, ROWS=CENTER_ROWS,
-                                                            num_warps=8)
+    _center_sum_kernel[(triton.cdiv(K, CENTER_BLOCK), n_c)](teacher, center_offsets, center_rows, row_weight,
+                                                            center_sum, center_count, K, Rt, BLOCK=CENTER_BLOCK,
+                                                            ROWS=CENTER_ROWS, num_warps=8)
     if Rs > 0:
         s_max, s_sum = torch.empty(2, Rs, num_chunks, **floats)
         pair_mass, pair_gap = torch.empty(2, P, num_chunks, **floats)
-        _student_partials_kernel[(Rs, num_chunks)](student, teacher, centers, center_id, student_ptr, pair_teacher,
-                                                   pair_weight, teacher_lse, s_max, s_sum, pair_mass, pair_gap, K,
-                                                   Rt, n_c, P, num_chunks, 1.0 / tau_s, 1.0 / tau_t, CHUNK=chunk,
-                                                   num_warps=num_warps)
-        _student_combine_kernel[(Rs,)](student_ptr, pair_weight, pair_teacher, center_id, s_max, s_sum, pair_mass,
+        _student_partials_kernel[(Rs, num_chunks)](student, teacher, centers, center_id, student_offsets,
+                                                   pair_teacher, pair_weight, teacher_lse, s_max, s_sum, pair_mass,
+                                                   pair_gap, K, Rt, n_c, P, num_chunks, 1.0 / tau_s, 1.0 / tau_t,
+                                                   CHUNK=chunk, num_warps=num_warps)
+        _student_combine_kernel[(Rs,)](student_offsets, pair_weight, pair_teacher, center_id, s_max, s_sum, pair_mass,
                                        pair_gap, student_lse, pair_loss, Rt, n_c, P, num_chunks, CHUNKS=chunks)
     return pair_loss, center_sum, center_count, student_lse, teacher_lse

@@ -17,11 +17,11 @@ from .distill_cross_entropy import (center_chunk, chunk_offsets, chunking, csr_s
 
 @triton.jit
 def _student_backward_kernel(grad_pair_loss_ptr, student_ptr, teacher_ptr, centers_ptr, center_id_ptr,
-                             student_ptr_ptr, pair_teacher_ptr, pair_weight_ptr, student_lse_ptr, teacher_lse_ptr,
+                             student_offsets_ptr, pair_teacher_ptr, pair_weight_ptr, student_lse_ptr, teacher_lse_ptr,
                              grad_student_ptr, K, Rt, n_c, P, inv_tau_s, inv_tau_t, CHUNK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     k, mask = chunk_offsets(K, CHUNK)
-    first, end = csr_slots(student_ptr_ptr, row, P)
+    first, end = csr_slots(student_offsets_ptr, row, P)
     total = tl.zeros((), tl.float32)
     for slot in range(first, end):
         total += pair_scale(grad_pair_loss_ptr, pair_weight_ptr, pair_teacher_ptr, center_id_ptr, slot, Rt, n_c)
@@ -37,15 +37,16 @@ def _student_backward_kernel(grad_pair_loss_ptr, student_ptr, teacher_ptr, cente
     tl.store(grad_student_ptr + row * K + k, (acc * inv_tau_s).to(grad_student_ptr.dtype.element_ty), mask=mask)
 
 
-def backward(grad_pair_loss, student, teacher, centers, center_id, student_ptr, pair_teacher, pair_weight,
+def backward(grad_pair_loss, student, teacher, centers, center_id, student_offsets, pair_teacher, pair_weight,
              student_lse, teacher_lse, tau_s, tau_t):
     """Returns grad_student [Rs, K] in the student's dtype; every element written once."""
     grad_student = torch.empty_like(student)
     Rs, K = student.shape
     chunk, num_chunks, num_warps = chunking(K)
     if Rs > 0:
-        _student_backward_kernel[(Rs, num_chunks)](grad_pair_loss, student, teacher, centers, center_id, student_ptr,
-                                                   pair_teacher, pair_weight, student_lse, teacher_lse, grad_student,
-                                                   K, teacher.shape[0], centers.shape[0], pair_teacher.shape[0],
-                                                   1.0 / tau_s, 1.0 / tau_t, CHUNK=chunk, num_warps=num_warps)
+        _student_backward_kernel[(Rs, num_chunks)](grad_pair_loss, student, teacher, centers, center_id,
+                                                   student_offsets, pair_teacher, pair_weight, student_lse,
+                                                   teacher_lse, grad_student, K, teacher.shape[0], centers.shape[0],
+                                                   pair_teacher.shape[0], 1.0 / tau_s, 1.0 / tau_t, CHUNK=chunk,
+                                                   num_warps=num_warps)
     return grad_student

@@ -56,8 +56,8 @@ def _store_pair(src_ptr, tgt_ptr, weight_ptr, count_ptr, slot, dest, in_range, i
 
 @triton.jit
 def _stratified_sample_kernel(boxes_ptr, g_src, g_tgt, g_weight, g_count, l_src, l_tgt, l_weight, l_count, num_crops,
-                      global_grid, global_window, local_grid, local_window, target_grid, seed, offset,
-                      BLOCK: tl.constexpr):
+                              global_grid, global_window, local_grid, local_window, target_grid, seed, offset,
+                              image_offset, BLOCK: tl.constexpr):
     image = tl.program_id(0)
     pair = tl.program_id(1)  # 0 = g0->g1, 1 = g1->g0, then 2 + 2l = l->g1, 3 + 2l = l->g0
     is_local = pair >= 2
@@ -70,7 +70,8 @@ def _stratified_sample_kernel(boxes_ptr, g_src, g_tgt, g_weight, g_count, l_src,
     num_samples = n * n
     sample = tl.arange(0, BLOCK)
     in_range = sample < num_samples
-    row, col = _pattern_cells(sample, image, grid, window, seed, offset, is_local.to(tl.int32))
+    # the Philox word of the image, modulo 2**32 (both int32 bit patterns of uint32 words)
+    row, col = _pattern_cells(sample, image + image_offset, grid, window, seed, offset, is_local.to(tl.int32))
 
     image_boxes = boxes_ptr + image.to(tl.int64) * num_crops * 4
     inside_i, first_i, ri = _axis(row, image_boxes + src_crop * 4, image_boxes + tgt_crop * 4, grid, target_grid)
@@ -110,14 +111,16 @@ def as_int32_bits(word: int) -> int:
     return word - 2**32 if word >= 2**31 else word
 
 
-def stratified_sample(boxes, global_grid, global_window, local_grid, local_window, target_grid, seed, offset):
+def stratified_sample(boxes, global_grid, global_window, local_grid, local_window, target_grid, seed, offset,
+                      image_offset):
     """Same contract as udi_kernels.stratified_sample (arguments already checked); returns 8 tensors."""
     B, L = boxes.shape[0], boxes.shape[1] - 2
     Sg, Sl = (global_grid // global_window) ** 2, (local_grid // local_window) ** 2
     globals_ = _empty_pairs(boxes, (B, 2), Sg)
     locals_ = _empty_pairs(boxes, (B, L, 2), Sl)
     if B > 0:
-        _stratified_sample_kernel[(B, 2 + 2 * L)](boxes, *globals_, *locals_, 2 + L, global_grid, global_window, local_grid,
-                                          local_window, target_grid, seed, as_int32_bits(offset),
-                                          BLOCK=triton.next_power_of_2(max(Sg, Sl)), enable_fp_fusion=False)
+        _stratified_sample_kernel[(B, 2 + 2 * L)](boxes, *globals_, *locals_, 2 + L, global_grid, global_window,
+                                                  local_grid, local_window, target_grid, seed, as_int32_bits(offset),
+                                                  as_int32_bits(image_offset),
+                                                  BLOCK=triton.next_power_of_2(max(Sg, Sl)), enable_fp_fusion=False)
     return (*globals_, *locals_)

@@ -1,0 +1,77 @@
+"""udi_kernels/declarations.py read by backends.resolve: `auto` takes the first declared backend that supports a call,
+an explicit backend that cannot run a call raises saying why, and the CPU order follows the recorded measurements.
+CUDA cases are resolved with every backend made available (no GPU needed: resolve decides before any kernel runs)."""
+import json
+import os
+
+import pytest
+import torch
+
+from udi_kernels import backends
+from udi_kernels.declarations import DECLARATIONS, DISTILL_CROSS_ENTROPY, SRS_ATTENTION, STRATIFIED_SAMPLE
+
+CUDA = torch.device("cuda")
+RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "results")
+
+
+@pytest.fixture
+def everything_built(monkeypatch):
+    """Every backend available on every device, as on a GPU machine with the CUDA build and Triton."""
+    monkeypatch.setattr(backends, "why_unavailable", lambda backend, op, device: None)
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+
+
+@pytest.mark.parametrize("declaration", DECLARATIONS.values(), ids=DECLARATIONS)
+def test_auto_orders_name_declared_backends_only(declaration):
+    for (device, _), order in declaration.auto_order.items():
+        assert order and len(set(order)) == len(order)
+        for backend in order:
+            dtypes = declaration.support[backend].dtypes
+            assert device in dtypes or "*" in dtypes, (backend, device)
+    assert declaration.measured
+
+
+def test_float64_distill_on_cuda_under_auto_skips_the_native_kernel(everything_built):
+    """The CUDA kernel refuses float64 (csrc/cuda/distill_cross_entropy.cu): auto must not pick it."""
+    assert backends.resolve(DISTILL_CROSS_ENTROPY, CUDA, torch.float32) == "native"
+    assert backends.resolve(DISTILL_CROSS_ENTROPY, CUDA, torch.float64) == "reference"
+    with pytest.raises(TypeError, match="native backend supports bfloat16, float16, float32 inputs on cuda"):
+        backends.resolve(DISTILL_CROSS_ENTROPY, CUDA, torch.float64, "native")
+
+
+def test_wide_heads_on_cuda_skip_the_native_kernel(everything_built, monkeypatch):
+    """The CUDA attention kernel is instantiated for D <= 512 only."""
+    assert backends.resolve(SRS_ATTENTION, CUDA, torch.float16, "native", num_samples=16, head_dim=512) == "native"
+    with pytest.raises(ValueError, match=r"head_dim <= 512 \(got 640\)"):
+        backends.resolve(SRS_ATTENTION, CUDA, torch.float16, "native", num_samples=16, head_dim=640)
+    monkeypatch.setattr(backends, "why_unavailable", lambda backend, op, device: "off" if backend == "triton" else None)
+    assert backends.resolve(SRS_ATTENTION, CUDA, torch.float16, num_samples=16, head_dim=640) == "reference"
+    assert backends.resolve(SRS_ATTENTION, CUDA, torch.float16, num_samples=16, head_dim=64) == "native"
+
+
+def test_shape_classes_pick_their_order(everything_built):
+    assert backends.resolve(SRS_ATTENTION, CUDA, torch.float16, num_samples=16, head_dim=64) == "triton"
+    assert backends.resolve(SRS_ATTENTION, CUDA, torch.float16, num_samples=106, head_dim=64) == "triton"
+    assert backends.resolve(STRATIFIED_SAMPLE, CUDA, torch.float32) == "triton"
+    assert backends.resolve(SRS_ATTENTION, torch.device("meta"), torch.float16, num_samples=16) == "reference"
+
+
+def test_explicit_unsupported_backends_say_why(everything_built, monkeypatch):
+    with pytest.raises(TypeError, match="Triton backend supports bfloat16, float16, float32 .* got torch.float64"):
+        backends.resolve(SRS_ATTENTION, CUDA, torch.float64, "triton", num_samples=16, head_dim=64)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(TypeError, match="Triton interpreter .* bfloat16"):
+        backends.resolve(SRS_ATTENTION, torch.device("cpu"), torch.bfloat16, "triton", num_samples=16, head_dim=64)
+    with pytest.raises(RuntimeError, match="does not run meta tensors"):
+        backends.resolve(DISTILL_CROSS_ENTROPY, torch.device("meta"), torch.float32, "native")
+
+
+@pytest.mark.parametrize("op", ["srs_attention", "distill_cross_entropy", "stratified_sample"])
+def test_cpu_auto_order_starts_with_the_measured_fastest(op):
+    """The recorded CPU run (benchmarks/results/<op>_cpu.json, `fastest` per shape class) agrees with the
+    declaration: `auto` on the CPU tries the fastest measured backend first."""
+    with open(os.path.join(RESULTS, f"{op}_cpu.json")) as f:
+        recorded = json.load(f)["fastest"]
+    declaration = DECLARATIONS[op]
+    for shape_class, fastest in recorded.items():
+        assert declaration.auto_order[("cpu", shape_class)][0] == fastest, (shape_class, recorded)
