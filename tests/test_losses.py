@@ -265,7 +265,7 @@ def test_pair_tables_are_cached_per_structure_and_device():
     assert all(other is not table for other in others)
     assert {t.device for t in (*table.csr, table.unit_rows)} == {cpu}
     assert {t.device for t in (*others[-1].csr, others[-1].unit_rows)} == {meta}
-    structure = lambda rows, device: identity_table(torch.ones(rows, device=device)).csr.student_ptr  # noqa: E731
+    structure = lambda rows, device: identity_table(torch.ones(rows, device=device)).csr.student_offsets  # noqa: E731
     assert structure(7, cpu) is structure(7, cpu) and structure(7, meta) is not structure(7, cpu)
 
 
