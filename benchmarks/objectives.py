@@ -1,6 +1,6 @@
 """UDI against DINO on image-level and dense quality (issue 12), on the generated scenes (udi.scenes):
 
-    python benchmarks/objectives.py [--preset cpu|gpu] [--seeds 0 1 2] [--jobs N] [--record]
+    python -m benchmarks.objectives [--preset cpu|gpu] [--seeds 0 1 2] [--jobs N] [--record]
 
 Trains `udi.train --objective udi` and `--objective dino` (same backbone, data, augmentation, schedule and number
 of steps; DINO with one class token and no SRS head) for every seed, evaluates each teacher and a randomly
@@ -20,17 +20,15 @@ import multiprocessing
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from udi import utils  # noqa: E402
-from udi.eval_scenes import METRICS, evaluate  # noqa: E402
-from udi.model import build_model  # noqa: E402
-from udi.train import parse_args, train_udi  # noqa: E402
+from udi import utils
+from udi.eval_scenes import METRICS, evaluate
+from udi.model import build_model
+from udi.train import parse_args, train_udi
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OBJECTIVES = ("udi", "dino")
