@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import udi_kernels
+from udi_kernels.declarations import HALF_AND_FLOAT, SRS_ATTENTION
 from udi_kernels.testing.inputs import random_boxes
 from udi_kernels import srs_attention, stratified_sample
 from udi_kernels.reference import srs_attention as attention_reference
@@ -42,6 +43,17 @@ EPS = {torch.float64: 2.0**-52, torch.float32: 2.0**-23, torch.float16: 2.0**-10
 
 def examples(n: int):
     return settings(max_examples=n * EXAMPLE_FACTOR)
+
+
+NATIVE_MAX_HEAD_DIM = SRS_ATTENTION.support["native"].max_sizes["head_dim"]
+
+
+def gpu_property(cases):
+    """A GPU property test over `cases` in the kernels' floating dtypes: six examples, because each new shape
+    compiles Triton kernels and scripts/gpu_check.sh has a time budget."""
+    def decorate(test):
+        return pytest.mark.gpu(examples(6)(given(cases(dtypes=sorted(HALF_AND_FLOAT, key=str)))(test)))
+    return decorate
 
 
 def view_of(tensor: torch.Tensor, kind: str) -> torch.Tensor:
@@ -145,9 +157,7 @@ def test_distill_triton_matches_float64(drawn):
     check_distill_against_float64(*drawn, "triton")
 
 
-@pytest.mark.gpu
-@examples(6)  # each new shape compiles Triton kernels: keep scripts/gpu_check.sh in its budget
-@given(distill_cases(dtypes=(torch.float32, torch.float16, torch.bfloat16)))
+@gpu_property(distill_cases)
 def test_gpu_distill_kernels_match_float64(drawn):
     case, taus = drawn
     on_gpu = {name: value.cuda() for name, value in case.items()}
@@ -279,13 +289,11 @@ def test_attention_triton_matches_float64(drawn):
     check_attention_against_float64(*drawn, "triton")
 
 
-@pytest.mark.gpu
-@examples(6)  # each new shape compiles Triton kernels: keep scripts/gpu_check.sh in its budget
-@given(attention_cases(dtypes=(torch.float32, torch.float16, torch.bfloat16)))
+@gpu_property(attention_cases)
 def test_gpu_attention_kernels_match_float64(drawn):
     on_gpu = [t.cuda() if isinstance(t, torch.Tensor) else t for t in drawn]
     for backend in ("native", "triton"):
-        if on_gpu[0].shape[-1] <= 512 or backend == "triton":  # the CUDA kernel takes D <= 512
+        if backend == "triton" or on_gpu[0].shape[-1] <= NATIVE_MAX_HEAD_DIM:
             check_attention_against_float64(*on_gpu, backend)
 
 
