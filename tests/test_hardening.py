@@ -549,3 +549,26 @@ def test_reference_index_rule_is_the_kernels_rule():
     """The reference's sentinel rows: an index out of range maps past the end, whatever its value."""
     index = torch.tensor([-2**40, -1, 0, 3, 4, 2**40])
     assert distill_reference.sentinel_index(index, 4).tolist() == [4, 4, 0, 3, 4, 4]
+
+
+def test_dino_loss_names_the_expected_rank_of_its_inputs():
+    loss = DINOLoss(32, 4, 0.04, 0.07, 2, 10)
+    with pytest.raises(ValueError, match=r"teacher_output must be 2-D \[2 \* batch, 32\].*got shape \[1, 4, 32\]"):
+        loss(torch.randn(1, 8, 32), torch.randn(1, 4, 32), 0)
+
+
+def test_compat_masked_attention_names_an_input_of_another_dtype():
+    from udi_kernels.compat import MaskedAttention
+    x, maps = torch.randn(2, 10, 16, dtype=torch.float64), torch.rand(3, 2, 5, 10, dtype=torch.float64)
+    with pytest.raises(TypeError, match="x must have the dtype of the module's parameters"):
+        MaskedAttention(16, 2)(x, maps)
+    assert MaskedAttention(16, 2).double()(x, maps)[0].dtype == torch.float64
+
+
+@pytest.mark.skipif("native" not in ATTENTION, reason="the native CPU kernel is not built")
+def test_native_cpu_attention_has_no_head_dim_limit():
+    """The D <= 512 limit is the CUDA kernel's (declarations.SRS_ATTENTION); the CPU kernel takes any D."""
+    q, k, v = (torch.randn(1, 1, 3, 513, dtype=torch.float64) for _ in range(3))
+    index = torch.tensor([[[0, 2], [1, 1]]])
+    expected = srs_attention(q, k, v, index, backend="reference")
+    torch.testing.assert_close(srs_attention(q, k, v, index, backend="native"), expected, rtol=1e-12, atol=1e-12)

@@ -45,7 +45,7 @@ def examples(n: int):
     return settings(max_examples=n * EXAMPLE_FACTOR)
 
 
-NATIVE_MAX_HEAD_DIM = SRS_ATTENTION.support["native"].max_sizes["head_dim"]
+NATIVE_MAX_HEAD_DIM = SRS_ATTENTION.support["native"].max_sizes["cuda"]["head_dim"]
 
 
 def gpu_property(cases):

@@ -47,6 +47,23 @@ def test_sizes_without_an_srs_grid_are_refused_at_parsing(tmp_path, capsys, flag
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--batch_size_per_gpu", "0", "expected an int >= 1, got 0"),
+    ("--batch_size_per_gpu", "-1", "expected an int >= 1, got -1"),
+    ("--embedded_images", "-5", "expected an int >= 1, got -5"),
+    ("--epochs", "0", "expected an int >= 1, got 0"),
+    ("--local_window", "0", "expected an int >= 1, got 0"),
+    ("--local_crops_number", "-1", "expected an int >= 0, got -1"),
+    ("--momentum_teacher", "2", "expected a number in [0.0, 1.0], got 2"),
+    ("--momentum_teacher", "-1", "expected a number in [0.0, 1.0], got -1"),
+    ("--batch_size_per_gpu", "1.5", "invalid int >= 1 value: '1.5'"),
+])
+def test_out_of_range_flags_are_refused_at_parsing_naming_the_flag(tmp_path, capsys, flag, value, expected):
+    with pytest.raises(SystemExit):
+        tiny_args(tmp_path, flag, value)
+    assert f"argument {flag}: {expected}" in capsys.readouterr().err
+
+
 def test_evaluation_image_sizes_floor_like_training(tmp_path, capsys):
     args = tiny_args(tmp_path)
     path = tmp_path / "checkpoint.pth"
@@ -178,6 +195,21 @@ def test_an_unreadable_checkpoint_is_named(tmp_path, content):
         train_udi(tiny_args(tmp_path))
     with pytest.raises(RuntimeError, match="cannot load the checkpoint"):
         eval_knn.load_backbone(str(tmp_path / "checkpoint.pth"))
+
+
+@pytest.mark.parametrize("content", [{"teacher": {}}, {"args": {}}, [1, 2]])
+def test_a_file_that_is_not_a_udi_checkpoint_is_named(tmp_path, content):
+    path = tmp_path / "other.pth"
+    torch.save(content, path)
+    with pytest.raises(RuntimeError, match=re.escape(f"{path} is not a udi.train checkpoint: it lacks")):
+        eval_knn.load_backbone(str(path))
+
+
+def test_resuming_a_checkpoint_of_other_settings_names_the_file(tmp_path):
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"student": torch.nn.Linear(3, 4).state_dict()}, path)
+    with pytest.raises(RuntimeError, match=re.escape(f"cannot resume from {path}: its 'student' does not fit")):
+        utils.restart_from_checkpoint(str(path), student=torch.nn.Linear(3, 5))
 
 
 def test_a_log_without_its_checkpoint_is_kept_aside(tmp_path):

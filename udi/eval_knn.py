@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import labelled_dataset
-from .utils import load_checkpoint
+from .utils import checkpoint_with
 
 
 @torch.no_grad()
@@ -57,7 +57,7 @@ def knn_accuracies(backbone, data_path, image_size, device, k=20, temperature=0.
 def load_backbone(path, checkpoint_key="teacher"):
     """The backbone of a udi.train checkpoint (its args rebuild the architecture) and those args."""
     from .model import build_model
-    checkpoint = load_checkpoint(path)
+    checkpoint = checkpoint_with(path, ("args", checkpoint_key))
     model = build_model(argparse.Namespace(**checkpoint["args"]))
     model.load_state_dict(checkpoint[checkpoint_key])
     return model.backbone, argparse.Namespace(**checkpoint["args"])

@@ -47,6 +47,31 @@ def str2bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean, got {value!r}")
 
 
+def int_at_least(low: int):
+    """An argparse type: an int >= low."""
+    def parse(value: str) -> int:
+        number = int(value)
+        if number < low:
+            raise argparse.ArgumentTypeError(f"expected an int >= {low}, got {value}")
+        return number
+    parse.__name__ = f"int >= {low}"  # argparse's "invalid <name> value" message
+    return parse
+
+
+def float_in(low: float, high: float):
+    """An argparse type: a float in [low, high]."""
+    def parse(value: str) -> float:
+        number = float(value)
+        if not low <= number <= high:
+            raise argparse.ArgumentTypeError(f"expected a number in [{low}, {high}], got {value}")
+        return number
+    parse.__name__ = f"float in [{low}, {high}]"
+    return parse
+
+
+POSITIVE, NON_NEGATIVE, FRACTION = int_at_least(1), int_at_least(0), float_in(0.0, 1.0)
+
+
 def get_args_parser(preset: str = "demo"):
     """The flags (DINO's and the reference's names) with the defaults of `preset`; --help shows them."""
     p = argparse.ArgumentParser(
@@ -62,29 +87,29 @@ def get_args_parser(preset: str = "demo"):
                         "backbone with one class token and no SRS head (same data, crops and schedules)")
     model = p.add_argument_group("model")
     model.add_argument("--arch", default="vit_small", help="a DINO name (vit_tiny/small/base) or any timm vit_* name")
-    model.add_argument("--patch_size", default=16, type=int,
+    model.add_argument("--patch_size", default=16, type=POSITIVE,
                        help="patch side in pixels; crop sides are floored to multiples of it")
-    model.add_argument("--embed_dim", type=int, help="the width C, overriding the arch's")
-    model.add_argument("--depth", type=int, help="the number of blocks, overriding the arch's")
-    model.add_argument("--num_heads", type=int, help="the attention heads, overriding the arch's")
-    model.add_argument("--drop_path_rate", default=0.1, type=float,
+    model.add_argument("--embed_dim", type=POSITIVE, help="the width C, overriding the arch's")
+    model.add_argument("--depth", type=POSITIVE, help="the number of blocks, overriding the arch's")
+    model.add_argument("--num_heads", type=POSITIVE, help="the attention heads, overriding the arch's")
+    model.add_argument("--drop_path_rate", default=0.1, type=FRACTION,
                        help="the student's stochastic depth (the teacher has none)")
     model.add_argument("--pos_embed_resampling", default="reference", choices=POS_EMBED_RESAMPLING,
                        help="position embeddings for other grids: the reference's (DINO's) bicubic rule or timm's "
                             "antialiased one")
-    model.add_argument("--out_dim", default=65536, type=int, help="K, the head's output size")
-    model.add_argument("--head_hidden_dim", default=2048, type=int, help="width of the DINO head's MLP")
-    model.add_argument("--head_bottleneck_dim", default=256, type=int,
+    model.add_argument("--out_dim", default=65536, type=POSITIVE, help="K, the head's output size")
+    model.add_argument("--head_hidden_dim", default=2048, type=POSITIVE, help="width of the DINO head's MLP")
+    model.add_argument("--head_bottleneck_dim", default=256, type=POSITIVE,
                        help="the DINO head's bottleneck before the last layer")
     model.add_argument("--norm_last_layer", default=False, type=str2bool,
                        help="freeze the last layer's weight norm (DINO; False for ViT-S as in the reference)")
-    model.add_argument("--momentum_teacher", default=0.996, type=float,
+    model.add_argument("--momentum_teacher", default=0.996, type=FRACTION,
                        help="initial EMA momentum of the teacher, raised to 1 by a cosine schedule")
-    model.add_argument("--alpha", default=0.5, type=float, help="cls+ target: alpha * patch mean + (1 - alpha) * cls")
+    model.add_argument("--alpha", default=0.5, type=FRACTION, help="cls+ target: alpha * patch mean + (1 - alpha) * cls")
     temperatures = p.add_argument_group("teacher temperature")
     temperatures.add_argument("--warmup_teacher_temp", default=0.04, type=float, help="teacher temperature at epoch 0")
     temperatures.add_argument("--teacher_temp", default=0.07, type=float, help="teacher temperature after the warm-up")
-    temperatures.add_argument("--warmup_teacher_temp_epochs", default=30, type=int,
+    temperatures.add_argument("--warmup_teacher_temp_epochs", default=30, type=NON_NEGATIVE,
                               help="epochs of the linear warm-up of the teacher temperature")
     optimisation = p.add_argument_group("optimisation")
     optimisation.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
@@ -94,37 +119,37 @@ def get_args_parser(preset: str = "demo"):
     optimisation.add_argument("--weight_decay_end", default=0.4, type=float, help="final weight decay")
     optimisation.add_argument("--clip_grad", default=3.0, type=float,
                               help="per-parameter gradient norm clip; 0 disables")
-    optimisation.add_argument("--batch_size_per_gpu", default=64, type=int, help="images per process (per GPU)")
-    optimisation.add_argument("--epochs", default=100, type=int, help="training epochs")
-    optimisation.add_argument("--freeze_last_layer", default=1, type=int,
+    optimisation.add_argument("--batch_size_per_gpu", default=64, type=POSITIVE, help="images per process (per GPU)")
+    optimisation.add_argument("--epochs", default=100, type=POSITIVE, help="training epochs")
+    optimisation.add_argument("--freeze_last_layer", default=1, type=NON_NEGATIVE,
                               help="epochs during which the head's last layer is not updated")
     optimisation.add_argument("--lr", default=0.0005, type=float,
                               help="peak learning rate at a total batch of 256 (scaled linearly with the total batch)")
-    optimisation.add_argument("--warmup_epochs", default=10, type=int, help="epochs of linear learning-rate warm-up")
+    optimisation.add_argument("--warmup_epochs", default=10, type=NON_NEGATIVE, help="epochs of linear learning-rate warm-up")
     optimisation.add_argument("--min_lr", default=1e-6, type=float, help="final learning rate of the cosine schedule")
     crops = p.add_argument_group("multi-crop and sampling")
     crops.add_argument("--global_crops_scale", default=[0.25, 1.0], type=float, nargs=2,
                        help="area range of the global crops, as fractions of the image")
     crops.add_argument("--local_crops_scale", default=[0.05, 0.25], type=float, nargs=2,
                        help="area range of the local crops, as fractions of the image")
-    crops.add_argument("--local_crops_number", default=10, type=int,
+    crops.add_argument("--local_crops_number", default=10, type=NON_NEGATIVE,
                        help="local crops per image (0: DINO's 2-crop setting)")
-    crops.add_argument("--global_crop_size", default=224, type=int,
+    crops.add_argument("--global_crop_size", default=224, type=POSITIVE,
                        help="global crop side in pixels (also the model's img_size)")
-    crops.add_argument("--local_crop_size", default=96, type=int, help="local crop side in pixels")
-    crops.add_argument("--global_window", default=3, type=int, help="SRS window on the global patch grid")
-    crops.add_argument("--local_window", default=2, type=int, help="SRS window on the local patch grid")
+    crops.add_argument("--local_crop_size", default=96, type=POSITIVE, help="local crop side in pixels")
+    crops.add_argument("--global_window", default=3, type=POSITIVE, help="SRS window on the global patch grid")
+    crops.add_argument("--local_window", default=2, type=POSITIVE, help="SRS window on the local patch grid")
     misc = p.add_argument_group("data, output, evaluation")
     misc.add_argument("--data_path", help="ImageFolder root of the training images; without it: embedded data")
     misc.add_argument("--embedded_data", default="scenes", choices=["scenes", "images"],
                       help="without --data_path: generated labelled scenes (train split; udi.scenes) or regions of "
                            "scikit-image's sample images")
-    misc.add_argument("--embedded_images", default=2048, type=int, help="dataset length of --embedded_data")
+    misc.add_argument("--embedded_images", default=2048, type=POSITIVE, help="dataset length of --embedded_data")
     misc.add_argument("--output_dir", default=".", help="checkpoint.pth, log.txt, args.json and the evaluation's files")
-    misc.add_argument("--saveckp_freq", default=20, type=int,
+    misc.add_argument("--saveckp_freq", default=20, type=NON_NEGATIVE,
                       help="also keep checkpointNNNN.pth every this many epochs; 0: never")
     misc.add_argument("--seed", default=0, type=int, help="seed of the initialisation, the views and the sampling")
-    misc.add_argument("--num_workers", default=10, type=int, help="data-loader worker processes")
+    misc.add_argument("--num_workers", default=10, type=NON_NEGATIVE, help="data-loader worker processes")
     misc.add_argument("--final_eval", default=False, type=str2bool,
                       help="after training: udi.eval_scenes (k-NN, linear, dense probes) of the teacher and of a "
                            "random network, attention PNGs of both")

@@ -114,14 +114,29 @@ def load_checkpoint(path) -> dict:
                            "replace it") from error
 
 
+def checkpoint_with(path, keys) -> dict:
+    """load_checkpoint, and a RuntimeError naming the file unless it is a dict holding every one of `keys`."""
+    checkpoint = load_checkpoint(path)
+    missing = [key for key in keys if key not in checkpoint] if isinstance(checkpoint, dict) else list(keys)
+    if not isinstance(checkpoint, dict) or missing:
+        found = sorted(map(str, checkpoint)) if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise RuntimeError(f"{path} is not a udi.train checkpoint: it lacks {missing or 'the dict of entries'} "
+                           f"(found {found})")
+    return checkpoint
+
+
 def restart_from_checkpoint(path, **objects):
     """Load every `name=object` (having load_state_dict) present in the checkpoint; return the checkpoint."""
     if not os.path.isfile(path):
         return None
-    checkpoint = load_checkpoint(path)
+    checkpoint = checkpoint_with(path, ())
     for name, obj in objects.items():
         if name in checkpoint and obj is not None:
-            obj.load_state_dict(checkpoint[name])
+            try:
+                obj.load_state_dict(checkpoint[name])
+            except (RuntimeError, KeyError, ValueError) as error:
+                raise RuntimeError(f"cannot resume from {path}: its {name!r} does not fit this run (written with "
+                                   f"other settings?); use another --output_dir or delete it. {error}") from error
     return checkpoint
 
 

@@ -70,9 +70,10 @@ def _dtype_names(dtypes) -> str:
     return ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
 
 
-def size_limit_exceeded(declaration: OpDeclaration, backend: str, **sizes: int) -> str:
-    """The first declared size limit of `backend` that these sizes exceed, as "name <= limit (got value)", or ""."""
-    for name, limit in declaration.support[backend].max_sizes.items():
+def size_limit_exceeded(declaration: OpDeclaration, backend: str, device_type: str, **sizes: int) -> str:
+    """The first declared size limit of `backend` on `device_type` that these sizes exceed, as
+    "name <= limit (got value)", or ""."""
+    for name, limit in declaration.support[backend].max_sizes.get(device_type, {}).items():
         if sizes.get(name, 0) > limit:
             return f"{name} <= {limit} (got {sizes[name]})"
     return ""
@@ -114,7 +115,7 @@ def resolve(declaration: OpDeclaration, device: torch.device, dtype: torch.dtype
     Unsupported error of a requested backend that cannot run the call (or of the last candidate of `auto`)."""
     # strings only: torch.compile folds _resolve to a constant, and takes constants as its arguments (the sizes may
     # be symbolic; these comparisons become guards)
-    exceeded = "\n".join(f"{b}={size_limit_exceeded(declaration, b, **sizes)}" for b in declaration.support)
+    exceeded = "\n".join(f"{b}={size_limit_exceeded(declaration, b, device.type, **sizes)}" for b in declaration.support)
     return _resolve(declaration.name, device, dtype, backend, declaration.shape_class(**sizes), exceeded)
 
 

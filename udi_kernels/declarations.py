@@ -24,10 +24,11 @@ KERNEL_DEVICES = ("cpu", "cuda")  # Triton runs CPU tensors under TRITON_INTERPR
 @dataclass(frozen=True)
 class BackendSupport:
     """What one backend of an op takes. dtypes: per device type ("*": any); interpreted_dtypes: under TRITON_INTERPRET=1
-    (None: as on the GPU); max_sizes: named sizes (see the op's `sizes`) and their largest supported value."""
+    (None: as on the GPU); max_sizes: per device type, named sizes (see the op's `sizes`) and their largest supported
+    value."""
     dtypes: Mapping[str, frozenset]
     interpreted_dtypes: Optional[frozenset] = None
-    max_sizes: Mapping[str, int] = field(default_factory=dict)
+    max_sizes: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ STRATIFIED_SAMPLE = OpDeclaration(
 SRS_ATTENTION = OpDeclaration(
     name="srs_attention",
     support=_backends(reference=FLOATING, native={"cpu": FLOATING, "cuda": HALF_AND_FLOAT}, triton=HALF_AND_FLOAT,
-                      native_max_sizes={"head_dim": 512},  # kMaxDim, csrc/cuda/srs_attention.cu
+                      native_max_sizes={"cuda": {"head_dim": 512}},  # kMaxDim, csrc/cuda/srs_attention.cu
                       triton_interpreted=frozenset({torch.float16, torch.float32})),
     auto_order={("cuda", "few_queries"): ("triton", "native", "reference"),
                 ("cuda", "many_queries"): ("triton", "native", "reference"),

@@ -26,6 +26,14 @@ def tap_rows(x: Tensor, index: Tensor, weight: Optional[Tensor]):
     return (rows * w[..., None]).sum(2), w
 
 
+def check_input_dtype(module: nn.Module, x: Tensor, name: str) -> None:
+    """x floating, in the dtype of the module's parameters unless autocast is on; TypeError naming `name`."""
+    parameters = next(module.parameters())
+    if not x.dtype.is_floating_point or (x.dtype != parameters.dtype and autocast_dtype(x.device) is None):
+        raise TypeError(f"{name} must have the dtype of the module's parameters ({parameters.dtype}; or run under "
+                        f"autocast), got {x.dtype}")
+
+
 def check_module_inputs(module: nn.Module, x: Tensor, index: Tensor, weight: Optional[Tensor], dim: int,
                         name: str) -> None:
     """x [B, N >= 1, dim] floating, in the dtype of the module's parameters unless autocast is on; index
@@ -35,10 +43,7 @@ def check_module_inputs(module: nn.Module, x: Tensor, index: Tensor, weight: Opt
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 3 or x.shape[2] != dim or x.shape[1] == 0:
         raise ValueError(f"{name} must have shape [B, N >= 1, C={dim}], got {list(x.shape)}")
-    parameters = next(module.parameters())
-    if not x.dtype.is_floating_point or (x.dtype != parameters.dtype and autocast_dtype(x.device) is None):
-        raise TypeError(f"{name} must have the dtype of the module's parameters ({parameters.dtype}; or run under "
-                        f"autocast), got {x.dtype}")
+    check_input_dtype(module, x, name)
     check_tap_args(index, weight, x.shape[0], x.device, name)
 
 

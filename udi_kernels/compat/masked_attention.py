@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
-from ..nn import TappedAttention, autocast_dtype, cast_for_autocast
+from ..nn import TappedAttention, autocast_dtype, cast_for_autocast, check_input_dtype
 
 
 class MaskedAttention(TappedAttention):
@@ -88,6 +88,7 @@ class MaskedAttention(TappedAttention):
         C = self.qkv.in_features
         if x.dim() != 3 or x.shape[2] != C:
             raise ValueError(f"x must have shape [B, N, {C}], got {list(x.shape)}")
+        check_input_dtype(self, x, "x")
         B, N = x.shape[:2]
         if map.dim() != 4 or map.shape[1] != B or map.shape[3] != N:
             raise ValueError(f"map must have shape [M, B={B}, S, N={N}], got {list(map.shape)}")

@@ -53,6 +53,9 @@ class DINOLoss(nn.Module):
     def forward(self, student_output: Tensor, teacher_output: Tensor, epoch: int) -> Tensor:
         if not isinstance(teacher_output, Tensor):
             raise TypeError(f"teacher_output must be a torch.Tensor, got {type(teacher_output).__name__}")
+        if teacher_output.dim() != 2:
+            raise ValueError(f"teacher_output must be 2-D [2 * batch, {self.out_dim}] (the global crops' rows), got "
+                             f"shape {list(teacher_output.shape)}")
         batch = teacher_output.shape[0] // 2
         check_rows(teacher_output, "teacher_output", 2 * batch, self.out_dim)
         check_rows(student_output, "student_output", self.ncrops * batch, self.out_dim, teacher_output.device)
