@@ -58,3 +58,14 @@ def test_dense_probe_finds_a_planted_signal_and_nothing_in_noise(planted):
         assert metrics["accuracy"] > 99 and metrics["miou"] > 98, metrics
     else:  # chance: 20 %
         assert 10 < metrics["accuracy"] < 30 and metrics["miou"] < 20, metrics
+
+
+def test_probes_do_not_depend_on_the_global_random_state():
+    gen = torch.Generator().manual_seed(1)
+    labels = torch.randint(0, 4, (40, 9), generator=gen)
+    tokens = _tokens(gen, 40, labels, False, 4)
+    results = []
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)
+        results.append(dense_probe(tokens[:20], labels[:20], tokens[20:], labels[20:], 4, epochs=3))
+    assert results[0] == results[1]

@@ -15,9 +15,13 @@ from .eval_knn import checkpoint_features, checkpoint_parser
 def train_linear(features: Tensor, labels: Tensor, epochs=100, lr=1e-2, weight_decay=1e-4, batch_size=256,
                  seed=0, num_classes=None) -> nn.Linear:
     """A linear classifier features [N, C] -> logits [N, num_classes] (default: labels.max() + 1), trained with
-    cross-entropy."""
+    cross-entropy; initialised as DINO's eval_linear (weight N(0, 0.01), bias 0) and shuffled from `seed` alone, so
+    the result does not depend on the global random state."""
     gen = torch.Generator().manual_seed(seed)
     classifier = nn.Linear(features.shape[1], num_classes or int(labels.max()) + 1)
+    with torch.no_grad():
+        classifier.weight.normal_(0.0, 0.01, generator=gen)
+        classifier.bias.zero_()
     optimizer = torch.optim.AdamW(classifier.parameters(), lr=lr, weight_decay=weight_decay)
     steps_per_epoch = -(-len(labels) // batch_size)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch)
