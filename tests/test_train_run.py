@@ -54,11 +54,12 @@ def test_sizes_without_an_srs_grid_are_refused_at_parsing(tmp_path, capsys, flag
     ("--epochs", "0", "expected an int >= 1, got 0"),
     ("--local_window", "0", "expected an int >= 1, got 0"),
     ("--local_crops_number", "-1", "expected an int >= 0, got -1"),
-    ("--momentum_teacher", "2", "expected a number in [0.0, 1.0], got 2"),
-    ("--momentum_teacher", "-1", "expected a number in [0.0, 1.0], got -1"),
+    ("--momentum_teacher", "2", "expected a finite number in [0.0, 1.0], got 2"),
+    ("--momentum_teacher", "-1", "expected a finite number in [0.0, 1.0], got -1"),
     ("--batch_size_per_gpu", "1.5", "invalid int >= 1 value: '1.5'"),
-    ("--lr", "-1", "expected a number in [0.0, inf], got -1"),
-    ("--teacher_temp", "0", "expected a number in (0.0, inf], got 0"),
+    ("--lr", "-1", "expected a finite number in [0.0, inf], got -1"),
+    ("--teacher_temp", "0", "expected a finite number in (0.0, inf], got 0"),
+    ("--lr", "nan", "expected a finite number in [0.0, inf], got nan"),
 ])
 def test_out_of_range_flags_are_refused_at_parsing_naming_the_flag(tmp_path, capsys, flag, value, expected):
     with pytest.raises(SystemExit):

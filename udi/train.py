@@ -59,13 +59,13 @@ def int_at_least(low: int):
 
 
 def float_in(low: float, high: float, low_open: bool = False):
-    """An argparse type: a float in [low, high] (in (low, high] with low_open)."""
+    """An argparse type: a finite float in [low, high] (in (low, high] with low_open)."""
     interval = f"{'(' if low_open else '['}{low}, {high}]"
 
     def parse(value: str) -> float:
         number = float(value)
-        if not (low < number if low_open else low <= number) or not number <= high:
-            raise argparse.ArgumentTypeError(f"expected a number in {interval}, got {value}")
+        if not math.isfinite(number) or not (low < number if low_open else low <= number) or number > high:
+            raise argparse.ArgumentTypeError(f"expected a finite number in {interval}, got {value}")
         return number
     parse.__name__ = f"float in {interval}"
     return parse
@@ -108,17 +108,21 @@ def get_args_parser(preset: str = "demo"):
                        help="freeze the last layer's weight norm (DINO; False for ViT-S as in the reference)")
     model.add_argument("--momentum_teacher", default=0.996, type=FRACTION,
                        help="initial EMA momentum of the teacher, raised to 1 by a cosine schedule")
-    model.add_argument("--alpha", default=0.5, type=FRACTION, help="cls+ target: alpha * patch mean + (1 - alpha) * cls")
+    model.add_argument("--alpha", default=0.5, type=FRACTION,
+                       help="cls+ target: alpha * patch mean + (1 - alpha) * cls")
     temperatures = p.add_argument_group("teacher temperature")
-    temperatures.add_argument("--warmup_teacher_temp", default=0.04, type=POSITIVE_FLOAT, help="teacher temperature at epoch 0")
-    temperatures.add_argument("--teacher_temp", default=0.07, type=POSITIVE_FLOAT, help="teacher temperature after the warm-up")
+    temperatures.add_argument("--warmup_teacher_temp", default=0.04, type=POSITIVE_FLOAT,
+                              help="teacher temperature at epoch 0")
+    temperatures.add_argument("--teacher_temp", default=0.07, type=POSITIVE_FLOAT,
+                              help="teacher temperature after the warm-up")
     temperatures.add_argument("--warmup_teacher_temp_epochs", default=30, type=NON_NEGATIVE,
                               help="epochs of the linear warm-up of the teacher temperature")
     optimisation = p.add_argument_group("optimisation")
     optimisation.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                               help="autocast dtype; auto: bf16 on CUDA, fp32 on the CPU; fp16 adds a GradScaler "
                                    "(DINO's --use_fp16 true)")
-    optimisation.add_argument("--weight_decay", default=0.04, type=NON_NEGATIVE_FLOAT, help="initial weight decay (cosine schedule)")
+    optimisation.add_argument("--weight_decay", default=0.04, type=NON_NEGATIVE_FLOAT,
+                              help="initial weight decay (cosine schedule)")
     optimisation.add_argument("--weight_decay_end", default=0.4, type=NON_NEGATIVE_FLOAT, help="final weight decay")
     optimisation.add_argument("--clip_grad", default=3.0, type=NON_NEGATIVE_FLOAT,
                               help="per-parameter gradient norm clip; 0 disables")
@@ -128,8 +132,10 @@ def get_args_parser(preset: str = "demo"):
                               help="epochs during which the head's last layer is not updated")
     optimisation.add_argument("--lr", default=0.0005, type=NON_NEGATIVE_FLOAT,
                               help="peak learning rate at a total batch of 256 (scaled linearly with the total batch)")
-    optimisation.add_argument("--warmup_epochs", default=10, type=NON_NEGATIVE, help="epochs of linear learning-rate warm-up")
-    optimisation.add_argument("--min_lr", default=1e-6, type=NON_NEGATIVE_FLOAT, help="final learning rate of the cosine schedule")
+    optimisation.add_argument("--warmup_epochs", default=10, type=NON_NEGATIVE,
+                              help="epochs of linear learning-rate warm-up")
+    optimisation.add_argument("--min_lr", default=1e-6, type=NON_NEGATIVE_FLOAT,
+                              help="final learning rate of the cosine schedule")
     crops = p.add_argument_group("multi-crop and sampling")
     crops.add_argument("--global_crops_scale", default=[0.25, 1.0], type=float, nargs=2,
                        help="area range of the global crops, as fractions of the image")
