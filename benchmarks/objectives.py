@@ -4,7 +4,7 @@
 
 Trains `udi.train --objective udi` and `--objective dino` (same backbone, data, augmentation, schedule and number
 of steps; DINO with one class token and no SRS head) for every seed, evaluates each teacher and a randomly
-initialised network with udi.eval_scenes (k-NN and linear probe on cls and cls+, dense linear probe on the
+initialised network with udi.eval_embedded (k-NN and linear probe on cls and cls+, dense linear probe on the
 patch tokens: per-patch accuracy and mIoU), prints a table of mean ± std over the seeds and writes
 objectives_<preset>.json / .png to benchmarks/out/ (ignored by git), or to benchmarks/results/ with --record.
 
@@ -26,16 +26,18 @@ import time
 import torch
 
 from udi import utils
-from udi.eval_scenes import METRICS, evaluate
+from udi.eval_embedded import METRICS, evaluate
 from udi.model import build_model
 from udi.train import parse_args, train_udi
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OBJECTIVES = ("udi", "dino")
+DATA = "scenes"  # training and evaluation data: the generated scenes, with per-pixel classes for the dense probe
 # udi.train flags on top of the demo preset
 PRESETS = {
-    "cpu": ["--epochs", "2", "--warmup_epochs", "1", "--embedded_images", "512"],
-    "gpu": ["--epochs", "60", "--warmup_epochs", "5", "--batch_size_per_gpu", "128", "--embedded_images", "8192"],
+    "cpu": ["--embedded_data", DATA, "--epochs", "2", "--warmup_epochs", "1", "--embedded_images", "512"],
+    "gpu": ["--embedded_data", DATA, "--epochs", "60", "--warmup_epochs", "5", "--batch_size_per_gpu", "128",
+            "--embedded_images", "8192"],
 }
 
 
@@ -52,7 +54,7 @@ def train_and_evaluate(objective: str, seed: int, flags: list, workdir: str, thr
     device = next(teacher.parameters()).device
     with open(os.path.join(output_dir, "log.txt")) as f:
         last_epoch = json.loads(f.readlines()[-1])
-    return dict(metrics=evaluate(teacher.backbone, args.global_crop_size, device), train_seconds=train_seconds,
+    return dict(metrics=evaluate(teacher.backbone, args.global_crop_size, device, DATA), train_seconds=train_seconds,
                 train_cpu_seconds=train_cpu_seconds, last_epoch=last_epoch, args=vars(args))
 
 
@@ -61,7 +63,7 @@ def evaluate_random(seed: int, args_dict: dict) -> dict:
     utils.fix_random_seeds(seed)
     args = argparse.Namespace(**args_dict)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return dict(metrics=evaluate(build_model(args).backbone.to(device), args.global_crop_size, device))
+    return dict(metrics=evaluate(build_model(args).backbone.to(device), args.global_crop_size, device, DATA))
 
 
 def summarise(runs: dict) -> dict:

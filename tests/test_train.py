@@ -27,6 +27,11 @@ TINY = ["--preset", "demo", "--embed_dim", "32", "--depth", "1", "--num_heads", 
         "--warmup_epochs", "1", "--warmup_teacher_temp_epochs", "1", "--final_eval", "false"]
 
 
+# without BatchNorm in the head: its statistics are per process without SyncBatchNorm (CUDA only), and a sharp teacher's
+# loss falls within a few steps only without it
+NO_HEAD_BATCHNORM = ("--use_bn_in_head", "false")
+
+
 def tiny_args(output_dir, *extra):
     return parse_args(TINY + ["--output_dir", str(output_dir), *extra])
 
@@ -91,6 +96,17 @@ def test_blur_sigma_scales_with_the_global_crop_size(monkeypatch):
             augmentation(image, torch.Generator().manual_seed(seed))
         assert len(sigmas) >= 30 and low <= min(sigmas) and max(sigmas) <= high, (size, min(sigmas), max(sigmas))
         assert max(sigmas) > low + 0.8 * (high - low), "the whole range is used"
+
+
+def test_hue_shift_skipped_on_grey_views_changes_no_bit(monkeypatch):
+    from udi import data
+    grey = (1.2 * torch.rand(1, 24, 24) - 0.1).expand(3, -1, -1).contiguous()  # a resize may leave [0, 1]
+    colour = torch.rand(3, 24, 24)
+    assert not data.is_grey(colour) and data.is_grey(grey)
+    skipped = [data.color_jitter(data.image_generator(0, i), grey) for i in range(40)]
+    monkeypatch.setattr(data, "is_grey", lambda image: False)  # always shift the hue
+    shifted = [data.color_jitter(data.image_generator(0, i), grey) for i in range(40)]
+    assert all(torch.equal(a, b) for a, b in zip(skipped, shifted))
 
 
 def test_views_depend_only_on_seed_epoch_index():
@@ -208,6 +224,55 @@ def test_student_output_shapes_and_gradients():
     assert model.backbone.cls_token.grad[0, 1].abs().sum() > 0 and model.srs.attn.qkv.weight.grad.abs().sum() > 0
 
 
+def _head_float64(head: DINOHead, rows: torch.Tensor) -> torch.Tensor:
+    """DINO's head with BatchNorm in training mode, written out in float64: [n, C] -> [n, K]."""
+    x = rows.double()
+    for index in (0, 3):
+        linear, norm = head.mlp[index], head.mlp[index + 1]
+        x = x @ linear.weight.double().T + linear.bias.double()
+        x = (x - x.mean(0)) / torch.sqrt(x.var(0, unbiased=False) + norm.eps)
+        x = x * norm.weight.double() + norm.bias.double()
+        x = torch.nn.functional.gelu(x)
+    x = torch.nn.functional.normalize(x @ head.mlp[6].weight.double().T + head.mlp[6].bias.double(), dim=-1)
+    v = head.last_layer.weight_v.double()
+    return x @ (head.last_layer.weight_g.double() * v / v.norm(dim=1, keepdim=True)).T
+
+
+def test_head_batchnorm_has_the_reference_layout_and_normalises_over_each_call():
+    torch.manual_seed(0)
+    model = UDIModel(tiny_model().backbone, DINOHead(32, 64, norm_last_layer=False, hidden_dim=32, bottleneck_dim=16,
+                                                     use_bn=True))
+    assert [type(m).__name__ for m in model.head.mlp] == ["Linear", "BatchNorm1d", "GELU", "Linear", "BatchNorm1d",
+                                                          "GELU", "Linear"]  # the reference's mlp.0-6 with use_bn
+    for norm in (model.head.mlp[1], model.head.mlp[4]):  # away from the identity, so a wrong statistic shows
+        torch.nn.init.normal_(norm.weight, 1.0, 0.5)
+        torch.nn.init.normal_(norm.bias, 0.0, 0.5)
+    B, L = 5, 2
+    global_crops, local_crops = torch.randn(2 * B, 3, 32, 32), torch.randn(L * B, 3, 16, 16)
+    taps = student_taps(_pairs(B, L))
+    out = model(global_crops, local_crops, taps)
+    assert model.head.mlp[1].num_batches_tracked.item() == 1  # the student's rows in one call, as DINO's head
+    with torch.no_grad():
+        tokens = [model.backbone(global_crops), model.backbone(local_crops)]
+        samples = model.srs(tokens[0].patch, taps.index, taps.weight).flatten(0, 1)
+        rows = torch.cat([torch.cat([t.cls for t in tokens]), torch.cat([t.cls_plus for t in tokens]), samples])
+    expected = _head_float64(model.head, rows)
+    got = torch.cat([out.cls, out.cls_plus, out.patch.flatten(0, 1)])
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5)
+    # leading dims are rows too: a [S, n, C] call equals the [S * n, C] one
+    torch.testing.assert_close(model.head(rows.reshape(4, -1, 32)).flatten(0, 1), model.head(rows))
+
+
+def test_teacher_with_head_batchnorm_is_deterministic_and_uses_its_batch(tmp_path):
+    args = tiny_args(tmp_path, "--use_bn_in_head", "true")
+    teacher = build_model(args, teacher=True)
+    images = torch.randn(6, 3, 32, 32)
+    taps = teacher_taps(_pairs(B=3, L=2))
+    first, second = (teacher.teacher_targets(images, taps) for _ in range(2))
+    assert torch.equal(first.cls, second.cls) and torch.equal(first.patch, second.patch)
+    assert teacher.training and teacher.head.mlp[1].training  # batch statistics, as DINO's teacher
+
+
 # ---- schedules, k-NN --------------------------------------------------------------------------------
 
 def test_lr_schedule():
@@ -240,7 +305,7 @@ def test_eval_linear_runs_on_a_checkpoint(tmp_path):
     torch.manual_seed(0)
     path = tmp_path / "checkpoint.pth"
     torch.save({"args": vars(args), "teacher": build_model(args).state_dict()}, path)
-    results = eval_linear.main(["--pretrained_weights", str(path), "--epochs", "10"])
+    results = eval_linear.main(["--pretrained_weights", str(path), "--epochs", "10", "--embedded_data", "scenes"])
     assert set(results) == {"cls", "cls+", "cls ‖ cls+"}
     # a random network on the generated scenes: about chance (10 classes), far from the 90 % of separable features
     assert all(0 <= accuracy < 40 for accuracy in results.values()), results
@@ -296,7 +361,7 @@ def _ddp_worker(rank, world_size, port, output_dir):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    train_udi(tiny_args(output_dir, "--batch_size_per_gpu", "2", "--epochs", "1"))
+    train_udi(tiny_args(output_dir, *NO_HEAD_BATCHNORM, "--batch_size_per_gpu", "2", "--epochs", "1"))
     torch.distributed.destroy_process_group()
 
 
@@ -324,7 +389,7 @@ def test_two_process_ddp_equals_one_process(tmp_path, monkeypatch):
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     with monkeypatch.context() as patched:
         patched.setattr("udi.train.UDILoss", TwoRankPatchLoss)
-        train_udi(tiny_args(single, "--batch_size_per_gpu", "4", "--epochs", "1"))
+        train_udi(tiny_args(single, *NO_HEAD_BATCHNORM, "--batch_size_per_gpu", "4", "--epochs", "1"))
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(ddp)), nprocs=2, join=True)
     one, two = (torch.load(d / "checkpoint.pth", weights_only=False) for d in (single, ddp))
     for key in ("student", "teacher", "udi_loss"):
@@ -352,10 +417,11 @@ def test_teacher_is_deterministic_while_the_student_drops_paths(tmp_path):
 # ---- the DINO objective and the embedded evaluation (issue 12) -----------------------------------------------
 
 def test_dino_objective_trains_one_class_token_without_srs_head(tmp_path, capsys):
-    from udi.eval_scenes import evaluate
+    from udi.eval_embedded import evaluate
     # a sharp, fast teacher: the loss falls within a few epochs (on 16 images it climbs again later)
-    args = tiny_args(tmp_path, "--objective", "dino", "--epochs", "4", "--embedded_images", "16", "--lr", "0.01",
-                     "--momentum_teacher", "0.9", "--warmup_teacher_temp", "0.02", "--teacher_temp", "0.02")
+    args = tiny_args(tmp_path, *NO_HEAD_BATCHNORM, "--objective", "dino", "--epochs", "4", "--embedded_images", "16",
+                     "--lr", "0.01", "--momentum_teacher", "0.9", "--warmup_teacher_temp", "0.02", "--teacher_temp",
+                     "0.02")
     student, teacher = train_udi(args)
     losses = [r["train_loss"] for r in read_log(tmp_path)]
     assert len(losses) == 4 and all(np.isfinite(losses)) and np.mean(losses[-2:]) < 0.8 * losses[0], losses
@@ -374,10 +440,10 @@ def test_dino_objective_trains_one_class_token_without_srs_head(tmp_path, capsys
 
 
 def test_attention_maps_of_both_objectives_beside_a_random_network(tmp_path):
-    from udi.visualize import attention_grids, held_out_scenes, save_attention_maps
+    from udi.visualize import attention_grids, held_out_images, save_attention_maps
     udi, dino = (build_model(tiny_args(tmp_path, "--objective", objective, "--patch_size", "4")).backbone
                  for objective in ("udi", "dino"))
-    pictures = held_out_scenes(2, 32)
+    pictures = held_out_images("digits", 2, 32)
     assert attention_grids(udi, pictures[next(iter(pictures))][0]).shape == (2, 2, 8, 8)  # cls, cls+; 2 heads
     grids = attention_grids(dino, pictures[next(iter(pictures))][0])
     assert grids.shape == (1, 2, 8, 8)

@@ -67,12 +67,19 @@ def test_out_of_range_flags_are_refused_at_parsing_naming_the_flag(tmp_path, cap
     assert f"argument {flag}: {expected}" in capsys.readouterr().err
 
 
+def test_more_embedded_digits_than_the_train_split_are_refused_at_parsing(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        tiny_args(tmp_path, "--embedded_data", "digits", "--embedded_images", "1281")
+    assert "--embedded_images 1281: --embedded_data digits has 1280 train images" in capsys.readouterr().err
+    assert tiny_args(tmp_path, "--embedded_data", "scenes", "--embedded_images", "4096").embedded_images == 4096
+
+
 def test_evaluation_image_sizes_floor_like_training(tmp_path, capsys):
     args = tiny_args(tmp_path)
     path = tmp_path / "checkpoint.pth"
     torch.save({"args": vars(args), "teacher": build_model(args).state_dict()}, path)
     eval_knn.main(["--pretrained_weights", str(path), "--image_size", "36", "--nb_knn", "5"])
-    assert re.search(r"5-NN top-1 on the generated scenes \(2048 train, 512 val images\): cls \d+\.\d\d %, "
+    assert re.search(r"5-NN top-1 on the embedded digits \(1280 train, 517 val images\): cls \d+\.\d\d %, "
                      r"cls\+ \d+\.\d\d %$",
                      capsys.readouterr().out)
     with pytest.raises(ValueError, match=r"4x4 px are smaller than one patch \(patch_size 8\)"):

@@ -1,7 +1,7 @@
-"""Dense linear probe on frozen patch tokens: a linear classifier predicts each patch's class of the generated scenes
-(udi.scenes: 0 background, 1 + shape class; a patch takes its most frequent pixel class). Reports per-patch
-accuracy and mIoU (%) on the held-out scenes:
-`python -m udi.eval_dense --pretrained_weights out/checkpoint.pth`.
+"""Dense linear probe on frozen patch tokens: a linear classifier predicts each patch's class of embedded labelled
+data (udi.digits or udi.scenes: 0 background, 1 + class; a patch takes its most frequent pixel class). Reports
+per-patch accuracy and mIoU (%) on the held-out split:
+`python -m udi.eval_dense --pretrained_weights out/checkpoint.pth [--embedded_data digits]`.
 
 Patch tokens are the last block's outputs after the backbone's final norm (as DINO / iBOT linear segmentation),
 standardised with the train split's statistics; the classifier is eval_linear's (AdamW, cosine lr, cross-entropy).
@@ -40,9 +40,9 @@ def dense_probe(train_tokens: Tensor, train_labels: Tensor, test_tokens: Tensor,
 
 
 def main(argv=None):
-    from .eval_scenes import evaluate_checkpoint, print_metrics
+    from .eval_embedded import evaluate_checkpoint, print_metrics
     from .eval_knn import checkpoint_parser
-    args = checkpoint_parser("UDI dense linear probe on the generated scenes", data_path=False).parse_args(argv)
+    args = checkpoint_parser("UDI dense linear probe on embedded labelled data", data_path=False).parse_args(argv)
     metrics = evaluate_checkpoint(args, image_level=False)
     print_metrics(metrics)
     return metrics

@@ -1,12 +1,13 @@
 """Weighted k-NN on frozen cls / cls+ features (DINO's protocol): `python -m udi.eval_knn --pretrained_weights
-out/checkpoint.pth [--data_path /imagenet]` (ImageFolder with train/ and val/; default: the generated scenes,
-udi.scenes). cls+ results are absent for a backbone with one class token (--objective dino)."""
+out/checkpoint.pth [--data_path /imagenet]` (ImageFolder with train/ and val/; default: the embedded labelled
+data the checkpoint trained on, or the digits, udi.data.LABELLED_DATA). cls+ results are absent for a backbone with
+one class token (--objective dino)."""
 import argparse
 
 import torch
 import torch.nn.functional as F
 
-from .data import labelled_dataset
+from .data import LABELLED_DATA, labelled_dataset
 from .utils import checkpoint_with
 
 
@@ -35,23 +36,36 @@ def knn_classify(train_features, train_labels, test_features, test_labels, k=20,
     return 100.0 * (votes.argmax(1) == test_labels).float().mean().item()
 
 
-def split_features(backbone, data_path, image_size, device):
-    """Frozen features of the train and the val split: two (cls, cls_plus, labels) triples."""
-    return tuple(extract_features(backbone, labelled_dataset(data_path, train, image_size), device)
+def split_features(backbone, data_path, image_size, device, data="digits"):
+    """Frozen features of the train and the val split of the ImageFolder `data_path` or, without it, of the
+    embedded labelled data `data`: two (cls, cls_plus, labels) triples."""
+    return tuple(extract_features(backbone, labelled_dataset(data_path, train, image_size, data), device)
                  for train in (True, False))
 
 
-def data_name(data_path) -> str:
-    return data_path or "the generated scenes"
+def data_name(data_path, data="digits") -> str:
+    return data_path or f"the embedded {data}"
 
 
-def knn_accuracies(backbone, data_path, image_size, device, k=20, temperature=0.07) -> dict:
+def evaluation_data(args, train_args) -> str:
+    """The embedded labelled data of an evaluation: --embedded_data, else the checkpoint's (embedded_data_of)."""
+    return args.embedded_data or embedded_data_of(train_args)
+
+
+def embedded_data_of(train_args) -> str:
+    """The embedded labelled data a checkpoint trained on, or the digits (ImageFolder or unlabelled pictures)."""
+    data = getattr(train_args, "embedded_data", None)
+    return data if data in LABELLED_DATA and not getattr(train_args, "data_path", None) else "digits"
+
+
+def knn_accuracies(backbone, data_path, image_size, device, k=20, temperature=0.07, data="digits") -> dict:
     """Top-1 (%) of the weighted k-NN on cls and on cls+ features, with what it ran on: dict(cls, cls_plus, k,
     data, train_images, val_images)."""
-    train, test = split_features(backbone, data_path, image_size, device)
+    train, test = split_features(backbone, data_path, image_size, device, data)
     accuracies = {name: knn_classify(train[i], train[2], test[i], test[2], k, temperature)
                   for i, name in enumerate(("cls", "cls_plus")) if train[i] is not None}
-    return dict(accuracies, k=k, data=data_name(data_path), train_images=len(train[2]), val_images=len(test[2]))
+    return dict(accuracies, k=k, data=data_name(data_path, data), train_images=len(train[2]),
+                val_images=len(test[2]))
 
 
 def load_backbone(path, checkpoint_key="teacher"):
@@ -64,14 +78,17 @@ def load_backbone(path, checkpoint_key="teacher"):
 
 
 def checkpoint_parser(description, data_path: bool = True):
-    """The arguments every evaluation takes: which checkpoint, which data (unless data_path=False: the generated
-    scenes only), which image size."""
+    """The arguments every evaluation takes: which checkpoint, which data (unless data_path=False: embedded
+    labelled data only), which image size."""
     p = argparse.ArgumentParser(description)
     p.add_argument("--pretrained_weights", required=True, help="a udi.train checkpoint")
     p.add_argument("--checkpoint_key", default="teacher", help="the network to evaluate: teacher or student")
     if data_path:
         p.add_argument("--data_path", default=None,
-                       help="ImageFolder root (train/, val/); default: the generated scenes (udi.scenes)")
+                       help="ImageFolder root (train/, val/); default: --embedded_data")
+    p.add_argument("--embedded_data", default=None, choices=sorted(LABELLED_DATA),
+                   help="embedded labelled data (udi.digits, udi.scenes); default: the one the checkpoint trained "
+                        "on, or digits")
     p.add_argument("--image_size", default=None, type=int,
                    help="evaluation image side (floored to a multiple of the patch size, as in training); default: "
                         "the checkpoint's global crop size")
@@ -79,11 +96,14 @@ def checkpoint_parser(description, data_path: bool = True):
 
 
 def checkpoint_features(args):
-    """Train and val features of the checkpoint's backbone on the data of `args` (a checkpoint_parser result)."""
+    """Train and val features of the checkpoint's backbone on the data of `args` (a checkpoint_parser result),
+    and the data's name."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     backbone, train_args = load_backbone(args.pretrained_weights, args.checkpoint_key)
-    return split_features(backbone.to(device), args.data_path, args.image_size or train_args.global_crop_size,
-                          device)
+    data = evaluation_data(args, train_args)
+    train, test = split_features(backbone.to(device), args.data_path,
+                                 args.image_size or train_args.global_crop_size, device, data)
+    return train, test, data_name(args.data_path, data)
 
 
 def main(argv=None):
@@ -91,11 +111,11 @@ def main(argv=None):
     p.add_argument("--nb_knn", default=[10, 20, 100, 200], nargs="+", type=int, help="the k values to evaluate")
     p.add_argument("--temperature", default=0.07, type=float, help="temperature of the similarity-weighted vote")
     args = p.parse_args(argv)
-    train, test = checkpoint_features(args)
+    train, test, data = checkpoint_features(args)
     for k in args.nb_knn:
         accs = [f"{name} {knn_classify(train[i], train[2], test[i], test[2], k, args.temperature):.2f} %"
                 for i, name in enumerate(("cls", "cls+")) if train[i] is not None]
-        print(f"{k}-NN top-1 on {data_name(args.data_path)} ({len(train[2])} train, {len(test[2])} val images): "
+        print(f"{k}-NN top-1 on {data} ({len(train[2])} train, {len(test[2])} val images): "
               f"{', '.join(accs)}")
 
 

@@ -1,5 +1,5 @@
 """Linear probe on frozen cls / cls+ features: `python -m udi.eval_linear --pretrained_weights out/checkpoint.pth
-[--data_path /imagenet]` (ImageFolder with train/ and val/; default: the generated scenes, udi.scenes).
+[--data_path /imagenet]` (ImageFolder with train/ and val/; default: embedded labelled data, udi.eval_knn).
 
 Features are extracted once (centre crops, no augmentation) and standardised with the train split's statistics;
 one linear classifier per feature set (cls, cls+, and both concatenated) is trained with AdamW and a cosine
@@ -66,7 +66,8 @@ def main(argv=None):
     p.add_argument("--weight_decay", default=1e-4, type=float, help="AdamW weight decay")
     p.add_argument("--batch_size", default=256, type=int, help="mini-batch size")
     args = p.parse_args(argv)
-    train, test = checkpoint_features(args)
+    train, test, data = checkpoint_features(args)
+    print(f"linear probe on {data} ({len(train[2])} train, {len(test[2])} val images)")
     train_sets, test_sets = feature_sets(*train[:2]), feature_sets(*test[:2])
     results = {}
     for name in train_sets:

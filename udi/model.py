@@ -145,20 +145,29 @@ class WeightNormLinear(nn.Module):
 
 
 class DINOHead(nn.Module):
-    """MLP C -> hidden -> hidden -> bottleneck (GELU), L2-normalise, weight-normalised Linear(bottleneck -> K)."""
+    """MLP C -> hidden -> hidden -> bottleneck (GELU), L2-normalise, weight-normalised Linear(bottleneck -> K).
 
-    def __init__(self, in_dim, out_dim, norm_last_layer=True, hidden_dim=2048, bottleneck_dim=256):
+    use_bn (DINO's and the reference's --use_bn_in_head): a BatchNorm1d after each hidden Linear, at the reference's
+    indices (`mlp.1`, `mlp.4`). It normalises over all rows of one call, whatever the leading dims ([..., C] ->
+    [..., K]): the student's one call over all its rows (as DINO's one head call over all crops), the teacher's
+    cls rows and its sample rows separately; the teacher, in train mode as in DINO, uses its batch's statistics.
+    """
+
+    def __init__(self, in_dim, out_dim, norm_last_layer=True, hidden_dim=2048, bottleneck_dim=256, use_bn=False):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim),
-                                 nn.GELU(), nn.Linear(hidden_dim, bottleneck_dim))
-        for layer in self.mlp[::2]:
-            trunc_normal_(layer.weight, std=0.02)
-            nn.init.zeros_(layer.bias)
+        layers = []
+        for width_in in (in_dim, hidden_dim):
+            layers += [nn.Linear(width_in, hidden_dim), *([nn.BatchNorm1d(hidden_dim)] if use_bn else []), nn.GELU()]
+        self.mlp = nn.Sequential(*layers, nn.Linear(hidden_dim, bottleneck_dim))
+        for layer in self.mlp:
+            if isinstance(layer, nn.Linear):
+                trunc_normal_(layer.weight, std=0.02)
+                nn.init.zeros_(layer.bias)
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
         self.last_layer.weight_g.requires_grad = not norm_last_layer
 
     def bottleneck(self, x: Tensor) -> Tensor:
-        return F.normalize(self.mlp(x), dim=-1)
+        return F.normalize(self.mlp(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1), dim=-1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.last_layer(self.bottleneck(x))
@@ -224,7 +233,7 @@ def build_model(args, teacher: bool = False):
                            args.pos_embed_resampling, class_tokens=1 if dino else 2, embed_dim=args.embed_dim,
                            depth=args.depth, num_heads=args.num_heads)
     head = DINOHead(backbone.embed_dim, args.out_dim, args.norm_last_layer, args.head_hidden_dim,
-                    args.head_bottleneck_dim)
+                    args.head_bottleneck_dim, use_bn=getattr(args, "use_bn_in_head", False))
     return (DINOModel if dino else UDIModel)(backbone, head)
 
 

@@ -1,5 +1,6 @@
 """Generated scenes: labelled images with a class per image and a class per pixel, made deterministically from
-a seed (nothing downloaded). The demo pre-trains on them and evaluates image-level and dense features on them.
+a seed (nothing downloaded). `--embedded_data scenes` pre-trains on them; benchmarks/objectives.py compares UDI and
+DINO on them (image-level and dense features).
 
 A scene of `size x size` grey pixels has a noise-textured background and 1-3 drawn shapes out of the 10 classes of
 `SHAPES`: one large main object, whose class is the image's label, and 0-2 smaller distractors of other classes.

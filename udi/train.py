@@ -20,22 +20,24 @@ from udi_kernels.losses import DINOLoss, UDILoss
 
 from . import utils
 from .data import MultiCropAugmentation, ShardedBatchSampler, collate_multicrop, pretraining_dataset
+from .digits import TRAIN_DIGITS
 from .model import POS_EMBED_RESAMPLING, build_model
 
 PRESETS = {
     # ViT-S/16 as in the reference's ImageNet run.
     "reference": dict(arch="vit_small", patch_size=16, global_crop_size=224, local_crop_size=96, out_dim=65536,
                       local_crops_number=10, batch_size_per_gpu=128, epochs=100, final_eval=False),
-    # A tiny ViT (64-d, 4 blocks, 4 heads, patch 4: an 8 x 8 grid) pre-trained on 1024 generated scenes (udi.scenes,
-    # labels unused), 256 steps of 32 images: a few minutes on 2 CPU cores. The teacher is sharp and fast (0.02,
-    # momentum 0.97; at 0.03-0.04 its cls targets drift to uniform), K = 256, global crops of 40-100 %. What the
-    # entropy logs showed for each choice, and what is still missing: benchmarks/NOTES.md, "The demo learns".
+    # A tiny ViT (64-d, 4 blocks, 4 heads, patch 4: an 8 x 8 grid) pre-trained on scikit-learn's 1280 train digits
+    # (udi.digits, upscaled to 32 px, labels unused), 640 steps of 32 images with 2 global and 2 local crops: about
+    # 5 minutes on 2 CPU cores. BatchNorm in the head (DINO's --use_bn_in_head) is what keeps the teacher's targets
+    # image-dependent at this length; K = 256, τt 0.04, a fast teacher (momentum 0.97), lr 0.02, global crops of
+    # 40-100 %. What the entropy logs and the k-NN showed for each choice: benchmarks/NOTES.md, "The demo learns".
     "demo": dict(arch="vit_tiny", embed_dim=64, depth=4, num_heads=4, patch_size=4, global_crop_size=32,
-                 local_crop_size=16, local_crops_number=4, global_window=2, local_window=2, out_dim=256,
-                 head_hidden_dim=256, batch_size_per_gpu=32, epochs=8, warmup_epochs=1,
-                 warmup_teacher_temp=0.02, teacher_temp=0.02, warmup_teacher_temp_epochs=0, lr=0.01,
-                 momentum_teacher=0.97, drop_path_rate=0.0, global_crops_scale=(0.4, 1.0), embedded_data="scenes",
-                 embedded_images=1024, num_workers=0, saveckp_freq=0, output_dir="udi_demo_output", final_eval=True),
+                 local_crop_size=16, local_crops_number=2, global_window=2, local_window=2, out_dim=256,
+                 head_hidden_dim=256, use_bn_in_head=True, batch_size_per_gpu=32, epochs=16, warmup_epochs=1,
+                 warmup_teacher_temp=0.04, teacher_temp=0.04, warmup_teacher_temp_epochs=0, lr=0.02,
+                 momentum_teacher=0.97, drop_path_rate=0.0, global_crops_scale=(0.4, 1.0), embedded_data="digits",
+                 embedded_images=1280, num_workers=0, saveckp_freq=0, output_dir="udi_demo_output", final_eval=True),
 }
 
 
@@ -104,6 +106,10 @@ def get_args_parser(preset: str = "demo"):
     model.add_argument("--head_hidden_dim", default=2048, type=POSITIVE, help="width of the DINO head's MLP")
     model.add_argument("--head_bottleneck_dim", default=256, type=POSITIVE,
                        help="the DINO head's bottleneck before the last layer")
+    model.add_argument("--use_bn_in_head", default=False, type=str2bool,
+                       help="BatchNorm after the DINO head's hidden layers (DINO's flag): statistics over each head "
+                            "call, the student's one call over all its rows (cls, cls+, patch samples), the teacher's "
+                            "cls rows and sample rows separately; synchronised across GPUs, per process on the CPU")
     model.add_argument("--norm_last_layer", default=False, type=str2bool,
                        help="freeze the last layer's weight norm (DINO; False for ViT-S as in the reference)")
     model.add_argument("--momentum_teacher", default=0.996, type=FRACTION,
@@ -150,20 +156,21 @@ def get_args_parser(preset: str = "demo"):
     crops.add_argument("--local_window", default=2, type=POSITIVE, help="SRS window on the local patch grid")
     misc = p.add_argument_group("data, output, evaluation")
     misc.add_argument("--data_path", help="ImageFolder root of the training images; without it: embedded data")
-    misc.add_argument("--embedded_data", default="scenes", choices=["scenes", "images"],
-                      help="without --data_path: generated labelled scenes (train split; udi.scenes) or regions of "
-                           "scikit-image's sample images")
-    misc.add_argument("--embedded_images", default=2048, type=POSITIVE, help="dataset length of --embedded_data")
+    misc.add_argument("--embedded_data", default="digits", choices=["digits", "scenes", "images"],
+                      help="without --data_path: scikit-learn's digits (udi.digits) or generated scenes (udi.scenes), "
+                           "their train split without labels, or regions of scikit-image's sample images")
+    misc.add_argument("--embedded_images", default=1280, type=POSITIVE,
+                      help=f"dataset length of --embedded_data (digits: at most {TRAIN_DIGITS}, the train split)")
     misc.add_argument("--output_dir", default=".", help="checkpoint.pth, log.txt, args.json and the evaluation's files")
     misc.add_argument("--saveckp_freq", default=20, type=NON_NEGATIVE,
                       help="also keep checkpointNNNN.pth every this many epochs; 0: never")
     misc.add_argument("--seed", default=0, type=int, help="seed of the initialisation, the views and the sampling")
     misc.add_argument("--num_workers", default=10, type=NON_NEGATIVE, help="data-loader worker processes")
     misc.add_argument("--final_eval", default=False, type=str2bool,
-                      help="after training: udi.eval_scenes (k-NN, linear, dense probes) of the teacher and of a "
+                      help="after training: udi.eval_embedded (k-NN, linear, dense probes) of the teacher and of a "
                            "random network, attention PNGs of both")
     misc.add_argument("--knn_data_path",
-                      help="labelled ImageFolder (train/, val/) for an extra final k-NN beside the scenes' evaluation")
+                      help="labelled ImageFolder (train/, val/) for an extra final k-NN beside the embedded evaluation")
     p.set_defaults(**PRESETS[preset])
     return p
 
@@ -179,12 +186,20 @@ def check_sizes(parser, args):
                          f"patch grid; SRS needs at least 2x2 and at least --{level}_window ({window})")
 
 
+def check_embedded_data(parser, args):
+    """More embedded images than the data hold are refused here, naming the flags."""
+    if args.data_path is None and args.embedded_data == "digits" and args.embedded_images > TRAIN_DIGITS:
+        parser.error(f"--embedded_images {args.embedded_images}: --embedded_data digits has {TRAIN_DIGITS} train "
+                     "images")
+
+
 def parse_args(argv=None):
     preset_parser = argparse.ArgumentParser(add_help=False)
     preset_parser.add_argument("--preset", default="demo", choices=sorted(PRESETS))
     parser = get_args_parser(preset_parser.parse_known_args(argv)[0].preset)
     args = parser.parse_args(argv)
     check_sizes(parser, args)
+    check_embedded_data(parser, args)
     return args
 
 
@@ -274,6 +289,8 @@ def train_udi(args, stop_after_epoch=None):
     teacher.load_state_dict(student.state_dict())
     for p in teacher.parameters():
         p.requires_grad = False
+    if world_size > 1 and device.type == "cuda" and args.use_bn_in_head:  # as DINO: one batch across the GPUs
+        student, teacher = map(torch.nn.SyncBatchNorm.convert_sync_batchnorm, (student, teacher))
     student_ddp = torch.nn.parallel.DistributedDataParallel(student) if world_size > 1 else student
 
     # ============ loss, optimizer, schedules ... ============
@@ -482,19 +499,21 @@ def save_checkpoint(args, student, teacher, optimizer, loss_module, scaler, epoc
 
 
 def final_report(args, teacher, device):
-    """The embedded evaluation (udi.eval_scenes: k-NN and linear probe on cls / cls+, dense probe) of the teacher
-    and of a randomly initialised network, and attention PNGs of both on held-out scenes."""
-    from .eval_knn import knn_accuracies
-    from .data import SCENES_HELD_OUT
-    from .eval_scenes import TRAIN_SCENES, evaluate, print_metrics
-    from .visualize import held_out_scenes, save_attention_maps
+    """The embedded evaluation (udi.eval_embedded: k-NN and linear probe on cls / cls+, dense probe) of the teacher
+    and of a randomly initialised network, and attention PNGs of both on held-out images, on the embedded labelled
+    data trained on (the digits after training on other data)."""
+    from .data import LABELLED_DATA
+    from .eval_embedded import evaluate, print_metrics
+    from .eval_knn import embedded_data_of, knn_accuracies
+    from .visualize import held_out_images, save_attention_maps
     utils.fix_random_seeds(args.seed + 1)
     backbones = {"teacher": teacher.backbone, "random init": build_model(args).backbone.to(device)}
+    data = embedded_data_of(args)
+    train_count, held_out = LABELLED_DATA[data]
     report = {}
     for name, backbone in backbones.items():
-        report[name] = evaluate(backbone, args.global_crop_size, device)
-        print(f"{name}, {SCENES_HELD_OUT} held-out scenes (probes fit on {TRAIN_SCENES} train scenes, "
-              f"k-NN k = 20): ", end="")
+        report[name] = evaluate(backbone, args.global_crop_size, device, data)
+        print(f"{name}, {held_out} held-out {data} (probes fit on {train_count} train {data}, k-NN k = 20): ", end="")
         print_metrics(report[name])
         if args.knn_data_path:
             r = report[name]["knn_data_path"] = knn_accuracies(backbone, args.knn_data_path, args.global_crop_size,
@@ -502,11 +521,11 @@ def final_report(args, teacher, device):
             print(f"{r['k']}-NN top-1 on {r['data']} ({r['train_images']} train, {r['val_images']} held-out "
                   f"images), {name}: " + ", ".join(f"{t} {r[t]:.1f} %" for t in ("cls", "cls_plus") if t in r))
     paths = save_attention_maps(backbones, os.path.join(args.output_dir, "attention"),
-                                held_out_scenes(4, args.global_crop_size), device)
+                                held_out_images(data, 4, args.global_crop_size), device)
     print(f"attention maps: {', '.join(paths)}")
     path = os.path.join(args.output_dir, "final_eval.json")
     with open(path, "w") as f:
-        json.dump(report, f, indent=1)
+        json.dump(dict(report, data=data), f, indent=1)
     print(f"evaluation results: {path}")
     return report
 

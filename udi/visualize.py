@@ -2,7 +2,8 @@
 for a trained network and, beside it, a randomly initialised one (the paper's visualisation):
 `python -m udi.visualize --pretrained_weights out/checkpoint.pth [--image_path a.jpg ...] --output_dir maps`.
 
-Default pictures: held-out generated scenes (udi.scenes), shown with their per-pixel classes.
+Default pictures: held-out images of the embedded labelled data the checkpoint trained on (udi.digits or
+udi.scenes; --embedded_data), shown with their per-pixel classes.
 """
 import argparse
 import os
@@ -10,7 +11,7 @@ import os
 import matplotlib
 import torch
 
-from .data import IMAGENET_MEAN, IMAGENET_STD, SCENES_SEED, eval_transform, normalize
+from .data import IMAGENET_MEAN, IMAGENET_STD, LABELLED_DATA, class_names, eval_transform, labelled_images, normalize
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -55,11 +56,12 @@ def plot_attention(image, networks: dict, path, pixel_labels=None):
     plt.close(fig)
 
 
-def held_out_scenes(count: int, image_size: int) -> dict:
-    """The first `count` held-out scenes: name -> (normalised image [3, s, s], pixel classes [s, s])."""
-    from .scenes import SHAPES, generate_scenes
-    images, labels, pixels = generate_scenes(count, image_size, "val", SCENES_SEED)
-    return {f"scene{i}_{SHAPES[labels[i]]}": (normalize(images[i]), pixels[i]) for i in range(count)}
+def held_out_images(data: str, count: int, image_size: int) -> dict:
+    """The first `count` held-out images of the embedded labelled data `data`: name -> (normalised image [3, s, s],
+    pixel classes [s, s])."""
+    images, labels, pixels = labelled_images(data, count, image_size, "val")
+    names = class_names(data)
+    return {f"{data}{i}_{names[labels[i]]}": (normalize(images[i]), pixels[i]) for i in range(count)}
 
 
 def save_attention_maps(backbones: dict, output_dir, pictures: dict, device):
@@ -80,17 +82,23 @@ def save_attention_maps(backbones: dict, output_dir, pictures: dict, device):
 def main(argv=None):
     from PIL import Image
 
-    from .eval_knn import load_backbone
+    from .eval_knn import evaluation_data, load_backbone
     from .model import build_model
     p = argparse.ArgumentParser("UDI attention maps")
     p.add_argument("--pretrained_weights", required=True, help="a udi.train checkpoint")
     p.add_argument("--checkpoint_key", default="teacher", help="teacher or student")
-    p.add_argument("--image_path", nargs="*", default=None, help="pictures; default: held-out generated scenes")
-    p.add_argument("--num_scenes", default=4, type=int, help="how many held-out scenes without --image_path")
+    p.add_argument("--image_path", nargs="*", default=None,
+                   help="pictures; default: held-out images of --embedded_data")
+    p.add_argument("--embedded_data", default=None, choices=sorted(LABELLED_DATA),
+                   help="embedded labelled data without --image_path; default: the one the checkpoint trained on, "
+                        "or digits")
+    p.add_argument("--num_images", default=4, type=int, help="how many held-out images without --image_path")
     p.add_argument("--image_size", default=None, type=int, help="default: the checkpoint's global crop size")
     p.add_argument("--output_dir", default="attention", help="where the PNGs go")
     p.add_argument("--seed", default=1, type=int, help="seed of the randomly initialised network shown beside")
     args = p.parse_args(argv)
+    if args.num_images < 1:
+        p.error(f"--num_images must be at least 1, got {args.num_images}")
     backbone, train_args = load_backbone(args.pretrained_weights, args.checkpoint_key)
     torch.manual_seed(args.seed)
     backbones = {"trained": backbone, "random init": build_model(train_args).backbone}
@@ -100,7 +108,7 @@ def main(argv=None):
         pictures = {os.path.splitext(os.path.basename(f))[0]: (transform(Image.open(f).convert("RGB")), None)
                     for f in args.image_path}
     else:
-        pictures = held_out_scenes(args.num_scenes, size)
+        pictures = held_out_images(evaluation_data(args, train_args), args.num_images, size)
     paths = save_attention_maps(backbones, args.output_dir, pictures, torch.device("cpu"))
     print("\n".join(paths))
 

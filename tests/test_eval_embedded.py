@@ -1,8 +1,11 @@
-"""The generated scenes, the dense probe and the embedded evaluation (issue 12), on the CPU in a few seconds."""
+"""The embedded labelled data (digits, generated scenes), the dense probe and the embedded evaluation (issue 12), on
+the CPU in a few seconds."""
 import numpy as np
 import pytest
 import torch
 
+from udi.data import LABELLED_DATA, LabelledImages, labelled_images
+from udi.digits import TRAIN_DIGITS, generate_digits
 from udi.eval_dense import accuracy_and_miou, dense_probe
 from udi.scenes import NUM_CLASSES, generate_scenes, patch_labels, render_scene
 
@@ -21,6 +24,39 @@ def test_scenes_are_deterministic_labelled_and_split():
     assert not torch.equal(held_out, images)
     with pytest.raises(ValueError, match="split"):
         generate_scenes(2, 32, "test", 0)
+
+
+def test_digits_are_scikit_learns_upscaled_split_and_labelled_per_pixel():
+    from sklearn.datasets import load_digits
+    train, held_out = LABELLED_DATA["digits"]
+    images, labels, pixels = generate_digits(train, 32, "train")
+    val_images, val_labels, _ = generate_digits(held_out, 32, "val")
+    assert train == TRAIN_DIGITS and train + held_out == 1797
+    assert images.shape == (train, 3, 32, 32) and images.dtype == torch.float32 and pixels.shape == (train, 32, 32)
+    assert torch.equal(images[:, 0], images[:, 2]) and 0 <= float(images.min()) and float(images.max()) <= 1
+    assert sorted(torch.bincount(torch.cat([labels, val_labels])).tolist()) == sorted(
+        np.bincount(load_digits().target).tolist())
+    # each image is one of scikit-learn's 8 x 8 digits with its label, and no digit is in both splits
+    source = load_digits()
+    small = torch.nn.functional.avg_pool2d(images[:, :1], 4)  # back to 8 x 8 (4 x 4 blocks of the upscaled image)
+    reference = torch.from_numpy(source.images).float()[:, None] / 16
+    nearest = torch.cdist(small.flatten(1), reference.flatten(1)).argmin(1)
+    assert torch.equal(torch.from_numpy(source.target)[nearest], labels)
+    val_nearest = torch.cdist(torch.nn.functional.avg_pool2d(val_images[:, :1], 4).flatten(1),
+                              reference.flatten(1)).argmin(1)
+    assert not set(nearest.tolist()) & set(val_nearest.tolist())
+    ink = images[:, 0] >= 0.5
+    assert torch.equal(pixels, torch.where(ink, 1 + labels[:, None, None], 0))
+    assert ink.flatten(1).any(1).all(), "every digit has ink"
+    assert torch.equal(labelled_images("digits", 5, 32, "train")[0], images[:5])
+    with pytest.raises(ValueError, match="the train split holds 1280 digits, 1281 were asked for"):
+        generate_digits(TRAIN_DIGITS + 1, 32, "train")
+    with pytest.raises(ValueError, match="split"):
+        generate_digits(2, 32, "test")
+    with pytest.raises(ValueError, match="data must be one of"):
+        labelled_images("mnist", 2, 32, "train")
+    dataset = LabelledImages("digits", "val", 3, 16)
+    assert len(dataset) == 3 and dataset[2][0].shape == (3, 16, 16) and int(dataset[2][1]) == int(val_labels[2])
 
 
 def test_patch_labels_take_the_most_frequent_class():
