@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from udi.data import LABELLED_DATA, LabelledImages, labelled_images
+from udi.data import LABELLED_DATA, LabelledImages, class_names, labelled_dataset, labelled_images
 from udi.digits import TRAIN_DIGITS, generate_digits
 from udi.eval_dense import accuracy_and_miou, dense_probe
 from udi.scenes import NUM_CLASSES, generate_scenes, patch_labels, render_scene
@@ -53,8 +53,10 @@ def test_digits_are_scikit_learns_upscaled_split_and_labelled_per_pixel():
         generate_digits(TRAIN_DIGITS + 1, 32, "train")
     with pytest.raises(ValueError, match="split"):
         generate_digits(2, 32, "test")
-    with pytest.raises(ValueError, match="data must be one of"):
-        labelled_images("mnist", 2, 32, "train")
+    for unknown in (lambda: labelled_images("mnist", 2, 32, "train"), lambda: class_names("images"),
+                    lambda: labelled_dataset(None, True, 32, "images")):
+        with pytest.raises(ValueError, match="data must be one of"):
+            unknown()
     dataset = LabelledImages("digits", "val", 3, 16)
     assert len(dataset) == 3 and dataset[2][0].shape == (3, 16, 16) and int(dataset[2][1]) == int(val_labels[2])
 

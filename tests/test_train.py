@@ -259,8 +259,10 @@ def test_head_batchnorm_has_the_reference_layout_and_normalises_over_each_call()
     expected = _head_float64(model.head, rows)
     got = torch.cat([out.cls, out.cls_plus, out.patch.flatten(0, 1)])
     torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5)
-    # leading dims are rows too: a [S, n, C] call equals the [S * n, C] one
+    # leading dims are rows too: a [S, n, C] call equals the [S * n, C] one, and without BatchNorm one [C] row works
     torch.testing.assert_close(model.head(rows.reshape(4, -1, 32)).flatten(0, 1), model.head(rows))
+    plain = DINOHead(32, 64, hidden_dim=32, bottleneck_dim=16)
+    torch.testing.assert_close(plain(rows[0]), plain(rows[:1])[0])
 
 
 def test_teacher_with_head_batchnorm_is_deterministic_and_uses_its_batch(tmp_path):
