@@ -265,10 +265,10 @@ def labelled_images(data: str, count: int, size: int, split: str):
     """The first `count` images of a split ("train" or "val") of the embedded labelled data `data`: "digits"
     (udi.digits) or "scenes" (udi.scenes) -> (images [count, 3, size, size] float32 in [0, 1], labels [count]
     int64, pixel labels [count, size, size] int64: 0 background, 1 + class). Cached; ValueError for an unknown name."""
+    check_labelled_data(data)
     if data == "digits":
         from .digits import generate_digits
         return generate_digits(count, size, split)
-    check_labelled_data(data)
     from .scenes import generate_scenes
     return generate_scenes(count, size, split, SCENES_SEED)
 
