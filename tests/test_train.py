@@ -1,6 +1,7 @@
 """The UDI training loop (issue 5 §6): data boxes, bottleneck-space targets, checkpoint conversion, short runs,
 exact resume and 2-process DDP, all on the CPU with a tiny ViT."""
 import json
+import math
 import os
 import socket
 
@@ -85,8 +86,8 @@ def test_blur_sigma_scales_with_the_global_crop_size(monkeypatch):
     """DINO's blur sigmas (0.1-2 px) belong to 224-px crops: a 32-px demo crop gets them times 32/224."""
     import udi.data as data
     sigmas = []
-    blur = data.TF.gaussian_blur
-    monkeypatch.setattr(data.TF, "gaussian_blur", lambda image, kernel, sigma: sigmas.append(sigma[0]) or
+    blur = data.separable_gaussian_blur
+    monkeypatch.setattr(data, "separable_gaussian_blur", lambda image, kernel, sigma: sigmas.append(sigma) or
                         blur(image, kernel, sigma))
     image = torch.rand(3, 64, 64)
     for size, (low, high) in ((224, (0.1, 2.0)), (32, (0.1 * 32 / 224, 2.0 * 32 / 224))):
@@ -103,10 +104,52 @@ def test_hue_shift_skipped_on_grey_views_changes_no_bit(monkeypatch):
     grey = (1.2 * torch.rand(1, 24, 24) - 0.1).expand(3, -1, -1).contiguous()  # a resize may leave [0, 1]
     colour = torch.rand(3, 24, 24)
     assert not data.is_grey(colour) and data.is_grey(grey)
-    skipped = [data.color_jitter(data.image_generator(0, i), grey) for i in range(40)]
+    skipped = [data.color_jitter(data.RandomDraws(data.image_generator(0, i)), grey) for i in range(40)]
     monkeypatch.setattr(data, "is_grey", lambda image: False)  # always shift the hue
-    shifted = [data.color_jitter(data.image_generator(0, i), grey) for i in range(40)]
+    shifted = [data.color_jitter(data.RandomDraws(data.image_generator(0, i)), grey) for i in range(40)]
     assert all(torch.equal(a, b) for a, b in zip(skipped, shifted))
+
+
+def test_separable_blur_equals_torchvision():
+    from udi import data
+    gen = torch.Generator().manual_seed(0)
+    for size, sigma in ((32, 0.02), (32, 0.29), (16, 0.2), (7, 1.5), (60, 2.0)):
+        image = torch.rand(3, size, size + 3, generator=gen)
+        kernel = min(2 * math.ceil(3 * sigma) + 1, (size - 1) | 1)
+        expected = data.TF.gaussian_blur(image, [kernel, kernel], [sigma, sigma])
+        torch.testing.assert_close(data.separable_gaussian_blur(image, kernel, sigma), expected, rtol=0, atol=1e-6)
+
+
+def test_resized_crop_equals_torchvision_bit_for_bit():
+    from udi import data
+    image = torch.rand(3, 40, 36)
+    for crop, size in ((data.Crop(3, 5, 20, 22), 32), (data.Crop(0, 0, 40, 36), 16), (data.Crop(10, 2, 3, 4), 16)):
+        assert torch.equal(data.resized_crop(image, crop, size),
+                           data.TF.resized_crop(image, *crop, size=[size, size], antialias=True))
+
+
+def test_random_draws_cover_their_ranges():
+    from udi.data import RandomDraws
+    rng = RandomDraws(torch.Generator().manual_seed(0))
+    ints = [rng.randint(2, 5) for _ in range(400)]  # more than one buffer of draws
+    assert set(ints) == {2, 3, 4, 5}
+    floats = [rng.uniform(-1.0, 3.0) for _ in range(400)]
+    assert -1.0 <= min(floats) < -0.9 and 2.9 < max(floats) < 3.0
+    perms = {tuple(rng.permutation(4)) for _ in range(400)}
+    assert all(sorted(p) == [0, 1, 2, 3] for p in perms) and len(perms) == 24
+    again = RandomDraws(torch.Generator().manual_seed(0))
+    assert [again.randint(2, 5) for _ in range(400)] == ints
+
+
+def test_freeze_last_layer_cancels_only_its_gradients_in_its_epochs():
+    from udi.utils import cancel_gradients_last_layer
+    model = tiny_model()
+    for epoch, frozen in ((0, True), (1, True), (2, False)):
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        cancel_gradients_last_layer(epoch, model, freeze_last_layer=2)
+        for name, p in model.named_parameters():
+            assert (p.grad is None) == (frozen and "last_layer" in name), (epoch, name)
 
 
 def test_views_depend_only_on_seed_epoch_index():

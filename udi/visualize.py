@@ -37,7 +37,8 @@ def plot_attention(image, networks: dict, path, pixel_labels=None):
     [class_tokens, heads, h, w]. The first column shows the picture (and below it the pixel classes, if given)."""
     rows = [(name, t) for name, grids in networks.items() for t in range(grids.shape[0])]
     heads = next(iter(networks.values())).shape[1]
-    fig, axes = plt.subplots(len(rows), heads + 1, figsize=(2.4 * heads + 2, 2.1 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), heads + 1, figsize=(2.4 * heads + 2, 2.1 * len(rows)), squeeze=False,
+                             subplot_kw=dict(xticks=[], yticks=[]))
     firsts = [_picture(image)] + ([pixel_labels] if pixel_labels is not None else [])
     for r, (name, token) in enumerate(rows):
         first = firsts[r % len(firsts)]
@@ -48,10 +49,7 @@ def plot_attention(image, networks: dict, path, pixel_labels=None):
             panel = axes[r, h + 1].imshow(networks[name][token, h], cmap="inferno", interpolation="nearest")
             axes[r, h + 1].set_title(f"{name}: {TOKEN_NAMES[token]}, head {h}", fontsize=8)
             fig.colorbar(panel, ax=axes[r, h + 1], fraction=0.046, pad=0.03).ax.tick_params(labelsize=6)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.01, right=0.97, bottom=0.01, top=0.93, wspace=0.35, hspace=0.3)
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
