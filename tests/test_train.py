@@ -118,6 +118,9 @@ def test_separable_blur_equals_torchvision():
         kernel = min(2 * math.ceil(3 * sigma) + 1, (size - 1) | 1)
         expected = data.TF.gaussian_blur(image, [kernel, kernel], [sigma, sigma])
         torch.testing.assert_close(data.separable_gaussian_blur(image, kernel, sigma), expected, rtol=0, atol=1e-6)
+    for kernel, sigma in ((4, 1.0), (0, 1.0), (3, 0.0), (3, -1.0)):
+        with pytest.raises(ValueError, match="kernel" if kernel % 2 == 0 else "sigma"):
+            data.separable_gaussian_blur(torch.rand(3, 8, 8), kernel, sigma)
 
 
 def test_resized_crop_equals_torchvision_bit_for_bit():
@@ -139,6 +142,8 @@ def test_random_draws_cover_their_ranges():
     assert all(sorted(p) == [0, 1, 2, 3] for p in perms) and len(perms) == 24
     again = RandomDraws(torch.Generator().manual_seed(0))
     assert [again.randint(2, 5) for _ in range(400)] == ints
+    with pytest.raises(ValueError, match="low <= high"):
+        rng.randint(3, 2)
 
 
 def test_freeze_last_layer_cancels_only_its_gradients_in_its_epochs():
@@ -150,6 +155,23 @@ def test_freeze_last_layer_cancels_only_its_gradients_in_its_epochs():
         cancel_gradients_last_layer(epoch, model, freeze_last_layer=2)
         for name, p in model.named_parameters():
             assert (p.grad is None) == (frozen and "last_layer" in name), (epoch, name)
+
+
+def test_clip_gradients_scales_each_parameter_by_its_own_norm():
+    from udi.utils import clip_gradients
+    model = tiny_model()
+    gen = torch.Generator().manual_seed(0)
+    params = list(model.parameters())
+    for i, p in enumerate(params):
+        p.grad = None if i == 3 else torch.randn(p.shape, generator=gen) * (0.01 if i % 2 else 10.0)
+    expected = [None if p.grad is None else
+                p.grad.double() * min(1.0, 3.0 / (p.grad.double().norm().item() + 1e-6)) for p in params]
+    clip_gradients(model, 3.0)
+    for p, e in zip(params, expected):
+        assert (p.grad is None) == (e is None)
+        if e is not None:
+            torch.testing.assert_close(p.grad.double(), e, rtol=1e-6, atol=1e-9)
+    assert any(e is not None and e.norm() < 1 for e in expected) and params[0].grad.norm() <= 3.0 + 1e-5
 
 
 def test_views_depend_only_on_seed_epoch_index():

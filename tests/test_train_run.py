@@ -198,6 +198,20 @@ def test_a_run_killed_while_writing_its_checkpoint_keeps_the_previous_one(tmp_pa
     assert read_log(killed) == read_log(straight)
 
 
+def test_an_fp16_run_resumes_from_a_checkpoint_of_the_non_fused_optimizer(tmp_path):
+    """Checkpoints written before AdamW was fused store fused=None in its groups; loading them must not turn the
+    optimizer non-fused under a GradScaler that hands it fused-only arguments."""
+    train_udi(tiny_args(tmp_path, "--precision", "fp16", "--epochs", "1"))
+    checkpoint = torch.load(tmp_path / "checkpoint.pth", weights_only=False)
+    for group in checkpoint["optimizer"]["param_groups"]:
+        group["fused"] = None
+    torch.save(checkpoint, tmp_path / "checkpoint.pth")
+    train_udi(tiny_args(tmp_path, "--precision", "fp16", "--epochs", "2"))
+    resumed = torch.load(tmp_path / "checkpoint.pth", weights_only=False)
+    assert resumed["epoch"] == 2 and all(g["fused"] for g in resumed["optimizer"]["param_groups"])
+    assert all(math.isfinite(r["train_loss"]) for r in read_log(tmp_path))
+
+
 @pytest.mark.parametrize("content", [b"", b"not a checkpoint", b"PK\x03\x04 torn"])
 def test_an_unreadable_checkpoint_is_named(tmp_path, content):
     (tmp_path / "checkpoint.pth").write_bytes(content)

@@ -45,7 +45,7 @@ class Crop(NamedTuple):
 
 
 class RandomDraws:
-    """Uniform numbers from a torch.Generator, drawn DRAWS_PER_CALL at a time (float64): a view needs about 11, and
+    """Uniform numbers from a torch.Generator, drawn DRAWS_PER_CALL at a time (float64): a view needs about 16, and
     one generator call per number was a tenth of the augmentation's time."""
     DRAWS_PER_CALL = 64
 
@@ -58,7 +58,9 @@ class RandomDraws:
         return low + (high - low) * self.buffer.pop()
 
     def randint(self, low: int, high: int) -> int:
-        """Uniform integer in [low, high]."""
+        """Uniform integer in [low, high]; ValueError if high < low."""
+        if high < low:
+            raise ValueError(f"randint needs low <= high, got low={low}, high={high}")
         return min(low + int(self.uniform() * (high - low + 1)), high)
 
     def permutation(self, n: int) -> list:
@@ -150,9 +152,14 @@ def gaussian_blur(rng, image, sigma_range=DINO_BLUR_SIGMA):
 
 
 def separable_gaussian_blur(image: Tensor, kernel: int, sigma: float) -> Tensor:
-    """torchvision's gaussian_blur (odd `kernel` taps, reflect padding) as a row pass and a column pass of shifted
-    slices: equal to it up to float rounding (tests), 2-3x faster on small views, where its 2-D convolution's
-    per-call overhead dominated the augmentation."""
+    """image [C, H, W] float -> torchvision's gaussian_blur with `kernel` x `kernel` taps (odd, at most the shorter
+    side when > 1: reflect padding) and standard deviation `sigma` (pixels, > 0), as a row pass and a column pass
+    of shifted slices: equal to it up to float rounding (tests), 2-3x faster on small views, where its 2-D
+    convolution's per-call overhead dominated the augmentation. ValueError for an even kernel or sigma <= 0."""
+    if kernel < 1 or kernel % 2 == 0:
+        raise ValueError(f"kernel must be a positive odd number of taps, got {kernel}")
+    if not sigma > 0:
+        raise ValueError(f"sigma must be > 0, got {sigma}")
     radius = kernel // 2
     weights = [math.exp(-0.5 * (i / sigma) ** 2) for i in range(-radius, radius + 1)]
     weights = [w / sum(weights) for w in weights]
@@ -168,8 +175,8 @@ def separable_gaussian_blur(image: Tensor, kernel: int, sigma: float) -> Tensor:
 
 
 def resized_crop(image: Tensor, crop: Crop, size: int) -> Tensor:
-    """image [C, H, W] -> the crop (inside the image) resized to size x size, bilinear with antialiasing: what
-    torchvision's resized_crop computes for a float image, bit for bit (tests), without its per-call overhead."""
+    """image [C, H, W] float32 / float64 -> the crop (inside the image) resized to size x size, bilinear with
+    antialiasing: what torchvision's resized_crop computes, bit for bit (tests), without its per-call overhead."""
     region = image[None, :, crop.top:crop.top + crop.height, crop.left:crop.left + crop.width]
     return F.interpolate(region, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
 

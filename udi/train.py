@@ -297,7 +297,7 @@ def train_udi(args, stop_after_epoch=None):
 
     # ============ loss, optimizer, schedules ... ============
     loss_module = build_loss(args).to(device)
-    optimizer = torch.optim.AdamW(utils.param_groups(student))
+    optimizer = torch.optim.AdamW(utils.param_groups(student), fused=True)  # one kernel for all parameters
     dtype = precision_dtype(args, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     iters = len(loader)
@@ -315,6 +315,8 @@ def train_udi(args, stop_after_epoch=None):
     start_epoch, log = (checkpoint["epoch"], checkpoint["log"]) if checkpoint else (0, [])
     if checkpoint:
         utils.set_rng_state(checkpoint["rng"][rank])
+        for group in optimizer.param_groups:  # checkpoints of the non-fused AdamW (before 2026-11-30) say None
+            group["fused"] = True
     utils.restore_log(args.output_dir, log)
     if utils.is_main_process():
         print(run_summary(args, dataset, iters, world_size, device, dtype, start_epoch), flush=True)
@@ -500,6 +502,9 @@ def save_checkpoint(args, student, teacher, optimizer, loss_module, scaler, epoc
         utils.save_on_master(state, os.path.join(args.output_dir, f"checkpoint{epoch:04}.pth"))
 
 
+ATTENTION_IMAGES = 2  # held-out images drawn by final_report (python -m udi.visualize --num_images N for more)
+
+
 def final_report(args, teacher, device):
     """The embedded evaluation (udi.eval_embedded: k-NN and linear probe on cls / cls+, dense probe) of the teacher
     and of a randomly initialised network, and attention PNGs of both on held-out images, on the embedded labelled
@@ -523,7 +528,7 @@ def final_report(args, teacher, device):
             print(f"{r['k']}-NN top-1 on {r['data']} ({r['train_images']} train, {r['val_images']} held-out "
                   f"images), {name}: " + ", ".join(f"{t} {r[t]:.1f} %" for t in ("cls", "cls_plus") if t in r))
     paths = save_attention_maps(backbones, os.path.join(args.output_dir, "attention"),
-                                held_out_images(data, 4, args.global_crop_size), device)
+                                held_out_images(data, ATTENTION_IMAGES, args.global_crop_size), device)
     print(f"attention maps: {', '.join(paths)}")
     path = os.path.join(args.output_dir, "final_eval.json")
     with open(path, "w") as f:

@@ -65,11 +65,11 @@ def step_seed(seed: int, iteration: int) -> int:
 
 
 def clip_gradients(model, clip: float):
-    """Per-parameter norm clipping, as DINO does."""
-    for p in model.parameters():
-        if p.grad is not None:
-            norm = p.grad.norm(2)
-            p.grad.mul_((clip / (norm + 1e-6)).clamp(max=1))
+    """Per-parameter norm clipping, as DINO does: each gradient scaled by min(1, clip / (its L2 norm + 1e-6))."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if grads:
+        norms = torch.stack(torch._foreach_norm(grads))
+        torch._foreach_mul_(grads, (clip / (norms + 1e-6)).clamp(max=1).unbind())
 
 
 def cancel_gradients_last_layer(epoch, model, freeze_last_layer):

@@ -49,7 +49,7 @@ def plot_attention(image, networks: dict, path, pixel_labels=None):
             panel = axes[r, h + 1].imshow(networks[name][token, h], cmap="inferno", interpolation="nearest")
             axes[r, h + 1].set_title(f"{name}: {TOKEN_NAMES[token]}, head {h}", fontsize=8)
             fig.colorbar(panel, ax=axes[r, h + 1], fraction=0.046, pad=0.03).ax.tick_params(labelsize=6)
-    fig.subplots_adjust(left=0.01, right=0.97, bottom=0.01, top=0.93, wspace=0.35, hspace=0.3)
+    fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
