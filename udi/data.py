@@ -162,7 +162,8 @@ def separable_gaussian_blur(image: Tensor, kernel: int, sigma: float) -> Tensor:
         raise ValueError(f"sigma must be > 0, got {sigma}")
     radius = kernel // 2
     weights = [math.exp(-0.5 * (i / sigma) ** 2) for i in range(-radius, radius + 1)]
-    weights = [w / sum(weights) for w in weights]
+    total = sum(weights)
+    weights = [w / total for w in weights]
     padded = F.pad(image[None], (radius,) * 4, mode="reflect")[0]
     height, width = image.shape[-2:]
     rows = padded[..., :width] * weights[0]
