@@ -12,6 +12,7 @@ import torch
 
 from test_train import read_log, tiny_args
 from udi import eval_knn, utils
+from udi.checkpoint import load_states
 from udi.model import build_model
 from udi.train import COLLAPSE_FRACTION, PRESETS, get_args_parser, parse_args, seen_boxes, train_udi
 from udi.train import collapse_warning as warning_for
@@ -48,23 +49,63 @@ def test_sizes_without_an_srs_grid_are_refused_at_parsing(tmp_path, capsys, flag
 
 
 @pytest.mark.parametrize("flag, value, expected", [
-    ("--batch_size_per_gpu", "0", "expected an int >= 1, got 0"),
-    ("--batch_size_per_gpu", "-1", "expected an int >= 1, got -1"),
-    ("--embedded_images", "-5", "expected an int >= 1, got -5"),
-    ("--epochs", "0", "expected an int >= 1, got 0"),
-    ("--local_window", "0", "expected an int >= 1, got 0"),
-    ("--local_crops_number", "-1", "expected an int >= 0, got -1"),
+    ("--batch_size_per_gpu", "0", "expected an int in [1, 4096], got 0"),
+    ("--batch_size_per_gpu", "-1", "expected an int in [1, 4096], got -1"),
+    ("--embedded_images", "-5", "expected an int in [1, 1000000], got -5"),
+    ("--epochs", "0", "expected an int in [1, 100000], got 0"),
+    ("--local_window", "0", "expected an int in [1, 4096], got 0"),
+    ("--local_crops_number", "-1", "expected an int in [0, 64], got -1"),
     ("--momentum_teacher", "2", "expected a finite number in [0.0, 1.0], got 2"),
     ("--momentum_teacher", "-1", "expected a finite number in [0.0, 1.0], got -1"),
-    ("--batch_size_per_gpu", "1.5", "invalid int >= 1 value: '1.5'"),
-    ("--lr", "-1", "expected a finite number in [0.0, inf], got -1"),
-    ("--teacher_temp", "0", "expected a finite number in (0.0, inf], got 0"),
-    ("--lr", "nan", "expected a finite number in [0.0, inf], got nan"),
+    ("--batch_size_per_gpu", "1.5", "expected an int in [1, 4096], got '1.5'"),
+    ("--lr", "-1", "expected a finite number in [0.0, 1000000.0], got -1"),
+    ("--teacher_temp", "0", "expected a finite number in (0.0, 1000000.0], got 0"),
+    ("--lr", "nan", "expected a finite number in [0.0, 1000000.0], got nan"),
+    # issue 21 §10: values that reached the run (mid-run tracebacks) or grew without bound
+    ("--local_crops_scale", "-0.1", "expected a finite number in (0.0, 1.0], got -0.1"),
+    ("--local_crops_scale", "nan", "expected a finite number in (0.0, 1.0], got nan"),
+    ("--global_crops_scale", "2.0", "expected a finite number in (0.0, 1.0], got 2.0"),
+    ("--seed", "-1", "expected an int in [0, 4294967295], got -1"),
+    ("--seed", str(2 ** 70), f"expected an int in [0, 4294967295], got {2 ** 70}"),
+    ("--out_dim", str(2 ** 30), f"expected an int in [1, 1048576], got {2 ** 30}"),
+    ("--global_crop_size", "100000", "expected an int in [1, 4096], got 100000"),
 ])
 def test_out_of_range_flags_are_refused_at_parsing_naming_the_flag(tmp_path, capsys, flag, value, expected):
+    values = [value, "0.5"] if flag.endswith("crops_scale") else [value]  # the scales take MIN MAX
+    with pytest.raises(SystemExit) as exit_info:
+        tiny_args(tmp_path, flag, *values)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}" in err and expected in err  # argparse names a flag with its aliases: --a/--alias
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--global_crops_scale", "0.9", "0.3"], "--global_crops_scale 0.9 0.3: MIN must not exceed MAX"),
+    (["--local_crops_scale", "0.2", "0.1"], "--local_crops_scale 0.2 0.1: MIN must not exceed MAX"),
+    (["--num_heads", "3"], "--num_heads 3 does not divide the width 32"),
+    (["--embed_dim", "30", "--num_heads", "4"], "--num_heads 4 does not divide the width 30"),
+    (["--arch", "resnet50"], "--arch resnet50: not a DINO name"),
+    (["--warmup_epochs", "3"], "--warmup_epochs 3 exceeds --epochs 2"),
+    (["--warmup_teacher_temp_epochs", "5"], "--warmup_teacher_temp_epochs 5 exceeds --epochs 2"),
+    (["--embedded_data", "scenes", "--embedded_images", "100000"],
+     "--embedded_images 100000: generated scenes of --global_crop_size 32 px would hold"),
+    (["--embedded_images", "3"], "--embedded_images 3 give no full batch of --batch_size_per_gpu 4 x 1"),
+    (["--data_path", "/no/such/folder"], "--data_path /no/such/folder: no such folder"),
+    (["--use_fp16", "maybe"], "argument --use_fp16: expected a boolean"),
+    (["--optimizer", "sgd"], "argument --optimizer: invalid choice: 'sgd'"),
+])
+def test_cross_flag_constraints_are_refused_at_parsing_naming_the_flags(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        tiny_args(tmp_path, *flags)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_knn_data_path_without_train_and_val_is_refused_at_parsing(tmp_path, capsys):
+    (tmp_path / "labelled" / "train").mkdir(parents=True)
     with pytest.raises(SystemExit):
-        tiny_args(tmp_path, flag, value)
-    assert f"argument {flag}: {expected}" in capsys.readouterr().err
+        tiny_args(tmp_path, "--knn_data_path", str(tmp_path / "labelled"))
+    assert "needs the folders train/ and val/ (missing: val)" in capsys.readouterr().err
 
 
 def test_more_embedded_digits_than_the_train_split_are_refused_at_parsing(tmp_path, capsys):
@@ -101,10 +142,18 @@ def test_every_flag_has_help_and_help_shows_the_active_presets_defaults():
     assert "the defaults shown are those of --preset reference" in help_text("reference").lower()
 
 
-def test_one_precision_flag(tmp_path):
+def test_dino_and_reference_flag_names_are_aliases_shown_in_help(tmp_path):
+    """issue 20 §11: a main_dino.py / main_udi.py command line runs under its own flag names and value syntax."""
     assert parse_args(["--precision", "fp16"]).precision == "fp16"
-    with pytest.raises(SystemExit):
-        tiny_args(tmp_path, "--use_fp16", "true")
+    assert tiny_args(tmp_path, "--use_fp16", "true").precision == "fp16"
+    assert tiny_args(tmp_path, "--use_fp16", "False").precision == "fp32"
+    dino = tiny_args(tmp_path, "--optimizer", "adamw", "--dist_url", "env://", "--local_rank", "0",
+                     "--global_sampling_window_size", "2", "--local_sampling_window_size", "1")
+    assert (dino.global_window, dino.local_window, dino.optimizer) == (2, 1, "adamw")
+    text = help_text("demo")
+    for alias in ("--use_fp16", "--global_sampling_window_size", "--local_sampling_window_size", "--optimizer",
+                  "--dist_url", "--local_rank"):
+        assert alias in text, alias
 
 
 # ---- what a run prints ----------------------------------------------------------------------------------
@@ -205,6 +254,7 @@ def test_an_fp16_run_resumes_from_a_checkpoint_of_the_non_fused_optimizer(tmp_pa
     checkpoint = torch.load(tmp_path / "checkpoint.pth", weights_only=False)
     for group in checkpoint["optimizer"]["param_groups"]:
         group["fused"] = None
+    del checkpoint["checksum"]  # as written then: no checksum
     torch.save(checkpoint, tmp_path / "checkpoint.pth")
     train_udi(tiny_args(tmp_path, "--precision", "fp16", "--epochs", "2"))
     resumed = torch.load(tmp_path / "checkpoint.pth", weights_only=False)
@@ -233,7 +283,7 @@ def test_resuming_a_checkpoint_of_other_settings_names_the_file(tmp_path):
     path = tmp_path / "checkpoint.pth"
     torch.save({"student": torch.nn.Linear(3, 4).state_dict()}, path)
     with pytest.raises(RuntimeError, match=re.escape(f"cannot resume from {path}: its 'student' does not fit")):
-        utils.restart_from_checkpoint(str(path), student=torch.nn.Linear(3, 5))
+        load_states(torch.load(path, weights_only=False), str(path), student=torch.nn.Linear(3, 5))
 
 
 def test_a_log_without_its_checkpoint_is_kept_aside(tmp_path):

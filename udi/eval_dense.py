@@ -49,4 +49,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from .eval_knn import run_main
+    run_main(main)

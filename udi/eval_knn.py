@@ -7,7 +7,9 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from .data import LABELLED_DATA, labelled_dataset
+from .checkpoint import verify
+from .data import LABELLED_DATA, labelled_splits
+from .errors import RunError, one_line
 from .utils import checkpoint_with
 
 
@@ -36,15 +38,12 @@ def knn_classify(train_features, train_labels, test_features, test_labels, k=20,
     return 100.0 * (votes.argmax(1) == test_labels).float().mean().item()
 
 
-def split_features(backbone, data_path, image_size, device, data="digits"):
-    """Frozen features of the train and the val split of the ImageFolder `data_path` or, without it, of the
-    embedded labelled data `data`: two (cls, cls_plus, labels) triples."""
-    return tuple(extract_features(backbone, labelled_dataset(data_path, train, image_size, data), device)
-                 for train in (True, False))
-
-
-def data_name(data_path, data="digits") -> str:
-    return data_path or f"the embedded {data}"
+def split_features(backbone, data_path, image_size, device, data="digits", holdout_fraction=None):
+    """Frozen features of the train and the val side of an evaluation (udi.data.labelled_splits: the ImageFolders
+    data_path/train and data_path/val, a held-out part of data_path, or the embedded labelled data `data`): two
+    (cls, cls_plus, labels) triples and the description of which images each side holds."""
+    train, val, description = labelled_splits(data_path, image_size, data, holdout_fraction)
+    return extract_features(backbone, train, device), extract_features(backbone, val, device), description
 
 
 def evaluation_data(args, train_args) -> str:
@@ -61,17 +60,17 @@ def embedded_data_of(train_args) -> str:
 def knn_accuracies(backbone, data_path, image_size, device, k=20, temperature=0.07, data="digits") -> dict:
     """Top-1 (%) of the weighted k-NN on cls and on cls+ features, with what it ran on: dict(cls, cls_plus, k,
     data, train_images, val_images)."""
-    train, test = split_features(backbone, data_path, image_size, device, data)
+    train, test, description = split_features(backbone, data_path, image_size, device, data)
     accuracies = {name: knn_classify(train[i], train[2], test[i], test[2], k, temperature)
                   for i, name in enumerate(("cls", "cls_plus")) if train[i] is not None}
-    return dict(accuracies, k=k, data=data_name(data_path, data), train_images=len(train[2]),
-                val_images=len(test[2]))
+    return dict(accuracies, k=k, data=description.split(": ")[0], sides=description, train_images=len(train[2]), val_images=len(test[2]))
 
 
 def load_backbone(path, checkpoint_key="teacher"):
     """The backbone of a udi.train checkpoint (its args rebuild the architecture) and those args."""
     from .model import build_model
     checkpoint = checkpoint_with(path, ("args", checkpoint_key))
+    verify(checkpoint, path, (checkpoint_key,))
     model = build_model(argparse.Namespace(**checkpoint["args"]))
     model.load_state_dict(checkpoint[checkpoint_key])
     return model.backbone, argparse.Namespace(**checkpoint["args"])
@@ -85,7 +84,11 @@ def checkpoint_parser(description, data_path: bool = True):
     p.add_argument("--checkpoint_key", default="teacher", help="the network to evaluate: teacher or student")
     if data_path:
         p.add_argument("--data_path", default=None,
-                       help="ImageFolder root (train/, val/); default: --embedded_data")
+                       help="labelled ImageFolder root with train/ (fit on) and val/ (scored on); default: "
+                            "--embedded_data")
+        p.add_argument("--holdout_fraction", default=None, type=holdout_fraction,
+                       help="without train/ and val/: hold out this fraction of --data_path's images (a seeded "
+                            "split) to score on, fitting on the rest")
     p.add_argument("--embedded_data", default=None, choices=sorted(LABELLED_DATA),
                    help="embedded labelled data (udi.digits, udi.scenes); default: the one the checkpoint trained "
                         "on, or digits")
@@ -95,28 +98,49 @@ def checkpoint_parser(description, data_path: bool = True):
     return p
 
 
+def holdout_fraction(value: str) -> float:
+    number = float(value)
+    if not 0 < number < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction strictly between 0 and 1, got {value}")
+    return number
+
+
 def checkpoint_features(args):
     """Train and val features of the checkpoint's backbone on the data of `args` (a checkpoint_parser result),
-    and the data's name."""
+    and the description of which images each side holds (printed)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     backbone, train_args = load_backbone(args.pretrained_weights, args.checkpoint_key)
     data = evaluation_data(args, train_args)
-    train, test = split_features(backbone.to(device), args.data_path,
-                                 args.image_size or train_args.global_crop_size, device, data)
-    return train, test, data_name(args.data_path, data)
+    train, test, description = split_features(backbone.to(device), getattr(args, "data_path", None),
+                                              args.image_size or train_args.global_crop_size, device, data,
+                                              getattr(args, "holdout_fraction", None))
+    print(description)
+    return train, test, description
 
 
-def main(argv=None):
+def run_main(main, argv=None):
+    """main(argv), a RunError reported as one line on stderr and exit status 1 (no traceback)."""
+    try:
+        return main(argv)
+    except RunError as error:
+        raise SystemExit(f"error: {one_line(error)}") from None
+
+
+def knn_main(argv=None):
     p = checkpoint_parser("UDI weighted k-NN")
     p.add_argument("--nb_knn", default=[10, 20, 100, 200], nargs="+", type=int, help="the k values to evaluate")
     p.add_argument("--temperature", default=0.07, type=float, help="temperature of the similarity-weighted vote")
     args = p.parse_args(argv)
-    train, test, data = checkpoint_features(args)
+    train, test, description = checkpoint_features(args)
     for k in args.nb_knn:
         accs = [f"{name} {knn_classify(train[i], train[2], test[i], test[2], k, args.temperature):.2f} %"
                 for i, name in enumerate(("cls", "cls+")) if train[i] is not None]
-        print(f"{k}-NN top-1 on {data} ({len(train[2])} train, {len(test[2])} val images): "
+        print(f"{k}-NN top-1 on {description.split(': ')[0]} ({len(train[2])} train, {len(test[2])} val images): "
               f"{', '.join(accs)}")
+
+
+def main(argv=None):
+    return run_main(knn_main, argv)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .eval_knn import checkpoint_features, checkpoint_parser
+from .eval_knn import checkpoint_features, checkpoint_parser, run_main
 
 
 def train_linear(features: Tensor, labels: Tensor, epochs=100, lr=1e-2, weight_decay=1e-4, batch_size=256,
@@ -59,15 +59,14 @@ def feature_sets(cls: Tensor, cls_plus) -> dict:
     return {"cls": cls, "cls+": cls_plus, "cls ‖ cls+": torch.cat([cls, cls_plus], 1)}
 
 
-def main(argv=None):
+def linear_main(argv=None):
     p = checkpoint_parser("UDI linear probe")
     p.add_argument("--epochs", default=100, type=int, help="epochs of the linear classifier")
     p.add_argument("--lr", default=1e-2, type=float, help="AdamW learning rate (cosine schedule)")
     p.add_argument("--weight_decay", default=1e-4, type=float, help="AdamW weight decay")
     p.add_argument("--batch_size", default=256, type=int, help="mini-batch size")
     args = p.parse_args(argv)
-    train, test, data = checkpoint_features(args)
-    print(f"linear probe on {data} ({len(train[2])} train, {len(test[2])} val images)")
+    train, test, _ = checkpoint_features(args)
     train_sets, test_sets = feature_sets(*train[:2]), feature_sets(*test[:2])
     results = {}
     for name in train_sets:
@@ -75,6 +74,10 @@ def main(argv=None):
                                      lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size)
         print(f"linear top-1 ({name}): {results[name]:.2f} %")
     return results
+
+
+def main(argv=None):
+    return run_main(linear_main, argv)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Schedules, distributed setup, checkpoints and logging for udi.train (DINO's utilities, rewritten)."""
+"""Schedules, distributed setup, checkpoint loading and logging for udi.train (DINO's utilities, rewritten)."""
 import json
 import os
 import random
@@ -6,6 +6,8 @@ import random
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from .errors import RunError
 
 
 def cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epochs=0, start_warmup_value=0.0):
@@ -99,44 +101,24 @@ def _replace_atomically(path: str, write, mode: str):
     os.replace(tmp, path)
 
 
-def save_on_master(obj, path):
-    if is_main_process():
-        _replace_atomically(path, lambda f: torch.save(obj, f), "wb")
-
-
 def load_checkpoint(path) -> dict:
-    """torch.load on the CPU; a file that does not load (empty, truncated, not a checkpoint) raises RuntimeError
-    naming it."""
+    """torch.load on the CPU; a file that does not load (empty, truncated, not a checkpoint) raises RunError naming
+    it."""
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:
-        raise RuntimeError(f"cannot load the checkpoint {path} ({type(error).__name__}: {error}); delete or "
+        raise RunError(f"cannot load the checkpoint {path} ({type(error).__name__}: {error}); delete or "
                            "replace it") from error
 
 
 def checkpoint_with(path, keys) -> dict:
-    """load_checkpoint, and a RuntimeError naming the file unless it is a dict holding every one of `keys`."""
+    """load_checkpoint, and a RunError naming the file unless it is a dict holding every one of `keys`."""
     checkpoint = load_checkpoint(path)
     missing = [key for key in keys if key not in checkpoint] if isinstance(checkpoint, dict) else list(keys)
     if not isinstance(checkpoint, dict) or missing:
         found = sorted(map(str, checkpoint)) if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise RuntimeError(f"{path} is not a udi.train checkpoint: it lacks {missing or 'the dict of entries'} "
+        raise RunError(f"{path} is not a udi.train checkpoint: it lacks {missing or 'the dict of entries'} "
                            f"(found {found})")
-    return checkpoint
-
-
-def restart_from_checkpoint(path, **objects):
-    """Load every `name=object` (having load_state_dict) present in the checkpoint; return the checkpoint."""
-    if not os.path.isfile(path):
-        return None
-    checkpoint = checkpoint_with(path, ())
-    for name, obj in objects.items():
-        if name in checkpoint and obj is not None:
-            try:
-                obj.load_state_dict(checkpoint[name])
-            except (RuntimeError, KeyError, ValueError) as error:
-                raise RuntimeError(f"cannot resume from {path}: its {name!r} does not fit this run (written with "
-                                   f"other settings?); use another --output_dir or delete it. {error}") from error
     return checkpoint
 
 

@@ -11,7 +11,8 @@ import os
 import matplotlib
 import torch
 
-from .data import IMAGENET_MEAN, IMAGENET_STD, LABELLED_DATA, class_names, eval_transform, labelled_images, normalize
+from .data import (IMAGENET_MEAN, IMAGENET_STD, LABELLED_DATA, class_names, eval_transform, labelled_images, normalize,
+                   read_image)
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -78,8 +79,6 @@ def save_attention_maps(backbones: dict, output_dir, pictures: dict, device):
 
 
 def main(argv=None):
-    from PIL import Image
-
     from .eval_knn import evaluation_data, load_backbone
     from .model import build_model
     p = argparse.ArgumentParser("UDI attention maps")
@@ -103,7 +102,7 @@ def main(argv=None):
     size = args.image_size or train_args.global_crop_size
     if args.image_path:
         transform = eval_transform(size)
-        pictures = {os.path.splitext(os.path.basename(f))[0]: (transform(Image.open(f).convert("RGB")), None)
+        pictures = {os.path.splitext(os.path.basename(f))[0]: (transform(read_image(f)), None)
                     for f in args.image_path}
     else:
         pictures = held_out_images(evaluation_data(args, train_args), args.num_images, size)
@@ -112,4 +111,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from .eval_knn import run_main
+    run_main(main)
