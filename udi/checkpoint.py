@@ -6,16 +6,13 @@ and CHECKSUM, the SHA-256 of every other entry (tensors by dtype, shape and byte
 value), so a file whose bytes changed after the write is refused by name. Checkpoints written before the checksum
 existed (no CHECKSUM entry) still load: their entries and weights are checked, their bytes cannot be.
 """
-import errno
 import hashlib
 import io
-import os
-
 import numpy as np
 import torch
 
 from .errors import RunError
-from .utils import load_checkpoint
+from .utils import load_checkpoint, replace_atomically
 
 ENTRIES = ("student", "teacher", "optimizer", "epoch", "args", "scaler", "rng", "log")
 LOSS_ENTRIES = ("udi_loss", "dino_loss")
@@ -53,24 +50,11 @@ def payload_checksum(state: dict) -> str:
 
 
 def write_checkpoint(state: dict, path: str):
-    """state + its CHECKSUM -> path, atomically (a temporary file, flushed, then renamed over path): a failed write
-    (a full disk, a kill) leaves the previous file as it was. RunError saying "no space left" on a full disk."""
+    """state + its CHECKSUM -> path, atomically (udi.utils.replace_atomically): a failed write (a full disk, a
+    kill) leaves the previous file as it was; RunError saying "no space left" on a full disk."""
     buffer = io.BytesIO()
     torch.save({**state, CHECKSUM: payload_checksum(state)}, buffer)
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(buffer.getbuffer())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as error:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        reason = "no space left on the device" if error.errno == errno.ENOSPC else error.strerror or str(error)
-        kept = "the previous checkpoint is kept" if os.path.exists(path) else "no checkpoint was written"
-        raise RunError(f"cannot write {path} ({buffer.getbuffer().nbytes / 2 ** 20:.1f} MiB): {reason}; {kept}. "
-                       f"Free space (or choose another --output_dir) and resume") from error
+    replace_atomically(path, buffer.getbuffer())
 
 
 def _non_finite(entries: dict) -> list:

@@ -51,15 +51,17 @@ def differences(saved: dict, args, defaults: dict) -> dict:
 
 
 def flag_text(flag, value) -> str:
-    if isinstance(value, (list, tuple)):
-        value = " ".join(map(str, value))
-    return f"--{flag} {value}"
+    return f"--{flag} {value_text(value)}"
+
+
+def value_text(value) -> str:
+    return "not set" if value is None else " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
 def check_resumable(path: str, changed: dict, args):
     refused = {k: v for k, v in changed.items() if k not in RESUMABLE}
     if refused and not args.resume_anyway:
-        listed = ", ".join(f"{flag_text(k, new)} (checkpoint: {saved})" for k, (saved, new) in refused.items())
+        listed = ", ".join(f"{flag_text(k, new)} (checkpoint: {value_text(saved)})" for k, (saved, new) in refused.items())
         raise RunError(f"{path} was written with other data, model or objective flags: {listed}. Start a new run "
                        f"with another --output_dir, or resume it anyway with --resume_anyway true")
 
@@ -105,7 +107,7 @@ def resume_lines(resume: Resume, args) -> list:
     shown = {k: v for k, v in resume.changed.items() if k not in ("resume_anyway", "output_dir")}
     if shown:
         lines.append("changed since the checkpoint: " + ", ".join(
-            f"{flag_text(k, new)} (was {saved})" for k, (saved, new) in shown.items())
+            f"{flag_text(k, new)} (was {value_text(saved)})" for k, (saved, new) in shown.items())
             + ("; the schedules follow the new --epochs" if "epochs" in shown else ""))
     if done >= args.epochs:
         lines.append(f"nothing to train: the checkpoint already holds {done} epochs and --epochs is {args.epochs} "

@@ -1,4 +1,5 @@
 """Schedules, distributed setup, checkpoint loading and logging for udi.train (DINO's utilities, rewritten)."""
+import errno
 import json
 import os
 import random
@@ -91,14 +92,23 @@ def param_groups(model):
     return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _replace_atomically(path: str, write, mode: str):
-    """write(file) into path + ".tmp", flushed to disk, then os.replace: readers see the old file or the new one."""
+def replace_atomically(path: str, data: bytes):
+    """data into path + ".tmp", flushed to disk, then os.replace: readers see the old file or the new one. A failed
+    write (a full disk) removes the temporary file, keeps the old one and raises RunError saying so plainly."""
     tmp = path + ".tmp"
-    with open(tmp, mode) as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as error:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        reason = "no space left on the device" if error.errno == errno.ENOSPC else error.strerror or str(error)
+        kept = "the previous one is kept" if os.path.exists(path) else "nothing was written"
+        raise RunError(f"cannot write {path} ({len(data) / 2 ** 20:.1f} MiB): {reason}; {kept}. Free space (or "
+                       "choose another --output_dir) and resume") from error
 
 
 def load_checkpoint(path) -> dict:
@@ -132,7 +142,7 @@ def restore_log(output_dir, records: list):
     if not records and os.path.isfile(path) and os.path.getsize(path):
         os.replace(path, path + ".old")
         print(f"{path} had no checkpoint.pth: kept as {path}.old")
-    _replace_atomically(path, lambda f: f.writelines(json.dumps(r) + "\n" for r in records), "w")
+    replace_atomically(path, "".join(json.dumps(r) + "\n" for r in records).encode())
 
 
 def log_json(output_dir, record: dict):
