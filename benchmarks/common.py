@@ -181,11 +181,11 @@ def fastest_backends(ms_by_class):
 
 
 def finish(out_dir, name, device, payload, chart, rows, columns, caption=None):
-    """JSON (write_json) and PNG (bar_chart(png path, *chart)) into out_dir, then `wrote <json>`, the caption
+    """JSON (write_json) and PNG (bar_chart(png path, *chart)) into out_dir, then `wrote <json>, <png>`, the caption
     and the table, last: scripts/gpu_check.sh prints everything after the `wrote` line."""
     path = write_json(out_dir, name, device, payload)
-    bar_chart(path[:-len(".json")] + ".png", *chart)
-    print(f"wrote {path}")
+    chart_path = bar_chart(path[:-len(".json")] + ".png", *chart)
+    print(f"wrote {path}, {chart_path}")
     if caption:
         print(caption)
     print_table(rows, columns)

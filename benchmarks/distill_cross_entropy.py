@@ -7,6 +7,11 @@ targets formed in the bottleneck (udi_case); median of CUDA-event times
 (forward: do_bench, L2 flushed; fwd+bwd: back to back); fwd and fwd+bwd ms, peak extra memory, GB/s against
 the §8 floor and the floor's time at the measured copy ceiling. Without a GPU: small CPU shapes only.
 """
+import os as _os
+import sys as _sys
+
+if not __package__:  # `python benchmarks/x.py`: the repository root on the path, as `python -m benchmarks.x` has it
+    _sys.path.insert(0, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
 
 import functools
 import statistics

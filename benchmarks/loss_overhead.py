@@ -9,6 +9,12 @@ TorchDispatchMode counter: aten ops and the udi_kernels ops), the median wall ti
 the udi_kernels ops (the CPU kernels) and their difference, the host's own work. On a GPU the host work is what
 must stay below the kernel time; these are numbers of the machine it runs on, not GPU measurements.
 """
+import os as _os
+import sys as _sys
+
+if not __package__:  # `python benchmarks/x.py`: the repository root on the path, as `python -m benchmarks.x` has it
+    _sys.path.insert(0, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
+
 import argparse
 import functools
 import statistics

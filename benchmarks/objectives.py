@@ -12,6 +12,12 @@ Presets: `cpu` (the default: the demo's network, crops and temperatures, 2 epoch
 training, minutes on 2 CPU cores for 2 objectives x 3 seeds) and `gpu` (the demo's network, 60 epochs of 64 steps
 of 128 images). Trainings run in `--jobs` processes at once (single-threaded on a CPU machine by default).
 """
+import os as _os
+import sys as _sys
+
+if not __package__:  # `python benchmarks/x.py`: the repository root on the path, as `python -m benchmarks.x` has it
+    _sys.path.insert(0, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
+
 import argparse
 import concurrent.futures
 import datetime

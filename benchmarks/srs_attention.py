@@ -11,6 +11,11 @@ Module-level fwd+bwd closures are timed back to back (no L2 flush), the rest wit
 Writes JSON and a PNG into --out (default benchmarks/out/, ignored by git; --record: benchmarks/results/) and
 prints a table last. Without a GPU: a small CPU run.
 """
+import os as _os
+import sys as _sys
+
+if not __package__:  # `python benchmarks/x.py`: the repository root on the path, as `python -m benchmarks.x` has it
+    _sys.path.insert(0, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
 
 import torch
 import torch.nn.functional as F

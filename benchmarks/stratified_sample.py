@@ -6,6 +6,11 @@ CPU numbers are per image (what a data loader pays); GPU numbers are per batch o
 median of per-call CUDA-event times. The reference UDI code builds dense maps per image in
 Python at about 6.5 ms per image on a 2-core CPU (UDI_SPEC / issue 2): that is the baseline.
 """
+import os as _os
+import sys as _sys
+
+if not __package__:  # `python benchmarks/x.py`: the repository root on the path, as `python -m benchmarks.x` has it
+    _sys.path.insert(0, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
 
 import torch
 

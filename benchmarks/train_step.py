@@ -16,6 +16,12 @@ over the iterations; `step` is the median whole step (common.median_ms); peak me
 during the timed steps (parameters and optimizer states included). Without a GPU: a tiny CPU configuration that
 only shows the code runs; GPU numbers need a GPU.
 """
+import os as _os
+import sys as _sys
+
+if not __package__:  # `python benchmarks/x.py`: the repository root on the path, as `python -m benchmarks.x` has it
+    _sys.path.insert(0, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
+
 import statistics
 import time
 

@@ -40,6 +40,51 @@ def test_benchmark_output_folder_is_ignored_and_record_excludes_out(monkeypatch)
         common.parse_args("bench")
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(common.__file__)))
+BENCHMARKS = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "benchmarks"))
+                    if f.endswith(".py") and "def main(" in open(os.path.join(ROOT, "benchmarks", f)).read())
+
+
+# Runs every benchmark's --help in one process, each from a clean slate: no repository package imported, the
+# path as `python benchmarks/x.py` (its folder first) or `python -m benchmarks.x` (the working directory) sets it.
+RUN_BENCHMARKS = """
+import os, runpy, sys
+way, root, names = sys.argv[1], sys.argv[2], sys.argv[3:]
+base = [p for p in sys.path if p not in ("", os.getcwd())]
+for name in names:
+    for module in [m for m in sys.modules if m.split(".")[0] in ("benchmarks", "udi")]:
+        del sys.modules[module]
+    path = os.path.join(root, "benchmarks", name + ".py")
+    sys.path[:] = [os.path.dirname(path) if way == "script" else os.getcwd()] + base
+    sys.argv = [path, "--help"]
+    try:
+        runpy.run_path(path, run_name="__main__") if way == "script" else \
+            runpy.run_module("benchmarks." + name, run_name="__main__", alter_sys=True)
+    except SystemExit as exit_:
+        assert exit_.code in (0, None), (name, exit_.code)
+"""
+
+
+@pytest.mark.parametrize("way", ["script", "module"])
+def test_every_benchmark_runs_as_a_script_and_as_a_module(tmp_path, way):
+    """issue 20 §7: `python benchmarks/x.py` (from anywhere) and `python -m benchmarks.x` (from the root)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", RUN_BENCHMARKS, way, ROOT, *BENCHMARKS],
+                            cwd=tmp_path if way == "script" else ROOT, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("usage:") == len(BENCHMARKS), result.stdout
+
+
+def test_a_benchmark_prints_every_file_it_writes(tmp_path, capsys):
+    device = torch.device("cpu")
+    chart = ("title", ["a", "b"], {"x": [1.0, 2.0]}, "ms")
+    common.finish(str(tmp_path), "bench", device, {"rows": []}, chart, [{"k": 1}], [("k", "k", "{}")])
+    out = capsys.readouterr().out
+    written = sorted(os.listdir(tmp_path))
+    assert written == ["bench_cpu.json", "bench_cpu.png"]
+    assert all(str(tmp_path / name) in out for name in written), out
+
 
 @pytest.mark.parametrize("build_status", [0, 3])
 def test_setup_script_exits_with_the_builds_status(tmp_path, build_status):
