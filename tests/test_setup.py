@@ -101,3 +101,36 @@ def test_setup_script_exits_with_the_builds_status(tmp_path, build_status):
     result = subprocess.run(["bash", "scripts/setup.sh"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert result.returncode == build_status, result.stdout + result.stderr
     assert "4/4" in result.stdout and ("done" in result.stdout) == (build_status == 0)
+
+
+def test_setup_script_reuses_a_venv_with_the_right_torch_and_an_up_to_date_build(tmp_path):
+    """issue 20 §8: the second of the README's two commands does not download torch nor compile again; a changed
+    source does compile again. The stub .venv/bin/python logs the pip calls and "has" torch once installed."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(common.__file__)))
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "scripts" / "setup.sh").write_text(open(os.path.join(root, "scripts", "setup.sh")).read())
+    (tmp_path / "csrc").mkdir()
+    (tmp_path / "csrc" / "op.cpp").write_text("int op();\n")
+    stub = tmp_path / ".venv" / "bin" / "python"
+    stub.parent.mkdir(parents=True)
+    stub.write_text('#!/bin/sh\nhere=$(dirname "$0")/../..\ncase "$*" in\n'
+                    '  *--no-build-isolation*) echo build >> "$here/calls";;\n'
+                    '  *"install -q torch=="*) echo torch >> "$here/calls"; touch "$here/has_torch";;\n'
+                    '  *"import torch, torchvision"*) [ -f "$here/has_torch" ] && echo 2.14.1+cpu;;\n'
+                    'esac\nexit 0\n')
+    stub.chmod(0o755)
+
+    def setup():
+        result = subprocess.run(["bash", "scripts/setup.sh"], cwd=tmp_path, capture_output=True, text=True,
+                                timeout=60, env={**os.environ, "UDI_TORCH_VERSION": "2.14.1"})
+        assert result.returncode == 0, result.stdout + result.stderr
+        calls = (tmp_path / "calls").read_text().split()
+        (tmp_path / "calls").write_text("")
+        return calls, result.stdout
+
+    assert setup()[0] == ["torch", "build"]
+    calls, out = setup()
+    assert calls == [] and "kept (nothing downloaded)" in out and "up to date" in out and "not rebuilt" in out
+    (tmp_path / "csrc" / "op.cpp").write_text("int op(int);\n")
+    assert setup()[0] == ["build"]
+    assert setup()[0] == []
