@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import verify
-from .data import LABELLED_DATA, labelled_splits
+from .data import LABELLED_DATA
+from .folders import labelled_splits
 from .errors import RunError, one_line
 from .utils import checkpoint_with
 
@@ -63,7 +64,8 @@ def knn_accuracies(backbone, data_path, image_size, device, k=20, temperature=0.
     train, test, description = split_features(backbone, data_path, image_size, device, data)
     accuracies = {name: knn_classify(train[i], train[2], test[i], test[2], k, temperature)
                   for i, name in enumerate(("cls", "cls_plus")) if train[i] is not None}
-    return dict(accuracies, k=k, data=description.split(": ")[0], sides=description, train_images=len(train[2]), val_images=len(test[2]))
+    return dict(accuracies, k=k, data=description.split(": ")[0], sides=description, train_images=len(train[2]),
+                val_images=len(test[2]))
 
 
 def load_backbone(path, checkpoint_key="teacher"):

@@ -61,7 +61,8 @@ def value_text(value) -> str:
 def check_resumable(path: str, changed: dict, args):
     refused = {k: v for k, v in changed.items() if k not in RESUMABLE}
     if refused and not args.resume_anyway:
-        listed = ", ".join(f"{flag_text(k, new)} (checkpoint: {value_text(saved)})" for k, (saved, new) in refused.items())
+        listed = ", ".join(f"{flag_text(k, new)} (checkpoint: {value_text(saved)})"
+                           for k, (saved, new) in refused.items())
         raise RunError(f"{path} was written with other data, model or objective flags: {listed}. Start a new run "
                        f"with another --output_dir, or resume it anyway with --resume_anyway true")
 
@@ -78,8 +79,9 @@ def check_output(args, first_epoch: int):
     """RunError naming a file of output_dir that this run would replace without having written it."""
     existing = [p for p in numbered_checkpoints(args, first_epoch) if os.path.exists(p)]
     if existing:
-        raise RunError(f"{existing[0]} exists and is not this run's ({'resumed at epoch ' + str(first_epoch) if first_epoch else 'a new run'}); "
-                       "move it away or choose another --output_dir")
+        run = f"resumed at epoch {first_epoch}" if first_epoch else "a new run"
+        raise RunError(f"{existing[0]} exists and is not this run's ({run}); move it away or choose another "
+                       "--output_dir")
 
 
 def open_output(args, loss_key: str, world_size: int, defaults: dict) -> Optional[Resume]:

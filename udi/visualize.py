@@ -11,8 +11,8 @@ import os
 import matplotlib
 import torch
 
-from .data import (IMAGENET_MEAN, IMAGENET_STD, LABELLED_DATA, class_names, eval_transform, labelled_images, normalize,
-                   read_image)
+from .data import IMAGENET_MEAN, IMAGENET_STD, LABELLED_DATA, class_names, eval_transform, labelled_images, normalize
+from .folders import read_image
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
