@@ -59,6 +59,13 @@ def test_a_checkpoint_of_other_data_is_refused_naming_the_flags_and_the_ways_out
     assert torch.load(out / "checkpoint.pth", weights_only=False)["epoch"] == 1
 
 
+def test_embedded_data_flags_do_not_matter_between_two_runs_on_one_image_folder(tmp_path):
+    data = image_folder(tmp_path / "mine")
+    train_udi(tiny_args(tmp_path / "run", "--data_path", str(data), "--epochs", "1"))
+    train_udi(tiny_args(tmp_path / "run", "--data_path", str(data), "--epochs", "2", "--embedded_images", "16"))
+    assert len(read_log(tmp_path / "run")) == 2
+
+
 def test_resume_anyway_resumes_a_checkpoint_of_other_flags(tmp_path, capsys):
     train_udi(tiny_args(tmp_path, "--epochs", "1"))
     train_udi(tiny_args(tmp_path, "--epochs", "2", "--alpha", "0.3", "--resume_anyway", "true"))
@@ -103,6 +110,9 @@ def test_resuming_with_another_seed_or_lr_keeps_args_json_and_writes_the_new_arg
     resumed = json.loads((tmp_path / "args.resume0001.json").read_text())
     assert (resumed["seed"], resumed["lr"]) == (5, 0.001)
     assert "--seed 5 (was 0)" in out and "--lr 0.001 (was" in out and "args.resume0001.json" in out
+    train_udi(tiny_args(tmp_path, "--epochs", "2", "--seed", "6"))  # nothing to train: nothing written
+    assert json.loads((tmp_path / "args.resume0001.json").read_text())["seed"] == 5
+    assert sorted(p.name for p in tmp_path.glob("args*.json")) == ["args.json", "args.resume0001.json"]
 
 
 # ---- nothing written before the checks (issue 20 §2, §4) --------------------------------------------------------

@@ -42,12 +42,15 @@ def _same(flag, saved, current) -> bool:
     return saved == current
 
 
+EMBEDDED_FLAGS = ("embedded_data", "embedded_images")  # unused by both sides when both trained on --data_path
+
+
 def differences(saved: dict, args, defaults: dict) -> dict:
     """flag -> (checkpoint's value, this run's) for every flag of this run that differs; a flag the checkpoint
     does not record (it predates the flag) counts as its default."""
-    current = vars(args)
-    return {k: (saved.get(k, defaults.get(k)), v) for k, v in current.items()
-            if not _same(k, saved.get(k, defaults.get(k)), v)}
+    saved = {k: saved.get(k, defaults.get(k)) for k in vars(args)}
+    unused = EMBEDDED_FLAGS if saved["data_path"] is not None and args.data_path is not None else ()
+    return {k: (saved[k], v) for k, v in vars(args).items() if k not in unused and not _same(k, saved[k], v)}
 
 
 def flag_text(flag, value) -> str:
@@ -121,11 +124,11 @@ def resume_lines(resume: Resume, args) -> list:
 
 def args_file(args, resume: Optional[Resume]) -> Optional[str]:
     """Where this run's arguments go: args.json for a new run (or a resumed one without it), args.resumeNNNN.json
-    for a resumed run with changed flags, None when args.json already says it all."""
+    for a resumed run with changed flags that trains, None when args.json already says it all."""
     main = os.path.join(args.output_dir, "args.json")
     if resume is None or not os.path.exists(main):
         return main
-    if any(k not in ("resume_anyway", "output_dir") for k in resume.changed):
+    if resume.epoch < args.epochs and any(k not in ("resume_anyway", "output_dir") for k in resume.changed):
         return os.path.join(args.output_dir, f"args.resume{resume.epoch:04}.json")
     return None
 
