@@ -4,6 +4,7 @@ score on their own training images, the final report on other data, Ctrl-C."""
 import errno
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -188,6 +189,21 @@ def test_a_checkpoint_without_an_entry_is_refused_naming_it(tmp_path, entry):
     del state[entry], state["checksum"]
     torch.save(state, tmp_path / "checkpoint.pth")
     with pytest.raises(RunError, match=f"missing entries \\['{entry}'\\]"):
+        train_udi(tiny_args(tmp_path, "--epochs", "2"))
+
+
+@pytest.mark.parametrize("entry, value, named", [
+    ("rng", [{"python": "garbage"}], "its 'rng' does not fit this run"),
+    ("args", ["--lr", "1"], "its 'args' is a list, not the dict of the flags"),
+    ("optimizer", {"state": {}}, "its 'optimizer' does not fit this run"),
+])
+def test_a_checkpoint_entry_of_the_wrong_kind_is_refused_naming_it(tmp_path, entry, value, named):
+    train_udi(tiny_args(tmp_path, "--epochs", "1"))
+    state = torch.load(tmp_path / "checkpoint.pth", weights_only=False)
+    del state["checksum"]
+    state[entry] = value
+    checkpoint_module.write_checkpoint(state, str(tmp_path / "checkpoint.pth"))
+    with pytest.raises(RunError, match=re.escape(named)):
         train_udi(tiny_args(tmp_path, "--epochs", "2"))
 
 

@@ -76,6 +76,9 @@ def check_entries(checkpoint, path: str, loss_key: str):
         hint = f" (it holds {other_loss[0]}: written with another --objective)" if other_loss else ""
         raise RunError(f"{path} is not a checkpoint this run can resume: missing entries {missing or 'none'}, "
                        f"unexpected entries {unexpected or 'none'}{hint}; move it away or choose another --output_dir")
+    if not isinstance(checkpoint["args"], dict):
+        raise RunError(f"{path}: its 'args' is a {type(checkpoint['args']).__name__}, not the dict of the flags it was "
+                       "written with; move it away or choose another --output_dir")
     if not isinstance(checkpoint["epoch"], int) or checkpoint["epoch"] < 0 or \
             not isinstance(checkpoint["log"], list) or len(checkpoint["log"]) != checkpoint["epoch"]:
         raise RunError(f"{path}: its 'epoch' ({checkpoint['epoch']!r}) and 'log' ({len(checkpoint['log'])} records) "
@@ -106,11 +109,12 @@ def read_checkpoint(path: str, loss_key: str) -> dict:
 
 
 def load_states(checkpoint: dict, path: str, **objects):
-    """objects' load_state_dict from the checkpoint's entries of their names; RunError naming the entry."""
+    """objects' load_state_dict from the checkpoint's entries of their names (an object may be a function taking
+    the entry); RunError naming the entry that does not fit."""
     for name, obj in objects.items():
         try:
-            obj.load_state_dict(checkpoint[name])
-        except (RuntimeError, KeyError, ValueError) as error:
+            getattr(obj, "load_state_dict", obj)(checkpoint[name])
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as error:
             first = str(error).strip().splitlines()[0]
             raise RunError(f"cannot resume from {path}: its {name!r} does not fit this run ({first}); "
                            "choose another --output_dir") from error

@@ -95,8 +95,7 @@ def open_output(args, loss_key: str, world_size: int, defaults: dict) -> Optiona
         check_output(args, 0)
         return None
     checkpoint = read_checkpoint(path, loss_key)
-    saved_args = checkpoint["args"] if isinstance(checkpoint["args"], dict) else vars(checkpoint["args"])
-    changed = differences(saved_args, args, defaults)
+    changed = differences(checkpoint["args"], args, defaults)
     check_resumable(path, changed, args)
     if not isinstance(checkpoint["rng"], list) or len(checkpoint["rng"]) != world_size:
         raise RunError(f"{path} was written by {len(checkpoint['rng'])} process(es), this run has {world_size}: "

@@ -118,8 +118,8 @@ def build_schedules(args, iters, world_size) -> dict:
 def restore(resume, run, rank, student, teacher) -> list:
     """Load a checked checkpoint (run_setup.open_output) into the run; returns its log records."""
     load_states(resume.checkpoint, resume.path, student=student, teacher=teacher, optimizer=run.optimizer,
-                scaler=run.scaler, **{loss_state_key(run.args): run.loss_module})
-    utils.set_rng_state(resume.checkpoint["rng"][rank])
+                scaler=run.scaler, **{loss_state_key(run.args): run.loss_module},
+                rng=lambda states: utils.set_rng_state(states[rank]))
     for group in run.optimizer.param_groups:  # checkpoints of the non-fused AdamW (before 2026-11-30) say None
         group["fused"] = True
     return list(resume.checkpoint["log"])
