@@ -91,6 +91,7 @@ def test_out_of_range_flags_are_refused_at_parsing_naming_the_flag(tmp_path, cap
      "--embedded_images 100000: generated scenes of --global_crop_size 32 px would hold"),
     (["--embedded_images", "3"], "--embedded_images 3 give no full batch of --batch_size_per_gpu 4 x 1"),
     (["--data_path", "/no/such/folder"], "--data_path /no/such/folder: no such folder"),
+    (["--output_dir", "/dev/null/run"], "--output_dir /dev/null/run: /dev/null is not a folder"),
     (["--use_fp16", "maybe"], "argument --use_fp16: expected a boolean"),
     (["--optimizer", "sgd"], "argument --optimizer: invalid choice: 'sgd'"),
 ])

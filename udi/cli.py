@@ -289,8 +289,13 @@ def check_paths(parser, args):
         if missing:
             parser.error(f"--knn_data_path {args.knn_data_path}: needs the folders train/ and val/ (missing: "
                          f"{', '.join(missing)})")
-    if args.output_dir is not None and os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
-        parser.error(f"--output_dir {args.output_dir}: exists and is not a folder")
+    if args.output_dir is not None:
+        existing = os.path.abspath(args.output_dir)
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+            kind = "is not a folder" if not os.path.isdir(existing) else "is not writable"
+            parser.error(f"--output_dir {args.output_dir}: {existing} {kind}")
 
 
 def data_tag(args) -> str:
