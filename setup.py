@@ -4,16 +4,20 @@ Environment:
   UDI_KERNELS_CUDA=1   build the CUDA kernels or fail (CI uses this)
   UDI_KERNELS_CUDA=0   skip them
   (unset)              build them when possible, otherwise say why once and go on without
+  UDI_KERNELS_CPU_ISA  the instruction set of the CPU kernels: "avx2" (default on x86-64: AVX2 + FMA + F16C, what
+                       at::vec vectorises with) or "default" (portable, not vectorised by at::vec)
   TORCH_CUDA_ARCH_LIST architectures to compile for (default "8.0;9.0")
   CUDA_HOME            toolkit root; when unset and `nvcc` on PATH is a wrapper script that
                        execs the real compiler, the root is read from that script.
 
-The torch version compiled against is written to udi_kernels/_build_info.py beside the extension;
-udi_kernels refuses to load an extension built for another torch (udi_kernels/_native.py). Build with
+The torch version and the CPU instruction set compiled for are written to udi_kernels/_build_info.py beside the
+extension; udi_kernels refuses to load an extension built for another torch, or for AVX2 on a CPU without it
+(udi_kernels/_native.py). Build with
 `pip install --no-build-isolation`, so that it is the installed torch.
 """
 import glob
 import os
+import platform
 import re
 import shutil
 
@@ -54,10 +58,28 @@ def _cuda_build_decision():
     return not missing, "; ".join(missing)
 
 
+CPU_ISA_FLAGS = {
+    # CPU_CAPABILITY_AVX2 selects at::vec's AVX2 Vectorized (Sleef exp from libtorch_cpu); CPU_CAPABILITY stays
+    # undefined, so that these at::vec types live in a namespace of their own, apart from libtorch's
+    "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2"],
+    "default": [],
+}
+
+
+def _cpu_isa():
+    default = "avx2" if platform.machine().lower() in ("x86_64", "amd64") else "default"
+    isa = os.environ.get("UDI_KERNELS_CPU_ISA", default).strip().lower()
+    if isa not in CPU_ISA_FLAGS:
+        raise RuntimeError(f"UDI_KERNELS_CPU_ISA must be one of {sorted(CPU_ISA_FLAGS)}, got {isa!r}")
+    return isa
+
+
 def _extension():
     build_cuda, why_not = _cuda_build_decision()
     cpp_sources = sorted(glob.glob("csrc/*.cpp"))
-    cxx_flags = ["-O3", "-ffp-contract=off"]
+    # -ffp-contract=off: no FMA contraction, so that stratified_sample's host arithmetic equals CUDA's and Triton's
+    # bit for bit (csrc/host_device.h); explicit at::vec fmadd is unaffected
+    cxx_flags = ["-O3", "-ffp-contract=off"] + CPU_ISA_FLAGS[_cpu_isa()]
     if not build_cuda:
         print(f"udi_kernels: building the CPU kernels only ({why_not}); CUDA tensors use Triton or the reference.")
         return CppExtension("udi_kernels._C", cpp_sources, extra_compile_args={"cxx": cxx_flags})
@@ -78,8 +100,10 @@ class BuildExtensionRecordingTorch(BuildExtension):
         super().run()
         path = os.path.join(os.path.dirname(self.get_ext_fullpath("udi_kernels._C")), "_build_info.py")
         with open(path, "w") as f:
-            f.write(f'"""Written by setup.py: the torch that udi_kernels._C was compiled against."""\n'
-                    f'TORCH_VERSION = "{torch.__version__}"\n')
+            f.write(f'"""Written by setup.py: the torch that udi_kernels._C was compiled against, and the CPU '
+                    f'instruction set of its CPU kernels."""\n'
+                    f'TORCH_VERSION = "{torch.__version__}"\n'
+                    f'CPU_ISA = "{_cpu_isa()}"\n')
 
 
 setup(

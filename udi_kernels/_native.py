@@ -9,16 +9,37 @@ try:
     from ._build_info import TORCH_VERSION as BUILD_TORCH_VERSION  # written by setup.py
 except ImportError:  # a source tree without a build
     BUILD_TORCH_VERSION = None
+try:
+    from ._build_info import CPU_ISA as BUILD_CPU_ISA
+except ImportError:  # no build, or one from before setup.py recorded it
+    BUILD_CPU_ISA = "default"
 if BUILD_TORCH_VERSION not in (None, torch.__version__):
     # an extension compiled against another torch may fail to load, or load and misbehave
     raise ImportError(f"udi_kernels._C was built against torch {BUILD_TORCH_VERSION}, but torch {torch.__version__} "
                       "is installed; rebuild it against the installed torch: pip install --no-build-isolation [-e] .")
 
-try:
-    from . import _C  # noqa: F401
-    LOAD_ERROR = None
-except ImportError as error:  # a source tree without a build, or a broken build
-    LOAD_ERROR = error
+
+def cpu_lacks_avx2() -> bool:
+    """Whether this CPU lacks what an "avx2" build (setup.py's UDI_KERNELS_CPU_ISA) executes: AVX2, FMA, F16C."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
+    except OSError:
+        flags = None
+    if flags is None:  # not Linux: ask torch's own dispatch
+        return torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512")
+    return not {"avx2", "fma", "f16c"} <= set(flags)
+
+
+if BUILD_CPU_ISA == "avx2" and cpu_lacks_avx2():  # loading it would die on the first AVX2 instruction
+    LOAD_ERROR = ImportError("udi_kernels._C was built for AVX2 + FMA + F16C, which this CPU lacks; rebuild it with "
+                             "UDI_KERNELS_CPU_ISA=default")
+else:
+    try:
+        from . import _C  # noqa: F401
+        LOAD_ERROR = None
+    except ImportError as error:  # a source tree without a build, or a broken build
+        LOAD_ERROR = error
 
 
 def native_loaded() -> bool:
