@@ -124,36 +124,15 @@ struct Chunks {
 
 // f(offset, lanes) for each vector of a span of n columns; lanes < kLanes for the last one only.
 template <typename F>
-void for_each_vector(int64_t n, const F& f) {
-  for (int64_t j = 0; j < n; j += kLanes) f(j, std::min(kLanes, n - j));
+C10_ALWAYS_INLINE void for_each_vector(int64_t n, const F& f) {
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) f(j, kLanes);
+  if (j < n) f(j, n - j);
 }
 
 // The first `lanes` lanes of v, `fill` in the others.
 Vec first_lanes(const Vec& v, int64_t lanes, double fill) {
   return lanes == kLanes ? v : Vec::set(Vec(fill), v, lanes);
-}
-
-// `lanes` elements from p as doubles (0 past them).
-template <typename T>
-Vec load(const T* p, int64_t lanes) {
-  if constexpr (std::is_same_v<T, double>) {
-    return lanes == kLanes ? Vec::loadu(p) : Vec::loadu(p, lanes);
-  } else {
-    alignas(64) double values[kLanes] = {};
-    for (int64_t i = 0; i < lanes; ++i) values[i] = static_cast<double>(p[i]);
-    return Vec::loadu(values);
-  }
-}
-
-template <typename T>
-void store(const Vec& v, T* p, int64_t lanes) {
-  if constexpr (std::is_same_v<T, double>) {
-    v.store(p, lanes);
-  } else {
-    alignas(64) double values[kLanes];
-    v.store(values);
-    for (int64_t i = 0; i < lanes; ++i) p[i] = static_cast<T>(values[i]);
-  }
 }
 
 // Lane reductions in lane order. lane_max keeps a NaN.
@@ -173,13 +152,19 @@ double lane_max(const Vec& v) {
   return max;
 }
 
-// u[k] = scale * (row[k] - center[k]) for k < n (center: nullptr for none).
+// Conversions and elementwise arithmetic are plain loops, which the compiler vectorises (no reassociation needed);
+// the reductions and exp use at::vec.
+
+// u[k] = (row[k] - center[k]) * scale for k < n.
 template <typename T>
-void scaled_row(const T* row, const double* center, double scale, int64_t n, double* u) {
-  for_each_vector(n, [&](int64_t j, int64_t lanes) {
-    const Vec x = center ? load(row + j, lanes) - Vec::loadu(center + j, lanes) : load(row + j, lanes);
-    (x * Vec(scale)).store(u + j, lanes);
-  });
+void centered_row(const T* row, const double* center, double scale, int64_t n, double* u) {
+  for (int64_t k = 0; k < n; ++k) u[k] = (static_cast<double>(row[k]) - center[k]) * scale;
+}
+
+// u[k] = row[k] * scale for k < n.
+template <typename T>
+void scaled_row(const T* row, double scale, int64_t n, double* u) {
+  for (int64_t k = 0; k < n; ++k) u[k] = static_cast<double>(row[k]) * scale;
 }
 
 double max_of(const double* u, int64_t n) {
@@ -235,11 +220,11 @@ struct Rows : PairArgs<double> {
 
   // u = (t - c) / τt of teacher row `row`, columns [first, first + n).
   void centered(int64_t row, int64_t first, int64_t n, double* u) const {
-    scaled_row(teacher + row * K + first, centers + center_id[row] * K + first, inv_tau_t, n, u);
+    centered_row(teacher + row * K + first, centers + center_id[row] * K + first, inv_tau_t, n, u);
   }
   // x = s / τs of student row `row`, columns [first, first + n).
   void scaled_student(int64_t row, int64_t first, int64_t n, double* x) const {
-    scaled_row(student + row * K + first, static_cast<const double*>(nullptr), inv_tau_s, n, x);
+    scaled_row(student + row * K + first, inv_tau_s, n, x);
   }
   double pair_scale(int64_t slot, const double* grad_pair_loss) const {
     return pair_counts(*this, slot) ? pair_weight[slot] * grad_pair_loss[slot] : 0.0;
@@ -268,10 +253,8 @@ void center_sums(const teacher_t* teacher, const int64_t* center_offsets, const 
       const int64_t row = row_or_none(center_rows, slot, Rt);
       if (row < 0 || row_weight[row] == 0) continue;
       const teacher_t* t = teacher + row * K + first;
-      const Vec weight(row_weight[row]);
-      for_each_vector(n, [&](int64_t j, int64_t lanes) {
-        (Vec::loadu(out + j, lanes) + weight * load(t + j, lanes)).store(out + j, lanes);
-      });
+      const double weight = row_weight[row];
+      for (int64_t k = 0; k < n; ++k) out[k] += weight * static_cast<double>(t[k]);
     }
   }
 }
@@ -459,19 +442,14 @@ void backward_chunk(const Rows<student_t, teacher_t>& rows, int64_t Rs, const Ch
     }
     rows.scaled_student(r, first, n, acc);
     exp_in_place(acc, n, student_lse[r]);
-    const Vec total_v(total);
-    for_each_vector(n, [&](int64_t j, int64_t lanes) { (total_v * Vec::loadu(acc + j, lanes)).store(acc + j, lanes); });
+    for (int64_t k = 0; k < n; ++k) acc[k] *= total;
     for (int64_t slot = slots.first; slot < slots.last; ++slot) {
       const double scale = rows.pair_scale(slot, grad_pair_loss);
       if (scale == 0) continue;
       const double* p = scratch + rows.pair_teacher[slot] * chunks.width;
-      const Vec scale_v(scale);
-      for_each_vector(n, [&](int64_t j, int64_t lanes) {
-        (Vec::loadu(acc + j, lanes) - scale_v * Vec::loadu(p + j, lanes)).store(acc + j, lanes);
-      });
+      for (int64_t k = 0; k < n; ++k) acc[k] -= scale * p[k];
     }
-    const Vec inv_tau_s(rows.inv_tau_s);
-    for_each_vector(n, [&](int64_t j, int64_t lanes) { store(Vec::loadu(acc + j, lanes) * inv_tau_s, out + j, lanes); });
+    for (int64_t k = 0; k < n; ++k) out[k] = static_cast<student_t>(acc[k] * rows.inv_tau_s);
   }
 }
 
