@@ -88,7 +88,7 @@ SRS_ATTENTION = OpDeclaration(
                       native_max_sizes={"cuda": {"head_dim": 512}},  # kMaxDim, csrc/cuda/srs_attention.cu
                       triton_interpreted=frozenset({torch.float16, torch.float32}),
                       native_not_on={"cpu": "there is no CPU kernel: the eager reference (gathered queries, BLAS "
-                                            "matmuls, softmax) was 3-12x faster than the one there was "
+                                            "matmuls, softmax) was 2.3-12x faster than the one there was "
                                             "(benchmarks/NOTES.md, srs_attention on the CPU); use backend='reference'"}),
     auto_order={("cuda", "few_queries"): ("triton", "native", "reference"),
                 ("cuda", "many_queries"): ("triton", "native", "reference"),
