@@ -77,8 +77,7 @@ def module_providers(module, device, with_compiled):
     # eager_dense: the reference's way, q, k, v for every token, dense [S, N] maps, probabilities in memory
     providers = {"eager_dense": lambda x, i, w, d: dense_srs_block(module, x, d),
                  "gather_sdpa": lambda x, i, w, d: sdpa_module(x, i, w)}
-    for name, backend in (("reference", "reference"), ("triton", "triton"),
-                          ("cuda" if device.type == "cuda" else "native_cpu", "native")):
+    for name, backend in (("reference", "reference"), ("triton", "triton"), ("cuda", "native")):
         if why_unavailable(backend, "srs_attention", device) is None:
             providers[name] = on_backend(module, backend)
     if with_compiled and device.type == "cuda" and "triton" in providers:
@@ -113,8 +112,7 @@ def run_op_case(name, batch, device, quick, dtype):
     crops, D = batch * per_image, C // HEADS
     q, k, v = (torch.randn(crops, HEADS, N, D, device=device, dtype=dtype) for _ in range(3))
     _, index, weight, _ = make_inputs(crops, N, S, T, device)
-    providers = {"reference": "reference", "triton": "triton",
-                 "cuda" if device.type == "cuda" else "native_cpu": "native"}
+    providers = {"reference": "reference", "triton": "triton", "cuda": "native"}
 
     def gather_sdpa():
         q_s, _ = tap_rows(q.flatten(0, 1).transpose(0, 1).reshape(N, crops, HEADS * D).transpose(0, 1), index, weight)
@@ -133,7 +131,7 @@ def run_op_case(name, batch, device, quick, dtype):
 def op_ms_by_shape_class(op_results, device):
     """{shape class: {backend: summed op ms over its cases}} for the backends `auto` may take on this device (Triton
     on the CPU is the interpreter, a correctness tool)."""
-    backend_of = {"reference": "reference", "cuda": "native", "native_cpu": "native"}
+    backend_of = {"reference": "reference", "cuda": "native"}
     if device.type == "cuda":
         backend_of["triton"] = "triton"
     totals = {}
