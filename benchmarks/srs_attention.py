@@ -117,6 +117,7 @@ def run_op_case(name, batch, device, quick, dtype):
     def gather_sdpa():
         q_s, _ = tap_rows(q.flatten(0, 1).transpose(0, 1).reshape(N, crops, HEADS * D).transpose(0, 1), index, weight)
         return F.scaled_dot_product_attention(q_s.reshape(crops, S, HEADS, D).transpose(1, 2).to(dtype), k, v)
+
     def op(backend):
         return lambda: srs_attention(q, k, v, index, weight, backend=backend, check_taps=False)
     steps = {"gather_sdpa": gather_sdpa, **{provider: op(backend) for provider, backend in providers.items()
