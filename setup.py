@@ -4,18 +4,20 @@ Environment:
   UDI_KERNELS_CUDA=1   build the CUDA kernels or fail (CI uses this)
   UDI_KERNELS_CUDA=0   skip them
   (unset)              build them when possible, otherwise say why once and go on without
-  UDI_KERNELS_CPU_ISA  the instruction set of the CPU kernels: "avx2" (default on x86-64: AVX2 + FMA + F16C, what
-                       at::vec vectorises with) or "default" (portable, not vectorised by at::vec)
+  UDI_KERNELS_CPU_ISA  the instruction set of the CPU kernels (at::vec vectorises with it): "avx512", "avx2"
+                       (AVX2 + FMA + F16C) or "default" (portable, not vectorised by at::vec); unset: the widest
+                       the building CPU runs (udi_kernels/cpu_isa.py)
   TORCH_CUDA_ARCH_LIST architectures to compile for (default "8.0;9.0")
   CUDA_HOME            toolkit root; when unset and `nvcc` on PATH is a wrapper script that
                        execs the real compiler, the root is read from that script.
 
 The torch version and the CPU instruction set compiled for are written to udi_kernels/_build_info.py beside the
-extension; udi_kernels refuses to load an extension built for another torch, or for AVX2 on a CPU without it
-(udi_kernels/_native.py). Build with
+extension; udi_kernels refuses to load an extension built for another torch, or for an instruction set this CPU
+lacks (udi_kernels/_native.py). Build with
 `pip install --no-build-isolation`, so that it is the installed torch.
 """
 import glob
+import importlib.util
 import os
 import platform
 import re
@@ -59,18 +61,30 @@ def _cuda_build_decision():
 
 
 CPU_ISA_FLAGS = {
-    # CPU_CAPABILITY_AVX2 selects at::vec's AVX2 Vectorized (Sleef exp from libtorch_cpu); CPU_CAPABILITY stays
+    # CPU_CAPABILITY_AVX2 / _AVX512 select at::vec's Vectorized (Sleef exp from libtorch_cpu); CPU_CAPABILITY stays
     # undefined, so that these at::vec types live in a namespace of their own, apart from libtorch's
+    "avx512": ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma", "-mf16c",
+               "-DCPU_CAPABILITY_AVX512"],
     "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2"],
     "default": [],
 }
 
 
+def _cpu_isa_module():
+    """udi_kernels/cpu_isa.py, loaded without importing udi_kernels (which would load the extension)."""
+    spec = importlib.util.spec_from_file_location("udi_kernels_cpu_isa", os.path.join("udi_kernels", "cpu_isa.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _cpu_isa():
-    default = "avx2" if platform.machine().lower() in ("x86_64", "amd64") else "default"
-    isa = os.environ.get("UDI_KERNELS_CPU_ISA", default).strip().lower()
-    if isa not in CPU_ISA_FLAGS:
-        raise RuntimeError(f"UDI_KERNELS_CPU_ISA must be one of {sorted(CPU_ISA_FLAGS)}, got {isa!r}")
+    on_x86 = platform.machine().lower() in ("x86_64", "amd64")
+    isa = os.environ.get("UDI_KERNELS_CPU_ISA", "").strip().lower() or \
+        (_cpu_isa_module().widest_isa() if on_x86 else "default")
+    if isa not in CPU_ISA_FLAGS or (isa != "default" and not on_x86):
+        raise RuntimeError(f"UDI_KERNELS_CPU_ISA must be one of {sorted(CPU_ISA_FLAGS)} (x86-64 only but "
+                           f"'default'), got {isa!r}")
     return isa
 
 

@@ -58,8 +58,8 @@ def test_setup_script_exits_with_the_builds_status(tmp_path, build_status):
     assert "4/4" in result.stdout and ("done" in result.stdout) == (build_status == 0)
 
 
-@pytest.mark.skipif(udi_kernels._native.BUILD_CPU_ISA != "avx2", reason="a portable build (UDI_KERNELS_CPU_ISA)")
-def test_an_avx2_build_refuses_to_load_on_a_cpu_without_avx2():
+@pytest.mark.skipif(udi_kernels._native.BUILD_CPU_ISA == "default", reason="a portable build (UDI_KERNELS_CPU_ISA)")
+def test_a_vectorised_build_refuses_to_load_on_a_cpu_without_its_instructions():
     code = ("import builtins, io; real = builtins.open; "
             "builtins.open = lambda f, *a, **k: io.StringIO('flags\\t: fpu sse2 sse4_2\\n') "
             "if f == '/proc/cpuinfo' else real(f, *a, **k); "
@@ -67,7 +67,15 @@ def test_an_avx2_build_refuses_to_load_on_a_cpu_without_avx2():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("False") and "UDI_KERNELS_CPU_ISA=default" in result.stdout
-    assert not udi_kernels._native.cpu_lacks_avx2()  # this CPU loaded it
+    assert not udi_kernels._native.cpu_lacks(udi_kernels._native.BUILD_CPU_ISA)  # this CPU loaded it
+
+
+def test_the_build_picks_the_widest_instruction_set_this_cpu_runs():
+    from udi_kernels import cpu_isa
+    assert cpu_isa.runs("default") in (True, None)
+    widest = cpu_isa.widest_isa()
+    assert all(cpu_isa.runs(isa) is not True for isa in list(cpu_isa.REQUIRED_CPU_FLAGS)[:list(
+        cpu_isa.REQUIRED_CPU_FLAGS).index(widest)])
 
 
 def test_a_run_on_a_loaded_machine_is_not_recorded(monkeypatch, tmp_path):

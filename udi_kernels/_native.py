@@ -4,6 +4,7 @@ import warnings
 
 import torch
 
+from . import cpu_isa
 
 try:
     from ._build_info import TORCH_VERSION as BUILD_TORCH_VERSION  # written by setup.py
@@ -19,21 +20,18 @@ if BUILD_TORCH_VERSION not in (None, torch.__version__):
                       "is installed; rebuild it against the installed torch: pip install --no-build-isolation [-e] .")
 
 
-def cpu_lacks_avx2() -> bool:
-    """Whether this CPU lacks what an "avx2" build (setup.py's UDI_KERNELS_CPU_ISA) executes: AVX2, FMA, F16C."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
-    except OSError:
-        flags = None
-    if flags is None:  # not Linux: ask torch's own dispatch
-        return torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512")
-    return not {"avx2", "fma", "f16c"} <= set(flags)
+def cpu_lacks(isa: str) -> bool:
+    """Whether this CPU lacks what a build for `isa` (setup.py's UDI_KERNELS_CPU_ISA) executes."""
+    runs = cpu_isa.runs(isa)
+    if runs is None:  # no /proc/cpuinfo: ask torch's own dispatch
+        return isa != "default" and torch.backends.cpu.get_cpu_capability() not in {"avx2": ("AVX2", "AVX512"),
+                                                                                    "avx512": ("AVX512",)}[isa]
+    return not runs
 
 
-if BUILD_CPU_ISA == "avx2" and cpu_lacks_avx2():  # loading it would die on the first AVX2 instruction
-    LOAD_ERROR = ImportError("udi_kernels._C was built for AVX2 + FMA + F16C, which this CPU lacks; rebuild it with "
-                             "UDI_KERNELS_CPU_ISA=default")
+if cpu_lacks(BUILD_CPU_ISA):  # loading it would die on the first instruction this CPU lacks
+    LOAD_ERROR = ImportError(f"udi_kernels._C was built for {BUILD_CPU_ISA.upper()}, which this CPU lacks; rebuild it "
+                             "here (setup.py picks what the building CPU runs) or with UDI_KERNELS_CPU_ISA=default")
 else:
     try:
         from . import _C  # noqa: F401
