@@ -14,9 +14,8 @@ import torch
 from torch import Tensor
 
 from ..nn import cast_for_autocast
-from ..ops.distill_cross_entropy import (DistillCrossEntropyResult, PairCSR, build_csr, csr_pair_student,
-                                         distill_cross_entropy_csr)
-from ._linear_standin import linear_distill_cross_entropy
+from ..ops.distill_cross_entropy import DistillCrossEntropyResult, PairCSR, build_csr, distill_cross_entropy_csr
+from ._linear_standin import linear_distill_cross_entropy_csr  # TEMPORARY: the real op of branch ldce-op replaces it
 
 
 class ScoredPairs(NamedTuple):
@@ -26,12 +25,10 @@ class ScoredPairs(NamedTuple):
 
 
 class PairTable(NamedTuple):
-    """A loss term's pairs in the op's layout with one center, unit teacher-row weights [Rt] (every row counts
-    once in the center) and the student row of each CSR slot [P] (the pair list the linear op takes): everything
-    that depends only on the pair structure."""
+    """A loss term's pairs in the op's layout with one center, and unit teacher-row weights [Rt] (every row counts
+    once in the center): everything that depends only on the pair structure."""
     csr: PairCSR
     unit_rows: Tensor
-    pair_student: Tensor
 
 
 def mean_weight(terms: int) -> float:
@@ -81,8 +78,7 @@ def identity_table(pair_weight: Tensor) -> PairTable:
 def _table(pairs: ScoredPairs, student_rows: int, teacher_rows: int) -> PairTable:
     device = pairs.student.device
     center_id = torch.zeros(teacher_rows, dtype=torch.int64, device=device)
-    csr = build_csr(*pairs, center_id, student_rows, 1)
-    return PairTable(csr, torch.ones(teacher_rows, device=device), csr_pair_student(csr))
+    return PairTable(build_csr(*pairs, center_id, student_rows, 1), torch.ones(teacher_rows, device=device))
 
 
 def cross_entropy(student: Tensor, teacher: Tensor, center: Tensor, table: PairTable, tau_s: float, tau_t: float,
@@ -108,9 +104,8 @@ def cross_entropy(student: Tensor, teacher: Tensor, center: Tensor, table: PairT
             raise ValueError("teacher_weight (teacher bottleneck rows) needs weight (student bottleneck rows) too")
         return distill_cross_entropy_csr(student, teacher, center, table.csr, row_weight, tau_s, tau_t,
                                          backend=backend)
-    csr = table.csr
     if teacher_weight is not None:
         teacher, teacher_weight = cast_for_autocast(teacher), cast_for_autocast(teacher_weight)
-    return linear_distill_cross_entropy(cast_for_autocast(student), cast_for_autocast(weight), teacher, teacher_weight,
-                                        center, csr.center_id, table.pair_student, csr.pair_teacher, csr.pair_weight,
-                                        row_weight, tau_s, tau_t, backend=backend, check_values=False)
+    return linear_distill_cross_entropy_csr(cast_for_autocast(student), cast_for_autocast(weight), teacher,
+                                            teacher_weight, center, table.csr, row_weight, tau_s, tau_t,
+                                            backend=backend)
