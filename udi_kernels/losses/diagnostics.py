@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..dtypes import compute_dtype
+
 CHUNK_SIZE = 4096  # columns of K per chunk
 
 
@@ -17,12 +19,11 @@ def teacher_entropies(teacher: Tensor, center: Tensor, tau_t: float, teacher_wei
     collapse to uniform; both near 0: collapse to one dimension; healthy: the first well below the second.
 
     teacher: logits [R, K], or the last layer's input rows [R, D] with teacher_weight its weight [K, D] (t = rows
-    @ teacher_weight.T, formed chunk by chunk); center [1, K]; returns two float32 scalars (NaN for R = 0).
-    Two passes over the chunks, in float32 without autocast: the rows' logsumexp lse, then per row
-    entropy = lse − Σ_k p_k u_k (u = (t − c)/τt) and the chunks of the batch-mean p̄."""
-    K = center.shape[-1]
-    rows = teacher.float() if teacher_weight is None else teacher
-    center = center.float()
+    @ teacher_weight.T, formed chunk by chunk); center [1, K]; returns two scalars, float32 (float64 for float64
+    rows), NaN for R = 0. Two passes over the chunks, in that dtype without autocast: the rows' logsumexp lse,
+    then per row entropy = lse − Σ_k p_k u_k (u = (t − c)/τt) and the chunks of the batch-mean p̄."""
+    K, dtype = center.shape[-1], compute_dtype(teacher.dtype)
+    rows, center = teacher.to(dtype), center.to(dtype)
 
     def scaled_logits():
         for start in range(0, K, chunk_size):
@@ -30,11 +31,11 @@ def teacher_entropies(teacher: Tensor, center: Tensor, tau_t: float, teacher_wei
             if teacher_weight is None:
                 logits = rows[:, start:stop]
             else:
-                logits = F.linear(rows.float(), teacher_weight[start:stop].float())
+                logits = F.linear(rows, teacher_weight[start:stop].to(dtype))
             yield (logits - center[:, start:stop]) / tau_t
 
     with torch.autocast(teacher.device.type, enabled=False):
-        lse = rows.new_full((rows.shape[0],), -torch.inf, dtype=torch.float32)
+        lse = rows.new_full((rows.shape[0],), -torch.inf)
         for u in scaled_logits():
             lse = torch.logaddexp(lse, torch.logsumexp(u, dim=1))
         expected_u, batch_entropy = torch.zeros_like(lse), lse.new_zeros(())

@@ -163,7 +163,7 @@ class UDILoss(nn.Module):
         tables = udi_pair_tables(self.num_local, B, targets.cls.device)
         cls = cross_entropy(student.cls, targets.cls, self.center_cls.center, tables.cls, self.student_temp, tau_t,
                             backend=self.backend, **last_layers)
-        plus_rows, plus_weight = self._cls_plus_rows(teacher, targets, tau_t, teacher_weight)
+        plus_rows, plus_weight = self._cls_plus_rows(teacher, targets, tau_t)
         cls_plus = cross_entropy(student.cls_plus, plus_rows, self.center_cls_plus.center, tables.cls_plus,
                                  self.student_temp, tau_t, plus_weight, backend=self.backend, **last_layers)
         patch = self._patch_loss(student, targets, tau_t, **last_layers)
@@ -179,13 +179,12 @@ class UDILoss(nn.Module):
         against the cls center at epoch's temperature; call it before forward, which moves the centers."""
         return teacher_entropies(teacher.cls, self.center_cls.center, self.teacher_temp(epoch), teacher_weight)
 
-    def _cls_plus_rows(self, teacher, targets: UDITargets, tau_t, teacher_weight):
+    def _cls_plus_rows(self, teacher, targets: UDITargets, tau_t):
         """Teacher rows of the cls+ loss and their center weights (None: all 1)."""
         if self.cls_plus_target == "logits":
             return targets.cls_plus, None
-        if not isinstance(teacher, UDITeacher) or teacher_weight is not None:
-            raise TypeError("cls_plus_target='probabilities' needs the teacher's sample logits (a UDITeacher, "
-                            "without teacher_weight)")
+        if not isinstance(teacher, UDITeacher):
+            raise TypeError("cls_plus_target='probabilities' needs the teacher's sample logits (a UDITeacher)")
         probs = self._probability_targets(teacher, tau_t)
         # rows whose centered softmax is exactly `probs`; the center statistics come from the logit blend instead
         rows = tau_t * torch.log(probs.clamp_min(torch.finfo(torch.float32).tiny)) + self.center_cls_plus.center
@@ -230,6 +229,9 @@ class UDILoss(nn.Module):
             raise TypeError(f"teacher must be a UDITeacher or UDITargets, got {type(teacher).__name__}")
         if not isinstance(teacher.cls, Tensor):
             raise TypeError(f"teacher cls must be a torch.Tensor, got {type(teacher.cls).__name__}")
+        if teacher_weight is not None and self.cls_plus_target == "probabilities":
+            raise TypeError("cls_plus_target='probabilities' needs the teacher's sample logits (a UDITeacher, "
+                            "without teacher_weight)")
         L, B, device = self.num_local, teacher.cls.shape[0] // 2, teacher.cls.device
         K = check_last_layer(teacher_weight, "teacher_weight", self.out_dim, device)  # the teacher rows' width
         width = check_last_layer(weight, "weight", self.out_dim, device)  # the student rows' width
