@@ -52,7 +52,7 @@ def _backward_fake(grad_pair_loss, student, weight, *unused):
 
 def _setup_context(ctx, inputs, output):
     ctx.taus = inputs[12], inputs[13]
-    ctx.save_for_backward(*inputs[:10], output[3], output[4])  # student, ..., pair_weight; the logsumexps
+    ctx.save_for_backward(*inputs[:9], output[3], output[4])  # student ... pair_weight, the logsumexps
     ctx.mark_non_differentiable(*output[1:])  # only pair_loss depends on student and weight
     ctx.set_materialize_grads(False)
 
