@@ -11,7 +11,6 @@ from test_train import read_log, tiny_args
 from udi import utils
 from udi.model import build_model
 from udi.train import TrainingRun, build_loss, train_one_epoch, train_udi
-from udi_kernels.losses import pair_tables
 
 B, L = 4, 2  # images and local crops of the step's batch (tiny_args' crop sizes)
 
@@ -62,7 +61,9 @@ def step_with_gradients(run: TrainingRun, epoch: int = 1):
 def test_a_fused_training_step_equals_the_logits_path(tmp_path, objective, norm_last_layer):
     """Float64, the same initialisation and batch: loss, its parts, the teacher entropies, the gradient of every
     parameter (weight_g and weight_v through the effective weight included), the centers and the parameters after
-    the optimizer and the EMA step. Only rounding separates the paths: 1e-9 relative."""
+    the optimizer and the EMA step. Only rounding separates the paths: 1e-9 relative. After the step, parameters
+    whose gradient is 0 in exact arithmetic (a bias before a BatchNorm, the attention's key bias) are left out:
+    AdamW turns the rounding noise of such a gradient into a step of up to lr."""
     runs = {fuse: make_run(tiny_args(tmp_path, "--objective", objective, "--out_dim", "211", "--norm_last_layer",
                                      norm_last_layer, "--fuse_last_layer", fuse)) for fuse in ("true", "false")}
     (fused_stats, fused_grads), (logit_stats, logit_grads) = (step_with_gradients(run) for run in runs.values())
@@ -75,17 +76,18 @@ def test_a_fused_training_step_equals_the_logits_path(tmp_path, objective, norm_
     for name, grad in logit_grads.items():
         assert grad.abs().sum() > 0 or "qkv.bias" in name, name
         torch.testing.assert_close(fused_grads[name], grad, rtol=1e-9, atol=1e-12, msg=name)
+    noise = {name for name, grad in logit_grads.items() if grad.abs().max() < 1e-9}
     fused, logits = runs["true"], runs["false"]
     for module in ("student", "teacher", "loss_module"):
         for (name, a), (_, b) in zip(getattr(fused, module).state_dict().items(),
                                      getattr(logits, module).state_dict().items()):
-            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=f"{module}.{name}")
+            if name not in noise:
+                torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=f"{module}.{name}")
 
 
 # ---- no [rows, K] tensor in a training step ------------------------------------------------------------------------
 
 OUT_DIM, BOTTLENECK = 4111, 18  # K: prime, above every chunk size, equal to no other size of the step
-STAND_IN = pair_tables.linear_distill_cross_entropy_csr.__module__.endswith("_linear_standin")
 
 
 class KWideOutputs(TorchDispatchMode):
@@ -126,8 +128,6 @@ def test_the_logits_path_forms_k_wide_tensors(tmp_path, objective):
     assert any(f"{B * (2 + L)}, {OUT_DIM}]" in line for line in found), found
 
 
-@pytest.mark.xfail(STAND_IN, strict=True, reason="the stand-in for linear_distill_cross_entropy forms the logits "
-                                                 "(issue 19; removed with it)")
 @pytest.mark.parametrize("objective", ["udi", "dino"])
 def test_a_fused_training_step_forms_no_k_wide_tensor(tmp_path, objective):
     assert watched_step(tmp_path, objective, "true") == []

@@ -18,16 +18,15 @@ from .schedule import check_schedule, teacher_temperature
 class DINOLoss(nn.Module):
     """DINO's [CLS] loss: teacher global view iq against every student view v ≠ iq, averaged over all terms.
 
-    forward(student_output [ncrops·B, K], teacher_output [2·B, K], epoch, *, weight=None, teacher_weight=None)
-    -> loss; rows are crop-major (crop 0 rows first), the 2 global crops first. With the head's last layer fused
-    in (UDI_SPEC §10): weight [K, D], the student head's effective last-layer weight (after weight norm), and
-    student_output [ncrops·B, D] its input rows (the L2-normalised bottleneck), so the logits are
-    student_output @ weight.T, never formed; gradients reach student_output and weight. teacher_weight [K, D]
-    likewise makes teacher_output [2·B, D] the teacher's bottleneck rows (it needs weight; None: teacher logits).
-    Sinkhorn-Knopp centering forms the teacher's [2·B, K] logits. The center (buffer `center` [1, K], state-dict key `center`
-    as in DINO's main_dino.py, so a DINO checkpoint's `dino_loss` entry loads strictly) is updated after the
-    loss from the exact global mean of the teacher rows. centering='sinkhorn_knopp' uses DINOv2's
-    Sinkhorn-Knopp targets instead (and leaves `center` alone).
+    forward(student_output [ncrops·B, K], teacher_output [2·B, K], epoch, *, weight=None, teacher_weight=None) -> loss;
+    rows are crop-major (crop 0 rows first), the 2 global crops first. With the head's last layer fused in (UDI_SPEC
+    §10): weight [K, D], the student head's effective last-layer weight (after weight norm), and student_output
+    [ncrops·B, D] its input rows (the L2-normalised bottleneck), so the logits are student_output @ weight.T, never
+    formed; gradients reach student_output and weight. teacher_weight [K, D] likewise makes teacher_output [2·B, D] the
+    teacher's bottleneck rows (it needs weight; None: teacher logits). Sinkhorn-Knopp centering forms the teacher's
+    [2·B, K] logits. The center (buffer `center` [1, K], state-dict key `center` as in DINO's main_dino.py, so a DINO
+    checkpoint's `dino_loss` entry loads strictly) is updated after the loss from the exact global mean of the teacher
+    rows. centering='sinkhorn_knopp' uses DINOv2's Sinkhorn-Knopp targets instead (and leaves `center` alone).
     """
 
     def __init__(self, out_dim: int, ncrops: int, warmup_teacher_temp: float, teacher_temp: float,

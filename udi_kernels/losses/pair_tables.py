@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..nn import cast_for_autocast
 from ..ops.distill_cross_entropy import DistillCrossEntropyResult, PairCSR, build_csr, distill_cross_entropy_csr
-from ._linear_standin import linear_distill_cross_entropy_csr  # TEMPORARY: the real op of branch ldce-op replaces it
+from ..ops.linear_distill_cross_entropy import linear_distill_cross_entropy_csr
 
 
 class ScoredPairs(NamedTuple):

@@ -122,17 +122,17 @@ def udi_pair_tables(num_local: int, batch: int, device: torch.device) -> UDIPair
 class UDILoss(nn.Module):
     """UDI's loss (UDI_SPEC §5): (L_cls + L_cls+ + L_patch) / 3 with three EMA centers.
 
-    forward(student: UDIStudent, teacher: UDITeacher | UDITargets, epoch, *, weight=None, teacher_weight=None)
-    -> (loss, parts), parts a dict of the detached 'cls', 'cls_plus' and 'patch' losses. With the head's last
-    layer fused in (UDI_SPEC §10): weight [K, D], the student head's effective last-layer weight (after weight
-    norm), and a UDIStudent of its input rows (the bottleneck: cls, cls_plus [(2 + L)·B, D], patch [2·B, Sg, D]),
-    so that no student logits are formed; gradients reach the rows and weight. teacher_weight [K, D] likewise
-    makes every teacher field the teacher's bottleneck rows ([.., D]; UDITargets.extra_patch_sum [D], as
-    cls_plus_targets forms it without last_layer), projected chunk by chunk inside the op; it needs weight. L_cls and L_cls+ use the level weighting
-    (2·L_global + 2L·L_local)/(2 + 2L) (udi_pair_tables); L_patch is Σ_valid CE / #valid samples on this rank
-    (0 when none). cls_plus_target: 'logits' (the reference: blend logits, α = 0.5) or 'probabilities' (the
-    paper: the same blend of the centered softmaxes; needs UDITeacher; the cls+ center still follows the logit
-    blend). Centers: udi_kernels.losses.centering (exact global means; an empty batch leaves them unchanged).
+    forward(student: UDIStudent, teacher: UDITeacher | UDITargets, epoch, *, weight=None, teacher_weight=None) -> (loss,
+    parts), parts a dict of the detached 'cls', 'cls_plus' and 'patch' losses. With the head's last layer fused in
+    (UDI_SPEC §10): weight [K, D], the student head's effective last-layer weight (after weight norm), and a UDIStudent
+    of its input rows (the bottleneck: cls, cls_plus [(2 + L)·B, D], patch [2·B, Sg, D]), so that no student logits are
+    formed; gradients reach the rows and weight. teacher_weight [K, D] likewise makes every teacher field the teacher's
+    bottleneck rows ([.., D]; UDITargets.extra_patch_sum [D], as cls_plus_targets forms it without last_layer),
+    projected chunk by chunk inside the op; it needs weight. L_cls and L_cls+ use the level weighting (2·L_global +
+    2L·L_local)/(2 + 2L) (udi_pair_tables); L_patch is Σ_valid CE / #valid samples on this rank (0 when none).
+    cls_plus_target: 'logits' (the reference: blend logits, α = 0.5) or 'probabilities' (the paper: the same blend of
+    the centered softmaxes; needs UDITeacher; the cls+ center still follows the logit blend). Centers:
+    udi_kernels.losses.centering (exact global means; an empty batch leaves them unchanged).
     """
 
     def __init__(self, out_dim: int, ncrops: int, warmup_teacher_temp: float = 0.04, teacher_temp: float = 0.07,
@@ -233,26 +233,28 @@ class UDILoss(nn.Module):
             raise TypeError("cls_plus_target='probabilities' needs the teacher's sample logits (a UDITeacher, "
                             "without teacher_weight)")
         L, B, device = self.num_local, teacher.cls.shape[0] // 2, teacher.cls.device
-        K = check_last_layer(teacher_weight, "teacher_weight", self.out_dim, device)  # the teacher rows' width
-        width = check_last_layer(weight, "weight", self.out_dim, device)  # the student rows' width
-        check_rows(teacher.cls, "teacher cls", 2 * B, K, device)
+        teacher_width = check_last_layer(teacher_weight, "teacher_weight", self.out_dim, device)
+        width = check_last_layer(weight, "weight", self.out_dim, device)  # the student rows'
+        check_rows(teacher.cls, "teacher cls", 2 * B, teacher_width, device)
         check_rows(student.cls, "student cls", (2 + L) * B, width, device)
         check_rows(student.cls_plus, "student cls_plus", (2 + L) * B, width, device)
-        self._check_samples(teacher.patch, teacher.patch_mask, "teacher patch", "patch_mask", 2 * B, K, device)
+        self._check_samples(teacher.patch, teacher.patch_mask, "teacher patch", "patch_mask", 2 * B, teacher_width,
+                            device)
         shape = (*teacher.patch.shape[:2], width)
         if not isinstance(student.patch, Tensor) or student.patch.shape != shape:
             raise ValueError(f"student patch must have shape {list(shape)} (teacher patch's samples), got "
                              f"{list(getattr(student.patch, 'shape', []))}")
         check_logits(student.patch, "student patch", device)
         if isinstance(teacher, UDITargets):
-            check_rows(teacher.cls_plus, "teacher cls_plus targets", (2 + 2 * L) * B, K, device)
-            for value, name, shape in ((teacher.extra_patch_sum, "extra_patch_sum", (K,)),
+            check_rows(teacher.cls_plus, "teacher cls_plus targets", (2 + 2 * L) * B, teacher_width, device)
+            for value, name, shape in ((teacher.extra_patch_sum, "extra_patch_sum", (teacher_width,)),
                                        (teacher.extra_patch_count, "extra_patch_count", ())):
                 if not isinstance(value, Tensor) or value.shape != shape:
                     raise ValueError(f"{name} must be a tensor of shape {list(shape)}")
                 check_logits(value, name, device)
         elif L and B:
-            self._check_samples(teacher.local, teacher.local_mask, "teacher local", "local_mask", 2 * L * B, K, device)
+            self._check_samples(teacher.local, teacher.local_mask, "teacher local", "local_mask", 2 * L * B,
+                                teacher_width, device)
         check_state_device(self, device)
         return B
 
