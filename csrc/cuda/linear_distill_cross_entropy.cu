@@ -7,6 +7,7 @@
 // (cuBLAS, in the input dtype). Every reduction has a fixed order: results are deterministic.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/where.h>
