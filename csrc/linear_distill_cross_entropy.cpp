@@ -103,13 +103,21 @@ at::Tensor weight_chunk(const at::Tensor& weight, int64_t k0, int64_t n, at::Sca
 void teacher_logits(const at::Tensor& teacher, const std::optional<at::Tensor>& teacher_weight, int64_t k0,
                     at::Tensor& out) {
   const int64_t n = out.size(1);
-  if (teacher_weight)
-    at::mm_out(out, teacher, weight_chunk(*teacher_weight, k0, n, teacher.scalar_type()).t());
-  else
+  if (!teacher_weight) {
     out.copy_(teacher.narrow(1, k0, n));
+    return;
+  }
+  const at::Tensor weight = weight_chunk(*teacher_weight, k0, n, teacher.scalar_type()).t();
+  if (teacher.scalar_type() == out.scalar_type())
+    at::mm_out(out, teacher, weight);
+  else  // half inputs, float output (CUDA)
+    at::mm_out(out, teacher, weight, out.scalar_type());
 }
 
 namespace {
+
+constexpr int64_t kChunk = 2048;  // K-columns per chunk: buffers [rows, kChunk] (MKL runs [R, 256] x [256, 512] GEMMs
+                                 // at a third of its [R, 256] x [256, 2048] rate on this CPU)
 
 template <typename T>
 using Vec = at::vec::Vectorized<T>;

@@ -12,9 +12,6 @@ namespace udi::linear_distill_cross_entropy {
 
 using distill_cross_entropy::ForwardTensors;  // pair_loss, center_sum, center_count, student_lse, teacher_lse
 
-// K-columns of logits formed at a time: the chunk buffers are [rows, kChunk].
-constexpr int64_t kChunk = 512;
-
 // Shapes, dtypes, devices and contiguity of the forward's arguments (values are checked in Python).
 void check_forward_args(const at::Tensor& student, const at::Tensor& weight, const at::Tensor& teacher,
                         const std::optional<at::Tensor>& teacher_weight, const at::Tensor& centers,
@@ -29,8 +26,9 @@ void check_backward_args(const at::Tensor& grad_pair_loss, const at::Tensor& stu
                          const at::Tensor& pair_teacher, const at::Tensor& pair_weight, const at::Tensor& student_lse,
                          const at::Tensor& teacher_lse, double tau_s, double tau_t);
 
-// The teacher's logits of columns [k0, k0 + n), [Rt, n] in `type`, into `out` (contiguous [Rt, n]):
-// teacher @ teacher_weight[k0 : k0 + n].T (teacher already in `type`), or teacher's columns when it holds logits.
+// The teacher's logits of columns [k0, k0 + n) into `out` (contiguous [Rt, n], float or double): the GEMM
+// teacher @ teacher_weight[k0 : k0 + n].T in teacher's dtype with out's accumulation and output, or teacher's
+// columns when it holds logits.
 void teacher_logits(const at::Tensor& teacher, const std::optional<at::Tensor>& teacher_weight, int64_t k0,
                     at::Tensor& out);
 
