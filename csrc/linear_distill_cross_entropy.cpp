@@ -116,8 +116,9 @@ void teacher_logits(const at::Tensor& teacher, const std::optional<at::Tensor>& 
 
 namespace {
 
-constexpr int64_t kChunk = 2048;  // K-columns per chunk: buffers [rows, kChunk] (MKL runs [R, 256] x [256, 512] GEMMs
-                                 // at a third of its [R, 256] x [256, 2048] rate on this CPU)
+constexpr int64_t kChunk = 8192;  // K-columns per chunk: MKL runs the [R, D] x [D, 2048] chunk GEMMs 3-10x
+                                  // slower per FLOP than one [R, D] x [D, K] GEMM on this CPU, [R, D] x [D, 8192]
+                                  // at 0.6-1x (benchmarks/NOTES.md); the buffers stay [rows, 8192]
 
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
