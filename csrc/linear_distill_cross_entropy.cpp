@@ -120,7 +120,8 @@ namespace {
 constexpr int64_t kChunk = 8192;  // K-columns per chunk: MKL runs the [R, D] x [D, 2048] chunk GEMMs 3-10x
                                   // slower per FLOP than one [R, D] x [D, K] GEMM on this CPU, [R, D] x [D, 8192]
                                   // at 0.6-1x (benchmarks/NOTES.md)
-constexpr int64_t kRowBlock = 64;  // student rows per GEMM and row loop: the student buffer is [64, kChunk]
+constexpr int64_t kRowBlock = 128;  // student rows per GEMM and row loop: the student buffer is [128, kChunk]
+                                   // (MKL: ~20-50 GFLOP/s at 64 rows, 40-50 at 128, 50-60 at 224, loaded CPU)
 
 template <typename T>
 using Vec = at::vec::Vectorized<T>;

@@ -121,7 +121,7 @@ def with_special_rows(case):
 # Rs, Rt, D, K, n_c, P: K prime or 1000 (not a multiple of any chunk), D = 72, Rs >> Rt, no pairs
 SHAPES = {"odd": (9, 5, 72, 1031, 2, 17), "K1000": (6, 4, 24, 1000, 3, 11), "K_below_chunk": (5, 3, 7, 61, 2, 8),
           "three_native_chunks": (5, 3, 16, 16411, 2, 9),
-          "Rs_much_larger": (150, 3, 16, 131, 1, 170), "no_pairs": (4, 3, 8, 67, 2, 0)}  # 3 native row blocks
+          "Rs_much_larger": (300, 3, 16, 131, 1, 340), "no_pairs": (4, 3, 8, 67, 2, 0)}  # 3 native row blocks
 
 
 @pytest.mark.parametrize("teacher_logits", [False, True], ids=["teacher_rows", "teacher_logits"])
