@@ -139,19 +139,26 @@ def _status_kib(field):
 
 
 def measure_rss_here(case_name, impl, B, backend):
-    """Peak RSS of one forward + backward beyond the RSS before it, in this process (bytes); printed as JSON."""
+    """Peak RSS of one forward + backward beyond the RSS before it, after one warm-up call (thread pools, BLAS
+    buffers), in this process (bytes); printed as JSON."""
     case = make_case(case_name, B, torch.float32, torch.device("cpu"))
+    step = step_of(case, impl, backend)
+    step()
+    case.student.grad = case.weight.grad = None
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak (VmHWM) to the current RSS
     before = _status_kib("VmRSS")
-    step_of(case, impl, backend)()
+    step()
     print(json.dumps({"peak_extra_bytes": (_status_kib("VmHWM") - before) * 1024}))
 
 
 def rss_in_fresh_process(case_name, impl, B, backend):
     command = [sys.executable, "-m", "benchmarks.linear_distill_cross_entropy", "--rss-of", case_name, impl,
                "--batch", str(B)] + (["--backend", backend] if backend else [])
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    # every allocation of 64 KiB or more mapped and unmapped by itself: what the warm-up freed is not reused
+    # unseen, so the peak counts every live byte of the measured call
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "MALLOC_MMAP_THRESHOLD_": "65536"}
     out = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_extra_bytes"]
 

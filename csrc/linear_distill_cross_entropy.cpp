@@ -5,7 +5,8 @@
 // Forward: pass 1 the teacher's logsumexps; pass 2 the teacher's probabilities of the chunk and the student's
 // online logsumexp (running max m, sum l) with, per pair, Σ_k p_tk · (m − s_k) (non-negative terms, shifted when m
 // grows), so that CE = that + (lse − m) · Σ_k p_tk is exact at large logits. Backward: the chunk's logits again,
-// G = (Σ_p g_p · softmax(s) − Σ_p g_p · p_t) / τs per row, grad_student += G · W_chunk, grad_weight_chunk = Gᵀ · student.
+// G = (Σ_p g_p · softmax(s) − Σ_p g_p · p_t) / τs per row, grad_student += G · W_chunk,
+// grad_weight_chunk = Gᵀ · student. The student side runs in blocks of kRowBlock rows.
 // Computes in the student's compute dtype (float for float/half/bfloat16, double for double).
 // Repeatability: every row is reduced by one task in chunk order (independent of the thread count); the GEMMs are
 // BLAS's, bitwise repeatable run to run at a fixed thread count (not claimed across thread counts).
@@ -116,8 +117,11 @@ void teacher_logits(const at::Tensor& teacher, const std::optional<at::Tensor>& 
 
 namespace {
 
-constexpr int64_t kChunk = 2048;  // K-columns per chunk: buffers [rows, kChunk] (MKL runs [R, 256] x [256, 512] GEMMs
-                                 // at a third of its [R, 256] x [256, 2048] rate on this CPU)
+constexpr int64_t kChunk = 8192;  // K-columns per chunk: MKL runs the [R, D] x [D, 2048] chunk GEMMs 3-10x
+                                  // slower per FLOP than one [R, D] x [D, K] GEMM on this CPU, [R, D] x [D, 8192]
+                                  // at 0.6-1x (benchmarks/NOTES.md)
+constexpr int64_t kRowBlock = 128;  // student rows per GEMM and row loop: the student buffer is [128, kChunk]
+                                   // (MKL: ~20-50 GFLOP/s at 64 rows, 40-50 at 128, 50-60 at 224, loaded CPU)
 
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
@@ -166,7 +170,7 @@ struct Problem {
   std::optional<at::Tensor> teacher_weight;
   PairArgs<T> pairs;
   int64_t Rs, Rt, K;
-  at::Tensor student_chunk, teacher_chunk;  // buffers of Rs · kChunk and Rt · kChunk elements
+  at::Tensor student_chunk, teacher_chunk;  // buffers of kRowBlock · kChunk and Rt · kChunk elements
 
   static constexpr at::ScalarType type = c10::CppTypeToScalarType<T>::value;
 
@@ -176,12 +180,13 @@ struct Problem {
     return buffer.narrow(0, 0, rows * n).view({rows, n});
   }
 
-  // rows @ weight[k0 : k0 + n].T / τs, [Rs, n] in the student buffer.
-  at::Tensor scaled_student(const at::Tensor& rows, int64_t k0, int64_t n) {
-    at::Tensor out = view(student_chunk, Rs, n);
-    at::mm_out(out, rows, weight_chunk(weight, k0, n, type).t());
+  // rows[r0 : r0 + m] @ weight_chunk.T / τs, [m, n] in the student buffer.
+  at::Tensor scaled_student(const at::Tensor& rows, int64_t r0, int64_t m, const at::Tensor& weight_chunk) {
+    const int64_t n = weight_chunk.size(0);
+    at::Tensor out = view(student_chunk, m, n);
+    at::mm_out(out, rows.narrow(0, r0, m), weight_chunk.t());
     T* data = out.data_ptr<T>();
-    at::parallel_for(0, Rs, 16, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) VecOps<T>::scale(data + r * n, pairs.inv_tau_s, n);
     });
     return out;
@@ -216,7 +221,8 @@ Problem<T> make_problem(const at::Tensor& student, const at::Tensor& weight, con
   Problem<T> p{centers.to(type).contiguous(), pair_weight.to(type).contiguous(), student.to(type), weight,
                teacher_weight ? teacher.to(type) : teacher,  // logits are converted chunk by chunk
                teacher_weight, {}, Rs, Rt, K,
-               at::empty({Rs * std::min(kChunk, K)}, options), at::empty({Rt * std::min(kChunk, K)}, options)};
+               at::empty({std::min(Rs, kRowBlock) * std::min(kChunk, K)}, options),
+               at::empty({Rt * std::min(kChunk, K)}, options)};
   p.pairs = PairArgs<T>{p.centers.template data_ptr<T>(), center_id.data_ptr<int64_t>(),
                         student_offsets.data_ptr<int64_t>(), pair_teacher.data_ptr<int64_t>(),
                         p.pair_weight.template data_ptr<T>(), K, T(1.0 / tau_s), T(1.0 / tau_t), Rt, centers.size(0),
@@ -283,28 +289,33 @@ ForwardTensors forward_typed(Problem<T>& p) {
   for (int64_t k0 = 0; k0 < p.K; k0 += kChunk) {
     const int64_t n = p.chunk_size(k0);
     const T* probs = p.centered_teacher(k0, n, lse_t).template data_ptr<T>();
-    const T* s = p.scaled_student(p.student, k0, n).template data_ptr<T>();
-    at::parallel_for(0, p.Rs, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const T* row = s + r * n;
-        const SlotRange slots = csr_slots(p.pairs.student_offsets, r, P);
-        const T chunk_max = VecOps<T>::max(row, n);
-        if (chunk_max > max[r]) {
-          if (max[r] != T(kNegInf)) {
-            sum[r] *= std::exp(max[r] - chunk_max);
-            for (int64_t slot = slots.first; slot < slots.last; ++slot) shifted[slot] += (chunk_max - max[r]) * mass[slot];
+    const at::Tensor weight = weight_chunk(p.weight, k0, n, Problem<T>::type);
+    for (int64_t r0 = 0; r0 < p.Rs; r0 += kRowBlock) {
+      const int64_t m = std::min(kRowBlock, p.Rs - r0);
+      const T* s = p.scaled_student(p.student, r0, m, weight).template data_ptr<T>();
+      at::parallel_for(r0, r0 + m, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          const T* row = s + (r - r0) * n;
+          const SlotRange slots = csr_slots(p.pairs.student_offsets, r, P);
+          const T chunk_max = VecOps<T>::max(row, n);
+          if (chunk_max > max[r]) {
+            if (max[r] != T(kNegInf)) {
+              sum[r] *= std::exp(max[r] - chunk_max);
+              for (int64_t slot = slots.first; slot < slots.last; ++slot)
+                shifted[slot] += (chunk_max - max[r]) * mass[slot];
+            }
+            max[r] = chunk_max;
           }
-          max[r] = chunk_max;
+          sum[r] += VecOps<T>::sum_exp(row, max[r], n);
+          for (int64_t slot = slots.first; slot < slots.last; ++slot) {
+            if (!pair_counts(p.pairs, slot)) continue;
+            const T* target = probs + p.pairs.pair_teacher[slot] * n;
+            shifted[slot] += VecOps<T>::shifted_dot(target, row, max[r], n);
+            mass[slot] += VecOps<T>::sum(target, n);
+          }
         }
-        sum[r] += VecOps<T>::sum_exp(row, max[r], n);
-        for (int64_t slot = slots.first; slot < slots.last; ++slot) {
-          if (!pair_counts(p.pairs, slot)) continue;
-          const T* target = probs + p.pairs.pair_teacher[slot] * n;
-          shifted[slot] += VecOps<T>::shifted_dot(target, row, max[r], n);
-          mass[slot] += VecOps<T>::sum(target, n);
-        }
-      }
-    });
+      });
+    }
   }
   at::Tensor pair_loss = at::zeros({P}, p.student.options()), student_lse = at::empty({p.Rs}, p.student.options());
   T* loss = pair_loss.data_ptr<T>();
@@ -367,30 +378,41 @@ std::tuple<at::Tensor, at::Tensor> backward_typed(Problem<T>& p, const at::Tenso
   const at::Tensor rows = at::where(active, p.student, at::zeros({}, p.student.options()));
   at::Tensor grad_student = at::zeros({p.Rs, D}, p.student.options());
   at::Tensor grad_weight = at::empty(p.weight.sizes(), p.weight.options());
-  at::Tensor weight_buffer = at::empty({std::min(kChunk, p.K) * D}, p.student.options());
+  // grad_weight's chunk is formed in place when the weight is in T, else in a [kChunk, D] buffer in T
+  const bool in_place = p.weight.scalar_type() == Problem<T>::type;
+  at::Tensor weight_buffer = at::empty({in_place ? 0 : std::min(kChunk, p.K) * D}, p.student.options());
   for (int64_t k0 = 0; k0 < p.K; k0 += kChunk) {
     const int64_t n = p.chunk_size(k0);
     const T* probs = p.centered_teacher(k0, n, lse_t).template data_ptr<T>();
-    at::Tensor g = p.scaled_student(rows, k0, n);  // becomes ∂L/∂x of the chunk, in place
-    T* data = g.template data_ptr<T>();
-    at::parallel_for(0, p.Rs, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        T* row = data + r * n;
-        if (!is_active[r]) {
-          std::fill(row, row + n, T(0));
-          continue;
+    const at::Tensor weight = weight_chunk(p.weight, k0, n, Problem<T>::type);
+    at::Tensor chunk_grad = in_place ? grad_weight.narrow(0, k0, n) : Problem<T>::view(weight_buffer, n, D);
+    for (int64_t r0 = 0; r0 < p.Rs; r0 += kRowBlock) {
+      const int64_t m = std::min(kRowBlock, p.Rs - r0);
+      at::Tensor g = p.scaled_student(rows, r0, m, weight);  // becomes ∂L/∂x of the block's chunk, in place
+      T* data = g.template data_ptr<T>();
+      at::parallel_for(r0, r0 + m, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          T* row = data + (r - r0) * n;
+          if (!is_active[r]) {
+            std::fill(row, row + n, T(0));
+            continue;
+          }
+          VecOps<T>::exp_shifted(row, row, lse_s[r], total[r], n);
+          const SlotRange slots = csr_slots(p.pairs.student_offsets, r, P);
+          for (int64_t slot = slots.first; slot < slots.last; ++slot)
+            if (scale[slot] != 0)
+              VecOps<T>::subtract_scaled(row, probs + p.pairs.pair_teacher[slot] * n, scale[slot], n);
+          VecOps<T>::scale(row, p.pairs.inv_tau_s, n);
         }
-        VecOps<T>::exp_shifted(row, row, lse_s[r], total[r], n);
-        const SlotRange slots = csr_slots(p.pairs.student_offsets, r, P);
-        for (int64_t slot = slots.first; slot < slots.last; ++slot)
-          if (scale[slot] != 0) VecOps<T>::subtract_scaled(row, probs + p.pairs.pair_teacher[slot] * n, scale[slot], n);
-        VecOps<T>::scale(row, p.pairs.inv_tau_s, n);
-      }
-    });
-    grad_student.addmm_(g, weight_chunk(p.weight, k0, n, Problem<T>::type));
-    at::Tensor chunk_grad = Problem<T>::view(weight_buffer, n, D);
-    at::mm_out(chunk_grad, g.t(), rows);
-    grad_weight.narrow(0, k0, n).copy_(chunk_grad);
+      });
+      grad_student.narrow(0, r0, m).addmm_(g, weight);
+      if (r0 == 0)
+        at::mm_out(chunk_grad, g.t(), rows.narrow(0, 0, m));
+      else  // the row blocks in order: deterministic
+        chunk_grad.addmm_(g.t(), rows.narrow(0, r0, m));
+    }
+    if (p.Rs == 0) chunk_grad.zero_();
+    if (!in_place) grad_weight.narrow(0, k0, n).copy_(chunk_grad);
   }
   return {grad_student, grad_weight};
 }

@@ -37,7 +37,7 @@ TAU_S, TAU_T = 0.1, 0.04
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
     """Several K-chunks in the reference and in the Triton backward at the tests' small K (the native kernel's
-    chunk is 2048 columns: SHAPES has a K of three of them; the Triton tiles' 64)."""
+    chunk is 8192 columns: SHAPES has a K of three of them; the Triton tiles' 64)."""
     monkeypatch.setattr(reference, "CHUNK", 64)
     if TRITON:
         from udi_kernels.triton_kernels import linear_distill_cross_entropy as kernels
@@ -120,8 +120,8 @@ def with_special_rows(case):
 
 # Rs, Rt, D, K, n_c, P: K prime or 1000 (not a multiple of any chunk), D = 72, Rs >> Rt, no pairs
 SHAPES = {"odd": (9, 5, 72, 1031, 2, 17), "K1000": (6, 4, 24, 1000, 3, 11), "K_below_chunk": (5, 3, 7, 61, 2, 8),
-          "three_native_chunks": (5, 3, 16, 4099, 2, 9),
-          "Rs_much_larger": (61, 3, 16, 131, 1, 70), "no_pairs": (4, 3, 8, 67, 2, 0)}
+          "three_native_chunks": (5, 3, 16, 16411, 2, 9),
+          "Rs_much_larger": (300, 3, 16, 131, 1, 340), "no_pairs": (4, 3, 8, 67, 2, 0)}  # 3 native row blocks
 
 
 @pytest.mark.parametrize("teacher_logits", [False, True], ids=["teacher_rows", "teacher_logits"])
@@ -278,7 +278,7 @@ class WideTensorWatch(TorchDispatchMode):
 def test_no_tensor_of_K_columns_in_forward_and_backward(backend):
     """At K = 1009 (no other size equals it) no op of the forward or the backward makes a tensor [R, K] with R
     above n_centers. The watch sees every op the Python layers dispatch (the reference's and the Triton path's
-    chunk ops, autograd's); the native kernel's own ATen calls run below it (its chunk buffers are [rows, 2048])."""
+    chunk ops, autograd's); the native kernel's own ATen calls run below it (its chunk buffers are [rows, 8192])."""
     case = make_case(40, 30, 24, 1009, 2, 50)
     with WideTensorWatch(K=1009, n_centers=2) as watch:
         fused(case, backend)
