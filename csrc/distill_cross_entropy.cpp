@@ -18,14 +18,14 @@
 
 namespace udi::distill_cross_entropy {
 
-namespace {
-
 void check_vector(const at::Tensor& t, const char* name, at::ScalarType type, int64_t length, const at::Device& device) {
   TORCH_CHECK(t.dim() == 1 && t.size(0) == length, name, " must have shape [", length, "], got ", t.sizes());
   TORCH_CHECK(t.scalar_type() == type, name, " must be ", type, ", got ", t.scalar_type());
   TORCH_CHECK(t.device() == device, name, " must be on ", device, " like student, got ", t.device());
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
+
+namespace {
 
 void check_logits(const at::Tensor& t, const char* name, const at::Device& device) {
   TORCH_CHECK(t.dim() == 2, name, " must have shape [rows, K], got ", t.sizes());
@@ -54,7 +54,8 @@ void check_logit_args(const at::Tensor& student, const at::Tensor& teacher, cons
               compute_dtype(teacher.scalar_type()), ", got ", centers.scalar_type());
 }
 
-// The pair arguments every kernel reads: center_id [Rt], student_offsets [Rs + 1], pair_teacher [P], pair_weight [P].
+}  // namespace
+
 void check_pair_args(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& center_id,
                      const at::Tensor& student_offsets, const at::Tensor& pair_teacher, const at::Tensor& pair_weight) {
   const at::Device device = student.device();
@@ -68,8 +69,6 @@ void check_pair_args(const at::Tensor& student, const at::Tensor& teacher, const
 void check_temperatures(double tau_s, double tau_t) {
   TORCH_CHECK(tau_s > 0 && tau_t > 0, "tau_s and tau_t must be positive, got ", tau_s, " and ", tau_t);
 }
-
-}  // namespace
 
 void check_forward_args(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& centers,
                         const at::Tensor& center_id, const at::Tensor& student_offsets, const at::Tensor& pair_teacher,
@@ -332,6 +331,30 @@ void combine_forward(const Rows<student_t, teacher_t>& rows, int64_t Rs, const C
   });
 }
 
+at::Tensor as_double(const at::Tensor& t) { return t.to(at::kDouble).contiguous(); }
+
+}  // namespace
+
+#define UDI_DISPATCH_LOGITS(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
+
+std::tuple<at::Tensor, at::Tensor> center_statistics_cpu(const at::Tensor& teacher, const at::Tensor& center_offsets,
+                                                         const at::Tensor& center_rows, const at::Tensor& row_weight) {
+  const int64_t n_c = center_offsets.size(0) - 1, Rt = teacher.size(0), K = teacher.size(1);
+  const auto doubles = teacher.options().dtype(at::kDouble);
+  at::Tensor center_sum = at::empty({n_c, K}, doubles), center_count = at::empty({n_c}, doubles);
+  const at::Tensor row_weight64 = as_double(row_weight);
+  center_counts(center_offsets.data_ptr<int64_t>(), center_rows.data_ptr<int64_t>(), row_weight64.data_ptr<double>(),
+                n_c, Rt, center_count.data_ptr<double>());
+  UDI_DISPATCH_LOGITS(teacher.scalar_type(), "center_statistics_cpu", [&] {
+    center_sums(teacher.data_ptr<scalar_t>(), center_offsets.data_ptr<int64_t>(), center_rows.data_ptr<int64_t>(),
+                row_weight64.data_ptr<double>(), n_c, Rt, K, 0, K, center_sum.data_ptr<double>());
+  });
+  return {center_sum, center_count};
+}
+
+namespace {
+
 template <typename student_t, typename teacher_t>
 void forward_rows(const Rows<student_t, teacher_t>& rows, int64_t Rs, double* pair_loss, double* student_lse,
                   double* teacher_lse, const int64_t* center_offsets, const int64_t* center_rows,
@@ -364,11 +387,6 @@ Rows<student_t, teacher_t> make_rows(const at::Tensor& student, const at::Tensor
                                pair_teacher.numel()};
   return Rows<student_t, teacher_t>{pairs, student.data_ptr<student_t>(), teacher.data_ptr<teacher_t>()};
 }
-
-at::Tensor as_double(const at::Tensor& t) { return t.to(at::kDouble).contiguous(); }
-
-#define UDI_DISPATCH_LOGITS(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
 // Calls body(rows) with the Rows of the student's and the teacher's dtypes.
 template <typename Body>
