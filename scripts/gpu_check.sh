@@ -42,7 +42,7 @@ done
 for script in scripts/sanitize_*.py; do
   step "$(basename "$script" .py)_racecheck" 60 compute-sanitizer --tool racecheck --error-exitcode 1 python3 "$script"
 done
-BENCHES="srs_attention distill_cross_entropy stratified_sample train_step"
+BENCHES="srs_attention distill_cross_entropy linear_distill_cross_entropy stratified_sample train_step"
 for bench in $BENCHES; do
   limit=100
   [ "$bench" = srs_attention ] && limit=200  # compiles the CUDA-graph module provider for four shapes

@@ -565,10 +565,42 @@ def test_compat_masked_attention_names_an_input_of_another_dtype():
     assert MaskedAttention(16, 2).double()(x, maps)[0].dtype == torch.float64
 
 
-@pytest.mark.skipif("native" not in ATTENTION, reason="the native CPU kernel is not built")
-def test_native_cpu_attention_has_no_head_dim_limit():
-    """The D <= 512 limit is the CUDA kernel's (declarations.SRS_ATTENTION); the CPU kernel takes any D."""
-    q, k, v = (torch.randn(1, 1, 3, 513, dtype=torch.float64) for _ in range(3))
-    index = torch.tensor([[[0, 2], [1, 1]]])
-    expected = srs_attention(q, k, v, index, backend="reference")
-    torch.testing.assert_close(srs_attention(q, k, v, index, backend="native"), expected, rtol=1e-12, atol=1e-12)
+# ---- 12. linear_distill_cross_entropy: indices out of range, hand-made CSRs (issue 19) ------------------------------
+
+LINEAR = backends.available("linear_distill_cross_entropy", "cpu")
+
+
+@pytest.mark.parametrize("backend", LINEAR)
+def test_linear_distill_index_out_of_range_skips_the_pair(backend, poison_empty):
+    """The rule of distill_cross_entropy (section 1) on the fused head: each index field holds 1e9, -1e12, its size
+    and -1 at different pairs; every backend gives the composed float64 answer of the valid equivalent, twice."""
+    import test_linear_distill_cross_entropy as linear
+    case = linear.make_case(5, 9, 24, 300, 2, 14)
+    for field in BAD_INDEX_FIELDS:
+        case[field] = case[field].roll(-4)
+        with_bad_indices(case, field)
+        case[field] = case[field].roll(4)
+    first, again = linear.fused(case, backend, check_values=False), linear.fused(case, backend, check_values=False)
+    for a, b in zip((*first[0], *first[1]), (*again[0], *again[1])):
+        assert torch.equal(a, b), "run-to-run identical"
+    expected, expected_grads = linear.composed(valid_equivalent(case))
+    for name in ("loss", "center_sum", "center_count"):
+        assert_close_rel(getattr(first[0], name), getattr(expected, name), 2e-5, name)
+    for grad, expected_grad, name in zip(first[1], expected_grads, ("grad student", "grad weight")):
+        assert_close_rel(grad, expected_grad, 1e-4, name)
+
+
+@pytest.mark.parametrize("backend", [b for b in LINEAR if b != "reference"])
+def test_linear_distill_csr_with_decreasing_offsets_stays_in_bounds(backend):
+    """A hand-made CSR whose offsets leave [0, P] or decrease: clamped, no crash, the same result twice."""
+    import test_linear_distill_cross_entropy as linear
+    from udi_kernels.ops import distill_cross_entropy as distill_op
+    from udi_kernels.ops.linear_distill_cross_entropy import linear_distill_cross_entropy_csr
+    case = linear.make_case(4, 3, 8, 21, 1, 5)
+    csr = distill_op.build_csr(case["pair_student"], case["pair_teacher"], case["pair_weight"], case["center_id"], 4, 1)
+    csr = csr._replace(student_offsets=torch.tensor([-7, 3, 1, 99, 2]), center_offsets=torch.tensor([2, -5]),
+                       center_rows=torch.tensor([0, 9, -2]))
+    runs = [linear_distill_cross_entropy_csr(case["student"], case["weight"], case["teacher"], case["teacher_weight"],
+                                             case["centers"], csr, case["row_weight"], 0.1, 0.04, backend=backend)
+            for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*runs))

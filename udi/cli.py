@@ -110,6 +110,11 @@ def add_model_flags(p):
                             "cls rows and sample rows separately; synchronised across GPUs, per process on the CPU")
     model.add_argument("--norm_last_layer", default=False, type=str2bool,
                        help="freeze the last layer's weight norm (DINO; False for ViT-S as in the reference)")
+    model.add_argument("--fuse_last_layer", default=True, type=str2bool,
+                       help="the loss takes the head's bottleneck rows and its last layer and forms the logits chunk "
+                            "by chunk (udi_kernels.linear_distill_cross_entropy): no [rows, K] tensor, student or "
+                            "teacher; false: the head forms the [rows, K] logits and the loss takes them "
+                            "(distill_cross_entropy), the same numbers, for comparison")
     model.add_argument("--momentum_teacher", default=0.996, type=FRACTION,
                        help="initial EMA momentum of the teacher, raised to 1 by a cosine schedule")
     model.add_argument("--alpha", default=0.5, type=FRACTION,

@@ -25,7 +25,7 @@ from .cli import PRESETS, changed_args, get_args_parser, parse_args  # noqa: F40
 from .data import MultiCropAugmentation, ShardedBatchSampler, collate_multicrop, pretraining_dataset
 from .errors import RunError, one_line
 from .final_report import final_report
-from .model import build_model
+from .model import build_model, split_last_layer
 
 def precision_dtype(args, device) -> Optional[torch.dtype]:
     """The autocast dtype that --precision asks for on `device` (None: float32, no autocast)."""
@@ -62,8 +62,8 @@ def sample_pairs(boxes, args, seed, rank=0) -> SampledPairs:
 class DINOObjective(DINOLoss):
     """DINOLoss returning (loss, parts) like UDILoss, parts = {"cls": the loss}."""
 
-    def forward(self, student_output, teacher_output, epoch):
-        loss = super().forward(student_output, teacher_output, epoch)
+    def forward(self, student_output, teacher_output, epoch, **last_layers):
+        loss = super().forward(student_output, teacher_output, epoch, **last_layers)
         return loss, {"cls": loss.detach()}
 
 
@@ -223,7 +223,7 @@ COLLAPSE_FRACTION = 0.95
 
 
 def collapse_warning(stats, out_dim):
-    """A warning when the teacher's cls targets collapse (see teacher_entropies), else None."""
+    """A warning when the teacher's cls targets collapse (udi_kernels.losses.teacher_entropies), else None."""
     ln_k = math.log(out_dim)
     entropy, batch = stats["teacher_entropy"], stats["teacher_batch_entropy"]
     if entropy >= COLLAPSE_FRACTION * ln_k:
@@ -272,13 +272,12 @@ def train_one_epoch(run: TrainingRun, loader, epoch: int) -> dict:
                 pairs = sample_pairs(boxes.to(device), args, utils.step_seed(args.seed, it), run.rank)
                 targets = teacher.teacher_targets(global_crops, teacher_taps(pairs), args.alpha)
                 outputs = student(global_crops, local_crops, student_taps(pairs))
-                teacher_cls, cls_center = targets.cls, loss_module.center_cls.center
             else:
-                targets = teacher_cls = teacher.teacher_targets(global_crops)
-                outputs, cls_center = student(global_crops, local_crops), loss_module.center
+                targets, outputs = teacher.teacher_targets(global_crops), student(global_crops, local_crops)
+            (outputs, weight), (targets, teacher_weight) = split_last_layer(outputs), split_last_layer(targets)
             # before the loss, which moves the centers
-            entropies = teacher_entropies(teacher_cls, cls_center, loss_module.teacher_temp(epoch))
-            loss, parts = loss_module(outputs, targets, epoch)
+            entropies = loss_module.teacher_entropies(targets, epoch, teacher_weight=teacher_weight)
+            loss, parts = loss_module(outputs, targets, epoch, weight=weight, teacher_weight=teacher_weight)
         if not math.isfinite(loss.item()):
             print(f"Loss is {loss.item()}, stopping training", flush=True)
             sys.exit(1)
@@ -304,18 +303,6 @@ def train_one_epoch(run: TrainingRun, loader, epoch: int) -> dict:
         dist.all_reduce(means)
         means /= run.world_size
     return dict(zip(totals, means.tolist()))
-
-
-@torch.no_grad()
-def teacher_entropies(teacher_cls, center, tau_t):
-    """Collapse diagnostics of the teacher's cls targets softmax((t - c)/τt), in nats: `teacher_entropy`, the mean
-    entropy of a row, and `teacher_batch_entropy`, the entropy of the batch-mean distribution. Both near ln K:
-    collapse to uniform; both near 0: collapse to one dimension; healthy: the first well below the second."""
-    log_p = torch.log_softmax((teacher_cls.float() - center) / tau_t, dim=-1)
-    p = log_p.exp()
-    mean = p.mean(0)
-    return {"teacher_entropy": -(p * log_p).sum(-1).mean(),
-            "teacher_batch_entropy": -(mean * mean.clamp_min(torch.finfo(mean.dtype).tiny).log()).sum()}
 
 
 @torch.no_grad()

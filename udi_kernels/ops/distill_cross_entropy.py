@@ -186,13 +186,18 @@ def _check_logits(student, teacher, centers, tau_s, tau_t):
 def _check_shapes(student, teacher, centers, center_id, pair_student, pair_teacher, pair_weight, row_weight,
                   tau_s, tau_t):
     _check_logits(student, teacher, centers, tau_s, tau_t)
-    device = student.device
+    check_pairs(student.device, teacher.shape[0], center_id, pair_student, pair_teacher, pair_weight, row_weight)
+
+
+def check_pairs(device, num_teacher_rows, center_id, pair_student, pair_teacher, pair_weight, row_weight):
+    """The pair arguments of distill_cross_entropy and linear_distill_cross_entropy: dims, dtypes, devices and
+    lengths (one center_id and row_weight per teacher row, one of each per pair)."""
     for value, name in ((center_id, "center_id"), (pair_student, "pair_student"), (pair_teacher, "pair_teacher")):
         _check_tensor(value, name, 1, _INDICES, device)
     for value, name in ((pair_weight, "pair_weight"), (row_weight, "row_weight")):
         _check_tensor(value, name, 1, (torch.float32, torch.float64), device)
-    _check_length(center_id, "center_id", teacher.shape[0], "one per teacher row")
-    _check_length(row_weight, "row_weight", teacher.shape[0], "one per teacher row")
+    _check_length(center_id, "center_id", num_teacher_rows, "one per teacher row")
+    _check_length(row_weight, "row_weight", num_teacher_rows, "one per teacher row")
     _check_length(pair_teacher, "pair_teacher", pair_student.shape[0], "one per pair, like pair_student")
     _check_length(pair_weight, "pair_weight", pair_student.shape[0], "one per pair, like pair_student")
 
@@ -216,13 +221,15 @@ def _check_csr(csr, row_weight, student, teacher, centers):
         _check_length(value, name, length, "as build_csr makes it")
 
 
-def _check_values(student, teacher, centers, center_id, pair_student, pair_teacher, pair_weight, row_weight):
-    """Index ranges and finite teacher, centers and weights, in one device sync."""
+def _check_values(student, teacher, centers, center_id, pair_student, pair_teacher, pair_weight, row_weight,
+                  **more_finite):
+    """Index ranges and finite teacher, centers, weights (and the tensors more_finite names), in one device sync."""
     indices = {"pair_student": _in_range(pair_student, student.shape[0]),
                "pair_teacher": _in_range(pair_teacher, teacher.shape[0]),
                "center_id": _in_range(center_id, centers.shape[0])}
     finite = {name: torch.isfinite(value).all() for name, value in
-              (("teacher", teacher), ("centers", centers), ("pair_weight", pair_weight), ("row_weight", row_weight))}
+              (("teacher", teacher), ("centers", centers), ("pair_weight", pair_weight), ("row_weight", row_weight),
+               *more_finite.items())}
     failed = first_failed({**indices, **finite})
     if failed is not None:
         what = "indices inside the range of the rows it points to" if failed in indices \
@@ -268,8 +275,8 @@ def distill_cross_entropy(student: Tensor, teacher: Tensor, centers: Tensor, cen
     Returns:
         DistillCrossEntropyResult(loss [], center_sum [n_c, K], center_count [n_c]); float32 (float64 for float64
         inputs).
-        Memory beyond the student's gradient is O((Rs + Rt + P) · K / 4096) fp32 partials; no [*, K]
-        probabilities are stored.
+        Memory beyond the student's gradient is O((Rs + Rt + P) · K / 4096) fp32 partials (native CPU: float64
+        partials per 512 columns and an Rt × 512 float64 scratch per thread); no [*, K] probabilities are stored.
 
     Raises:
         TypeError / ValueError naming the argument: wrong type, dtype, shape or device, a temperature that is

@@ -35,12 +35,14 @@ def centered_teacher_probs(teacher: Tensor, centers: Tensor, center_id: Tensor, 
 
 
 def center_statistics(teacher: Tensor, center_id: Tensor, row_weight: Tensor, num_centers: int):
-    """(center_sum [n_c, K], center_count [n_c]): weighted sums of the raw teacher rows per center."""
+    """(center_sum [n_c, K], center_count [n_c]): weighted sums of the raw teacher rows per center. A row of weight
+    0 is left out exactly, whatever its values (as the kernels skip it)."""
     dtype = compute_dtype(teacher.dtype)
     weight = row_weight.to(dtype)
     ids = sentinel_index(center_id, num_centers)
     center_sum = teacher.new_zeros(num_centers + 1, teacher.shape[-1], dtype=dtype)
-    center_sum.index_add_(0, ids, teacher.detach().to(dtype) * weight[:, None])
+    weighted = torch.where(weight[:, None] != 0, teacher.detach().to(dtype) * weight[:, None], 0)
+    center_sum.index_add_(0, ids, weighted)
     center_count = weight.new_zeros(num_centers + 1).index_add_(0, ids, weight)
     return center_sum[:num_centers], center_count[:num_centers]
 
