@@ -15,12 +15,14 @@ from typing import Optional
 from .checkpoint import read_checkpoint
 from .errors import RunError
 
-# Flags that may differ between a checkpoint and the run resuming it (said when they do).
+# Flags that may differ between a checkpoint and the run resuming it (said when they do): schedules, seed, batch,
+# precision and how the same computation runs, workers, output and evaluation.
 RESUMABLE = frozenset({
     "preset", "epochs", "lr", "min_lr", "warmup_epochs", "weight_decay", "weight_decay_end", "clip_grad",
     "freeze_last_layer", "momentum_teacher", "warmup_teacher_temp", "teacher_temp", "warmup_teacher_temp_epochs",
     "batch_size_per_gpu", "seed", "precision", "optimizer", "saveckp_freq", "num_workers", "final_eval",
-    "knn_data_path", "output_dir", "resume_anyway", "dist_url", "local_rank"})
+    "knn_data_path", "output_dir", "resume_anyway", "dist_url", "local_rank",
+    "fuse_last_layer"})  # the same numbers either way (tests/test_train_fused.py)
 PATH_FLAGS = ("data_path", "knn_data_path")
 
 
