@@ -4,16 +4,22 @@ Environment:
   UDI_KERNELS_CUDA=1   build the CUDA kernels or fail (CI uses this)
   UDI_KERNELS_CUDA=0   skip them
   (unset)              build them when possible, otherwise say why once and go on without
+  UDI_KERNELS_CPU_ISA  the instruction set of the CPU kernels (at::vec vectorises with it): "avx512", "avx2"
+                       (AVX2 + FMA + F16C) or "default" (portable, not vectorised by at::vec); unset: the widest
+                       the building CPU runs (udi_kernels/cpu_isa.py)
   TORCH_CUDA_ARCH_LIST architectures to compile for (default "8.0;9.0")
   CUDA_HOME            toolkit root; when unset and `nvcc` on PATH is a wrapper script that
                        execs the real compiler, the root is read from that script.
 
-The torch version compiled against is written to udi_kernels/_build_info.py beside the extension;
-udi_kernels refuses to load an extension built for another torch (udi_kernels/_native.py). Build with
+The torch version and the CPU instruction set compiled for are written to udi_kernels/_build_info.py beside the
+extension; udi_kernels refuses to load an extension built for another torch, or for an instruction set this CPU
+lacks (udi_kernels/_native.py). Build with
 `pip install --no-build-isolation`, so that it is the installed torch.
 """
 import glob
+import importlib.util
 import os
+import platform
 import re
 import shutil
 
@@ -54,10 +60,40 @@ def _cuda_build_decision():
     return not missing, "; ".join(missing)
 
 
+CPU_ISA_FLAGS = {
+    # CPU_CAPABILITY_AVX2 / _AVX512 select at::vec's Vectorized (Sleef exp from libtorch_cpu); CPU_CAPABILITY stays
+    # undefined, so that these at::vec types live in a namespace of their own, apart from libtorch's
+    "avx512": ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma", "-mf16c",
+               "-DCPU_CAPABILITY_AVX512"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2"],
+    "default": [],
+}
+
+
+def _cpu_isa_module():
+    """udi_kernels/cpu_isa.py, loaded without importing udi_kernels (which would load the extension)."""
+    spec = importlib.util.spec_from_file_location("udi_kernels_cpu_isa", os.path.join("udi_kernels", "cpu_isa.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _cpu_isa():
+    on_x86 = platform.machine().lower() in ("x86_64", "amd64")
+    isa = os.environ.get("UDI_KERNELS_CPU_ISA", "").strip().lower() or \
+        (_cpu_isa_module().widest_isa() if on_x86 else "default")
+    if isa not in CPU_ISA_FLAGS or (isa != "default" and not on_x86):
+        raise RuntimeError(f"UDI_KERNELS_CPU_ISA must be one of {sorted(CPU_ISA_FLAGS)} (x86-64 only but "
+                           f"'default'), got {isa!r}")
+    return isa
+
+
 def _extension():
     build_cuda, why_not = _cuda_build_decision()
     cpp_sources = sorted(glob.glob("csrc/*.cpp"))
-    cxx_flags = ["-O3", "-ffp-contract=off"]
+    # -ffp-contract=off: no FMA contraction, so that stratified_sample's host arithmetic equals CUDA's and Triton's
+    # bit for bit (csrc/host_device.h); explicit at::vec fmadd is unaffected
+    cxx_flags = ["-O3", "-ffp-contract=off"] + CPU_ISA_FLAGS[_cpu_isa()]
     if not build_cuda:
         print(f"udi_kernels: building the CPU kernels only ({why_not}); CUDA tensors use Triton or the reference.")
         return CppExtension("udi_kernels._C", cpp_sources, extra_compile_args={"cxx": cxx_flags})
@@ -78,8 +114,10 @@ class BuildExtensionRecordingTorch(BuildExtension):
         super().run()
         path = os.path.join(os.path.dirname(self.get_ext_fullpath("udi_kernels._C")), "_build_info.py")
         with open(path, "w") as f:
-            f.write(f'"""Written by setup.py: the torch that udi_kernels._C was compiled against."""\n'
-                    f'TORCH_VERSION = "{torch.__version__}"\n')
+            f.write(f'"""Written by setup.py: the torch that udi_kernels._C was compiled against, and the CPU '
+                    f'instruction set of its CPU kernels."""\n'
+                    f'TORCH_VERSION = "{torch.__version__}"\n'
+                    f'CPU_ISA = "{_cpu_isa()}"\n')
 
 
 setup(

@@ -1,10 +1,19 @@
-"""Shared benchmark plumbing: device choice, timers, memory, copy ceiling, result files, tables and charts."""
+"""Shared benchmark plumbing: device choice, timers, memory, copy ceiling, result files, tables and charts.
+
+Timings that hold on a shared machine: `interleaved` times the implementations of a comparison in turn over ROUNDS
+rounds and takes medians (load that drifts during a run then weighs on all of them alike); every result file records
+the 1-minute load average before and after the run and the CPU cores other processes kept busy meanwhile
+(`machine_load`), and `--record` refuses to write benchmarks/results/ when the machine was loaded (above half its
+cores): such a run goes to benchmarks/out/, marked `"loaded": true`.
+"""
 import argparse
 import datetime
 import json
 import os
 import platform
+import resource
 import statistics
+import sys
 import time
 
 import torch
@@ -12,6 +21,43 @@ import torch
 
 RECORDED_DIR = os.path.join(os.path.dirname(__file__), "results")  # tracked: runs recorded with --record
 SCRATCH_DIR = os.path.join(os.path.dirname(__file__), "out")  # ignored by git
+ROUNDS = 3  # interleaved rounds per comparison
+
+
+def _cpu_seconds():
+    """(busy CPU seconds of the whole machine since boot, CPU seconds of this process), or None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in f.readline().split()[1:9])
+    except (OSError, ValueError):
+        return None
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"), own.ru_utime + own.ru_stime
+
+
+_START = dict(load_average=os.getloadavg()[0], monotonic=time.monotonic(), cpu_seconds=_cpu_seconds())
+
+
+def start_run():
+    """Marks the start of the measured run (parse_args calls it; else the import of this module is the start)."""
+    _START.update(load_average=os.getloadavg()[0], monotonic=time.monotonic(), cpu_seconds=_cpu_seconds())
+
+
+def machine_load():
+    """What else ran since start_run: 1-minute load averages before and after (the latter includes this run's own
+    threads), the CPU cores other processes kept busy on average (None off Linux), and `loaded`: the load before
+    or the other processes' cores above half the machine's cores."""
+    cpus = os.cpu_count()
+    before, after = _START["load_average"], os.getloadavg()[0]
+    others = None
+    now = _cpu_seconds()
+    if now is not None and _START["cpu_seconds"] is not None:
+        wall = max(time.monotonic() - _START["monotonic"], 1e-9)
+        busy, own = (b - a for a, b in zip(_START["cpu_seconds"], now))
+        others = round(max(busy - own, 0.0) / wall, 2)
+    loaded = before > cpus / 2 or (others is not None and others > cpus / 2)
+    return dict(cpus=cpus, load_average_1min_before=round(before, 2), load_average_1min_after=round(after, 2),
+                other_processes_cores=others, loaded=loaded)
 
 
 def parse_args(description, **extra):
@@ -27,6 +73,7 @@ def parse_args(description, **extra):
     if args.record and args.out:
         parser.error("--record writes into benchmarks/results/; give --out or --record, not both")
     args.out = RECORDED_DIR if args.record else (args.out or SCRATCH_DIR)
+    start_run()
     return args
 
 
@@ -98,11 +145,24 @@ def measure(fn, device, quick=False, flush_l2=True):
     return dict(ms=median_ms(fn, device, quick, flush_l2), peak_extra_bytes=peak)
 
 
+def interleaved(steps, device, quick=False, flush_l2=True, rounds=ROUNDS):
+    """{name: fn} -> {name: dict(ms=median of the rounds' medians, rounds_ms=[one median_ms per round],
+    peak_extra_bytes=...)}: one warm-up call each, then `rounds` rounds that time every fn in turn."""
+    for fn in steps.values():
+        fn()
+    peaks = {name: peak_extra_bytes(fn, device) for name, fn in steps.items()}
+    rounds_ms = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, fn in steps.items():
+            rounds_ms[name].append(median_ms(fn, device, quick, flush_l2))
+    return {name: dict(ms=statistics.median(times), rounds_ms=times, peak_extra_bytes=peaks[name])
+            for name, times in rounds_ms.items()}
+
+
 def copy_gb_per_s(device, quick=False):
-    """The device's copy ceiling: bytes read + written per second by a 512 MiB copy (CUDA only; else None)."""
-    if device.type != "cuda":
-        return None
-    src = torch.empty(512 << 20, dtype=torch.uint8, device=device)
+    """The device's copy ceiling: bytes read + written per second by a 512 MiB copy (on the CPU with this process'
+    torch threads; far beyond the caches)."""
+    src = torch.ones(512 << 20, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     return 2 * src.numel() / median_ms(lambda: dst.copy_(src), device, quick) / 1e6
 
@@ -112,16 +172,22 @@ def mib(nbytes):
 
 
 def write_json(out_dir, name, device, payload):
-    os.makedirs(out_dir, exist_ok=True)
+    """<out_dir>/<name>_<gpu|cpu>.json with the payload, the device, date, torch and machine_load(); a loaded run
+    asked to go into benchmarks/results/ goes into benchmarks/out/ instead, saying so."""
     record = {
         "benchmark": name,
         "device": device_description(device),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
         "torch": torch.__version__,
         **payload,
+        **machine_load(),
     }
-    if device.type == "cpu":  # a shared CPU slows every provider of a run alike, but not its runs alike
-        record.update(cpus=os.cpu_count(), load_average_1min=round(os.getloadavg()[0], 2))
+    if record["loaded"] and os.path.abspath(out_dir) == os.path.abspath(RECORDED_DIR):
+        print(f"not recording: the machine was loaded (load average {record['load_average_1min_before']} before, "
+              f"other processes on {record['other_processes_cores']} of {record['cpus']} cores during the run); "
+              f"writing into {SCRATCH_DIR} instead. Record in a quiet window.", file=sys.stderr)
+        out_dir = SCRATCH_DIR
+    os.makedirs(out_dir, exist_ok=True)
     kind = "gpu" if device.type == "cuda" else "cpu"
     path = os.path.join(out_dir, f"{name}_{kind}.json")
     with open(path, "w") as f:

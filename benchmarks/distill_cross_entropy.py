@@ -5,11 +5,11 @@
 GPU: DINO (2 + 10 crops, B=128, K=65536, fp16) and UDI at UDI_SPEC §7 shapes, on the teacher's logits and on
 targets formed in the bottleneck (udi_case); median of CUDA-event times
 (forward: do_bench, L2 flushed; fwd+bwd: back to back); fwd and fwd+bwd ms, peak extra memory, GB/s against
-the §8 floor and the floor's time at the measured copy ceiling. Without a GPU: small CPU shapes only.
+the §8 floor and the floor's time at the measured copy ceiling. Without a GPU: small CPU shapes (DINO also at
+K = 65536), fp32. Eager and fused, and the op's backends, are timed in turn over common.ROUNDS rounds (medians).
 """
 
 import functools
-import statistics
 
 import torch
 import torch.nn.functional as F
@@ -32,18 +32,25 @@ def eager_dino(student, teacher, center, ncrops, tau_t, tau_s=0.1):
 
 # ---- cases ---------------------------------------------------------------------------------------------------------
 
-def fwd_and_fwd_bwd(loss_of, leaves, device, quick):
-    def forward():
-        with torch.no_grad():
-            loss_of()
+def fwd_and_fwd_bwd(losses, leaves, device, quick):
+    """{impl: loss closure} -> {impl: dict(fwd=..., fwd_bwd=...)}, the impls interleaved (common.interleaved)."""
+    def forward(loss_of):
+        def step():
+            with torch.no_grad():
+                loss_of()
+        return step
 
-    def forward_backward():
-        for leaf in leaves:
-            leaf.grad = None
-        loss_of().backward()
+    def forward_backward(loss_of):
+        def step():
+            for leaf in leaves:
+                leaf.grad = None
+            loss_of().backward()
+        return step
 
-    return dict(fwd=common.measure(forward, device, quick),
-                fwd_bwd=common.measure(forward_backward, device, quick, flush_l2=False))
+    fwd = common.interleaved({impl: forward(f) for impl, f in losses.items()}, device, quick)
+    fwd_bwd = common.interleaved({impl: forward_backward(f) for impl, f in losses.items()}, device, quick,
+                                 flush_l2=False)
+    return {impl: dict(fwd=fwd[impl], fwd_bwd=fwd_bwd[impl]) for impl in losses}
 
 
 def dino_case(B, K, ncrops, dtype, device, backend, quick):
@@ -54,9 +61,8 @@ def dino_case(B, K, ncrops, dtype, device, backend, quick):
     size = torch.finfo(dtype).bits // 8
     floor = (2 * student.numel() + student.numel() + teacher.numel()) * size
     return {"case": f"DINO {ncrops} crops B={B} K={K}", "floor_bytes": floor, "grad_bytes": student.numel() * size,
-            "eager": fwd_and_fwd_bwd(lambda: eager_dino(student, teacher, center, ncrops, 0.04), [student],
-                                     device, quick),
-            "fused": fwd_and_fwd_bwd(lambda: fused(student, teacher, 0), [student], device, quick)}
+            **fwd_and_fwd_bwd({"eager": lambda: eager_dino(student, teacher, center, ncrops, 0.04),
+                               "fused": lambda: fused(student, teacher, 0)}, [student], device, quick)}
 
 
 def udi_case(B, L, K, Sg, Sl, dtype, device, backend, quick, bottleneck_targets=False):
@@ -76,9 +82,8 @@ def udi_case(B, L, K, Sg, Sl, dtype, device, backend, quick, bottleneck_targets=
     floor = 3 * student_elems * size + sum(t.numel() * t.element_size() for t in teacher_rows)
     name = f"UDI B={B} L={L} K={K}" + (" bottleneck targets" if bottleneck_targets else "")
     return {"case": name, "floor_bytes": floor, "grad_bytes": student_elems * size,
-            "eager": fwd_and_fwd_bwd(lambda: udi_loss_eager(student, teacher, centers, 0.04, dtype=torch.float32)[0],
-                                     list(student), device, quick),
-            "fused": fwd_and_fwd_bwd(lambda: fused(student, targets, 0)[0], list(student), device, quick)}
+            **fwd_and_fwd_bwd({"eager": lambda: udi_loss_eager(student, teacher, centers, 0.04, dtype=torch.float32)[0],
+                               "fused": lambda: fused(student, targets, 0)[0]}, list(student), device, quick)}
 
 
 def op_backends(B, K, ncrops, dtype, device, quick):
@@ -95,11 +100,7 @@ def op_backends(B, K, ncrops, dtype, device, quick):
     for backend in ("reference", "native") + (("triton",) if device.type == "cuda" else ()):
         if why_unavailable(backend, "distill_cross_entropy", device) is None:
             steps[backend] = functools.partial(_fwd_bwd, student, args, backend)
-    # the backends in turn, three rounds, median per backend: a load that drifts during the run (a shared CPU)
-    # then weighs on every backend alike
-    rounds = [{b: common.measure(step, device, quick, flush_l2=False)["ms"] for b, step in steps.items()}
-              for _ in range(3)]
-    return {b: statistics.median(r[b] for r in rounds) for b in steps}
+    return {b: r["ms"] for b, r in common.interleaved(steps, device, quick, flush_l2=False).items()}
 
 
 def _fwd_bwd(student, args, backend):
@@ -113,8 +114,9 @@ def summarize(result, copy_gb_per_s):
         r["fwd_bwd_GBps_vs_floor"] = result["floor_bytes"] / (r["fwd_bwd"]["ms"] * 1e-3) / 1e9
     result["speedup_fwd"] = result["eager"]["fwd"]["ms"] / result["fused"]["fwd"]["ms"]
     result["speedup_fwd_bwd"] = result["eager"]["fwd_bwd"]["ms"] / result["fused"]["fwd_bwd"]["ms"]
-    if copy_gb_per_s:
-        result["floor_ms_at_copy_ceiling"] = result["floor_bytes"] / copy_gb_per_s / 1e6
+    result["floor_ms_at_copy_ceiling"] = result["floor_bytes"] / copy_gb_per_s / 1e6
+    for impl in ("eager", "fused"):
+        result[impl]["fwd_bwd_pct_of_copy"] = 100 * result[impl]["fwd_bwd_GBps_vs_floor"] / copy_gb_per_s
     return result
 
 
@@ -122,7 +124,8 @@ def table_rows(results):
     return [dict(case=r["case"], impl=impl, fwd_ms=r[impl]["fwd"]["ms"], fwd_bwd_ms=r[impl]["fwd_bwd"]["ms"],
                  speedup_fwd=r["speedup_fwd"] if impl == "fused" else None,
                  speedup_fwd_bwd=r["speedup_fwd_bwd"] if impl == "fused" else None,
-                 gbps=r[impl]["fwd_bwd_GBps_vs_floor"], floor_ms=r.get("floor_ms_at_copy_ceiling"),
+                 gbps=r[impl]["fwd_bwd_GBps_vs_floor"], pct_copy=r[impl]["fwd_bwd_pct_of_copy"],
+                 floor_ms=r["floor_ms_at_copy_ceiling"],
                  peak_mib=common.mib(r[impl]["fwd_bwd"]["peak_extra_bytes"]))
             for r in results for impl in ("eager", "fused")]
 
@@ -133,26 +136,28 @@ def main():
     device = common.pick_device()
     torch.manual_seed(0)
     if device.type == "cuda":
-        dtype, shapes = torch.float16, dict(dino=(128, 65536, 12), udi=(128, 10, 65536, 16, 9))
+        dtype, dino_shapes, udi_shape = torch.float16, [(128, 65536, 12)], (128, 10, 65536, 16, 9)
     else:
-        dtype, shapes = torch.float32, dict(dino=(8, 2048, 12), udi=(4, 3, 2048, 16, 9))
+        dtype, dino_shapes, udi_shape = torch.float32, [(8, 2048, 12), (2, 65536, 12)], (4, 3, 2048, 16, 9)
     copy_gb_per_s = common.copy_gb_per_s(device, args.quick)
-    results = [summarize(dino_case(*shapes["dino"], dtype, device, args.backend, args.quick), copy_gb_per_s),
-               summarize(udi_case(*shapes["udi"], dtype, device, args.backend, args.quick), copy_gb_per_s),
-               summarize(udi_case(*shapes["udi"], dtype, device, args.backend, args.quick, bottleneck_targets=True),
-                         copy_gb_per_s)]
-    op_ms = op_backends(*shapes["dino"], dtype, device, args.quick)
+    cases = [functools.partial(dino_case, *shape, dtype, device, args.backend, args.quick) for shape in dino_shapes]
+    cases += [functools.partial(udi_case, *udi_shape, dtype, device, args.backend, args.quick, bottleneck_targets=b)
+              for b in (False, True)]
+    results = [summarize(case(), copy_gb_per_s) for case in cases]
+    op_ms = op_backends(*dino_shapes[0], dtype, device, args.quick)
     payload = dict(dtype=str(dtype), quick=args.quick, backend=args.backend or "auto", copy_gb_per_s=copy_gb_per_s,
-                   results=results, op_fwd_bwd_ms=op_ms, fastest=common.fastest_backends({"any": op_ms}))
+                   rounds=common.ROUNDS, results=results, op_fwd_bwd_ms=op_ms,
+                   fastest=common.fastest_backends({"any": op_ms}))
     chart = ("eager vs fused loss", [r["case"] for r in results],
              {impl: [r[impl]["fwd_bwd"]["ms"] for r in results] for impl in ("eager", "fused")}, "fwd+bwd ms (median)")
     common.finish(args.out, "distill_cross_entropy", device, payload, chart, table_rows(results),
                   [("case", "case", "{}"), ("impl", "impl", "{}"), ("fwd_ms", "fwd ms", "{:.3f}"),
                    ("fwd_bwd_ms", "fwd+bwd ms", "{:.3f}"), ("speedup_fwd", "speedup fwd", "{:.1f}x"),
                    ("speedup_fwd_bwd", "fwd+bwd", "{:.1f}x"), ("gbps", "GB/s vs floor", "{:.1f}"),
-                   ("floor_ms", "floor ms", "{:.3f}"), ("peak_mib", "peak MiB", "{:.0f}")],
-                  caption=f"{dtype}, backend {args.backend or 'auto'}"
-                  + (f", copy ceiling {copy_gb_per_s:.0f} GB/s" if copy_gb_per_s else ""))
+                   ("pct_copy", "% copy", "{:.0f}%"), ("floor_ms", "floor ms", "{:.3f}"),
+                   ("peak_mib", "peak MiB", "{:.0f}")],
+                  caption=f"{dtype}, backend {args.backend or 'auto'}, copy ceiling {copy_gb_per_s:.1f} GB/s, "
+                          f"medians of {common.ROUNDS} interleaved rounds")
 
 
 if __name__ == "__main__":

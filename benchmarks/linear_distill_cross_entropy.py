@@ -13,7 +13,7 @@ forward + backward of one call (gradients of the student rows and the weight):
   fused     linear_distill_cross_entropy(student, weight, teacher, teacher_weight, ...)
   composed  distill_cross_entropy(student @ weight.T, teacher @ teacher_weight.T, ...)
   eager     the same matmuls, then log_softmax / softmax cross-entropy and center sums in PyTorch
-Time: the implementations in turn, three rounds, the median per implementation (common.measure). Memory, of a
+Time: the implementations in turn, common.ROUNDS rounds, the median per implementation (common.interleaved). Memory, of a
 warm call: peak beyond the inputs (GPU torch.cuda.max_memory_allocated; CPU the peak RSS of a fresh process per
 (case, implementation)), and the working memory: that peak less what stays after the call (the gradients of
 student and weight, [Rs, D] and [K, D], which every implementation returns) — the issue's ≤ 1/8 goal compares
@@ -22,7 +22,6 @@ the working memory. GEMM FLOPs per implementation as in benchmarks/NOTES.md.
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 from typing import NamedTuple, Optional
@@ -171,17 +170,16 @@ def rss_in_fresh_process(case_name, impl, B, backend):
 def run_case(case_name, B, dtype, device, backend, quick):
     case = make_case(case_name, B, dtype, device)
     steps = {impl: step_of(case, impl, backend) for impl in IMPLS}
-    # the implementations in turn, three rounds: a load that drifts (a shared CPU) weighs on all alike
-    rounds = [{impl: common.measure(step, device, quick, flush_l2=False) for impl, step in steps.items()}
-              for _ in range(1 if quick and device.type == "cpu" else 3)]
+    # the implementations in turn, common.ROUNDS rounds: a load that drifts (a shared CPU) weighs on all alike
+    timed = common.interleaved(steps, device, quick, flush_l2=False, rounds=rounds(device, quick))
     grad_bytes = sum(t.numel() * t.element_size() for t in (case.student, case.weight))
     flops = gemm_flops(case)
     result = {"case": case.name, "rows_student": case.student.shape[0], "rows_teacher": case.teacher.shape[0],
               "pairs": case.pair_student.shape[0], "grad_bytes": grad_bytes}
     for impl in IMPLS:
-        ms = statistics.median(r[impl]["ms"] for r in rounds)
+        ms = timed[impl]["ms"]
         if device.type == "cuda":  # the gradients of student and weight stay allocated after the call
-            peak = rounds[0][impl]["peak_extra_bytes"]
+            peak = timed[impl]["peak_extra_bytes"]
             memory = {"peak_extra_bytes": peak, "working_bytes": peak - grad_bytes}
         else:
             memory = rss_in_fresh_process(case_name, impl, B, backend)
@@ -190,6 +188,11 @@ def run_case(case_name, B, dtype, device, backend, quick):
     result["fused_time_vs_composed"] = result["fused"]["fwd_bwd_ms"] / result["composed"]["fwd_bwd_ms"]
     result["fused_working_vs_composed"] = result["fused"]["working_bytes"] / max(result["composed"]["working_bytes"], 1)
     return result
+
+
+def rounds(device, quick):
+    """common.ROUNDS; one with --quick on the CPU (a call takes seconds there)."""
+    return 1 if quick and device.type == "cpu" else common.ROUNDS
 
 
 def table_rows(results):
@@ -213,7 +216,7 @@ def main():
     B = args.batch or (128 if device.type == "cuda" else 8)
     results = [run_case(name, B, dtype, device, args.backend, args.quick) for name in ("DINO", "UDI")]
     payload = dict(dtype=str(dtype), batch=B, K=K, D=D, quick=args.quick, backend=args.backend or "auto",
-                   results=results)
+                   rounds=rounds(device, args.quick), results=results)
     chart = ("fused vs composed vs eager, fwd+bwd", [r["case"] for r in results],
              {impl: [r[impl]["fwd_bwd_ms"] for r in results] for impl in IMPLS}, "fwd+bwd ms (median)")
     common.finish(args.out, "linear_distill_cross_entropy", device, payload, chart, table_rows(results),

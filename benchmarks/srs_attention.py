@@ -4,7 +4,8 @@ Module level (what §7 measured): eager dense-map module (the reference's way), 
 SRSAttention on the Triton and CUDA kernels, fp16 autocast; on a GPU also SRSAttention compiled with
 CUDA graphs (mode="reduce-overhead"), for the four cases but not the sweep (compile time). Op level: the attention core alone in fp16
 against the bytes floor of §8 (k, v once + the tapped q rows + the output) over the measured copy ceiling.
-Module-level fwd+bwd closures are timed back to back (no L2 flush), the rest with do_bench (L2 flushed).
+Module-level fwd+bwd closures are timed back to back (no L2 flush), the rest with do_bench (L2 flushed); the
+providers of a case in turn over common.ROUNDS rounds (medians). The CPU has no native kernel (NOTES.md).
 
     python -m benchmarks.srs_attention [--quick] [--out DIR | --record]
 
@@ -76,8 +77,7 @@ def module_providers(module, device, with_compiled):
     # eager_dense: the reference's way, q, k, v for every token, dense [S, N] maps, probabilities in memory
     providers = {"eager_dense": lambda x, i, w, d: dense_srs_block(module, x, d),
                  "gather_sdpa": lambda x, i, w, d: sdpa_module(x, i, w)}
-    for name, backend in (("reference", "reference"), ("triton", "triton"),
-                          ("cuda" if device.type == "cuda" else "native_cpu", "native")):
+    for name, backend in (("reference", "reference"), ("triton", "triton"), ("cuda", "native")):
         if why_unavailable(backend, "srs_attention", device) is None:
             providers[name] = on_backend(module, backend)
     if with_compiled and device.type == "cuda" and "triton" in providers:
@@ -90,16 +90,16 @@ def run_module_case(name, batch, device, quick, autocast, with_compiled=False):
     module = SRSAttention(C, HEADS).to(device)
     x, index, weight, dense = make_inputs(batch * per_image, N, S, T, device)
     x.requires_grad_(backward)
-    results = {}
-    for provider, fn in module_providers(module, device, with_compiled).items():
+    def step_of(fn):
         def step():
             with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None), \
                     torch.set_grad_enabled(backward):
                 out = fn(x, index, weight, dense)
             if backward:
                 out.float().square().mean().backward()
-        results[provider] = common.measure(step, device, quick, flush_l2=not backward)
-    return results
+        return step
+    steps = {provider: step_of(fn) for provider, fn in module_providers(module, device, with_compiled).items()}
+    return common.interleaved(steps, device, quick, flush_l2=not backward)
 
 
 def floor_bytes(crops, N, S, T, element_bytes):
@@ -112,17 +112,17 @@ def run_op_case(name, batch, device, quick, dtype):
     crops, D = batch * per_image, C // HEADS
     q, k, v = (torch.randn(crops, HEADS, N, D, device=device, dtype=dtype) for _ in range(3))
     _, index, weight, _ = make_inputs(crops, N, S, T, device)
-    providers = {"reference": "reference", "triton": "triton",
-                 "cuda" if device.type == "cuda" else "native_cpu": "native"}
+    providers = {"reference": "reference", "triton": "triton", "cuda": "native"}
 
     def gather_sdpa():
         q_s, _ = tap_rows(q.flatten(0, 1).transpose(0, 1).reshape(N, crops, HEADS * D).transpose(0, 1), index, weight)
         return F.scaled_dot_product_attention(q_s.reshape(crops, S, HEADS, D).transpose(1, 2).to(dtype), k, v)
-    results = {"gather_sdpa": common.measure(gather_sdpa, device, quick)}
-    for provider, backend in providers.items():
-        if why_unavailable(backend, "srs_attention", device) is None:
-            results[provider] = common.measure(
-                lambda: srs_attention(q, k, v, index, weight, backend=backend, check_taps=False), device, quick)
+
+    def op(backend):
+        return lambda: srs_attention(q, k, v, index, weight, backend=backend, check_taps=False)
+    steps = {"gather_sdpa": gather_sdpa, **{provider: op(backend) for provider, backend in providers.items()
+                                            if why_unavailable(backend, "srs_attention", device) is None}}
+    results = common.interleaved(steps, device, quick)
     floor = floor_bytes(crops, N, S, T, q.element_size())
     for r in results.values():
         r["gb_per_s"] = floor / r["ms"] / 1e6
@@ -132,7 +132,7 @@ def run_op_case(name, batch, device, quick, dtype):
 def op_ms_by_shape_class(op_results, device):
     """{shape class: {backend: summed op ms over its cases}} for the backends `auto` may take on this device (Triton
     on the CPU is the interpreter, a correctness tool)."""
-    backend_of = {"reference": "reference", "cuda": "native", "native_cpu": "native"}
+    backend_of = {"reference": "reference", "cuda": "native"}
     if device.type == "cuda":
         backend_of["triton"] = "triton"
     totals = {}
@@ -174,8 +174,8 @@ def main():
         autocast, op_dtype = torch.float16, torch.float16
     else:
         batch, sweep, autocast, op_dtype = 2, [1, 2], None, torch.float32
-    report = dict(batch=batch, copy_gb_per_s=common.copy_gb_per_s(device, args.quick), module={}, op={}, sweep={},
-                  floor_bytes={})
+    report = dict(batch=batch, copy_gb_per_s=common.copy_gb_per_s(device, args.quick), rounds=common.ROUNDS,
+                  module={}, op={}, sweep={}, floor_bytes={})
     for name in CASES:
         report["module"][name] = run_module_case(name, batch, device, args.quick, autocast, with_compiled=True)
         report["op"][name], report["floor_bytes"][name] = run_op_case(name, batch, device, args.quick, op_dtype)
@@ -191,7 +191,7 @@ def main():
                   [("case", "case", "{}"), ("provider", "provider", "{}"), ("ms", "ms", "{:.3f}"),
                    ("base_ms", "eager ms", "{:.3f}"), ("speedup", "speedup", "{:.1f}x"), ("gb_per_s", "GB/s", "{:.0f}"),
                    ("pct_copy", "% copy", "{:.0f}%"), ("peak_mib", "peak MiB", "{:.1f}")],
-                  caption=f"B={batch}" + (f", copy ceiling {ceiling:.0f} GB/s" if ceiling else ""))
+                  caption=f"B={batch}, copy ceiling {ceiling:.1f} GB/s, medians of {common.ROUNDS} interleaved rounds")
 
 
 if __name__ == "__main__":

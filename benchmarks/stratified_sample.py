@@ -3,9 +3,11 @@
     python -m benchmarks.stratified_sample [--quick] [--out DIR | --record]
 
 CPU numbers are per image (what a data loader pays); GPU numbers are per batch of B images,
-median of per-call CUDA-event times. The reference UDI code builds dense maps per image in
+median of per-call CUDA-event times; the backends in turn over common.ROUNDS rounds (medians). The reference UDI code builds dense maps per image in
 Python at about 6.5 ms per image on a 2-core CPU (UDI_SPEC / issue 2): that is the baseline.
 """
+
+import functools
 
 import torch
 
@@ -37,11 +39,12 @@ def main():
         per = "image" if dev.type == "cpu" else "batch"
         for check in (False, True):
             labels.append(f"{dev.type} per {per}{', checked' if check else ''}")
-            for backend in ("reference", "native", "triton"):
-                if why_unavailable(backend, "stratified_sample", dev) or (dev.type == "cpu" and backend == "triton"):
-                    continue
-                r = common.measure(lambda: udi_kernels.stratified_sample(boxes, seed=1234, backend=backend,
-                                                                         check_boxes=check), dev, args.quick)
+            steps = {backend: functools.partial(udi_kernels.stratified_sample, boxes, seed=1234, backend=backend,
+                                                check_boxes=check)
+                     for backend in ("reference", "native", "triton")
+                     if not why_unavailable(backend, "stratified_sample", dev)
+                     and not (dev.type == "cpu" and backend == "triton")}
+            for backend, r in common.interleaved(steps, dev, args.quick).items():
                 us = r["ms"] * 1e3 / (B if per == "image" else 1)
                 if backend == "reference":
                     reference_us = us
@@ -53,7 +56,9 @@ def main():
     series = {backend: [by_label.get(label) for label in labels] for backend, by_label in us_by_backend.items()}
     unchecked_cpu = {r["backend"]: r["us"] for r in rows if r["device"] == "cpu" and not r["check_boxes"]}
     fastest = common.fastest_backends({"any": unchecked_cpu})
-    common.finish(args.out, "stratified_sample", device, {"B": B, "L": L, "rows": rows, "fastest": fastest},
+    payload = {"B": B, "L": L, "copy_gb_per_s": common.copy_gb_per_s(device, args.quick),
+               "rounds": common.ROUNDS, "rows": rows, "fastest": fastest}
+    common.finish(args.out, "stratified_sample", device, payload,
                   (f"stratified_sample, B={B}, L={L}", labels, series, "µs (median)"), rows,
                   [("device", "device", "{}"), ("backend", "backend", "{}"), ("check_boxes", "checked", "{}"),
                    ("us", "µs", "{:.1f}"), ("per", "per", "{}"), ("goal_us", "goal µs", "{:.0f}"),

@@ -139,7 +139,7 @@ def rows_with_0_1_and_many_pairs(case):
                          ids=["remainder", "many_chunks", "exact_chunks", "tiny"])
 def test_triton_split_k(K, chunk, monkeypatch, poison_empty):
     """Several K chunks per row (the last one partial or full), rows with 0, 1 and many pairs: the Triton kernels
-    (the native CPU kernel walks whole rows; its CUDA chunks of 4096 are covered by the GPU tests)."""
+    (the native CPU kernel's chunks: test_native_cpu_chunks; its CUDA chunks of 4096 are covered by the GPU tests)."""
     from udi_kernels.triton_kernels import distill_cross_entropy as kernels
     monkeypatch.setattr(kernels, "MAX_CHUNK", chunk)
     monkeypatch.setattr(kernels, "CENTER_BLOCK", 64)
@@ -147,6 +147,35 @@ def test_triton_split_k(K, chunk, monkeypatch, poison_empty):
     case = rows_with_0_1_and_many_pairs(make_case(6, 9, K, 2, 13, scale=4.0, seed=K))
     out, grad = assert_float32_matches_reference(case, "triton")
     assert (grad[0] == 0).all(), "a student row without pairs gets a zero gradient"
+
+
+@pytest.mark.skipif(not NATIVE, reason="extension not built")
+@pytest.mark.parametrize("Rt,K", [(9, 511), (9, 512), (9, 1031), (1100, 700)],
+                         ids=["one_partial_chunk", "one_full_chunk", "partial_last_chunk", "narrow_chunks"])
+def test_native_cpu_chunks(Rt, K, poison_empty):
+    """The CPU kernel's chunks of K (512 columns; 256 once Rt x 512 doubles pass 4 MiB, as for Rt = 1100), rows with 0,
+    1 and many pairs."""
+    case = rows_with_0_1_and_many_pairs(make_case(6, Rt, K, 2, 13, scale=4.0, seed=K))
+    out, grad = assert_float32_matches_reference(case, "native")
+    assert (grad[0] == 0).all(), "a student row without pairs gets a zero gradient"
+
+
+@pytest.mark.skipif(not NATIVE, reason="extension not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_native_cpu_is_bitwise_repeatable_for_any_thread_count(dtype):
+    """The chunk partition depends on the shapes only and the partials are combined in chunk order."""
+    case = make_case(23, 7, 1800, 2, 40, dtype=dtype, seed=3)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (1, 2, 3, 1):
+            torch.set_num_threads(count)
+            out, grad = run(case, "native")
+            results.append((out.loss, out.center_sum, out.center_count, grad))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
 
 
 @pytest.mark.parametrize("backend", CPU_KERNELS)

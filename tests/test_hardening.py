@@ -563,17 +563,6 @@ def test_compat_masked_attention_names_an_input_of_another_dtype():
     with pytest.raises(TypeError, match="x must have the dtype of the module's parameters"):
         MaskedAttention(16, 2)(x, maps)
     assert MaskedAttention(16, 2).double()(x, maps)[0].dtype == torch.float64
-
-
-@pytest.mark.skipif("native" not in ATTENTION, reason="the native CPU kernel is not built")
-def test_native_cpu_attention_has_no_head_dim_limit():
-    """The D <= 512 limit is the CUDA kernel's (declarations.SRS_ATTENTION); the CPU kernel takes any D."""
-    q, k, v = (torch.randn(1, 1, 3, 513, dtype=torch.float64) for _ in range(3))
-    index = torch.tensor([[[0, 2], [1, 1]]])
-    expected = srs_attention(q, k, v, index, backend="reference")
-    torch.testing.assert_close(srs_attention(q, k, v, index, backend="native"), expected, rtol=1e-12, atol=1e-12)
-
-
 # ---- 12. linear_distill_cross_entropy: indices out of range, hand-made CSRs (issue 19) ------------------------------
 
 LINEAR = backends.available("linear_distill_cross_entropy", "cpu")

@@ -277,7 +277,7 @@ def check_attention_against_float64(q, k, v, index, weight, scale, backend, chec
 
 @examples(15)
 @given(attention_cases())
-def test_attention_native_and_reference_match_float64(drawn):
+def test_attention_cpu_backends_match_float64(drawn):
     for backend in [b for b in ATTENTION if b != "triton"]:
         check_attention_against_float64(*drawn, backend)
 

@@ -56,3 +56,51 @@ def test_setup_script_exits_with_the_builds_status(tmp_path, build_status):
     result = subprocess.run(["bash", "scripts/setup.sh"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert result.returncode == build_status, result.stdout + result.stderr
     assert "4/4" in result.stdout and ("done" in result.stdout) == (build_status == 0)
+
+
+@pytest.mark.skipif(udi_kernels._native.BUILD_CPU_ISA == "default", reason="a portable build (UDI_KERNELS_CPU_ISA)")
+def test_a_vectorised_build_refuses_to_load_on_a_cpu_without_its_instructions():
+    code = ("import builtins, io; real = builtins.open; "
+            "builtins.open = lambda f, *a, **k: io.StringIO('flags\\t: fpu sse2 sse4_2\\n') "
+            "if f == '/proc/cpuinfo' else real(f, *a, **k); "
+            "import udi_kernels._native as n; print(n.native_loaded(), n.LOAD_ERROR)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("False") and "UDI_KERNELS_CPU_ISA=default" in result.stdout
+    assert not udi_kernels._native.cpu_lacks(udi_kernels._native.BUILD_CPU_ISA)  # this CPU loaded it
+
+
+def test_the_build_picks_the_widest_instruction_set_this_cpu_runs():
+    from udi_kernels import cpu_isa
+    assert cpu_isa.runs("default") in (True, None)
+    widest = cpu_isa.widest_isa()
+    assert all(cpu_isa.runs(isa) is not True for isa in list(cpu_isa.REQUIRED_CPU_FLAGS)[:list(
+        cpu_isa.REQUIRED_CPU_FLAGS).index(widest)])
+
+
+def test_a_run_on_a_loaded_machine_is_not_recorded(monkeypatch, tmp_path):
+    recorded, scratch = tmp_path / "results", tmp_path / "out"
+    monkeypatch.setattr(common, "RECORDED_DIR", str(recorded))
+    monkeypatch.setattr(common, "SCRATCH_DIR", str(scratch))
+    load = dict(cpus=2, load_average_1min_before=1.5, load_average_1min_after=2.5, other_processes_cores=1.2)
+    monkeypatch.setattr(common, "machine_load", lambda: dict(load, loaded=True))
+    path = common.write_json(str(recorded), "bench", torch.device("cpu"), {"fastest": {}})
+    assert os.path.dirname(path) == str(scratch) and not recorded.exists()
+    monkeypatch.setattr(common, "machine_load", lambda: dict(load, loaded=False))
+    assert os.path.dirname(common.write_json(str(recorded), "bench", torch.device("cpu"), {})) == str(recorded)
+
+
+def test_machine_load_counts_only_other_processes():
+    common.start_run()
+    sum(i * i for i in range(3_000_000))  # this process' own work
+    load = common.machine_load()
+    assert load["cpus"] == os.cpu_count() and "load_average_1min_before" in load and "load_average_1min_after" in load
+    assert load["other_processes_cores"] is None or 0 <= load["other_processes_cores"] <= os.cpu_count()
+
+
+def test_interleaved_times_every_step_once_per_round():
+    calls = []
+    results = common.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                                 torch.device("cpu"), quick=True)
+    assert set(results) == {"a", "b"} and all(len(r["rounds_ms"]) == common.ROUNDS for r in results.values())
+    assert results["a"]["ms"] == sorted(results["a"]["rounds_ms"])[common.ROUNDS // 2]

@@ -1,7 +1,7 @@
-"""udi_kernels.srs_attention (UDI_SPEC §3): reference, native CPU/CUDA, Triton and modules (compat: test_compat.py).
+"""udi_kernels.srs_attention (UDI_SPEC §3): reference, native CUDA, Triton and modules (compat: test_compat.py).
 
-CPU (CI, TRITON_INTERPRET=1): float64 reference vs an independent dense-map implementation; native CPU and
-Triton (interpreter, fp32) vs the reference; gradcheck; opcheck; torch.compile; bad inputs.
+CPU (CI, TRITON_INTERPRET=1): float64 reference vs an independent dense-map implementation; Triton (interpreter,
+fp32) vs the reference; gradcheck; opcheck; torch.compile; bad inputs; backend='native' refused (no CPU kernel).
 GPU (marker gpu): CUDA and Triton vs the reference in fp32/bf16/fp16, forward and backward.
 """
 import copy
@@ -119,44 +119,34 @@ def test_reference_gradcheck():
     assert torch.autograd.gradcheck(lambda *qkv: reference.srs_attention(*qkv, index, weight), (q, k, v))
 
 
-# ---- native CPU kernel ---------------------------------------------------------------------------
+# ---- native: no CPU kernel; the CUDA kernel's autograd wiring -----------------------------------
 
-@needs("native")
-@pytest.mark.parametrize("shape", CPU_SHAPES)
-@pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
-def test_native_cpu_matches_reference(shape, dtype, tolerance):
-    check_backend("native", shape, dtype, "cpu", tolerance)
-
-
-@needs("native")
-def test_native_cpu_low_precision():
-    check_backend("native", (2, 2, 36, 32, 9, 4), torch.bfloat16, "cpu", 2e-2)  # bf16 in/out, fp32 math
-
-
-@needs("native")
-def test_native_cpu_query_rows_differ_from_keys():
-    check_backend("native", (2, 2, 36, 32, 9, 4), torch.float64, "cpu", 1e-12, rows=13)
+def test_native_backend_on_cpu_is_an_error_saying_why():
+    """There is no CPU kernel (declarations.SRS_ATTENTION: the reference is faster there): auto takes the reference,
+    backend='native' raises naming the reason, for the op and for the module."""
+    (q, k, v), index, weight = make_case(1, 2, 10, 8, 3, 2, dtype=torch.float32)
+    assert not torch._C._dispatch_has_kernel_for_dispatch_key("udi_kernels::srs_attention", "CPU")
+    torch.testing.assert_close(srs_attention(q, k, v, index, weight),
+                               srs_attention(q, k, v, index, weight, backend="reference"), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="no CPU kernel: the eager reference .* faster"):
+        srs_attention(q, k, v, index, weight, backend="native")
+    module = SRSAttention(16, num_heads=2, backend="native")
+    with pytest.raises(RuntimeError, match="no CPU kernel"):
+        module(torch.randn(1, 10, 16), index, weight)
 
 
-@needs("native")
-def test_native_gradcheck():
-    (q, k, v), index, weight = make_case(1, 2, 13, 8, 6, 4, seed=5)
-    q, k, v = (t.requires_grad_() for t in (q, k, v))
-    assert torch.autograd.gradcheck(lambda *qkv: srs_attention(*qkv, index, weight, backend="native"), (q, k, v))
-
-
-@needs("native")
-def test_double_backward_is_refused():
-    (q, k, v), index, weight = make_case(1, 1, 10, 8, 3, 2, dtype=torch.float32)
+@pytest.mark.gpu
+def test_gpu_double_backward_is_refused():
+    (q, k, v), index, weight = make_case(1, 1, 10, 8, 3, 2, dtype=torch.float32, device="cuda")
     q.requires_grad_()
     grad_q, = torch.autograd.grad(srs_attention(q, k, v, index, weight, backend="native").sum(), q, create_graph=True)
     with pytest.raises(NotImplementedError, match="double backward"):
         grad_q.sum().backward()
 
 
-@needs("native")
-def test_native_opcheck():
-    (q, k, v), index, weight = make_case(2, 2, 23, 16, 5, 4, dtype=torch.float32)
+@pytest.mark.gpu
+def test_gpu_native_opcheck():
+    (q, k, v), index, weight = make_case(2, 2, 23, 16, 5, 4, dtype=torch.float32, device="cuda")
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     torch.library.opcheck(torch.ops.udi_kernels.srs_attention, (q, k, v, index, weight, 0.25))
     out, lse = torch.ops.udi_kernels.srs_attention(q, k, v, index, weight, 0.25)
@@ -203,13 +193,10 @@ def test_triton_opcheck():
 
 # ---- torch.compile -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", ["native", "reference"])
-def test_compile_fullgraph(backend):
-    if why_unavailable(backend, "srs_attention", torch.device("cpu")) is not None:
-        pytest.skip(f"{backend} unavailable")
+def test_compile_fullgraph():
     (q, k, v), index, weight = make_case(2, 2, 23, 16, 5, 4, dtype=torch.float32, seed=6)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
-    compiled = torch.compile(lambda *args: srs_attention(*args, backend=backend), fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(lambda *args: srs_attention(*args, backend="reference"), fullgraph=True, backend="aot_eager")
     out = compiled(q, k, v, index, weight)
     out.square().sum().backward()
     expected = reference_forward_backward(q.detach(), k.detach(), v.detach(), index, weight, 2 * out.detach())
@@ -251,10 +238,10 @@ def test_bad_inputs_raise(changes, error, message):
         srs_attention(**_bad(**changes), backend="reference")
 
 
-@needs("native")
-def test_native_kernel_skips_bad_taps_itself():
+@pytest.mark.gpu
+def test_gpu_native_kernel_skips_bad_taps_itself():
     """The kernel is memory-safe on its own: taps outside q's rows are skipped (as if their weight were 0)."""
-    (q, k, v), index, weight = make_case(1, 1, 10, 8, 3, 2, dtype=torch.float32)
+    (q, k, v), index, weight = make_case(1, 1, 10, 8, 3, 2, dtype=torch.float32, device="cuda")
     index[0, :, 1] += 10
     out, _ = torch.ops.udi_kernels.srs_attention(q, k, v, index, weight, 1.0)
     kept = torch.where(index < 10, weight, 0)
@@ -281,14 +268,11 @@ def _randomize(module):
 
 
 # S = 7 <= head_dim = 16: the module attends over h; S = 20: over projected k, v (TappedAttention docstring).
-@pytest.mark.parametrize("backend", ["reference", "native"])
 @pytest.mark.parametrize("T,weighted", [(1, True), (4, True), (4, False)])
 @pytest.mark.parametrize("S", [7, 20])
-def test_srs_attention_module_matches_dense_head_path(backend, T, weighted, S):
-    if why_unavailable(backend, "srs_attention", torch.device("cpu")) is not None:
-        pytest.skip(f"{backend} unavailable")
+def test_srs_attention_module_matches_dense_head_path(T, weighted, S):
     B, N, C = 2, 36, 48
-    module = _randomize(SRSAttention(C, num_heads=3, backend=backend)).double()
+    module = _randomize(SRSAttention(C, num_heads=3, backend="reference")).double()
     _, index, weight = make_case(B, 1, N, 8, S, T, seed=7)
     weight = weight if weighted else None  # None: every tap weighs 1
     x = torch.randn(B, N, C, dtype=torch.float64, requires_grad=True)

@@ -34,6 +34,9 @@ def why_unavailable(backend: str, op: str, device: torch.device):
     """None when `backend` can run `op` on `device`, else the reason it cannot."""
     if backend == "reference":
         return None
+    support = DECLARATIONS[op].support.get(backend) if op in DECLARATIONS else None
+    if support is not None and device.type in support.not_on:
+        return support.not_on[device.type]
     if backend == "native":
         if device.type not in ("cpu", "cuda"):
             return f"no native kernels for {device.type} tensors"

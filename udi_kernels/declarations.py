@@ -3,7 +3,9 @@
 udi_kernels.backends reads these declarations to resolve a backend and to say why one cannot run a call; the ops
 and the tests read them too. A declaration names, per backend, the device types and input dtypes it takes (also
 under the Triton interpreter, which gets bfloat16 dots wrong) and its size limits, and per (device type, shape
-class) the order `auto` tries, fastest first, with the measurements that order rests on (benchmarks/results/).
+class) the order `auto` tries, fastest first, with the recorded run per device type that order rests on (a file of
+benchmarks/results/, written by `python -m benchmarks.<op> --record`; tests/test_declarations.py checks that the
+CPU orders start with the `fastest` backend of those files).
 The reference backend runs everything, on every device.
 
 The idea follows xformers' per-operator declarations (ops/fmha/common.py: SUPPORTED_DEVICES, SUPPORTED_DTYPES,
@@ -25,21 +27,23 @@ KERNEL_DEVICES = ("cpu", "cuda")  # Triton runs CPU tensors under TRITON_INTERPR
 class BackendSupport:
     """What one backend of an op takes. dtypes: per device type ("*": any); interpreted_dtypes: under TRITON_INTERPRET=1
     (None: as on the GPU); max_sizes: per device type, named sizes (see the op's `sizes`) and their largest supported
-    value."""
+    value; not_on: device types the backend deliberately has no kernel for, with the reason (the error says it)."""
     dtypes: Mapping[str, frozenset]
     interpreted_dtypes: Optional[frozenset] = None
     max_sizes: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    not_on: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class OpDeclaration:
     """An op's backends, the dtype its dispatch is decided on, and `auto`'s order per (device type, shape class).
 
-    shape_class maps the op's sizes (keyword ints) to a class name of auto_order; measured cites the numbers."""
+    shape_class maps the op's sizes (keyword ints) to a class name of auto_order; measured names, per device type,
+    the recorded run (a file in benchmarks/results/) its order rests on."""
     name: str
     support: Mapping[str, BackendSupport]
     auto_order: Mapping[tuple, tuple]
-    measured: str
+    measured: Mapping[str, str]
     shape_class: Callable[..., str] = lambda **sizes: "any"
 
 
@@ -48,10 +52,10 @@ def _on(devices, dtypes):
 
 
 def _backends(reference: frozenset, native: Mapping, triton: frozenset, native_max_sizes: Optional[Mapping] = None,
-              triton_interpreted: Optional[frozenset] = None) -> dict:
+              triton_interpreted: Optional[frozenset] = None, native_not_on: Optional[Mapping] = None) -> dict:
     """The support of the three backends: the reference's dtypes on any device, the native kernels' per device
     type, Triton's on CPU (interpreter) and CUDA tensors."""
-    return {"native": BackendSupport(native, max_sizes=native_max_sizes or {}),
+    return {"native": BackendSupport(native, max_sizes=native_max_sizes or {}, not_on=native_not_on or {}),
             "triton": BackendSupport(_on(KERNEL_DEVICES, triton), interpreted_dtypes=triton_interpreted),
             "reference": BackendSupport(_on(ANY_DEVICE, reference))}
 
@@ -66,45 +70,40 @@ def attention_shape_class(num_samples: int, head_dim: int = 0) -> str:
     return "few_queries" if num_samples <= 32 else "many_queries"
 
 
+def _recorded(op: str) -> dict:
+    """The recorded runs of `op` (benchmarks/results/<op>_<gpu|cpu>.json) its auto orders rest on."""
+    return {"cuda": f"{op}_gpu.json", "cpu": f"{op}_cpu.json"}
+
+
 STRATIFIED_SAMPLE = OpDeclaration(
     name="stratified_sample",
     support=_backends(reference=BOXES, native=_on(KERNEL_DEVICES, BOXES), triton=BOXES),
     auto_order=_one_shape_class(cuda=("triton", "native", "reference"), cpu=("native", "reference")),
-    measured="cuda: H100, B = 128 images, L = 10 (benchmarks/results/stratified_sample_gpu.json, 2026-11-26): "
-             "Triton 10.7 us, CUDA 19.7 us, bit-identical. "
-             "cpu: 2-core x86_64 shared with other jobs (load ~2.5), B = 128, L = 10, per image, unchecked "
-             "(benchmarks/results/stratified_sample_cpu.json, 2026-11-30): native 9.8 us, reference 906 us.",
+    measured=_recorded("stratified_sample"),
 )
 
 SRS_ATTENTION = OpDeclaration(
     name="srs_attention",
-    support=_backends(reference=FLOATING, native={"cpu": FLOATING, "cuda": HALF_AND_FLOAT}, triton=HALF_AND_FLOAT,
+    support=_backends(reference=FLOATING, native={"cuda": HALF_AND_FLOAT}, triton=HALF_AND_FLOAT,
                       native_max_sizes={"cuda": {"head_dim": 512}},  # kMaxDim, csrc/cuda/srs_attention.cu
-                      triton_interpreted=frozenset({torch.float16, torch.float32})),
+                      triton_interpreted=frozenset({torch.float16, torch.float32}),
+                      native_not_on={"cpu": "there is no CPU kernel: the eager reference (gathered queries, BLAS "
+                                            "matmuls, softmax) was 2.3-12x faster than the one there was "
+                                            "(benchmarks/NOTES.md, srs_attention on the CPU); use backend='reference'"}),
     auto_order={("cuda", "few_queries"): ("triton", "native", "reference"),
                 ("cuda", "many_queries"): ("triton", "native", "reference"),
-                ("cpu", "few_queries"): ("reference", "native"),  # the CPU kernel: one sample at a time,
-                ("cpu", "many_queries"): ("reference", "native")},  # scalar loops; eager BLAS beats it
-    measured="cuda: H100, fp16, B = 128 (benchmarks/results/srs_attention_gpu.json, 2026-11-26): few_queries "
-             "(S = 16 / 9) Triton 0.044 / 0.051 ms fwd+bwd vs CUDA 0.453 / 0.491 ms; many_queries (S = 16 + 90) "
-             "Triton 0.091 ms fwd vs CUDA 2.370 ms. "
-             "cpu: 2-core x86_64 shared with other jobs (load ~2), fp32, B = 2, op forward summed per class "
-             "(benchmarks/results/srs_attention_cpu.json, 2026-11-30): few_queries reference 3.16 ms vs native "
-             "17.9 ms, many_queries 4.46 vs 28.9 ms; module fwd+bwd, student global crops: reference 15.4 ms, "
-             "native 167.7 ms.",
+                ("cpu", "few_queries"): ("reference",),
+                ("cpu", "many_queries"): ("reference",)},
+    measured=_recorded("srs_attention"),
     shape_class=attention_shape_class,
 )
 
 DISTILL_CROSS_ENTROPY = OpDeclaration(
     name="distill_cross_entropy",
     support=_backends(reference=FLOATING, native={"cpu": FLOATING, "cuda": HALF_AND_FLOAT}, triton=HALF_AND_FLOAT),
+    # cuda: the recorded H100 run timed auto = native only; the next GPU run records op_fwd_bwd_ms per backend
     auto_order=_one_shape_class(cuda=("native", "triton", "reference"), cpu=("native", "reference")),
-    measured="cuda: not yet measured side by side; the H100 run (benchmarks/results/distill_cross_entropy_gpu.json, "
-             "2026-11-26) timed auto = native only (DINO fwd+bwd 2.61 ms, UDI 13.7 ms at B = 128, K = 65536); the "
-             "next GPU run records op_fwd_bwd_ms per backend and 'fastest'. "
-             "cpu: 2-core x86_64 shared with other jobs (load ~4.7), fp32, DINO pairs B = 8, 12 crops, K = 2048, "
-             "op fwd+bwd, median of 3 interleaved rounds (benchmarks/results/distill_cross_entropy_cpu.json, "
-             "2026-11-30): native 20.9 ms, reference 240 ms.",
+    measured=_recorded("distill_cross_entropy"),
 )
 
 LINEAR_DISTILL_CROSS_ENTROPY = OpDeclaration(
@@ -112,9 +111,7 @@ LINEAR_DISTILL_CROSS_ENTROPY = OpDeclaration(
     support=_backends(reference=FLOATING, native={"cpu": FLOATING, "cuda": HALF_AND_FLOAT}, triton=HALF_AND_FLOAT,
                       triton_interpreted=frozenset({torch.float16, torch.float32})),
     auto_order=_one_shape_class(cuda=("native", "triton", "reference"), cpu=("native", "reference")),
-    measured="not yet recorded (benchmarks/linear_distill_cross_entropy.py; prediction in benchmarks/NOTES.md). "
-             "cuda: native composes cuBLAS chunk GEMMs, Triton is untimed. cpu: the native kernel's BLAS chunk "
-             "GEMMs and vectorised row loops against the chunked eager reference.",
+    measured=_recorded("linear_distill_cross_entropy"),  # not yet recorded: tests/test_declarations.py PENDING
 )
 
 DECLARATIONS = {d.name: d for d in (STRATIFIED_SAMPLE, SRS_ATTENTION, DISTILL_CROSS_ENTROPY,

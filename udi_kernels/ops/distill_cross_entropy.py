@@ -275,8 +275,8 @@ def distill_cross_entropy(student: Tensor, teacher: Tensor, centers: Tensor, cen
     Returns:
         DistillCrossEntropyResult(loss [], center_sum [n_c, K], center_count [n_c]); float32 (float64 for float64
         inputs).
-        Memory beyond the student's gradient is O((Rs + Rt + P) · K / 4096) fp32 partials; no [*, K]
-        probabilities are stored.
+        Memory beyond the student's gradient is O((Rs + Rt + P) · K / 4096) fp32 partials (native CPU: float64
+        partials per 512 columns and an Rt × 512 float64 scratch per thread); no [*, K] probabilities are stored.
 
     Raises:
         TypeError / ValueError naming the argument: wrong type, dtype, shape or device, a temperature that is

@@ -176,7 +176,7 @@ def srs_attention(q: Tensor, k: Tensor, v: Tensor, index: Tensor, weight: Option
     """Attention of tapped queries over every key of their crop: out_s = softmax(q_s k^T * scale) v.
 
     Args:
-        q, k, v: [B, H, N, D] float16, bfloat16, float32 (or float64: native CPU and reference only).
+        q, k, v: [B, H, N, D] float16, bfloat16, float32 (or float64: reference only).
             q may hold a different number of rows Nq than k, v (e.g. queries already tapped and
             projected, with identity taps); the taps index q's rows.
         index: [B, S, T] int32/int64 taps into the Nq rows of q (T = 1: one-hot source samples, T = 4: bilinear
@@ -200,7 +200,8 @@ def srs_attention(q: Tensor, k: Tensor, v: Tensor, index: Tensor, weight: Option
         TypeError / ValueError naming the argument for a wrong type, dtype, shape, device, value (check_taps) or
         scale; the error of backends.resolve for a backend that cannot run the call (udi_kernels/declarations.py),
         e.g. TypeError for float64 with backend='triton', or for bfloat16 with backend='triton' under the Triton
-        interpreter (it computes bfloat16 dots wrongly), ValueError for D > 512 with backend='native' on CUDA.
+        interpreter (it computes bfloat16 dots wrongly), ValueError for D > 512 with backend='native' on CUDA,
+        RuntimeError for backend='native' on CPU tensors (no CPU kernel: the reference is faster there).
 
     Gradients flow to q (scattered back through the taps), k and v; index, weight and scale get none.
     """
