@@ -13,11 +13,11 @@ forward + backward of one call (gradients of the student rows and the weight):
   fused     linear_distill_cross_entropy(student, weight, teacher, teacher_weight, ...)
   composed  distill_cross_entropy(student @ weight.T, teacher @ teacher_weight.T, ...)
   eager     the same matmuls, then log_softmax / softmax cross-entropy and center sums in PyTorch
-Time: the implementations in turn, common.ROUNDS rounds, the median per implementation (common.interleaved). Memory, of a
-warm call: peak beyond the inputs (GPU torch.cuda.max_memory_allocated; CPU the peak RSS of a fresh process per
-(case, implementation)), and the working memory: that peak less what stays after the call (the gradients of
-student and weight, [Rs, D] and [K, D], which every implementation returns) — the issue's ≤ 1/8 goal compares
-the working memory. GEMM FLOPs per implementation as in benchmarks/NOTES.md.
+Time: the implementations in turn, common.ROUNDS rounds, the median per implementation (common.interleaved).
+Memory, of a warm call: peak beyond the inputs (GPU torch.cuda.max_memory_allocated; CPU the peak RSS of a fresh
+process per (case, implementation)), and the working memory: that peak less what stays after the call (the
+gradients of student and weight, [Rs, D] and [K, D], which every implementation returns) — the issue's ≤ 1/8 goal
+compares the working memory. GEMM FLOPs per implementation as in benchmarks/NOTES.md.
 """
 import argparse
 import json
