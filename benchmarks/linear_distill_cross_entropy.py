@@ -1,5 +1,4 @@
-"""Benchmark: linear_distill_cross_entropy (the head's last layer fused into the loss) vs the composed and eager
-paths (issue 19 §6).
+"""Benchmark: linear_distill_cross_entropy (the last layer fused into the loss) vs composed and eager, issue 19 §6.
 
     python benchmarks/linear_distill_cross_entropy.py [--quick] [--batch B] [--out DIR | --record]
     python -m benchmarks.linear_distill_cross_entropy ...
