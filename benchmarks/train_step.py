@@ -1,10 +1,14 @@
 """One UDI training step, per phase (issue 5 §5): this package, an eager step with the reference's structure, and
 the timm backbone alone on the same crops (the floor: everything UDI adds is overhead on top of it).
 
-    python -m benchmarks.train_step [--quick] [--out DIR | --record] [--providers udi_kernels reference_structure backbone]
+    python -m benchmarks.train_step [--quick] [--out DIR | --record]
+        [--providers udi_kernels udi_kernels_logits reference_structure backbone]
 
 - udi_kernels: udi.train's step: GPU sampling, teacher backbone once, SRS attention on the sampled queries,
-  teacher targets formed in the bottleneck, the fused UDILoss.
+  teacher targets formed in the bottleneck, the fused UDILoss with the head's last layer fused in (no [rows, K]
+  logits: linear_distill_cross_entropy).
+- udi_kernels_logits: the same step with --fuse_last_layer false: the head forms the [rows, K] logits, the loss
+  takes them (distill_cross_entropy).
 - reference_structure: dense [S, N] maps (built on the CPU beforehand, as the reference's data loader does),
   the teacher backbone run twice, teacher local-sample logits materialised with an unused fp32 softmax, the
   student's local SRS attention run and thrown away, the eager loss of benchmarks/distill_cross_entropy.py.
@@ -16,6 +20,7 @@ over the iterations; `step` is the median whole step (common.median_ms); peak me
 during the timed steps (parameters and optimizer states included). Without a GPU: a tiny CPU configuration that
 only shows the code runs; GPU numbers need a GPU.
 """
+import argparse
 import statistics
 import time
 
@@ -23,7 +28,7 @@ import torch
 
 from benchmarks import common
 from udi import utils
-from udi.model import build_model
+from udi.model import build_model, split_last_layer
 from udi.train import build_loss, ema_update, parse_args, sample_pairs
 from udi_kernels.layout import (TeacherTaps, UDIStudent, UDITeacher, crop_major, split_teacher_samples,
                                 student_taps, teacher_rows_by_pair, teacher_taps)
@@ -32,7 +37,7 @@ from udi_kernels.testing.losses import udi_loss_eager
 from udi_kernels.testing.references import dense_srs_block
 
 PHASES = ("teacher_fwd", "student_fwd", "loss_fwd", "backward", "optimizer")
-PROVIDERS = ("udi_kernels", "reference_structure", "backbone")
+PROVIDERS = ("udi_kernels", "udi_kernels_logits", "reference_structure", "backbone")
 
 
 class PhaseTimer:
@@ -79,6 +84,8 @@ class Step:
 
     def __init__(self, provider, cfg, B, device):
         utils.fix_random_seeds(0)
+        if provider == "udi_kernels_logits":
+            cfg = argparse.Namespace(**{**vars(cfg), "fuse_last_layer": False})
         self.provider, self.cfg, self.B, self.device = provider, cfg, B, device
         self.student, self.teacher = build_model(cfg).to(device), build_model(cfg).to(device)
         self.teacher.requires_grad_(False)
@@ -112,9 +119,12 @@ class Step:
         timer.mark()
         outputs = self.student(self.global_crops, self.local_crops, student_taps(pairs))
         timer.mark()
-        loss, _ = self.loss(outputs, targets, 0)
+        (outputs, weight), (targets, teacher_weight) = split_last_layer(outputs), split_last_layer(targets)
+        loss, _ = self.loss(outputs, targets, 0, weight=weight, teacher_weight=teacher_weight)
         timer.mark()
         return loss
+
+    udi_kernels_logits = udi_kernels
 
     def _dense_maps(self):
         """The reference's dense maps [rows, S, N], built on the CPU (its data loader's work; not timed)."""

@@ -331,6 +331,30 @@ void combine_forward(const Rows<student_t, teacher_t>& rows, int64_t Rs, const C
   });
 }
 
+at::Tensor as_double(const at::Tensor& t) { return t.to(at::kDouble).contiguous(); }
+
+}  // namespace
+
+#define UDI_DISPATCH_LOGITS(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
+
+std::tuple<at::Tensor, at::Tensor> center_statistics_cpu(const at::Tensor& teacher, const at::Tensor& center_offsets,
+                                                         const at::Tensor& center_rows, const at::Tensor& row_weight) {
+  const int64_t n_c = center_offsets.size(0) - 1, Rt = teacher.size(0), K = teacher.size(1);
+  const auto doubles = teacher.options().dtype(at::kDouble);
+  at::Tensor center_sum = at::empty({n_c, K}, doubles), center_count = at::empty({n_c}, doubles);
+  const at::Tensor row_weight64 = as_double(row_weight);
+  center_counts(center_offsets.data_ptr<int64_t>(), center_rows.data_ptr<int64_t>(), row_weight64.data_ptr<double>(),
+                n_c, Rt, center_count.data_ptr<double>());
+  UDI_DISPATCH_LOGITS(teacher.scalar_type(), "center_statistics_cpu", [&] {
+    center_sums(teacher.data_ptr<scalar_t>(), center_offsets.data_ptr<int64_t>(), center_rows.data_ptr<int64_t>(),
+                row_weight64.data_ptr<double>(), n_c, Rt, K, 0, K, center_sum.data_ptr<double>());
+  });
+  return {center_sum, center_count};
+}
+
+namespace {
+
 template <typename student_t, typename teacher_t>
 void forward_rows(const Rows<student_t, teacher_t>& rows, int64_t Rs, double* pair_loss, double* student_lse,
                   double* teacher_lse, const int64_t* center_offsets, const int64_t* center_rows,
@@ -363,33 +387,6 @@ Rows<student_t, teacher_t> make_rows(const at::Tensor& student, const at::Tensor
                                pair_teacher.numel()};
   return Rows<student_t, teacher_t>{pairs, student.data_ptr<student_t>(), teacher.data_ptr<teacher_t>()};
 }
-
-at::Tensor as_double(const at::Tensor& t) { return t.to(at::kDouble).contiguous(); }
-
-#define UDI_DISPATCH_LOGITS(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
-
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor> center_statistics_cpu(const at::Tensor& teacher, const at::Tensor& center_offsets,
-                                                         const at::Tensor& center_rows, const at::Tensor& row_weight) {
-  const int64_t n_c = center_offsets.size(0) - 1, Rt = teacher.size(0), X = teacher.size(1);
-  const auto doubles = teacher.options().dtype(at::kDouble);
-  at::Tensor center_sum = at::empty({n_c, X}, doubles), center_count = at::empty({n_c}, doubles);
-  const at::Tensor row_weight64 = as_double(row_weight);
-  const int64_t* offsets = center_offsets.data_ptr<int64_t>();
-  const int64_t* rows = center_rows.data_ptr<int64_t>();
-  center_counts(offsets, rows, row_weight64.data_ptr<double>(), n_c, Rt, center_count.data_ptr<double>());
-  UDI_DISPATCH_LOGITS(teacher.scalar_type(), "center_statistics_cpu", [&] {
-    at::parallel_for(0, X, 1024, [&](int64_t begin, int64_t end) {  // each task its columns: deterministic
-      center_sums(teacher.data_ptr<scalar_t>(), offsets, rows, row_weight64.data_ptr<double>(), n_c, Rt, X, begin,
-                  end - begin, center_sum.data_ptr<double>());
-    });
-  });
-  return {center_sum, center_count};
-}
-
-namespace {
 
 // Calls body(rows) with the Rows of the student's and the teacher's dtypes.
 template <typename Body>

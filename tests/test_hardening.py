@@ -563,6 +563,8 @@ def test_compat_masked_attention_names_an_input_of_another_dtype():
     with pytest.raises(TypeError, match="x must have the dtype of the module's parameters"):
         MaskedAttention(16, 2)(x, maps)
     assert MaskedAttention(16, 2).double()(x, maps)[0].dtype == torch.float64
+
+
 # ---- 12. linear_distill_cross_entropy: indices out of range, hand-made CSRs (issue 19) ------------------------------
 
 LINEAR = backends.available("linear_distill_cross_entropy", "cpu")

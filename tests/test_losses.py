@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from udi_kernels import backends
 from udi_kernels.layout import UDIStudent, UDITeacher, dino_crop_pairs, teacher_rows_by_pair
 from udi_kernels.losses import (DINOLoss, EMACenter, IBOTPatchLoss, UDILoss, blend_cls_plus, cls_plus_targets,
-                                crop_mean_table, identity_table, sinkhorn_knopp_center, teacher_temperature,
-                                udi_pair_tables, update_centers)
+                                crop_mean_table, identity_table, sinkhorn_knopp_center, teacher_entropies,
+                                teacher_temperature, udi_pair_tables, update_centers)
 from udi_kernels.ops.distill_cross_entropy import csr_pair_student
 from udi_kernels.testing.losses import cross_entropy_rows as H
 from udi_kernels.testing.losses import random_udi_inputs, udi_centers_eager, udi_loss_eager
@@ -448,3 +448,126 @@ def test_two_gloo_ranks_match_one_rank(tmp_path):
             torch.testing.assert_close(center, expected, **tol)
         torch.testing.assert_close(torch.softmax(-rank["sk"] / 0.05, -1), torch.softmax(-single["sk"] / 0.05, -1),
                                    rtol=1e-4, atol=1e-7)
+
+
+# ---- the head's last layer fused in (issue 19 §4): bottleneck rows with weight= / teacher_weight= ------------------
+
+def _bottleneck(*shape, D, generator):
+    return F.normalize(torch.randn(*shape, D, generator=generator, dtype=torch.float64), dim=-1)
+
+
+def _last_layers(K, D, generator):
+    """A student weight [K, D] that takes a gradient and a teacher weight [K, D], float64, rows of norm ~ 1-3."""
+    weight = (torch.randn(K, D, generator=generator, dtype=torch.float64) * 0.6).requires_grad_()
+    return weight, torch.randn(K, D, generator=generator, dtype=torch.float64) * 0.6
+
+
+def _logits(rows, weight):
+    return rows @ weight.T
+
+
+def _assert_same_step(fused_call, logits_call, inputs, loss_fns):
+    """fused_call() and logits_call() on fresh loss modules: the same loss, centers and gradients of `inputs`."""
+    fused, logits = fused_call(loss_fns[0]), logits_call(loss_fns[1])
+    torch.testing.assert_close(fused, logits, rtol=1e-10, atol=1e-12)
+    for a, b in zip(loss_fns[0].buffers(), loss_fns[1].buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(fused, inputs), torch.autograd.grad(logits, inputs)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("teacher_side", ["bottleneck", "logits"])
+def test_dino_and_ibot_losses_with_the_last_layer_equal_their_logits(teacher_side):
+    """Float64, K = 211 and D = 7: loss, center and the gradients of the rows and of the weight."""
+    g = torch.Generator().manual_seed(3)
+    K, D, ncrops, B, N = 211, 7, 5, 3, 6
+    weight, teacher_weight = _last_layers(K, D, g)
+    student = _bottleneck(ncrops * B, D=D, generator=g).requires_grad_()
+    teacher = _bottleneck(2 * B, D=D, generator=g)
+    as_teacher = (lambda rows: (rows, teacher_weight)) if teacher_side == "bottleneck" else \
+        (lambda rows: (_logits(rows, teacher_weight), None))  # noqa: E731
+    t_rows, t_weight = as_teacher(teacher)
+    dino = [DINOLoss(K, ncrops, 0.04, 0.07, 3, 10) for _ in range(2)]
+    for loss_fn in dino:
+        loss_fn.double().center.normal_(generator=torch.Generator().manual_seed(0))
+    _assert_same_step(lambda fn: fn(student, t_rows, 1, weight=weight, teacher_weight=t_weight),
+                      lambda fn: fn(_logits(student, weight), _logits(teacher, teacher_weight), 1), (student, weight),
+                      dino)
+    s_patch = _bottleneck(B, N, D=D, generator=g).requires_grad_()
+    t_patch, t_weight = as_teacher(_bottleneck(B, N, D=D, generator=g))
+    mask = torch.rand(B, N, generator=g) < 0.5
+    mask[1] = False
+    ibot = [IBOTPatchLoss(K, 0.04, 0.07, 2, 10).double() for _ in range(2)]
+    t_patch_logits = t_patch if t_weight is None else _logits(t_patch, t_weight)
+    _assert_same_step(lambda fn: fn(s_patch, t_patch, mask, 1, weight=weight, teacher_weight=t_weight),
+                      lambda fn: fn(_logits(s_patch, weight), t_patch_logits, mask, 1), (s_patch, weight), ibot)
+
+
+@pytest.mark.parametrize("teacher_type", ["UDITeacher", "UDITargets"])
+def test_udi_loss_with_the_last_layer_equals_its_logits(teacher_type):
+    """Float64, K = 211, D = 7, L = 2: the bottleneck UDIStudent with weight, the teacher's bottleneck rows (samples,
+    or targets blended there) with teacher_weight, against the same rows taken to logits first."""
+    g = torch.Generator().manual_seed(4)
+    K, D, B, L, Sg, Sl = 211, 7, 3, 2, 5, 4
+    weight, teacher_weight = _last_layers(K, D, g)
+    student = UDIStudent(*(_bottleneck(*shape, D=D, generator=g).requires_grad_()
+                           for shape in (((2 + L) * B,), ((2 + L) * B,), (2 * B, Sg))))
+    _, masks = random_udi_inputs(B, L, 1, Sg, Sl, seed=5)
+    teacher = UDITeacher(_bottleneck(2 * B, D=D, generator=g), _bottleneck(2 * B, Sg, D=D, generator=g),
+                         masks.patch_mask, _bottleneck(2 * L * B, Sl, D=D, generator=g), masks.local_mask)
+    if teacher_type == "UDITargets":
+        teacher = cls_plus_targets(teacher)
+    logits = lambda rows, w: type(rows)(*(_logits(x, w) if x.dtype.is_floating_point and x.dim() > 1 else x  # noqa
+                                          for x in rows))
+    teacher_logits = logits(teacher, teacher_weight)
+    if teacher_type == "UDITargets":
+        teacher_logits = teacher_logits._replace(extra_patch_sum=teacher_weight @ teacher.extra_patch_sum)
+    udi = [UDILoss(K, 2 + L).double() for _ in range(2)]
+    _assert_same_step(lambda fn: fn(student, teacher, 3, weight=weight, teacher_weight=teacher_weight)[0],
+                      lambda fn: fn(logits(student, weight), teacher_logits, 3)[0], (*student, weight), udi)
+
+
+def test_last_layer_arguments_are_checked_naming_them():
+    K, D, B = 33, 5, 2
+    student, teacher = torch.randn(3 * B, D), torch.randn(2 * B, D)
+    dino = DINOLoss(K, 3, 0.04, 0.07, 3, 10)
+    with pytest.raises(ValueError, match=r"weight must have shape \[33, D\]"):
+        dino(student, teacher, 0, weight=torch.randn(K + 1, D), teacher_weight=torch.randn(K, D))
+    with pytest.raises(TypeError, match="teacher_weight must be a torch.Tensor"):
+        dino(student, teacher, 0, weight=torch.randn(K, D), teacher_weight=[1.0])
+    with pytest.raises(ValueError, match=r"student_output must have shape \[6, 5\]"):
+        dino(torch.randn(3 * B, K), teacher, 0, weight=torch.randn(K, D), teacher_weight=torch.randn(K, D))
+    with pytest.raises(ValueError, match="teacher_weight .* needs weight"):
+        dino(torch.randn(3 * B, K), teacher, 0, teacher_weight=torch.randn(K, D))
+    s, t = random_udi_inputs(B, 1, K, 3, 3)
+    with pytest.raises(ValueError, match=r"student cls must have shape \[6, 5\]"):
+        UDILoss(K, 3)(s, t, 0, weight=torch.randn(K, D))
+    bottleneck = UDITeacher(torch.randn(2 * B, D), torch.randn(2 * B, 3, D), t.patch_mask, torch.randn(2 * B, 3, D),
+                            t.local_mask)
+    with pytest.raises(TypeError, match="probabilities"):
+        UDILoss(K, 3, cls_plus_target="probabilities")(s, bottleneck, 0, teacher_weight=torch.randn(K, D))
+
+
+def entropies_eager(logits, center, tau_t):
+    """float64: the mean row entropy of softmax((t − c)/τt) and the entropy of the rows' mean."""
+    p = torch.softmax((logits.double() - center.double()) / tau_t, -1)
+    mean = p.mean(0)
+    return -(p * p.log()).sum(-1).mean(), -(mean * mean.log()).sum()
+
+
+@pytest.mark.parametrize("chunk_size", [5, 64, 4096])
+def test_teacher_entropies_chunk_by_chunk_equal_the_eager_ones(chunk_size):
+    """K = 23 (not a multiple of 5 or 64): from logits and from bottleneck rows with their last layer, float64 to
+    1e-12 and float32 rows to 1e-4 (u = (t − c)/τt reaches ~100 here: float32 rounds it by ~1e-5)."""
+    g = torch.Generator().manual_seed(6)
+    K, D, R = 23, 6, 9
+    rows, weight = torch.randn(R, D, generator=g, dtype=torch.float64), torch.randn(K, D, generator=g,
+                                                                                   dtype=torch.float64)
+    center = torch.randn(1, K, generator=g)
+    want = entropies_eager(rows @ weight.T, center, 0.07)
+    for dtype, tolerance in ((torch.float64, 1e-12), (torch.float32, 1e-4)):
+        for got in (teacher_entropies(rows.to(dtype) @ weight.T.to(dtype), center, 0.07, chunk_size=chunk_size),
+                    teacher_entropies(rows.to(dtype), center, 0.07, weight.to(dtype), chunk_size=chunk_size)):
+            assert got["teacher_entropy"].dtype == dtype
+            torch.testing.assert_close(got["teacher_entropy"].double(), want[0], rtol=tolerance, atol=tolerance)
+            torch.testing.assert_close(got["teacher_batch_entropy"].double(), want[1], rtol=tolerance, atol=tolerance)

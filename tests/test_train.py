@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from udi import eval_linear, utils
 from udi.data import Crop, MultiCropAugmentation, crop_box
 from udi.eval_knn import knn_classify
-from udi.model import DINOHead, UDIModel, ViTBackbone, build_model
-from udi.train import parse_args, sample_pairs, teacher_entropies, train_udi
+from udi.model import DINOHead, UDIModel, ViTBackbone, build_model, split_last_layer
+from udi.train import parse_args, sample_pairs, train_udi
 from udi_kernels import PairTaps
 from udi_kernels.layout import UDITeacher, student_taps, teacher_taps
-from udi_kernels.losses import UDILoss, cls_plus_targets
+from udi_kernels.losses import UDILoss, cls_plus_targets, teacher_entropies
 from udi_kernels.ops.distill_cross_entropy import DistillCrossEntropyResult
 
 TINY = ["--preset", "demo", "--embed_dim", "32", "--depth", "1", "--num_heads", "2", "--patch_size", "8",
@@ -335,7 +335,7 @@ def test_teacher_with_head_batchnorm_is_deterministic_and_uses_its_batch(tmp_pat
     teacher = build_model(args, teacher=True)
     images = torch.randn(6, 3, 32, 32)
     taps = teacher_taps(_pairs(B=3, L=2))
-    first, second = (teacher.teacher_targets(images, taps) for _ in range(2))
+    first, second = (split_last_layer(teacher.teacher_targets(images, taps))[0] for _ in range(2))
     assert torch.equal(first.cls, second.cls) and torch.equal(first.patch, second.patch)
     assert teacher.training and teacher.head.mlp[1].training  # batch statistics, as DINO's teacher
 
@@ -442,11 +442,11 @@ class TwoRankPatchLoss(UDILoss):
     """One process scoring L_patch as 2 DDP ranks do (UDI_SPEC §5: over the valid samples *on the rank*): each
     half of the images over its own count, the halves averaged as DDP averages the gradients."""
 
-    def _patch_loss(self, student, targets, tau_t):
+    def _patch_loss(self, student, targets, tau_t, **last_layers):
         B = targets.cls.shape[0] // 2
         halves = [super(TwoRankPatchLoss, self)._patch_loss(
             student._replace(patch=student.patch[rows]),
-            targets._replace(patch=targets.patch[rows], patch_mask=targets.patch_mask[rows]), tau_t)
+            targets._replace(patch=targets.patch[rows], patch_mask=targets.patch_mask[rows]), tau_t, **last_layers)
             for rows in torch.arange(2 * B).reshape(2, 2, B // 2).transpose(0, 1).flatten(1)]
         return DistillCrossEntropyResult(*(sum(values) for values in zip(*halves)))._replace(
             loss=(halves[0].loss + halves[1].loss) / 2)

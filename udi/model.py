@@ -12,9 +12,14 @@ Rows, taps and outputs follow udi_kernels.layout (its docstring walks a crop fro
 crop-major batches as in DINO (row `crop * B + b`); the student takes StudentTaps and returns UDIStudent, the teacher
 takes TeacherTaps and returns UDITargets (formed by udi_kernels.losses.cls_plus_targets in the bottleneck), so
 UDILoss takes them as they are.
+
+With `fuse_last_layer` (udi.train's default) the networks stop before the head's last layer and hand the loss its
+input rows with its effective weight (LastLayerInput), the losses' `weight=` / `teacher_weight=`: the loss forms the
+logits K-chunk by K-chunk (udi_kernels.linear_distill_cross_entropy, UDI_SPEC §10) and no [rows, K] tensor exists.
+The parameters and the state-dict keys are the same either way.
 """
 import math
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import timm
 import torch
@@ -173,68 +178,100 @@ class DINOHead(nn.Module):
         return self.last_layer(self.bottleneck(x))
 
 
-class UDIModel(nn.Module):
-    """Backbone + SRS attention (`srs`) + the shared DINO head. `forward` is the student's whole computation."""
+class LastLayerInput(NamedTuple):
+    """What a network with fuse_last_layer hands the loss instead of logits: the rows its head's last layer would
+    take (bottleneck vectors [.., D], in the network's usual container: UDIStudent, UDITargets or a Tensor) and the
+    last layer's effective weight [K, D] (after weight norm, in the autograd graph of weight_g and weight_v for the
+    student), the losses' `weight=` (student) / `teacher_weight=` (teacher)."""
+    rows: Any
+    weight: Tensor
 
-    def __init__(self, backbone: ViTBackbone, head: DINOHead):
+
+def split_last_layer(output):
+    """A network's output -> (rows, last-layer weight): a LastLayerInput's fields, or (logits, None)."""
+    return tuple(output) if isinstance(output, LastLayerInput) else (output, None)
+
+
+class UDIModel(nn.Module):
+    """Backbone + SRS attention (`srs`) + the shared DINO head. `forward` is the student's whole computation.
+    fuse_last_layer: forward and teacher_targets return LastLayerInput (bottleneck rows and the last layer's
+    weight) instead of logits."""
+
+    def __init__(self, backbone: ViTBackbone, head: DINOHead, fuse_last_layer: bool = False):
         super().__init__()
-        self.backbone, self.head = backbone, head
+        self.backbone, self.head, self.fuse_last_layer = backbone, head, fuse_last_layer
         self.srs = SRSAttention(backbone.embed_dim, backbone.num_heads)
 
-    def forward(self, global_crops: Tensor, local_crops: Optional[Tensor], taps: StudentTaps) -> UDIStudent:
+    def forward(self, global_crops: Tensor, local_crops: Optional[Tensor], taps: StudentTaps):
         """global_crops [2B, 3, Hg, Wg], local_crops [LB, 3, Hl, Wl] or None (layout.stack_crops),
-        taps: layout.student_taps of the batch's SampledPairs."""
+        taps: layout.student_taps of the batch's SampledPairs -> UDIStudent of logits [.., K], or with
+        fuse_last_layer LastLayerInput(UDIStudent of bottleneck rows [.., D], weight [K, D])."""
         outputs = [self.backbone(global_crops)]
         if local_crops is not None:
             outputs.append(self.backbone(local_crops))
         samples = self.srs(outputs[0].patch, taps.index, taps.weight)
         cls = torch.cat([o.cls for o in outputs])
         rows = torch.cat([cls, torch.cat([o.cls_plus for o in outputs]), samples.flatten(0, 1)])
-        cls, cls_plus, patch = self.head(rows).split([len(cls), len(cls), samples.shape[0] * samples.shape[1]])
-        return UDIStudent(cls, cls_plus, patch.unflatten(0, samples.shape[:2]))
+        head = self.head.bottleneck if self.fuse_last_layer else self.head
+        cls, cls_plus, patch = head(rows).split([len(cls), len(cls), samples.shape[0] * samples.shape[1]])
+        return self._hand_over(UDIStudent(cls, cls_plus, patch.unflatten(0, samples.shape[:2])))
 
     @torch.no_grad()
-    def teacher_targets(self, global_crops: Tensor, taps: TeacherTaps, alpha: float = 0.5) -> UDITargets:
-        """global_crops [2B, 3, Hg, Wg], taps: layout.teacher_taps of the batch's SampledPairs. One backbone pass
-        over the global crops, one SRS pass per crop for all its sample sets; the targets are formed in the head's
-        bottleneck and projected (cls_plus_targets with the head's last layer, UDI_SPEC §6)."""
+    def teacher_targets(self, global_crops: Tensor, taps: TeacherTaps, alpha: float = 0.5):
+        """global_crops [2B, 3, Hg, Wg], taps: layout.teacher_taps of the batch's SampledPairs -> UDITargets. One
+        backbone pass over the global crops, one SRS pass per crop for all its sample sets; the targets are formed
+        in the head's bottleneck (UDI_SPEC §6) and projected by the last layer (cls_plus_targets with last_layer), or
+        with fuse_last_layer handed over in the bottleneck: LastLayerInput(UDITargets of [.., D] rows, weight)."""
         out = self.backbone(global_crops)
         z = self.head.bottleneck(self.srs(teacher_rows_by_pair(out.patch), taps.index, taps.weight))
         bottleneck = UDITeacher(self.head.bottleneck(out.cls), *split_teacher_samples(z, taps))
+        if self.fuse_last_layer:
+            return self._hand_over(cls_plus_targets(bottleneck, alpha))
         return cls_plus_targets(bottleneck, alpha, last_layer=self.head.last_layer)
+
+    def _hand_over(self, rows):
+        return LastLayerInput(rows, self.head.last_layer.weight) if self.fuse_last_layer else rows
 
 
 class DINOModel(nn.Module):
-    """DINO's network on the same backbone, with one class token: backbone + DINO head on cls (no SRS head)."""
+    """DINO's network on the same backbone, with one class token: backbone + DINO head on cls (no SRS head).
+    fuse_last_layer: as UDIModel's."""
 
-    def __init__(self, backbone: ViTBackbone, head: DINOHead):
+    def __init__(self, backbone: ViTBackbone, head: DINOHead, fuse_last_layer: bool = False):
         super().__init__()
-        self.backbone, self.head = backbone, head
+        self.backbone, self.head, self.fuse_last_layer = backbone, head, fuse_last_layer
 
-    def forward(self, global_crops: Tensor, local_crops) -> Tensor:
-        """global_crops [2B, 3, Hg, Wg], local_crops [LB, 3, Hl, Wl] or None -> logits [(2 + L)B, K] crop-major."""
+    def forward(self, global_crops: Tensor, local_crops):
+        """global_crops [2B, 3, Hg, Wg], local_crops [LB, 3, Hl, Wl] or None -> logits [(2 + L)B, K] crop-major,
+        or with fuse_last_layer LastLayerInput(bottleneck rows [(2 + L)B, D], weight [K, D])."""
         cls = [self.backbone(global_crops).cls]
         if local_crops is not None:
             cls.append(self.backbone(local_crops).cls)
-        return self.head(torch.cat(cls))
+        return self._head(torch.cat(cls))
 
     @torch.no_grad()
-    def teacher_targets(self, global_crops: Tensor) -> Tensor:
-        """-> the teacher's cls logits [2B, K], crop-major."""
-        return self.head(self.backbone(global_crops).cls)
+    def teacher_targets(self, global_crops: Tensor):
+        """-> the teacher's cls logits [2B, K], crop-major (with fuse_last_layer: LastLayerInput as forward's)."""
+        return self._head(self.backbone(global_crops).cls)
+
+    def _head(self, cls: Tensor):
+        if self.fuse_last_layer:
+            return LastLayerInput(self.head.bottleneck(cls), self.head.last_layer.weight)
+        return self.head(cls)
 
 
 def build_model(args, teacher: bool = False):
     """The student (stochastic depth at --drop_path_rate) or, with teacher=True, the teacher: no stochastic layer,
     so its targets are a deterministic function of the input (as in DINO, iBOT and the reference).
-    `args.objective` "udi" (the default) -> UDIModel, "dino" -> DINOModel."""
+    `args.objective` "udi" (the default) -> UDIModel, "dino" -> DINOModel; `args.fuse_last_layer` (default True,
+    udi.train's) -> the networks' fuse_last_layer."""
     dino = getattr(args, "objective", "udi") == "dino"
     backbone = ViTBackbone(args.arch, args.patch_size, args.global_crop_size, 0.0 if teacher else args.drop_path_rate,
                            args.pos_embed_resampling, class_tokens=1 if dino else 2, embed_dim=args.embed_dim,
                            depth=args.depth, num_heads=args.num_heads)
     head = DINOHead(backbone.embed_dim, args.out_dim, args.norm_last_layer, args.head_hidden_dim,
                     args.head_bottleneck_dim, use_bn=getattr(args, "use_bn_in_head", False))
-    return (DINOModel if dino else UDIModel)(backbone, head)
+    return (DINOModel if dino else UDIModel)(backbone, head, getattr(args, "fuse_last_layer", True))
 
 
 # ---- the reference's checkpoints --------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from udi_kernels.losses import DINOLoss, UDILoss
 from . import utils
 from .data import MultiCropAugmentation, ShardedBatchSampler, collate_multicrop, pretraining_dataset
 from .digits import TRAIN_DIGITS
-from .model import POS_EMBED_RESAMPLING, build_model
+from .model import POS_EMBED_RESAMPLING, build_model, split_last_layer
 
 PRESETS = {
     # ViT-S/16 as in the reference's ImageNet run.
@@ -114,6 +114,11 @@ def get_args_parser(preset: str = "demo"):
                             "cls rows and sample rows separately; synchronised across GPUs, per process on the CPU")
     model.add_argument("--norm_last_layer", default=False, type=str2bool,
                        help="freeze the last layer's weight norm (DINO; False for ViT-S as in the reference)")
+    model.add_argument("--fuse_last_layer", default=True, type=str2bool,
+                       help="the loss takes the head's bottleneck rows and its last layer and forms the logits chunk "
+                            "by chunk (udi_kernels.linear_distill_cross_entropy): no [rows, K] tensor, student or "
+                            "teacher; false: the head forms the [rows, K] logits and the loss takes them "
+                            "(distill_cross_entropy), the same numbers, for comparison")
     model.add_argument("--momentum_teacher", default=0.996, type=FRACTION,
                        help="initial EMA momentum of the teacher, raised to 1 by a cosine schedule")
     model.add_argument("--alpha", default=0.5, type=FRACTION,
@@ -247,8 +252,8 @@ def sample_pairs(boxes, args, seed, rank=0) -> SampledPairs:
 class DINOObjective(DINOLoss):
     """DINOLoss returning (loss, parts) like UDILoss, parts = {"cls": the loss}."""
 
-    def forward(self, student_output, teacher_output, epoch):
-        loss = super().forward(student_output, teacher_output, epoch)
+    def forward(self, student_output, teacher_output, epoch, **last_layers):
+        loss = super().forward(student_output, teacher_output, epoch, **last_layers)
         return loss, {"cls": loss.detach()}
 
 
@@ -384,7 +389,7 @@ COLLAPSE_FRACTION = 0.95
 
 
 def collapse_warning(stats, out_dim):
-    """A warning when the teacher's cls targets collapse (see teacher_entropies), else None."""
+    """A warning when the teacher's cls targets collapse (udi_kernels.losses.teacher_entropies), else None."""
     ln_k = math.log(out_dim)
     entropy, batch = stats["teacher_entropy"], stats["teacher_batch_entropy"]
     if entropy >= COLLAPSE_FRACTION * ln_k:
@@ -433,13 +438,12 @@ def train_one_epoch(run: TrainingRun, loader, epoch: int) -> dict:
                 pairs = sample_pairs(boxes.to(device), args, utils.step_seed(args.seed, it), run.rank)
                 targets = teacher.teacher_targets(global_crops, teacher_taps(pairs), args.alpha)
                 outputs = student(global_crops, local_crops, student_taps(pairs))
-                teacher_cls, cls_center = targets.cls, loss_module.center_cls.center
             else:
-                targets = teacher_cls = teacher.teacher_targets(global_crops)
-                outputs, cls_center = student(global_crops, local_crops), loss_module.center
+                targets, outputs = teacher.teacher_targets(global_crops), student(global_crops, local_crops)
+            (outputs, weight), (targets, teacher_weight) = split_last_layer(outputs), split_last_layer(targets)
             # before the loss, which moves the centers
-            entropies = teacher_entropies(teacher_cls, cls_center, loss_module.teacher_temp(epoch))
-            loss, parts = loss_module(outputs, targets, epoch)
+            entropies = loss_module.teacher_entropies(targets, epoch, teacher_weight=teacher_weight)
+            loss, parts = loss_module(outputs, targets, epoch, weight=weight, teacher_weight=teacher_weight)
         if not math.isfinite(loss.item()):
             print(f"Loss is {loss.item()}, stopping training", flush=True)
             sys.exit(1)
@@ -465,18 +469,6 @@ def train_one_epoch(run: TrainingRun, loader, epoch: int) -> dict:
         dist.all_reduce(means)
         means /= run.world_size
     return dict(zip(totals, means.tolist()))
-
-
-@torch.no_grad()
-def teacher_entropies(teacher_cls, center, tau_t):
-    """Collapse diagnostics of the teacher's cls targets softmax((t - c)/τt), in nats: `teacher_entropy`, the mean
-    entropy of a row, and `teacher_batch_entropy`, the entropy of the batch-mean distribution. Both near ln K:
-    collapse to uniform; both near 0: collapse to one dimension; healthy: the first well below the second."""
-    log_p = torch.log_softmax((teacher_cls.float() - center) / tau_t, dim=-1)
-    p = log_p.exp()
-    mean = p.mean(0)
-    return {"teacher_entropy": -(p * log_p).sum(-1).mean(),
-            "teacher_batch_entropy": -(mean * mean.clamp_min(torch.finfo(mean.dtype).tiny).log()).sum()}
 
 
 @torch.no_grad()

@@ -47,3 +47,18 @@ def check_state_device(loss: nn.Module, device: torch.device):
         if buffer.device != device:
             raise ValueError(f"{type(loss).__name__}.{name} is on {buffer.device} but the inputs are on {device}; "
                              f"move the loss there with .to({str(device)!r})")
+
+
+def check_last_layer(weight, name: str, out_dim: int, device=None) -> int:
+    """weight: None or the head's effective last-layer weight [out_dim, D] (floating, on `device`); returns the width
+    of the rows it takes: D, or out_dim for None (the rows are logits)."""
+    if weight is None:
+        return out_dim
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor [{out_dim}, D] (the last layer's weight), got "
+                        f"{type(weight).__name__}")
+    if weight.dim() != 2 or weight.shape[0] != out_dim or weight.shape[1] == 0:
+        raise ValueError(f"{name} must have shape [{out_dim}, D] (the last layer's weight, D > 0), got "
+                         f"{list(weight.shape)}")
+    check_logits(weight, name, device)
+    return weight.shape[1]

@@ -1,13 +1,16 @@
-"""DINO's [CLS] loss (DINO's main_dino.py DINOLoss) on the fused udi_kernels.distill_cross_entropy."""
+"""DINO's [CLS] loss (DINO's main_dino.py DINOLoss) on the fused udi_kernels.distill_cross_entropy, or with the head's
+last layer fused in (linear_distill_cross_entropy)."""
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checks import check_float, check_int
 from ..layout import GLOBAL_CROPS, dino_crop_pairs
 from .centering import sinkhorn_knopp_center, update_centers
-from .checks import check_backend, check_choice, check_rows, check_state_device
+from .checks import check_backend, check_choice, check_last_layer, check_rows, check_state_device
+from .diagnostics import teacher_entropies
 from .pair_tables import PairTable, crop_mean_table, cross_entropy
 from .schedule import check_schedule, teacher_temperature
 
@@ -15,11 +18,15 @@ from .schedule import check_schedule, teacher_temperature
 class DINOLoss(nn.Module):
     """DINO's [CLS] loss: teacher global view iq against every student view v ≠ iq, averaged over all terms.
 
-    forward(student_output [ncrops·B, K], teacher_output [2·B, K], epoch) -> loss; rows are crop-major
-    (crop 0 rows first), the 2 global crops first. The center (buffer `center` [1, K], state-dict key `center`
-    as in DINO's main_dino.py, so a DINO checkpoint's `dino_loss` entry loads strictly) is updated after the
-    loss from the exact global mean of the teacher rows. centering='sinkhorn_knopp' uses DINOv2's
-    Sinkhorn-Knopp targets instead (and leaves `center` alone).
+    forward(student_output [ncrops·B, K], teacher_output [2·B, K], epoch, *, weight=None, teacher_weight=None) -> loss;
+    rows are crop-major (crop 0 rows first), the 2 global crops first. With the head's last layer fused in (UDI_SPEC
+    §10): weight [K, D], the student head's effective last-layer weight (after weight norm), and student_output
+    [ncrops·B, D] its input rows (the L2-normalised bottleneck), so the logits are student_output @ weight.T, never
+    formed; gradients reach student_output and weight. teacher_weight [K, D] likewise makes teacher_output [2·B, D] the
+    teacher's bottleneck rows (it needs weight; None: teacher logits). Sinkhorn-Knopp centering forms the teacher's
+    [2·B, K] logits. The center (buffer `center` [1, K], state-dict key `center` as in DINO's main_dino.py, so a DINO
+    checkpoint's `dino_loss` entry loads strictly) is updated after the loss from the exact global mean of the teacher
+    rows. centering='sinkhorn_knopp' uses DINOv2's Sinkhorn-Knopp targets instead (and leaves `center` alone).
     """
 
     def __init__(self, out_dim: int, ncrops: int, warmup_teacher_temp: float, teacher_temp: float,
@@ -50,21 +57,34 @@ class DINOLoss(nn.Module):
         return crop_mean_table(dino_crop_pairs(self.ncrops), batch, self.ncrops, GLOBAL_CROPS,
                                torch.device(device))
 
-    def forward(self, student_output: Tensor, teacher_output: Tensor, epoch: int) -> Tensor:
+    def forward(self, student_output: Tensor, teacher_output: Tensor, epoch: int, *, weight: Optional[Tensor] = None,
+                teacher_weight: Optional[Tensor] = None) -> Tensor:
         if not isinstance(teacher_output, Tensor):
             raise TypeError(f"teacher_output must be a torch.Tensor, got {type(teacher_output).__name__}")
+        teacher_width = check_last_layer(teacher_weight, "teacher_weight", self.out_dim, teacher_output.device)
         if teacher_output.dim() != 2:
-            raise ValueError(f"teacher_output must be 2-D [2 * batch, {self.out_dim}] (the global crops' rows), got "
+            raise ValueError(f"teacher_output must be 2-D [2 * batch, {teacher_width}] (the global crops' rows), got "
                              f"shape {list(teacher_output.shape)}")
         batch = teacher_output.shape[0] // 2
-        check_rows(teacher_output, "teacher_output", 2 * batch, self.out_dim)
-        check_rows(student_output, "student_output", self.ncrops * batch, self.out_dim, teacher_output.device)
+        check_rows(teacher_output, "teacher_output", 2 * batch, teacher_width)
+        student_width = check_last_layer(weight, "weight", self.out_dim, teacher_output.device)
+        check_rows(student_output, "student_output", self.ncrops * batch, student_width, teacher_output.device)
         check_state_device(self, student_output.device)
         tau_t = self.teacher_temp(epoch)
-        center = self.center if self.centering == "ema" else sinkhorn_knopp_center(teacher_output, tau_t,
-                                                                                  self.sinkhorn_iterations)
+        if self.centering == "ema":
+            center = self.center
+        else:
+            if teacher_weight is not None:
+                teacher_output, teacher_weight = F.linear(teacher_output, teacher_weight), None
+            center = sinkhorn_knopp_center(teacher_output, tau_t, self.sinkhorn_iterations)
         out = cross_entropy(student_output, teacher_output, center, self.pairs(batch, student_output.device),
-                            self.student_temp, tau_t, backend=self.backend)
+                            self.student_temp, tau_t, weight=weight, teacher_weight=teacher_weight,
+                            backend=self.backend)
         if self.centering == "ema":
             update_centers([self], [out.center_sum], [out.center_count])
         return out.loss
+
+    def teacher_entropies(self, teacher_output: Tensor, epoch: int, *, teacher_weight: Optional[Tensor] = None):
+        """The collapse diagnostics (udi_kernels.losses.teacher_entropies) of teacher_output (as in forward) against
+        the EMA center at epoch's temperature; call it before forward, which moves the center."""
+        return teacher_entropies(teacher_output, self.center, self.teacher_temp(epoch), teacher_weight)

@@ -1,11 +1,12 @@
-"""iBOT's masked-patch loss on the fused udi_kernels.distill_cross_entropy."""
+"""iBOT's masked-patch loss on the fused udi_kernels.distill_cross_entropy, or with the head's last layer fused in
+(linear_distill_cross_entropy)."""
 from typing import Optional
 
 from torch import Tensor, nn
 
 from ..checks import check_float, check_int
 from .centering import EMACenter
-from .checks import check_backend, check_logits, check_mask, check_state_device
+from .checks import check_backend, check_last_layer, check_logits, check_mask, check_state_device
 from .pair_tables import cross_entropy, identity_table
 from .schedule import check_schedule, teacher_temperature
 
@@ -13,9 +14,13 @@ from .schedule import check_schedule, teacher_temperature
 class IBOTPatchLoss(nn.Module):
     """iBOT's masked-patch loss: per image, Σ_masked CE / max(#masked, 1), averaged over the images.
 
-    forward(student_patch [R, N, K], teacher_patch [R, N, K], mask [R, N] bool, epoch) -> loss, with R the
-    images (all views stacked); student patch n of image r is scored against teacher patch n of image r
-    where mask is set. Own center (`center` [1, K], the global mean over all teacher patches) and temperature.
+    forward(student_patch [R, N, K], teacher_patch [R, N, K], mask [R, N] bool, epoch, *, weight=None,
+    teacher_weight=None) -> loss, with R the images (all views stacked); student patch n of image r is scored against
+    teacher patch n of image r where mask is set. Own center (`center` [1, K], the global mean over all teacher patches)
+    and temperature. With the head's last layer fused in (keywords, UDI_SPEC §10): weight [K, D], the student head's
+    effective last-layer weight (after weight norm), and student_patch [R, N, D] its input rows (the bottleneck), so the
+    logits student_patch @ weight.T are never formed; gradients reach student_patch and weight. teacher_weight [K, D]
+    likewise makes teacher_patch [R, N, D] the teacher's bottleneck rows (it needs weight).
     """
 
     def __init__(self, patch_out_dim: int, warmup_teacher_temp2: float, teacher_temp2: float,
@@ -32,24 +37,28 @@ class IBOTPatchLoss(nn.Module):
     def center(self) -> Tensor:
         return self.centering_ema.center
 
-    def forward(self, student_patch: Tensor, teacher_patch: Tensor, mask: Tensor, epoch: int) -> Tensor:
+    def forward(self, student_patch: Tensor, teacher_patch: Tensor, mask: Tensor, epoch: int, *,
+                weight: Optional[Tensor] = None, teacher_weight: Optional[Tensor] = None) -> Tensor:
         for value, name in ((student_patch, "student_patch"), (teacher_patch, "teacher_patch")):
             if not isinstance(value, Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-        if student_patch.dim() != 3 or student_patch.shape != teacher_patch.shape or \
-                student_patch.shape[-1] != self.out_dim:
-            raise ValueError(f"student_patch and teacher_patch must both have shape [R, N, {self.out_dim}], got "
-                             f"{list(student_patch.shape)} and {list(teacher_patch.shape)}")
         device = student_patch.device
+        widths = (check_last_layer(weight, "weight", self.out_dim, device),
+                  check_last_layer(teacher_weight, "teacher_weight", self.out_dim, device))
+        if student_patch.dim() != 3 or teacher_patch.dim() != 3 or student_patch.shape[:2] != teacher_patch.shape[:2] \
+                or (student_patch.shape[-1], teacher_patch.shape[-1]) != widths:
+            raise ValueError(f"student_patch and teacher_patch must have shapes [R, N, {widths[0]}] and "
+                             f"[R, N, {widths[1]}], got {list(student_patch.shape)} and {list(teacher_patch.shape)}")
         check_mask(mask, "mask", student_patch.shape[:2], device)
         check_logits(student_patch, "student_patch")
         check_logits(teacher_patch, "teacher_patch", device)
         check_state_device(self, device)
         images, tokens = mask.shape
-        weight = mask.float() / mask.sum(1, keepdim=True).clamp_min(1) / max(images, 1)
         rows = images * tokens
-        out = cross_entropy(student_patch.reshape(rows, self.out_dim), teacher_patch.reshape(rows, self.out_dim),
-                            self.center, identity_table(weight.reshape(-1)), self.student_temp,
-                            teacher_temperature(epoch, *self.schedule), backend=self.backend)
+        pair_weight = mask.float() / mask.sum(1, keepdim=True).clamp_min(1) / max(images, 1)
+        out = cross_entropy(student_patch.reshape(rows, widths[0]), teacher_patch.reshape(rows, widths[1]),
+                            self.center, identity_table(pair_weight.reshape(-1)), self.student_temp,
+                            teacher_temperature(epoch, *self.schedule), weight=weight, teacher_weight=teacher_weight,
+                            backend=self.backend)
         self.centering_ema.update(out.center_sum, out.center_count)
         return out.loss

@@ -1,6 +1,6 @@
 """Pair tables: which student row meets which teacher row with what weight in a loss term, in the fused op's layout
 (a student-row CSR, udi_kernels.ops.distill_cross_entropy.PairCSR), built once per structure; and `cross_entropy`, one loss
-term on a table.
+term on a table, from logits or from the head's bottleneck rows and last layer (linear_distill_cross_entropy).
 
 Crop pairs (udi_kernels.layout) become row pairs here: student block s against teacher block t is row
 s * B + b against row t * B + b for every image b (crop-major rows). The tables are built outside inference mode
@@ -13,7 +13,9 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from ..nn import cast_for_autocast
 from ..ops.distill_cross_entropy import DistillCrossEntropyResult, PairCSR, build_csr, distill_cross_entropy_csr
+from ..ops.linear_distill_cross_entropy import linear_distill_cross_entropy_csr
 
 
 class ScoredPairs(NamedTuple):
@@ -80,15 +82,30 @@ def _table(pairs: ScoredPairs, student_rows: int, teacher_rows: int) -> PairTabl
 
 
 def cross_entropy(student: Tensor, teacher: Tensor, center: Tensor, table: PairTable, tau_s: float, tau_t: float,
-                  row_weight: Optional[Tensor] = None, *, backend: Optional[str] = None) -> DistillCrossEntropyResult:
+                  row_weight: Optional[Tensor] = None, *, weight: Optional[Tensor] = None,
+                  teacher_weight: Optional[Tensor] = None, backend: Optional[str] = None) -> DistillCrossEntropyResult:
     """One loss term on one center [1, K]: Σ_p w_p · CE(softmax((t − c)/τt), log_softmax(s/τs)) over the table's
     pairs, and the teacher rows' (sum [1, K], count [1]) weighted by row_weight [Rt] (default: every row once).
+
+    Logits: student [Rs, K], teacher [Rt, K] (distill_cross_entropy). The head's last layer fused in: weight [K, D]
+    (its effective weight) with student [Rs, D] (its input rows), s = student @ weight.T, and teacher_weight [K, D]
+    with teacher [Rt, D] or None with teacher logits [Rt, K] (linear_distill_cross_entropy: no [R, K] tensor;
+    gradients to student and weight). Under autocast the rows and weights run in its dtype, as the last layer's
+    F.linear does. teacher_weight without weight raises ValueError.
 
     The pairs of a table are valid by construction and their CSR is cached, so a call sorts nothing and the op's
     value checks (a device sync and a pass over the teacher) stay off the training path. A center kept in
     float16/bfloat16 (a loss moved with .half()) is used in float32."""
     if center.dtype not in (torch.float32, torch.float64):
         center = center.float()
-    return distill_cross_entropy_csr(student, teacher, center, table.csr,
-                                     table.unit_rows if row_weight is None else row_weight, tau_s, tau_t,
-                                     backend=backend)
+    row_weight = table.unit_rows if row_weight is None else row_weight
+    if weight is None:
+        if teacher_weight is not None:
+            raise ValueError("teacher_weight (teacher bottleneck rows) needs weight (student bottleneck rows) too")
+        return distill_cross_entropy_csr(student, teacher, center, table.csr, row_weight, tau_s, tau_t,
+                                         backend=backend)
+    if teacher_weight is not None:
+        teacher, teacher_weight = cast_for_autocast(teacher), cast_for_autocast(teacher_weight)
+    return linear_distill_cross_entropy_csr(cast_for_autocast(student), cast_for_autocast(weight), teacher,
+                                            teacher_weight, center, table.csr, row_weight, tau_s, tau_t,
+                                            backend=backend)

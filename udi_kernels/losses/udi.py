@@ -1,4 +1,5 @@
-"""UDI's loss (UDI_SPEC §5) and its teacher targets, on the fused udi_kernels.distill_cross_entropy.
+"""UDI's loss (UDI_SPEC §5) and its teacher targets, on the fused udi_kernels.distill_cross_entropy, or with the head's
+last layer fused in (linear_distill_cross_entropy, UDI_SPEC §10).
 
 The inputs and their row layouts are udi_kernels.layout's (UDIStudent, UDITeacher, UDITargets; crop pairs k of
 udi_crop_pairs). The teacher targets are formed here, once, for both ways of forming them: from the teacher's
@@ -14,7 +15,9 @@ from torch import Tensor, nn
 from ..checks import check_float, check_int
 from ..layout import GLOBAL_CROPS, UDIStudent, UDITargets, UDITeacher, teacher_rows_by_pair, udi_crop_pairs
 from .centering import EMACenter, update_centers
-from .checks import check_backend, check_choice, check_logits, check_mask, check_rows, check_state_device
+from .checks import (check_backend, check_choice, check_last_layer, check_logits, check_mask, check_rows,
+                     check_state_device)
+from .diagnostics import teacher_entropies
 from .pair_tables import PairTable, crop_pair_table, cross_entropy, identity_table, mean_weight
 from .schedule import check_schedule, teacher_temperature
 
@@ -80,10 +83,15 @@ def cls_plus_targets(teacher: UDITeacher, alpha: float = 0.5, last_layer: Option
         return UDITargets(teacher.cls, teacher.patch, teacher.patch_mask, plus, local_sum, local_count)
     rows = [teacher.cls, plus, teacher.patch.flatten(0, 1)]
     cls, plus, patch = last_layer(torch.cat(rows)).split([len(r) for r in rows])
-    with torch.autocast(local_sum.device.type, enabled=False):
-        local_center_sum = F.linear(local_sum, last_layer.weight.to(local_sum.dtype))
-    return UDITargets(cls, patch.unflatten(0, teacher.patch.shape[:2]), teacher.patch_mask, plus, local_center_sum,
-                      local_count)
+    return UDITargets(cls, patch.unflatten(0, teacher.patch.shape[:2]), teacher.patch_mask, plus,
+                      project_sum(local_sum, last_layer.weight), local_count)
+
+
+def project_sum(total: Tensor, weight: Tensor) -> Tensor:
+    """A center statistic formed in the bottleneck, total [D] (float32 or wider), taken to K by the last layer's
+    weight [K, D]: total @ weight.T [K], in total's dtype, outside autocast."""
+    with torch.autocast(total.device.type, enabled=False):
+        return F.linear(total, weight.to(total.dtype))
 
 
 # ---- pair tables -------------------------------------------------------------------------------------------------
@@ -114,12 +122,17 @@ def udi_pair_tables(num_local: int, batch: int, device: torch.device) -> UDIPair
 class UDILoss(nn.Module):
     """UDI's loss (UDI_SPEC §5): (L_cls + L_cls+ + L_patch) / 3 with three EMA centers.
 
-    forward(student: UDIStudent, teacher: UDITeacher | UDITargets, epoch) -> (loss, parts), parts a dict of
-    the detached 'cls', 'cls_plus' and 'patch' losses. L_cls and L_cls+ use the level weighting
-    (2·L_global + 2L·L_local)/(2 + 2L) (udi_pair_tables); L_patch is Σ_valid CE / #valid samples on this rank
-    (0 when none). cls_plus_target: 'logits' (the reference: blend logits, α = 0.5) or 'probabilities' (the
-    paper: the same blend of the centered softmaxes; needs UDITeacher; the cls+ center still follows the logit
-    blend). Centers: udi_kernels.losses.centering (exact global means; an empty batch leaves them unchanged).
+    forward(student: UDIStudent, teacher: UDITeacher | UDITargets, epoch, *, weight=None, teacher_weight=None) -> (loss,
+    parts), parts a dict of the detached 'cls', 'cls_plus' and 'patch' losses. With the head's last layer fused in
+    (UDI_SPEC §10): weight [K, D], the student head's effective last-layer weight (after weight norm), and a UDIStudent
+    of its input rows (the bottleneck: cls, cls_plus [(2 + L)·B, D], patch [2·B, Sg, D]), so that no student logits are
+    formed; gradients reach the rows and weight. teacher_weight [K, D] likewise makes every teacher field the teacher's
+    bottleneck rows ([.., D]; UDITargets.extra_patch_sum [D], as cls_plus_targets forms it without last_layer),
+    projected chunk by chunk inside the op; it needs weight. L_cls and L_cls+ use the level weighting (2·L_global +
+    2L·L_local)/(2 + 2L) (udi_pair_tables); L_patch is Σ_valid CE / #valid samples on this rank (0 when none).
+    cls_plus_target: 'logits' (the reference: blend logits, α = 0.5) or 'probabilities' (the paper: the same blend of
+    the centered softmaxes; needs UDITeacher; the cls+ center still follows the logit blend). Centers:
+    udi_kernels.losses.centering (exact global means; an empty batch leaves them unchanged).
     """
 
     def __init__(self, out_dim: int, ncrops: int, warmup_teacher_temp: float = 0.04, teacher_temp: float = 0.07,
@@ -141,20 +154,30 @@ class UDILoss(nn.Module):
     def teacher_temp(self, epoch: int) -> float:
         return teacher_temperature(epoch, *self.schedule)
 
-    def forward(self, student: UDIStudent, teacher: Union[UDITeacher, UDITargets], epoch: int):
+    def forward(self, student: UDIStudent, teacher: Union[UDITeacher, UDITargets], epoch: int, *,
+                weight: Optional[Tensor] = None, teacher_weight: Optional[Tensor] = None):
         tau_t = self.teacher_temp(epoch)
-        B = self._check(student, teacher)
+        B = self._check(student, teacher, weight, teacher_weight)
+        last_layers = dict(weight=weight, teacher_weight=teacher_weight)
         targets = teacher if isinstance(teacher, UDITargets) else cls_plus_targets(teacher, self.alpha)
         tables = udi_pair_tables(self.num_local, B, targets.cls.device)
         cls = cross_entropy(student.cls, targets.cls, self.center_cls.center, tables.cls, self.student_temp, tau_t,
-                            backend=self.backend)
+                            backend=self.backend, **last_layers)
         plus_rows, plus_weight = self._cls_plus_rows(teacher, targets, tau_t)
         cls_plus = cross_entropy(student.cls_plus, plus_rows, self.center_cls_plus.center, tables.cls_plus,
-                                 self.student_temp, tau_t, plus_weight, backend=self.backend)
-        patch = self._patch_loss(student, targets, tau_t)
+                                 self.student_temp, tau_t, plus_weight, backend=self.backend, **last_layers)
+        patch = self._patch_loss(student, targets, tau_t, **last_layers)
+        if teacher_weight is not None:
+            targets = targets._replace(extra_patch_sum=project_sum(targets.extra_patch_sum, teacher_weight))
         self._update_centers(cls, cls_plus, patch, targets, plus_stats_from_op=plus_weight is None)
         parts = {"cls": cls.loss.detach(), "cls_plus": cls_plus.loss.detach(), "patch": patch.loss.detach()}
         return (cls.loss + cls_plus.loss + patch.loss) / 3, parts
+
+    def teacher_entropies(self, teacher: Union[UDITeacher, UDITargets], epoch: int, *,
+                          teacher_weight: Optional[Tensor] = None):
+        """The collapse diagnostics (udi_kernels.losses.teacher_entropies) of the teacher's cls rows (as in forward)
+        against the cls center at epoch's temperature; call it before forward, which moves the centers."""
+        return teacher_entropies(teacher.cls, self.center_cls.center, self.teacher_temp(epoch), teacher_weight)
 
     def _cls_plus_rows(self, teacher, targets: UDITargets, tau_t):
         """Teacher rows of the cls+ loss and their center weights (None: all 1)."""
@@ -180,12 +203,11 @@ class UDILoss(nn.Module):
         mix = torch.cat(mix)
         return mix / mix.sum(-1, keepdim=True)
 
-    def _patch_loss(self, student: UDIStudent, targets: UDITargets, tau_t):
-        K = targets.patch.shape[2]
+    def _patch_loss(self, student: UDIStudent, targets: UDITargets, tau_t, weight=None, teacher_weight=None):
         valid = targets.patch_mask.reshape(-1).float()
-        return cross_entropy(student.patch.reshape(-1, K), targets.patch.reshape(-1, K), self.center_patch.center,
+        return cross_entropy(student.patch.flatten(0, 1), targets.patch.flatten(0, 1), self.center_patch.center,
                              identity_table(valid / valid.sum().clamp_min(1)), self.student_temp, tau_t, valid,
-                             backend=self.backend)
+                             weight=weight, teacher_weight=teacher_weight, backend=self.backend)
 
     def _update_centers(self, cls, cls_plus, patch, targets: UDITargets, plus_stats_from_op: bool):
         with torch.no_grad():
@@ -198,41 +220,49 @@ class UDILoss(nn.Module):
                            [cls.center_sum, plus_sum, patch.center_sum + targets.extra_patch_sum],
                            [cls.center_count, plus_count, patch.center_count + targets.extra_patch_count])
 
-    def _check(self, student: UDIStudent, teacher: Union[UDITeacher, UDITargets]) -> int:
-        """Types, shapes, dtypes and devices of every input, named as in UDIStudent / UDITeacher / UDITargets;
-        returns the batch size B."""
+    def _check(self, student: UDIStudent, teacher: Union[UDITeacher, UDITargets], weight, teacher_weight) -> int:
+        """Types, shapes, dtypes and devices of every input, named as in UDIStudent / UDITeacher / UDITargets, and
+        of the last layers' weights; returns the batch size B."""
         if not isinstance(student, UDIStudent):
             raise TypeError(f"student must be a UDIStudent, got {type(student).__name__}")
         if not isinstance(teacher, (UDITeacher, UDITargets)):
             raise TypeError(f"teacher must be a UDITeacher or UDITargets, got {type(teacher).__name__}")
         if not isinstance(teacher.cls, Tensor):
             raise TypeError(f"teacher cls must be a torch.Tensor, got {type(teacher.cls).__name__}")
-        K, L, B, device = self.out_dim, self.num_local, teacher.cls.shape[0] // 2, teacher.cls.device
-        check_rows(teacher.cls, "teacher cls", 2 * B, K, device)
-        check_rows(student.cls, "student cls", (2 + L) * B, K, device)
-        check_rows(student.cls_plus, "student cls_plus", (2 + L) * B, K, device)
-        self._check_samples(teacher.patch, teacher.patch_mask, "teacher patch", "patch_mask", 2 * B, device)
-        if not isinstance(student.patch, Tensor) or student.patch.shape != teacher.patch.shape:
-            raise ValueError(f"student patch must have the shape of teacher patch {list(teacher.patch.shape)}, got "
+        if teacher_weight is not None and self.cls_plus_target == "probabilities":
+            raise TypeError("cls_plus_target='probabilities' needs the teacher's sample logits (a UDITeacher, "
+                            "without teacher_weight)")
+        L, B, device = self.num_local, teacher.cls.shape[0] // 2, teacher.cls.device
+        teacher_width = check_last_layer(teacher_weight, "teacher_weight", self.out_dim, device)
+        width = check_last_layer(weight, "weight", self.out_dim, device)  # the student rows'
+        check_rows(teacher.cls, "teacher cls", 2 * B, teacher_width, device)
+        check_rows(student.cls, "student cls", (2 + L) * B, width, device)
+        check_rows(student.cls_plus, "student cls_plus", (2 + L) * B, width, device)
+        self._check_samples(teacher.patch, teacher.patch_mask, "teacher patch", "patch_mask", 2 * B, teacher_width,
+                            device)
+        shape = (*teacher.patch.shape[:2], width)
+        if not isinstance(student.patch, Tensor) or student.patch.shape != shape:
+            raise ValueError(f"student patch must have shape {list(shape)} (teacher patch's samples), got "
                              f"{list(getattr(student.patch, 'shape', []))}")
         check_logits(student.patch, "student patch", device)
         if isinstance(teacher, UDITargets):
-            check_rows(teacher.cls_plus, "teacher cls_plus targets", (2 + 2 * L) * B, K, device)
-            for value, name, shape in ((teacher.extra_patch_sum, "extra_patch_sum", (K,)),
+            check_rows(teacher.cls_plus, "teacher cls_plus targets", (2 + 2 * L) * B, teacher_width, device)
+            for value, name, shape in ((teacher.extra_patch_sum, "extra_patch_sum", (teacher_width,)),
                                        (teacher.extra_patch_count, "extra_patch_count", ())):
                 if not isinstance(value, Tensor) or value.shape != shape:
                     raise ValueError(f"{name} must be a tensor of shape {list(shape)}")
                 check_logits(value, name, device)
         elif L and B:
-            self._check_samples(teacher.local, teacher.local_mask, "teacher local", "local_mask", 2 * L * B, device)
+            self._check_samples(teacher.local, teacher.local_mask, "teacher local", "local_mask", 2 * L * B,
+                                teacher_width, device)
         check_state_device(self, device)
         return B
 
-    def _check_samples(self, samples, mask, name: str, mask_name: str, rows: int, device):
-        """samples [rows, S, K] floating and mask [rows, S] bool."""
+    def _check_samples(self, samples, mask, name: str, mask_name: str, rows: int, width: int, device):
+        """samples [rows, S, width] floating and mask [rows, S] bool."""
         if not isinstance(samples, Tensor) or samples.dim() != 3 or samples.shape[0] != rows or \
-                samples.shape[2] != self.out_dim:
+                samples.shape[2] != width:
             got = list(samples.shape) if isinstance(samples, Tensor) else type(samples).__name__
-            raise ValueError(f"{name} must have shape [{rows}, S, {self.out_dim}], got {got}")
+            raise ValueError(f"{name} must have shape [{rows}, S, {width}], got {got}")
         check_logits(samples, name, device)
         check_mask(mask, mask_name, samples.shape[:2], device)
