@@ -76,7 +76,8 @@ def _slot_pairs(pair_teacher_ptr, pair_weight_ptr, center_id_ptr, slot, valid, R
 @triton.jit
 def _pair_probs(teacher_ptr, teacher_weight_ptr, centers_ptr, teacher_lse_ptr, t_row, center, counts, k, k_ok, Dt,
                 K, inv_tau_t, LOGITS: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    """p_t = exp((x_t − c) / τt − teacher_lse) of each slot's teacher row over the columns; 0 where not counting."""
+    """p_t = exp((x_t − c) / τt − teacher_lse) of each slot's teacher row over the columns; 0 where it does not
+    count."""
     x = _teacher_logits(teacher_ptr, teacher_weight_ptr, t_row, counts, k, k_ok, Dt, K, LOGITS, BLOCK_D, PRECISION)
     u = _centered(x, centers_ptr, center, counts, k, k_ok, K, inv_tau_t)
     lse = tl.load(teacher_lse_ptr + t_row, mask=counts, other=0.0)
@@ -202,7 +203,8 @@ def _shared(student, weight, teacher, teacher_weight):
     logits = teacher_weight is None
     sizes = dict(Rs=student.shape[0], Rt=teacher.shape[0], D=student.shape[1], Dt=0 if logits else teacher.shape[1],
                  K=weight.shape[0])
-    meta = dict(LOGITS=logits, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D, PRECISION=dot_precision(student.dtype))
+    meta = dict(LOGITS=logits, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D,
+                PRECISION=dot_precision(student.dtype))
     return (teacher if logits else teacher_weight), sizes, meta
 
 
