@@ -92,17 +92,21 @@ def _extension():
     build_cuda, why_not = _cuda_build_decision()
     cpp_sources = sorted(glob.glob("csrc/*.cpp"))
     # -ffp-contract=off: no FMA contraction, so that stratified_sample's host arithmetic equals CUDA's and Triton's
-    # bit for bit (csrc/host_device.h); explicit at::vec fmadd is unaffected
-    cxx_flags = ["-O3", "-ffp-contract=off"] + CPU_ISA_FLAGS[_cpu_isa()]
+    # bit for bit (csrc/host_device.h); explicit at::vec fmadd is unaffected. -fopenmp: at::parallel_for is inline
+    # and runs serially where _OPENMP is undefined; libgomp resolves to the one torch has loaded (same soname)
+    cxx_flags = ["-O3", "-ffp-contract=off", "-fopenmp"] + CPU_ISA_FLAGS[_cpu_isa()]
+    link_flags = ["-fopenmp"]
     if not build_cuda:
         print(f"udi_kernels: building the CPU kernels only ({why_not}); CUDA tensors use Triton or the reference.")
-        return CppExtension("udi_kernels._C", cpp_sources, extra_compile_args={"cxx": cxx_flags})
+        return CppExtension("udi_kernels._C", cpp_sources, extra_compile_args={"cxx": cxx_flags},
+                            extra_link_args=link_flags)
     nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
     return CUDAExtension(
         "udi_kernels._C",
         cpp_sources + sorted(glob.glob("csrc/cuda/*.cu")),
         include_dirs=[os.path.abspath("csrc")],
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        extra_link_args=link_flags,
     )
 
 

@@ -1,5 +1,5 @@
 // udi_kernels::distill_cross_entropy / distill_cross_entropy_backward: schemas, argument checks and the CPU kernels
-// (vectorised, in double, one parallel task per K chunk; plan above `chunk_width`).
+// (vectorised, exponents formed in double, one parallel task per K chunk; plan above `chunk_width`).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -98,14 +98,23 @@ void check_backward_args(const at::Tensor& grad_pair_loss, const at::Tensor& stu
 
 namespace {
 
-// The CPU kernels compute in double, vectorised with at::vec (AVX2 where setup.py builds for it), so that their
-// float32 results are the float64 ones rounded. K is cut into chunks of a fixed width (chunk_width: it depends on
-// the shapes only); one parallel task per chunk reads the chunk of every teacher row once (exp'd into a scratch of
-// Rt x chunk doubles) and then the chunk of every student row once. Each task writes its own partials, which are
-// combined per row in chunk order: the results do not depend on the number of threads and repeat bit for bit.
+// The CPU kernels form every exponent's argument in double from the inputs (x − max, u − lse: exact at any logit
+// magnitude), then take the exp in the exponent type E of the inputs: float for float32 / float16 / bfloat16 logits
+// (16 lanes with AVX-512, at::vec's exp_u20: <= 20 ulp), double for float64 ones (Sleef, 1 ulp). Rounding the
+// non-positive argument to float costs at most e^-1 * 6e-8 of the largest term, whatever the logits' magnitude.
+// Per-chunk sums accumulate in E lanes and are combined in double. K is cut into chunks of a fixed width
+// (chunk_width: it depends on the shapes only); one parallel task per chunk reads the chunk of every teacher row
+// once (exp'd into a scratch of Rt x chunk) and then the chunk of every student row once. Each task writes its own
+// partials, which are combined per row in chunk order: the results do not depend on the number of threads and
+// repeat bit for bit.
 using Vec = at::vec::Vectorized<double>;
-constexpr int64_t kLanes = Vec::size();
+template <typename E>
+using VecE = at::vec::Vectorized<E>;
 constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+
+template <typename student_t, typename teacher_t>
+using exp_type = std::conditional_t<std::is_same_v<student_t, double> || std::is_same_v<teacher_t, double>, double,
+                                    float>;
 
 // 512 columns, halved (down to 128) while the teacher scratch of a task exceeds 4 MiB.
 int64_t chunk_width(int64_t teacher_rows) {
@@ -121,35 +130,43 @@ struct Chunks {
   int64_t columns(int64_t chunk) const { return std::min(width, K - first(chunk)); }
 };
 
-// f(offset, lanes) for each vector of a span of n columns; lanes < kLanes for the last one only.
-template <typename F>
+// f(offset, lanes) for each vector of E over a span of n columns; lanes < the vector's size for the last one only.
+template <typename E, typename F>
 C10_ALWAYS_INLINE void for_each_vector(int64_t n, const F& f) {
+  constexpr int64_t size = VecE<E>::size();
   int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) f(j, kLanes);
+  for (; j + size <= n; j += size) f(j, size);
   if (j < n) f(j, n - j);
 }
 
 // The first `lanes` lanes of v, `fill` in the others.
-Vec first_lanes(const Vec& v, int64_t lanes, double fill) {
-  return lanes == kLanes ? v : Vec::set(Vec(fill), v, lanes);
+template <typename E>
+VecE<E> first_lanes(const VecE<E>& v, int64_t lanes, E fill) {
+  return lanes == VecE<E>::size() ? v : VecE<E>::set(VecE<E>(fill), v, lanes);
 }
 
-// Lane reductions in lane order. lane_max keeps a NaN.
-double lane_sum(const Vec& v) {
-  alignas(64) double values[kLanes];
+// Lane reductions in lane order, in double. lane_max keeps a NaN.
+template <typename E>
+double lane_sum(const VecE<E>& v) {
+  alignas(64) E values[VecE<E>::size()];
   v.store(values);
   double sum = 0;
-  for (int64_t i = 0; i < kLanes; ++i) sum += values[i];
+  for (int64_t i = 0; i < VecE<E>::size(); ++i) sum += values[i];
   return sum;
 }
 
-double lane_max(const Vec& v) {
-  alignas(64) double values[kLanes];
+template <typename E>
+double lane_max(const VecE<E>& v) {
+  alignas(64) E values[VecE<E>::size()];
   v.store(values);
   double max = values[0];
-  for (int64_t i = 1; i < kLanes; ++i) max = (values[i] > max || std::isnan(values[i])) ? values[i] : max;
+  for (int64_t i = 1; i < VecE<E>::size(); ++i) max = (values[i] > max || std::isnan(values[i])) ? values[i] : max;
   return max;
 }
+
+VecE<double> exp_of(const VecE<double>& a) { return a.exp(); }
+// exp_u20 clamps a NaN argument to a finite result: NaN is passed through, as exp does
+VecE<float> exp_of(const VecE<float>& a) { return VecE<float>::blendv(a.exp_u20(), a, a.isnan()); }
 
 // Conversions and elementwise arithmetic are plain loops, which the compiler vectorises (no reassociation needed);
 // the reductions and exp use at::vec.
@@ -160,44 +177,93 @@ void centered_row(const T* row, const double* center, double scale, int64_t n, d
   for (int64_t k = 0; k < n; ++k) u[k] = (static_cast<double>(row[k]) - center[k]) * scale;
 }
 
-// u[k] = row[k] * scale for k < n.
+// a[k] = row[k] * scale - shift in double, rounded to E: the argument of an exp.
+template <typename T, typename E>
+void scaled_shifted(const T* row, double scale, double shift, int64_t n, E* a) {
+  for (int64_t k = 0; k < n; ++k) a[k] = static_cast<E>(static_cast<double>(row[k]) * scale - shift);
+}
+
+// Asks for the n elements at p ahead of their use (for writing: `write`): the rows of a chunk lie K apart, more
+// streams than the hardware prefetcher follows.
 template <typename T>
-void scaled_row(const T* row, double scale, int64_t n, double* u) {
-  for (int64_t k = 0; k < n; ++k) u[k] = static_cast<double>(row[k]) * scale;
+void prefetch(const T* p, int64_t n, bool write = false) {
+  const char* bytes = reinterpret_cast<const char*>(p);
+  for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(T)); b += 64) {
+    if (write)
+      __builtin_prefetch(bytes + b, 1);
+    else
+      __builtin_prefetch(bytes + b, 0);
+  }
 }
 
-double max_of(const double* u, int64_t n) {
-  Vec max(kNegInf);
-  for_each_vector(n, [&](int64_t j, int64_t lanes) {
-    max = at::vec::maximum(max, first_lanes(Vec::loadu(u + j, lanes), lanes, kNegInf));
+// a[k] = u[k] - shift, the difference in double, rounded to E: the argument of an exp.
+template <typename E>
+void shifted(const double* u, double shift, int64_t n, E* a) {
+  for (int64_t k = 0; k < n; ++k) a[k] = static_cast<E>(u[k] - shift);
+}
+
+// max_k u[k] for k < n, a NaN kept; four accumulators, as the maximum's latency would bound a single one.
+template <typename E>
+double max_of(const E* u, int64_t n) {
+  constexpr int64_t size = VecE<E>::size();
+  const E low = -std::numeric_limits<E>::infinity();
+  VecE<E> m0(low), m1(low), m2(low), m3(low);
+  int64_t j = 0;
+  for (; j + 4 * size <= n; j += 4 * size) {
+    m0 = at::vec::maximum(m0, VecE<E>::loadu(u + j));
+    m1 = at::vec::maximum(m1, VecE<E>::loadu(u + j + size));
+    m2 = at::vec::maximum(m2, VecE<E>::loadu(u + j + 2 * size));
+    m3 = at::vec::maximum(m3, VecE<E>::loadu(u + j + 3 * size));
+  }
+  for_each_vector<E>(n - j, [&](int64_t i, int64_t lanes) {
+    m0 = at::vec::maximum(m0, first_lanes(VecE<E>::loadu(u + j + i, lanes), lanes, low));
   });
-  return lane_max(max);
+  return lane_max(at::vec::maximum(at::vec::maximum(m0, m1), at::vec::maximum(m2, m3)));
 }
 
-// u[k] <- exp(u[k] - shift) for k < n; returns their sum.
-double exp_in_place(double* u, int64_t n, double shift) {
-  Vec sum(0);
-  for_each_vector(n, [&](int64_t j, int64_t lanes) {
-    const Vec e = first_lanes((Vec::loadu(u + j, lanes) - Vec(shift)).exp(), lanes, 0);
-    e.store(u + j, lanes);
+// The largest of n logits of any dtype, in double, a NaN kept.
+template <typename T>
+double row_max(const T* row, int64_t n) {
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+    return max_of(row, n);
+  } else {
+    double max = kNegInf;
+    for (int64_t k = 0; k < n; ++k) {
+      const double v = static_cast<double>(row[k]);
+      max = (v > max || std::isnan(v)) ? v : max;
+    }
+    return max;
+  }
+}
+
+// a[k] <- exp(a[k]) for k < n; returns their sum.
+template <typename E>
+double exp_in_place(E* a, int64_t n) {
+  VecE<E> sum(0);
+  for_each_vector<E>(n, [&](int64_t j, int64_t lanes) {
+    const VecE<E> e = first_lanes(exp_of(VecE<E>::loadu(a + j, lanes)), lanes, E(0));
+    e.store(a + j, lanes);
     sum = sum + e;
   });
   return lane_sum(sum);
 }
 
-double exp_sum(const double* u, int64_t n, double shift) {
-  Vec sum(0);
-  for_each_vector(n, [&](int64_t j, int64_t lanes) {
-    sum = sum + first_lanes((Vec::loadu(u + j, lanes) - Vec(shift)).exp(), lanes, 0);
+// Σ_k exp(a[k]) for k < n.
+template <typename E>
+double exp_sum(const E* a, int64_t n) {
+  VecE<E> sum(0);
+  for_each_vector<E>(n, [&](int64_t j, int64_t lanes) {
+    sum = sum + first_lanes(exp_of(VecE<E>::loadu(a + j, lanes)), lanes, E(0));
   });
   return lane_sum(sum);
 }
 
-// Σ_k p[k] (max - x[k]) for k < n: every term >= 0 where p >= 0 and x <= max.
-double gap(const double* p, const double* x, double max, int64_t n) {
-  Vec sum(0);
-  for_each_vector(n, [&](int64_t j, int64_t lanes) {
-    sum = sum + first_lanes(Vec::loadu(p + j, lanes) * (Vec(max) - Vec::loadu(x + j, lanes)), lanes, 0);
+// Σ_k p[k] (max - x[k]) for k < n, from a = x - max: every term >= 0 where p >= 0 and x <= max.
+template <typename E>
+double gap(const E* p, const E* a, int64_t n) {
+  VecE<E> sum(0);
+  for_each_vector<E>(n, [&](int64_t j, int64_t lanes) {
+    sum = sum - first_lanes(VecE<E>::loadu(p + j, lanes) * VecE<E>::loadu(a + j, lanes), lanes, E(0));
   });
   return lane_sum(sum);
 }
@@ -217,13 +283,26 @@ struct Rows : PairArgs<double> {
   const student_t* student;
   const teacher_t* teacher;
 
+  // Teacher row `row` of a chunk, then the student rows in turn: each prefetches the next while it is worked on.
+  void prefetch_teacher(int64_t row, int64_t first, int64_t n) const {
+    if (row < num_teacher_rows) prefetch(teacher + row * K + first, n);
+  }
+  void prefetch_student(int64_t row, int64_t Rs, int64_t first, int64_t n) const {
+    if (row < Rs) prefetch(student + row * K + first, n);
+  }
   // u = (t - c) / τt of teacher row `row`, columns [first, first + n).
   void centered(int64_t row, int64_t first, int64_t n, double* u) const {
     centered_row(teacher + row * K + first, centers + center_id[row] * K + first, inv_tau_t, n, u);
   }
-  // x = s / τs of student row `row`, columns [first, first + n).
-  void scaled_student(int64_t row, int64_t first, int64_t n, double* x) const {
-    scaled_row(student + row * K + first, inv_tau_s, n, x);
+  // max_k s / τs of student row `row` over columns [first, first + n): the scaling is monotone, so the max of the
+  // scaled row is the scaled max of the row.
+  double student_max(int64_t row, int64_t first, int64_t n) const {
+    return row_max(student + row * K + first, n) * inv_tau_s;
+  }
+  // a = s / τs - shift of student row `row`, columns [first, first + n), rounded to E.
+  template <typename E>
+  void student_exponents(int64_t row, int64_t first, int64_t n, double shift, E* a) const {
+    scaled_shifted(student + row * K + first, inv_tau_s, shift, n, a);
   }
   double pair_scale(int64_t slot, const double* grad_pair_loss) const {
     return pair_counts(*this, slot) ? pair_weight[slot] * grad_pair_loss[slot] : 0.0;
@@ -271,29 +350,48 @@ void center_counts(const int64_t* center_offsets, const int64_t* center_rows, co
   }
 }
 
-// One chunk of the forward: the teacher rows' (max, Σ exp) with exp(u - max) kept in `scratch` [Rt, width], then
-// per student row its (max, Σ exp) and, per pair of it, Σ exp(u - max_t) (max_s - x).
-template <typename student_t, typename teacher_t>
-void forward_chunk(const Rows<student_t, teacher_t>& rows, int64_t Rs, const Chunks& chunks, int64_t chunk,
-                   double* scratch, double* x, ForwardPartials& out) {
-  const int64_t first = chunks.first(chunk), n = chunks.columns(chunk), count = chunks.count;
-  for (int64_t r = 0; r < rows.num_teacher_rows; ++r) {
-    if (!teacher_row_ok(rows, r)) continue;  // no pair reads it
-    double* e = scratch + r * chunks.width;
-    rows.centered(r, first, n, e);
-    const double max = max_of(e, n);
-    out.teacher_max[r * count + chunk] = max;
-    out.teacher_sum[r * count + chunk] = exp_in_place(e, n, max);
+// What a task works in: `teacher` [Rt, width] exps of the teacher rows, `row` [width] the exponents of one student
+// row, `logits` [width] one row's scaled logits in double.
+template <typename E>
+struct Scratch {
+  std::vector<E> exps;
+  std::vector<double> logits;
+  E* teacher;
+  E* row;
+  Scratch(int64_t Rt, int64_t width) : exps((Rt + 1) * width), logits(width) {
+    teacher = exps.data();
+    row = exps.data() + Rt * width;
   }
+};
+
+// One chunk of the forward: the teacher rows' (max, Σ exp) with exp(u - max) kept in the scratch, then per
+// student row its (max, Σ exp) and, per pair of it, Σ exp(u - max_t) (max_s - x).
+template <typename student_t, typename teacher_t, typename E>
+void forward_chunk(const Rows<student_t, teacher_t>& rows, int64_t Rs, const Chunks& chunks, int64_t chunk,
+                   Scratch<E>& work, ForwardPartials& out) {
+  const int64_t first = chunks.first(chunk), n = chunks.columns(chunk), count = chunks.count;
+  double* u = work.logits.data();
+  for (int64_t r = 0; r < rows.num_teacher_rows; ++r) {
+    rows.prefetch_teacher(r + 1, first, n);
+    if (!teacher_row_ok(rows, r)) continue;  // no pair reads it
+    E* e = work.teacher + r * chunks.width;
+    rows.centered(r, first, n, u);
+    const double max = max_of(u, n);
+    shifted(u, max, n, e);
+    out.teacher_max[r * count + chunk] = max;
+    out.teacher_sum[r * count + chunk] = exp_in_place(e, n);
+  }
+  rows.prefetch_student(0, Rs, first, n);
   for (int64_t r = 0; r < Rs; ++r) {
-    rows.scaled_student(r, first, n, x);
-    const double max = max_of(x, n);
+    rows.prefetch_student(r + 1, Rs, first, n);
+    const double max = rows.student_max(r, first, n);
+    rows.student_exponents(r, first, n, max, work.row);
     out.student_max[r * count + chunk] = max;
-    out.student_sum[r * count + chunk] = exp_sum(x, n, max);
+    out.student_sum[r * count + chunk] = exp_sum(work.row, n);
     const SlotRange slots = csr_slots(rows.student_offsets, r, rows.num_pairs);
     for (int64_t slot = slots.first; slot < slots.last; ++slot) {
       if (pair_counts(rows, slot))
-        out.pair_gap[slot * count + chunk] = gap(scratch + rows.pair_teacher[slot] * chunks.width, x, max, n);
+        out.pair_gap[slot * count + chunk] = gap(work.teacher + rows.pair_teacher[slot] * chunks.width, work.row, n);
     }
   }
 }
@@ -363,10 +461,9 @@ void forward_rows(const Rows<student_t, teacher_t>& rows, int64_t Rs, double* pa
   const Chunks chunks(K, Rt);
   ForwardPartials parts(Rt, Rs, rows.num_pairs, chunks.count);
   at::parallel_for(0, chunks.count, 1, [&](int64_t begin, int64_t end) {
-    std::vector<double> scratch((Rt + 1) * chunks.width);
-    double* x = scratch.data() + Rt * chunks.width;
+    Scratch<exp_type<student_t, teacher_t>> work(Rt, chunks.width);
     for (int64_t chunk = begin; chunk < end; ++chunk) {
-      forward_chunk(rows, Rs, chunks, chunk, scratch.data(), x, parts);
+      forward_chunk(rows, Rs, chunks, chunk, work, parts);
       center_sums(rows.teacher, center_offsets, center_rows, row_weight, rows.num_centers, Rt, K,
                   chunks.first(chunk), chunks.columns(chunk), center_sum);  // the chunk is still in cache
     }
@@ -431,21 +528,28 @@ ForwardTensors forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
   return {pair_loss.to(out), center_sum.to(stats), center_count.to(stats), student_lse, teacher_lse};
 }
 
-// One chunk of the backward: p_t = exp(u - lse_t) of every teacher row into `scratch` [Rt, width], then per student
-// row grad = (Σ_p g_p w_p · softmax(x) - Σ_p g_p w_p · p_t) / τs, written once.
-template <typename student_t, typename teacher_t>
+// One chunk of the backward: p_t = exp(u - lse_t) of every teacher row into the scratch, then per student row
+// grad = (Σ_p g_p w_p · softmax(x) - Σ_p g_p w_p · p_t) / τs, written once.
+template <typename student_t, typename teacher_t, typename E>
 void backward_chunk(const Rows<student_t, teacher_t>& rows, int64_t Rs, const Chunks& chunks, int64_t chunk,
                     const double* grad_pair_loss, const double* student_lse, const double* teacher_lse,
-                    double* scratch, double* acc, student_t* grad_student) {
+                    Scratch<E>& work, student_t* grad_student) {
   const int64_t first = chunks.first(chunk), n = chunks.columns(chunk), K = rows.K;
+  double* u = work.logits.data();
+  E* acc = work.row;
   for (int64_t r = 0; r < rows.num_teacher_rows; ++r) {
+    rows.prefetch_teacher(r + 1, first, n);
     if (!teacher_row_ok(rows, r)) continue;
-    double* p = scratch + r * chunks.width;
-    rows.centered(r, first, n, p);
-    exp_in_place(p, n, teacher_lse[r]);
+    E* p = work.teacher + r * chunks.width;
+    rows.centered(r, first, n, u);
+    shifted(u, teacher_lse[r], n, p);
+    exp_in_place(p, n);
   }
+  rows.prefetch_student(0, Rs, first, n);
   for (int64_t r = 0; r < Rs; ++r) {
+    rows.prefetch_student(r + 1, Rs, first, n);
     student_t* out = grad_student + r * K + first;
+    prefetch(out, n, /*write=*/true);
     const SlotRange slots = csr_slots(rows.student_offsets, r, rows.num_pairs);
     double total = 0;
     bool any = false;
@@ -458,16 +562,18 @@ void backward_chunk(const Rows<student_t, teacher_t>& rows, int64_t Rs, const Ch
       std::fill(out, out + n, static_cast<student_t>(0));
       continue;
     }
-    rows.scaled_student(r, first, n, acc);
-    exp_in_place(acc, n, student_lse[r]);
-    for (int64_t k = 0; k < n; ++k) acc[k] *= total;
+    rows.student_exponents(r, first, n, student_lse[r], acc);
+    exp_in_place(acc, n);
+    const E row_total = static_cast<E>(total);
+    for (int64_t k = 0; k < n; ++k) acc[k] *= row_total;
     for (int64_t slot = slots.first; slot < slots.last; ++slot) {
-      const double scale = rows.pair_scale(slot, grad_pair_loss);
+      const E scale = static_cast<E>(rows.pair_scale(slot, grad_pair_loss));
       if (scale == 0) continue;
-      const double* p = scratch + rows.pair_teacher[slot] * chunks.width;
+      const E* p = work.teacher + rows.pair_teacher[slot] * chunks.width;
       for (int64_t k = 0; k < n; ++k) acc[k] -= scale * p[k];
     }
-    for (int64_t k = 0; k < n; ++k) out[k] = static_cast<student_t>(acc[k] * rows.inv_tau_s);
+    const E inv_tau_s = static_cast<E>(rows.inv_tau_s);
+    for (int64_t k = 0; k < n; ++k) out[k] = static_cast<student_t>(acc[k] * inv_tau_s);
   }
 }
 
@@ -477,11 +583,9 @@ void backward_rows(const Rows<student_t, teacher_t>& rows, int64_t Rs, const dou
   const int64_t Rt = rows.num_teacher_rows;
   const Chunks chunks(rows.K, Rt);
   at::parallel_for(0, chunks.count, 1, [&](int64_t begin, int64_t end) {
-    std::vector<double> scratch((Rt + 1) * chunks.width);
-    double* acc = scratch.data() + Rt * chunks.width;
+    Scratch<exp_type<student_t, teacher_t>> work(Rt, chunks.width);
     for (int64_t chunk = begin; chunk < end; ++chunk)
-      backward_chunk(rows, Rs, chunks, chunk, grad_pair_loss, student_lse, teacher_lse, scratch.data(), acc,
-                     grad_student);
+      backward_chunk(rows, Rs, chunks, chunk, grad_pair_loss, student_lse, teacher_lse, work, grad_student);
   });
 }
 
