@@ -331,6 +331,22 @@ def test_head_batchnorm_has_the_reference_layout_and_normalises_over_each_call()
     torch.testing.assert_close(plain(rows[0]), plain(rows[:1])[0])
 
 
+def test_alpha_reaches_the_loss_and_the_targets(tmp_path):
+    """--alpha is the loss's alpha and blends the step's cls+ targets: the same networks and batch give the same cls
+    and patch terms and another cls+ term."""
+    from test_train_fused import one_batch
+    from udi.step import build_step
+    parts = {}
+    for alpha in (0.0, 1.0):
+        utils.fix_random_seeds(0)
+        step = build_step(tiny_args(tmp_path, "--alpha", str(alpha)))
+        assert step.loss.alpha == alpha
+        (views, boxes), = one_batch(torch.float32)
+        parts[alpha] = step(views, boxes, epoch=0, seed=1)[1]
+    assert parts[0.0]["cls"] == parts[1.0]["cls"] and parts[0.0]["patch"] == parts[1.0]["patch"]
+    assert abs(parts[0.0]["cls_plus"] - parts[1.0]["cls_plus"]) > 1e-3
+
+
 def test_teacher_with_head_batchnorm_is_deterministic_and_uses_its_batch(tmp_path):
     args = tiny_args(tmp_path, "--use_bn_in_head", "true")
     teacher = build_model(args, teacher=True)
