@@ -100,8 +100,7 @@ def test_cited_cpu_records_hold_on_a_shared_machine(op):
 
 
 # Cited runs not recorded yet, with why; an entry must go once its file exists (the test below fails until then)
-PENDING = {("linear_distill_cross_entropy", "cpu"): "issue 19: the lead records it in a quiet window",
-           ("linear_distill_cross_entropy", "cuda"): "issue 19: needs a GPU session (scripts/gpu_check.sh)"}
+PENDING = {("linear_distill_cross_entropy", "cuda"): "issue 19: needs a GPU session (scripts/gpu_check.sh)"}
 
 
 @pytest.mark.parametrize("declaration", DECLARATIONS.values(), ids=DECLARATIONS)
