@@ -32,9 +32,10 @@ import time
 import torch
 
 from udi import utils
+from udi.cli import parse_args
 from udi.eval_embedded import METRICS, evaluate
 from udi.model import build_model
-from udi.train import parse_args, train_udi
+from udi.train import train_udi
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OBJECTIVES = ("udi", "dino")

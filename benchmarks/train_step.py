@@ -4,7 +4,8 @@ the timm backbone alone on the same crops (the floor: everything UDI adds is ove
     python -m benchmarks.train_step [--quick] [--out DIR | --record]
         [--providers udi_kernels udi_kernels_logits reference_structure backbone]
 
-- udi_kernels: udi.train's step: GPU sampling, teacher backbone once, SRS attention on the sampled queries,
+- udi_kernels: udi.train's step, the same udi.step.UDIStep object (its optimizer part: AdamW's step and the
+  step's teacher EMA, without gradient clipping): GPU sampling, teacher backbone once, SRS attention on the sampled queries,
   teacher targets formed in the bottleneck, the fused UDILoss with the head's last layer fused in (no [rows, K]
   logits: linear_distill_cross_entropy).
 - udi_kernels_logits: the same step with --fuse_last_layer false: the head forms the [rows, K] logits, the loss
@@ -34,9 +35,9 @@ import torch
 
 from benchmarks import common
 from udi import utils
-from udi.model import build_model, split_last_layer
-from udi.train import build_loss, ema_update, parse_args, sample_pairs
-from udi_kernels.layout import (TeacherTaps, UDIStudent, UDITeacher, crop_major, split_teacher_samples,
+from udi.cli import parse_args
+from udi.step import UDIStep, sample_pairs
+from udi_kernels.layout import (TeacherTaps, UDIStudent, UDITeacher, crop_major, split_teacher_samples, stack_crops,
                                 student_taps, teacher_rows_by_pair, teacher_taps)
 from udi_kernels.taps import taps_to_dense
 from udi_kernels.testing.losses import udi_loss_eager
@@ -75,14 +76,15 @@ def config(device):
 
 
 def make_batch(cfg, B, device):
-    """Random crops (no zeros) and random overlapping boxes, drawn on the CPU with a fixed seed."""
+    """The data loader's batch (udi.data.collate_multicrop): 2 + L random views [B, 3, s, s] (no zeros) and random
+    overlapping boxes [B, 2 + L, 4], drawn on the CPU with a fixed seed."""
     gen = torch.Generator().manual_seed(0)
     L, Sg, Sl = cfg.local_crops_number, cfg.global_crop_size, cfg.local_crop_size
-    global_crops = torch.randn(2 * B, 3, Sg, Sg, generator=gen)
-    local_crops = torch.randn(L * B, 3, Sl, Sl, generator=gen)
+    views = [torch.randn(B, 3, Sg, Sg, generator=gen) for _ in range(2)]
+    views += [torch.randn(B, 3, Sl, Sl, generator=gen) for _ in range(L)]
     corners = torch.rand(B, 2 + L, 2, generator=gen) * 0.4
     boxes = torch.cat([corners, corners + 0.3 + 0.3 * torch.rand(B, 2 + L, 2, generator=gen)], -1)
-    return global_crops.to(device), local_crops.to(device), boxes.to(device)
+    return [v.to(device) for v in views], boxes.to(device)
 
 
 class Step:
@@ -93,14 +95,14 @@ class Step:
         if provider == "udi_kernels_logits":
             cfg = argparse.Namespace(**{**vars(cfg), "fuse_last_layer": False})
         self.provider, self.cfg, self.B, self.device = provider, cfg, B, device
-        self.student, self.teacher = build_model(cfg).to(device), build_model(cfg).to(device)
-        self.teacher.requires_grad_(False)
+        self.step = UDIStep(cfg, device)
+        self.student, self.teacher = self.step.student, self.step.teacher
         params = self.student.backbone.parameters() if provider == "backbone" else self.student.parameters()
         self.optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
-        self.loss = build_loss(cfg).to(device)
         self.centers = torch.zeros(3, cfg.out_dim, device=device)
         self.dtype = torch.bfloat16 if device.type == "cuda" else None
-        self.global_crops, self.local_crops, self.boxes = make_batch(cfg, B, device)
+        self.views, self.boxes = make_batch(cfg, B, device)
+        self.global_crops, self.local_crops = stack_crops(self.views)
         if provider == "reference_structure":
             self.dense_maps = self._dense_maps()
 
@@ -116,17 +118,11 @@ class Step:
         timer.mark()
         self.optimizer.step()
         if self.provider != "backbone":
-            ema_update(self.teacher, self.student, 0.996)
+            self.step.update_teacher(0.996)
         timer.mark()
 
     def udi_kernels(self, timer):
-        pairs = sample_pairs(self.boxes, self.cfg, 1234)
-        targets = self.teacher.teacher_targets(self.global_crops, teacher_taps(pairs))
-        timer.mark()
-        outputs = self.student(self.global_crops, self.local_crops, student_taps(pairs))
-        timer.mark()
-        (outputs, weight), (targets, teacher_weight) = split_last_layer(outputs), split_last_layer(targets)
-        loss, _ = self.loss(outputs, targets, 0, weight=weight, teacher_weight=teacher_weight)
+        loss, _ = self.step(self.views, self.boxes, 0, 1234, on_phase=timer.mark)
         timer.mark()
         return loss
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from udi.data import LABELLED_DATA, LabelledImages, class_names, labelled_images
-from udi.folders import labelled_dataset
+from udi.data.folders import labelled_dataset
 from udi.digits import TRAIN_DIGITS, generate_digits
 from udi.eval_dense import accuracy_and_miou, dense_probe
 from udi.scenes import NUM_CLASSES, generate_scenes, patch_labels, render_scene

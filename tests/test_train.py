@@ -15,9 +15,10 @@ from udi import eval_linear, utils
 from udi.data import Crop, MultiCropAugmentation, crop_box
 from udi.eval_knn import knn_classify
 from udi.model import DINOHead, UDIModel, ViTBackbone, build_model, split_last_layer
-from udi.train import parse_args, sample_pairs, train_udi
+from udi.step import sample_pairs, udi_teacher_targets
+from udi.train import parse_args, train_udi
 from udi_kernels import PairTaps
-from udi_kernels.layout import UDITeacher, student_taps, teacher_taps
+from udi_kernels.layout import UDITeacher, student_taps
 from udi_kernels.losses import UDILoss, cls_plus_targets, teacher_entropies
 from udi_kernels.ops.distill_cross_entropy import DistillCrossEntropyResult
 
@@ -84,7 +85,7 @@ def test_multicrop_views_boxes_and_crop_rules():
 
 def test_blur_sigma_scales_with_the_global_crop_size(monkeypatch):
     """DINO's blur sigmas (0.1-2 px) belong to 224-px crops: a 32-px demo crop gets them times 32/224."""
-    import udi.data as data
+    from udi.data import augmentation as data
     sigmas = []
     blur = data.separable_gaussian_blur
     monkeypatch.setattr(data, "separable_gaussian_blur", lambda image, kernel, sigma: sigmas.append(sigma) or
@@ -100,7 +101,7 @@ def test_blur_sigma_scales_with_the_global_crop_size(monkeypatch):
 
 
 def test_hue_shift_skipped_on_grey_views_changes_no_bit(monkeypatch):
-    from udi import data
+    from udi.data import augmentation as data
     grey = (1.2 * torch.rand(1, 24, 24) - 0.1).expand(3, -1, -1).contiguous()  # a resize may leave [0, 1]
     colour = torch.rand(3, 24, 24)
     assert not data.is_grey(colour) and data.is_grey(grey)
@@ -111,7 +112,7 @@ def test_hue_shift_skipped_on_grey_views_changes_no_bit(monkeypatch):
 
 
 def test_separable_blur_equals_torchvision():
-    from udi import data
+    from udi.data import augmentation as data
     gen = torch.Generator().manual_seed(0)
     for size, sigma in ((32, 0.02), (32, 0.29), (16, 0.2), (7, 1.5), (60, 2.0)):
         image = torch.rand(3, size, size + 3, generator=gen)
@@ -124,7 +125,7 @@ def test_separable_blur_equals_torchvision():
 
 
 def test_resized_crop_equals_torchvision_bit_for_bit():
-    from udi import data
+    from udi.data import augmentation as data
     image = torch.rand(3, 40, 36)
     for crop, size in ((data.Crop(3, 5, 20, 22), 32), (data.Crop(0, 0, 40, 36), 16), (data.Crop(10, 2, 3, 4), 16)):
         assert torch.equal(data.resized_crop(image, crop, size),
@@ -175,14 +176,14 @@ def test_clip_gradients_scales_each_parameter_by_its_own_norm():
 
 
 def test_views_depend_only_on_seed_epoch_index():
-    from udi.data import pretraining_dataset
+    from udi.data import EpochIndex, pretraining_dataset
     dataset = pretraining_dataset(None, MultiCropAugmentation(local_crops_number=2, global_size=32, local_size=16),
                                   seed=3, embedded_length=4)
-    first, again = dataset[2], dataset[2]
-    dataset.set_epoch(1)
-    other_epoch = dataset[2]
+    first, again, other_epoch = dataset[EpochIndex(0, 2)], dataset[EpochIndex(0, 2)], dataset[EpochIndex(1, 2)]
     assert torch.equal(first[1], again[1]) and torch.equal(first[0][0], again[0][0])
     assert not torch.equal(first[1], other_epoch[1])
+    with pytest.raises(TypeError, match="EpochIndex"):
+        dataset[2]
 
 
 # ---- model ---------------------------------------------------------------------------------------------
@@ -223,7 +224,7 @@ def test_teacher_targets_match_a_per_pair_computation():
     crops = torch.randn(2 * B, 3, 32, 32, dtype=torch.float64)
     calls = []
     model.backbone.register_forward_hook(lambda *a: calls.append(1))
-    targets = model.teacher_targets(crops, teacher_taps(pairs), alpha)
+    targets = udi_teacher_targets(model, crops, pairs, alpha)
     assert len(calls) == 1, "the teacher runs its backbone once per step"
     out = model.backbone(crops)
     patch, cls = out.patch.unflatten(0, (2, B)), model.head(out.cls).unflatten(0, (2, B))
@@ -262,10 +263,10 @@ def test_teacher_targets_without_local_crops():
     B = 3
     pairs = _pairs(B, L=0)
     crops = torch.randn(2 * B, 3, 32, 32)
-    targets = model.teacher_targets(crops, teacher_taps(pairs))
+    targets = udi_teacher_targets(model, crops, pairs, 0.5)
     assert targets.cls_plus.shape == (2 * B, 64) and targets.patch.shape == (2 * B, 4, 64)
     assert targets.extra_patch_count == 0 and not targets.extra_patch_sum.any()
-    with_locals = model.teacher_targets(crops, teacher_taps(_pairs(B, L=2)))
+    with_locals = udi_teacher_targets(model, crops, _pairs(B, L=2), 0.5)
     torch.testing.assert_close(targets.cls_plus, with_locals.cls_plus[:2 * B])
     torch.testing.assert_close(targets.patch, with_locals.patch)
     student = model(crops, None, student_taps(pairs))
@@ -330,12 +331,28 @@ def test_head_batchnorm_has_the_reference_layout_and_normalises_over_each_call()
     torch.testing.assert_close(plain(rows[0]), plain(rows[:1])[0])
 
 
+def test_alpha_reaches_the_loss_and_the_targets(tmp_path):
+    """--alpha is the loss's alpha and blends the step's cls+ targets: the same networks and batch give the same cls
+    and patch terms and another cls+ term."""
+    from test_train_fused import one_batch
+    from udi.step import build_step
+    parts = {}
+    for alpha in (0.0, 1.0):
+        utils.fix_random_seeds(0)
+        step = build_step(tiny_args(tmp_path, "--alpha", str(alpha)))
+        assert step.loss.alpha == alpha
+        (views, boxes), = one_batch(torch.float32)
+        parts[alpha] = step(views, boxes, epoch=0, seed=1)[1]
+    assert parts[0.0]["cls"] == parts[1.0]["cls"] and parts[0.0]["patch"] == parts[1.0]["patch"]
+    assert abs(parts[0.0]["cls_plus"] - parts[1.0]["cls_plus"]) > 1e-3
+
+
 def test_teacher_with_head_batchnorm_is_deterministic_and_uses_its_batch(tmp_path):
     args = tiny_args(tmp_path, "--use_bn_in_head", "true")
     teacher = build_model(args, teacher=True)
     images = torch.randn(6, 3, 32, 32)
-    taps = teacher_taps(_pairs(B=3, L=2))
-    first, second = (split_last_layer(teacher.teacher_targets(images, taps))[0] for _ in range(2))
+    pairs = _pairs(B=3, L=2)
+    first, second = (split_last_layer(udi_teacher_targets(teacher, images, pairs, 0.5))[0] for _ in range(2))
     assert torch.equal(first.cls, second.cls) and torch.equal(first.patch, second.patch)
     assert teacher.training and teacher.head.mlp[1].training  # batch statistics, as DINO's teacher
 
@@ -455,7 +472,7 @@ class TwoRankPatchLoss(UDILoss):
 def test_two_process_ddp_equals_one_process(tmp_path, monkeypatch):
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     with monkeypatch.context() as patched:
-        patched.setattr("udi.train.UDILoss", TwoRankPatchLoss)
+        patched.setattr("udi.step.UDILoss", TwoRankPatchLoss)
         train_udi(tiny_args(single, *NO_HEAD_BATCHNORM, "--batch_size_per_gpu", "4", "--epochs", "1"))
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(ddp)), nprocs=2, join=True)
     one, two = (torch.load(d / "checkpoint.pth", weights_only=False) for d in (single, ddp))

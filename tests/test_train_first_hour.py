@@ -16,6 +16,7 @@ from udi import checkpoint as checkpoint_module
 from udi import eval_knn, eval_linear, train
 from udi.cli import parse_args
 from udi.errors import RunError
+from udi.evaluation import load_backbone
 from udi.train import train_udi
 
 
@@ -219,7 +220,7 @@ def test_bytes_changed_inside_a_checkpoint_are_refused(tmp_path):
     with pytest.raises(RunError, match=f"{path} (is corrupted: the checksum|holds non-finite|cannot load)"):
         train_udi(tiny_args(tmp_path, "--epochs", "2"))
     with pytest.raises(RunError, match="is corrupted"):
-        eval_knn.load_backbone(str(path))
+        load_backbone(str(path))
 
 
 def test_non_finite_weights_are_refused_even_with_a_matching_checksum(tmp_path):

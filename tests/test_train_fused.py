@@ -10,26 +10,24 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from test_train import read_log, tiny_args
 from udi import utils
 from udi.model import build_model
-from udi.train import TrainingRun, build_loss, train_one_epoch, train_udi
+from udi.step import build_step
+from udi.train import TrainingRun, train_one_epoch, train_udi
 
 B, L = 4, 2  # images and local crops of the step's batch (tiny_args' crop sizes)
 
 
 def make_run(args, dtype=torch.float64) -> TrainingRun:
-    """A single-process TrainingRun as train_udi builds it (student, teacher = student, loss, fused AdamW, constant
-    schedules), its networks and centers in `dtype`, without autocast."""
+    """A single-process TrainingRun as train_udi builds it (the objective's step: student, teacher = student, loss;
+    fused AdamW, constant schedules), its networks and centers in `dtype`, without autocast."""
     utils.fix_random_seeds(args.seed)
-    student = build_model(args).to(dtype)
-    teacher = build_model(args, teacher=True).to(dtype)
-    teacher.load_state_dict(student.state_dict())
-    for p in teacher.parameters():
-        p.requires_grad = False
-    loss_module = build_loss(args).to(dtype)
-    optimizer = torch.optim.AdamW(utils.param_groups(student), fused=True)
+    step = build_step(args)
+    for module in step.checkpoint_entries().values():
+        module.to(dtype)
+    optimizer = torch.optim.AdamW(utils.param_groups(step.student), fused=True)
     steps = 4
     schedules = dict(lr=[1e-3] * steps, wd=[0.04] * steps, momentum=[0.99] * steps)
-    return TrainingRun(args, student, teacher, loss_module, optimizer, torch.amp.GradScaler("cpu", enabled=False),
-                       schedules, torch.device("cpu"), None, 0, 1)
+    return TrainingRun(args, step, optimizer, torch.amp.GradScaler("cpu", enabled=False), schedules,
+                       torch.device("cpu"), None, 0, 1)
 
 
 def one_batch(dtype=torch.float64, seed=0):
@@ -48,7 +46,7 @@ def step_with_gradients(run: TrainingRun, epoch: int = 1):
     grads, step = {}, run.optimizer.step
 
     def recording_step(*args, **kwargs):
-        grads.update({name: p.grad.clone() for name, p in run.student.named_parameters() if p.grad is not None})
+        grads.update({name: p.grad.clone() for name, p in run.step.student.named_parameters() if p.grad is not None})
         return step(*args, **kwargs)
     run.optimizer.step = recording_step
     return train_one_epoch(run, one_batch(), epoch), grads
@@ -70,7 +68,7 @@ def test_a_fused_training_step_equals_the_logits_path(tmp_path, objective, norm_
     assert fused_stats.keys() == logit_stats.keys() and {"loss", "teacher_entropy"} <= fused_stats.keys()
     for key, value in logit_stats.items():
         assert fused_stats[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
-    names = [name for name, p in runs["false"].student.named_parameters() if p.requires_grad]
+    names = [name for name, p in runs["false"].step.student.named_parameters() if p.requires_grad]
     assert sorted(fused_grads) == sorted(logit_grads) == sorted(names)
     assert ("head.last_layer.weight_g" in names) == (norm_last_layer == "false")
     for name, grad in logit_grads.items():
@@ -78,9 +76,9 @@ def test_a_fused_training_step_equals_the_logits_path(tmp_path, objective, norm_
         torch.testing.assert_close(fused_grads[name], grad, rtol=1e-9, atol=1e-12, msg=name)
     noise = {name for name, grad in logit_grads.items() if grad.abs().max() < 1e-9}
     fused, logits = runs["true"], runs["false"]
-    for module in ("student", "teacher", "loss_module"):
-        for (name, a), (_, b) in zip(getattr(fused, module).state_dict().items(),
-                                     getattr(logits, module).state_dict().items()):
+    for module, fused_module in fused.step.checkpoint_entries().items():
+        for (name, a), (_, b) in zip(fused_module.state_dict().items(),
+                                     logits.step.checkpoint_entries()[module].state_dict().items()):
             if name not in noise:
                 torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=f"{module}.{name}")
 
@@ -107,11 +105,11 @@ def test_freeze_last_layer_cancels_the_fused_last_layer_gradients(tmp_path):
     """--freeze_last_layer 2, epoch 1: weight_g and weight_v get their gradients through the effective weight and
     lose them before the optimizer, as on the logits path; every other parameter keeps its gradient."""
     run = make_run(tiny_args(tmp_path, "--out_dim", "211", "--freeze_last_layer", "2"))
-    before = {name: p.detach().clone() for name, p in run.student.named_parameters()}
+    before = {name: p.detach().clone() for name, p in run.step.student.named_parameters()}
     _, grads = step_with_gradients(run, epoch=1)
-    names = {name for name, p in run.student.named_parameters() if p.requires_grad}
+    names = {name for name, p in run.step.student.named_parameters() if p.requires_grad}
     assert set(grads) == {name for name in names if "last_layer" not in name}
-    for name, p in run.student.named_parameters():
+    for name, p in run.step.student.named_parameters():
         assert torch.equal(p, before[name]) == ("last_layer" in name), name
 
 

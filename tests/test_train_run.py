@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from test_train import read_log, tiny_args
-from udi import eval_knn, utils
+from udi import eval_knn, evaluation, utils
 from udi.checkpoint import load_states
 from udi.model import build_model
-from udi.train import COLLAPSE_FRACTION, PRESETS, get_args_parser, parse_args, seen_boxes, train_udi
-from udi.train import collapse_warning as warning_for
+from udi.step import COLLAPSE_FRACTION, seen_boxes
+from udi.step import collapse_warning as warning_for
+from udi.train import PRESETS, get_args_parser, parse_args, train_udi
 
 # ---- crop and patch sizes --------------------------------------------------------------------------------
 
@@ -269,7 +270,7 @@ def test_an_unreadable_checkpoint_is_named(tmp_path, content):
     with pytest.raises(RuntimeError, match=re.escape(f"cannot load the checkpoint {tmp_path / 'checkpoint.pth'}")):
         train_udi(tiny_args(tmp_path))
     with pytest.raises(RuntimeError, match="cannot load the checkpoint"):
-        eval_knn.load_backbone(str(tmp_path / "checkpoint.pth"))
+        evaluation.load_backbone(str(tmp_path / "checkpoint.pth"))
 
 
 @pytest.mark.parametrize("content", [{"teacher": {}}, {"args": {}}, [1, 2]])
@@ -277,7 +278,7 @@ def test_a_file_that_is_not_a_udi_checkpoint_is_named(tmp_path, content):
     path = tmp_path / "other.pth"
     torch.save(content, path)
     with pytest.raises(RuntimeError, match=re.escape(f"{path} is not a udi.train checkpoint: it lacks")):
-        eval_knn.load_backbone(str(path))
+        evaluation.load_backbone(str(path))
 
 
 def test_resuming_a_checkpoint_of_other_settings_names_the_file(tmp_path):

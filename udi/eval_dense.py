@@ -9,7 +9,11 @@ standardised with the train split's statistics; the classifier is eval_linear's 
 import torch
 from torch import Tensor
 
+from .data import class_names
 from .eval_linear import top1_predictions, train_linear
+from .evaluation import checkpoint_parser, embedded_checkpoint, embedded_splits, print_metrics, run_main
+
+DENSE_TRAIN_IMAGES = 1024  # at most this many train images for the dense probe (64 patches each at an 8 x 8 grid)
 
 
 def confusion_matrix(predicted: Tensor, target: Tensor, num_classes: int) -> Tensor:
@@ -39,15 +43,21 @@ def dense_probe(train_tokens: Tensor, train_labels: Tensor, test_tokens: Tensor,
     return accuracy_and_miou(top1_predictions(classifier, (test - mean) / std), test_labels.flatten(), num_classes)
 
 
+def dense_metrics(train: dict, test: dict, data: str) -> dict:
+    """dense_accuracy and dense_miou (%) of dense_probe on udi.evaluation.embedded_features of the embedded
+    labelled data `data` (fit on DENSE_TRAIN_IMAGES train images at most), background + its classes."""
+    probe = dense_probe(train["patch"][:DENSE_TRAIN_IMAGES], train["patch_labels"][:DENSE_TRAIN_IMAGES],
+                        test["patch"], test["patch_labels"], 1 + len(class_names(data)))
+    return dict(dense_accuracy=probe["accuracy"], dense_miou=probe["miou"])
+
+
 def main(argv=None):
-    from .eval_embedded import evaluate_checkpoint, print_metrics
-    from .eval_knn import checkpoint_parser
     args = checkpoint_parser("UDI dense linear probe on embedded labelled data", data_path=False).parse_args(argv)
-    metrics = evaluate_checkpoint(args, image_level=False)
+    backbone, image_size, device, data = embedded_checkpoint(args)
+    metrics = dense_metrics(*embedded_splits(backbone, image_size, device, data), data)
     print_metrics(metrics)
     return metrics
 
 
 if __name__ == "__main__":
-    from .eval_knn import run_main
     run_main(main)

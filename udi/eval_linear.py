@@ -1,5 +1,5 @@
 """Linear probe on frozen cls / cls+ features: `python -m udi.eval_linear --pretrained_weights out/checkpoint.pth
-[--data_path /imagenet]` (ImageFolder with train/ and val/; default: embedded labelled data, udi.eval_knn).
+[--data_path /imagenet]` (ImageFolder with train/ and val/; default: embedded labelled data, udi.evaluation).
 
 Features are extracted once (centre crops, no augmentation) and standardised with the train split's statistics;
 one linear classifier per feature set (cls, cls+, and both concatenated) is trained with AdamW and a cosine
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .eval_knn import checkpoint_features, checkpoint_parser, run_main
+from .evaluation import TOKEN_NAMES, checkpoint_features, checkpoint_parser, run_main
 
 
 def train_linear(features: Tensor, labels: Tensor, epochs=100, lr=1e-2, weight_decay=1e-4, batch_size=256,
@@ -52,11 +52,13 @@ def linear_probe(train_features: Tensor, train_labels: Tensor, test_features: Te
     return top1(classifier, (test_features - mean) / std, test_labels)
 
 
-def feature_sets(cls: Tensor, cls_plus) -> dict:
-    """cls, cls+ and both concatenated; cls alone when cls_plus is None (one class token)."""
-    if cls_plus is None:
-        return {"cls": cls}
-    return {"cls": cls, "cls+": cls_plus, "cls ‖ cls+": torch.cat([cls, cls_plus], 1)}
+def feature_sets(features: dict) -> dict:
+    """Features by class token ({"cls": [N, C], "cls_plus": [N, C]}) -> the sets a probe is fit on, by their
+    printed names: each token's, and with several tokens all of them concatenated ("cls ‖ cls+")."""
+    sets = {TOKEN_NAMES[name]: value for name, value in features.items()}
+    if len(sets) > 1:
+        sets[" ‖ ".join(sets)] = torch.cat(list(sets.values()), 1)
+    return sets
 
 
 def linear_main(argv=None):
@@ -67,10 +69,10 @@ def linear_main(argv=None):
     p.add_argument("--batch_size", default=256, type=int, help="mini-batch size")
     args = p.parse_args(argv)
     train, test, _ = checkpoint_features(args)
-    train_sets, test_sets = feature_sets(*train[:2]), feature_sets(*test[:2])
+    train_sets, test_sets = feature_sets(train[0]), feature_sets(test[0])
     results = {}
     for name in train_sets:
-        results[name] = linear_probe(train_sets[name], train[2], test_sets[name], test[2], epochs=args.epochs,
+        results[name] = linear_probe(train_sets[name], train[1], test_sets[name], test[1], epochs=args.epochs,
                                      lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size)
         print(f"linear top-1 ({name}): {results[name]:.2f} %")
     return results

@@ -40,7 +40,8 @@ def knn_line(name: str, result: dict) -> str:
 
 
 def embedded_report(args, backbones: dict, device) -> dict:
-    from .eval_embedded import evaluate, print_metrics
+    from .eval_embedded import evaluate
+    from .evaluation import print_metrics
     from .visualize import held_out_images, save_attention_maps
     data = args.embedded_data
     train_count, held_out = LABELLED_DATA[data]

@@ -10,10 +10,10 @@ and columns are not seen. For other grids the patch part of `pos_embed` is resam
 
 Rows, taps and outputs follow udi_kernels.layout (its docstring walks a crop from the data loader to the loss rows):
 crop-major batches as in DINO (row `crop * B + b`); the student takes StudentTaps and returns UDIStudent, the teacher
-takes TeacherTaps and returns UDITargets (formed by udi_kernels.losses.cls_plus_targets in the bottleneck), so
-UDILoss takes them as they are.
+takes TeacherTaps and returns a UDITeacher of bottleneck rows, from which the training step (udi.step) forms the
+loss's targets. The network knows no loss.
 
-With `fuse_last_layer` (udi.train's default) the networks stop before the head's last layer and hand the loss its
+With `fuse_last_layer` (udi.train's default) the student stops before the head's last layer and hands the loss its
 input rows with its effective weight (LastLayerInput), the losses' `weight=` / `teacher_weight=`: the loss forms the
 logits K-chunk by K-chunk (udi_kernels.linear_distill_cross_entropy, UDI_SPEC §10) and no [rows, K] tensor exists.
 The parameters and the state-dict keys are the same either way.
@@ -27,9 +27,7 @@ import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed, trunc_normal_
 from torch import Tensor, nn
 
-from udi_kernels.layout import (StudentTaps, TeacherTaps, UDIStudent, UDITargets, UDITeacher, split_teacher_samples,
-                                teacher_rows_by_pair)
-from udi_kernels.losses import cls_plus_targets
+from udi_kernels.layout import StudentTaps, TeacherTaps, UDIStudent, UDITeacher, split_teacher_samples, teacher_rows_by_pair
 from udi_kernels.nn import SRSAttention
 
 DINO_ARCHS = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224",
@@ -41,6 +39,10 @@ class BackboneOutput(NamedTuple):
     cls: Tensor                 # [B, C] after the final norm
     cls_plus: Optional[Tensor]  # [B, C] after the final norm; None for a backbone with one class token (DINO)
     patch: Tensor               # [B, N, C] last block's output, before the final norm
+
+    def class_tokens(self) -> dict:
+        """The class tokens the backbone has, by name: {"cls": [B, C], "cls_plus": [B, C]}, cls alone with one."""
+        return {name: token for name, token in (("cls", self.cls), ("cls_plus", self.cls_plus)) if token is not None}
 
 
 def reference_pos_embed_interpolation(patch_pos_embed: Tensor, rows: int, cols: int) -> Tensor:
@@ -193,9 +195,10 @@ def split_last_layer(output):
 
 
 class UDIModel(nn.Module):
-    """Backbone + SRS attention (`srs`) + the shared DINO head. `forward` is the student's whole computation.
-    fuse_last_layer: forward and teacher_targets return LastLayerInput (bottleneck rows and the last layer's
-    weight) instead of logits."""
+    """Backbone (two class tokens) + SRS attention (`srs`) + the shared DINO head. `forward` is the student's whole
+    computation, `teacher_bottleneck` the teacher's. fuse_last_layer: forward returns LastLayerInput (bottleneck rows
+    and the last layer's weight) instead of logits."""
+    class_tokens = 2
 
     def __init__(self, backbone: ViTBackbone, head: DINOHead, fuse_last_layer: bool = False):
         super().__init__()
@@ -217,17 +220,14 @@ class UDIModel(nn.Module):
         return self._hand_over(UDIStudent(cls, cls_plus, patch.unflatten(0, samples.shape[:2])))
 
     @torch.no_grad()
-    def teacher_targets(self, global_crops: Tensor, taps: TeacherTaps, alpha: float = 0.5):
-        """global_crops [2B, 3, Hg, Wg], taps: layout.teacher_taps of the batch's SampledPairs -> UDITargets. One
-        backbone pass over the global crops, one SRS pass per crop for all its sample sets; the targets are formed
-        in the head's bottleneck (UDI_SPEC §6) and projected by the last layer (cls_plus_targets with last_layer), or
-        with fuse_last_layer handed over in the bottleneck: LastLayerInput(UDITargets of [.., D] rows, weight)."""
+    def teacher_bottleneck(self, global_crops: Tensor, taps: TeacherTaps) -> UDITeacher:
+        """global_crops [2B, 3, Hg, Wg], taps: layout.teacher_taps of the batch's SampledPairs -> UDITeacher of the
+        head's bottleneck rows [.., D] (cls, and the samples by crop pair), where UDI's targets are formed (UDI_SPEC
+        §6) before the last layer (`head.last_layer`) takes them to K. One backbone pass over the global crops, one
+        SRS pass per crop for all its sample sets."""
         out = self.backbone(global_crops)
         z = self.head.bottleneck(self.srs(teacher_rows_by_pair(out.patch), taps.index, taps.weight))
-        bottleneck = UDITeacher(self.head.bottleneck(out.cls), *split_teacher_samples(z, taps))
-        if self.fuse_last_layer:
-            return self._hand_over(cls_plus_targets(bottleneck, alpha))
-        return cls_plus_targets(bottleneck, alpha, last_layer=self.head.last_layer)
+        return UDITeacher(self.head.bottleneck(out.cls), *split_teacher_samples(z, taps))
 
     def _hand_over(self, rows):
         return LastLayerInput(rows, self.head.last_layer.weight) if self.fuse_last_layer else rows
@@ -235,7 +235,8 @@ class UDIModel(nn.Module):
 
 class DINOModel(nn.Module):
     """DINO's network on the same backbone, with one class token: backbone + DINO head on cls (no SRS head).
-    fuse_last_layer: as UDIModel's."""
+    fuse_last_layer: forward and teacher_targets return LastLayerInput instead of logits."""
+    class_tokens = 1
 
     def __init__(self, backbone: ViTBackbone, head: DINOHead, fuse_last_layer: bool = False):
         super().__init__()
@@ -260,18 +261,21 @@ class DINOModel(nn.Module):
         return self.head(cls)
 
 
+NETWORKS = {"udi": UDIModel, "dino": DINOModel}  # the network each --objective trains
+
+
 def build_model(args, teacher: bool = False):
-    """The student (stochastic depth at --drop_path_rate) or, with teacher=True, the teacher: no stochastic layer,
-    so its targets are a deterministic function of the input (as in DINO, iBOT and the reference).
-    `args.objective` "udi" (the default) -> UDIModel, "dino" -> DINOModel; `args.fuse_last_layer` (default True,
-    udi.train's) -> the networks' fuse_last_layer."""
-    dino = getattr(args, "objective", "udi") == "dino"
+    """The network of `args.objective` (NETWORKS; default "udi"), as udi.train's flags describe it: the student
+    (stochastic depth at --drop_path_rate) or, with teacher=True, the teacher: no stochastic layer, so its targets
+    are a deterministic function of the input (as in DINO, iBOT and the reference). `args.fuse_last_layer` (default
+    True, udi.train's) -> the network's fuse_last_layer."""
+    network = NETWORKS[getattr(args, "objective", "udi")]
     backbone = ViTBackbone(args.arch, args.patch_size, args.global_crop_size, 0.0 if teacher else args.drop_path_rate,
-                           args.pos_embed_resampling, class_tokens=1 if dino else 2, embed_dim=args.embed_dim,
+                           args.pos_embed_resampling, class_tokens=network.class_tokens, embed_dim=args.embed_dim,
                            depth=args.depth, num_heads=args.num_heads)
     head = DINOHead(backbone.embed_dim, args.out_dim, args.norm_last_layer, args.head_hidden_dim,
                     args.head_bottleneck_dim, use_bn=getattr(args, "use_bn_in_head", False))
-    return (DINOModel if dino else UDIModel)(backbone, head, getattr(args, "fuse_last_layer", True))
+    return network(backbone, head, getattr(args, "fuse_last_layer", True))
 
 
 # ---- the reference's checkpoints --------------------------------------------------------------------------

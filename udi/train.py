@@ -1,7 +1,9 @@
 """UDI pre-training: `python -m udi.train` (demo preset on embedded data) or `torchrun ... -m udi.train --preset
-reference --data_path /imagenet/train ...`. Reads like DINO's main_dino.py: train_udi, train_one_epoch; the flags
-and their checks are udi.cli's, the checks of the output folder and the data before a run starts udi.run_setup's,
-the checkpoint file udi.checkpoint's, the final evaluation udi.final_report's."""
+reference --data_path /imagenet/train ...`. Reads like DINO's main_dino.py: train_udi, train_one_epoch, with the
+schedules, the optimizer and the logging; what a step computes (networks, loss, sampling, EMA, diagnostics) is the
+objective's step, udi.step's; the flags and their checks are udi.cli's, the checks of the output folder and the
+data before a run starts udi.run_setup's, the checkpoint file udi.checkpoint's, the final evaluation
+udi.final_report's."""
 import argparse
 import dataclasses
 import math
@@ -12,12 +14,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
 from tqdm import tqdm
-
-from udi_kernels import SampledPairs, stratified_sample
-from udi_kernels.layout import stack_crops, student_taps, teacher_taps
-from udi_kernels.losses import DINOLoss, UDILoss
 
 from . import run_setup, utils
 from .checkpoint import load_states, write_checkpoint
@@ -25,59 +22,14 @@ from .cli import PRESETS, changed_args, get_args_parser, parse_args  # noqa: F40
 from .data import MultiCropAugmentation, ShardedBatchSampler, collate_multicrop, pretraining_dataset
 from .errors import RunError, one_line
 from .final_report import final_report
-from .model import build_model, split_last_layer
+from .step import TrainingStep, build_step, step_class
+
 
 def precision_dtype(args, device) -> Optional[torch.dtype]:
     """The autocast dtype that --precision asks for on `device` (None: float32, no autocast)."""
     if args.precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.precision]
-
-
-def seen_boxes(boxes: Tensor, args) -> Tensor:
-    """boxes [B, 2 + L, 4] -> the boxes of the pixels the patch grid sees. A crop side that is not a multiple of the
-    patch size is floored (udi.model): the grid covers the first `grid * patch` of `size` pixels, so the box keeps
-    its start (the view's top-left, flips included) and its extent shrinks by (grid * patch - 1) / (size - 1).
-    Crops without remainder keep their boxes bit for bit."""
-    sizes = [args.global_crop_size] * 2 + [args.local_crop_size] * (boxes.shape[1] - 2)
-    p = args.patch_size
-    factors = [1.0 if size % p == 0 else (size // p * p - 1) / (size - 1) for size in sizes]
-    if all(f == 1.0 for f in factors):
-        return boxes
-    factor = torch.tensor(factors, dtype=boxes.dtype, device=boxes.device)[:, None]
-    start, end = boxes[..., :2], boxes[..., 2:]
-    return torch.cat([start, torch.where(factor == 1, end, start + (end - start) * factor)], -1)
-
-
-def sample_pairs(boxes, args, seed, rank=0) -> SampledPairs:
-    """This rank's rows of the global batch's draw (every rank holds the same number of images): image b of
-    rank r draws as global image r * B + b, so DDP samples as one process would, without gathering boxes."""
-    return stratified_sample(seen_boxes(boxes, args), global_grid=args.global_crop_size // args.patch_size,
-                             global_window=args.global_window,
-                             local_grid=args.local_crop_size // args.patch_size, local_window=args.local_window,
-                             target_grid=args.global_crop_size // args.patch_size, seed=seed,
-                             image_offset=rank * boxes.shape[0])
-
-
-class DINOObjective(DINOLoss):
-    """DINOLoss returning (loss, parts) like UDILoss, parts = {"cls": the loss}."""
-
-    def forward(self, student_output, teacher_output, epoch, **last_layers):
-        loss = super().forward(student_output, teacher_output, epoch, **last_layers)
-        return loss, {"cls": loss.detach()}
-
-
-def build_loss(args):
-    """UDILoss (UDI_SPEC §5) or, with --objective dino, DINO's cls loss; their centers update inside forward,
-    after the loss, from the step's teacher rows."""
-    loss = DINOObjective if args.objective == "dino" else UDILoss
-    return loss(args.out_dim, 2 + args.local_crops_number, args.warmup_teacher_temp, args.teacher_temp,
-                args.warmup_teacher_temp_epochs, args.epochs)
-
-
-def loss_state_key(args) -> str:
-    """The checkpoint entry of the loss's state (its centers): "udi_loss" or "dino_loss"."""
-    return f"{args.objective}_loss"
 
 
 def build_data(args, rank, world_size, device):
@@ -94,18 +46,6 @@ def build_data(args, rank, world_size, device):
     return dataset, sampler, loader
 
 
-def build_networks(args, device, world_size):
-    """Student and teacher (the teacher a frozen copy), and the student as the steps call it (DDP-wrapped)."""
-    student, teacher = build_model(args).to(device), build_model(args, teacher=True).to(device)
-    teacher.load_state_dict(student.state_dict())
-    for p in teacher.parameters():
-        p.requires_grad = False
-    if world_size > 1 and device.type == "cuda" and args.use_bn_in_head:  # as DINO: one batch across the GPUs
-        student, teacher = map(torch.nn.SyncBatchNorm.convert_sync_batchnorm, (student, teacher))
-    student_ddp = torch.nn.parallel.DistributedDataParallel(student) if world_size > 1 else student
-    return student, teacher, student_ddp
-
-
 def build_schedules(args, iters, world_size) -> dict:
     """Per-iteration lr (linear scaling with the total batch, warm-up, cosine), weight decay and momentum."""
     return dict(
@@ -115,12 +55,11 @@ def build_schedules(args, iters, world_size) -> dict:
         momentum=utils.cosine_scheduler(args.momentum_teacher, 1.0, args.epochs, iters))
 
 
-def restore(resume, run, rank, student, teacher) -> list:
+def restore(resume, run) -> list:
     """Load a checked checkpoint (run_setup.open_output) into the run; returns its log records."""
-    load_states(resume.checkpoint, resume.path, student=student, teacher=teacher, optimizer=run.optimizer,
-                scaler=run.scaler, **{loss_state_key(run.args): run.loss_module},
-                rng=lambda states: utils.set_rng_state(states[rank]))
-    for group in run.optimizer.param_groups:  # checkpoints of the non-fused AdamW (before 2026-11-30) say None
+    load_states(resume.checkpoint, resume.path, **run.step.checkpoint_entries(), optimizer=run.optimizer,
+                scaler=run.scaler, rng=lambda states: utils.set_rng_state(states[run.rank]))
+    for group in run.optimizer.param_groups:  # a checkpoint of a non-fused AdamW says fused=None
         group["fused"] = True
     return list(resume.checkpoint["log"])
 
@@ -132,25 +71,23 @@ def train_udi(args, stop_after_epoch=None, argv=None):
     rank, world_size, device = utils.init_distributed()
     utils.fix_random_seeds(args.seed)
     defaults = vars(get_args_parser(args.preset).parse_args([]))
-    resume = run_setup.open_output(args, loss_state_key(args), world_size, defaults)
+    resume = run_setup.open_output(args, step_class(args).loss_state_key, world_size, defaults)
     dataset, sampler, loader = build_data(args, rank, world_size, device)
-    student, teacher, student_ddp = build_networks(args, device, world_size)
+    step = build_step(args, device, world_size)
     dtype = precision_dtype(args, device)
-    optimizer = torch.optim.AdamW(utils.param_groups(student), fused=True)  # one kernel for all parameters
-    run = TrainingRun(args, student_ddp, teacher, build_loss(args).to(device), optimizer,
-                      torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+    optimizer = torch.optim.AdamW(utils.param_groups(step.student), fused=True)  # one kernel for all parameters
+    run = TrainingRun(args, step, optimizer, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
                       build_schedules(args, len(loader), world_size), device, dtype, rank, world_size)
-    log = restore(resume, run, rank, student, teacher) if resume else []
+    log = restore(resume, run) if resume else []
     args_path = run_setup.write_args(args, resume) if utils.is_main_process() else None
     utils.restore_log(args.output_dir, log)
     if utils.is_main_process():
         print(run_summary(args, dataset, len(loader), world_size, device, dtype, resume, args_path), flush=True)
-    train_epochs(run, student, loader, sampler, dataset, log, stop_after_epoch,
-                 sys.argv[1:] if argv is None else argv)
-    return student, teacher
+    train_epochs(run, loader, sampler, log, stop_after_epoch, sys.argv[1:] if argv is None else argv)
+    return step.student, step.teacher
 
 
-def train_epochs(run, student, loader, sampler, dataset, log, stop_after_epoch, argv):
+def train_epochs(run, loader, sampler, log, stop_after_epoch, argv):
     """The epochs from the checkpoint's (len(log)) to --epochs, a checkpoint after each; Ctrl-C or an unreadable
     image stops the run saying which epochs the checkpoint holds and how to resume."""
     args, start_time, start_epoch = run.args, time.time(), len(log)
@@ -158,22 +95,17 @@ def train_epochs(run, student, loader, sampler, dataset, log, stop_after_epoch, 
     checkpoint_path = os.path.join(args.output_dir, "checkpoint.pth")
     try:
         for epoch in range(start_epoch, args.epochs):
-            sampler.set_epoch(epoch)
-            dataset.set_epoch(epoch)
+            sampler.set_epoch(epoch)  # the epoch travels with the sampler's indices to the data set
             epoch_start = time.time()
             stats = train_one_epoch(run, loader, epoch)
             record = {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch}
             log.append(record)
             # checkpoint first, then log.txt: a run killed in between resumes with log.txt rebuilt from the checkpoint
-            save_checkpoint(args, student, run.teacher, run.optimizer, run.loss_module, run.scaler, epoch + 1,
-                            run.world_size, log)
+            save_checkpoint(run, epoch + 1, log)
             saved = epoch + 1
             utils.log_json(args.output_dir, record)
             if utils.is_main_process():
-                print(epoch_line(epoch, args.epochs, stats, time.time() - epoch_start), flush=True)
-                warning = collapse_warning(stats, args.out_dim)
-                if warning:
-                    print(warning, flush=True)
+                print("\n".join(run.step.epoch_lines(epoch, stats, time.time() - epoch_start)), flush=True)
             if stop_after_epoch is not None and epoch >= stop_after_epoch:
                 break
     except (KeyboardInterrupt, RunError) as stop:
@@ -205,44 +137,12 @@ def run_summary(args, dataset, iters, world_size, device, dtype, resume, args_pa
     return "\n".join(lines)
 
 
-def epoch_line(epoch, epochs, stats, seconds) -> str:
-    """The epoch's persistent line: the loss (UDI's with its cls / cls+ / patch terms, or DINO's cls loss), the
-    teacher's entropies, the learning rate, the seconds."""
-    if "cls_plus" in stats:
-        loss = (f"loss {stats['loss']:.4f} = (cls {stats['cls']:.4f} + cls+ {stats['cls_plus']:.4f} + patch "
-                f"{stats['patch']:.4f}) / 3")
-    else:
-        loss = f"loss (DINO, cls) {stats['loss']:.4f}"
-    return (f"epoch [{epoch}/{epochs}] {loss} | teacher entropy {stats['teacher_entropy']:.3f}, batch "
-            f"{stats['teacher_batch_entropy']:.3f} | lr {stats['lr']:.2e} | {seconds:.0f} s")
-
-
-# collapse_warning: an epoch's mean teacher entropy above this fraction of ln K (uniform targets) or its batch
-# entropy below (1 - this fraction) of ln K (the same target for every image)
-COLLAPSE_FRACTION = 0.95
-
-
-def collapse_warning(stats, out_dim):
-    """A warning when the teacher's cls targets collapse (udi_kernels.losses.teacher_entropies), else None."""
-    ln_k = math.log(out_dim)
-    entropy, batch = stats["teacher_entropy"], stats["teacher_batch_entropy"]
-    if entropy >= COLLAPSE_FRACTION * ln_k:
-        return (f"warning: teacher entropy {entropy:.3f} is near ln K = {ln_k:.3f}: uniform targets (collapse); "
-                "a lower --teacher_temp sharpens them")
-    if batch <= (1 - COLLAPSE_FRACTION) * ln_k:
-        return (f"warning: teacher entropy {entropy:.3f} and batch entropy {batch:.3f} are near 0: every image "
-                "gets the same target (collapse to one dimension); a higher --teacher_temp softens them")
-    return None
-
-
 @dataclasses.dataclass
 class TrainingRun:
-    """What every step of a run uses: its arguments, networks (the student possibly DDP-wrapped), loss, optimizer,
+    """What every step of a run uses: its arguments, the objective's step (udi.step: networks, loss), optimizer,
     GradScaler, per-iteration schedules (lr, wd, momentum), device, autocast dtype (None: float32) and process."""
     args: argparse.Namespace
-    student: torch.nn.Module
-    teacher: torch.nn.Module
-    loss_module: torch.nn.Module
+    step: TrainingStep
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     schedules: dict
@@ -254,47 +154,22 @@ class TrainingRun:
 
 def train_one_epoch(run: TrainingRun, loader, epoch: int) -> dict:
     """One epoch over loader; returns the epoch means of the logged scalars (averaged over the processes)."""
-    args, student, teacher, loss_module, optimizer = run.args, run.student, run.teacher, run.loss_module, run.optimizer
-    device, dtype, scaler, schedules = run.device, run.dtype, run.scaler, run.schedules
+    args, device, dtype = run.args, run.device, run.dtype
     totals = {}
     progress = tqdm(loader, desc=f"epoch [{epoch}/{args.epochs}]", disable=not utils.is_main_process(), leave=False)
     for it_in_epoch, (views, boxes) in enumerate(progress):
         it = len(loader) * epoch + it_in_epoch
-        for i, group in enumerate(optimizer.param_groups):
-            group["lr"] = schedules["lr"][it]
-            if i == 0:
-                group["weight_decay"] = schedules["wd"][it]
-
-        global_crops, local_crops = stack_crops([v.to(device, non_blocking=True) for v in views])
-
+        set_schedules(run, it)
+        views = [v.to(device, non_blocking=True) for v in views]
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            if args.objective == "udi":
-                pairs = sample_pairs(boxes.to(device), args, utils.step_seed(args.seed, it), run.rank)
-                targets = teacher.teacher_targets(global_crops, teacher_taps(pairs), args.alpha)
-                outputs = student(global_crops, local_crops, student_taps(pairs))
-            else:
-                targets, outputs = teacher.teacher_targets(global_crops), student(global_crops, local_crops)
-            (outputs, weight), (targets, teacher_weight) = split_last_layer(outputs), split_last_layer(targets)
-            # before the loss, which moves the centers
-            entropies = loss_module.teacher_entropies(targets, epoch, teacher_weight=teacher_weight)
-            loss, parts = loss_module(outputs, targets, epoch, weight=weight, teacher_weight=teacher_weight)
+            loss, scalars = run.step(views, boxes.to(device), epoch, utils.step_seed(args.seed, it), run.rank)
         if not math.isfinite(loss.item()):
             print(f"Loss is {loss.item()}, stopping training", flush=True)
             sys.exit(1)
-
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if args.clip_grad:
-            scaler.unscale_(optimizer)
-            utils.clip_gradients(student, args.clip_grad)
-        utils.cancel_gradients_last_layer(epoch, student, args.freeze_last_layer)
-        scaler.step(optimizer)
-        scaler.update()
-        ema_update(teacher, student, schedules["momentum"][it])
-
-        scalars = {"loss": loss, **parts, **entropies}
+        optimizer_step(run, loss, epoch)
+        run.step.update_teacher(run.schedules["momentum"][it])
         record = dict(zip(scalars, torch.stack([v.detach().float() for v in scalars.values()]).tolist()),
-                      lr=schedules["lr"][it])  # one device sync for all of them
+                      lr=run.schedules["lr"][it])  # one device sync for all of them
         for k, v in record.items():
             totals[k] = totals.get(k, 0.0) + v
         progress.set_postfix(loss=f"{record['loss']:.4f}")
@@ -305,27 +180,42 @@ def train_one_epoch(run: TrainingRun, loader, epoch: int) -> dict:
     return dict(zip(totals, means.tolist()))
 
 
-@torch.no_grad()
-def ema_update(teacher, student, momentum):
-    source = student.module if hasattr(student, "module") else student
-    teacher_params, student_params = list(teacher.parameters()), list(source.parameters())
-    torch._foreach_mul_(teacher_params, momentum)
-    torch._foreach_add_(teacher_params, [p.detach() for p in student_params], alpha=1 - momentum)
+def set_schedules(run: TrainingRun, it: int):
+    """The learning rate of every parameter group and the weight decay of group 0 at iteration `it`."""
+    for i, group in enumerate(run.optimizer.param_groups):
+        group["lr"] = run.schedules["lr"][it]
+        if i == 0:
+            group["weight_decay"] = run.schedules["wd"][it]
 
 
-def save_checkpoint(args, student, teacher, optimizer, loss_module, scaler, epoch, world_size, log):
+def optimizer_step(run: TrainingRun, loss, epoch: int):
+    """Backward through the GradScaler, DINO's per-parameter clipping, the last layer frozen in its first epochs,
+    the optimizer's step."""
+    student, optimizer, scaler = run.step.student, run.optimizer, run.scaler
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if run.args.clip_grad:
+        scaler.unscale_(optimizer)
+        utils.clip_gradients(student, run.args.clip_grad)
+    utils.cancel_gradients_last_layer(epoch, student, run.args.freeze_last_layer)
+    scaler.step(optimizer)
+    scaler.update()
+
+
+def save_checkpoint(run: TrainingRun, epoch: int, log: list):
     """checkpoint.pth (udi.checkpoint: atomic, with its checksum) and every --saveckp_freq epochs
     checkpointNNNN.pth, with the log records of every epoch so far (udi.utils.restore_log)."""
-    rng = [None] * world_size
-    if world_size > 1:
+    args = run.args
+    rng = [None] * run.world_size
+    if run.world_size > 1:
         dist.all_gather_object(rng, utils.rng_state())
     else:
         rng[0] = utils.rng_state()
     if not utils.is_main_process():
         return
-    state = dict(student=student.state_dict(), teacher=teacher.state_dict(), optimizer=optimizer.state_dict(),
-                 epoch=epoch, args=vars(args), scaler=scaler.state_dict(), rng=rng, log=list(log),
-                 **{loss_state_key(args): loss_module.state_dict()})
+    state = dict(student=run.step.student.state_dict(), teacher=run.step.teacher.state_dict(),
+                 optimizer=run.optimizer.state_dict(), epoch=epoch, args=vars(args), scaler=run.scaler.state_dict(),
+                 rng=rng, log=list(log), **{run.step.loss_state_key: run.step.loss.state_dict()})
     write_checkpoint(state, os.path.join(args.output_dir, "checkpoint.pth"))
     if args.saveckp_freq and epoch % args.saveckp_freq == 0:
         write_checkpoint(state, os.path.join(args.output_dir, f"checkpoint{epoch:04}.pth"))

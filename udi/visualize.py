@@ -5,20 +5,18 @@ for a trained network and, beside it, a randomly initialised one (the paper's vi
 Default pictures: held-out images of the embedded labelled data the checkpoint trained on (udi.digits or
 udi.scenes; --embedded_data), shown with their per-pixel classes.
 """
-import argparse
 import os
 
 import matplotlib
 import torch
 
-from .data import IMAGENET_MEAN, IMAGENET_STD, LABELLED_DATA, class_names, eval_transform, labelled_images, normalize
-from .folders import read_image
+from .data import IMAGENET_MEAN, IMAGENET_STD, class_names, eval_transform, labelled_images, normalize
+from .data.folders import read_image
+from .evaluation import TOKEN_NAMES, checkpoint_parser, evaluation_data, load_backbone, run_main
+from .model import build_model
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-
-TOKEN_NAMES = ("cls", "cls+")
-
 
 def attention_grids(backbone, image):
     """image [3, H, W] -> attention of each class token to the patches, [class_tokens, heads, H/p, W/p]."""
@@ -48,7 +46,7 @@ def plot_attention(image, networks: dict, path, pixel_labels=None):
         axes[r, 0].set_title("image" if first.ndim == 3 else "pixel classes", fontsize=8)
         for h in range(heads):
             panel = axes[r, h + 1].imshow(networks[name][token, h], cmap="inferno", interpolation="nearest")
-            axes[r, h + 1].set_title(f"{name}: {TOKEN_NAMES[token]}, head {h}", fontsize=8)
+            axes[r, h + 1].set_title(f"{name}: {list(TOKEN_NAMES.values())[token]}, head {h}", fontsize=8)
             fig.colorbar(panel, ax=axes[r, h + 1], fraction=0.046, pad=0.03).ax.tick_params(labelsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -79,18 +77,10 @@ def save_attention_maps(backbones: dict, output_dir, pictures: dict, device):
 
 
 def main(argv=None):
-    from .eval_knn import evaluation_data, load_backbone
-    from .model import build_model
-    p = argparse.ArgumentParser("UDI attention maps")
-    p.add_argument("--pretrained_weights", required=True, help="a udi.train checkpoint")
-    p.add_argument("--checkpoint_key", default="teacher", help="teacher or student")
+    p = checkpoint_parser("UDI attention maps", data_path=False)
     p.add_argument("--image_path", nargs="*", default=None,
                    help="pictures; default: held-out images of --embedded_data")
-    p.add_argument("--embedded_data", default=None, choices=sorted(LABELLED_DATA),
-                   help="embedded labelled data without --image_path; default: the one the checkpoint trained on, "
-                        "or digits")
     p.add_argument("--num_images", default=4, type=int, help="how many held-out images without --image_path")
-    p.add_argument("--image_size", default=None, type=int, help="default: the checkpoint's global crop size")
     p.add_argument("--output_dir", default="attention", help="where the PNGs go")
     p.add_argument("--seed", default=1, type=int, help="seed of the randomly initialised network shown beside")
     args = p.parse_args(argv)
@@ -111,5 +101,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from .eval_knn import run_main
     run_main(main)

@@ -9,7 +9,7 @@ package (UDI_SPEC §1, §2, §5), with the function of this module that does eac
 2. Crop-major rows. The networks see the crops of a level stacked crop after crop, as in DINO: row `c * B + b`
    is crop c of image b (`stack_crops(views)`: global crops [2B, ...], local crops [LB, ...]). Whatever exists per
    image ([B, n, ...]) becomes rows the same way (`crop_major`).
-3. SRS pairs. udi.train.sample_pairs runs `udi_kernels.stratified_sample(boxes)` (on the boxes of the pixels the
+3. SRS pairs. udi.step.sample_pairs runs `udi_kernels.stratified_sample(boxes)` (on the boxes of the pixels the
    patch grid sees) and keeps this process's B images: SampledPairs, image-major, `globals` [B, 2] and `locals`
    [B, L, 2] PairTaps. Pair p (global or local) has the target global crop `pair_target(p) = 1 - p`: global pair
    p goes from global crop p to global crop 1 - p; local pair p of local crop l goes from l to global crop 1 - p
@@ -27,10 +27,10 @@ package (UDI_SPEC §1, §2, §5), with the function of this module that does eac
    teacher answers every pair on its target crop with 4 bilinear taps, running its SRS attention once per teacher
    crop for all the sample sets that target it: row block p of its input is teacher crop 1 - p
    (`teacher_rows_by_pair` of the crop-major rows), with global pair p's Sg samples first, then each local crop's
-   Sl samples of pair p; UDIModel.teacher_targets(global crops, TeacherTaps).
+   Sl samples of pair p; UDIModel.teacher_bottleneck(global crops, TeacherTaps).
 6. Outputs. The student returns UDIStudent (crop-major cls / cls_plus rows, patch rows by global pair). The
    teacher's rows by pair become UDITeacher's rows by crop pair k (`split_teacher_samples`); the targets are
-   formed from them in one place, udi_kernels.losses.cls_plus_targets (in the head's bottleneck for the model),
+   formed from them in one place, udi_kernels.losses.cls_plus_targets (in the head's bottleneck for udi.step),
    giving UDITargets.
 7. Loss rows. cls: student crop `pair.student` against teacher cls block `pair.teacher`; cls+: student crop
    `pair.student` against UDITargets.cls_plus block k; patch: student patch row r against teacher patch row r.

@@ -5,8 +5,9 @@ import os
 
 import torch
 
-from .data import LABELLED_DATA, LabelledImages, check_labelled_data, eval_transform
-from .errors import RunError, UnreadableImage
+from ..errors import RunError, UnreadableImage
+from .augmentation import eval_transform
+from .labelled import LABELLED_DATA, LabelledImages, check_labelled_data
 
 
 def read_image(path: str):
