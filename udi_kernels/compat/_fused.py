@@ -1,12 +1,51 @@
-"""What the compat losses share: EMA center updates with the reference codes' choice of mean."""
+"""What the compat losses share: EMA center updates with the reference codes' choice of mean, and the checks of
+their inputs (TypeError / ValueError naming the argument, as the ops' checks)."""
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..checks import check_float
 from ..losses import update_centers
+from ..losses.checks import check_device, check_logits
 
 CENTER_MEANS = ("global", "per_rank")
+
+
+def check_tensor(value, name: str, device=None) -> Tensor:
+    """value: a floating tensor (logits) on `device` (None: any)."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    check_logits(value, name, device)
+    return value
+
+
+def check_mask_tensor(value, name: str, device) -> Tensor:
+    """value: a real mask tensor (floating weights or bool) on `device`."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if not (value.dtype.is_floating_point or value.dtype == torch.bool):
+        raise TypeError(f"{name} must be a floating or bool tensor, got {value.dtype}")
+    check_device(value, name, device)
+    return value
+
+
+def check_temperature(value, name: str) -> float:
+    """A teacher temperature: a finite number > 0 (a Python or numpy number, or a one-element tensor or array, as a
+    schedule's entries are)."""
+    if isinstance(value, (Tensor, np.ndarray)):
+        if value.ndim > 1 or (value.numel() if isinstance(value, Tensor) else value.size) != 1:
+            raise ValueError(f"{name} must be one number, got shape {list(value.shape)}")
+        value = value.item()
+    return check_float(value, name, 0.0, low_open=True)
+
+
+def check_common_arguments(student_temp, center_momentum, center_mean):
+    """The constructor arguments every compat loss takes."""
+    check_float(student_temp, "student_temp", 0.0, low_open=True)
+    check_float(center_momentum, "center_momentum", 0.0, 1.0)
+    check_center_mean(center_mean)
 
 
 def check_center_mean(center_mean: str):

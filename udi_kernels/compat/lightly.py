@@ -6,7 +6,10 @@ import torch
 from torch import Tensor, nn
 
 from ..losses import crop_mean_table, cross_entropy
-from ._fused import check_center_mean, update_center_buffer
+from ..losses.pair_tables import weight_dtype
+from ..checks import check_int
+from ..losses.checks import check_backend, check_device, check_state_device
+from ._fused import check_common_arguments, check_temperature, check_tensor, update_center_buffer
 
 
 class DINOLoss(nn.Module):
@@ -27,7 +30,11 @@ class DINOLoss(nn.Module):
       crop (lightly's diagonal). τt: teacher_temp if given, else the schedule at epoch (teacher_temp once it is
       past the warm-up), else teacher_temp. lightly's positional order: the third argument is teacher_temp, so
       pass the epoch as epoch=epoch (lightly before 1.5.21 took the epoch third). The center is then updated
-      from the mean teacher row. Raises ValueError without a cross-view pair or when views differ in shape.
+      from the mean teacher row. The teacher is detached, as in lightly (no gradient reaches teacher_out).
+    Checks (before anything runs, naming the argument): TypeError for a view that is not a floating tensor, or
+    teacher_temp / epoch / a constructor number of the wrong type; ValueError without a cross-view pair, when views
+    differ in shape or device (or from the center's), for a temperature that is not finite and > 0, a momentum
+    outside [0, 1], a negative epoch or warm-up, output_dim < 1.
     Difference: B = 0 gives 0 and leaves the center alone (lightly: NaN).
     """
 
@@ -37,7 +44,12 @@ class DINOLoss(nn.Module):
         super().__init__()
         if center_mode != "mean":
             raise ValueError(f"Unknown mode '{center_mode}'. Valid modes are ['mean'].")
-        check_center_mean(center_mean)
+        check_int(output_dim, "output_dim", 1)
+        check_temperature(warmup_teacher_temp, "warmup_teacher_temp")
+        check_temperature(teacher_temp, "teacher_temp")
+        check_int(warmup_teacher_temp_epochs, "warmup_teacher_temp_epochs", 0)
+        check_common_arguments(student_temp, center_momentum, center_mean)
+        check_backend(backend)
         self.teacher_temp, self.student_temp, self.center_momentum = teacher_temp, student_temp, center_momentum
         self.register_buffer("center", torch.zeros(1, 1, output_dim))
         self.warmup_teacher_temp_epochs = warmup_teacher_temp_epochs
@@ -46,12 +58,19 @@ class DINOLoss(nn.Module):
 
     def teacher_temperature(self, teacher_temp: Optional[float] = None, epoch: Optional[int] = None) -> float:
         """τt as lightly picks it, rounded to float32 as lightly's temperature tensors are."""
+        if teacher_temp is not None:
+            check_temperature(teacher_temp, "teacher_temp")
+        if epoch is not None:
+            check_int(epoch, "epoch", 0)
         if teacher_temp is None and epoch is not None and epoch < self.warmup_teacher_temp_epochs:
             return float(self.teacher_temp_schedule[epoch])
         return float(np.float32(self.teacher_temp if teacher_temp is None else teacher_temp))
 
     def forward(self, teacher_out: Sequence[Tensor], student_out: Sequence[Tensor],
                 teacher_temp: Optional[float] = None, epoch: Optional[int] = None) -> Tensor:
+        for views, name in ((teacher_out, "teacher_out"), (student_out, "student_out")):
+            if isinstance(views, Tensor) or not isinstance(views, Sequence):
+                raise TypeError(f"{name} must be a list of [B, K] view tensors, got {type(views).__name__}")
         pairs = tuple((s, t) for t in range(len(teacher_out)) for s in range(len(student_out)) if s != t)
         if not pairs:
             raise ValueError(f"DINOLoss needs at least one pair of different views (view i of both lists is the "
@@ -61,7 +80,10 @@ class DINOLoss(nn.Module):
         if student_out[0].shape != (batch, K) or K != self.center.shape[-1]:
             raise ValueError(f"every view must have shape [B, {self.center.shape[-1]}] with one B, got teacher "
                              f"{list(teacher_out[0].shape)} and student {list(student_out[0].shape)}")
-        table = crop_mean_table(pairs, batch, len(student_out), len(teacher_out), student.device)
+        check_device(student, "student_out", teacher.device)
+        check_state_device(self, teacher.device)
+        table = crop_mean_table(pairs, batch, len(student_out), len(teacher_out), student.device,
+                                weight_dtype(student, teacher))
         out = cross_entropy(student, teacher, self.center.view(1, K), table, self.student_temp,
                             self.teacher_temperature(teacher_temp, epoch), backend=self.backend)
         update_center_buffer(self, self.center_momentum, out.center_sum, out.center_count[:, None], self.center_mean)
@@ -70,14 +92,20 @@ class DINOLoss(nn.Module):
     @torch.no_grad()
     def update_center(self, teacher_out: Tensor) -> None:
         """lightly's update_center: EMA step of the center from teacher_out [views, B, K]."""
+        check_tensor(teacher_out, "teacher_out", self.center.device)
+        if teacher_out.dim() == 0 or teacher_out.shape[-1] != self.center.shape[-1]:
+            raise ValueError(f"teacher_out must have shape [..., {self.center.shape[-1]}], got "
+                             f"{list(teacher_out.shape)}")
         rows = teacher_out.reshape(-1, teacher_out.shape[-1]).float()
         update_center_buffer(self, self.center_momentum, rows.sum(0, keepdim=True),
                              rows.new_full((1, 1), rows.shape[0]), self.center_mean)
 
 
 def _stack_views(views: Sequence[Tensor], name: str) -> Tensor:
-    """The views as crop-major rows [views·B, K]; all views must have one shape."""
-    if any(not isinstance(v, Tensor) or v.dim() != 2 or v.shape != views[0].shape for v in views):
+    """The views as crop-major rows [views·B, K]: floating tensors of one shape on one device."""
+    for i, view in enumerate(views):
+        check_tensor(view, f"{name}[{i}]", views[0].device if isinstance(views[0], Tensor) else None)
+    if any(v.dim() != 2 or v.shape != views[0].shape for v in views):
         raise ValueError(f"{name} must be a list of [B, K] tensors of one shape, got "
                          f"{[list(v.shape) if isinstance(v, Tensor) else type(v).__name__ for v in views]}")
     return torch.cat(list(views))

@@ -1,13 +1,17 @@
 """UDILoss: the reference UDI code's loss (`main_udi.UDILoss`, UDI_SPEC §5, §9), one-line swap, on the fused op."""
 from typing import NamedTuple, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from ..layout import GLOBAL_CROPS, reference_crop_pairs
 from ..losses import blend_cls_plus, crop_mean_table, cross_entropy, identity_table
+from ..losses.pair_tables import weight_dtype
 from ..ops.distill_cross_entropy import DistillCrossEntropyResult
-from ._fused import check_center_mean, update_center_buffer
+from ..checks import check_float, check_int
+from ..losses.checks import check_backend, check_state_device
+from ._fused import check_common_arguments, check_mask_tensor, check_temperature, check_tensor, update_center_buffer
 
 
 class Centering(nn.Module):
@@ -49,6 +53,13 @@ class UDILoss(nn.Module):
     The centers (`centering.center`) are updated after the loss from the raw teacher rows: cls over the 2B
     global rows, cls+ over its 2B + 2LB blended targets, patch over every valid sample, global and local.
 
+    Checks (before anything runs, TypeError / ValueError naming the argument): the constructor's numbers
+    (num_local_crops >= 0, dim >= 1, alpha in [0, 1], student_temp > 0, center_momentum in [0, 1], finite weights,
+    a schedule of finite temperatures > 0, backend); every pred a floating tensor and every patch mask a floating
+    or bool tensor, all on the device of the teacher's cls rows and of the centers; epoch an int in the schedule.
+    The teacher is detached, as in the reference's training loop (no gradient reaches teacher_output). float64
+    inputs (the loss moved with .double()) give float64-accurate results.
+
     Differences from the reference, all where it returns NaN or crashes: a patch term without valid samples is 0;
     a center without rows keeps its value; L = 0 gives the global terms (local terms 0); B = 0 gives 0 and leaves
     the centers alone; it runs without a process group. Under autocast the blends and center sums accumulate in
@@ -61,9 +72,12 @@ class UDILoss(nn.Module):
                  center_mean: str = "global", backend: Optional[str] = None):
         super().__init__()
         _check_levels(include_cls, include_patch, num_clt)
-        check_center_mean(center_mean)
-        if num_local_crops < 0:
-            raise ValueError(f"num_local_crops must be >= 0, got {num_local_crops}")
+        check_int(num_local_crops, "num_local_crops", 0)
+        check_int(dim, "dim", 1)
+        check_float(alpha, "alpha", 0.0, 1.0)
+        check_common_arguments(student_temp, center_momentum, center_mean)
+        _check_schedule(teacher_temp_schedule)
+        check_backend(backend)
         self.student_temp, self.num_clt, self.dim, self.num_local_crops = student_temp, num_clt, dim, num_local_crops
         self.teacher_temp_schedule, self.alpha = teacher_temp_schedule, alpha
         self.include_cls, self.include_patch = include_cls, include_patch
@@ -71,15 +85,17 @@ class UDILoss(nn.Module):
         self.weights = list(weights) if weights else [1 / self.num_ctr] * self.num_ctr
         if len(self.weights) != self.num_ctr:
             raise ValueError(f"weights must hold one weight per level ({self.num_ctr}), got {weights!r}")
+        for i, weight in enumerate(self.weights):
+            check_float(weight, f"weights[{i}]")
         self.centering = Centering(self.num_ctr, dim, center_momentum)
         self.center_mean, self.backend = center_mean, backend
 
     def teacher_temp(self, epoch: int) -> float:
-        try:
-            return float(self.teacher_temp_schedule[epoch])
-        except IndexError:
+        check_int(epoch, "epoch", 0)
+        if epoch >= len(self.teacher_temp_schedule):
             raise ValueError(f"epoch {epoch} is outside teacher_temp_schedule (length "
-                             f"{len(self.teacher_temp_schedule)})") from None
+                             f"{len(self.teacher_temp_schedule)})")
+        return check_temperature(self.teacher_temp_schedule[epoch], f"teacher_temp_schedule[{epoch}]")
 
     def forward(self, student_output, teacher_output, epoch: int):
         tau_t = self.teacher_temp(epoch)
@@ -123,10 +139,11 @@ class UDILoss(nn.Module):
         teacher_global [2B, K] and teacher_local [T·B, K] scored as the crop pairs of reference_crop_pairs."""
         B, L, device = student[0].shape[0] // 2, self.num_local_crops, student[0].device
         local_teacher_crops = teacher_local.shape[0] // B if B else 0
-        global_term = self._cross_entropy(student[0], teacher_global, center_row,
-                                          crop_mean_table(global_pairs, B, GLOBAL_CROPS, GLOBAL_CROPS, device), tau_t)
-        local_term = self._cross_entropy(student[1], teacher_local, center_row,
-                                         crop_mean_table(local_pairs, B, L, local_teacher_crops, device), tau_t)
+        dtype = weight_dtype(student[0], teacher_global)
+        global_term = self._cross_entropy(student[0], teacher_global, center_row, crop_mean_table(
+            global_pairs, B, GLOBAL_CROPS, GLOBAL_CROPS, device, dtype), tau_t)
+        local_term = self._cross_entropy(student[1], teacher_local, center_row, crop_mean_table(
+            local_pairs, B, L, local_teacher_crops, device, dtype), tau_t)
         return global_term, local_term
 
     @torch.no_grad()
@@ -142,8 +159,8 @@ class UDILoss(nn.Module):
 
     def _patch_term(self, inputs: "_Inputs", tau_t: float) -> DistillCrossEntropyResult:
         """Σ m_s·CE / Σ m_s over the global samples (student mask m_s); the teacher's mask weighs the center rows."""
-        K = self.dim
-        as_weights = lambda mask: mask.reshape(-1).to(torch.promote_types(mask.dtype, torch.float32))  # noqa: E731
+        K, dtype = self.dim, weight_dtype(inputs.student_patch, inputs.teacher_patch)
+        as_weights = lambda mask: mask.reshape(-1).to(dtype)  # noqa: E731
         weight = as_weights(inputs.student_patch_mask)
         total = weight.sum()
         return self._cross_entropy(inputs.student_patch.reshape(-1, K), inputs.teacher_patch.reshape(-1, K),
@@ -161,6 +178,18 @@ def _masked_sum(rows: Tensor, mask: Tensor):
     dtype = torch.promote_types(rows.dtype, torch.float32)
     total = (mask.reshape(1, -1).to(rows.dtype) @ rows.reshape(-1, rows.shape[-1])).to(dtype)
     return total, mask.sum(dtype=dtype)
+
+
+def _check_schedule(schedule):
+    """An indexable sequence of teacher temperatures, each finite and > 0."""
+    try:
+        values = np.asarray([float(t) for t in schedule], dtype=np.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError("teacher_temp_schedule must be a sequence of numbers (one per epoch), got "
+                        f"{type(schedule).__name__}") from None
+    if not len(values) or not (np.isfinite(values) & (values > 0)).all():
+        raise ValueError(f"teacher_temp_schedule must hold at least one finite temperature > 0 per epoch, got "
+                         f"{values.tolist()[:8]}{' ...' if len(values) > 8 else ''}")
 
 
 def _check_levels(include_cls: bool, include_patch: bool, num_clt: int):
@@ -193,26 +222,29 @@ class _Inputs(NamedTuple):
         (t_global, t_local), (t_global_mask, t_local_mask) = _levels(teacher_output, "teacher_output")
         K, L, patch = loss.dim, loss.num_local_crops, loss.num_clt
         teacher_cls = _rows(t_global[0], "teacher_output global cls", K)
+        device = teacher_cls.device
+        check_state_device(loss.centering, device)
         B2 = teacher_cls.shape[0]
         if B2 % 2:
             raise ValueError(f"teacher_output global cls must hold 2·B rows (both global crops), got {B2}")
 
         def cls_pair(index: int, name: str):
-            return (_rows(s_global[index], f"student_output global {name}", K, B2),
-                    _rows(s_local[index], f"student_output local {name}", K, L * B2 // 2))
+            return (_rows(s_global[index], f"student_output global {name}", K, B2, device),
+                    _rows(s_local[index], f"student_output local {name}", K, L * B2 // 2, device))
 
         inputs = _Inputs(cls_pair(0, "cls"), cls_pair(1, "cls+") if loss.num_clt == 2 else None,
                          None, None, teacher_cls, None, None, None, None)
         if not loss.include_patch:
             return inputs
         student_patch, student_mask = _samples(s_global[patch], s_global_mask[patch], "student_output global patch",
-                                               K, (1, B2))
+                                               K, (1, B2), device)
         teacher_patch, teacher_mask = _samples(t_global[patch], t_global_mask[patch], "teacher_output global patch",
-                                               K, (1, B2))
+                                               K, (1, B2), device)
         if student_patch.shape != teacher_patch.shape:
             raise ValueError(f"student and teacher global patch must have the same shape, got "
                              f"{list(student_patch.shape)} and {list(teacher_patch.shape)}")
-        local, local_mask = _samples(t_local[patch], t_local_mask[patch], "teacher_output local samples", K, (L, B2))
+        local, local_mask = _samples(t_local[patch], t_local_mask[patch], "teacher_output local samples", K, (L, B2),
+                                     device)
         return inputs._replace(student_patch=student_patch, student_patch_mask=student_mask,
                                teacher_patch=teacher_patch, teacher_patch_mask=teacher_mask, teacher_local=local,
                                teacher_local_mask=local_mask)
@@ -228,23 +260,25 @@ def _levels(output, name: str):
     return (pred_global, pred_local), (mask_global, mask_local)
 
 
-def _rows(tensor, name: str, K: int, rows: Optional[int] = None) -> Tensor:
-    """tensor [..., K] as [rows, K]."""
-    if not isinstance(tensor, Tensor) or tensor.shape[-1:] != (K,) or (rows is not None and tensor.numel() != rows * K):
+def _rows(tensor, name: str, K: int, rows: Optional[int] = None, device=None) -> Tensor:
+    """tensor [..., K] (floating, on `device`) as [rows, K]."""
+    check_tensor(tensor, name, device)
+    if tensor.shape[-1:] != (K,) or (rows is not None and tensor.numel() != rows * K):
         what = f"{rows} rows of {K}" if rows is not None else f"rows of {K}"
-        shape = list(tensor.shape) if isinstance(tensor, Tensor) else type(tensor).__name__
-        raise ValueError(f"{name} must hold {what} logits, got {shape}")
+        raise ValueError(f"{name} must hold {what} logits, got {list(tensor.shape)}")
     return tensor.reshape(-1, K)
 
 
-def _samples(pred, mask, name: str, K: int, leading: tuple):
-    """pred [*leading, S, K] and its mask [*leading, S, 1] as [R, S, K] and [R, S], R = prod(leading)."""
-    if not isinstance(pred, Tensor) or pred.dim() != 4 or pred.shape[:2] != leading or pred.shape[3] != K:
-        shape = list(pred.shape) if isinstance(pred, Tensor) else type(pred).__name__
-        raise ValueError(f"{name} must have shape [{leading[0]}, {leading[1]}, S, {K}], got {shape}")
+def _samples(pred, mask, name: str, K: int, leading: tuple, device):
+    """pred [*leading, S, K] (floating) and its mask [*leading, S, 1] (floating or bool), both on `device`, as
+    [R, S, K] and [R, S], R = prod(leading)."""
+    check_tensor(pred, name, device)
+    if pred.dim() != 4 or pred.shape[:2] != leading or pred.shape[3] != K:
+        raise ValueError(f"{name} must have shape [{leading[0]}, {leading[1]}, S, {K}], got {list(pred.shape)}")
     S = pred.shape[2]
-    if not isinstance(mask, Tensor) or mask.shape != (*leading, S, 1):
+    if not isinstance(mask, Tensor) or mask.shape != (*leading, S, 1):  # None: the wrong entry of the mask lists
         shape = list(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
         raise ValueError(f"the mask of {name} must have shape [{leading[0]}, {leading[1]}, {S}, 1], got {shape}")
+    check_mask_tensor(mask, f"the mask of {name}", device)
     rows = leading[0] * leading[1]
     return pred.reshape(rows, S, K), mask.reshape(rows, S)

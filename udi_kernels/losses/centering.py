@@ -42,19 +42,21 @@ class EMACenter(nn.Module):
 @torch.no_grad()
 def update_centers(emas, sums, counts):
     """One EMA step of several centers (of one momentum) from their (sum [1, K], count [1]) statistics, as one
-    batch of small ops and at most one all-reduce."""
+    batch of small ops and at most one all-reduce, in float32 (float64 for float64 centers: a loss moved with
+    .double())."""
     if not len(emas) == len(sums) == len(counts) or not emas:
         raise ValueError(f"update_centers needs one sum and one count per center, got {len(emas)} centers, "
                          f"{len(sums)} sums and {len(counts)} counts")
     momentum = emas[0].momentum
     if any(ema.momentum != momentum for ema in emas):
         raise ValueError(f"centers updated together must share one momentum, got {[ema.momentum for ema in emas]}")
-    total = _stack(sums, torch.cat).float()      # [n, K]
-    count = _stack(counts, torch.stack).float()  # [n, 1] ([1] for one center, which broadcasts the same)
+    centers = _stack([ema.center for ema in emas], torch.cat)
+    dtype = torch.promote_types(centers.dtype, torch.float32)
+    total = _stack(sums, torch.cat).to(dtype)      # [n, K]
+    count = _stack(counts, torch.stack).to(dtype)  # [n, 1] ([1] for one center, which broadcasts the same)
     if distributed():
         stats = all_reduce_sum(torch.cat([total, count.reshape(-1, 1)], dim=1))
         total, count = stats[:, :-1], stats[:, -1:]
-    centers = _stack([ema.center for ema in emas], torch.cat)
     # normal tensors even under inference_mode, so that a later training call can save the centers for backward
     with torch.inference_mode(False):
         mean = total / count.clamp_min(torch.finfo(torch.float32).tiny)

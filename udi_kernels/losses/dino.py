@@ -11,7 +11,7 @@ from ..layout import GLOBAL_CROPS, dino_crop_pairs
 from .centering import sinkhorn_knopp_center, update_centers
 from .checks import check_backend, check_choice, check_last_layer, check_rows, check_state_device
 from .diagnostics import teacher_entropies
-from .pair_tables import PairTable, crop_mean_table, cross_entropy
+from .pair_tables import PairTable, crop_mean_table, cross_entropy, weight_dtype
 from .schedule import check_schedule, teacher_temperature
 
 
@@ -27,6 +27,8 @@ class DINOLoss(nn.Module):
     [2·B, K] logits. The center (buffer `center` [1, K], state-dict key `center` as in DINO's main_dino.py, so a DINO
     checkpoint's `dino_loss` entry loads strictly) is updated after the loss from the exact global mean of the teacher
     rows. centering='sinkhorn_knopp' uses DINOv2's Sinkhorn-Knopp targets instead (and leaves `center` alone).
+    The teacher is detached (no gradient reaches teacher_output or teacher_weight). float64 logits (with the loss
+    moved to float64, `.double()`) give float64-accurate losses, gradients and centers.
     """
 
     def __init__(self, out_dim: int, ncrops: int, warmup_teacher_temp: float, teacher_temp: float,
@@ -53,9 +55,10 @@ class DINOLoss(nn.Module):
     def teacher_temp(self, epoch: int) -> float:
         return teacher_temperature(epoch, *self.schedule)
 
-    def pairs(self, batch: int, device) -> PairTable:
+    def pairs(self, batch: int, device, dtype: torch.dtype = torch.float32) -> PairTable:
+        """The pairs of a batch, weights in `dtype` (pair_tables.weight_dtype of the logits)."""
         return crop_mean_table(dino_crop_pairs(self.ncrops), batch, self.ncrops, GLOBAL_CROPS,
-                               torch.device(device))
+                               torch.device(device), dtype)
 
     def forward(self, student_output: Tensor, teacher_output: Tensor, epoch: int, *, weight: Optional[Tensor] = None,
                 teacher_weight: Optional[Tensor] = None) -> Tensor:
@@ -77,7 +80,8 @@ class DINOLoss(nn.Module):
             if teacher_weight is not None:
                 teacher_output, teacher_weight = F.linear(teacher_output, teacher_weight), None
             center = sinkhorn_knopp_center(teacher_output, tau_t, self.sinkhorn_iterations)
-        out = cross_entropy(student_output, teacher_output, center, self.pairs(batch, student_output.device),
+        table = self.pairs(batch, student_output.device, weight_dtype(student_output, teacher_output))
+        out = cross_entropy(student_output, teacher_output, center, table,
                             self.student_temp, tau_t, weight=weight, teacher_weight=teacher_weight,
                             backend=self.backend)
         if self.centering == "ema":

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 from ..checks import check_float, check_int
 from .centering import EMACenter
 from .checks import check_backend, check_last_layer, check_logits, check_mask, check_state_device
-from .pair_tables import cross_entropy, identity_table
+from .pair_tables import cross_entropy, identity_table, weight_dtype
 from .schedule import check_schedule, teacher_temperature
 
 
@@ -20,7 +20,8 @@ class IBOTPatchLoss(nn.Module):
     and temperature. With the head's last layer fused in (keywords, UDI_SPEC §10): weight [K, D], the student head's
     effective last-layer weight (after weight norm), and student_patch [R, N, D] its input rows (the bottleneck), so the
     logits student_patch @ weight.T are never formed; gradients reach student_patch and weight. teacher_weight [K, D]
-    likewise makes teacher_patch [R, N, D] the teacher's bottleneck rows (it needs weight).
+    likewise makes teacher_patch [R, N, D] the teacher's bottleneck rows (it needs weight). The teacher is detached
+    (no gradient reaches teacher_patch or teacher_weight); float64 logits give float64-accurate results.
     """
 
     def __init__(self, patch_out_dim: int, warmup_teacher_temp2: float, teacher_temp2: float,
@@ -55,7 +56,8 @@ class IBOTPatchLoss(nn.Module):
         check_state_device(self, device)
         images, tokens = mask.shape
         rows = images * tokens
-        pair_weight = mask.float() / mask.sum(1, keepdim=True).clamp_min(1) / max(images, 1)
+        dtype = weight_dtype(student_patch, teacher_patch)
+        pair_weight = mask.to(dtype) / mask.sum(1, keepdim=True).clamp_min(1) / max(images, 1)
         out = cross_entropy(student_patch.reshape(rows, widths[0]), teacher_patch.reshape(rows, widths[1]),
                             self.center, identity_table(pair_weight.reshape(-1)), self.student_temp,
                             teacher_temperature(epoch, *self.schedule), weight=weight, teacher_weight=teacher_weight,

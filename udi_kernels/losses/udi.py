@@ -18,7 +18,7 @@ from .centering import EMACenter, update_centers
 from .checks import (check_backend, check_choice, check_last_layer, check_logits, check_mask, check_rows,
                      check_state_device)
 from .diagnostics import teacher_entropies
-from .pair_tables import PairTable, crop_pair_table, cross_entropy, identity_table, mean_weight
+from .pair_tables import PairTable, crop_pair_table, cross_entropy, identity_table, mean_weight, weight_dtype
 from .schedule import check_schedule, teacher_temperature
 
 
@@ -42,6 +42,7 @@ def blend_into(out: Tensor, samples: Tensor, mask: Tensor, base: Tensor, alpha: 
     return totals
 
 
+@torch.no_grad()
 def blend_cls_plus(cls: Tensor, global_samples: Tensor, global_mask: Tensor, local_samples: Optional[Tensor],
                    local_mask: Optional[Tensor], alpha: float, *, cls_by_pair: bool = False):
     """UDI's cls+ targets T+ = alpha * masked mean of the samples + (1 - alpha) * T_cls, with eps 1e-5 (UDI_SPEC §5),
@@ -53,7 +54,8 @@ def blend_cls_plus(cls: Tensor, global_samples: Tensor, global_mask: Tensor, loc
     (block v: crop pair v); local_samples [2LB, Sl, D], local_mask [2LB, Sl] (block j of local crop l: blended
     with cls block j) or None.
     Returns rows [2B + 2LB, D] in the dtype of cls (the blocks in the order of the samples: global, then local),
-    blended in float32 or wider, local_sum [D] and local_count [] (float32 or wider).
+    blended in float32 or wider, local_sum [D] and local_count [] (float32 or wider); teacher targets, without a
+    graph (inputs that require grad are read as detached).
     """
     B2, D = cls.shape
     L = 0 if local_samples is None or B2 == 0 else local_samples.shape[0] // B2  # B = 0: no rows either way
@@ -68,6 +70,7 @@ def blend_cls_plus(cls: Tensor, global_samples: Tensor, global_mask: Tensor, loc
     return rows, local_totals.sum(0, dtype=accumulate), local_mask.sum(dtype=accumulate)
 
 
+@torch.no_grad()
 def cls_plus_targets(teacher: UDITeacher, alpha: float = 0.5, last_layer: Optional[nn.Module] = None) -> UDITargets:
     """UDILoss's teacher targets: the cls+ rows blended by blend_cls_plus (UDI_SPEC §5) and the local samples'
     patch-center statistics.
@@ -75,12 +78,14 @@ def cls_plus_targets(teacher: UDITeacher, alpha: float = 0.5, last_layer: Option
     last_layer None: `teacher` holds logits [.., K]; the rows come in their dtype. last_layer (the head's last
     layer, linear without bias, weight [K, D]): `teacher` holds bottleneck vectors [.., D], blended there and
     projected, so that only 2B(2 + L) + 2B·Sg rows reach K and the local-sample logits never exist (UDI_SPEC §6;
-    exact in real arithmetic). The local-sample sum is formed in float32 or wider either way.
+    exact in real arithmetic). The local-sample sum is formed in float32 or wider either way. The targets carry no
+    graph: the teacher is detached.
     """
     plus, local_sum, local_count = blend_cls_plus(teacher.cls, teacher.patch, teacher.patch_mask, teacher.local,
                                                   teacher.local_mask, alpha)
     if last_layer is None:
-        return UDITargets(teacher.cls, teacher.patch, teacher.patch_mask, plus, local_sum, local_count)
+        return UDITargets(teacher.cls.detach(), teacher.patch.detach(), teacher.patch_mask, plus, local_sum,
+                          local_count)
     rows = [teacher.cls, plus, teacher.patch.flatten(0, 1)]
     cls, plus, patch = last_layer(torch.cat(rows)).split([len(r) for r in rows])
     return UDITargets(cls, patch.unflatten(0, teacher.patch.shape[:2]), teacher.patch_mask, plus,
@@ -105,16 +110,18 @@ class UDIPairTables(NamedTuple):
 
 
 @functools.lru_cache(maxsize=64)
-def udi_pair_tables(num_local: int, batch: int, device: torch.device) -> UDIPairTables:
-    """The UDIPairTables of a batch, built once per (num_local, batch, device)."""
+def udi_pair_tables(num_local: int, batch: int, device: torch.device,
+                    dtype: torch.dtype = torch.float32) -> UDIPairTables:
+    """The UDIPairTables of a batch, weights in `dtype` (pair_tables.weight_dtype of the logits), built once per
+    (num_local, batch, device, dtype)."""
     levels = udi_crop_pairs(num_local)
     pairs = sum(map(len, levels))
     weighted = [(pair, len(level) / pairs * mean_weight(len(level) * batch)) for level in levels for pair in level]
     cls = tuple((pair.student, pair.teacher, weight) for pair, weight in weighted)
     cls_plus = tuple((pair.student, k, weight) for k, (pair, weight) in enumerate(weighted))
     student_crops = GLOBAL_CROPS + num_local
-    return UDIPairTables(crop_pair_table(cls, batch, student_crops, GLOBAL_CROPS, device),
-                         crop_pair_table(cls_plus, batch, student_crops, pairs, device))
+    return UDIPairTables(crop_pair_table(cls, batch, student_crops, GLOBAL_CROPS, device, dtype),
+                         crop_pair_table(cls_plus, batch, student_crops, pairs, device, dtype))
 
 
 # ---- the loss ----------------------------------------------------------------------------------------------------
@@ -132,7 +139,9 @@ class UDILoss(nn.Module):
     2L·L_local)/(2 + 2L) (udi_pair_tables); L_patch is Σ_valid CE / #valid samples on this rank (0 when none).
     cls_plus_target: 'logits' (the reference: blend logits, α = 0.5) or 'probabilities' (the paper: the same blend of
     the centered softmaxes; needs UDITeacher; the cls+ center still follows the logit blend). Centers:
-    udi_kernels.losses.centering (exact global means; an empty batch leaves them unchanged).
+    udi_kernels.losses.centering (exact global means; an empty batch leaves them unchanged). The teacher is detached:
+    its fields and teacher_weight get no gradient, whether they carry a graph or not. float64 inputs (the loss moved
+    with .double()) give float64-accurate losses, gradients and centers.
     """
 
     def __init__(self, out_dim: int, ncrops: int, warmup_teacher_temp: float = 0.04, teacher_temp: float = 0.07,
@@ -158,9 +167,11 @@ class UDILoss(nn.Module):
                 weight: Optional[Tensor] = None, teacher_weight: Optional[Tensor] = None):
         tau_t = self.teacher_temp(epoch)
         B = self._check(student, teacher, weight, teacher_weight)
+        teacher = type(teacher)(*(t.detach() if isinstance(t, Tensor) else t for t in teacher))
+        teacher_weight = None if teacher_weight is None else teacher_weight.detach()
         last_layers = dict(weight=weight, teacher_weight=teacher_weight)
         targets = teacher if isinstance(teacher, UDITargets) else cls_plus_targets(teacher, self.alpha)
-        tables = udi_pair_tables(self.num_local, B, targets.cls.device)
+        tables = udi_pair_tables(self.num_local, B, targets.cls.device, weight_dtype(student.cls, targets.cls))
         cls = cross_entropy(student.cls, targets.cls, self.center_cls.center, tables.cls, self.student_temp, tau_t,
                             backend=self.backend, **last_layers)
         plus_rows, plus_weight = self._cls_plus_rows(teacher, targets, tau_t)
@@ -204,7 +215,7 @@ class UDILoss(nn.Module):
         return mix / mix.sum(-1, keepdim=True)
 
     def _patch_loss(self, student: UDIStudent, targets: UDITargets, tau_t, weight=None, teacher_weight=None):
-        valid = targets.patch_mask.reshape(-1).float()
+        valid = targets.patch_mask.reshape(-1).to(weight_dtype(student.patch, targets.patch))
         return cross_entropy(student.patch.flatten(0, 1), targets.patch.flatten(0, 1), self.center_patch.center,
                              identity_table(valid / valid.sum().clamp_min(1)), self.student_temp, tau_t, valid,
                              weight=weight, teacher_weight=teacher_weight, backend=self.backend)
