@@ -8,6 +8,8 @@ existed (no CHECKSUM entry) still load: their entries and weights are checked, t
 """
 import hashlib
 import io
+from typing import Optional
+
 import numpy as np
 import torch
 
@@ -62,59 +64,91 @@ def _non_finite(entries: dict) -> list:
             if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all()]
 
 
-def check_entries(checkpoint, path: str, loss_key: str):
-    """RunError naming `path` and the missing / unexpected entries unless `checkpoint` is a udi.train checkpoint of
-    the objective whose loss state is `loss_key`."""
-    if not isinstance(checkpoint, dict):
-        raise RunError(f"{path} is not a udi.train checkpoint (a {type(checkpoint).__name__}, not a dict of entries); "
-                       "move it away or choose another --output_dir")
-    expected = set(ENTRIES) | {loss_key}
-    missing = [key for key in (*ENTRIES, loss_key) if key not in checkpoint]
-    unexpected = sorted(map(str, set(checkpoint) - expected - {CHECKSUM}))
-    if missing or unexpected:
-        other_loss = [k for k in LOSS_ENTRIES if k in checkpoint and k != loss_key]
-        hint = f" (it holds {other_loss[0]}: written with another --objective)" if other_loss else ""
-        raise RunError(f"{path} is not a checkpoint this run can resume: missing entries {missing or 'none'}, "
-                       f"unexpected entries {unexpected or 'none'}{hint}; move it away or choose another --output_dir")
-    if not isinstance(checkpoint["args"], dict):
+RESUME_WAY_OUT = "move it away or choose another --output_dir"
+READ_WAY_OUT = "give a checkpoint.pth that udi.train wrote"
+
+
+def _entry_kinds(checkpoint: dict, path: str, way_out: str):
+    """RunError naming the first present entry of the wrong kind: args a dict of flags, the networks' and the loss
+    state dicts of tensors, epoch an int >= 0 that counts the log's records."""
+    if "args" in checkpoint and not isinstance(checkpoint["args"], dict):
         raise RunError(f"{path}: its 'args' is a {type(checkpoint['args']).__name__}, not the dict of the flags it was "
-                       "written with; move it away or choose another --output_dir")
-    if not isinstance(checkpoint["epoch"], int) or checkpoint["epoch"] < 0 or \
-            not isinstance(checkpoint["log"], list) or len(checkpoint["log"]) != checkpoint["epoch"]:
-        raise RunError(f"{path}: its 'epoch' ({checkpoint['epoch']!r}) and 'log' ({len(checkpoint['log'])} records) "
-                       "do not describe the same epochs; move it away or choose another --output_dir")
+                       f"written with; {way_out}")
+    for name in (*WEIGHT_ENTRIES, *LOSS_ENTRIES):
+        state = checkpoint.get(name, {})
+        if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+            kind = type(state).__name__ if not isinstance(state, dict) else "dict holding other values than tensors"
+            raise RunError(f"{path}: its {name!r} is a {kind}, not a state dict of tensors; {way_out}")
+    if "epoch" in checkpoint or "log" in checkpoint:
+        epoch, log = checkpoint.get("epoch"), checkpoint.get("log")
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0 or not isinstance(log, list) or \
+                len(log) != epoch:
+            records = f"{len(log)} records" if isinstance(log, list) else type(log).__name__
+            raise RunError(f"{path}: its 'epoch' ({epoch!r}) and 'log' ({records}) do not describe the same epochs; "
+                           f"{way_out}")
 
 
-def verify(checkpoint: dict, path: str, weight_entries=WEIGHT_ENTRIES) -> bool:
+def check_entries(checkpoint, path: str, loss_key: Optional[str] = None, required=ENTRIES):
+    """RunError naming `path` and the missing / unexpected entries, or an entry of the wrong kind, unless
+    `checkpoint` is a dict of udi.train's entries. loss_key given (a run resuming it): every entry of ENTRIES and
+    that loss state, nothing else; None (a reader of some entries, the evaluations): the entries of `required`, any
+    others of udi.train's."""
+    way_out = RESUME_WAY_OUT if loss_key else READ_WAY_OUT
+    if not isinstance(checkpoint, dict):
+        raise RunError(f"{path} is not a udi.train checkpoint: it lacks the dict of entries (found a "
+                       f"{type(checkpoint).__name__}); {way_out}")
+    required = (*ENTRIES, loss_key) if loss_key else tuple(required)
+    expected = set(required) | ({CHECKSUM} if loss_key else {CHECKSUM, *ENTRIES, *LOSS_ENTRIES})
+    missing = [key for key in required if key not in checkpoint]
+    unexpected = sorted(map(str, set(checkpoint) - expected))
+    if missing and not loss_key:
+        raise RunError(f"{path} is not a udi.train checkpoint: it lacks {missing} (found "
+                       f"{sorted(map(str, checkpoint))}); {way_out}")
+    if missing or unexpected:
+        other_loss = [k for k in LOSS_ENTRIES if k in checkpoint and k != loss_key] if loss_key else []
+        hint = f" (it holds {other_loss[0]}: written with another --objective)" if other_loss else ""
+        what = "a checkpoint this run can resume" if loss_key else "a udi.train checkpoint"
+        raise RunError(f"{path} is not {what}: missing entries {missing or 'none'}, unexpected entries "
+                       f"{unexpected or 'none'}{hint}; {way_out}")
+    _entry_kinds(checkpoint, path, way_out)
+
+
+def verify(checkpoint: dict, path: str, weight_entries=WEIGHT_ENTRIES, way_out: str = RESUME_WAY_OUT) -> bool:
     """RunError naming `path` when its checksum does not match its payload or its weights are not finite;
     True when it had a checksum to verify, False for a checkpoint written before checksums."""
     saved = checkpoint.get(CHECKSUM)
     if saved is not None and saved != payload_checksum(checkpoint):
         raise RunError(f"{path} is corrupted: the checksum of its payload does not match the one written with it "
-                       "(the file changed after it was written); restore it from a copy or choose another "
-                       "--output_dir")
+                       f"(the file changed after it was written); restore it from a copy, or {way_out}")
     bad = _non_finite({name: checkpoint[name] for name in weight_entries if isinstance(checkpoint.get(name), dict)})
     if bad:
         raise RunError(f"{path} holds non-finite weights ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); "
-                       "restore it from a copy or choose another --output_dir")
+                       f"restore it from a copy, or {way_out}")
     return saved is not None
 
 
-def read_checkpoint(path: str, loss_key: str) -> dict:
-    """The checkpoint at `path`, checked (check_entries, verify) before anything of it is used."""
+def read_checkpoint(path: str, loss_key: Optional[str] = None, entries=ENTRIES) -> dict:
+    """The checkpoint at `path`, checked before anything of it is used, by every reader (udi.train resuming it with
+    `loss_key`, the evaluations and udi.visualize reading `entries`): it loads, holds udi.train's entries of the
+    right kinds (check_entries), its checksum matches and the weights it holds are finite (verify). RunError naming
+    the file and what is wrong otherwise."""
     checkpoint = load_checkpoint(path)
-    check_entries(checkpoint, path, loss_key)
-    verify(checkpoint, path, WEIGHT_ENTRIES + (loss_key,))
+    check_entries(checkpoint, path, loss_key, entries)
+    weights = WEIGHT_ENTRIES + (loss_key,) if loss_key else [e for e in entries if e not in ("args", "epoch", "log")]
+    verify(checkpoint, path, tuple(weights), RESUME_WAY_OUT if loss_key else READ_WAY_OUT)
     return checkpoint
 
 
-def load_states(checkpoint: dict, path: str, **objects):
+def load_states(checkpoint: dict, path: str, *, resuming: bool = True, **objects):
     """objects' load_state_dict from the checkpoint's entries of their names (an object may be a function taking
-    the entry); RunError naming the entry that does not fit."""
+    the entry); RunError naming the entry that does not fit (resuming: a run resumes it; else a reader)."""
     for name, obj in objects.items():
         try:
             getattr(obj, "load_state_dict", obj)(checkpoint[name])
         except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as error:
             first = str(error).strip().splitlines()[0]
-            raise RunError(f"cannot resume from {path}: its {name!r} does not fit this run ({first}); "
-                           "choose another --output_dir") from error
+            if resuming:
+                raise RunError(f"cannot resume from {path}: its {name!r} does not fit this run ({first}); "
+                               "choose another --output_dir") from error
+            raise RunError(f"cannot read {path}: its {name!r} does not fit the network its 'args' describe "
+                           f"({first}); {READ_WAY_OUT}") from error

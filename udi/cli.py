@@ -4,12 +4,12 @@ flag, exit status 2). What needs the data or the output folder is checked by udi
 written."""
 import argparse
 import hashlib
-import math
 import os
 import re
 import shlex
 
 from .digits import TRAIN_DIGITS
+from .flags import NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, SEED_RANGE, float_in, int_in, str2bool, unwritable
 from .model import DINO_ARCHS, POS_EMBED_RESAMPLING
 
 PRESETS = {
@@ -31,49 +31,25 @@ PRESETS = {
                  embedded_images=1280, num_workers=0, saveckp_freq=0, final_eval=True),
 }
 # width and heads of DINO's architecture names (timm's defaults); other timm names are looked up in timm
-DINO_ARCH_SHAPES = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}
-SEED_RANGE = 2 ** 32  # numpy's seeds: 0 <= seed < 2**32
-# The generated embedded data live in memory (images and pixel labels, float32 and int64, twice while stacked).
-EMBEDDED_MEMORY_LIMIT = 2 ** 30
+DINO_ARCH_SHAPES = {"vit_tiny": (192, 3, 12), "vit_small": (384, 6, 12), "vit_base": (768, 12, 12)}  # C, H, depth
+# The labelled embedded data live in memory (images and pixel labels, float32 and int64, and what generating them
+# holds at its peak): bytes per pixel of a --global_crop_size image, measured as the peak RSS of 1280 images at
+# 64 px (digits 162 KiB, scenes 654 KiB per image); at most EMBEDDED_MEMORY_LIMIT of them.
+EMBEDDED_BYTES_PER_PIXEL = {"digits": 40, "scenes": 164}
+EMBEDDED_MEMORY_LIMIT = 4 * 2 ** 30
+# The student's parameters (the run holds four float32 copies: student, teacher and AdamW's two moments) and one
+# batch of views per process (float32, before the network), at most:
+MAX_PARAMETERS = 2 ** 31
+MAX_VIEW_BYTES = 2 ** 34
 OUTPUT_ROOT = "udi_output"
-
-
-def str2bool(value: str) -> bool:
-    if value.lower() in ("1", "true", "yes", "on"):
-        return True
-    if value.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (true / false), got {value!r}")
-
-
-def int_in(low: int, high: int):
-    """An argparse type: an int in [low, high]."""
-    def parse(value: str) -> int:
-        try:
-            number = int(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an int in [{low}, {high}], got {value!r}") from None
-        if not low <= number <= high:
-            raise argparse.ArgumentTypeError(f"expected an int in [{low}, {high}], got {value}")
-        return number
-    parse.__name__ = f"int in [{low}, {high}]"  # argparse's "invalid <name> value" message
-    return parse
-
-
-def float_in(low: float, high: float, low_open: bool = False):
-    """An argparse type: a finite float in [low, high] (in (low, high] with low_open)."""
-    interval = f"{'(' if low_open else '['}{low}, {high}]"
-
-    def parse(value: str) -> float:
-        try:
-            number = float(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a finite number in {interval}, got {value!r}") from None
-        if not math.isfinite(number) or not (low < number if low_open else low <= number) or number > high:
-            raise argparse.ArgumentTypeError(f"expected a finite number in {interval}, got {value}")
-        return number
-    parse.__name__ = f"float in {interval}"
-    return parse
+# Flags that may differ between a checkpoint and the run resuming it (udi.run_setup; said when they do, and in
+# --help): schedules, seed, batch, precision and how the same computation runs, workers, output and evaluation.
+RESUMABLE = frozenset({
+    "preset", "epochs", "lr", "min_lr", "warmup_epochs", "weight_decay", "weight_decay_end", "clip_grad",
+    "freeze_last_layer", "momentum_teacher", "warmup_teacher_temp", "teacher_temp", "warmup_teacher_temp_epochs",
+    "batch_size_per_gpu", "seed", "precision", "optimizer", "saveckp_freq", "num_workers", "final_eval",
+    "knn_data_path", "output_dir", "resume_anyway", "dist_url", "local_rank",
+    "fuse_last_layer"})  # the same numbers either way (tests/test_train_fused.py)
 
 
 def use_fp16(value: str) -> str:
@@ -83,7 +59,6 @@ def use_fp16(value: str) -> str:
 
 SIZE, COUNT, EPOCHS = int_in(1, 4096), int_in(0, 4096), int_in(0, 100_000)
 FRACTION, SCALE = float_in(0.0, 1.0), float_in(0.0, 1.0, low_open=True)
-NON_NEGATIVE_FLOAT, POSITIVE_FLOAT = float_in(0.0, 1e6), float_in(0.0, 1e6, low_open=True)
 
 
 def add_model_flags(p):
@@ -177,7 +152,7 @@ def add_run_flags(p):
                            "their train split without labels, or regions of scikit-image's sample images")
     misc.add_argument("--embedded_images", default=1280, type=int_in(1, 10 ** 6),
                       help=f"dataset length of --embedded_data (digits: at most {TRAIN_DIGITS}, the train split; "
-                           "scenes: what fits in 1 GiB)")
+                           f"digits and scenes: what fits in {EMBEDDED_MEMORY_LIMIT // 2 ** 30} GiB)")
     misc.add_argument("--output_dir", default=None,
                       help=f"checkpoint.pth, log.txt, args.json and the evaluation's files; default: "
                            f"{OUTPUT_ROOT}/PRESET-OBJECTIVE-DATA, one folder per preset, objective and data")
@@ -208,7 +183,12 @@ def get_args_parser(preset: str = "demo"):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description=f"UDI pre-training. The defaults shown are those of --preset {preset}; explicit flags win "
                     "(`--preset reference --help` shows the reference preset's). A flag of DINO's main_dino.py or "
-                    "the reference's main_udi.py with a counterpart here is accepted under its own name too.")
+                    "the reference's main_udi.py with a counterpart here is accepted under its own name too.",
+        epilog="Resuming: a run whose --output_dir holds a checkpoint.pth resumes it. These flags may differ from "
+               "the checkpoint's: " + ", ".join(f"--{flag}" for flag in sorted(RESUMABLE))
+               + "; the run says which did and writes its arguments to args.resumeNNNN.json beside args.json, "
+               "which is never rewritten. Any other flag that differs (data, model, crops, objective) is refused, "
+               "naming it; --resume_anyway true resumes anyway.")
     p.add_argument("--preset", default=preset, choices=sorted(PRESETS),
                    help="a set of defaults: demo (a tiny ViT on embedded data, minutes on a CPU) or reference "
                         "(ViT-S/16 on ImageNet as in the reference)")
@@ -240,7 +220,8 @@ def check_scales(parser, args):
 
 
 def arch_shape(parser, arch: str) -> tuple:
-    """(width, heads) of --arch: DINO's names from a table, other timm names from timm (built on the meta device)."""
+    """(width, heads, depth) of --arch: DINO's names from a table, other timm names from timm (built on the meta
+    device)."""
     if arch in DINO_ARCH_SHAPES:
         return DINO_ARCH_SHAPES[arch]
     import timm
@@ -249,14 +230,35 @@ def arch_shape(parser, arch: str) -> tuple:
         parser.error(f"--arch {arch}: not a DINO name ({', '.join(DINO_ARCH_SHAPES)}) nor a timm vit_* model")
     with torch.device("meta"):
         vit = timm.create_model(arch, pretrained=False, num_classes=0)
-    return vit.embed_dim, vit.blocks[0].attn.num_heads
+    return vit.embed_dim, vit.blocks[0].attn.num_heads, len(vit.blocks)
 
 
-def check_heads(parser, args):
-    width, heads = arch_shape(parser, args.arch)
-    width, heads = args.embed_dim or width, args.num_heads or heads
+def check_network(parser, args):
+    """The heads must divide the width; the network must have at most MAX_PARAMETERS parameters (estimated: 12·C²
+    per block, 4·C² for the SRS head path, the DINO head's MLP and its last layer)."""
+    width, heads, depth = arch_shape(parser, args.arch)
+    width, heads, depth = args.embed_dim or width, args.num_heads or heads, args.depth or depth
     if width % heads:
         parser.error(f"--num_heads {heads} does not divide the width {width} (--embed_dim or --arch {args.arch})")
+    hidden, bottleneck = args.head_hidden_dim, args.head_bottleneck_dim
+    parameters = (12 * depth + 4) * width ** 2 + width * hidden + hidden ** 2 + hidden * bottleneck \
+        + bottleneck * args.out_dim
+    if parameters > MAX_PARAMETERS:
+        parser.error(f"the network of --arch {args.arch} (width {width}, depth {depth}), --head_hidden_dim {hidden}, "
+                     f"--head_bottleneck_dim {bottleneck} and --out_dim {args.out_dim} would have about "
+                     f"{parameters / 1e9:.1f} billion parameters; at most {MAX_PARAMETERS / 1e9:.1f} (a run holds "
+                     "four float32 copies)")
+
+
+def check_views(parser, args):
+    """One batch of views per process (2 global, L local crops, float32) must fit MAX_VIEW_BYTES."""
+    pixels = 2 * args.global_crop_size ** 2 + args.local_crops_number * args.local_crop_size ** 2
+    size = args.batch_size_per_gpu * pixels * 3 * 4
+    if size > MAX_VIEW_BYTES:
+        parser.error(f"--batch_size_per_gpu {args.batch_size_per_gpu} with --global_crop_size "
+                     f"{args.global_crop_size}, --local_crops_number {args.local_crops_number} and --local_crop_size "
+                     f"{args.local_crop_size} gives {size / 2 ** 30:.1f} GiB of views per batch; at most "
+                     f"{MAX_VIEW_BYTES // 2 ** 30} GiB")
 
 
 def check_schedules(parser, args):
@@ -276,11 +278,12 @@ def check_embedded_data(parser, args):
     count, data = args.embedded_images, args.embedded_data
     if data == "digits" and count > TRAIN_DIGITS:
         parser.error(f"--embedded_images {count}: --embedded_data digits has {TRAIN_DIGITS} train images")
-    per_image = 2 * args.global_crop_size ** 2 * (3 * 4 + 8)
-    if data == "scenes" and count * per_image > EMBEDDED_MEMORY_LIMIT:
-        parser.error(f"--embedded_images {count}: generated scenes of --global_crop_size {args.global_crop_size} px "
-                     f"would hold {count * per_image / 2 ** 30:.1f} GiB in memory; at most "
-                     f"{EMBEDDED_MEMORY_LIMIT // per_image} (train on more from an ImageFolder: --data_path)")
+    per_image = args.global_crop_size ** 2 * EMBEDDED_BYTES_PER_PIXEL.get(data, 0)
+    if count * per_image > EMBEDDED_MEMORY_LIMIT:
+        parser.error(f"--embedded_images {count}: generated {data} of --global_crop_size "
+                     f"{args.global_crop_size} px would hold {count * per_image / 2 ** 30:.1f} GiB in memory; at "
+                     f"most {EMBEDDED_MEMORY_LIMIT // per_image} images (train on more from an ImageFolder: "
+                     "--data_path)")
     if count < args.batch_size_per_gpu * world_size():
         parser.error(f"--embedded_images {count} give no full batch of --batch_size_per_gpu "
                      f"{args.batch_size_per_gpu} x {world_size()} process(es)")
@@ -294,13 +297,12 @@ def check_paths(parser, args):
         if missing:
             parser.error(f"--knn_data_path {args.knn_data_path}: needs the folders train/ and val/ (missing: "
                          f"{', '.join(missing)})")
-    if args.output_dir is not None:
-        existing = os.path.abspath(args.output_dir)
-        while not os.path.exists(existing):
-            existing = os.path.dirname(existing)
-        if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-            kind = "is not a folder" if not os.path.isdir(existing) else "is not writable"
-            parser.error(f"--output_dir {args.output_dir}: {existing} {kind}")
+    if args.knn_data_path is not None and not args.final_eval:
+        parser.error(f"--knn_data_path {args.knn_data_path} is read by the final evaluation, which --final_eval "
+                     "false skips: add --final_eval true, or run udi.eval_knn on the checkpoint afterwards")
+    reason = unwritable(args.output_dir) if args.output_dir is not None else None
+    if reason:
+        parser.error(f"--output_dir {args.output_dir}: {reason}")
 
 
 def data_tag(args) -> str:
@@ -322,7 +324,8 @@ def parse_args(argv=None):
     preset_parser.add_argument("--preset", default="demo", choices=sorted(PRESETS))
     parser = get_args_parser(preset_parser.parse_known_args(argv)[0].preset)
     args = parser.parse_args(argv)
-    for check in (check_sizes, check_scales, check_heads, check_schedules, check_paths, check_embedded_data):
+    for check in (check_sizes, check_scales, check_network, check_views, check_schedules, check_paths,
+                  check_embedded_data):
         check(parser, args)
     args.output_dir = args.output_dir or default_output_dir(args)
     return args

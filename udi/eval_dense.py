@@ -11,7 +11,8 @@ from torch import Tensor
 
 from .data import class_names
 from .eval_linear import top1_predictions, train_linear
-from .evaluation import checkpoint_parser, embedded_checkpoint, embedded_splits, print_metrics, run_main
+from .evaluation import (checkpoint_parser, embedded_checkpoint, embedded_splits, parse_checkpoint_args, print_metrics,
+                         run_main)
 
 DENSE_TRAIN_IMAGES = 1024  # at most this many train images for the dense probe (64 patches each at an 8 x 8 grid)
 
@@ -52,7 +53,8 @@ def dense_metrics(train: dict, test: dict, data: str) -> dict:
 
 
 def main(argv=None):
-    args = checkpoint_parser("UDI dense linear probe on embedded labelled data", data_path=False).parse_args(argv)
+    args = parse_checkpoint_args(checkpoint_parser("UDI dense linear probe on embedded labelled data",
+                                                   data_path=False), argv)
     backbone, image_size, device, data = embedded_checkpoint(args)
     metrics = dense_metrics(*embedded_splits(backbone, image_size, device, data), data)
     print_metrics(metrics)

@@ -9,6 +9,7 @@ Metrics (%): knn_cls / knn_cls_plus (weighted 20-NN, DINO's protocol), linear_cl
 A backbone with one class token (--objective dino) has no cls+ metrics.
 """
 import json
+import os
 from typing import Optional
 
 import torch.nn.functional as F
@@ -17,7 +18,9 @@ from .data import check_labelled_data
 from .eval_dense import dense_metrics
 from .eval_knn import knn_classify
 from .eval_linear import linear_probe
-from .evaluation import checkpoint_parser, embedded_checkpoint, embedded_splits, print_metrics, run_main
+from .evaluation import (checkpoint_parser, embedded_checkpoint, embedded_splits, parse_checkpoint_args, print_metrics,
+                         run_main)
+from .flags import output_file
 
 METRICS = ("knn_cls", "knn_cls_plus", "linear_cls", "linear_cls_plus", "dense_accuracy", "dense_miou")
 
@@ -41,11 +44,12 @@ def evaluate(backbone, image_size: int, device, data: str = "digits", train_coun
 
 def main(argv=None):
     p = checkpoint_parser("UDI evaluation on embedded labelled data (image-level and dense)", data_path=False)
-    p.add_argument("--output", default=None, help="also write the metrics to this JSON file")
-    args = p.parse_args(argv)
+    p.add_argument("--output", default=None, type=output_file, help="also write the metrics to this JSON file")
+    args = parse_checkpoint_args(p, argv)
     metrics = evaluate(*embedded_checkpoint(args))
     print_metrics(metrics)
     if args.output:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         with open(args.output, "w") as f:
             json.dump(metrics, f, indent=1)
     return metrics

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .evaluation import TOKEN_NAMES, checkpoint_features, checkpoint_parser, run_main
+from .evaluation import TOKEN_NAMES, checkpoint_features, checkpoint_parser, parse_checkpoint_args, run_main
+from .flags import NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, int_in
 
 
 def train_linear(features: Tensor, labels: Tensor, epochs=100, lr=1e-2, weight_decay=1e-4, batch_size=256,
@@ -63,11 +64,11 @@ def feature_sets(features: dict) -> dict:
 
 def linear_main(argv=None):
     p = checkpoint_parser("UDI linear probe")
-    p.add_argument("--epochs", default=100, type=int, help="epochs of the linear classifier")
-    p.add_argument("--lr", default=1e-2, type=float, help="AdamW learning rate (cosine schedule)")
-    p.add_argument("--weight_decay", default=1e-4, type=float, help="AdamW weight decay")
-    p.add_argument("--batch_size", default=256, type=int, help="mini-batch size")
-    args = p.parse_args(argv)
+    p.add_argument("--epochs", default=100, type=int_in(1, 100_000), help="epochs of the linear classifier")
+    p.add_argument("--lr", default=1e-2, type=POSITIVE_FLOAT, help="AdamW learning rate (cosine schedule)")
+    p.add_argument("--weight_decay", default=1e-4, type=NON_NEGATIVE_FLOAT, help="AdamW weight decay")
+    p.add_argument("--batch_size", default=256, type=int_in(1, 2 ** 20), help="mini-batch size")
+    args = parse_checkpoint_args(p, argv)
     train, test, _ = checkpoint_features(args)
     train_sets, test_sets = feature_sets(train[0]), feature_sets(test[0])
     results = {}

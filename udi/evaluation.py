@@ -6,17 +6,18 @@ Features are by class token name: {"cls": [N, C], "cls_plus": [N, C]}, cls alone
 token (--objective dino; udi.model.BackboneOutput.class_tokens), so that no evaluation asks which objective
 trained the network."""
 import argparse
+import os
 
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import verify
+from .checkpoint import READ_WAY_OUT, load_states, read_checkpoint
 from .data import LABELLED_DATA, labelled_images, normalize
 from .data.folders import labelled_splits
 from .errors import RunError, one_line
+from .flags import existing_file, existing_folder, int_in
 from .model import build_model
 from .scenes import patch_labels
-from .utils import checkpoint_with
 
 TOKEN_NAMES = {"cls": "cls", "cls_plus": "cls+"}  # how results name the class tokens
 
@@ -26,38 +27,73 @@ def default_device() -> torch.device:
 
 
 def load_backbone(path, checkpoint_key="teacher"):
-    """The backbone of a udi.train checkpoint (its args rebuild the architecture) and those args."""
-    checkpoint = checkpoint_with(path, ("args", checkpoint_key))
-    verify(checkpoint, path, (checkpoint_key,))
-    model = build_model(argparse.Namespace(**checkpoint["args"]))
-    model.load_state_dict(checkpoint[checkpoint_key])
-    return model.backbone, argparse.Namespace(**checkpoint["args"])
+    """The backbone of a udi.train checkpoint (its args rebuild the architecture) and those args. The file is
+    checked as udi.train checks the one it resumes (udi.checkpoint.read_checkpoint: entries, kinds, checksum, finite
+    weights); RunError naming the file when it fails, when its args do not rebuild a network or its weights do not
+    fit that network."""
+    checkpoint = read_checkpoint(path, entries=("args", checkpoint_key))
+    train_args = argparse.Namespace(**checkpoint["args"])
+    try:
+        model = build_model(train_args)
+    except (AttributeError, TypeError, ValueError, KeyError, RuntimeError, AssertionError) as error:
+        raise RunError(f"{path}: its 'args' do not describe a network udi.train builds ({type(error).__name__}: "
+                       f"{error}); {READ_WAY_OUT}") from error
+    load_states(checkpoint, path, resuming=False, **{checkpoint_key: model})
+    return model.backbone, train_args
 
 
 def checkpoint_parser(description, data_path: bool = True):
     """The arguments every evaluation takes: which checkpoint, which data (unless data_path=False: embedded
-    labelled data only), which image size."""
-    p = argparse.ArgumentParser(description)
-    p.add_argument("--pretrained_weights", required=True, help="a udi.train checkpoint")
-    p.add_argument("--checkpoint_key", default="teacher", help="the network to evaluate: teacher or student")
+    labelled data only), which image size. Every value is checked when parsed (udi.flags; check_data_flags for the
+    combination of --data_path and --holdout_fraction): argparse's error naming the flag, exit status 2."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--pretrained_weights", required=True, type=existing_file,
+                   help="a checkpoint.pth udi.train wrote (checked: entries, checksum, finite weights)")
+    p.add_argument("--checkpoint_key", default="teacher", choices=["teacher", "student"],
+                   help="the network to evaluate")
     if data_path:
-        p.add_argument("--data_path", default=None,
+        p.add_argument("--data_path", default=None, type=existing_folder,
                        help="labelled ImageFolder root with train/ (fit on) and val/ (scored on); default: "
                             "--embedded_data")
         p.add_argument("--holdout_fraction", default=None, type=holdout_fraction,
-                       help="without train/ and val/: hold out this fraction of --data_path's images (a seeded "
-                            "split) to score on, fitting on the rest")
+                       help="for a --data_path without train/ and val/: hold out this fraction of its images (a "
+                            "seeded split) to score on, fitting on the rest")
     p.add_argument("--embedded_data", default=None, choices=sorted(LABELLED_DATA),
                    help="embedded labelled data (udi.digits, udi.scenes); default: the one the checkpoint trained "
                         "on, or digits")
-    p.add_argument("--image_size", default=None, type=int,
+    p.add_argument("--image_size", default=None, type=int_in(1, 4096),
                    help="evaluation image side (floored to a multiple of the patch size, as in training); default: "
                         "the checkpoint's global crop size")
     return p
 
 
+def parse_checkpoint_args(parser, argv=None):
+    """parser.parse_args(argv) and the checks of combinations of flags (check_data_flags)."""
+    args = parser.parse_args(argv)
+    check_data_flags(parser, args)
+    return args
+
+
+def check_data_flags(parser, args):
+    """--holdout_fraction splits one ImageFolder: it needs --data_path, and one without train/ and val/ (whose
+    class folders they would become)."""
+    fraction, path = getattr(args, "holdout_fraction", None), getattr(args, "data_path", None)
+    if fraction is None:
+        return
+    if path is None:
+        parser.error(f"--holdout_fraction {fraction:g} holds out images of --data_path, which is not given")
+    split = [s for s in ("train", "val") if os.path.isdir(os.path.join(path, s))]
+    if split:
+        parser.error(f"--holdout_fraction {fraction:g}: --data_path {path} is already split ({'/, '.join(split)}/); "
+                     "leave --holdout_fraction out to fit on train/ and score on val/")
+
+
 def holdout_fraction(value: str) -> float:
-    number = float(value)
+    """An argparse type: a fraction strictly between 0 and 1."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction strictly between 0 and 1, got {value!r}") from None
     if not 0 < number < 1:
         raise argparse.ArgumentTypeError(f"expected a fraction strictly between 0 and 1, got {value}")
     return number

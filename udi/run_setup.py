@@ -3,9 +3,10 @@ resume, written with which flags; numbered checkpoints it would replace), the da
 and the lines that say what resumes, what changed and what will run.
 
 Resuming: a checkpoint written with other data, model, crop or objective flags is refused, naming them (another
---output_dir, or --resume_anyway true, are the ways out); the flags of RESUMABLE (schedules, seed, batch, precision,
-workers, output and evaluation) may change, and the run says which did. args.json describes the run that started
-the checkpoint and is never rewritten on resume; a resumed run with changed flags writes args.resumeNNNN.json.
+--output_dir, or --resume_anyway true, are the ways out); the flags of udi.cli.RESUMABLE (schedules, seed, batch,
+precision, workers, output and evaluation; listed in --help) may change, and the run says which did. args.json
+describes the run that started the checkpoint and is never rewritten on resume; a resumed run with changed flags
+writes args.resumeNNNN.json.
 """
 import dataclasses
 import json
@@ -13,16 +14,9 @@ import os
 from typing import Optional
 
 from .checkpoint import read_checkpoint
+from .cli import RESUMABLE
 from .errors import RunError
 
-# Flags that may differ between a checkpoint and the run resuming it (said when they do): schedules, seed, batch,
-# precision and how the same computation runs, workers, output and evaluation.
-RESUMABLE = frozenset({
-    "preset", "epochs", "lr", "min_lr", "warmup_epochs", "weight_decay", "weight_decay_end", "clip_grad",
-    "freeze_last_layer", "momentum_teacher", "warmup_teacher_temp", "teacher_temp", "warmup_teacher_temp_epochs",
-    "batch_size_per_gpu", "seed", "precision", "optimizer", "saveckp_freq", "num_workers", "final_eval",
-    "knn_data_path", "output_dir", "resume_anyway", "dist_url", "local_rank",
-    "fuse_last_layer"})  # the same numbers either way (tests/test_train_fused.py)
 PATH_FLAGS = ("data_path", "knn_data_path")
 
 

@@ -121,17 +121,6 @@ def load_checkpoint(path) -> dict:
                            "replace it") from error
 
 
-def checkpoint_with(path, keys) -> dict:
-    """load_checkpoint, and a RunError naming the file unless it is a dict holding every one of `keys`."""
-    checkpoint = load_checkpoint(path)
-    missing = [key for key in keys if key not in checkpoint] if isinstance(checkpoint, dict) else list(keys)
-    if not isinstance(checkpoint, dict) or missing:
-        found = sorted(map(str, checkpoint)) if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise RunError(f"{path} is not a udi.train checkpoint: it lacks {missing or 'the dict of entries'} "
-                           f"(found {found})")
-    return checkpoint
-
-
 def restore_log(output_dir, records: list):
     """Make log.txt hold exactly `records` (the checkpoint's, one JSON line each), replaced atomically: a run killed
     after its checkpoint and before its log.txt line resumes with a log that matches the checkpoint. A log.txt

@@ -10,9 +10,10 @@ import os
 import matplotlib
 import torch
 
-from .data import IMAGENET_MEAN, IMAGENET_STD, class_names, eval_transform, labelled_images, normalize
+from .data import IMAGENET_MEAN, IMAGENET_STD, LABELLED_DATA, class_names, eval_transform, labelled_images, normalize
 from .data.folders import read_image
-from .evaluation import TOKEN_NAMES, checkpoint_parser, evaluation_data, load_backbone, run_main
+from .evaluation import TOKEN_NAMES, checkpoint_parser, evaluation_data, load_backbone, parse_checkpoint_args, run_main
+from .flags import SEED, existing_file, int_in, output_folder
 from .model import build_model
 
 matplotlib.use("Agg")
@@ -76,26 +77,32 @@ def save_attention_maps(backbones: dict, output_dir, pictures: dict, device):
     return paths
 
 
-def main(argv=None):
+def visualize_parser():
     p = checkpoint_parser("UDI attention maps", data_path=False)
-    p.add_argument("--image_path", nargs="*", default=None,
+    p.add_argument("--image_path", nargs="*", default=None, type=existing_file,
                    help="pictures; default: held-out images of --embedded_data")
-    p.add_argument("--num_images", default=4, type=int, help="how many held-out images without --image_path")
-    p.add_argument("--output_dir", default="attention", help="where the PNGs go")
-    p.add_argument("--seed", default=1, type=int, help="seed of the randomly initialised network shown beside")
-    args = p.parse_args(argv)
-    if args.num_images < 1:
-        p.error(f"--num_images must be at least 1, got {args.num_images}")
+    p.add_argument("--num_images", default=4, type=int_in(1, max(held for _, held in LABELLED_DATA.values())),
+                   help="how many held-out images without --image_path (at most the data's held-out images)")
+    p.add_argument("--output_dir", default="attention", type=output_folder, help="where the PNGs go")
+    p.add_argument("--seed", default=1, type=SEED, help="seed of the randomly initialised network shown beside")
+    return p
+
+
+def main(argv=None):
+    p = visualize_parser()
+    args = parse_checkpoint_args(p, argv)
     backbone, train_args = load_backbone(args.pretrained_weights, args.checkpoint_key)
+    data, size = evaluation_data(args, train_args), args.image_size or train_args.global_crop_size
+    if not args.image_path and args.num_images > LABELLED_DATA[data][1]:
+        p.error(f"--num_images {args.num_images}: the embedded {data} hold {LABELLED_DATA[data][1]} held-out images")
     torch.manual_seed(args.seed)
     backbones = {"trained": backbone, "random init": build_model(train_args).backbone}
-    size = args.image_size or train_args.global_crop_size
     if args.image_path:
         transform = eval_transform(size)
         pictures = {os.path.splitext(os.path.basename(f))[0]: (transform(read_image(f)), None)
                     for f in args.image_path}
     else:
-        pictures = held_out_images(evaluation_data(args, train_args), args.num_images, size)
+        pictures = held_out_images(data, args.num_images, size)
     paths = save_attention_maps(backbones, args.output_dir, pictures, torch.device("cpu"))
     print("\n".join(paths))
 
