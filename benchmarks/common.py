@@ -18,6 +18,9 @@ import time
 
 import torch
 
+from udi.flags import HelpFormatter
+from udi_kernels.backends import BACKENDS
+
 
 RECORDED_DIR = os.path.join(os.path.dirname(__file__), "results")  # tracked: runs recorded with --record
 SCRATCH_DIR = os.path.join(os.path.dirname(__file__), "out")  # ignored by git
@@ -60,8 +63,14 @@ def machine_load():
                 other_processes_cores=others, loaded=loaded)
 
 
+def backend_flag(help_text: str) -> dict:
+    """The --backend flag of a benchmark: one of udi_kernels.backends.BACKENDS (argparse refuses others)."""
+    return dict(default=None, choices=BACKENDS, help=f"{help_text} (default: auto)")
+
+
 def parse_args(description, **extra):
-    parser = argparse.ArgumentParser(description=description)
+    """The flags every benchmark takes (--out, --record, --quick) and `extra` ones, defaults shown in --help."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     parser.add_argument("--out", help="directory for the JSON and PNG results (default: benchmarks/out/, ignored by "
                                       "git)")
     parser.add_argument("--record", action="store_true",

@@ -137,7 +137,7 @@ def table_rows(results):
 
 def main():
     args = common.parse_args(__doc__.splitlines()[0],
-                             **{"--backend": dict(default=None, help="fused loss backend (default: auto)")})
+                             **{"--backend": common.backend_flag("fused loss backend")})
     device = common.pick_device()
     torch.manual_seed(0)
     if device.type == "cuda":

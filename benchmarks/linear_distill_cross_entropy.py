@@ -31,6 +31,7 @@ if __package__ in (None, ""):  # run as a file: the repository root on the path,
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import common  # noqa: E402
+from udi.flags import int_in  # noqa: E402
 from udi_kernels import distill_cross_entropy, linear_distill_cross_entropy  # noqa: E402
 
 K, D, TAU_S, TAU_T = 65536, 256, 0.1, 0.04
@@ -204,8 +205,8 @@ def table_rows(results):
 
 def main():
     args = common.parse_args(__doc__.splitlines()[0], **{
-        "--batch": dict(type=int, default=None, help="B (default: 128 on the GPU, 8 on the CPU)"),
-        "--backend": dict(default=None, help="backend of the fused and composed ops (default: auto)"),
+        "--batch": dict(type=int_in(1, 2 ** 16), default=None, help="B (default: 128 on the GPU, 8 on the CPU)"),
+        "--backend": common.backend_flag("backend of the fused and composed ops"),
         "--rss-of": dict(nargs=2, metavar=("CASE", "IMPL"), help=argparse.SUPPRESS)})
     if args.rss_of:  # the child process of rss_in_fresh_process
         return measure_rss_here(*args.rss_of, args.batch, args.backend)

@@ -24,6 +24,7 @@ from collections import Counter
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from udi.flags import HelpFormatter, int_in
 from udi_kernels.losses import DINOLoss, IBOTPatchLoss, UDILoss, cls_plus_targets
 from udi_kernels.testing.losses import random_udi_inputs
 
@@ -109,9 +110,10 @@ def median_us(step, iters):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--iters", type=int, default=1000, help="timed calls per loss (median)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--iters", type=int_in(1, 10 ** 7), default=1000, help="timed calls per loss (median)")
+    parser.add_argument("--threads", type=int_in(1, 4096), default=1, help="torch CPU threads")
     parser.add_argument("--verbose", action="store_true", help="print the ops of each loss by name")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -33,6 +33,7 @@ import torch
 
 from udi import utils
 from udi.cli import parse_args
+from udi.flags import SEED, HelpFormatter, int_in
 from udi.eval_embedded import METRICS, evaluate
 from udi.model import build_model
 from udi.train import train_udi
@@ -117,14 +118,15 @@ def chart(summary: dict, path: str, title: str):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=HelpFormatter)
     p.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="schedule and batch (see above)")
-    p.add_argument("--seeds", default=[0, 1, 2], type=int, nargs="+", help="training seeds")
+    p.add_argument("--seeds", default=[0, 1, 2], type=SEED, nargs="+", help="training seeds")
     p.add_argument("--record", action="store_true", help="write into benchmarks/results/ (tracked)")
     p.add_argument("--output_dir", default=os.path.join(HERE, "out"), help="where results go without --record")
-    p.add_argument("--jobs", default=2 if not torch.cuda.is_available() else 1, type=int,
+    p.add_argument("--jobs", default=2 if not torch.cuda.is_available() else 1, type=int_in(1, 64),
                    help="trainings run at the same time, in processes of torch.get_num_threads() // jobs threads "
-                        "each (default: 2 on a CPU machine, 1 with a GPU)")
+                        "each (2 on a CPU machine, 1 with a GPU)")
     args = p.parse_args(argv)
     out_dir = os.path.join(HERE, "results") if args.record else args.output_dir
     os.makedirs(out_dir, exist_ok=True)

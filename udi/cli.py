@@ -9,7 +9,8 @@ import re
 import shlex
 
 from .digits import TRAIN_DIGITS
-from .flags import NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, SEED_RANGE, float_in, int_in, str2bool, unwritable
+from .flags import (NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, SEED_RANGE, HelpFormatter, float_in, int_in, str2bool,
+                    unwritable)
 from .model import DINO_ARCHS, POS_EMBED_RESAMPLING
 
 PRESETS = {
@@ -180,7 +181,7 @@ def get_args_parser(preset: str = "demo"):
     """The flags (DINO's and the reference's names, aliases for theirs) with the defaults of `preset`."""
     p = argparse.ArgumentParser(
         "python -m udi.train", usage="%(prog)s [--preset {demo,reference}] [--FLAG VALUE ...]",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         description=f"UDI pre-training. The defaults shown are those of --preset {preset}; explicit flags win "
                     "(`--preset reference --help` shows the reference preset's). A flag of DINO's main_dino.py or "
                     "the reference's main_udi.py with a counterpart here is accepted under its own name too.",
@@ -246,8 +247,8 @@ def check_network(parser, args):
     if parameters > MAX_PARAMETERS:
         parser.error(f"the network of --arch {args.arch} (width {width}, depth {depth}), --head_hidden_dim {hidden}, "
                      f"--head_bottleneck_dim {bottleneck} and --out_dim {args.out_dim} would have about "
-                     f"{parameters / 1e9:.1f} billion parameters; at most {MAX_PARAMETERS / 1e9:.1f} (a run holds "
-                     "four float32 copies)")
+                     f"{parameters / 1e9:.1f} billion parameters; at most {MAX_PARAMETERS / 1e9:.1f} billion (a run "
+                     "holds four float32 copies)")
 
 
 def check_views(parser, args):

@@ -15,7 +15,7 @@ from .checkpoint import READ_WAY_OUT, load_states, read_checkpoint
 from .data import LABELLED_DATA, labelled_images, normalize
 from .data.folders import labelled_splits
 from .errors import RunError, one_line
-from .flags import existing_file, existing_folder, int_in
+from .flags import HelpFormatter, existing_file, existing_folder, int_in
 from .model import build_model
 from .scenes import patch_labels
 
@@ -46,7 +46,7 @@ def checkpoint_parser(description, data_path: bool = True):
     """The arguments every evaluation takes: which checkpoint, which data (unless data_path=False: embedded
     labelled data only), which image size. Every value is checked when parsed (udi.flags; check_data_flags for the
     combination of --data_path and --holdout_fraction): argparse's error naming the flag, exit status 2."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     p.add_argument("--pretrained_weights", required=True, type=existing_file,
                    help="a checkpoint.pth udi.train wrote (checked: entries, checksum, finite weights)")
     p.add_argument("--checkpoint_key", default="teacher", choices=["teacher", "student"],

@@ -93,3 +93,13 @@ def output_file(value: str) -> str:
     if reason:
         raise argparse.ArgumentTypeError(f"{value}: {reason}")
     return value
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help of every udi and benchmark command line: each flag's default after its help, except a default of
+    None, whose help says what happens without the flag."""
+
+    def _get_help_string(self, action):
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
