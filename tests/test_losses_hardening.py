@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from test_compat import (SCHEDULE, assert_close_rel, lightly_reference, nested_outputs, udi_loss_reference)
-from test_losses import BACKENDS, _centers, dino_eager, ema, udi_eager
+from test_losses import BACKENDS, _centers, dino_eager, ema, sinkhorn_eager, udi_eager
 from udi_kernels.compat import MaskedAttention
 from udi_kernels.compat import UDILoss as CompatUDILoss
 from udi_kernels.compat.lightly import DINOLoss as LightlyDINOLoss
@@ -316,3 +316,46 @@ def test_lightly_dino_loss_inputs_are_checked_naming_them(call, error, message):
 def test_lightly_dino_loss_constructor_arguments_are_checked(kwargs, error, message):
     with pytest.raises(error, match=message):
         LightlyDINOLoss(**kwargs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float64_sinkhorn_knopp_centering(backend):
+    K, B = 37, 3
+    loss_fn = DINOLoss(K, 3, 0.04, 0.04, 1, 10, centering="sinkhorn_knopp", backend=backend).double()
+    student = torch.randn(3 * B, K, generator=generator(11), dtype=torch.float64)
+    teacher = 0.1 * torch.randn(2 * B, K, generator=generator(12), dtype=torch.float64)
+    q = sinkhorn_eager(teacher, 0.04, 3).chunk(2)
+    s = torch.log_softmax(student / 0.1, -1).chunk(3)
+    terms = [-(q[iq] * s[v]).sum(-1).mean() for iq in range(2) for v in range(3) if v != iq]
+    assert_close_rel(loss_fn(student, teacher, 0), sum(terms) / 4, FP64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float64_probability_targets(backend):
+    """cls_plus_target='probabilities' (the paper's mixture) in float64, against the mixture written out."""
+    B, L, K, tau_t = 3, 1, 23, 0.04
+    student, teacher = random_udi_inputs(B, L, K, 3, 3, dtype=torch.float64, seed=13)
+    loss_fn = UDILoss(K, 2 + L, cls_plus_target="probabilities", backend=backend).double()
+    loss_fn.center_cls_plus.center.normal_(generator=generator(14))
+    center = loss_fn.center_cls_plus.center.clone()
+    _, parts = loss_fn(student, teacher, 0)
+    softmax = lambda x: torch.softmax((x - center) / tau_t, -1)  # noqa: E731
+
+    def mix(samples, mask, cls):
+        p = 0.5 * (mask[:, :, None] * softmax(samples)).sum(1) / (mask.sum(1, keepdim=True) + 1e-5) + 0.5 * softmax(cls)
+        return p / p.sum(-1, keepdim=True)
+
+    t_cls = teacher.cls.reshape(2, B, K)
+    glob = mix(teacher.patch, teacher.patch_mask.double(), torch.cat([t_cls[1], t_cls[0]]))
+    loc = mix(teacher.local, teacher.local_mask.double(), teacher.cls)
+    logq = torch.log_softmax(student.cls_plus.detach() / 0.1, -1)
+    ce_global = -(glob * logq[:2 * B]).sum(-1).mean()
+    ce_local = -(loc * logq[2 * B:].repeat(2, 1)).sum(-1).mean()
+    assert_close_rel(parts["cls_plus"], (2 * ce_global + 2 * L * ce_local) / (2 + 2 * L), FP64)
+
+
+def test_float64_lightly_update_center():
+    loss_fn = LightlyDINOLoss(9).double()
+    rows = torch.randn(2, 3, 9, generator=generator(15), dtype=torch.float64) / 3
+    loss_fn.update_center(rows)
+    assert_close_rel(loss_fn.center[0, 0], 0.1 * rows.reshape(-1, 9).mean(0), FP64)

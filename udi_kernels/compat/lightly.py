@@ -96,7 +96,7 @@ class DINOLoss(nn.Module):
         if teacher_out.dim() == 0 or teacher_out.shape[-1] != self.center.shape[-1]:
             raise ValueError(f"teacher_out must have shape [..., {self.center.shape[-1]}], got "
                              f"{list(teacher_out.shape)}")
-        rows = teacher_out.reshape(-1, teacher_out.shape[-1]).float()
+        rows = teacher_out.reshape(-1, teacher_out.shape[-1]).to(torch.promote_types(self.center.dtype, torch.float32))
         update_center_buffer(self, self.center_momentum, rows.sum(0, keepdim=True),
                              rows.new_full((1, 1), rows.shape[0]), self.center_mean)
 

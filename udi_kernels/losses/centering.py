@@ -112,12 +112,12 @@ def sinkhorn_knopp_center(teacher: Tensor, tau_t: float, iterations: int = 3) ->
 
     Q = diag(β) exp(t/τt) diag(α) is rescaled so that prototypes have equal mass over the global batch
     (all-reduced) and each row sums to 1; the row scaling cancels in the softmax, so c = −τt·log α.
-    Computed in log space (no overflow at small τt). teacher [R, K] -> center [1, K] float32; zeros for an empty
-    batch (R = 0 on a single process).
+    Computed in log space (no overflow at small τt). teacher [R, K] -> center [1, K] float32 (float64 for float64
+    logits); zeros for an empty batch (R = 0 on a single process).
     """
     if teacher.shape[0] == 0 and not distributed():
-        return teacher.new_zeros(1, teacher.shape[1], dtype=torch.float32)
-    u = teacher.float() / tau_t
+        return teacher.new_zeros(1, teacher.shape[1], dtype=torch.promote_types(teacher.dtype, torch.float32))
+    u = teacher.to(torch.promote_types(teacher.dtype, torch.float32)) / tau_t
     log_b = u.new_zeros(u.shape[0], 1)
     log_a = u.new_zeros(1, u.shape[1])
     for _ in range(iterations):

@@ -198,13 +198,14 @@ class UDILoss(nn.Module):
             raise TypeError("cls_plus_target='probabilities' needs the teacher's sample logits (a UDITeacher)")
         probs = self._probability_targets(teacher, tau_t)
         # rows whose centered softmax is exactly `probs`; the center statistics come from the logit blend instead
-        rows = tau_t * torch.log(probs.clamp_min(torch.finfo(torch.float32).tiny)) + self.center_cls_plus.center
-        return rows, torch.zeros(rows.shape[0], device=rows.device)
+        rows = tau_t * torch.log(probs.clamp_min(torch.finfo(probs.dtype).tiny)) + self.center_cls_plus.center
+        return rows, torch.zeros(rows.shape[0], device=rows.device, dtype=rows.dtype)
 
     def _probability_targets(self, teacher: UDITeacher, tau_t):
-        """The blend of blend_cls_plus on the centered softmaxes, renormalised; rows by crop pair."""
-        center = self.center_cls_plus.center
-        softmax = lambda x: torch.softmax((x.float() - center) / tau_t, dim=-1)  # noqa: E731
+        """The blend of blend_cls_plus on the centered softmaxes, renormalised, in float32 (float64 for float64
+        logits); rows by crop pair."""
+        center, dtype = self.center_cls_plus.center, torch.promote_types(teacher.cls.dtype, torch.float32)
+        softmax = lambda x: torch.softmax((x.to(dtype) - center) / tau_t, dim=-1)  # noqa: E731
         cls = softmax(teacher.cls)
         mix = [self.alpha * masked_mean(softmax(teacher.patch), teacher.patch_mask)
                + (1 - self.alpha) * teacher_rows_by_pair(cls)]
@@ -225,7 +226,7 @@ class UDILoss(nn.Module):
             if plus_stats_from_op:
                 plus_sum, plus_count = cls_plus.center_sum, cls_plus.center_count
             else:  # probability targets: the center still follows the logit blend
-                plus = targets.cls_plus.float()
+                plus = targets.cls_plus.to(torch.promote_types(targets.cls_plus.dtype, torch.float32))
                 plus_sum, plus_count = plus.sum(0, keepdim=True), plus.new_full((1,), plus.shape[0])
             update_centers([self.center_cls, self.center_cls_plus, self.center_patch],
                            [cls.center_sum, plus_sum, patch.center_sum + targets.extra_patch_sum],
