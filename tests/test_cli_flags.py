@@ -207,3 +207,13 @@ def test_knn_labels_the_k_it_used(checkpoint, capsys):
     assert lines[-2].startswith("5-NN top-1 on the embedded digits (1280 train, 517 val images)")
     assert lines[-1].startswith("1280-NN top-1 on the embedded digits (1280 train, 517 val images)")
     assert lines[-1].endswith("(--nb_knn 5000: every one of the 1280 train images)")
+
+
+def test_a_new_run_keeps_an_args_json_it_did_not_write(tmp_path, capsys):
+    from udi.train import train_udi
+    (tmp_path / "args.json").write_text('{"someone": "else"}')
+    train_udi(tiny_args(tmp_path, "--epochs", "1"))
+    assert (tmp_path / "args.json.old").read_text() == '{"someone": "else"}'
+    assert '"epochs": 1' in (tmp_path / "args.json").read_text()
+    assert f"{tmp_path / 'args.json'} had no checkpoint.pth: kept as {tmp_path / 'args.json'}.old" in \
+        capsys.readouterr().out

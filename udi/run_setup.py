@@ -129,9 +129,13 @@ def args_file(args, resume: Optional[Resume]) -> Optional[str]:
 
 
 def write_args(args, resume: Optional[Resume]) -> Optional[str]:
-    """Create output_dir and write args_file; returns its path (None when nothing was written)."""
+    """Create output_dir and write args_file; returns its path (None when nothing was written). A new run keeps an
+    args.json it finds (without a checkpoint: not necessarily this run's) as args.json.old, as log.txt."""
     os.makedirs(args.output_dir, exist_ok=True)
     path = args_file(args, resume)
+    if resume is None and os.path.isfile(path):
+        os.replace(path, path + ".old")
+        print(f"{path} had no checkpoint.pth: kept as {path}.old")
     if path is not None:
         with open(path, "w") as f:
             json.dump(vars(args), f, indent=1)
