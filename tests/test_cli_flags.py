@@ -217,3 +217,18 @@ def test_a_new_run_keeps_an_args_json_it_did_not_write(tmp_path, capsys):
     assert '"epochs": 1' in (tmp_path / "args.json").read_text()
     assert f"{tmp_path / 'args.json'} had no checkpoint.pth: kept as {tmp_path / 'args.json'}.old" in \
         capsys.readouterr().out
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda state: next(iter(state["optimizer"]["state"].values()))["exp_avg"].fill_(float("nan")),
+     "holds non-finite weights (optimizer.state."),
+    (lambda state: state["log"].__setitem__(0, "epoch 0"), "its 'epoch' (1) and 'log' (1 records) do not describe"),
+    (set_entry("scaler", 5), "its 'scaler' should be a dict, found int"),
+])
+def test_a_checkpoint_to_resume_with_damaged_state_is_refused(tmp_path, change, message):
+    from udi.train import train_udi
+    train_udi(tiny_args(tmp_path, "--epochs", "1"))
+    path = damaged(tmp_path, tmp_path / "checkpoint.pth", change)
+    path.replace(tmp_path / "checkpoint.pth")
+    with pytest.raises(RunError, match=re.escape(message)):
+        train_udi(tiny_args(tmp_path, "--epochs", "2"))

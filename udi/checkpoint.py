@@ -19,7 +19,7 @@ from .utils import load_checkpoint, replace_atomically
 ENTRIES = ("student", "teacher", "optimizer", "epoch", "args", "scaler", "rng", "log")
 LOSS_ENTRIES = ("udi_loss", "dino_loss")
 CHECKSUM = "checksum"
-WEIGHT_ENTRIES = ("student", "teacher")  # + the loss state: refused when not finite
+WEIGHT_ENTRIES = ("student", "teacher")  # + the loss state and the optimizer's moments on resume: finite
 
 
 def _feed(digest, obj):
@@ -59,9 +59,12 @@ def write_checkpoint(state: dict, path: str):
     replace_atomically(path, buffer.getbuffer())
 
 
-def _non_finite(entries: dict) -> list:
-    return [f"{name}.{key}" for name, state in entries.items() for key, value in state.items()
-            if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all()]
+def _non_finite(obj, name: str) -> list:
+    """The dotted names of the floating tensors inside obj (nested dicts, lists) that hold NaN or inf."""
+    if torch.is_tensor(obj):
+        return [name] if obj.is_floating_point() and not torch.isfinite(obj).all() else []
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    return [bad for key, value in items for bad in _non_finite(value, f"{name}.{key}")]
 
 
 RESUME_WAY_OUT = "move it away or choose another --output_dir"
@@ -74,6 +77,10 @@ def _entry_kinds(checkpoint: dict, path: str, way_out: str):
     if "args" in checkpoint and not isinstance(checkpoint["args"], dict):
         raise RunError(f"{path}: its 'args' is a {type(checkpoint['args']).__name__}, not the dict of the flags it was "
                        f"written with; {way_out}")
+    for name, kind in (("optimizer", dict), ("scaler", dict), ("rng", list)):
+        if name in checkpoint and not isinstance(checkpoint[name], kind):
+            found = type(checkpoint[name]).__name__
+            raise RunError(f"{path}: its {name!r} should be a {kind.__name__}, found {found}; {way_out}")
     for name in (*WEIGHT_ENTRIES, *LOSS_ENTRIES):
         state = checkpoint.get(name, {})
         if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
@@ -82,7 +89,7 @@ def _entry_kinds(checkpoint: dict, path: str, way_out: str):
     if "epoch" in checkpoint or "log" in checkpoint:
         epoch, log = checkpoint.get("epoch"), checkpoint.get("log")
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0 or not isinstance(log, list) or \
-                len(log) != epoch:
+                len(log) != epoch or not all(isinstance(record, dict) for record in log):
             records = f"{len(log)} records" if isinstance(log, list) else type(log).__name__
             raise RunError(f"{path}: its 'epoch' ({epoch!r}) and 'log' ({records}) do not describe the same epochs; "
                            f"{way_out}")
@@ -120,7 +127,7 @@ def verify(checkpoint: dict, path: str, weight_entries=WEIGHT_ENTRIES, way_out: 
     if saved is not None and saved != payload_checksum(checkpoint):
         raise RunError(f"{path} is corrupted: the checksum of its payload does not match the one written with it "
                        f"(the file changed after it was written); restore it from a copy, or {way_out}")
-    bad = _non_finite({name: checkpoint[name] for name in weight_entries if isinstance(checkpoint.get(name), dict)})
+    bad = [bad for name in weight_entries if name in checkpoint for bad in _non_finite(checkpoint[name], name)]
     if bad:
         raise RunError(f"{path} holds non-finite weights ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); "
                        f"restore it from a copy, or {way_out}")
@@ -134,8 +141,11 @@ def read_checkpoint(path: str, loss_key: Optional[str] = None, entries=ENTRIES) 
     the file and what is wrong otherwise."""
     checkpoint = load_checkpoint(path)
     check_entries(checkpoint, path, loss_key, entries)
-    weights = WEIGHT_ENTRIES + (loss_key,) if loss_key else [e for e in entries if e not in ("args", "epoch", "log")]
-    verify(checkpoint, path, tuple(weights), RESUME_WAY_OUT if loss_key else READ_WAY_OUT)
+    if loss_key:
+        weights = WEIGHT_ENTRIES + (loss_key, "optimizer")
+    else:
+        weights = tuple(e for e in entries if e not in ("args", "epoch", "log"))
+    verify(checkpoint, path, weights, RESUME_WAY_OUT if loss_key else READ_WAY_OUT)
     return checkpoint
 
 
@@ -145,7 +155,7 @@ def load_states(checkpoint: dict, path: str, *, resuming: bool = True, **objects
     for name, obj in objects.items():
         try:
             getattr(obj, "load_state_dict", obj)(checkpoint[name])
-        except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as error:
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as error:
             first = str(error).strip().splitlines()[0]
             if resuming:
                 raise RunError(f"cannot resume from {path}: its {name!r} does not fit this run ({first}); "
