@@ -37,11 +37,30 @@ def check_bool(value, name: str) -> bool:
     return value
 
 
-
 def first_failed(conditions: dict) -> Optional[str]:
     """The name of the first False among named boolean 0-dim tensors (None when all hold), read in one device
     sync: the value checks of every op cost one sync on CUDA, however many conditions they test."""
     if not conditions:
         return None
-    held = torch.stack(list(conditions.values())).tolist()
+    held = torch.stack([unwrapped(c).all() for c in conditions.values()]).tolist()
     return next((name for name, ok in zip(conditions, held) if not ok), None)
+
+
+def unwrapped(t: Tensor) -> Tensor:
+    """t without its torch.func wrappers (vmap's batched, grad's tracking tensors): the values of every slice, so
+    that a value check under torch.func checks all of them at once."""
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t
+
+
+def require(conditions: dict) -> None:
+    """Value checks: {message: 0-dim bool tensor}. Raises ValueError(message) for the first that fails (one device
+    sync); under torch.compile each is asserted asynchronously instead (no graph break, no sync)."""
+    if torch.compiler.is_compiling():
+        for message, held in conditions.items():
+            torch._assert_async(held, message)
+        return
+    failed = first_failed(conditions)
+    if failed is not None:
+        raise ValueError(failed)

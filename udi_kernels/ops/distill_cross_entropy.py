@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .. import backends
 from .._native import native_loaded
-from ..checks import check_bool, check_float, first_failed
+from ..checks import check_bool, check_float, require
 from ..declarations import DISTILL_CROSS_ENTROPY
 from ..dtypes import compute_dtype
 from ..reference import distill_cross_entropy as reference
@@ -223,18 +223,30 @@ def _check_csr(csr, row_weight, student, teacher, centers):
 
 def _check_values(student, teacher, centers, center_id, pair_student, pair_teacher, pair_weight, row_weight,
                   **more_finite):
-    """Index ranges and finite teacher, centers, weights (and the tensors more_finite names), in one device sync."""
+    """Index ranges, finite centers and weights (and the tensors more_finite names), and finite teacher rows where
+    they count (row_weight != 0, or read by a pair of nonzero weight): one device sync; asserted asynchronously
+    under torch.compile (checks.require)."""
     indices = {"pair_student": _in_range(pair_student, student.shape[0]),
                "pair_teacher": _in_range(pair_teacher, teacher.shape[0]),
                "center_id": _in_range(center_id, centers.shape[0])}
     finite = {name: torch.isfinite(value).all() for name, value in
-              (("teacher", teacher), ("centers", centers), ("pair_weight", pair_weight), ("row_weight", row_weight),
-               *more_finite.items())}
-    failed = first_failed({**indices, **finite})
-    if failed is not None:
-        what = "indices inside the range of the rows it points to" if failed in indices \
-            else "finite values (no NaN or inf)"
-        raise ValueError(f"{failed} must hold {what}")
+              (("centers", centers), ("pair_weight", pair_weight), ("row_weight", row_weight), *more_finite.items())}
+    counted = counted_teacher_rows(teacher.shape[0], pair_teacher, pair_weight, row_weight)
+    finite["teacher"] = (torch.isfinite(teacher).all(1) | ~counted).all()
+    require({f"{name} must hold indices inside the range of the rows it points to": ok for name, ok in indices.items()}
+            | {f"{name} must hold finite values (no NaN or inf)" + (" in the rows that count (row_weight != 0 or a "
+                                                                    "pair of nonzero weight)" if name == "teacher"
+                                                                    else ""): ok for name, ok in finite.items()})
+
+
+def counted_teacher_rows(num_rows: int, pair_teacher: Tensor, pair_weight: Tensor, row_weight: Tensor) -> Tensor:
+    """[Rt] bool: the teacher rows whose values reach a result: row_weight != 0 (center statistics) or read by a
+    pair of nonzero weight (the loss). The others are left out exactly, whatever their values."""
+    read = (pair_teacher >= 0) & (pair_teacher < num_rows) & (pair_weight != 0)
+    slots = torch.where(read, pair_teacher.long(), num_rows)  # unread pairs land on a sentinel row past the end
+    hits = torch.zeros(num_rows + 1, dtype=torch.int32, device=row_weight.device).scatter_reduce(
+        0, slots, read.int(), "amax")
+    return (row_weight != 0) | (hits[:num_rows] > 0)
 
 
 def _in_range(index, size):

@@ -6,7 +6,7 @@ from torch import Tensor
 
 from .. import backends
 from .._native import native_loaded
-from ..checks import check_bool, check_float, first_failed
+from ..checks import check_bool, check_float, first_failed, unwrapped
 from ..declarations import SRS_ATTENTION
 from ..dtypes import compute_dtype
 from ..reference import srs_attention as reference
@@ -124,6 +124,7 @@ def check_tap_args(index, weight, batch: int, device: torch.device, rows_name: s
 
 
 def _index_range_message(index, low, high):
+    index = unwrapped(index)
     return f"index must lie in [{low}, {high}), got values in [{int(index.min())}, {int(index.max())}]"
 
 
@@ -163,7 +164,7 @@ def index_as_int32(index: Tensor) -> Tensor:
     fits = ((index >= INT32_RANGE[0]) & (index < INT32_RANGE[1])).all()  # True when empty
     if torch.compiler.is_compiling():
         torch._assert_async(fits, "index must fit in int32")
-    elif not bool(fits):
+    elif first_failed({"fits": fits}) is not None:
         raise ValueError(_index_range_message(index, *INT32_RANGE) + " (int32, the kernels' index type)")
     return index.to(torch.int32)
 

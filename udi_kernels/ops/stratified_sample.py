@@ -6,7 +6,7 @@ from torch import Tensor
 
 from .. import backends
 from .._native import native_loaded
-from ..checks import check_bool, check_int, first_failed
+from ..checks import check_bool, check_int, require
 from ..declarations import STRATIFIED_SAMPLE
 from ..reference import stratified_sample as reference
 from .registration import register_kernels
@@ -86,16 +86,18 @@ def _check_boxes(boxes):
 
 
 def _check_box_values(boxes):
-    """One reduction (one device sync on CUDA): finite, inside [0, 1], non-degenerate."""
-    failed = first_failed({"inside": ((boxes >= 0) & (boxes <= 1)).all(),
-                           "extent": (boxes[..., 2:] != boxes[..., :2]).all()})
-    if failed == "inside":
-        raise ValueError("boxes must hold finite values inside [0, 1] (normalised 'ij' coordinates)")
-    if failed == "extent":
-        raise ValueError("boxes must not be degenerate: i0 != i1 and j0 != j1 for every crop")
+    """One reduction (one device sync on CUDA; asserted asynchronously under torch.compile): finite, inside [0, 1],
+    non-degenerate."""
+    require({"boxes must hold finite values inside [0, 1] (normalised 'ij' coordinates)":
+             ((boxes >= 0) & (boxes <= 1)).all(),
+             "boxes must not be degenerate: i0 != i1 and j0 != j1 for every crop": (boxes[..., 2:] != boxes[..., :2]).all()})
 
 
 def _draw_seed(generator: Optional[torch.Generator]) -> int:
+    if torch.compiler.is_compiling():  # a host int drawn per call cannot be traced (it would be a graph constant)
+        raise ValueError("stratified_sample under torch.compile needs seed= (an int): a seed drawn from generator= or "
+                         "the default generator is a host value the compiled graph cannot draw; draw it outside, "
+                         "e.g. seed=int(torch.randint(-2**63, 2**63 - 1, (), generator=generator))")
     device = generator.device if generator is not None else "cpu"
     return int(torch.randint(-2**63, 2**63 - 1, (), generator=generator, device=device, dtype=torch.int64))
 
