@@ -49,7 +49,9 @@ struct Inputs {
   const int32_t* index;       // [B, S, T], into the Nq rows of q
   const float* weight;        // [B, S, T]
   int64_t H, Nq, N, S, T, D;
-  float scale;
+  float scale;           // for the gradients
+  float scale_mantissa;  // scale = scale_mantissa * 2^scale_exponent, for the logits (scaled_logit)
+  int scale_exponent;
 };
 
 __device__ __forceinline__ float warp_sum(float x) {
@@ -103,6 +105,26 @@ __device__ float shared_dot(const float* a, const float* b, int64_t D) {
   return sum;
 }
 
+// e with the largest |row[d]| * 2^-e in [0.5, 1), clamped so that 2^-e is a float (a zero row gives -126).
+__device__ int row_exponent(const float* row, int64_t D) {
+  float top = 0.f;
+  for (int d = 0; d < D; ++d) top = fmaxf(top, fabsf(row[d]));
+  int e = 0;
+  frexpf(top, &e);
+  return max(e, -126);
+}
+
+// The logit q_s . k * scale without an intermediate that overflows where the logit is finite: q_s enters the dot
+// scaled by 2^-e_q (elements below 1, exact), scale as its mantissa, and the powers of two come last (ldexpf, exact).
+// Bit for bit (q_s . k) * scale wherever that neither overflows nor underflows.
+template <typename scalar_t>
+__device__ float scaled_logit(const float* q_s, int e_q, const float* k, const Inputs<scalar_t>& a) {
+  const float inv = ldexpf(1.f, -e_q);
+  float sum = 0.f;
+  for (int d = 0; d < a.D; ++d) sum += (q_s[d] * inv) * k[d];
+  return ldexpf(sum * a.scale_mantissa, e_q + a.scale_exponent);
+}
+
 // The kTileKeys keys from `start` of k and v into shared memory, once the block is done with the last tile.
 template <typename scalar_t>
 __device__ void load_kv_tile(const Inputs<scalar_t>& a, int64_t head_offset, int64_t start, int stride, float* k_tile,
@@ -142,13 +164,14 @@ __global__ void __launch_bounds__(kRows* kWarp)
   if (active)
     for (int d = lane; d < a.D; d += kWarp) q_s[d] = tapped_query(a, b, head, sample, d);
   __syncwarp();
+  const int e_q = active ? row_exponent(q_s, a.D) : 0;
 
   float row_max = -INFINITY, row_sum = 0.f, acc[dims_per_lane<kDims>()] = {};
   for (int64_t start = 0; start < a.N; start += kTileKeys) {
     load_kv_tile(a, head_offset, start, stride, k_tile, v_tile);
     if (!active) continue;
     const bool key_ok = start + lane < a.N;
-    const float logit = key_ok ? shared_dot(q_s, k_tile + lane * stride, a.D) * a.scale : -INFINITY;
+    const float logit = key_ok ? scaled_logit(q_s, e_q, k_tile + lane * stride, a) : -INFINITY;
     const float new_max = fmaxf(row_max, warp_max(logit));
     const float p = key_ok ? expf(logit - new_max) : 0.f;
     const float rescale = expf(row_max - new_max);
@@ -193,6 +216,7 @@ __global__ void __launch_bounds__(kRows* kWarp)
     row_lse = lse[row];
   }
   __syncwarp();
+  const int e_q = active ? row_exponent(q_s, a.D) : 0;
 
   float acc[dims_per_lane<kDims>()] = {};
   for (int64_t start = 0; start < a.N; start += kTileKeys) {
@@ -200,7 +224,7 @@ __global__ void __launch_bounds__(kRows* kWarp)
     if (!active) continue;
     float ds = 0.f;
     if (start + lane < a.N) {
-      const float p = expf(shared_dot(q_s, k_tile + lane * stride, a.D) * a.scale - row_lse);
+      const float p = expf(scaled_logit(q_s, e_q, k_tile + lane * stride, a) - row_lse);
       ds = p * (shared_dot(d_out, v_tile + lane * stride, a.D) - row_delta);
     }
     accumulate_tile<kDims>(ds, k_tile, stride, a.D, lane, acc);
@@ -247,7 +271,8 @@ __global__ void __launch_bounds__(kPass2Threads)
       const int64_t sample = start + s, row = head_rows + sample;
       float p = 0.f, ds = 0.f;
       if (sample < a.S && first_key + n < a.N) {
-        p = expf(shared_dot(q_rows + s * stride, k_tile + n * stride, a.D) * a.scale - lse[row]);
+        const float* q_s = q_rows + s * stride;
+        p = expf(scaled_logit(q_s, row_exponent(q_s, a.D), k_tile + n * stride, a) - lse[row]);
         ds = p * (shared_dot(d_out + s * stride, v_tile + n * stride, a.D) - delta[row]) * a.scale;
       }
       probs[s * kBlockRows + n] = p;
@@ -310,9 +335,11 @@ void check_cuda_inputs(const at::Tensor& q) {
 template <typename scalar_t>
 Inputs<scalar_t> inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& index,
                         const at::Tensor& weight, double scale, const Shape& s) {
+  int exponent = 0;
+  const double mantissa = std::frexp(scale, &exponent);
   return Inputs<scalar_t>{q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
                           index.data_ptr<int32_t>(), weight.data_ptr<float>(), s.H, s.Nq, s.N, s.S, s.T, s.D,
-                          static_cast<float>(scale)};
+                          static_cast<float>(scale), static_cast<float>(mantissa), exponent};
 }
 
 dim3 sample_grid(const Shape& s) {

@@ -179,8 +179,19 @@ def _check_logits(student, teacher, centers, tau_s, tau_t):
                          f"{teacher.shape[1]} and {centers.shape[1]}")
     if K == 0 or centers.shape[0] == 0:
         raise ValueError(f"K and the number of centers must be positive, got centers of shape {list(centers.shape)}")
-    check_float(tau_s, "tau_s", 0.0, low_open=True)
-    check_float(tau_t, "tau_t", 0.0, low_open=True)
+    check_temperatures(tau_s, tau_t)
+
+
+SMALLEST_TEMPERATURE = 2.0**-126  # the kernels multiply by 1/tau in float32: it must be finite there
+
+
+def check_temperatures(tau_s, tau_t) -> None:
+    """Positive finite floats whose reciprocals are finite float32s (>= 2**-126): the kernels scale the logits by
+    1/tau, which must not overflow where the logit itself is finite."""
+    for value, name in ((tau_s, "tau_s"), (tau_t, "tau_t")):
+        check_float(value, name, 0.0, low_open=True)
+        if value < SMALLEST_TEMPERATURE:
+            raise ValueError(f"{name} must be >= 2**-126 (its reciprocal must be a finite float32), got {value}")
 
 
 def _check_shapes(student, teacher, centers, center_id, pair_student, pair_teacher, pair_weight, row_weight,
@@ -273,7 +284,7 @@ def distill_cross_entropy(student: Tensor, teacher: Tensor, centers: Tensor, cen
         centers: [n_c, K] float32 (float64 allowed with float64 inputs); center_id: [Rt] int32/int64.
         pair_student, pair_teacher: [P] int32/int64 row indices; pair_weight: [P] float. Weight-0 pairs add 0.
         row_weight: [Rt] float weight of each teacher row in the center statistics (0 leaves a row out).
-        tau_s, tau_t: positive temperatures.
+        tau_s, tau_t: temperatures, finite floats >= 2**-126 (1/tau must be a finite float32).
         backend: 'auto', 'native', 'triton' or 'reference' (default: $UDI_KERNELS_BACKEND or 'auto').
         check_values: check index ranges and that teacher/centers/weights are finite (one device sync;
             skipped under torch.compile and for meta tensors). Shapes, dtypes, devices and the temperatures are

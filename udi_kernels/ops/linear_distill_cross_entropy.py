@@ -25,12 +25,12 @@ from torch import Tensor
 
 from .. import backends
 from .._native import native_loaded
-from ..checks import check_bool, check_float
+from ..checks import check_bool
 from ..declarations import LINEAR_DISTILL_CROSS_ENTROPY
 from ..dtypes import compute_dtype
 from ..reference import linear_distill_cross_entropy as reference
 from .distill_cross_entropy import (FLOATS, DistillCrossEntropyResult, PairCSR, _check_csr, _check_tensor,
-                                    _check_values, build_csr, check_pairs)
+                                    _check_values, build_csr, check_pairs, check_temperatures)
 from .registration import Backward, register_kernels
 
 OP = LINEAR_DISTILL_CROSS_ENTROPY.name
@@ -119,8 +119,7 @@ def _check_linear(student, weight, teacher, teacher_weight, centers, tau_s, tau_
         raise ValueError(f"centers must have weight's K = {K} columns, got {list(centers.shape)}")
     if K == 0 or centers.shape[0] == 0:
         raise ValueError(f"K and the number of centers must be positive, got centers of shape {list(centers.shape)}")
-    check_float(tau_s, "tau_s", 0.0, low_open=True)
-    check_float(tau_t, "tau_t", 0.0, low_open=True)
+    check_temperatures(tau_s, tau_t)
 
 
 def _resolve(student: Tensor, teacher: Tensor, backend: Optional[str]) -> str:
@@ -150,7 +149,7 @@ def linear_distill_cross_entropy(student: Tensor, weight: Tensor, teacher: Tenso
         centers: [n_c, K] float32 (float64 allowed with float64 inputs); center_id: [Rt] int32/int64.
         pair_student, pair_teacher: [P] int32/int64 row indices; pair_weight: [P] float. Weight-0 pairs add 0.
         row_weight: [Rt] float weight of each teacher row in the center statistics (0 leaves a row out).
-        tau_s, tau_t: positive temperatures.
+        tau_s, tau_t: temperatures, finite floats >= 2**-126 (1/tau must be a finite float32).
         backend: 'auto', 'native', 'triton' or 'reference' (default: $UDI_KERNELS_BACKEND or 'auto').
         check_values: as in distill_cross_entropy (index ranges; teacher, teacher_weight, centers and the
             weights finite; one device sync). With check_values=False every backend stays in bounds and gives

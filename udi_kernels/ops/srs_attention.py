@@ -195,7 +195,10 @@ def srs_attention(q: Tensor, k: Tensor, v: Tensor, index: Tensor, weight: Option
             its sample only.
 
     Returns:
-        out [B, H, S, D] in the dtype of q; math in float32 (float64 for float64 inputs).
+        out [B, H, S, D] in the dtype of q; math in float32 (float64 for float64 inputs). No backend overflows an
+        intermediate of a logit q_s . k * scale that is finite in that dtype (q_s enters the dot scaled by a power
+        of two, scale as its mantissa), for any finite scale; the tapped query q_s = sum_t w_t q[idx_t] itself
+        must be finite in it.
 
     Raises:
         TypeError / ValueError naming the argument for a wrong type, dtype, shape, device, value (check_taps) or
