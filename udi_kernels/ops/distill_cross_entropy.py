@@ -29,6 +29,7 @@ from ..checks import check_bool, check_float, require
 from ..declarations import DISTILL_CROSS_ENTROPY
 from ..dtypes import compute_dtype
 from ..reference import distill_cross_entropy as reference
+from .autocast import autocast_off
 from .registration import Backward, register_kernels
 
 OP = DISTILL_CROSS_ENTROPY.name
@@ -295,6 +296,9 @@ def distill_cross_entropy(student: Tensor, teacher: Tensor, centers: Tensor, cen
             gradient, and a teacher row whose center_id is outside [0, n_c) is left out of the center
             statistics. Non-finite values give non-finite results.
 
+    Under torch.autocast the inputs keep their dtypes and every backend computes in float32 as documented here
+    (udi_kernels/ops/autocast.py).
+
     Returns:
         DistillCrossEntropyResult(loss [], center_sum [n_c, K], center_count [n_c]); float32 (float64 for float64
         inputs).
@@ -315,10 +319,11 @@ def distill_cross_entropy(student: Tensor, teacher: Tensor, centers: Tensor, cen
             student.device.type != "meta":
         _check_values(*args)
     chosen = _resolve(student, teacher, backend)
-    if chosen == "reference":
-        return DistillCrossEntropyResult(*reference.distill_cross_entropy(*args, float(tau_s), float(tau_t)))
-    csr = build_csr(pair_student, pair_teacher, pair_weight, center_id, student.shape[0], centers.shape[0])
-    return _run_kernels(chosen, student, teacher, centers, csr, row_weight, tau_s, tau_t)
+    with autocast_off(student.device):
+        if chosen == "reference":
+            return DistillCrossEntropyResult(*reference.distill_cross_entropy(*args, float(tau_s), float(tau_t)))
+        csr = build_csr(pair_student, pair_teacher, pair_weight, center_id, student.shape[0], centers.shape[0])
+        return _run_kernels(chosen, student, teacher, centers, csr, row_weight, tau_s, tau_t)
 
 
 def distill_cross_entropy_csr(student: Tensor, teacher: Tensor, centers: Tensor, csr: PairCSR, row_weight: Tensor,
@@ -333,11 +338,12 @@ def distill_cross_entropy_csr(student: Tensor, teacher: Tensor, centers: Tensor,
     _check_logits(student, teacher, centers, tau_s, tau_t)
     _check_csr(csr, row_weight, student, teacher, centers)
     chosen = _resolve(student, teacher, backend)
-    if chosen == "reference":
-        return DistillCrossEntropyResult(*reference.distill_cross_entropy(
-            student, teacher, centers, csr.center_id, csr_pair_student(csr), csr.pair_teacher, csr.pair_weight,
-            row_weight, float(tau_s), float(tau_t)))
-    return _run_kernels(chosen, student, teacher, centers, csr, row_weight, tau_s, tau_t)
+    with autocast_off(student.device):
+        if chosen == "reference":
+            return DistillCrossEntropyResult(*reference.distill_cross_entropy(
+                student, teacher, centers, csr.center_id, csr_pair_student(csr), csr.pair_teacher, csr.pair_weight,
+                row_weight, float(tau_s), float(tau_t)))
+        return _run_kernels(chosen, student, teacher, centers, csr, row_weight, tau_s, tau_t)
 
 
 def _resolve(student: Tensor, teacher: Tensor, backend: Optional[str]) -> str:

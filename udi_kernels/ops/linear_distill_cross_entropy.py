@@ -31,6 +31,7 @@ from ..dtypes import compute_dtype
 from ..reference import linear_distill_cross_entropy as reference
 from .distill_cross_entropy import (FLOATS, DistillCrossEntropyResult, PairCSR, _check_csr, _check_tensor,
                                     _check_values, build_csr, check_pairs, check_temperatures)
+from .autocast import autocast_off, cast_inputs
 from .registration import Backward, register_kernels
 
 OP = LINEAR_DISTILL_CROSS_ENTROPY.name
@@ -155,6 +156,10 @@ def linear_distill_cross_entropy(student: Tensor, weight: Tensor, teacher: Tenso
             weights finite; one device sync). With check_values=False every backend stays in bounds and gives
             the same result on every run; indices out of range follow distill_cross_entropy's rule.
 
+    Under torch.autocast, student, weight, teacher and teacher_weight are first cast to the autocast dtype of
+    their device (float64 ones are not), as a linear layer's inputs are; every backend then computes as for those
+    dtypes (udi_kernels/ops/autocast.py). centers and the weights are not cast.
+
     Returns:
         DistillCrossEntropyResult(loss [], center_sum [n_c, K], center_count [n_c]); float32 (float64 for
         float64 inputs); accumulation in float32 for float16/bfloat16 inputs. center_sum is
@@ -169,6 +174,7 @@ def linear_distill_cross_entropy(student: Tensor, weight: Tensor, teacher: Tenso
 
     Source: UDI_SPEC §10; the fused-linear cross-entropies of Liger-Kernel and Apple's Cut Cross-Entropy.
     """
+    student, weight, teacher, teacher_weight = _autocast(student, weight, teacher, teacher_weight)
     _check_linear(student, weight, teacher, teacher_weight, centers, tau_s, tau_t)
     check_pairs(student.device, teacher.shape[0], center_id, pair_student, pair_teacher, pair_weight, row_weight)
     if check_bool(check_values, "check_values") and not torch.compiler.is_compiling() and \
@@ -186,13 +192,27 @@ def linear_distill_cross_entropy_csr(student: Tensor, weight: Tensor, teacher: T
                                      backend: Optional[str] = None) -> DistillCrossEntropyResult:
     """linear_distill_cross_entropy on pairs already in the kernels' layout (build_csr), as
     distill_cross_entropy_csr is to distill_cross_entropy: no sort per call, no check of the pairs' values."""
+    student, weight, teacher, teacher_weight = _autocast(student, weight, teacher, teacher_weight)
     _check_linear(student, weight, teacher, teacher_weight, centers, tau_s, tau_t)
     _check_csr(csr, row_weight, student, teacher, centers)
     return _run(student, weight, teacher, teacher_weight, centers, csr, row_weight, tau_s, tau_t, backend)
 
 
+def _autocast(student, weight, teacher, teacher_weight):
+    """The linear layer's inputs under autocast's rule (udi_kernels/ops/autocast.py)."""
+    if not isinstance(student, Tensor):
+        return student, weight, teacher, teacher_weight
+    return cast_inputs(student.device, student, weight, teacher, teacher_weight)
+
+
 def _run(student, weight, teacher, teacher_weight, centers, csr: PairCSR, row_weight, tau_s, tau_t,
          backend) -> DistillCrossEntropyResult:
+    with autocast_off(student.device):
+        return _run_backend(student, weight, teacher, teacher_weight, centers, csr, row_weight, tau_s, tau_t, backend)
+
+
+def _run_backend(student, weight, teacher, teacher_weight, centers, csr: PairCSR, row_weight, tau_s, tau_t,
+                 backend) -> DistillCrossEntropyResult:
     chosen = _resolve(student, teacher, backend)
     if chosen == "reference":
         return DistillCrossEntropyResult(*reference.linear_distill_cross_entropy(

@@ -9,6 +9,7 @@ from .._native import native_loaded
 from ..checks import check_bool, check_int, require
 from ..declarations import STRATIFIED_SAMPLE
 from ..reference import stratified_sample as reference
+from .autocast import autocast_off
 from .registration import register_kernels
 
 OP = STRATIFIED_SAMPLE.name
@@ -149,6 +150,7 @@ def stratified_sample(boxes: Tensor, *, global_grid: int = 14, global_window: in
     if check_bool(check_boxes, "check_boxes") and boxes.device.type != "meta":
         _check_box_values(boxes)
     implementation = _IMPLEMENTATIONS[backends.resolve(STRATIFIED_SAMPLE, boxes.device, boxes.dtype, backend)]
-    outputs = implementation(boxes.contiguous(), global_grid, global_window, local_grid, local_window, target_grid,
-                             seed, offset, image_offset)
+    with autocast_off(boxes.device):  # no cast: boxes are float32 (udi_kernels/ops/autocast.py)
+        outputs = implementation(boxes.contiguous(), global_grid, global_window, local_grid, local_window,
+                                 target_grid, seed, offset, image_offset)
     return SampledPairs(PairTaps(*outputs[:4]), PairTaps(*outputs[4:]))
