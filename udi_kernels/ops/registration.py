@@ -68,9 +68,19 @@ def register_loop_vmap(registered, op: Callable) -> None:
 
 
 def _transforms_active() -> bool:
-    """Whether a torch.func transform (grad, vmap, ...) is running: the op then goes through torch.library's
-    autograd and vmap rules, which torch.func supports (_BelowAutograd has no setup_context)."""
+    """Whether a torch.func transform (grad, vmap, ...) is running."""
     return torch._C._are_functorch_transforms_active()
+
+
+def _refuse_autograd_transforms(op_name: str) -> None:
+    """torch.func's grad, vjp, jacrev, jacfwd, jvp (and hessian) need a functorch-aware autograd of the kernels,
+    which they do not have: a clear error instead of torch's about setup_context. vmap alone is supported."""
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+    from torch._C._functorch import TransformType
+    if any(i.key() in (TransformType.Grad, TransformType.Jvp) for i in retrieve_all_functorch_interpreters()):
+        raise RuntimeError(f"torch.func.grad / vjp / jacrev / jacfwd / jvp are not supported by the native and "
+                           f"Triton kernels of {op_name} (torch.func.vmap is): use backend='reference' under "
+                           "these transforms, or torch.autograd")
 
 
 def register_kernels(op_name: str, forward, fake: Callable, backward: Optional[Backward] = None) -> Callable:
@@ -90,7 +100,10 @@ def register_kernels(op_name: str, forward, fake: Callable, backward: Optional[B
                                     setup_context=lambda ctx, inputs, output: None)
 
     def call(*inputs):
-        if torch.compiler.is_compiling() or _transforms_active():
+        if torch.compiler.is_compiling():
             return op(*inputs)
+        if _transforms_active():
+            _refuse_autograd_transforms(op_name)
+            return op(*inputs)  # vmap: the loop rule (register_loop_vmap)
         return _BelowAutograd.apply(op, backward, *inputs)
     return call

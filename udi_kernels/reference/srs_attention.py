@@ -51,6 +51,7 @@ def _scale_factors(mantissa: float, exponent: Tensor, dtype: torch.dtype):
 class _ScaledLogits(torch.autograd.Function):
     """q_s k^T * scale (scaled_logits' forward); the backward is the plain product's, (g * scale) k and
     (g * scale)^T q_s, so that no power of two of the forward enters the gradients."""
+    generate_vmap_rule = True  # torch.func.vmap: forward and backward are plain torch ops
 
     @staticmethod
     def forward(q_s: Tensor, k: Tensor, scale: float) -> Tensor:
