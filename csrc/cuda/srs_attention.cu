@@ -49,8 +49,7 @@ struct Inputs {
   const int32_t* index;       // [B, S, T], into the Nq rows of q
   const float* weight;        // [B, S, T]
   int64_t H, Nq, N, S, T, D;
-  float scale;           // for the gradients
-  float scale_mantissa;  // scale = scale_mantissa * 2^scale_exponent, for the logits (scaled_logit)
+  float scale_mantissa;  // scale = scale_mantissa * 2^scale_exponent (any finite double: scaled_logit, ldexpf)
   int scale_exponent;
 };
 
@@ -232,7 +231,7 @@ __global__ void __launch_bounds__(kRows* kWarp)
   if (!active) return;
   for (int j = 0; j < dims_per_lane<kDims>(); ++j) {
     const int d = lane + j * kWarp;
-    if (d < a.D) dq_s[row * a.D + d] = acc[j] * a.scale;
+    if (d < a.D) dq_s[row * a.D + d] = ldexpf(acc[j] * a.scale_mantissa, a.scale_exponent);
   }
   if (lane == 0) delta[row] = row_delta;
 }
@@ -273,7 +272,8 @@ __global__ void __launch_bounds__(kPass2Threads)
       if (sample < a.S && first_key + n < a.N) {
         const float* q_s = q_rows + s * stride;
         p = expf(scaled_logit(q_s, row_exponent(q_s, a.D), k_tile + n * stride, a) - lse[row]);
-        ds = p * (shared_dot(d_out + s * stride, v_tile + n * stride, a.D) - delta[row]) * a.scale;
+        ds = ldexpf(p * (shared_dot(d_out + s * stride, v_tile + n * stride, a.D) - delta[row]) * a.scale_mantissa,
+                    a.scale_exponent);
       }
       probs[s * kBlockRows + n] = p;
       dscores[s * kBlockRows + n] = ds;
@@ -339,7 +339,7 @@ Inputs<scalar_t> inputs(const at::Tensor& q, const at::Tensor& k, const at::Tens
   const double mantissa = std::frexp(scale, &exponent);
   return Inputs<scalar_t>{q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
                           index.data_ptr<int32_t>(), weight.data_ptr<float>(), s.H, s.Nq, s.N, s.S, s.T, s.D,
-                          static_cast<float>(scale), static_cast<float>(mantissa), exponent};
+                          static_cast<float>(mantissa), exponent};
 }
 
 dim3 sample_grid(const Shape& s) {

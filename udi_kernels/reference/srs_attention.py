@@ -39,13 +39,16 @@ def _power_of_two(exponent: Tensor, dtype: torch.dtype) -> Tensor:
     return ((exponent.to(int_type) + bias) << mantissa_bits).view(dtype)
 
 
-def _scale_factors(mantissa: float, exponent: Tensor, dtype: torch.dtype):
-    """(f1, f2), exact floats of dtype with f1 * f2 = mantissa * 2^exponent (mantissa in [0.5, 1)): multiplying by
-    f1, then by f2, overflows or underflows only where the product by mantissa * 2^exponent itself does."""
-    bias = _FLOAT_LAYOUT[dtype][1]
-    first = exponent.clamp(27 - bias, bias - 27)  # mantissa * 2^first stays a normal float: exact
+def _scaled(x: Tensor, mantissa: float, exponent: Tensor) -> Tensor:
+    """x * mantissa * 2^exponent (mantissa in [0.5, 1), any int exponents): x times the exact float
+    mantissa * 2^e1, then by 2^e2 and 2^e3 (exponents of one sign): overflows or underflows only where the
+    product itself does, and is x * (mantissa * 2^exponent) bit for bit wherever that is a normal float."""
+    bias = _FLOAT_LAYOUT[x.dtype][1]
+    first = exponent.clamp(2 - bias, bias - 1)  # mantissa * 2^first stays a normal float: exact
     second = (exponent - first).clamp(1 - bias, bias - 1)
-    return mantissa * _power_of_two(first, dtype), _power_of_two(second, dtype)
+    third = (exponent - first - second).clamp(1 - bias, bias - 1)
+    return x * (mantissa * _power_of_two(first, x.dtype)) * _power_of_two(second, x.dtype) * _power_of_two(
+        third, x.dtype)
 
 
 class _ScaledLogits(torch.autograd.Function):
@@ -60,8 +63,8 @@ class _ScaledLogits(torch.autograd.Function):
         top = (bias - q_s.shape[-1].bit_length() - _exponent(_largest_magnitude(k))).clamp(max=0)
         e_q = (_exponent(q_s.abs().amax(-1, keepdim=True)) - top).clamp(-bias, bias - 1)
         mantissa, e_scale = math.frexp(scale)
-        first, second = _scale_factors(mantissa, e_q + e_scale, q_s.dtype)
-        return torch.matmul(q_s * _power_of_two(-e_q, q_s.dtype), k.transpose(-1, -2)) * first * second
+        return _scaled(torch.matmul(q_s * _power_of_two(-e_q, q_s.dtype), k.transpose(-1, -2)), mantissa,
+                       e_q + e_scale)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -70,14 +73,21 @@ class _ScaledLogits(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        # (grad * scale) k and q_s^T (grad * scale), with the powers of two of scale past float32's range applied
+        # after the matmuls (bit for bit the plain product for every scale that is a float32)
         q_s, k = ctx.saved_tensors
-        grad_dot = grad * ctx.scale
-        return torch.matmul(grad_dot, k), torch.matmul(q_s.transpose(-1, -2), grad_dot).transpose(-1, -2), None
+        mantissa, exponent = math.frexp(ctx.scale)
+        bias = _FLOAT_LAYOUT[grad.dtype][1]
+        inside = min(max(exponent, 2 - bias), bias - 1)
+        outside = torch.tensor(exponent - inside, device=grad.device)
+        grad_dot = _scaled(grad, mantissa, torch.tensor(inside, device=grad.device))
+        return (_scaled(torch.matmul(grad_dot, k), 1.0, outside),
+                _scaled(torch.matmul(q_s.transpose(-1, -2), grad_dot).transpose(-1, -2), 1.0, outside), None)
 
 
 def _largest_magnitude(k: Tensor) -> Tensor:
     """max |k| of each head, [B, H, 1, 1] (amax and amin of the flat rows: faster on the CPU than abs().amax)."""
-    rows = k.reshape(*k.shape[:-2], 1, -1)
+    rows = k.flatten(-2)[..., None, :]
     return torch.maximum(rows.amax(-1, keepdim=True), -rows.amin(-1, keepdim=True))
 
 

@@ -72,6 +72,15 @@ def normalized_rows(x, dtype):
 
 
 @triton.jit
+def normalized_tile(x, dtype):
+    """(x_op in `dtype`, e) with x = x_op * 2^e, e one int32 for the tile, the largest |x_op| in [2^13, 2^14): a
+    float32 tile as a dot operand in any dtype, without overflow or flush to 0 (exact but for elements 2^-139
+    below the largest)."""
+    e = _exponent_for(tl.max(tl.max(tl.abs(x), 1), 0))
+    return (x * _power_of_two(-e)).to(dtype), e
+
+
+@triton.jit
 def normalized_keys(k_block):
     """(k_op, e) with k_block = k_op * 2^e, e one int32 for the tile: float32 and bfloat16 tiles scaled so that their
     largest |k_op| lies in [2^13, 2^14) (exact but for elements 2^-139 below it), float16 tiles as they are (their
@@ -79,8 +88,7 @@ def normalized_keys(k_block):
     (dq sums dot(ds, k_op) * 2^e)."""
     if k_block.dtype == tl.float16:
         return k_block, tl.zeros((), tl.int32)
-    e = _exponent_for(tl.max(tl.max(tl.abs(k_block), 1), 0))
-    return (k_block * _power_of_two(-e)).to(k_block.dtype), e
+    return normalized_tile(k_block, k_block.dtype)
 
 
 @triton.jit

@@ -18,13 +18,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .srs_attention import (block_sizes, dot_precision, kv_block, launch_options, normalized_keys, sample_block,
-                           scaled_logits, scaled_queries, times_power_of_two)
+from .srs_attention import (block_sizes, dot_precision, kv_block, launch_options, normalized_keys,
+                           normalized_tile, sample_block, scaled_logits, scaled_queries, times_power_of_two)
 
 
 @triton.jit
 def _query_grad_kernel(q, k, v, index, weight, grad_out, out, lse, dq_s, delta, q_op, row_exp, H, NQ, N, S, T, D,
-                       scale, scale_mantissa, scale_exponent, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                       scale_mantissa, scale_exponent, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                        PRECISION: tl.constexpr):
     b, head, sample, sample_ok, dims, dim_ok = sample_block(H, S, D, BLOCK_S, BLOCK_D)
     q_s, q_exp = scaled_queries(q, index, weight, b, head, sample, sample_ok, dims, dim_ok, NQ, S, T, D,
@@ -47,8 +47,9 @@ def _query_grad_kernel(q, k, v, index, weight, grad_out, out, lse, dq_s, delta, 
         p = tl.where((keys < N)[None, :], tl.exp(logits - row_lse[:, None]), 0.0)
         dp = tl.dot(d_out.to(v_block.dtype), tl.trans(v_block), input_precision=PRECISION)
         ds = p * (dp - row_delta[:, None])
-        acc += times_power_of_two(tl.dot(ds.to(k_op.dtype), k_op, input_precision=PRECISION), k_exp)
-    tl.store(dq_s + row_offsets, acc * scale, mask=row_mask)
+        ds_op, ds_exp = normalized_tile(ds, k_op.dtype)  # ds may lie far below float16's range
+        acc += times_power_of_two(tl.dot(ds_op, k_op, input_precision=PRECISION), k_exp + ds_exp)
+    tl.store(dq_s + row_offsets, times_power_of_two(acc * scale_mantissa, scale_exponent), mask=row_mask)
     tl.store(delta + rows, row_delta, mask=sample_ok)
 
 
@@ -83,8 +84,10 @@ def _key_grad_kernel(q_op, row_exp, k, v, grad_out, lse, delta, dk, dv, H, N, S,
         acc_dv += tl.dot(tl.trans(p.to(d_out.dtype)), d_out, input_precision=PRECISION)
         ds = p * (tl.dot(d_out, tl.trans(v_block), input_precision=PRECISION) - row_delta[:, None])
         # dk_n = scale * sum_s ds_sn q_s = sum_s (ds_sn * scale * 2^q_exp_s) q_op_s
-        q_scale = times_power_of_two(tl.full((BLOCK_S,), scale_mantissa, tl.float32), q_exp + scale_exponent)
-        acc_dk += tl.dot(tl.trans((ds * q_scale[:, None]).to(q_s.dtype)), q_s, input_precision=PRECISION)
+        # in two steps, so that neither scale * 2^q_exp nor its product with ds overflows or flushes to 0 alone
+        ds_op, ds_exp = normalized_tile(times_power_of_two(ds * scale_mantissa, q_exp[:, None]), q_s.dtype)
+        acc_dk += times_power_of_two(tl.dot(tl.trans(ds_op), q_s, input_precision=PRECISION),
+                                     ds_exp + scale_exponent)
     tl.store(dk + kv_offsets, acc_dk.to(dk.dtype.element_ty), mask=kv_mask)
     tl.store(dv + kv_offsets, acc_dv.to(dv.dtype.element_ty), mask=kv_mask)
 
@@ -132,7 +135,7 @@ def srs_attention_backward(grad_out, q, k, v, index, weight, out, lse, scale):
                 **launch_options(BLOCK_D))
     if S > 0:
         _query_grad_kernel[(triton.cdiv(S, BLOCK_S), H, B)](q, k, v, index, weight, grad_out, out, lse, dq_s, delta,
-                                                            q_op, row_exp, H, NQ, N, S, T, D, scale, scale_mantissa,
+                                                            q_op, row_exp, H, NQ, N, S, T, D, scale_mantissa,
                                                             scale_exponent, **meta)
     _key_grad_kernel[(triton.cdiv(N, BLOCK_N), H, B)](q_op, row_exp, k, v, grad_out, lse, delta, dk, dv, H, N, S, D,
                                                       scale_mantissa, scale_exponent, **meta)
