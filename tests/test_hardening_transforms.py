@@ -186,3 +186,13 @@ def test_grad_transforms_on_the_kernels_are_refused_by_name(op, backend, transfo
 
 def test_every_op_is_covered():
     assert set(OPS) == set(DECLARATIONS)
+
+
+@pytest.mark.parametrize("op", ["distill_cross_entropy", "linear_distill_cross_entropy"])
+def test_compiled_value_checks_still_refuse_bad_values(op):
+    first, call = case_of(op)
+    closure = dict(zip(call.__code__.co_freevars, (c.cell_contents for c in call.__closure__)))
+    closure["case"]["pair_teacher"][0] = 99  # out of range
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match="pair_teacher"):
+        torch.compile(call, fullgraph=True)(first)

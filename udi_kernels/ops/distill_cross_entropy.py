@@ -287,9 +287,10 @@ def distill_cross_entropy(student: Tensor, teacher: Tensor, centers: Tensor, cen
         row_weight: [Rt] float weight of each teacher row in the center statistics (0 leaves a row out).
         tau_s, tau_t: temperatures, finite floats >= 2**-126 (1/tau must be a finite float32).
         backend: 'auto', 'native', 'triton' or 'reference' (default: $UDI_KERNELS_BACKEND or 'auto').
-        check_values: check index ranges and that teacher/centers/weights are finite (one device sync;
-            skipped under torch.compile and for meta tensors). Shapes, dtypes, devices and the temperatures are
-            always checked.
+        check_values: check index ranges, that centers and weights are finite, and that the teacher rows that
+            count (row_weight != 0, or read by a pair of nonzero weight) are finite (one device sync; asserted
+            asynchronously under torch.compile; skipped for meta tensors). Shapes, dtypes, devices and the
+            temperatures are always checked.
             With check_values=False every backend still stays in bounds, writes every output and gives the same
             result on every run: a pair whose pair_student is outside [0, Rs), whose pair_teacher is outside
             [0, Rt) or whose teacher row's center_id is outside [0, n_c) adds exactly 0 to the loss and the
@@ -315,8 +316,7 @@ def distill_cross_entropy(student: Tensor, teacher: Tensor, centers: Tensor, cen
     """
     args = (student, teacher, centers, center_id, pair_student, pair_teacher, pair_weight, row_weight)
     _check_shapes(*args, tau_s, tau_t)
-    if check_bool(check_values, "check_values") and not torch.compiler.is_compiling() and \
-            student.device.type != "meta":
+    if check_bool(check_values, "check_values") and student.device.type != "meta":
         _check_values(*args)
     chosen = _resolve(student, teacher, backend)
     with autocast_off(student.device):

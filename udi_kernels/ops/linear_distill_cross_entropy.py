@@ -177,8 +177,7 @@ def linear_distill_cross_entropy(student: Tensor, weight: Tensor, teacher: Tenso
     student, weight, teacher, teacher_weight = _autocast(student, weight, teacher, teacher_weight)
     _check_linear(student, weight, teacher, teacher_weight, centers, tau_s, tau_t)
     check_pairs(student.device, teacher.shape[0], center_id, pair_student, pair_teacher, pair_weight, row_weight)
-    if check_bool(check_values, "check_values") and not torch.compiler.is_compiling() and \
-            student.device.type != "meta":
+    if check_bool(check_values, "check_values") and student.device.type != "meta":
         more = {} if teacher_weight is None else {"teacher_weight": teacher_weight}
         _check_values(student, teacher, centers, center_id, pair_student, pair_teacher, pair_weight, row_weight,
                       **more)
