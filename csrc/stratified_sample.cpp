@@ -7,7 +7,7 @@
 #include <limits>
 
 #include "checks.h"
-#include "limits.h"
+#include "size_limits.h"
 #include "stratified_sample_op.h"
 
 namespace udi::stratified_sample {

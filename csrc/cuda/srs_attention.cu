@@ -19,7 +19,7 @@
 
 #include "blocks.cuh"
 #include "checks.h"
-#include "limits.h"
+#include "size_limits.h"
 #include "srs_attention.h"
 #include "srs_attention_op.h"
 
