@@ -79,7 +79,7 @@ def _plain_module(name):
 
 
 def _limit_flags():
-    """-DUDI_<NAME>=<value> for each limit of udi_kernels/limits.py (csrc/limits.h reads them)."""
+    """-DUDI_<NAME>=<value> for each limit of udi_kernels/limits.py (csrc/size_limits.h reads them)."""
     limits = vars(_plain_module("limits"))
     return [f"-DUDI_{name}={value}" for name, value in sorted(limits.items())
             if name.isupper() and isinstance(value, int)]
