@@ -24,6 +24,11 @@ inline void check_floating(const at::Tensor& t, const char* name) {
   TORCH_CHECK(at::isFloatingType(t.scalar_type()), name, " must be floating, got ", t.scalar_type());
 }
 
+inline void check_same_dtype(const at::Tensor& t, const char* name, const at::Tensor& like, const char* like_name) {
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), name, " must have the dtype of ", like_name, " (",
+              like.scalar_type(), "), got ", t.scalar_type());
+}
+
 // `layout` says the expected shape in words, e.g. "[rows, K]".
 inline void check_dim(const at::Tensor& t, const char* name, int64_t dim, const char* layout) {
   TORCH_CHECK(t.dim() == dim, name, " must have shape ", layout, ", got ", t.sizes());

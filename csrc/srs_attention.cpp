@@ -21,7 +21,7 @@ Shape check_forward_args(const at::Tensor& q, const at::Tensor& k, const at::Ten
   TORCH_CHECK(k.size(2) >= 1 && q.size(3) >= 1, "k needs at least one row and one channel, got ", k.sizes());
   for (const auto& [t, name] : {std::pair{&k, "k"}, std::pair{&v, "v"}}) {
     check_shape(*t, name, k.sizes());
-    TORCH_CHECK(t->scalar_type() == dtype, name, " must have the dtype of q (", dtype, "), got ", t->scalar_type());
+    check_same_dtype(*t, name, q, "q");
     check_like(*t, name, q, "q");
   }
   TORCH_CHECK(index.dim() == 3 && index.size(0) == q.size(0) && index.size(2) >= 1,
@@ -41,7 +41,7 @@ Shape check_backward_args(const at::Tensor& grad_out, const at::Tensor& q, const
   const Shape s = check_forward_args(q, k, v, index, weight);
   for (const auto& [t, name] : {std::pair{&grad_out, "grad_out"}, std::pair{&out, "out"}}) {
     check_shape(*t, name, {s.B, s.H, s.S, s.D});
-    TORCH_CHECK(t->scalar_type() == q.scalar_type(), name, " must have the dtype of q, got ", t->scalar_type());
+    check_same_dtype(*t, name, q, "q");
     check_like(*t, name, q, "q");
   }
   UDI_CHECK_SHAPE(lse, s.B, s.H, s.S);
