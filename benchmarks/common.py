@@ -26,14 +26,17 @@ ROUNDS = 3  # interleaved rounds per comparison
 
 
 def _cpu_seconds():
-    """(busy CPU seconds of the whole machine since boot, CPU seconds of this process), or None off Linux."""
+    """(busy CPU seconds of the whole machine since boot, CPU seconds of this process and its ended children), or
+    None off Linux."""
     try:
         with open("/proc/stat") as f:
             user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in f.readline().split()[1:9])
     except (OSError, ValueError):
         return None
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"), own.ru_utime + own.ru_stime
+    own = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]  # children: a
+    # benchmark's fresh processes (fresh_process_json), once they have ended
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"), \
+        sum(usage.ru_utime + usage.ru_stime for usage in own)
 
 
 _START = dict(load_average=os.getloadavg()[0], monotonic=time.monotonic(), cpu_seconds=_cpu_seconds())
