@@ -22,7 +22,7 @@ RESUMABLE = frozenset({
     "freeze_last_layer", "momentum_teacher", "warmup_teacher_temp", "teacher_temp", "warmup_teacher_temp_epochs",
     "batch_size_per_gpu", "seed", "precision", "optimizer", "saveckp_freq", "num_workers", "final_eval",
     "knn_data_path", "output_dir", "resume_anyway", "dist_url", "local_rank",
-    "fuse_last_layer"})  # the same numbers either way (tests/test_train_fused.py)
+    "fuse_last_layer", "grad_checkpointing"})  # the same numbers either way (tests/test_train_fused.py, test_model.py)
 PATH_FLAGS = ("data_path", "knn_data_path")
 
 

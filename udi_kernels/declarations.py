@@ -20,6 +20,8 @@ from typing import Callable, Mapping, Optional
 
 import torch
 
+from .limits import SRS_ATTENTION_CUDA_MAX_HEAD_DIM
+
 HALF_AND_FLOAT = frozenset({torch.float16, torch.bfloat16, torch.float32})
 FLOATING = HALF_AND_FLOAT | {torch.float64}
 BOXES = frozenset({torch.float32})
@@ -95,7 +97,7 @@ STRATIFIED_SAMPLE = OpDeclaration(
 SRS_ATTENTION = OpDeclaration(
     name="srs_attention",
     support=_backends(reference=FLOATING, native={"cuda": HALF_AND_FLOAT}, triton=HALF_AND_FLOAT,
-                      native_max_sizes={"cuda": {"head_dim": 512}},  # kMaxDim, csrc/cuda/srs_attention.cu
+                      native_max_sizes={"cuda": {"head_dim": SRS_ATTENTION_CUDA_MAX_HEAD_DIM}},
                       triton_interpreted=frozenset({torch.float16, torch.float32}),
                       native_not_on={"cpu": "there is no CPU kernel: the eager reference (gathered queries, BLAS "
                                             "matmuls, softmax) was 2.3-12x faster than the one there was "

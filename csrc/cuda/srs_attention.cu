@@ -5,8 +5,7 @@
 // Pass 2 of the backward: one block per tile of kBlockRows keys; it walks the samples in chunks and
 // accumulates dk and dv for its keys. Pass 3: one block per tile of kBlockRows rows of q, accumulating dq
 // through the transposed tap map. Deterministic, no atomics.
-// Taps outside [0, Nq) are skipped (weight 0), as in every backend: the public op checks them only with
-// check_taps=True.
+// Taps outside [0, Nq) are skipped (weight 0), as in every backend (csrc/srs_attention.h).
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -18,17 +17,24 @@
 #include <cmath>
 #include <type_traits>
 
+#include "blocks.cuh"
+#include "checks.h"
+#include "size_limits.h"
+#include "srs_attention.h"
 #include "srs_attention_op.h"
 
 namespace udi::srs_attention {
 
 namespace {
 
-constexpr int kWarp = 32;
+using cuda::kWarp;
+using cuda::warp_max;
+using cuda::warp_sum;
+
 // Kernels are instantiated for D <= kSmallDim (attention heads) and D <= kMaxDim (SRSAttention attends over
 // whole tokens, D = C): the per-thread accumulators scale with the bound.
 constexpr int kSmallDim = 128;
-constexpr int kMaxDim = 512;
+constexpr int kMaxDim = limits::kSrsAttentionCudaMaxHeadDim;
 constexpr int kRows = 8;                  // samples (warps) per block, forward and pass 1
 constexpr int kTileKeys = kWarp;          // keys per tile, forward and pass 1
 constexpr int kBlockRows = 16;            // rows per block: of k and v (pass 2) or of q (pass 3)
@@ -41,40 +47,6 @@ constexpr int dims_per_lane() { return kDims / kWarp; }
 
 template <int kDims>
 constexpr int owned_per_thread() { return kBlockRows * kDims / kPass2Threads; }
-
-template <typename scalar_t>
-struct Inputs {
-  const scalar_t* q;          // [B, H, Nq, D]
-  const scalar_t *k, *v;      // [B, H, N, D]
-  const int32_t* index;       // [B, S, T], into the Nq rows of q
-  const float* weight;        // [B, S, T]
-  int64_t H, Nq, N, S, T, D;
-  float scale_mantissa;  // scale = scale_mantissa * 2^scale_exponent (any finite double: scaled_logit, ldexpf)
-  int scale_exponent;
-};
-
-__device__ __forceinline__ float warp_sum(float x) {
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
-  return x;
-}
-
-__device__ __forceinline__ float warp_max(float x) {
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, offset));
-  return x;
-}
-
-// Element d of q_s = sum_t w_t q[idx_t] of sample `sample` of crop b, head `head`.
-template <typename scalar_t>
-__device__ float tapped_query(const Inputs<scalar_t>& a, int64_t b, int64_t head, int64_t sample, int d) {
-  const int64_t taps = (b * a.S + sample) * a.T;
-  const scalar_t* q_head = a.q + head * a.Nq * a.D;
-  float acc = 0.f;
-  for (int64_t t = 0; t < a.T; ++t) {
-    const int32_t idx = a.index[taps + t];
-    if (idx >= 0 && idx < a.Nq) acc += a.weight[taps + t] * static_cast<float>(q_head[idx * a.D + d]);
-  }
-  return acc;
-}
 
 // rows [count][D] of a head-major tensor -> shared tile [count][stride] as float, zero past `valid`.
 template <typename scalar_t>
@@ -326,10 +298,13 @@ __global__ void __launch_bounds__(kPass2Threads)
   });
 }
 
-void check_cuda_inputs(const at::Tensor& q) {
-  TORCH_CHECK(q.is_cuda(), "q must be a CUDA tensor for the CUDA kernel");
-  TORCH_CHECK(q.scalar_type() != at::kDouble, "the CUDA kernel supports float16, bfloat16 and float32, got float64");
-  TORCH_CHECK(q.size(3) <= kMaxDim, "the CUDA kernel supports head dims D <= ", kMaxDim, ", got ", q.size(3));
+// After check_forward_args.
+void check_cuda_inputs(const at::Tensor& q, const Shape& s) {
+  UDI_CHECK_KERNEL_DEVICE(q, at::kCUDA);
+  UDI_CHECK_CUDA_DTYPE(q);
+  check_cuda_limit(s.D, kMaxDim, "head dims D");
+  check_cuda_limit(s.H, cuda::kMaxGridY, "heads H");
+  check_cuda_limit(s.B, cuda::kMaxGridY, "crops B");
 }
 
 template <typename scalar_t>
@@ -373,9 +348,9 @@ size_t forward_smem(const Shape& s, int rows_per_warp) {
 std::tuple<at::Tensor, at::Tensor> srs_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                       const at::Tensor& index, const at::Tensor& weight,
                                                       double scale) {
-  check_cuda_inputs(q);
-  const c10::cuda::CUDAGuard guard(q.device());
   const Shape s = check_forward_args(q, k, v, index, weight);
+  check_cuda_inputs(q, s);
+  const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty({s.B, s.H, s.S, s.D}, q.options());
   at::Tensor lse = at::empty({s.B, s.H, s.S}, q.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
@@ -392,9 +367,9 @@ std::tuple<at::Tensor, at::Tensor> srs_attention_cuda(const at::Tensor& q, const
 std::tuple<at::Tensor, at::Tensor, at::Tensor> srs_attention_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& index, const at::Tensor& weight, const at::Tensor& out, const at::Tensor& lse, double scale) {
-  check_cuda_inputs(q);
-  const c10::cuda::CUDAGuard guard(q.device());
   const Shape s = check_backward_args(grad_out, q, k, v, index, weight, out, lse);
+  check_cuda_inputs(q, s);
+  const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   if (s.B * s.H == 0) return {dq, dk, dv};  // all empty; with S = 0 or Nq = 0 the passes below still write dk, dv
   at::Tensor dq_s = at::empty({s.B, s.H, s.S, s.D}, q.options().dtype(at::kFloat));

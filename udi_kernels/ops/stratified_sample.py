@@ -8,6 +8,7 @@ from .. import backends
 from .._native import native_loaded
 from ..checks import check_bool, check_int, require
 from ..declarations import STRATIFIED_SAMPLE
+from ..limits import MAX_GRID
 from ..reference import stratified_sample as reference
 from .autocast import autocast_off
 from .registration import register_kernels
@@ -70,8 +71,8 @@ def _check_pattern(grid, window, grid_name, window_name):
     grid, window = check_int(grid, grid_name), check_int(window, window_name)
     if window < 1:
         raise ValueError(f"{window_name} must be >= 1, got {window}")
-    if not 2 <= grid <= 4096:
-        raise ValueError(f"{grid_name} must be in [2, 4096], got {grid}")
+    if not 2 <= grid <= MAX_GRID:
+        raise ValueError(f"{grid_name} must be in [2, {MAX_GRID}], got {grid}")
     if grid < window:
         raise ValueError(f"{grid_name} ({grid}) must not be smaller than {window_name} ({window})")
     return grid, window
