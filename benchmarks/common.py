@@ -65,7 +65,7 @@ def machine_load():
 
 
 def parse_args(description, **extra):
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", help="directory for the JSON and PNG results (default: benchmarks/out/, ignored by "
                                       "git)")
     parser.add_argument("--record", action="store_true",

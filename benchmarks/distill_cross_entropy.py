@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from benchmarks import common
 from udi_kernels import distill_cross_entropy
-from udi_kernels.backends import why_unavailable
+from udi_kernels.backends import BACKENDS, why_unavailable
 from udi_kernels.losses import DINOLoss, UDILoss, cls_plus_targets
 from udi_kernels.testing.losses import random_udi_inputs, udi_loss_eager
 
@@ -137,7 +137,7 @@ def table_rows(results):
 
 def main():
     args = common.parse_args(__doc__.splitlines()[0],
-                             **{"--backend": dict(default=None, help="fused loss backend (default: auto)")})
+                             **{"--backend": dict(default=None, choices=BACKENDS, help="fused loss backend (default: auto)")})
     device = common.pick_device()
     torch.manual_seed(0)
     if device.type == "cuda":

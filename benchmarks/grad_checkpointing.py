@@ -74,10 +74,10 @@ def measure_here(args, grad_checkpointing: bool) -> dict:
 
 def main():
     args = common.parse_args(__doc__.split("\n\n")[0], **{
-        "--batch": dict(type=int, default=2, help="images per step (default 2: a CPU-sized step)"),
-        "--local_crops_number": dict(type=int, default=2, help="local crops per image (default 2)"),
-        "--out_dim": dict(type=int, default=4096, help="K, the head's output size (default 4096)"),
-        "--steps": dict(type=int, default=2, help="timed steps after the memory step (default 2)"),
+        "--batch": dict(type=int, default=2, help="images per step (2: a CPU-sized step)"),
+        "--local_crops_number": dict(type=int, default=2, help="local crops per image"),
+        "--out_dim": dict(type=int, default=4096, help="K, the head's output size"),
+        "--steps": dict(type=int, default=2, help="timed steps after the memory step"),
         "--measure": dict(choices=["false", "true"], help=argparse.SUPPRESS),  # the child of a fresh process
     })
     if args.measure:

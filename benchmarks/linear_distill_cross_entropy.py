@@ -31,6 +31,7 @@ if __package__ in (None, ""):  # run as a file: the repository root on the path,
 
 from benchmarks import common  # noqa: E402
 from udi_kernels import distill_cross_entropy, linear_distill_cross_entropy  # noqa: E402
+from udi_kernels.backends import BACKENDS  # noqa: E402
 
 K, D, TAU_S, TAU_T = 65536, 256, 0.1, 0.04
 L, SG = 10, 16  # local crops, global samples per crop (UDI_SPEC §7)
@@ -187,7 +188,8 @@ def table_rows(results):
 def main():
     args = common.parse_args(__doc__.splitlines()[0], **{
         "--batch": dict(type=int, default=None, help="B (default: 128 on the GPU, 8 on the CPU)"),
-        "--backend": dict(default=None, help="backend of the fused and composed ops (default: auto)"),
+        "--backend": dict(default=None, choices=BACKENDS,
+                             help="backend of the fused and composed ops (default: auto)"),
         "--rss-of": dict(nargs=2, metavar=("CASE", "IMPL"), help=argparse.SUPPRESS)})
     if args.rss_of:  # the child process of rss_in_fresh_process
         return measure_rss_here(*args.rss_of, args.batch, args.backend)

@@ -4,6 +4,7 @@ data the checkpoint trained on, or the digits, udi.data.LABELLED_DATA). cls+ res
 one class token (--objective dino). The checkpoint, the data and the features are udi.evaluation's."""
 import torch
 
+from .cli import float_in, int_in
 from .evaluation import TOKEN_NAMES, checkpoint_features, checkpoint_parser, run_main, split_features
 
 
@@ -27,20 +28,26 @@ def knn_accuracies(backbone, data_path, image_size, device, k=20, temperature=0.
     """Top-1 (%) of the weighted k-NN on cls and on cls+ features, with what it ran on: dict(cls, cls_plus, k,
     data, train_images, val_images)."""
     train, test, description = split_features(backbone, data_path, image_size, device, data)
+    k = min(k, len(train[1]))  # the k the vote used
     return dict(knn_by_token(train, test, k, temperature), k=k, data=description.split(": ")[0], sides=description,
                 train_images=len(train[1]), val_images=len(test[1]))
 
 
 def knn_main(argv=None):
     p = checkpoint_parser("UDI weighted k-NN")
-    p.add_argument("--nb_knn", default=[10, 20, 100, 200], nargs="+", type=int, help="the k values to evaluate")
-    p.add_argument("--temperature", default=0.07, type=float, help="temperature of the similarity-weighted vote")
+    p.add_argument("--nb_knn", default=[10, 20, 100, 200], nargs="+", type=int_in(1, 10 ** 6),
+                   help="the k values to evaluate (each at most the number of train images: larger ones are capped, "
+                        "and the line says so)")
+    p.add_argument("--temperature", default=0.07, type=float_in(0.0, 1e6, low_open=True),
+                   help="temperature of the similarity-weighted vote")
     args = p.parse_args(argv)
     train, test, description = checkpoint_features(args)
-    for k in args.nb_knn:
+    for asked in args.nb_knn:
+        k = min(asked, len(train[1]))
         accs = [f"{TOKEN_NAMES[name]} {accuracy:.2f} %"
                 for name, accuracy in knn_by_token(train, test, k, args.temperature).items()]
-        print(f"{k}-NN top-1 on {description.split(': ')[0]} ({len(train[1])} train, {len(test[1])} val images): "
+        capped = f" (--nb_knn {asked} capped at the train images)" if k < asked else ""
+        print(f"{k}-NN{capped} top-1 on {description.split(': ')[0]} ({len(train[1])} train, {len(test[1])} val images): "
               f"{', '.join(accs)}")
 
 

@@ -37,9 +37,11 @@ def load_backbone(path, checkpoint_key="teacher"):
 def checkpoint_parser(description, data_path: bool = True):
     """The arguments every evaluation takes: which checkpoint, which data (unless data_path=False: embedded
     labelled data only), which image size."""
-    p = argparse.ArgumentParser(description)
+    p = argparse.ArgumentParser(description=description,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--pretrained_weights", required=True, help="a udi.train checkpoint")
-    p.add_argument("--checkpoint_key", default="teacher", help="the network to evaluate: teacher or student")
+    p.add_argument("--checkpoint_key", default="teacher", choices=["teacher", "student"],
+                   help="the network to evaluate")
     if data_path:
         p.add_argument("--data_path", default=None,
                        help="labelled ImageFolder root with train/ (fit on) and val/ (scored on); default: "

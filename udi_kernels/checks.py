@@ -1,5 +1,5 @@
-"""Checks of plain Python arguments (ints, floats) shared by the ops, modules and losses: each raises TypeError or
-ValueError naming the argument, and returns the value as a Python int / float."""
+"""Checks of arguments (ints, floats, bools, tensors) shared by the ops, modules and losses: each raises TypeError or
+ValueError naming the argument, and returns the value (a Python int / float for numbers)."""
 import math
 import numbers
 from typing import Optional
@@ -28,6 +28,20 @@ def check_float(value, name: str, low: float = -math.inf, high: float = math.inf
         interval = f"{'(' if low_open else '['}{low}, {high}{']' if high < math.inf else ')'}"
         raise ValueError(f"{name} must be in {interval}, got {value}")
     return float(value)
+
+
+def check_tensor(value, name: str, integer: bool = False, device=None) -> Tensor:
+    """A torch.Tensor of an integer dtype (integer=True) or of a real floating dtype, on `device` if given:
+    TypeError naming the argument for the type or dtype, ValueError for the device."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if integer and (value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool):
+        raise TypeError(f"{name} must be an integer tensor, got {value.dtype}")
+    if not integer and not value.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
+    if device is not None and value.device != device:
+        raise ValueError(f"{name} must be on {device}, got {value.device}")
+    return value
 
 
 def check_bool(value, name: str) -> bool:

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from ..losses import crop_mean_table, cross_entropy
+from ..checks import check_tensor
 from ._fused import check_center_mean, update_center_buffer
 
 
@@ -76,8 +77,10 @@ class DINOLoss(nn.Module):
 
 
 def _stack_views(views: Sequence[Tensor], name: str) -> Tensor:
-    """The views as crop-major rows [views·B, K]; all views must have one shape."""
-    if any(not isinstance(v, Tensor) or v.dim() != 2 or v.shape != views[0].shape for v in views):
+    """The views (floating tensors) as crop-major rows [views·B, K]; all views must have one shape."""
+    for i, view in enumerate(views):
+        check_tensor(view, f"{name}[{i}]")
+    if any(v.dim() != 2 or v.shape != views[0].shape for v in views):
         raise ValueError(f"{name} must be a list of [B, K] tensors of one shape, got "
-                         f"{[list(v.shape) if isinstance(v, Tensor) else type(v).__name__ for v in views]}")
+                         f"{[list(v.shape) for v in views]}")
     return torch.cat(list(views))

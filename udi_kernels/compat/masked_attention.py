@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
+from ..checks import check_tensor
 from ..nn import TappedAttention, autocast_dtype, cast_for_autocast, check_input_dtype
 
 
@@ -40,7 +41,8 @@ class MaskedAttention(TappedAttention):
       compute_attention=True / False: always / never (settable on the instance at any time).
     Gradients flow to x, the parameters, and map (as in the reference); attn is differentiable too.
 
-    Errors: ValueError when x is not [B, N, dim] or map not [M, B, S, N] for that x.
+    Errors: TypeError when x or map is not a floating tensor (x: in the parameters' dtype unless under autocast);
+    ValueError when x is not [B, N, dim], map not [M, B, S, N] for that x or not on the device of x.
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = False, skip_connection: bool = True,
@@ -86,6 +88,8 @@ class MaskedAttention(TappedAttention):
 
     def _check(self, x: Tensor, map: Tensor):
         C = self.qkv.in_features
+        check_tensor(x, "x")
+        check_tensor(map, "map", device=x.device)
         if x.dim() != 3 or x.shape[2] != C:
             raise ValueError(f"x must have shape [B, N, {C}], got {list(x.shape)}")
         check_input_dtype(self, x, "x")

@@ -6,6 +6,7 @@ from torch import Tensor, nn
 
 from ..layout import GLOBAL_CROPS, reference_crop_pairs
 from ..losses import blend_cls_plus, crop_mean_table, cross_entropy, identity_table
+from ..checks import check_tensor
 from ..ops.distill_cross_entropy import DistillCrossEntropyResult
 from ._fused import check_center_mean, update_center_buffer
 
@@ -229,20 +230,23 @@ def _levels(output, name: str):
 
 
 def _rows(tensor, name: str, K: int, rows: Optional[int] = None) -> Tensor:
-    """tensor [..., K] as [rows, K]."""
-    if not isinstance(tensor, Tensor) or tensor.shape[-1:] != (K,) or (rows is not None and tensor.numel() != rows * K):
+    """tensor [..., K] (floating) as [rows, K]."""
+    check_tensor(tensor, name)
+    if tensor.shape[-1:] != (K,) or (rows is not None and tensor.numel() != rows * K):
         what = f"{rows} rows of {K}" if rows is not None else f"rows of {K}"
-        shape = list(tensor.shape) if isinstance(tensor, Tensor) else type(tensor).__name__
-        raise ValueError(f"{name} must hold {what} logits, got {shape}")
+        raise ValueError(f"{name} must hold {what} logits, got {list(tensor.shape)}")
     return tensor.reshape(-1, K)
 
 
 def _samples(pred, mask, name: str, K: int, leading: tuple):
-    """pred [*leading, S, K] and its mask [*leading, S, 1] as [R, S, K] and [R, S], R = prod(leading)."""
-    if not isinstance(pred, Tensor) or pred.dim() != 4 or pred.shape[:2] != leading or pred.shape[3] != K:
-        shape = list(pred.shape) if isinstance(pred, Tensor) else type(pred).__name__
-        raise ValueError(f"{name} must have shape [{leading[0]}, {leading[1]}, S, {K}], got {shape}")
+    """pred [*leading, S, K] (floating) and its mask [*leading, S, 1] (real) as [R, S, K] and [R, S],
+    R = prod(leading)."""
+    check_tensor(pred, name)
+    if pred.dim() != 4 or pred.shape[:2] != leading or pred.shape[3] != K:
+        raise ValueError(f"{name} must have shape [{leading[0]}, {leading[1]}, S, {K}], got {list(pred.shape)}")
     S = pred.shape[2]
+    if isinstance(mask, Tensor) and mask.dtype.is_complex:
+        raise TypeError(f"the mask of {name} must be real, got {mask.dtype}")
     if not isinstance(mask, Tensor) or mask.shape != (*leading, S, 1):
         shape = list(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
         raise ValueError(f"the mask of {name} must have shape [{leading[0]}, {leading[1]}, {S}, 1], got {shape}")

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from ..checks import check_float, check_int
 from ..layout import GLOBAL_CROPS, dino_crop_pairs
 from .centering import sinkhorn_knopp_center, update_centers
-from .checks import check_backend, check_choice, check_last_layer, check_rows, check_state_device
+from .checks import check_backend, check_choice, check_last_layer, check_rows, check_state_device, detached
 from .diagnostics import teacher_entropies
 from .pair_tables import PairTable, crop_mean_table, cross_entropy
 from .schedule import check_schedule, teacher_temperature
@@ -70,6 +70,7 @@ class DINOLoss(nn.Module):
         student_width = check_last_layer(weight, "weight", self.out_dim, teacher_output.device)
         check_rows(student_output, "student_output", self.ncrops * batch, student_width, teacher_output.device)
         check_state_device(self, student_output.device)
+        teacher_output, teacher_weight = detached(teacher_output), detached(teacher_weight)
         tau_t = self.teacher_temp(epoch)
         if self.centering == "ema":
             center = self.center

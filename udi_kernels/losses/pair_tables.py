@@ -21,7 +21,7 @@ from ..ops.linear_distill_cross_entropy import linear_distill_cross_entropy_csr
 class ScoredPairs(NamedTuple):
     student: Tensor  # [P] int64
     teacher: Tensor  # [P] int64
-    weight: Tensor   # [P] float32
+    weight: Tensor   # [P] float64 (the ops use it in the student's compute dtype)
 
 
 class PairTable(NamedTuple):
@@ -38,10 +38,11 @@ def mean_weight(terms: int) -> float:
 
 def crop_pairs(pattern: tuple, batch: int, device) -> ScoredPairs:
     """pattern ((student block, teacher block, weight), ...) -> row b of each student block against row b of its
-    teacher block, weighing `weight` (float32), for b = 0 .. batch - 1, in pattern order."""
+    teacher block, weighing `weight` (float64: exact enough for float64 logits; the ops round it to the student's
+    compute dtype), for b = 0 .. batch - 1, in pattern order."""
     blocks = torch.tensor([(s, t) for s, t, _ in pattern], dtype=torch.int64, device=device).reshape(-1, 1, 2)
     rows = blocks * batch + torch.arange(batch, device=device)[:, None]  # [pairs, batch, (student, teacher)]
-    weight = torch.tensor([w for _, _, w in pattern], dtype=torch.float32, device=device).repeat_interleave(batch)
+    weight = torch.tensor([w for _, _, w in pattern], dtype=torch.float64, device=device).repeat_interleave(batch)
     return ScoredPairs(rows[..., 0].flatten(), rows[..., 1].flatten(), weight)
 
 
@@ -69,7 +70,7 @@ def _identity_structure(rows: int, device: torch.device) -> PairTable:
 
 
 def identity_table(pair_weight: Tensor) -> PairTable:
-    """Row r of the student against row r of the teacher, weighing pair_weight[r] ([rows] float32, given per call:
+    """Row r of the student against row r of the teacher, weighing pair_weight[r] ([rows] float, given per call:
     the CSR order of identity pairs is the pair order); the structure is built once per (rows, device)."""
     table = _identity_structure(pair_weight.shape[0], pair_weight.device)
     return table._replace(csr=table.csr._replace(pair_weight=pair_weight))

@@ -16,7 +16,7 @@ from ..checks import check_float, check_int
 from ..layout import GLOBAL_CROPS, UDIStudent, UDITargets, UDITeacher, teacher_rows_by_pair, udi_crop_pairs
 from .centering import EMACenter, update_centers
 from .checks import (check_backend, check_choice, check_last_layer, check_logits, check_mask, check_rows,
-                     check_state_device)
+                     check_state_device, detached)
 from .diagnostics import teacher_entropies
 from .pair_tables import PairTable, crop_pair_table, cross_entropy, identity_table, mean_weight
 from .schedule import check_schedule, teacher_temperature
@@ -42,6 +42,7 @@ def blend_into(out: Tensor, samples: Tensor, mask: Tensor, base: Tensor, alpha: 
     return totals
 
 
+@torch.no_grad()
 def blend_cls_plus(cls: Tensor, global_samples: Tensor, global_mask: Tensor, local_samples: Optional[Tensor],
                    local_mask: Optional[Tensor], alpha: float, *, cls_by_pair: bool = False):
     """UDI's cls+ targets T+ = alpha * masked mean of the samples + (1 - alpha) * T_cls, with eps 1e-5 (UDI_SPEC §5),
@@ -53,7 +54,8 @@ def blend_cls_plus(cls: Tensor, global_samples: Tensor, global_mask: Tensor, loc
     (block v: crop pair v); local_samples [2LB, Sl, D], local_mask [2LB, Sl] (block j of local crop l: blended
     with cls block j) or None.
     Returns rows [2B + 2LB, D] in the dtype of cls (the blocks in the order of the samples: global, then local),
-    blended in float32 or wider, local_sum [D] and local_count [] (float32 or wider).
+    blended in float32 or wider, local_sum [D] and local_count [] (float32 or wider). Teacher targets: no graph,
+    whether or not the inputs require grad.
     """
     B2, D = cls.shape
     L = 0 if local_samples is None or B2 == 0 else local_samples.shape[0] // B2  # B = 0: no rows either way
@@ -158,6 +160,7 @@ class UDILoss(nn.Module):
                 weight: Optional[Tensor] = None, teacher_weight: Optional[Tensor] = None):
         tau_t = self.teacher_temp(epoch)
         B = self._check(student, teacher, weight, teacher_weight)
+        teacher, teacher_weight = detached(teacher), detached(teacher_weight)
         last_layers = dict(weight=weight, teacher_weight=teacher_weight)
         targets = teacher if isinstance(teacher, UDITargets) else cls_plus_targets(teacher, self.alpha)
         tables = udi_pair_tables(self.num_local, B, targets.cls.device)
@@ -204,7 +207,7 @@ class UDILoss(nn.Module):
         return mix / mix.sum(-1, keepdim=True)
 
     def _patch_loss(self, student: UDIStudent, targets: UDITargets, tau_t, weight=None, teacher_weight=None):
-        valid = targets.patch_mask.reshape(-1).float()
+        valid = targets.patch_mask.reshape(-1).to(torch.promote_types(student.patch.dtype, torch.float32))
         return cross_entropy(student.patch.flatten(0, 1), targets.patch.flatten(0, 1), self.center_patch.center,
                              identity_table(valid / valid.sum().clamp_min(1)), self.student_temp, tau_t, valid,
                              weight=weight, teacher_weight=teacher_weight, backend=self.backend)
