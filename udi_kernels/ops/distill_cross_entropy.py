@@ -69,6 +69,13 @@ def build_csr(pair_student, pair_teacher, pair_weight, center_id, num_students, 
                    center_rows)
 
 
+def disjoint_offsets(offsets: Tensor, size: int) -> Tensor:
+    """CSR offsets clamped into [0, size] and made non-decreasing (a running maximum): segments that never overlap,
+    whatever a hand-made PairCSR holds, so that no two rows write one pair's outputs (the kernels' threads would
+    race: run-to-run different garbage); the identity on a valid CSR."""
+    return torch.cummax(offsets.clamp(0, size), 0).values
+
+
 def csr_pair_student(csr: PairCSR) -> Tensor:
     """The student row of each CSR slot, [P] int64 (no host sync)."""
     rows = torch.arange(csr.student_offsets.shape[0] - 1, device=csr.student_offsets.device)
@@ -357,7 +364,8 @@ def _run_kernels(backend, student, teacher, centers, csr: PairCSR, row_weight, t
     """The registered native or Triton op."""
     stats_dtype = compute_dtype(teacher.dtype)
     inputs = (student.contiguous(), teacher.detach().contiguous(), centers.to(stats_dtype).contiguous(), csr.center_id,
-              csr.student_offsets, csr.pair_teacher, csr.pair_weight.to(compute_dtype(student.dtype)),
+              disjoint_offsets(csr.student_offsets, csr.pair_teacher.shape[0]), csr.pair_teacher,
+              csr.pair_weight.to(compute_dtype(student.dtype)),
               csr.center_offsets, csr.center_rows, row_weight.to(stats_dtype).contiguous(), float(tau_s), float(tau_t))
     pair_loss, center_sum, center_count, _, _ = _KERNELS[backend](*inputs)
     return DistillCrossEntropyResult(pair_loss.sum(), center_sum, center_count)

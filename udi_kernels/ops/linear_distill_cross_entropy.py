@@ -30,7 +30,7 @@ from ..declarations import LINEAR_DISTILL_CROSS_ENTROPY
 from ..dtypes import compute_dtype
 from ..reference import linear_distill_cross_entropy as reference
 from .distill_cross_entropy import (FLOATS, DistillCrossEntropyResult, PairCSR, _check_csr, _check_tensor,
-                                    _check_values, build_csr, check_pairs, check_temperatures)
+                                    _check_values, build_csr, check_pairs, check_temperatures, disjoint_offsets)
 from .autocast import autocast_off, cast_inputs
 from .registration import Backward, register_kernels
 
@@ -219,7 +219,8 @@ def _run_backend(student, weight, teacher, teacher_weight, centers, csr: PairCSR
     stats_dtype = compute_dtype(teacher.dtype)
     detached = lambda t: None if t is None else t.detach().contiguous()  # noqa: E731
     inputs = (student.contiguous(), weight.contiguous(), detached(teacher), detached(teacher_weight),
-              centers.to(stats_dtype).contiguous(), csr.center_id, csr.student_offsets, csr.pair_teacher,
+              centers.to(stats_dtype).contiguous(), csr.center_id,
+              disjoint_offsets(csr.student_offsets, csr.pair_teacher.shape[0]), csr.pair_teacher,
               csr.pair_weight.to(compute_dtype(student.dtype)), csr.center_offsets, csr.center_rows,
               row_weight.to(stats_dtype).contiguous(), float(tau_s), float(tau_t))
     pair_loss, center_sum, center_count, _, _ = _KERNELS[chosen](*inputs)
