@@ -70,18 +70,25 @@ CPU_ISA_FLAGS = {
 }
 
 
-def _cpu_isa_module():
-    """udi_kernels/cpu_isa.py, loaded without importing udi_kernels (which would load the extension)."""
-    spec = importlib.util.spec_from_file_location("udi_kernels_cpu_isa", os.path.join("udi_kernels", "cpu_isa.py"))
+def _plain_module(name):
+    """udi_kernels/<name>.py, loaded without importing udi_kernels (which would load the extension)."""
+    spec = importlib.util.spec_from_file_location(f"udi_kernels_{name}", os.path.join("udi_kernels", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
+def _limit_flags():
+    """-DUDI_<NAME>=<value> for each limit of udi_kernels/limits.py (csrc/size_limits.h reads them)."""
+    limits = vars(_plain_module("limits"))
+    return [f"-DUDI_{name}={value}" for name, value in sorted(limits.items())
+            if name.isupper() and isinstance(value, int)]
+
+
 def _cpu_isa():
     on_x86 = platform.machine().lower() in ("x86_64", "amd64")
     isa = os.environ.get("UDI_KERNELS_CPU_ISA", "").strip().lower() or \
-        (_cpu_isa_module().widest_isa() if on_x86 else "default")
+        (_plain_module("cpu_isa").widest_isa() if on_x86 else "default")
     if isa not in CPU_ISA_FLAGS or (isa != "default" and not on_x86):
         raise RuntimeError(f"UDI_KERNELS_CPU_ISA must be one of {sorted(CPU_ISA_FLAGS)} (x86-64 only but "
                            f"'default'), got {isa!r}")
@@ -94,13 +101,13 @@ def _extension():
     # -ffp-contract=off: no FMA contraction, so that stratified_sample's host arithmetic equals CUDA's and Triton's
     # bit for bit (csrc/host_device.h); explicit at::vec fmadd is unaffected. -fopenmp: at::parallel_for is inline
     # and runs serially where _OPENMP is undefined; libgomp resolves to the one torch has loaded (same soname)
-    cxx_flags = ["-O3", "-ffp-contract=off", "-fopenmp"] + CPU_ISA_FLAGS[_cpu_isa()]
+    cxx_flags = ["-O3", "-ffp-contract=off", "-fopenmp"] + CPU_ISA_FLAGS[_cpu_isa()] + _limit_flags()
     link_flags = ["-fopenmp"]
     if not build_cuda:
         print(f"udi_kernels: building the CPU kernels only ({why_not}); CUDA tensors use Triton or the reference.")
         return CppExtension("udi_kernels._C", cpp_sources, extra_compile_args={"cxx": cxx_flags},
                             extra_link_args=link_flags)
-    nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
+    nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"] + _limit_flags()
     return CUDAExtension(
         "udi_kernels._C",
         cpp_sources + sorted(glob.glob("csrc/cuda/*.cu")),

@@ -13,6 +13,7 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import time
 
@@ -28,14 +29,17 @@ ROUNDS = 3  # interleaved rounds per comparison
 
 
 def _cpu_seconds():
-    """(busy CPU seconds of the whole machine since boot, CPU seconds of this process), or None off Linux."""
+    """(busy CPU seconds of the whole machine since boot, CPU seconds of this process and its ended children), or
+    None off Linux."""
     try:
         with open("/proc/stat") as f:
             user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in f.readline().split()[1:9])
     except (OSError, ValueError):
         return None
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"), own.ru_utime + own.ru_stime
+    own = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]  # children: a
+    # benchmark's fresh processes (fresh_process_json), once they have ended
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"), \
+        sum(usage.ru_utime + usage.ru_stime for usage in own)
 
 
 _START = dict(load_average=os.getloadavg()[0], monotonic=time.monotonic(), cpu_seconds=_cpu_seconds())
@@ -145,6 +149,35 @@ def peak_extra_bytes(fn, device):
     fn()
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device) - before
+
+
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def rss_of_call(fn) -> dict:
+    """CPU memory of fn() in this process: peak RSS beyond the RSS before the call (`peak_extra_bytes`) and beyond
+    the RSS after it (`working_bytes`: less what the call leaves alive, e.g. gradients). Linux only; call it in a
+    fresh process (fresh_process_json) after one warm-up call of fn."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak (VmHWM) to the current RSS
+    before = _status_kib("VmRSS")
+    fn()
+    peak, after = _status_kib("VmHWM"), _status_kib("VmRSS")
+    return {"peak_extra_bytes": (peak - before) * 1024, "working_bytes": (peak - after) * 1024}
+
+
+def fresh_process_json(module: str, args: list) -> dict:
+    """Runs `python -m <module> <args>` from the repository root and returns the JSON of its last output line. Every
+    allocation of 64 KiB or more is mapped and unmapped by itself in the child (MALLOC_MMAP_THRESHOLD_): what a
+    warm-up freed is not reused unseen, so rss_of_call's peak counts every live byte of the measured call."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run([sys.executable, "-m", module, *args], cwd=root, env=env, capture_output=True, text=True,
+                         check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def measure(fn, device, quick=False, flush_l2=True):

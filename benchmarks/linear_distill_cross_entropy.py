@@ -21,7 +21,6 @@ compares the working memory. GEMM FLOPs per implementation as in benchmarks/NOTE
 import argparse
 import json
 import os
-import subprocess
 import sys
 from typing import NamedTuple, Optional
 
@@ -37,7 +36,6 @@ from udi_kernels import distill_cross_entropy, linear_distill_cross_entropy  # n
 K, D, TAU_S, TAU_T = 65536, 256, 0.1, 0.04
 L, SG = 10, 16  # local crops, global samples per crop (UDI_SPEC §7)
 IMPLS = ("fused", "composed", "eager")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Case(NamedTuple):
@@ -134,11 +132,6 @@ def step_of(case: Case, impl: str, backend: Optional[str]):
 
 # ---- CPU memory: a fresh process per (case, implementation) ------------------------------------------------------
 
-def _status_kib(field):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
 def measure_rss_here(case_name, impl, B, backend):
     """Peak RSS of one forward + backward beyond the RSS before it, after one warm-up call (thread pools, BLAS
     buffers), in this process (bytes); printed as JSON."""
@@ -146,23 +139,12 @@ def measure_rss_here(case_name, impl, B, backend):
     step = step_of(case, impl, backend)
     step()
     case.student.grad = case.weight.grad = None
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak (VmHWM) to the current RSS
-    before = _status_kib("VmRSS")
-    step()
-    peak, after = _status_kib("VmHWM"), _status_kib("VmRSS")  # after: the inputs and the gradients
-    print(json.dumps({"peak_extra_bytes": (peak - before) * 1024, "working_bytes": (peak - after) * 1024}))
+    print(json.dumps(common.rss_of_call(step)))  # working: less the inputs and the gradients left after it
 
 
 def rss_in_fresh_process(case_name, impl, B, backend):
-    command = [sys.executable, "-m", "benchmarks.linear_distill_cross_entropy", "--rss-of", case_name, impl,
-               "--batch", str(B)] + (["--backend", backend] if backend else [])
-    # every allocation of 64 KiB or more mapped and unmapped by itself: what the warm-up freed is not reused
-    # unseen, so the peak counts every live byte of the measured call
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "MALLOC_MMAP_THRESHOLD_": "65536"}
-    out = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return common.fresh_process_json("benchmarks.linear_distill_cross_entropy", [
+        "--rss-of", case_name, impl, "--batch", str(B)] + (["--backend", backend] if backend else []))
 
 
 # ---- the run -------------------------------------------------------------------------------------------------------

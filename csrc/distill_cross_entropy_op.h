@@ -69,13 +69,15 @@ UDI_HOST_DEVICE bool pair_counts(const PairArgs<acc_t>& p, int64_t slot) {
   return p.pair_weight[slot] != 0 && teacher_row_ok(p, p.pair_teacher[slot]);
 }
 
-// A contiguous vector [length] of `type` on `device` (the error names the argument).
-void check_vector(const at::Tensor& t, const char* name, at::ScalarType type, int64_t length, const at::Device& device);
-
 // The pair arguments every kernel reads: center_id [Rt], student_offsets [Rs + 1], pair_teacher [P], pair_weight [P]
 // (in the student's compute dtype); Rs, Rt are the rows of student and teacher.
 void check_pair_args(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& center_id,
                      const at::Tensor& student_offsets, const at::Tensor& pair_teacher, const at::Tensor& pair_weight);
+
+// The center arguments of the forward: center_offsets [n_c + 1], center_rows [Rt], row_weight [Rt] (in the teacher's
+// compute dtype), on the student's device; n_c is the rows of centers.
+void check_center_args(const at::Tensor& teacher, const at::Tensor& centers, const at::Tensor& center_offsets,
+                       const at::Tensor& center_rows, const at::Tensor& row_weight, const at::Tensor& student);
 
 void check_temperatures(double tau_s, double tau_t);
 

@@ -4,47 +4,34 @@
 
 #include <utility>
 
+#include "checks.h"
 #include "srs_attention_op.h"
 
 namespace udi::srs_attention {
 
-namespace {
-
-void check_same(const at::Tensor& t, const char* name, const at::Tensor& like, const char* like_name) {
-  TORCH_CHECK(t.device() == like.device(), name, " must be on the device of ", like_name, " (", like.device(),
-              "), got ", t.device());
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
-}
-
-void check_sizes(const at::Tensor& t, const char* name, at::IntArrayRef sizes) {
-  TORCH_CHECK(t.sizes() == sizes, name, " must have shape ", sizes, ", got ", t.sizes());
-}
-
-}  // namespace
-
 Shape check_forward_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& index,
                          const at::Tensor& weight) {
-  TORCH_CHECK(q.dim() == 4, "q must have shape [B, H, N, D], got ", q.sizes());
+  check_dim(q, "q", 4, "[B, H, N, D]");
   const auto dtype = q.scalar_type();
   TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat || dtype == at::kDouble,
               "q must be float16, bfloat16, float32 or float64, got ", dtype);
-  check_same(q, "q", q, "q");
+  UDI_CHECK_CONTIGUOUS(q);
   TORCH_CHECK(k.dim() == 4 && k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3),
               "k must have shape [B=", q.size(0), ", H=", q.size(1), ", N, D=", q.size(3), "], got ", k.sizes());
   TORCH_CHECK(k.size(2) >= 1 && q.size(3) >= 1, "k needs at least one row and one channel, got ", k.sizes());
   for (const auto& [t, name] : {std::pair{&k, "k"}, std::pair{&v, "v"}}) {
-    check_sizes(*t, name, k.sizes());
-    TORCH_CHECK(t->scalar_type() == dtype, name, " must have the dtype of q (", dtype, "), got ", t->scalar_type());
-    check_same(*t, name, q, "q");
+    check_shape(*t, name, k.sizes());
+    check_same_dtype(*t, name, q, "q");
+    check_like(*t, name, q, "q");
   }
   TORCH_CHECK(index.dim() == 3 && index.size(0) == q.size(0) && index.size(2) >= 1,
               "index must have shape [B=", q.size(0), ", S, T>=1], got ", index.sizes());
   TORCH_CHECK(index.scalar_type() == at::kInt, "index must be int32, got ", index.scalar_type());
-  check_same(index, "index", q, "q");
-  check_sizes(weight, "weight", index.sizes());
+  UDI_CHECK_LIKE(index, q);
+  check_shape(weight, "weight", index.sizes());
   TORCH_CHECK(weight.scalar_type() == compute_dtype(dtype), "weight must be ", compute_dtype(dtype),
               " for ", dtype, " inputs, got ", weight.scalar_type());
-  check_same(weight, "weight", q, "q");
+  UDI_CHECK_LIKE(weight, q);
   return Shape{q.size(0), q.size(1), q.size(2), k.size(2), index.size(1), index.size(2), q.size(3)};
 }
 
@@ -53,14 +40,13 @@ Shape check_backward_args(const at::Tensor& grad_out, const at::Tensor& q, const
                           const at::Tensor& lse) {
   const Shape s = check_forward_args(q, k, v, index, weight);
   for (const auto& [t, name] : {std::pair{&grad_out, "grad_out"}, std::pair{&out, "out"}}) {
-    check_sizes(*t, name, {s.B, s.H, s.S, s.D});
-    TORCH_CHECK(t->scalar_type() == q.scalar_type(), name, " must have the dtype of q, got ", t->scalar_type());
-    check_same(*t, name, q, "q");
+    check_shape(*t, name, {s.B, s.H, s.S, s.D});
+    check_same_dtype(*t, name, q, "q");
+    check_like(*t, name, q, "q");
   }
-  check_sizes(lse, "lse", {s.B, s.H, s.S});
-  TORCH_CHECK(lse.scalar_type() == compute_dtype(q.scalar_type()), "lse must be ",
-              compute_dtype(q.scalar_type()), ", got ", lse.scalar_type());
-  check_same(lse, "lse", q, "q");
+  UDI_CHECK_SHAPE(lse, s.B, s.H, s.S);
+  UDI_CHECK_DTYPE(lse, compute_dtype(q.scalar_type()));
+  UDI_CHECK_LIKE(lse, q);
   return s;
 }
 

@@ -3,18 +3,32 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <cstdint>
+#include <limits>
+
+#include "checks.h"
+#include "size_limits.h"
 #include "stratified_sample_op.h"
 
 namespace udi::stratified_sample {
 
 namespace {
 
+void check_grid(int64_t grid, const char* name) {
+  TORCH_CHECK(grid >= 2 && grid <= limits::kMaxGrid, name, " must be in [2, ", limits::kMaxGrid, "], got ", grid);
+}
+
 Pattern checked_pattern(int64_t grid, int64_t window, const char* grid_name, const char* window_name) {
   TORCH_CHECK(window >= 1, window_name, " must be >= 1, got ", window);
-  TORCH_CHECK(grid >= 2, grid_name, " must be >= 2, got ", grid);
+  check_grid(grid, grid_name);
   TORCH_CHECK(grid >= window, grid_name, " (", grid, ") must not be smaller than ", window_name, " (", window, ")");
-  TORCH_CHECK(grid <= 4096, grid_name, " must be <= 4096, got ", grid);
   return Pattern{static_cast<int>(grid), static_cast<int>(window)};
+}
+
+// A Philox counter word (UDI_SPEC §2): a uint32.
+void check_word(int64_t value, const char* name) {
+  TORCH_CHECK(value >= 0 && value <= std::numeric_limits<uint32_t>::max(), name, " must be in [0, 2**32), got ",
+              value);
 }
 
 PairOutput pair_output(const at::Tensor& src, const at::Tensor& tgt, const at::Tensor& weight,
@@ -31,13 +45,12 @@ PreparedSample prepare_sample(const at::Tensor& boxes, int64_t global_grid, int6
   TORCH_CHECK(boxes.dim() == 3 && boxes.size(1) >= 2 && boxes.size(2) == 4,
               "boxes must have shape [B, 2 + L, 4], got ", boxes.sizes());
   TORCH_CHECK(boxes.scalar_type() == at::kFloat, "boxes must be float32, got ", boxes.scalar_type());
-  TORCH_CHECK(boxes.is_contiguous(), "boxes must be contiguous");
-  TORCH_CHECK(offset >= 0 && offset <= 0xFFFFFFFFll, "offset must be in [0, 2**32), got ", offset);
-  TORCH_CHECK(image_offset >= 0 && image_offset <= 0xFFFFFFFFll, "image_offset must be in [0, 2**32), got ",
-              image_offset);
+  UDI_CHECK_CONTIGUOUS(boxes);
+  check_word(offset, "offset");
+  check_word(image_offset, "image_offset");
   const Pattern global = checked_pattern(global_grid, global_window, "global_grid", "global_window");
   const Pattern local = checked_pattern(local_grid, local_window, "local_grid", "local_window");
-  TORCH_CHECK(target_grid >= 2 && target_grid <= 4096, "target_grid must be in [2, 4096], got ", target_grid);
+  check_grid(target_grid, "target_grid");
 
   const int64_t B = boxes.size(0), L = boxes.size(1) - 2;
   const int64_t Sg = samples_per_pattern(global), Sl = samples_per_pattern(local);
@@ -66,7 +79,7 @@ namespace {
 SampleTensors stratified_sample_cpu(const at::Tensor& boxes, int64_t global_grid, int64_t global_window,
                                     int64_t local_grid, int64_t local_window, int64_t target_grid, int64_t seed,
                                     int64_t offset, int64_t image_offset) {
-  TORCH_CHECK(boxes.device().is_cpu(), "boxes must be a CPU tensor for the CPU kernel");
+  UDI_CHECK_KERNEL_DEVICE(boxes, at::kCPU);
   PreparedSample prepared =
       prepare_sample(boxes, global_grid, global_window, local_grid, local_window, target_grid, seed, offset,
                      image_offset);

@@ -3,7 +3,8 @@
 # installed torch (--no-build-isolation). CUDA kernels are compiled whenever a CUDA toolkit is found
 # (UDI_KERNELS_CUDA=1 makes that mandatory). Prints a line per step and one every 30 s during the build.
 # A second run reuses what is there: a .venv with the asked torch keeps it (no download), and the build is redone
-# only when the sources (csrc/, setup.py, pyproject.toml), torch or the build flags changed since the last one.
+# only when the sources (csrc/, setup.py, pyproject.toml, udi_kernels/limits.py), torch or the build flags changed
+# since the last one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -15,7 +16,7 @@ progress() { echo "[setup $((SECONDS / 60))m$((SECONDS % 60))s] $*"; }
 build_stamp() {
   {
     echo "torch $1 cuda=${UDI_KERNELS_CUDA:-} arch=${TORCH_CUDA_ARCH_LIST:-}"
-    cat setup.py pyproject.toml 2>/dev/null || true
+    cat setup.py pyproject.toml udi_kernels/limits.py 2>/dev/null || true
     { find csrc -type f 2>/dev/null || true; } | LC_ALL=C sort | while read -r f; do echo "$f"; cat "$f"; done
   } | sha256sum | cut -d' ' -f1
 }

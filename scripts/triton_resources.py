@@ -29,10 +29,10 @@ MAX_SPILL_BYTES = 0  # no kernel spills (key_grad reads the tapped queries that 
 # (name, N keys, NQ rows of q, S samples, D): the student global crop per head, and SRSAttention attending over h
 # (6 heads x 16 samples as the rows of one head of width D = C, identity taps)
 SHAPES = [("heads D=64", 196, 196, 16, 64), ("over h D=384", 196, 96, 96, 384)]
-FLOAT_ARGS = {"scale"}
+FLOAT_ARGS = {"scale", "scale_mantissa"}
 POINTERS = dict(q="*fp16", k="*fp16", v="*fp16", index="*i32", weight="*fp32", out="*fp16", lse="*fp32",
                 grad_out="*fp16", dq_s="*fp32", delta="*fp32", dq="*fp16", dk="*fp16", dv="*fp16", q_op="*fp16",
-                row_scale="*fp32")
+                row_exp="*i32")
 
 
 class Resources(NamedTuple):

@@ -205,8 +205,8 @@ def test_knn_labels_the_k_it_used(checkpoint, capsys):
     eval_knn.knn_main(["--pretrained_weights", str(checkpoint), "--nb_knn", "5", "5000", "--image_size", "32"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-2].startswith("5-NN top-1 on the embedded digits (1280 train, 517 val images)")
-    assert lines[-1].startswith("1280-NN top-1 on the embedded digits (1280 train, 517 val images)")
-    assert lines[-1].endswith("(--nb_knn 5000: every one of the 1280 train images)")
+    assert lines[-1].startswith("1280-NN (--nb_knn 5000 capped at the train images) top-1 on the embedded digits "
+                                "(1280 train, 517 val images)")
 
 
 def test_a_new_run_keeps_an_args_json_it_did_not_write(tmp_path, capsys):

@@ -115,17 +115,21 @@ def test_gpu_distill_index_out_of_range_skips_the_pair(backend, field, poison_em
     assert_close_rel(grad, expected_grad, 5e-5, "grad")
 
 
+REPEATS = 30  # runs of a racy kernel that agree by luck: a race at 2 threads showed within a few
+
+
 @pytest.mark.parametrize("backend", [b for b in DISTILL if b != "reference"])
 def test_distill_csr_with_decreasing_offsets_stays_in_bounds(backend):
-    """A hand-made CSR whose offsets leave [0, P] or decrease: clamped, no crash, the same result twice."""
+    """A hand-made CSR whose offsets leave [0, P] or decrease: clamped, no crash, the same result every time (the
+    overlapping segments of such offsets once let two threads write one pair's loss)."""
     from udi_kernels.ops import distill_cross_entropy as op
     case = make_case(4, 3, 21, 1, 5)
     csr = op.build_csr(case["pair_student"], case["pair_teacher"], case["pair_weight"], case["center_id"], 4, 1)
     csr = csr._replace(student_offsets=torch.tensor([-7, 3, 1, 99, 2]), center_offsets=torch.tensor([2, -5]),
                        center_rows=torch.tensor([0, 9, -2]))
     runs = [op.distill_cross_entropy_csr(case["student"], case["teacher"], case["centers"], csr, case["row_weight"],
-                                         0.1, 0.04, backend=backend) for _ in range(2)]
-    assert all(torch.equal(a, b) for a, b in zip(*runs))
+                                         0.1, 0.04, backend=backend) for _ in range(REPEATS)]
+    assert all(torch.equal(a, b) for run in runs[1:] for a, b in zip(runs[0], run))
 
 
 def test_distill_csr_shapes_are_checked():
@@ -592,7 +596,7 @@ def test_linear_distill_index_out_of_range_skips_the_pair(backend, poison_empty)
 
 @pytest.mark.parametrize("backend", [b for b in LINEAR if b != "reference"])
 def test_linear_distill_csr_with_decreasing_offsets_stays_in_bounds(backend):
-    """A hand-made CSR whose offsets leave [0, P] or decrease: clamped, no crash, the same result twice."""
+    """As test_distill_csr_with_decreasing_offsets_stays_in_bounds, for the fused head and loss."""
     import test_linear_distill_cross_entropy as linear
     from udi_kernels.ops import distill_cross_entropy as distill_op
     from udi_kernels.ops.linear_distill_cross_entropy import linear_distill_cross_entropy_csr
@@ -602,5 +606,5 @@ def test_linear_distill_csr_with_decreasing_offsets_stays_in_bounds(backend):
                        center_rows=torch.tensor([0, 9, -2]))
     runs = [linear_distill_cross_entropy_csr(case["student"], case["weight"], case["teacher"], case["teacher_weight"],
                                              case["centers"], csr, case["row_weight"], 0.1, 0.04, backend=backend)
-            for _ in range(2)]
-    assert all(torch.equal(a, b) for a, b in zip(*runs))
+            for _ in range(REPEATS)]
+    assert all(torch.equal(a, b) for run in runs[1:] for a, b in zip(runs[0], run))

@@ -183,3 +183,31 @@ def test_one_class_token_has_dino_vits_parameters_and_tokens():
     assert out.cls_plus is None and out.cls.shape == (2, C) and out.patch.shape == (2, 30, C)
     with pytest.raises(ValueError, match="class_tokens must be 1"):
         ViTBackbone("vit_tiny", PATCH, IMG, class_tokens=3, embed_dim=C, depth=1, num_heads=HEADS)
+
+
+def saved_bytes_and_grads(backbone, images):
+    """The bytes autograd keeps for the backward of the backbone's outputs, and the parameters' gradients."""
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+    torch.manual_seed(7)  # stochastic depth draws in the blocks
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = backbone(images)
+    (out.cls.square().sum() + out.cls_plus.sum() + out.patch.square().mean()).backward()
+    return sum(saved), {name: p.grad.clone() for name, p in backbone.named_parameters()}
+
+
+def test_grad_checkpointing_gives_the_same_gradients_bit_for_bit_and_keeps_less():
+    """--grad_checkpointing (issue 23 §2): each block recomputed in the backward, stochastic depth included."""
+    torch.manual_seed(3)
+    backbone = ViTBackbone("vit_tiny", PATCH, IMG, 0.3, embed_dim=C, depth=3, num_heads=HEADS)
+    images = torch.randn(4, 3, 64, 48)
+    kept, grads = saved_bytes_and_grads(backbone, images)
+    backbone.zero_grad(set_to_none=True)
+    backbone.grad_checkpointing = True
+    kept_checkpointed, grads_checkpointed = saved_bytes_and_grads(backbone, images)
+    assert grads.keys() == grads_checkpointed.keys()
+    assert all(torch.equal(grads[name], grads_checkpointed[name]) for name in grads)
+    assert kept_checkpointed < kept / 2

@@ -148,6 +148,14 @@ def test_a_vectorised_build_refuses_to_load_on_a_cpu_without_its_instructions():
     assert not udi_kernels._native.cpu_lacks(udi_kernels._native.BUILD_CPU_ISA)  # this CPU loaded it
 
 
+@pytest.mark.skipif(not udi_kernels._native.native_loaded(), reason="extension not built")
+def test_the_cpu_kernels_are_built_with_openmp():
+    """at::parallel_for is inline and runs its body on one thread where the extension lacks -fopenmp (no error, only
+    half the speed on 2 cores): the built library must call into the OpenMP runtime."""
+    with open(udi_kernels._C.__file__, "rb") as f:
+        assert b"GOMP_parallel" in f.read()
+
+
 def test_the_build_picks_the_widest_instruction_set_this_cpu_runs():
     from udi_kernels import cpu_isa
     assert cpu_isa.runs("default") in (True, None)

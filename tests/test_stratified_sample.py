@@ -12,6 +12,7 @@ import udi_kernels
 from udi_kernels import stratified_sample, taps_to_dense
 from udi_kernels._native import has_native_kernel
 from udi_kernels.declarations import DECLARATIONS
+from udi_kernels.limits import MAX_GRID
 from udi_kernels.reference.philox import philox4x32
 from udi_kernels.testing.inputs import random_boxes
 
@@ -399,6 +400,26 @@ def test_bad_input_names_the_argument(boxes, kwargs, error, match):
         boxes = random_boxes(2, 1, torch.Generator().manual_seed(0))
     with pytest.raises(error, match=match):
         stratified_sample(boxes, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["global_grid", "target_grid"])
+def test_the_grid_limit_is_the_same_in_python_and_in_the_extension(name):
+    """udi_kernels.limits.MAX_GRID is compiled into the extension (setup.py): both take MAX_GRID, both refuse one
+    more, with the same words."""
+    boxes = random_boxes(1, 0, torch.Generator().manual_seed(0))
+    sizes = dict(global_grid=14, global_window=3, local_grid=6, local_window=2, target_grid=14)
+    order = list(sizes)
+    native = torch.ops.udi_kernels.stratified_sample
+    for grid in (MAX_GRID, MAX_GRID + 1):
+        args = {**sizes, name: grid, "global_window": MAX_GRID if name == "global_grid" else 3}
+        if grid == MAX_GRID:
+            assert native(boxes, *(args[k] for k in order), 0, 0, 0)[3].shape == (1, 2)
+            continue
+        message = rf"{name} must be in \[2, {MAX_GRID}\], got {grid}"
+        with pytest.raises(RuntimeError, match=message):
+            native(boxes, *(args[k] for k in order), 0, 0, 0)
+        with pytest.raises(ValueError, match=message):
+            stratified_sample(boxes, **args, backend="reference")
 
 
 def test_native_kernel_checks_its_own_arguments():

@@ -16,7 +16,7 @@ from udi.data import Crop, MultiCropAugmentation, crop_box
 from udi.eval_knn import knn_classify
 from udi.model import DINOHead, UDIModel, ViTBackbone, build_model, split_last_layer
 from udi.step import sample_pairs, udi_teacher_targets
-from udi.train import parse_args, train_udi
+from udi.train import TIMING_FIELDS, parse_args, train_udi
 from udi_kernels import PairTaps
 from udi_kernels.layout import UDITeacher, student_taps
 from udi_kernels.losses import UDILoss, cls_plus_targets, teacher_entropies
@@ -45,9 +45,11 @@ def tiny_model(seed=0):
     return UDIModel(backbone, DINOHead(32, 64, norm_last_layer=False, hidden_dim=32, bottleneck_dim=16))
 
 
-def read_log(output_dir):
+def read_log(output_dir, timing=False):
+    """log.txt's records; without `timing` less the fields that differ from run to run (udi.train.TIMING_FIELDS)."""
     with open(os.path.join(output_dir, "log.txt")) as f:
-        return [json.loads(line) for line in f]
+        records = [json.loads(line) for line in f]
+    return records if timing else [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in records]
 
 
 # ---- data ------------------------------------------------------------------------------------------------

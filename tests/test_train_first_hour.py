@@ -278,6 +278,10 @@ def test_evaluations_refuse_to_score_on_their_training_images(tmp_path, capsys, 
     evaluation.main(["--pretrained_weights", path, "--data_path", str(data), "--holdout_fraction", "0.2", *extra])
     out = capsys.readouterr().out
     assert f"{data}: fit on 8 images, scored on 2 held out (0.2 of the folder" in out
+    if evaluation is eval_knn:  # finding a of issue 21: the k a line shows is the k the vote used
+        evaluation.main(["--pretrained_weights", path, "--data_path", str(data), "--holdout_fraction", "0.2",
+                         "--nb_knn", "20"])
+        assert "8-NN (--nb_knn 20 capped at the train images) top-1" in capsys.readouterr().out
 
 
 def test_the_final_report_after_training_on_an_image_folder_is_skipped_saying_how_to_evaluate(tmp_path, capsys):

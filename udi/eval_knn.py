@@ -48,13 +48,13 @@ def knn_main(argv=None):
                    help="temperature of the similarity-weighted vote")
     args = parse_checkpoint_args(p, argv)
     train, test, description = checkpoint_features(args)
-    for k in args.nb_knn:
+    for asked in args.nb_knn:
+        k = neighbours(asked, len(train[1]))
         accs = [f"{TOKEN_NAMES[name]} {accuracy:.2f} %"
                 for name, accuracy in knn_by_token(train, test, k, args.temperature).items()]
-        used = neighbours(k, len(train[1]))
-        capped = f" (--nb_knn {k}: every one of the {used} train images)" if used != k else ""
-        print(f"{used}-NN top-1 on {description.split(': ')[0]} ({len(train[1])} train, {len(test[1])} val "
-              f"images): {', '.join(accs)}{capped}")
+        capped = f" (--nb_knn {asked} capped at the train images)" if k < asked else ""
+        print(f"{k}-NN{capped} top-1 on {description.split(': ')[0]} ({len(train[1])} train, {len(test[1])} val "
+              f"images): {', '.join(accs)}")
 
 
 def main(argv=None):

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed, trunc_normal_
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from udi_kernels.layout import StudentTaps, TeacherTaps, UDIStudent, UDITeacher, split_teacher_samples, teacher_rows_by_pair
 from udi_kernels.nn import SRSAttention
@@ -66,10 +67,12 @@ class ViTBackbone(nn.Module):
     pos_embed_resampling: "reference" (DINO's rule, default) or "timm" (timm's antialiased bicubic).
     class_tokens: 2 (cls, cls+: UDI; `cls_token [1, 2, C]`, `pos_embed [1, 2 + N, C]`) or 1 (cls: DINO;
     `cls_token [1, 1, C]`, `pos_embed [1, 1 + N, C]`).
+    grad_checkpointing: under autograd, keep only each block's input and recompute the block in the backward
+    (torch.utils.checkpoint, non-reentrant, the RNG state restored: the same gradients bit for bit).
     """
 
     def __init__(self, arch="vit_small", patch_size=16, img_size=224, drop_path_rate=0.1,
-                 pos_embed_resampling="reference", class_tokens=2, **overrides):
+                 pos_embed_resampling="reference", class_tokens=2, grad_checkpointing=False, **overrides):
         super().__init__()
         if pos_embed_resampling not in POS_EMBED_RESAMPLING:
             raise ValueError(f"pos_embed_resampling must be one of {POS_EMBED_RESAMPLING}, "
@@ -85,7 +88,7 @@ class ViTBackbone(nn.Module):
                                      **overrides)
         self.embed_dim, self.num_heads = self.vit.embed_dim, self.vit.blocks[0].attn.num_heads
         self.patch_size, self.grid_size, self.class_tokens = patch_size, img_size // patch_size, class_tokens
-        self.pos_embed_resampling = pos_embed_resampling
+        self.pos_embed_resampling, self.grad_checkpointing = pos_embed_resampling, grad_checkpointing
         self.cls_token = nn.Parameter(torch.zeros(1, class_tokens, self.embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, class_tokens + self.grid_size ** 2, self.embed_dim))
         trunc_normal_(self.pos_embed, std=0.02)
@@ -115,8 +118,15 @@ class ViTBackbone(nn.Module):
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + self.position_embedding(rows, cols)
         return self.vit.norm_pre(self.vit.pos_drop(x))
 
+    def blocks(self, x: Tensor) -> Tensor:
+        if not (self.grad_checkpointing and torch.is_grad_enabled()):
+            return self.vit.blocks(x)
+        for block in self.vit.blocks:
+            x = checkpoint(block, x, use_reentrant=False)
+        return x
+
     def forward(self, images: Tensor) -> BackboneOutput:
-        x = self.vit.blocks(self.tokens(images))
+        x = self.blocks(self.tokens(images))
         k = self.class_tokens
         prefix = self.vit.norm(x[:, :k])
         return BackboneOutput(prefix[:, 0], prefix[:, 1] if k == 2 else None, x[:, k:])
@@ -271,7 +281,8 @@ def build_model(args, teacher: bool = False):
     True, udi.train's) -> the network's fuse_last_layer."""
     network = NETWORKS[getattr(args, "objective", "udi")]
     backbone = ViTBackbone(args.arch, args.patch_size, args.global_crop_size, 0.0 if teacher else args.drop_path_rate,
-                           args.pos_embed_resampling, class_tokens=network.class_tokens, embed_dim=args.embed_dim,
+                           args.pos_embed_resampling, class_tokens=network.class_tokens,
+                           grad_checkpointing=getattr(args, "grad_checkpointing", False), embed_dim=args.embed_dim,
                            depth=args.depth, num_heads=args.num_heads)
     head = DINOHead(backbone.embed_dim, args.out_dim, args.norm_last_layer, args.head_hidden_dim,
                     args.head_bottleneck_dim, use_bn=getattr(args, "use_bn_in_head", False))

@@ -84,12 +84,14 @@ class TrainingStep:
         """The checkpoint entries this step's state fills, name -> object with state_dict / load_state_dict."""
         return {"student": self.student, "teacher": self.teacher, self.loss_state_key: self.loss}
 
-    def epoch_lines(self, epoch: int, stats: dict, seconds: float) -> list:
-        """An epoch's printed lines: the loss, the teacher's entropies, the learning rate, the seconds; then a
-        collapse warning if the teacher's targets collapse."""
+    def epoch_lines(self, epoch: int, stats: dict, seconds: float, speed: dict) -> list:
+        """An epoch's printed lines: the loss, the teacher's entropies, the learning rate, the seconds, images per
+        second and (CUDA) the peak memory (udi.train.throughput's `speed`); then a collapse warning if the
+        teacher's targets collapse."""
+        memory = f", {speed['max_memory_allocated_mib']:.0f} MiB" if "max_memory_allocated_mib" in speed else ""
         line = (f"epoch [{epoch}/{self.args.epochs}] {self.loss_text(stats)} | teacher entropy "
                 f"{stats['teacher_entropy']:.3f}, batch {stats['teacher_batch_entropy']:.3f} | lr {stats['lr']:.2e} | "
-                f"{seconds:.0f} s")
+                f"{seconds:.0f} s, {speed['images_per_second']:.0f} img/s{memory}")
         warning = collapse_warning(stats, self.args.out_dim)
         return [line] + ([warning] if warning else [])
 

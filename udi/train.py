@@ -98,14 +98,15 @@ def train_epochs(run, loader, sampler, log, stop_after_epoch, argv):
             sampler.set_epoch(epoch)  # the epoch travels with the sampler's indices to the data set
             epoch_start = time.time()
             stats = train_one_epoch(run, loader, epoch)
-            record = {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch}
+            speed = throughput(run, len(loader), time.time() - epoch_start)
+            record = {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch, **speed}
             log.append(record)
             # checkpoint first, then log.txt: a run killed in between resumes with log.txt rebuilt from the checkpoint
             save_checkpoint(run, epoch + 1, log)
             saved = epoch + 1
             utils.log_json(args.output_dir, record)
             if utils.is_main_process():
-                print("\n".join(run.step.epoch_lines(epoch, stats, time.time() - epoch_start)), flush=True)
+                print("\n".join(run.step.epoch_lines(epoch, stats, time.time() - epoch_start, speed)), flush=True)
             if stop_after_epoch is not None and epoch >= stop_after_epoch:
                 break
     except (KeyboardInterrupt, RunError) as stop:
@@ -116,6 +117,20 @@ def train_epochs(run, loader, sampler, log, stop_after_epoch, argv):
     if utils.is_main_process() and len(log) > start_epoch:
         print(f"training time {time.time() - start_time:.0f} s (epochs {start_epoch}-{len(log) - 1}); checkpoint "
               f"{checkpoint_path}, log {os.path.join(args.output_dir, 'log.txt')}", flush=True)
+
+
+TIMING_FIELDS = ("images_per_second", "max_memory_allocated_mib")  # log.txt's fields that differ run to run
+
+
+def throughput(run, steps: int, seconds: float) -> dict:
+    """An epoch's TIMING_FIELDS: images per second (all processes) and, on CUDA, the peak memory allocated in it
+    (this process, MiB; the peak is reset for the next epoch)."""
+    images = steps * run.args.batch_size_per_gpu * run.world_size
+    speed = {"images_per_second": images / max(seconds, 1e-9)}
+    if run.device.type == "cuda":
+        speed["max_memory_allocated_mib"] = torch.cuda.max_memory_allocated(run.device) / 2 ** 20
+        torch.cuda.reset_peak_memory_stats(run.device)
+    return speed
 
 
 def run_summary(args, dataset, iters, world_size, device, dtype, resume, args_path) -> str:
@@ -172,7 +187,9 @@ def train_one_epoch(run: TrainingRun, loader, epoch: int) -> dict:
                       lr=run.schedules["lr"][it])  # one device sync for all of them
         for k, v in record.items():
             totals[k] = totals.get(k, 0.0) + v
-        progress.set_postfix(loss=f"{record['loss']:.4f}")
+        steps_per_second = progress.format_dict["rate"]
+        images = f"{steps_per_second * args.batch_size_per_gpu * run.world_size:.0f}" if steps_per_second else "-"
+        progress.set_postfix({"loss": f"{record['loss']:.4f}", "img/s": images})
     means = torch.tensor(list(totals.values()), dtype=torch.float64) / len(loader)
     if run.world_size > 1:
         dist.all_reduce(means)

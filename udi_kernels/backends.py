@@ -113,9 +113,12 @@ def why_unsupported(declaration: OpDeclaration, backend: str, device: torch.devi
 def resolve(declaration: OpDeclaration, device: torch.device, dtype: torch.dtype, backend: Optional[str] = None,
             **sizes: int) -> str:
     """The backend that runs this call of the declared op (sizes: the ints its shape_class and limits name):
-    `backend`, else $UDI_KERNELS_BACKEND, else the first of the declared auto order for the device and shape class
+    `backend` (None: not given; any other value must name a backend, "" included), else $UDI_KERNELS_BACKEND (empty:
+    unset), else the first of the declared auto order for the device and shape class
     that supports the call (the reference alone on other devices). Raises ValueError for an unknown name, and the
     Unsupported error of a requested backend that cannot run the call (or of the last candidate of `auto`)."""
+    if backend is not None and backend not in BACKENDS:  # "" included: only None means "not given"
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
     # strings only: torch.compile folds _resolve to a constant, and takes constants as its arguments (the sizes may
     # be symbolic; these comparisons become guards)
     exceeded = "\n".join(f"{b}={size_limit_exceeded(declaration, b, device.type, **sizes)}" for b in declaration.support)
@@ -126,10 +129,9 @@ def resolve(declaration: OpDeclaration, device: torch.device, dtype: torch.dtype
 def _resolve(op: str, device: torch.device, dtype: torch.dtype, backend: Optional[str], shape_class: str,
              exceeded: str) -> str:
     declaration, exceeded = DECLARATIONS[op], dict(line.split("=", 1) for line in exceeded.split("\n"))
-    requested = backend or os.environ.get(ENV_VAR) or "auto"
+    requested = backend or os.environ.get(ENV_VAR) or "auto"  # an empty $UDI_KERNELS_BACKEND counts as unset
     if requested not in BACKENDS:
-        source = "backend" if backend else ENV_VAR
-        raise ValueError(f"{source} must be one of {BACKENDS}, got {requested!r}")
+        raise ValueError(f"{ENV_VAR} must be one of {BACKENDS} (or empty: unset), got {requested!r}")
     candidates = (requested,) if requested != "auto" else \
         declaration.auto_order.get((device.type, shape_class), ("reference",))
     for candidate in candidates:

@@ -1,5 +1,5 @@
-"""Checks of plain Python arguments (ints, floats) shared by the ops, modules and losses: each raises TypeError or
-ValueError naming the argument, and returns the value as a Python int / float."""
+"""Checks of arguments (ints, floats, bools, tensors) shared by the ops, modules and losses: each raises TypeError or
+ValueError naming the argument, and returns the value (a Python int / float for numbers)."""
 import math
 import numbers
 from typing import Optional
@@ -30,6 +30,20 @@ def check_float(value, name: str, low: float = -math.inf, high: float = math.inf
     return float(value)
 
 
+def check_tensor(value, name: str, integer: bool = False, device=None) -> Tensor:
+    """A torch.Tensor of an integer dtype (integer=True) or of a real floating dtype, on `device` if given:
+    TypeError naming the argument for the type or dtype, ValueError for the device."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if integer and (value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool):
+        raise TypeError(f"{name} must be an integer tensor, got {value.dtype}")
+    if not integer and not value.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
+    if device is not None and value.device != device:
+        raise ValueError(f"{name} must be on {device}, got {value.device}")
+    return value
+
+
 def check_bool(value, name: str) -> bool:
     """A bool (a flag such as check_taps: a string like "no" would be true)."""
     if not isinstance(value, bool):
@@ -37,11 +51,30 @@ def check_bool(value, name: str) -> bool:
     return value
 
 
-
 def first_failed(conditions: dict) -> Optional[str]:
     """The name of the first False among named boolean 0-dim tensors (None when all hold), read in one device
     sync: the value checks of every op cost one sync on CUDA, however many conditions they test."""
     if not conditions:
         return None
-    held = torch.stack(list(conditions.values())).tolist()
+    held = torch.stack([unwrapped(c).all() for c in conditions.values()]).tolist()
     return next((name for name, ok in zip(conditions, held) if not ok), None)
+
+
+def unwrapped(t: Tensor) -> Tensor:
+    """t without its torch.func wrappers (vmap's batched, grad's tracking tensors): the values of every slice, so
+    that a value check under torch.func checks all of them at once."""
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t
+
+
+def require(conditions: dict) -> None:
+    """Value checks: {message: 0-dim bool tensor}. Raises ValueError(message) for the first that fails (one device
+    sync); under torch.compile each is asserted asynchronously instead (no graph break, no sync)."""
+    if torch.compiler.is_compiling():
+        for message, held in conditions.items():
+            torch._assert_async(held, message)
+        return
+    failed = first_failed(conditions)
+    if failed is not None:
+        raise ValueError(failed)

@@ -8,6 +8,10 @@ benchmarks/results/, written by `python -m benchmarks.<op> --record`; tests/test
 CPU orders start with the `fastest` backend of those files).
 The reference backend runs everything, on every device.
 
+Repeatability: every backend (auto included) gives bitwise identical results run after run at a fixed thread count
+(torch.get_num_threads()); BackendSupport.across_thread_counts says whether they also hold from one thread count to
+another (tests/test_hardening_determinism.py checks 1 and 2 threads on the CPU backends).
+
 The idea follows xformers' per-operator declarations (ops/fmha/common.py: SUPPORTED_DEVICES, SUPPORTED_DTYPES,
 SUPPORTED_MAX_K, not_supported_reasons); the code is our own.
 """
@@ -15,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional
 
 import torch
+
+from .limits import SRS_ATTENTION_CUDA_MAX_HEAD_DIM
 
 HALF_AND_FLOAT = frozenset({torch.float16, torch.bfloat16, torch.float32})
 FLOATING = HALF_AND_FLOAT | {torch.float64}
@@ -27,11 +33,14 @@ KERNEL_DEVICES = ("cpu", "cuda")  # Triton runs CPU tensors under TRITON_INTERPR
 class BackendSupport:
     """What one backend of an op takes. dtypes: per device type ("*": any); interpreted_dtypes: under TRITON_INTERPRET=1
     (None: as on the GPU); max_sizes: per device type, named sizes (see the op's `sizes`) and their largest supported
-    value; not_on: device types the backend deliberately has no kernel for, with the reason (the error says it)."""
+    value; not_on: device types the backend deliberately has no kernel for, with the reason (the error says it);
+    across_thread_counts: None when results are the same bits at every thread count, else why not (they still
+    repeat bit for bit at a fixed one)."""
     dtypes: Mapping[str, frozenset]
     interpreted_dtypes: Optional[frozenset] = None
     max_sizes: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
     not_on: Mapping[str, str] = field(default_factory=dict)
+    across_thread_counts: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -52,12 +61,15 @@ def _on(devices, dtypes):
 
 
 def _backends(reference: frozenset, native: Mapping, triton: frozenset, native_max_sizes: Optional[Mapping] = None,
-              triton_interpreted: Optional[frozenset] = None, native_not_on: Optional[Mapping] = None) -> dict:
+              triton_interpreted: Optional[frozenset] = None, native_not_on: Optional[Mapping] = None,
+              reference_across_thread_counts: Optional[str] = None) -> dict:
     """The support of the three backends: the reference's dtypes on any device, the native kernels' per device
-    type, Triton's on CPU (interpreter) and CUDA tensors."""
+    type, Triton's on CPU (interpreter) and CUDA tensors. The native and Triton kernels split their sums the same
+    way at every thread count (fixed chunks, no atomics)."""
     return {"native": BackendSupport(native, max_sizes=native_max_sizes or {}, not_on=native_not_on or {}),
             "triton": BackendSupport(_on(KERNEL_DEVICES, triton), interpreted_dtypes=triton_interpreted),
-            "reference": BackendSupport(_on(ANY_DEVICE, reference))}
+            "reference": BackendSupport(_on(ANY_DEVICE, reference),
+                                        across_thread_counts=reference_across_thread_counts)}
 
 
 def _one_shape_class(cuda: tuple, cpu: tuple) -> dict:
@@ -85,11 +97,14 @@ STRATIFIED_SAMPLE = OpDeclaration(
 SRS_ATTENTION = OpDeclaration(
     name="srs_attention",
     support=_backends(reference=FLOATING, native={"cuda": HALF_AND_FLOAT}, triton=HALF_AND_FLOAT,
-                      native_max_sizes={"cuda": {"head_dim": 512}},  # kMaxDim, csrc/cuda/srs_attention.cu
+                      native_max_sizes={"cuda": {"head_dim": SRS_ATTENTION_CUDA_MAX_HEAD_DIM}},
                       triton_interpreted=frozenset({torch.float16, torch.float32}),
                       native_not_on={"cpu": "there is no CPU kernel: the eager reference (gathered queries, BLAS "
                                             "matmuls, softmax) was 2.3-12x faster than the one there was "
-                                            "(benchmarks/NOTES.md, srs_attention on the CPU); use backend='reference'"}),
+                                            "(benchmarks/NOTES.md, srs_attention on the CPU); use backend='reference'"},
+                      reference_across_thread_counts="the gradients' BLAS matmuls (MKL) and the scatter of dq split "
+                                                     "their sums by thread count: dq, dk differ in the last bits "
+                                                     "between 1 and 2 threads (out does not)"),
     auto_order={("cuda", "few_queries"): ("triton", "native", "reference"),
                 ("cuda", "many_queries"): ("triton", "native", "reference"),
                 ("cpu", "few_queries"): ("reference",),

@@ -2,18 +2,7 @@
 import torch
 from torch import Tensor
 
-from .checks import check_int
-
-
-def _check_tensor(value, name: str, integer: bool, device=None):
-    if not isinstance(value, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if integer and (value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool):
-        raise TypeError(f"{name} must be an integer tensor, got {value.dtype}")
-    if not integer and not value.dtype.is_floating_point:
-        raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
-    if device is not None and value.device != device:
-        raise ValueError(f"{name} must be on {device}, got {value.device}")
+from .checks import check_int, check_tensor
 
 
 def taps_to_dense(index: Tensor, weight: Tensor, num_tokens: int) -> Tensor:
@@ -21,8 +10,8 @@ def taps_to_dense(index: Tensor, weight: Tensor, num_tokens: int) -> Tensor:
 
     Raises TypeError / ValueError naming the argument; an index outside [0, num_tokens) is refused (one device sync
     on CUDA)."""
-    _check_tensor(index, "index", integer=True)
-    _check_tensor(weight, "weight", integer=False, device=index.device)
+    check_tensor(index, "index", integer=True)
+    check_tensor(weight, "weight", integer=False, device=index.device)
     num_tokens = check_int(num_tokens, "num_tokens", 1)
     if index.shape != weight.shape or index.dim() < 1:
         raise ValueError(f"index {list(index.shape)} and weight {list(weight.shape)} must have the same shape "
@@ -37,8 +26,8 @@ def taps_to_dense(index: Tensor, weight: Tensor, num_tokens: int) -> Tensor:
 def one_hot_taps(src_index: Tensor, count: Tensor):
     """Source taps (T = 1) of SRS samples: weight 1 for the first `count` samples, 0 for padding.
     src_index [..., S] int, count [...] int -> (index [..., S, 1], weight [..., S, 1] float32)."""
-    _check_tensor(src_index, "src_index", integer=True)
-    _check_tensor(count, "count", integer=True, device=src_index.device)
+    check_tensor(src_index, "src_index", integer=True)
+    check_tensor(count, "count", integer=True, device=src_index.device)
     if src_index.dim() < 1 or count.shape != src_index.shape[:-1]:
         raise ValueError(f"count must have shape {list(src_index.shape[:-1])} (src_index without its last "
                          f"dimension), got {list(count.shape)}")
@@ -52,7 +41,7 @@ def dense_to_taps(dense: Tensor, max_taps: int = 4):
 
     Raises when a row has more than max_taps nonzeros: such a map is no SRS map.
     """
-    _check_tensor(dense, "dense", integer=False)
+    check_tensor(dense, "dense", integer=False)
     max_taps = check_int(max_taps, "max_taps", 1)
     if dense.dim() < 1:
         raise ValueError(f"dense must have shape [..., S, N], got {list(dense.shape)}")

@@ -19,8 +19,9 @@
 
 #include <cmath>
 #include <cstdint>
-#include <limits>
 
+#include "blocks.cuh"
+#include "checks.h"
 #include "linear_distill_cross_entropy_op.h"
 
 namespace udi::linear_distill_cross_entropy {
@@ -37,28 +38,10 @@ using distill_cross_entropy::teacher_row_ok;
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int64_t kChunk = 4096;  // the buffers are [rows, kChunk] fp32
-constexpr int64_t kMaxGridY = 65535;
 
-// ---- block reductions (every thread gets the result; they synchronise) ------------------------------------------
-
-template <typename Op>
-__device__ float block_reduce(float v, float* scratch, Op op) {
-  for (int offset = 16; offset > 0; offset /= 2) v = op(v, __shfl_xor_sync(0xffffffffu, v, offset));
-  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
-  __syncthreads();
-  float total = scratch[0];
-  for (int w = 1; w < kWarps; ++w) total = op(total, scratch[w]);
-  __syncthreads();
-  return total;
-}
-
-__device__ float block_sum(float v, float* scratch) {
-  return block_reduce(v, scratch, [](float a, float b) { return a + b; });
-}
-
-__device__ float block_max(float v, float* scratch) {
-  return block_reduce(v, scratch, [](float a, float b) { return fmaxf(a, b); });
-}
+using cuda::block_max;
+using cuda::block_sum;
+using cuda::row_grid;
 
 // ---- row kernels on one chunk [rows, n] of fp32 logits ------------------------------------------------------------
 
@@ -82,10 +65,10 @@ __global__ void teacher_fold_kernel(const float* u, int64_t n, PairArgs<float> p
   const float* row = u + r * n;
   float local = -INFINITY;
   for (int64_t k = threadIdx.x; k < n; k += kThreads) local = fmaxf(local, row[k]);
-  const float old = max[r], top = fmaxf(old, block_max(local, scratch));
+  const float old = max[r], top = fmaxf(old, block_max<kWarps>(local, scratch));
   float s = 0.f;
   for (int64_t k = threadIdx.x; k < n; k += kThreads) s += __expf(row[k] - top);
-  s = block_sum(s, scratch);
+  s = block_sum<kWarps>(s, scratch);
   if (threadIdx.x == 0) {
     sum[r] = (old == -INFINITY ? 0.f : sum[r] * __expf(old - top)) + s;
     max[r] = top;
@@ -108,11 +91,11 @@ __global__ void student_forward_kernel(const float* x, const float* probs, int64
   const float inv_tau = p.inv_tau_s;
   float local = -INFINITY;
   for (int64_t k = threadIdx.x; k < n; k += kThreads) local = fmaxf(local, row[k] * inv_tau);
-  const float old = max[r], top = fmaxf(old, block_max(local, scratch));
+  const float old = max[r], top = fmaxf(old, block_max<kWarps>(local, scratch));
   const bool grew = top > old && old != -INFINITY;
   float s = 0.f;
   for (int64_t k = threadIdx.x; k < n; k += kThreads) s += __expf(row[k] * inv_tau - top);
-  s = block_sum(s, scratch);
+  s = block_sum<kWarps>(s, scratch);
   const SlotRange slots = csr_slots(student_offsets, r, p.num_pairs);
   for (int64_t slot = slots.first; slot < slots.last; ++slot) {
     if (!pair_counts(p, slot)) continue;
@@ -122,8 +105,8 @@ __global__ void student_forward_kernel(const float* x, const float* probs, int64
       gap += target[k] * (top - row[k] * inv_tau);
       weight += target[k];
     }
-    gap = block_sum(gap, scratch);
-    weight = block_sum(weight, scratch);
+    gap = block_sum<kWarps>(gap, scratch);
+    weight = block_sum<kWarps>(weight, scratch);
     if (threadIdx.x == 0) {
       shifted[slot] += (grew ? (top - old) * mass[slot] : 0.f) + gap;
       mass[slot] += weight;
@@ -207,17 +190,12 @@ __global__ void center_sum_kernel(const T* teacher, const int64_t* center_offset
 
 // ---- host -----------------------------------------------------------------------------------------------------------
 
-unsigned thread_blocks(int64_t rows) { return static_cast<unsigned>((rows + kThreads - 1) / kThreads); }
-
-unsigned row_grid(int64_t rows) {
-  TORCH_CHECK(rows <= std::numeric_limits<int32_t>::max(), "the CUDA kernel takes at most 2^31 - 1 rows, got ", rows);
-  return static_cast<unsigned>(rows);
-}
+unsigned thread_blocks(int64_t rows) { return cuda::blocks_for(rows, kThreads); }
 
 void check_cuda_types(const at::Tensor& student, const at::Tensor& teacher) {
-  for (const at::Tensor* t : {&student, &teacher})
-    TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kHalf || t->scalar_type() == at::kBFloat16,
-                "the CUDA kernel takes float32, float16 or bfloat16 rows, got ", t->scalar_type());
+  UDI_CHECK_KERNEL_DEVICE(student, at::kCUDA);
+  UDI_CHECK_CUDA_DTYPE(student);
+  UDI_CHECK_CUDA_DTYPE(teacher);
 }
 
 // The chunk loop's state: pair arguments in fp32, the [rows, kChunk] buffers.
@@ -285,7 +263,7 @@ std::tuple<at::Tensor, at::Tensor> center_statistics(const at::Tensor& teacher,
                                                      const at::Tensor& center_offsets, const at::Tensor& center_rows,
                                                      const at::Tensor& row_weight, int64_t n_c, int64_t K,
                                                      cudaStream_t stream) {
-  TORCH_CHECK(n_c <= kMaxGridY, "the CUDA kernel takes at most ", kMaxGridY, " centers, got ", n_c);
+  check_cuda_limit(n_c, cuda::kMaxGridY, "centers n_c");
   const int64_t Rt = teacher.size(0), X = teacher.size(1);
   const auto floats = teacher.options().dtype(at::kFloat);
   at::Tensor sums = at::empty({n_c, X}, floats), count = at::empty({n_c}, floats);

@@ -5,8 +5,7 @@
 // Pass 2 of the backward: one block per tile of kBlockRows keys; it walks the samples in chunks and
 // accumulates dk and dv for its keys. Pass 3: one block per tile of kBlockRows rows of q, accumulating dq
 // through the transposed tap map. Deterministic, no atomics.
-// Taps outside [0, Nq) are skipped (weight 0), as in every backend: the public op checks them only with
-// check_taps=True.
+// Taps outside [0, Nq) are skipped (weight 0), as in every backend (csrc/srs_attention.h).
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -18,17 +17,24 @@
 #include <cmath>
 #include <type_traits>
 
+#include "blocks.cuh"
+#include "checks.h"
+#include "size_limits.h"
+#include "srs_attention.h"
 #include "srs_attention_op.h"
 
 namespace udi::srs_attention {
 
 namespace {
 
-constexpr int kWarp = 32;
+using cuda::kWarp;
+using cuda::warp_max;
+using cuda::warp_sum;
+
 // Kernels are instantiated for D <= kSmallDim (attention heads) and D <= kMaxDim (SRSAttention attends over
 // whole tokens, D = C): the per-thread accumulators scale with the bound.
 constexpr int kSmallDim = 128;
-constexpr int kMaxDim = 512;
+constexpr int kMaxDim = limits::kSrsAttentionCudaMaxHeadDim;
 constexpr int kRows = 8;                  // samples (warps) per block, forward and pass 1
 constexpr int kTileKeys = kWarp;          // keys per tile, forward and pass 1
 constexpr int kBlockRows = 16;            // rows per block: of k and v (pass 2) or of q (pass 3)
@@ -41,39 +47,6 @@ constexpr int dims_per_lane() { return kDims / kWarp; }
 
 template <int kDims>
 constexpr int owned_per_thread() { return kBlockRows * kDims / kPass2Threads; }
-
-template <typename scalar_t>
-struct Inputs {
-  const scalar_t* q;          // [B, H, Nq, D]
-  const scalar_t *k, *v;      // [B, H, N, D]
-  const int32_t* index;       // [B, S, T], into the Nq rows of q
-  const float* weight;        // [B, S, T]
-  int64_t H, Nq, N, S, T, D;
-  float scale;
-};
-
-__device__ __forceinline__ float warp_sum(float x) {
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
-  return x;
-}
-
-__device__ __forceinline__ float warp_max(float x) {
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, offset));
-  return x;
-}
-
-// Element d of q_s = sum_t w_t q[idx_t] of sample `sample` of crop b, head `head`.
-template <typename scalar_t>
-__device__ float tapped_query(const Inputs<scalar_t>& a, int64_t b, int64_t head, int64_t sample, int d) {
-  const int64_t taps = (b * a.S + sample) * a.T;
-  const scalar_t* q_head = a.q + head * a.Nq * a.D;
-  float acc = 0.f;
-  for (int64_t t = 0; t < a.T; ++t) {
-    const int32_t idx = a.index[taps + t];
-    if (idx >= 0 && idx < a.Nq) acc += a.weight[taps + t] * static_cast<float>(q_head[idx * a.D + d]);
-  }
-  return acc;
-}
 
 // rows [count][D] of a head-major tensor -> shared tile [count][stride] as float, zero past `valid`.
 template <typename scalar_t>
@@ -101,6 +74,26 @@ __device__ float shared_dot(const float* a, const float* b, int64_t D) {
   float sum = 0.f;
   for (int d = 0; d < D; ++d) sum += a[d] * b[d];
   return sum;
+}
+
+// e with the largest |row[d]| * 2^-e in [0.5, 1), clamped so that 2^-e is a float (a zero row gives -126).
+__device__ int row_exponent(const float* row, int64_t D) {
+  float top = 0.f;
+  for (int d = 0; d < D; ++d) top = fmaxf(top, fabsf(row[d]));
+  int e = 0;
+  frexpf(top, &e);
+  return max(e, -126);
+}
+
+// The logit q_s . k * scale without an intermediate that overflows where the logit is finite: q_s enters the dot
+// scaled by 2^-e_q (elements below 1, exact), scale as its mantissa, and the powers of two come last (ldexpf, exact).
+// Bit for bit (q_s . k) * scale wherever that neither overflows nor underflows.
+template <typename scalar_t>
+__device__ float scaled_logit(const float* q_s, int e_q, const float* k, const Inputs<scalar_t>& a) {
+  const float inv = ldexpf(1.f, -e_q);
+  float sum = 0.f;
+  for (int d = 0; d < a.D; ++d) sum += (q_s[d] * inv) * k[d];
+  return ldexpf(sum * a.scale_mantissa, e_q + a.scale_exponent);
 }
 
 // The kTileKeys keys from `start` of k and v into shared memory, once the block is done with the last tile.
@@ -142,13 +135,14 @@ __global__ void __launch_bounds__(kRows* kWarp)
   if (active)
     for (int d = lane; d < a.D; d += kWarp) q_s[d] = tapped_query(a, b, head, sample, d);
   __syncwarp();
+  const int e_q = active ? row_exponent(q_s, a.D) : 0;
 
   float row_max = -INFINITY, row_sum = 0.f, acc[dims_per_lane<kDims>()] = {};
   for (int64_t start = 0; start < a.N; start += kTileKeys) {
     load_kv_tile(a, head_offset, start, stride, k_tile, v_tile);
     if (!active) continue;
     const bool key_ok = start + lane < a.N;
-    const float logit = key_ok ? shared_dot(q_s, k_tile + lane * stride, a.D) * a.scale : -INFINITY;
+    const float logit = key_ok ? scaled_logit(q_s, e_q, k_tile + lane * stride, a) : -INFINITY;
     const float new_max = fmaxf(row_max, warp_max(logit));
     const float p = key_ok ? expf(logit - new_max) : 0.f;
     const float rescale = expf(row_max - new_max);
@@ -193,6 +187,7 @@ __global__ void __launch_bounds__(kRows* kWarp)
     row_lse = lse[row];
   }
   __syncwarp();
+  const int e_q = active ? row_exponent(q_s, a.D) : 0;
 
   float acc[dims_per_lane<kDims>()] = {};
   for (int64_t start = 0; start < a.N; start += kTileKeys) {
@@ -200,7 +195,7 @@ __global__ void __launch_bounds__(kRows* kWarp)
     if (!active) continue;
     float ds = 0.f;
     if (start + lane < a.N) {
-      const float p = expf(shared_dot(q_s, k_tile + lane * stride, a.D) * a.scale - row_lse);
+      const float p = expf(scaled_logit(q_s, e_q, k_tile + lane * stride, a) - row_lse);
       ds = p * (shared_dot(d_out, v_tile + lane * stride, a.D) - row_delta);
     }
     accumulate_tile<kDims>(ds, k_tile, stride, a.D, lane, acc);
@@ -208,7 +203,7 @@ __global__ void __launch_bounds__(kRows* kWarp)
   if (!active) return;
   for (int j = 0; j < dims_per_lane<kDims>(); ++j) {
     const int d = lane + j * kWarp;
-    if (d < a.D) dq_s[row * a.D + d] = acc[j] * a.scale;
+    if (d < a.D) dq_s[row * a.D + d] = ldexpf(acc[j] * a.scale_mantissa, a.scale_exponent);
   }
   if (lane == 0) delta[row] = row_delta;
 }
@@ -247,8 +242,10 @@ __global__ void __launch_bounds__(kPass2Threads)
       const int64_t sample = start + s, row = head_rows + sample;
       float p = 0.f, ds = 0.f;
       if (sample < a.S && first_key + n < a.N) {
-        p = expf(shared_dot(q_rows + s * stride, k_tile + n * stride, a.D) * a.scale - lse[row]);
-        ds = p * (shared_dot(d_out + s * stride, v_tile + n * stride, a.D) - delta[row]) * a.scale;
+        const float* q_s = q_rows + s * stride;
+        p = expf(scaled_logit(q_s, row_exponent(q_s, a.D), k_tile + n * stride, a) - lse[row]);
+        ds = ldexpf(p * (shared_dot(d_out + s * stride, v_tile + n * stride, a.D) - delta[row]) * a.scale_mantissa,
+                    a.scale_exponent);
       }
       probs[s * kBlockRows + n] = p;
       dscores[s * kBlockRows + n] = ds;
@@ -301,18 +298,23 @@ __global__ void __launch_bounds__(kPass2Threads)
   });
 }
 
-void check_cuda_inputs(const at::Tensor& q) {
-  TORCH_CHECK(q.is_cuda(), "q must be a CUDA tensor for the CUDA kernel");
-  TORCH_CHECK(q.scalar_type() != at::kDouble, "the CUDA kernel supports float16, bfloat16 and float32, got float64");
-  TORCH_CHECK(q.size(3) <= kMaxDim, "the CUDA kernel supports head dims D <= ", kMaxDim, ", got ", q.size(3));
+// After check_forward_args.
+void check_cuda_inputs(const at::Tensor& q, const Shape& s) {
+  UDI_CHECK_KERNEL_DEVICE(q, at::kCUDA);
+  UDI_CHECK_CUDA_DTYPE(q);
+  check_cuda_limit(s.D, kMaxDim, "head dims D");
+  check_cuda_limit(s.H, cuda::kMaxGridY, "heads H");
+  check_cuda_limit(s.B, cuda::kMaxGridY, "crops B");
 }
 
 template <typename scalar_t>
 Inputs<scalar_t> inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& index,
                         const at::Tensor& weight, double scale, const Shape& s) {
+  int exponent = 0;
+  const double mantissa = std::frexp(scale, &exponent);
   return Inputs<scalar_t>{q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
                           index.data_ptr<int32_t>(), weight.data_ptr<float>(), s.H, s.Nq, s.N, s.S, s.T, s.D,
-                          static_cast<float>(scale)};
+                          static_cast<float>(mantissa), exponent};
 }
 
 dim3 sample_grid(const Shape& s) {
@@ -346,9 +348,9 @@ size_t forward_smem(const Shape& s, int rows_per_warp) {
 std::tuple<at::Tensor, at::Tensor> srs_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                       const at::Tensor& index, const at::Tensor& weight,
                                                       double scale) {
-  check_cuda_inputs(q);
-  const c10::cuda::CUDAGuard guard(q.device());
   const Shape s = check_forward_args(q, k, v, index, weight);
+  check_cuda_inputs(q, s);
+  const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty({s.B, s.H, s.S, s.D}, q.options());
   at::Tensor lse = at::empty({s.B, s.H, s.S}, q.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
@@ -365,9 +367,9 @@ std::tuple<at::Tensor, at::Tensor> srs_attention_cuda(const at::Tensor& q, const
 std::tuple<at::Tensor, at::Tensor, at::Tensor> srs_attention_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& index, const at::Tensor& weight, const at::Tensor& out, const at::Tensor& lse, double scale) {
-  check_cuda_inputs(q);
-  const c10::cuda::CUDAGuard guard(q.device());
   const Shape s = check_backward_args(grad_out, q, k, v, index, weight, out, lse);
+  check_cuda_inputs(q, s);
+  const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   if (s.B * s.H == 0) return {dq, dk, dv};  // all empty; with S = 0 or Nq = 0 the passes below still write dk, dv
   at::Tensor dq_s = at::empty({s.B, s.H, s.S, s.D}, q.options().dtype(at::kFloat));

@@ -4,6 +4,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <torch/library.h>
 
+#include "checks.h"
 #include "stratified_sample_op.h"
 
 namespace udi::stratified_sample {
@@ -18,7 +19,7 @@ __global__ void stratified_sample_kernel(SampleArgs args, int64_t num_pairs) {
 SampleTensors stratified_sample_cuda(const at::Tensor& boxes, int64_t global_grid, int64_t global_window,
                                      int64_t local_grid, int64_t local_window, int64_t target_grid, int64_t seed,
                                      int64_t offset, int64_t image_offset) {
-  TORCH_CHECK(boxes.is_cuda(), "boxes must be a CUDA tensor for the CUDA kernel");
+  UDI_CHECK_KERNEL_DEVICE(boxes, at::kCUDA);
   const c10::cuda::CUDAGuard guard(boxes.device());
   PreparedSample prepared =
       prepare_sample(boxes, global_grid, global_window, local_grid, local_window, target_grid, seed, offset,

@@ -8,17 +8,9 @@ from torch import Tensor, nn
 
 from ..checks import check_float
 from ..losses import update_centers
-from ..losses.checks import check_device, check_logits
+from ..losses.checks import check_device
 
 CENTER_MEANS = ("global", "per_rank")
-
-
-def check_tensor(value, name: str, device=None) -> Tensor:
-    """value: a floating tensor (logits) on `device` (None: any)."""
-    if not isinstance(value, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    check_logits(value, name, device)
-    return value
 
 
 def check_mask_tensor(value, name: str, device) -> Tensor:

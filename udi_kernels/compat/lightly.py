@@ -6,10 +6,9 @@ import torch
 from torch import Tensor, nn
 
 from ..losses import crop_mean_table, cross_entropy
-from ..losses.pair_tables import weight_dtype
-from ..checks import check_int
+from ..checks import check_int, check_tensor
 from ..losses.checks import check_backend, check_device, check_state_device
-from ._fused import check_common_arguments, check_temperature, check_tensor, update_center_buffer
+from ._fused import check_common_arguments, check_temperature, update_center_buffer
 
 
 class DINOLoss(nn.Module):
@@ -82,8 +81,7 @@ class DINOLoss(nn.Module):
                              f"{list(teacher_out[0].shape)} and student {list(student_out[0].shape)}")
         check_device(student, "student_out", teacher.device)
         check_state_device(self, teacher.device)
-        table = crop_mean_table(pairs, batch, len(student_out), len(teacher_out), student.device,
-                                weight_dtype(student, teacher))
+        table = crop_mean_table(pairs, batch, len(student_out), len(teacher_out), student.device)
         out = cross_entropy(student, teacher, self.center.view(1, K), table, self.student_temp,
                             self.teacher_temperature(teacher_temp, epoch), backend=self.backend)
         update_center_buffer(self, self.center_momentum, out.center_sum, out.center_count[:, None], self.center_mean)
@@ -92,7 +90,7 @@ class DINOLoss(nn.Module):
     @torch.no_grad()
     def update_center(self, teacher_out: Tensor) -> None:
         """lightly's update_center: EMA step of the center from teacher_out [views, B, K]."""
-        check_tensor(teacher_out, "teacher_out", self.center.device)
+        check_tensor(teacher_out, "teacher_out", device=self.center.device)
         if teacher_out.dim() == 0 or teacher_out.shape[-1] != self.center.shape[-1]:
             raise ValueError(f"teacher_out must have shape [..., {self.center.shape[-1]}], got "
                              f"{list(teacher_out.shape)}")
@@ -104,8 +102,8 @@ class DINOLoss(nn.Module):
 def _stack_views(views: Sequence[Tensor], name: str) -> Tensor:
     """The views as crop-major rows [views·B, K]: floating tensors of one shape on one device."""
     for i, view in enumerate(views):
-        check_tensor(view, f"{name}[{i}]", views[0].device if isinstance(views[0], Tensor) else None)
+        check_tensor(view, f"{name}[{i}]", device=views[0].device if isinstance(views[0], Tensor) else None)
     if any(v.dim() != 2 or v.shape != views[0].shape for v in views):
         raise ValueError(f"{name} must be a list of [B, K] tensors of one shape, got "
-                         f"{[list(v.shape) if isinstance(v, Tensor) else type(v).__name__ for v in views]}")
+                         f"{[list(v.shape) for v in views]}")
     return torch.cat(list(views))

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
-from ..checks import check_bool
+from ..checks import check_bool, check_tensor
 from ..nn import TappedAttention, autocast_dtype, cast_for_autocast, check_input_dtype
 
 
@@ -41,12 +41,11 @@ class MaskedAttention(TappedAttention):
       compute_attention=True / False: always / never (settable on the instance at any time).
     Gradients flow to x, the parameters, and map (as in the reference); attn is differentiable too.
 
-    Errors (checked before anything runs, naming the argument): TypeError when x or map is not a tensor, x is not
-    floating in the parameters' dtype (any floating dtype under autocast), or map is not a real floating tensor
-    (integer, bool and complex maps are refused: the reference's map @ q needs floating rows); ValueError when x is
-    not [B, N, dim], map not [M, B, S, N] for that x, x not on the parameters' device or map not on x's. The
-    constructor: TypeError / ValueError naming dim, num_heads (must divide dim), qkv_bias, skip_connection and
-    compute_attention (bools) or backend.
+    Errors (checked before anything runs, naming the argument): TypeError when x or map is not a real floating
+    tensor (integer, bool and complex maps are refused; x in the parameters' dtype unless under autocast);
+    ValueError when x is not [B, N, dim] or not on the parameters' device, map not [M, B, S, N] for that x or not
+    on the device of x. The constructor: TypeError / ValueError naming dim, num_heads (must divide dim), qkv_bias,
+    skip_connection and compute_attention (bools) or backend.
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = False, skip_connection: bool = True,
@@ -95,9 +94,8 @@ class MaskedAttention(TappedAttention):
 
     def _check(self, x: Tensor, map: Tensor):
         C = self.qkv.in_features
-        for value, name in ((x, "x"), (map, "map")):
-            if not isinstance(value, Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        check_tensor(x, "x")
+        check_tensor(map, "map", device=x.device)
         if x.dim() != 3 or x.shape[2] != C:
             raise ValueError(f"x must have shape [B, N, {C}], got {list(x.shape)}")
         check_input_dtype(self, x, "x")
@@ -107,10 +105,6 @@ class MaskedAttention(TappedAttention):
         B, N = x.shape[:2]
         if map.dim() != 4 or map.shape[1] != B or map.shape[3] != N:
             raise ValueError(f"map must have shape [M, B={B}, S, N={N}], got {list(map.shape)}")
-        if not map.dtype.is_floating_point:
-            raise TypeError(f"map must be a real floating tensor (dense sample rows), got {map.dtype}")
-        if map.device != x.device:
-            raise ValueError(f"map must be on the device of x ({x.device}), got {map.device}")
         return map.shape
 
 

@@ -7,11 +7,10 @@ from torch import Tensor, nn
 
 from ..layout import GLOBAL_CROPS, reference_crop_pairs
 from ..losses import blend_cls_plus, crop_mean_table, cross_entropy, identity_table
-from ..losses.pair_tables import weight_dtype
-from ..ops.distill_cross_entropy import DistillCrossEntropyResult
-from ..checks import check_float, check_int
+from ..checks import check_float, check_int, check_tensor
 from ..losses.checks import check_backend, check_state_device
-from ._fused import check_common_arguments, check_mask_tensor, check_temperature, check_tensor, update_center_buffer
+from ..ops.distill_cross_entropy import DistillCrossEntropyResult
+from ._fused import check_common_arguments, check_mask_tensor, check_temperature, update_center_buffer
 
 
 class Centering(nn.Module):
@@ -139,11 +138,10 @@ class UDILoss(nn.Module):
         teacher_global [2B, K] and teacher_local [T·B, K] scored as the crop pairs of reference_crop_pairs."""
         B, L, device = student[0].shape[0] // 2, self.num_local_crops, student[0].device
         local_teacher_crops = teacher_local.shape[0] // B if B else 0
-        dtype = weight_dtype(student[0], teacher_global)
-        global_term = self._cross_entropy(student[0], teacher_global, center_row, crop_mean_table(
-            global_pairs, B, GLOBAL_CROPS, GLOBAL_CROPS, device, dtype), tau_t)
-        local_term = self._cross_entropy(student[1], teacher_local, center_row, crop_mean_table(
-            local_pairs, B, L, local_teacher_crops, device, dtype), tau_t)
+        global_term = self._cross_entropy(student[0], teacher_global, center_row,
+                                          crop_mean_table(global_pairs, B, GLOBAL_CROPS, GLOBAL_CROPS, device), tau_t)
+        local_term = self._cross_entropy(student[1], teacher_local, center_row,
+                                         crop_mean_table(local_pairs, B, L, local_teacher_crops, device), tau_t)
         return global_term, local_term
 
     @torch.no_grad()
@@ -159,7 +157,7 @@ class UDILoss(nn.Module):
 
     def _patch_term(self, inputs: "_Inputs", tau_t: float) -> DistillCrossEntropyResult:
         """Σ m_s·CE / Σ m_s over the global samples (student mask m_s); the teacher's mask weighs the center rows."""
-        K, dtype = self.dim, weight_dtype(inputs.student_patch, inputs.teacher_patch)
+        K, dtype = self.dim, torch.promote_types(inputs.student_patch.dtype, torch.float32)
         as_weights = lambda mask: mask.reshape(-1).to(dtype)  # noqa: E731
         weight = as_weights(inputs.student_patch_mask)
         total = weight.sum()
@@ -262,7 +260,7 @@ def _levels(output, name: str):
 
 def _rows(tensor, name: str, K: int, rows: Optional[int] = None, device=None) -> Tensor:
     """tensor [..., K] (floating, on `device`) as [rows, K]."""
-    check_tensor(tensor, name, device)
+    check_tensor(tensor, name, device=device)
     if tensor.shape[-1:] != (K,) or (rows is not None and tensor.numel() != rows * K):
         what = f"{rows} rows of {K}" if rows is not None else f"rows of {K}"
         raise ValueError(f"{name} must hold {what} logits, got {list(tensor.shape)}")
@@ -272,7 +270,7 @@ def _rows(tensor, name: str, K: int, rows: Optional[int] = None, device=None) ->
 def _samples(pred, mask, name: str, K: int, leading: tuple, device):
     """pred [*leading, S, K] (floating) and its mask [*leading, S, 1] (floating or bool), both on `device`, as
     [R, S, K] and [R, S], R = prod(leading)."""
-    check_tensor(pred, name, device)
+    check_tensor(pred, name, device=device)
     if pred.dim() != 4 or pred.shape[:2] != leading or pred.shape[3] != K:
         raise ValueError(f"{name} must have shape [{leading[0]}, {leading[1]}, S, {K}], got {list(pred.shape)}")
     S = pred.shape[2]

@@ -62,3 +62,13 @@ def check_last_layer(weight, name: str, out_dim: int, device=None) -> int:
                          f"{list(weight.shape)}")
     check_logits(weight, name, device)
     return weight.shape[1]
+
+
+def detached(teacher):
+    """The teacher side without its graph: a tensor, a NamedTuple of tensors (UDITeacher, UDITargets; other fields
+    kept) or None. Every loss treats the teacher as a constant, as DINO's `.detach()` does, also when a teacher with
+    trainable parameters hands over tensors that require grad."""
+    if teacher is None or isinstance(teacher, Tensor):
+        return None if teacher is None else teacher.detach()
+    return teacher._replace(**{name: value.detach() for name, value in teacher._asdict().items()
+                               if isinstance(value, Tensor)})

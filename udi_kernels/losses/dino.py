@@ -9,9 +9,9 @@ from torch import Tensor, nn
 from ..checks import check_float, check_int
 from ..layout import GLOBAL_CROPS, dino_crop_pairs
 from .centering import sinkhorn_knopp_center, update_centers
-from .checks import check_backend, check_choice, check_last_layer, check_rows, check_state_device
+from .checks import check_backend, check_choice, check_last_layer, check_rows, check_state_device, detached
 from .diagnostics import teacher_entropies
-from .pair_tables import PairTable, crop_mean_table, cross_entropy, weight_dtype
+from .pair_tables import PairTable, crop_mean_table, cross_entropy
 from .schedule import check_schedule, teacher_temperature
 
 
@@ -28,7 +28,7 @@ class DINOLoss(nn.Module):
     checkpoint's `dino_loss` entry loads strictly) is updated after the loss from the exact global mean of the teacher
     rows. centering='sinkhorn_knopp' uses DINOv2's Sinkhorn-Knopp targets instead (and leaves `center` alone).
     The teacher is detached (no gradient reaches teacher_output or teacher_weight). float64 logits (with the loss
-    moved to float64, `.double()`) give float64-accurate losses, gradients and centers.
+    moved to float64, `.double()`) give float64-accurate losses, gradients and centers (EMA and Sinkhorn-Knopp).
     """
 
     def __init__(self, out_dim: int, ncrops: int, warmup_teacher_temp: float, teacher_temp: float,
@@ -55,10 +55,9 @@ class DINOLoss(nn.Module):
     def teacher_temp(self, epoch: int) -> float:
         return teacher_temperature(epoch, *self.schedule)
 
-    def pairs(self, batch: int, device, dtype: torch.dtype = torch.float32) -> PairTable:
-        """The pairs of a batch, weights in `dtype` (pair_tables.weight_dtype of the logits)."""
+    def pairs(self, batch: int, device) -> PairTable:
         return crop_mean_table(dino_crop_pairs(self.ncrops), batch, self.ncrops, GLOBAL_CROPS,
-                               torch.device(device), dtype)
+                               torch.device(device))
 
     def forward(self, student_output: Tensor, teacher_output: Tensor, epoch: int, *, weight: Optional[Tensor] = None,
                 teacher_weight: Optional[Tensor] = None) -> Tensor:
@@ -73,6 +72,7 @@ class DINOLoss(nn.Module):
         student_width = check_last_layer(weight, "weight", self.out_dim, teacher_output.device)
         check_rows(student_output, "student_output", self.ncrops * batch, student_width, teacher_output.device)
         check_state_device(self, student_output.device)
+        teacher_output, teacher_weight = detached(teacher_output), detached(teacher_weight)
         tau_t = self.teacher_temp(epoch)
         if self.centering == "ema":
             center = self.center
@@ -80,8 +80,7 @@ class DINOLoss(nn.Module):
             if teacher_weight is not None:
                 teacher_output, teacher_weight = F.linear(teacher_output, teacher_weight), None
             center = sinkhorn_knopp_center(teacher_output, tau_t, self.sinkhorn_iterations)
-        table = self.pairs(batch, student_output.device, weight_dtype(student_output, teacher_output))
-        out = cross_entropy(student_output, teacher_output, center, table,
+        out = cross_entropy(student_output, teacher_output, center, self.pairs(batch, student_output.device),
                             self.student_temp, tau_t, weight=weight, teacher_weight=teacher_weight,
                             backend=self.backend)
         if self.centering == "ema":

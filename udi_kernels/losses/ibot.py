@@ -2,12 +2,13 @@
 (linear_distill_cross_entropy)."""
 from typing import Optional
 
+import torch
 from torch import Tensor, nn
 
 from ..checks import check_float, check_int
 from .centering import EMACenter
-from .checks import check_backend, check_last_layer, check_logits, check_mask, check_state_device
-from .pair_tables import cross_entropy, identity_table, weight_dtype
+from .checks import check_backend, check_last_layer, check_logits, check_mask, check_state_device, detached
+from .pair_tables import cross_entropy, identity_table
 from .schedule import check_schedule, teacher_temperature
 
 
@@ -54,10 +55,11 @@ class IBOTPatchLoss(nn.Module):
         check_logits(student_patch, "student_patch")
         check_logits(teacher_patch, "teacher_patch", device)
         check_state_device(self, device)
+        teacher_patch, teacher_weight = detached(teacher_patch), detached(teacher_weight)
         images, tokens = mask.shape
         rows = images * tokens
-        dtype = weight_dtype(student_patch, teacher_patch)
-        pair_weight = mask.to(dtype) / mask.sum(1, keepdim=True).clamp_min(1) / max(images, 1)
+        weights = mask.to(torch.promote_types(student_patch.dtype, torch.float32))  # float64 logits: float64 weights
+        pair_weight = weights / weights.sum(1, keepdim=True).clamp_min(1) / max(images, 1)
         out = cross_entropy(student_patch.reshape(rows, widths[0]), teacher_patch.reshape(rows, widths[1]),
                             self.center, identity_table(pair_weight.reshape(-1)), self.student_temp,
                             teacher_temperature(epoch, *self.schedule), weight=weight, teacher_weight=teacher_weight,

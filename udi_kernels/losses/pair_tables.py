@@ -5,8 +5,7 @@ term on a table, from logits or from the head's bottleneck rows and last layer (
 Crop pairs (udi_kernels.layout) become row pairs here: student block s against teacher block t is row
 s * B + b against row t * B + b for every image b (crop-major rows). The tables are built outside inference mode
 (later training calls save their tensors for the backward) and cached: rebuilding one on every step costs dozens
-of small launches and a sort. Pair weights are float32, float64 for float64 logits (`weight_dtype`): a weight such as
-1/30 rounded to float32 would cap a float64 loss at float32 accuracy.
+of small launches and a sort.
 """
 import functools
 from typing import NamedTuple, Optional
@@ -22,13 +21,7 @@ from ..ops.linear_distill_cross_entropy import linear_distill_cross_entropy_csr
 class ScoredPairs(NamedTuple):
     student: Tensor  # [P] int64
     teacher: Tensor  # [P] int64
-    weight: Tensor   # [P] float32 (float64 for float64 logits)
-
-
-def weight_dtype(*tensors: Tensor) -> torch.dtype:
-    """The dtype of the pair and row weights of a term on these logits: float64 if any is float64, else float32 (the
-    op's accumulation dtype, udi_kernels.dtypes.compute_dtype)."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    weight: Tensor   # [P] float64 (the ops use it in the student's compute dtype)
 
 
 class PairTable(NamedTuple):
@@ -43,53 +36,50 @@ def mean_weight(terms: int) -> float:
     return 1.0 / terms if terms else 0.0
 
 
-def crop_pairs(pattern: tuple, batch: int, device, dtype: torch.dtype = torch.float32) -> ScoredPairs:
+def crop_pairs(pattern: tuple, batch: int, device) -> ScoredPairs:
     """pattern ((student block, teacher block, weight), ...) -> row b of each student block against row b of its
-    teacher block, weighing `weight` (in `dtype`), for b = 0 .. batch - 1, in pattern order."""
+    teacher block, weighing `weight` (float64: exact enough for float64 logits; the ops round it to the student's
+    compute dtype), for b = 0 .. batch - 1, in pattern order."""
     blocks = torch.tensor([(s, t) for s, t, _ in pattern], dtype=torch.int64, device=device).reshape(-1, 1, 2)
     rows = blocks * batch + torch.arange(batch, device=device)[:, None]  # [pairs, batch, (student, teacher)]
-    weight = torch.tensor([w for _, _, w in pattern], dtype=dtype, device=device).repeat_interleave(batch)
+    weight = torch.tensor([w for _, _, w in pattern], dtype=torch.float64, device=device).repeat_interleave(batch)
     return ScoredPairs(rows[..., 0].flatten(), rows[..., 1].flatten(), weight)
 
 
 @torch.inference_mode(False)
-def crop_pair_table(pattern: tuple, batch: int, student_blocks: int, teacher_blocks: int, device,
-                    dtype: torch.dtype = torch.float32) -> PairTable:
-    """crop_pairs(pattern, batch, device, dtype) as a PairTable of student_blocks · batch student rows and
-    teacher_blocks · batch teacher rows (weights in `dtype`: weight_dtype of the logits)."""
-    return _table(crop_pairs(pattern, batch, device, dtype), student_blocks * batch, teacher_blocks * batch)
+def crop_pair_table(pattern: tuple, batch: int, student_blocks: int, teacher_blocks: int, device) -> PairTable:
+    """crop_pairs(pattern, batch, device) as a PairTable of student_blocks · batch student rows and
+    teacher_blocks · batch teacher rows."""
+    return _table(crop_pairs(pattern, batch, device), student_blocks * batch, teacher_blocks * batch)
 
 
 @functools.lru_cache(maxsize=64)
-def crop_mean_table(pairs: tuple, batch: int, student_blocks: int, teacher_blocks: int, device: torch.device,
-                    dtype: torch.dtype = torch.float32) -> PairTable:
+def crop_mean_table(pairs: tuple, batch: int, student_blocks: int, teacher_blocks: int,
+                    device: torch.device) -> PairTable:
     """The mean cross-entropy over the rows of crop pairs ((student block, teacher block), ...): each pair of rows
-    weighs 1 / (len(pairs) · batch), in `dtype` (weight_dtype of the logits). Built once per arguments."""
+    weighs 1 / (len(pairs) · batch). Built once per arguments."""
     weight = mean_weight(len(pairs) * batch)
-    return crop_pair_table(tuple((s, t, weight) for s, t in pairs), batch, student_blocks, teacher_blocks, device,
-                           dtype)
+    return crop_pair_table(tuple((s, t, weight) for s, t in pairs), batch, student_blocks, teacher_blocks, device)
 
 
 @functools.lru_cache(maxsize=64)
 @torch.inference_mode(False)
-def _identity_structure(rows: int, device: torch.device, dtype: torch.dtype) -> PairTable:
+def _identity_structure(rows: int, device: torch.device) -> PairTable:
     index = torch.arange(rows, device=device)
-    return _table(ScoredPairs(index, index, torch.ones(rows, device=device, dtype=dtype)), rows, rows)
+    return _table(ScoredPairs(index, index, torch.ones(rows, device=device)), rows, rows)
 
 
 def identity_table(pair_weight: Tensor) -> PairTable:
-    """Row r of the student against row r of the teacher, weighing pair_weight[r] ([rows] float32, or float64 for
-    float64 logits; given per call: the CSR order of identity pairs is the pair order); the structure is built once
-    per (rows, device, dtype)."""
-    table = _identity_structure(pair_weight.shape[0], pair_weight.device, pair_weight.dtype)
+    """Row r of the student against row r of the teacher, weighing pair_weight[r] ([rows] float, given per call:
+    the CSR order of identity pairs is the pair order); the structure is built once per (rows, device)."""
+    table = _identity_structure(pair_weight.shape[0], pair_weight.device)
     return table._replace(csr=table.csr._replace(pair_weight=pair_weight))
 
 
 def _table(pairs: ScoredPairs, student_rows: int, teacher_rows: int) -> PairTable:
     device = pairs.student.device
     center_id = torch.zeros(teacher_rows, dtype=torch.int64, device=device)
-    return PairTable(build_csr(*pairs, center_id, student_rows, 1),
-                     torch.ones(teacher_rows, device=device, dtype=pairs.weight.dtype))
+    return PairTable(build_csr(*pairs, center_id, student_rows, 1), torch.ones(teacher_rows, device=device))
 
 
 def cross_entropy(student: Tensor, teacher: Tensor, center: Tensor, table: PairTable, tau_s: float, tau_t: float,
@@ -106,12 +96,9 @@ def cross_entropy(student: Tensor, teacher: Tensor, center: Tensor, table: PairT
 
     The pairs of a table are valid by construction and their CSR is cached, so a call sorts nothing and the op's
     value checks (a device sync and a pass over the teacher) stay off the training path. A center kept in
-    float16/bfloat16 (a loss moved with .half()) is used in float32. The teacher is detached: no gradient reaches
-    teacher or teacher_weight, whether they carry a graph or not (a teacher with trainable parameters)."""
+    float16/bfloat16 (a loss moved with .half()) is used in float32."""
     if center.dtype not in (torch.float32, torch.float64):
         center = center.float()
-    teacher = teacher.detach()
-    teacher_weight = None if teacher_weight is None else teacher_weight.detach()
     row_weight = table.unit_rows if row_weight is None else row_weight
     if weight is None:
         if teacher_weight is not None:

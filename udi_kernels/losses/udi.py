@@ -16,9 +16,9 @@ from ..checks import check_float, check_int
 from ..layout import GLOBAL_CROPS, UDIStudent, UDITargets, UDITeacher, teacher_rows_by_pair, udi_crop_pairs
 from .centering import EMACenter, update_centers
 from .checks import (check_backend, check_choice, check_last_layer, check_logits, check_mask, check_rows,
-                     check_state_device)
+                     check_state_device, detached)
 from .diagnostics import teacher_entropies
-from .pair_tables import PairTable, crop_pair_table, cross_entropy, identity_table, mean_weight, weight_dtype
+from .pair_tables import PairTable, crop_pair_table, cross_entropy, identity_table, mean_weight
 from .schedule import check_schedule, teacher_temperature
 
 
@@ -54,8 +54,8 @@ def blend_cls_plus(cls: Tensor, global_samples: Tensor, global_mask: Tensor, loc
     (block v: crop pair v); local_samples [2LB, Sl, D], local_mask [2LB, Sl] (block j of local crop l: blended
     with cls block j) or None.
     Returns rows [2B + 2LB, D] in the dtype of cls (the blocks in the order of the samples: global, then local),
-    blended in float32 or wider, local_sum [D] and local_count [] (float32 or wider); teacher targets, without a
-    graph (inputs that require grad are read as detached).
+    blended in float32 or wider, local_sum [D] and local_count [] (float32 or wider). Teacher targets: no graph,
+    whether or not the inputs require grad.
     """
     B2, D = cls.shape
     L = 0 if local_samples is None or B2 == 0 else local_samples.shape[0] // B2  # B = 0: no rows either way
@@ -110,18 +110,16 @@ class UDIPairTables(NamedTuple):
 
 
 @functools.lru_cache(maxsize=64)
-def udi_pair_tables(num_local: int, batch: int, device: torch.device,
-                    dtype: torch.dtype = torch.float32) -> UDIPairTables:
-    """The UDIPairTables of a batch, weights in `dtype` (pair_tables.weight_dtype of the logits), built once per
-    (num_local, batch, device, dtype)."""
+def udi_pair_tables(num_local: int, batch: int, device: torch.device) -> UDIPairTables:
+    """The UDIPairTables of a batch, built once per (num_local, batch, device)."""
     levels = udi_crop_pairs(num_local)
     pairs = sum(map(len, levels))
     weighted = [(pair, len(level) / pairs * mean_weight(len(level) * batch)) for level in levels for pair in level]
     cls = tuple((pair.student, pair.teacher, weight) for pair, weight in weighted)
     cls_plus = tuple((pair.student, k, weight) for k, (pair, weight) in enumerate(weighted))
     student_crops = GLOBAL_CROPS + num_local
-    return UDIPairTables(crop_pair_table(cls, batch, student_crops, GLOBAL_CROPS, device, dtype),
-                         crop_pair_table(cls_plus, batch, student_crops, pairs, device, dtype))
+    return UDIPairTables(crop_pair_table(cls, batch, student_crops, GLOBAL_CROPS, device),
+                         crop_pair_table(cls_plus, batch, student_crops, pairs, device))
 
 
 # ---- the loss ----------------------------------------------------------------------------------------------------
@@ -167,11 +165,10 @@ class UDILoss(nn.Module):
                 weight: Optional[Tensor] = None, teacher_weight: Optional[Tensor] = None):
         tau_t = self.teacher_temp(epoch)
         B = self._check(student, teacher, weight, teacher_weight)
-        teacher = type(teacher)(*(t.detach() if isinstance(t, Tensor) else t for t in teacher))
-        teacher_weight = None if teacher_weight is None else teacher_weight.detach()
+        teacher, teacher_weight = detached(teacher), detached(teacher_weight)
         last_layers = dict(weight=weight, teacher_weight=teacher_weight)
         targets = teacher if isinstance(teacher, UDITargets) else cls_plus_targets(teacher, self.alpha)
-        tables = udi_pair_tables(self.num_local, B, targets.cls.device, weight_dtype(student.cls, targets.cls))
+        tables = udi_pair_tables(self.num_local, B, targets.cls.device)
         cls = cross_entropy(student.cls, targets.cls, self.center_cls.center, tables.cls, self.student_temp, tau_t,
                             backend=self.backend, **last_layers)
         plus_rows, plus_weight = self._cls_plus_rows(teacher, targets, tau_t)
@@ -216,7 +213,7 @@ class UDILoss(nn.Module):
         return mix / mix.sum(-1, keepdim=True)
 
     def _patch_loss(self, student: UDIStudent, targets: UDITargets, tau_t, weight=None, teacher_weight=None):
-        valid = targets.patch_mask.reshape(-1).to(weight_dtype(student.patch, targets.patch))
+        valid = targets.patch_mask.reshape(-1).to(torch.promote_types(student.patch.dtype, torch.float32))
         return cross_entropy(student.patch.flatten(0, 1), targets.patch.flatten(0, 1), self.center_patch.center,
                              identity_table(valid / valid.sum().clamp_min(1)), self.student_temp, tau_t, valid,
                              weight=weight, teacher_weight=teacher_weight, backend=self.backend)

@@ -25,10 +25,11 @@ from torch import Tensor
 
 from .. import backends
 from .._native import native_loaded
-from ..checks import check_bool, check_float, first_failed
+from ..checks import check_bool, check_float, require
 from ..declarations import DISTILL_CROSS_ENTROPY
 from ..dtypes import compute_dtype
 from ..reference import distill_cross_entropy as reference
+from .autocast import autocast_off
 from .registration import Backward, register_kernels
 
 OP = DISTILL_CROSS_ENTROPY.name
@@ -66,6 +67,13 @@ def build_csr(pair_student, pair_teacher, pair_weight, center_id, num_students, 
     center_rows, center_offsets = _group(center_id.long(), num_centers)
     return PairCSR(student_offsets, pair_teacher.long()[order], pair_weight[order], center_id.long(), center_offsets,
                    center_rows)
+
+
+def disjoint_offsets(offsets: Tensor, size: int) -> Tensor:
+    """CSR offsets clamped into [0, size] and made non-decreasing (a running maximum): segments that never overlap,
+    whatever a hand-made PairCSR holds, so that no two rows write one pair's outputs (the kernels' threads would
+    race: run-to-run different garbage); the identity on a valid CSR."""
+    return torch.cummax(offsets.clamp(0, size), 0).values
 
 
 def csr_pair_student(csr: PairCSR) -> Tensor:
@@ -179,8 +187,19 @@ def _check_logits(student, teacher, centers, tau_s, tau_t):
                          f"{teacher.shape[1]} and {centers.shape[1]}")
     if K == 0 or centers.shape[0] == 0:
         raise ValueError(f"K and the number of centers must be positive, got centers of shape {list(centers.shape)}")
-    check_float(tau_s, "tau_s", 0.0, low_open=True)
-    check_float(tau_t, "tau_t", 0.0, low_open=True)
+    check_temperatures(tau_s, tau_t)
+
+
+SMALLEST_TEMPERATURE = 2.0**-126  # the kernels multiply by 1/tau in float32: it must be finite there
+
+
+def check_temperatures(tau_s, tau_t) -> None:
+    """Positive finite floats whose reciprocals are finite float32s (>= 2**-126): the kernels scale the logits by
+    1/tau, which must not overflow where the logit itself is finite."""
+    for value, name in ((tau_s, "tau_s"), (tau_t, "tau_t")):
+        check_float(value, name, 0.0, low_open=True)
+        if value < SMALLEST_TEMPERATURE:
+            raise ValueError(f"{name} must be >= 2**-126 (its reciprocal must be a finite float32), got {value}")
 
 
 def _check_shapes(student, teacher, centers, center_id, pair_student, pair_teacher, pair_weight, row_weight,
@@ -223,18 +242,30 @@ def _check_csr(csr, row_weight, student, teacher, centers):
 
 def _check_values(student, teacher, centers, center_id, pair_student, pair_teacher, pair_weight, row_weight,
                   **more_finite):
-    """Index ranges and finite teacher, centers, weights (and the tensors more_finite names), in one device sync."""
+    """Index ranges, finite centers and weights (and the tensors more_finite names), and finite teacher rows where
+    they count (row_weight != 0, or read by a pair of nonzero weight): one device sync; asserted asynchronously
+    under torch.compile (checks.require)."""
     indices = {"pair_student": _in_range(pair_student, student.shape[0]),
                "pair_teacher": _in_range(pair_teacher, teacher.shape[0]),
                "center_id": _in_range(center_id, centers.shape[0])}
     finite = {name: torch.isfinite(value).all() for name, value in
-              (("teacher", teacher), ("centers", centers), ("pair_weight", pair_weight), ("row_weight", row_weight),
-               *more_finite.items())}
-    failed = first_failed({**indices, **finite})
-    if failed is not None:
-        what = "indices inside the range of the rows it points to" if failed in indices \
-            else "finite values (no NaN or inf)"
-        raise ValueError(f"{failed} must hold {what}")
+              (("centers", centers), ("pair_weight", pair_weight), ("row_weight", row_weight), *more_finite.items())}
+    counted = counted_teacher_rows(teacher.shape[0], pair_teacher, pair_weight, row_weight)
+    finite["teacher"] = (torch.isfinite(teacher).all(1) | ~counted).all()
+    require({f"{name} must hold indices inside the range of the rows it points to": ok for name, ok in indices.items()}
+            | {f"{name} must hold finite values (no NaN or inf)" + (" in the rows that count (row_weight != 0 or a "
+                                                                    "pair of nonzero weight)" if name == "teacher"
+                                                                    else ""): ok for name, ok in finite.items()})
+
+
+def counted_teacher_rows(num_rows: int, pair_teacher: Tensor, pair_weight: Tensor, row_weight: Tensor) -> Tensor:
+    """[Rt] bool: the teacher rows whose values reach a result: row_weight != 0 (center statistics) or read by a
+    pair of nonzero weight (the loss). The others are left out exactly, whatever their values."""
+    read = (pair_teacher >= 0) & (pair_teacher < num_rows) & (pair_weight != 0)
+    slots = torch.where(read, pair_teacher.long(), num_rows)  # unread pairs land on a sentinel row past the end
+    hits = torch.zeros(num_rows + 1, dtype=torch.int32, device=row_weight.device).scatter_reduce(
+        0, slots, read.int(), "amax")
+    return (row_weight != 0) | (hits[:num_rows] > 0)
 
 
 def _in_range(index, size):
@@ -261,16 +292,20 @@ def distill_cross_entropy(student: Tensor, teacher: Tensor, centers: Tensor, cen
         centers: [n_c, K] float32 (float64 allowed with float64 inputs); center_id: [Rt] int32/int64.
         pair_student, pair_teacher: [P] int32/int64 row indices; pair_weight: [P] float. Weight-0 pairs add 0.
         row_weight: [Rt] float weight of each teacher row in the center statistics (0 leaves a row out).
-        tau_s, tau_t: positive temperatures.
+        tau_s, tau_t: temperatures, finite floats >= 2**-126 (1/tau must be a finite float32).
         backend: 'auto', 'native', 'triton' or 'reference' (default: $UDI_KERNELS_BACKEND or 'auto').
-        check_values: check index ranges and that teacher/centers/weights are finite (one device sync;
-            skipped under torch.compile and for meta tensors). Shapes, dtypes, devices and the temperatures are
-            always checked.
+        check_values: check index ranges, that centers and weights are finite, and that the teacher rows that
+            count (row_weight != 0, or read by a pair of nonzero weight) are finite (one device sync; asserted
+            asynchronously under torch.compile; skipped for meta tensors). Shapes, dtypes, devices and the
+            temperatures are always checked.
             With check_values=False every backend still stays in bounds, writes every output and gives the same
             result on every run: a pair whose pair_student is outside [0, Rs), whose pair_teacher is outside
             [0, Rt) or whose teacher row's center_id is outside [0, n_c) adds exactly 0 to the loss and the
             gradient, and a teacher row whose center_id is outside [0, n_c) is left out of the center
             statistics. Non-finite values give non-finite results.
+
+    Under torch.autocast the inputs keep their dtypes and every backend computes in float32 as documented here
+    (udi_kernels/ops/autocast.py).
 
     Returns:
         DistillCrossEntropyResult(loss [], center_sum [n_c, K], center_count [n_c]); float32 (float64 for float64
@@ -288,14 +323,14 @@ def distill_cross_entropy(student: Tensor, teacher: Tensor, centers: Tensor, cen
     """
     args = (student, teacher, centers, center_id, pair_student, pair_teacher, pair_weight, row_weight)
     _check_shapes(*args, tau_s, tau_t)
-    if check_bool(check_values, "check_values") and not torch.compiler.is_compiling() and \
-            student.device.type != "meta":
+    if check_bool(check_values, "check_values") and student.device.type != "meta":
         _check_values(*args)
     chosen = _resolve(student, teacher, backend)
-    if chosen == "reference":
-        return DistillCrossEntropyResult(*reference.distill_cross_entropy(*args, float(tau_s), float(tau_t)))
-    csr = build_csr(pair_student, pair_teacher, pair_weight, center_id, student.shape[0], centers.shape[0])
-    return _run_kernels(chosen, student, teacher, centers, csr, row_weight, tau_s, tau_t)
+    with autocast_off(student.device):
+        if chosen == "reference":
+            return DistillCrossEntropyResult(*reference.distill_cross_entropy(*args, float(tau_s), float(tau_t)))
+        csr = build_csr(pair_student, pair_teacher, pair_weight, center_id, student.shape[0], centers.shape[0])
+        return _run_kernels(chosen, student, teacher, centers, csr, row_weight, tau_s, tau_t)
 
 
 def distill_cross_entropy_csr(student: Tensor, teacher: Tensor, centers: Tensor, csr: PairCSR, row_weight: Tensor,
@@ -310,11 +345,12 @@ def distill_cross_entropy_csr(student: Tensor, teacher: Tensor, centers: Tensor,
     _check_logits(student, teacher, centers, tau_s, tau_t)
     _check_csr(csr, row_weight, student, teacher, centers)
     chosen = _resolve(student, teacher, backend)
-    if chosen == "reference":
-        return DistillCrossEntropyResult(*reference.distill_cross_entropy(
-            student, teacher, centers, csr.center_id, csr_pair_student(csr), csr.pair_teacher, csr.pair_weight,
-            row_weight, float(tau_s), float(tau_t)))
-    return _run_kernels(chosen, student, teacher, centers, csr, row_weight, tau_s, tau_t)
+    with autocast_off(student.device):
+        if chosen == "reference":
+            return DistillCrossEntropyResult(*reference.distill_cross_entropy(
+                student, teacher, centers, csr.center_id, csr_pair_student(csr), csr.pair_teacher, csr.pair_weight,
+                row_weight, float(tau_s), float(tau_t)))
+        return _run_kernels(chosen, student, teacher, centers, csr, row_weight, tau_s, tau_t)
 
 
 def _resolve(student: Tensor, teacher: Tensor, backend: Optional[str]) -> str:
@@ -328,7 +364,8 @@ def _run_kernels(backend, student, teacher, centers, csr: PairCSR, row_weight, t
     """The registered native or Triton op."""
     stats_dtype = compute_dtype(teacher.dtype)
     inputs = (student.contiguous(), teacher.detach().contiguous(), centers.to(stats_dtype).contiguous(), csr.center_id,
-              csr.student_offsets, csr.pair_teacher, csr.pair_weight.to(compute_dtype(student.dtype)),
+              disjoint_offsets(csr.student_offsets, csr.pair_teacher.shape[0]), csr.pair_teacher,
+              csr.pair_weight.to(compute_dtype(student.dtype)),
               csr.center_offsets, csr.center_rows, row_weight.to(stats_dtype).contiguous(), float(tau_s), float(tau_t))
     pair_loss, center_sum, center_count, _, _ = _KERNELS[backend](*inputs)
     return DistillCrossEntropyResult(pair_loss.sum(), center_sum, center_count)

@@ -25,12 +25,13 @@ from torch import Tensor
 
 from .. import backends
 from .._native import native_loaded
-from ..checks import check_bool, check_float
+from ..checks import check_bool
 from ..declarations import LINEAR_DISTILL_CROSS_ENTROPY
 from ..dtypes import compute_dtype
 from ..reference import linear_distill_cross_entropy as reference
 from .distill_cross_entropy import (FLOATS, DistillCrossEntropyResult, PairCSR, _check_csr, _check_tensor,
-                                    _check_values, build_csr, check_pairs)
+                                    _check_values, build_csr, check_pairs, check_temperatures, disjoint_offsets)
+from .autocast import autocast_off, cast_inputs
 from .registration import Backward, register_kernels
 
 OP = LINEAR_DISTILL_CROSS_ENTROPY.name
@@ -119,8 +120,7 @@ def _check_linear(student, weight, teacher, teacher_weight, centers, tau_s, tau_
         raise ValueError(f"centers must have weight's K = {K} columns, got {list(centers.shape)}")
     if K == 0 or centers.shape[0] == 0:
         raise ValueError(f"K and the number of centers must be positive, got centers of shape {list(centers.shape)}")
-    check_float(tau_s, "tau_s", 0.0, low_open=True)
-    check_float(tau_t, "tau_t", 0.0, low_open=True)
+    check_temperatures(tau_s, tau_t)
 
 
 def _resolve(student: Tensor, teacher: Tensor, backend: Optional[str]) -> str:
@@ -150,11 +150,15 @@ def linear_distill_cross_entropy(student: Tensor, weight: Tensor, teacher: Tenso
         centers: [n_c, K] float32 (float64 allowed with float64 inputs); center_id: [Rt] int32/int64.
         pair_student, pair_teacher: [P] int32/int64 row indices; pair_weight: [P] float. Weight-0 pairs add 0.
         row_weight: [Rt] float weight of each teacher row in the center statistics (0 leaves a row out).
-        tau_s, tau_t: positive temperatures.
+        tau_s, tau_t: temperatures, finite floats >= 2**-126 (1/tau must be a finite float32).
         backend: 'auto', 'native', 'triton' or 'reference' (default: $UDI_KERNELS_BACKEND or 'auto').
         check_values: as in distill_cross_entropy (index ranges; teacher, teacher_weight, centers and the
             weights finite; one device sync). With check_values=False every backend stays in bounds and gives
             the same result on every run; indices out of range follow distill_cross_entropy's rule.
+
+    Under torch.autocast, student, weight, teacher and teacher_weight are first cast to the autocast dtype of
+    their device (float64 ones are not), as a linear layer's inputs are; every backend then computes as for those
+    dtypes (udi_kernels/ops/autocast.py). centers and the weights are not cast.
 
     Returns:
         DistillCrossEntropyResult(loss [], center_sum [n_c, K], center_count [n_c]); float32 (float64 for
@@ -170,10 +174,10 @@ def linear_distill_cross_entropy(student: Tensor, weight: Tensor, teacher: Tenso
 
     Source: UDI_SPEC §10; the fused-linear cross-entropies of Liger-Kernel and Apple's Cut Cross-Entropy.
     """
+    student, weight, teacher, teacher_weight = _autocast(student, weight, teacher, teacher_weight)
     _check_linear(student, weight, teacher, teacher_weight, centers, tau_s, tau_t)
     check_pairs(student.device, teacher.shape[0], center_id, pair_student, pair_teacher, pair_weight, row_weight)
-    if check_bool(check_values, "check_values") and not torch.compiler.is_compiling() and \
-            student.device.type != "meta":
+    if check_bool(check_values, "check_values") and student.device.type != "meta":
         more = {} if teacher_weight is None else {"teacher_weight": teacher_weight}
         _check_values(student, teacher, centers, center_id, pair_student, pair_teacher, pair_weight, row_weight,
                       **more)
@@ -187,13 +191,27 @@ def linear_distill_cross_entropy_csr(student: Tensor, weight: Tensor, teacher: T
                                      backend: Optional[str] = None) -> DistillCrossEntropyResult:
     """linear_distill_cross_entropy on pairs already in the kernels' layout (build_csr), as
     distill_cross_entropy_csr is to distill_cross_entropy: no sort per call, no check of the pairs' values."""
+    student, weight, teacher, teacher_weight = _autocast(student, weight, teacher, teacher_weight)
     _check_linear(student, weight, teacher, teacher_weight, centers, tau_s, tau_t)
     _check_csr(csr, row_weight, student, teacher, centers)
     return _run(student, weight, teacher, teacher_weight, centers, csr, row_weight, tau_s, tau_t, backend)
 
 
+def _autocast(student, weight, teacher, teacher_weight):
+    """The linear layer's inputs under autocast's rule (udi_kernels/ops/autocast.py)."""
+    if not isinstance(student, Tensor):
+        return student, weight, teacher, teacher_weight
+    return cast_inputs(student.device, student, weight, teacher, teacher_weight)
+
+
 def _run(student, weight, teacher, teacher_weight, centers, csr: PairCSR, row_weight, tau_s, tau_t,
          backend) -> DistillCrossEntropyResult:
+    with autocast_off(student.device):
+        return _run_backend(student, weight, teacher, teacher_weight, centers, csr, row_weight, tau_s, tau_t, backend)
+
+
+def _run_backend(student, weight, teacher, teacher_weight, centers, csr: PairCSR, row_weight, tau_s, tau_t,
+                 backend) -> DistillCrossEntropyResult:
     chosen = _resolve(student, teacher, backend)
     if chosen == "reference":
         return DistillCrossEntropyResult(*reference.linear_distill_cross_entropy(
@@ -201,7 +219,8 @@ def _run(student, weight, teacher, teacher_weight, centers, csr: PairCSR, row_we
     stats_dtype = compute_dtype(teacher.dtype)
     detached = lambda t: None if t is None else t.detach().contiguous()  # noqa: E731
     inputs = (student.contiguous(), weight.contiguous(), detached(teacher), detached(teacher_weight),
-              centers.to(stats_dtype).contiguous(), csr.center_id, csr.student_offsets, csr.pair_teacher,
+              centers.to(stats_dtype).contiguous(), csr.center_id,
+              disjoint_offsets(csr.student_offsets, csr.pair_teacher.shape[0]), csr.pair_teacher,
               csr.pair_weight.to(compute_dtype(student.dtype)), csr.center_offsets, csr.center_rows,
               row_weight.to(stats_dtype).contiguous(), float(tau_s), float(tau_t))
     pair_loss, center_sum, center_count, _, _ = _KERNELS[chosen](*inputs)

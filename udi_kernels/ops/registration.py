@@ -49,14 +49,50 @@ class _BelowAutograd(torch.autograd.Function):
         return (None, None) + tuple(ctx.input_grads(ctx, ctx.needs_input_grad[2:], *grads))
 
 
+def _slice(arg, dim: Optional[int], i: int):
+    return arg if dim is None else arg.select(dim, i)
+
+
+def _stacked(results: list):
+    if isinstance(results[0], tuple):
+        return tuple(torch.stack(parts) for parts in zip(*results)), (0,) * len(results[0])
+    return torch.stack(results), 0
+
+
+def register_loop_vmap(registered, op: Callable) -> None:
+    """torch.func.vmap of a registered op: the op on each slice of the mapped dimension, stacked, so that vmap gives
+    exactly what a Python loop over the slices gives (the kernels have no batched form of their own)."""
+    def rule(info, in_dims, *args):
+        return _stacked([op(*(_slice(a, d, i) for a, d in zip(args, in_dims))) for i in range(info.batch_size)])
+    torch.library.register_vmap(registered)(rule)
+
+
+def _transforms_active() -> bool:
+    """Whether a torch.func transform (grad, vmap, ...) is running."""
+    return torch._C._are_functorch_transforms_active()
+
+
+def _refuse_autograd_transforms(op_name: str) -> None:
+    """torch.func's grad, vjp, jacrev, jacfwd, jvp (and hessian) need a functorch-aware autograd of the kernels,
+    which they do not have: a clear error instead of torch's about setup_context. vmap alone is supported."""
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+    from torch._C._functorch import TransformType
+    if any(i.key() in (TransformType.Grad, TransformType.Jvp) for i in retrieve_all_functorch_interpreters()):
+        raise RuntimeError(f"torch.func.grad / vjp / jacrev / jacfwd / jvp are not supported by the native and "
+                           f"Triton kernels of {op_name} (torch.func.vmap is): use backend='reference' under "
+                           "these transforms, or torch.autograd")
+
+
 def register_kernels(op_name: str, forward, fake: Callable, backward: Optional[Backward] = None) -> Callable:
-    """Fake impl and (with `backward`) autograd of one backend's registered forward op (a name or a custom op).
-    Returns the function the public op calls: the registered op, in eager mode under _BelowAutograd."""
+    """Fake impl, vmap rule and (with `backward`) autograd of one backend's registered forward op (a name or a
+    custom op). Returns the function the public op calls: the registered op, in eager mode under _BelowAutograd."""
     torch.library.register_fake(forward)(fake)
     op = getattr(torch.ops.udi_kernels, forward.split("::")[1]).default if isinstance(forward, str) else forward
+    register_loop_vmap(forward, op)
     if backward is None:
         return op
     torch.library.register_fake(backward.op)(backward.fake)
+    register_loop_vmap(backward.op, backward.op)
     torch.library.register_autograd(forward, lambda ctx, *grads: backward.input_grads(ctx, ctx.needs_input_grad,
                                                                                       *grads),
                                     setup_context=backward.setup_context)
@@ -66,5 +102,8 @@ def register_kernels(op_name: str, forward, fake: Callable, backward: Optional[B
     def call(*inputs):
         if torch.compiler.is_compiling():
             return op(*inputs)
+        if _transforms_active():
+            _refuse_autograd_transforms(op_name)
+            return op(*inputs)  # vmap: the loop rule (register_loop_vmap)
         return _BelowAutograd.apply(op, backward, *inputs)
     return call

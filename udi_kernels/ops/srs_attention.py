@@ -6,10 +6,11 @@ from torch import Tensor
 
 from .. import backends
 from .._native import native_loaded
-from ..checks import check_bool, check_float, first_failed
+from ..checks import check_bool, check_float, first_failed, unwrapped
 from ..declarations import SRS_ATTENTION
 from ..dtypes import compute_dtype
 from ..reference import srs_attention as reference
+from .autocast import autocast_off, cast_inputs
 from .registration import Backward, register_kernels
 
 OP = SRS_ATTENTION.name
@@ -124,6 +125,7 @@ def check_tap_args(index, weight, batch: int, device: torch.device, rows_name: s
 
 
 def _index_range_message(index, low, high):
+    index = unwrapped(index)
     return f"index must lie in [{low}, {high}), got values in [{int(index.min())}, {int(index.max())}]"
 
 
@@ -163,7 +165,7 @@ def index_as_int32(index: Tensor) -> Tensor:
     fits = ((index >= INT32_RANGE[0]) & (index < INT32_RANGE[1])).all()  # True when empty
     if torch.compiler.is_compiling():
         torch._assert_async(fits, "index must fit in int32")
-    elif not bool(fits):
+    elif first_failed({"fits": fits}) is not None:
         raise ValueError(_index_range_message(index, *INT32_RANGE) + " (int32, the kernels' index type)")
     return index.to(torch.int32)
 
@@ -193,8 +195,16 @@ def srs_attention(q: Tensor, k: Tensor, v: Tensor, index: Tensor, weight: Option
             [0, Nq) is skipped (as if its weight were 0), and a non-finite weight gives non-finite outputs for
             its sample only.
 
+    Under torch.autocast, q, k and v are first cast to the autocast dtype of their device (float64 ones are not),
+    as scaled_dot_product_attention's inputs are, so that mixed dtypes (q bfloat16 from a Linear, k, v float32
+    from a LayerNorm) are accepted; every backend then computes in float32 (udi_kernels/ops/autocast.py).
+    Outside autocast, k and v must have the dtype of q.
+
     Returns:
-        out [B, H, S, D] in the dtype of q; math in float32 (float64 for float64 inputs).
+        out [B, H, S, D] in the dtype of q; math in float32 (float64 for float64 inputs). No backend overflows an
+        intermediate of a logit q_s . k * scale that is finite in that dtype (q_s enters the dot scaled by a power
+        of two, scale as its mantissa), for any finite scale; the tapped query q_s = sum_t w_t q[idx_t] itself
+        must be finite in it.
 
     Raises:
         TypeError / ValueError naming the argument for a wrong type, dtype, shape, device, value (check_taps) or
@@ -205,6 +215,8 @@ def srs_attention(q: Tensor, k: Tensor, v: Tensor, index: Tensor, weight: Option
 
     Gradients flow to q (scattered back through the taps), k and v; index, weight and scale get none.
     """
+    if isinstance(q, Tensor):
+        q, k, v = cast_inputs(q.device, q, k, v)
     _check_qkv(q, k, v)
     check_tap_args(index, weight, q.shape[0], q.device)
     num_rows, D = q.shape[2:]
@@ -221,7 +233,9 @@ def attend(q: Tensor, k: Tensor, v: Tensor, index: Tensor, weight: Tensor, scale
     """srs_attention without the argument checks, for callers that build valid arguments themselves
     (udi_kernels.nn): index int32, weight in compute_dtype(q.dtype), scale a float.
     Launches no kernel besides the attention itself when q, k, v, index and weight are contiguous."""
+    q, k, v = cast_inputs(q.device, q, k, v)
     chosen = backends.resolve(SRS_ATTENTION, q.device, q.dtype, backend, num_samples=index.shape[1],
                               head_dim=q.shape[3])
-    return _IMPLEMENTATIONS[chosen](q.contiguous(), k.contiguous(), v.contiguous(), index.contiguous(),
-                                    weight.contiguous(), scale)
+    with autocast_off(q.device):
+        return _IMPLEMENTATIONS[chosen](q.contiguous(), k.contiguous(), v.contiguous(), index.contiguous(),
+                                        weight.contiguous(), scale)

@@ -6,9 +6,11 @@ from torch import Tensor
 
 from .. import backends
 from .._native import native_loaded
-from ..checks import check_bool, check_int, first_failed
+from ..checks import check_bool, check_int, require
 from ..declarations import STRATIFIED_SAMPLE
+from ..limits import MAX_GRID
 from ..reference import stratified_sample as reference
+from .autocast import autocast_off
 from .registration import register_kernels
 
 OP = STRATIFIED_SAMPLE.name
@@ -69,8 +71,8 @@ def _check_pattern(grid, window, grid_name, window_name):
     grid, window = check_int(grid, grid_name), check_int(window, window_name)
     if window < 1:
         raise ValueError(f"{window_name} must be >= 1, got {window}")
-    if not 2 <= grid <= 4096:
-        raise ValueError(f"{grid_name} must be in [2, 4096], got {grid}")
+    if not 2 <= grid <= MAX_GRID:
+        raise ValueError(f"{grid_name} must be in [2, {MAX_GRID}], got {grid}")
     if grid < window:
         raise ValueError(f"{grid_name} ({grid}) must not be smaller than {window_name} ({window})")
     return grid, window
@@ -86,18 +88,42 @@ def _check_boxes(boxes):
 
 
 def _check_box_values(boxes):
-    """One reduction (one device sync on CUDA): finite, inside [0, 1], non-degenerate."""
-    failed = first_failed({"inside": ((boxes >= 0) & (boxes <= 1)).all(),
-                           "extent": (boxes[..., 2:] != boxes[..., :2]).all()})
-    if failed == "inside":
-        raise ValueError("boxes must hold finite values inside [0, 1] (normalised 'ij' coordinates)")
-    if failed == "extent":
-        raise ValueError("boxes must not be degenerate: i0 != i1 and j0 != j1 for every crop")
+    """One reduction (one device sync on CUDA; asserted asynchronously under torch.compile): finite, inside [0, 1],
+    non-degenerate."""
+    require({"boxes must hold finite values inside [0, 1] (normalised 'ij' coordinates)":
+             ((boxes >= 0) & (boxes <= 1)).all(),
+             "boxes must not be degenerate: i0 != i1 and j0 != j1 for every crop": (boxes[..., 2:] != boxes[..., :2]).all()})
 
 
 def _draw_seed(generator: Optional[torch.Generator]) -> int:
     device = generator.device if generator is not None else "cpu"
     return int(torch.randint(-2**63, 2**63 - 1, (), generator=generator, device=device, dtype=torch.int64))
+
+
+@torch.library.custom_op("udi_kernels::stratified_sample_drawn_seed", mutates_args=())
+def _with_drawn_seed(boxes: Tensor, global_grid: int, global_window: int, local_grid: int, local_window: int,
+                     target_grid: int, offset: int, image_offset: int, backend: str
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """seed=None under torch.compile: the seed is a host int drawn from the default generator on every call, which a
+    graph cannot trace (it would become a constant); this op draws it when it runs, as eager mode does."""
+    return tuple(t.clone() for t in _IMPLEMENTATIONS[backend](boxes, global_grid, global_window, local_grid,
+                                                              local_window, target_grid, _draw_seed(None), offset,
+                                                              image_offset))
+
+
+@_with_drawn_seed.register_fake
+def _with_drawn_seed_fake(boxes, global_grid, global_window, local_grid, local_window, target_grid, offset,
+                          image_offset, backend):
+    return _fake(boxes, global_grid, global_window, local_grid, local_window, target_grid, 0, offset, image_offset)
+
+
+def _check_generator(generator, seed) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if generator is not None and seed is None and torch.compiler.is_compiling():
+        raise ValueError("generator= is not supported under torch.compile (a torch.Generator cannot enter the "
+                         "graph): pass seed=int(torch.randint(-2**63, 2**63 - 1, (), generator=generator)) drawn "
+                         "outside, or leave both out (the default generator is drawn when the graph runs)")
 
 
 def stratified_sample(boxes: Tensor, *, global_grid: int = 14, global_window: int = 3, local_grid: int = 6,
@@ -121,8 +147,8 @@ def stratified_sample(boxes: Tensor, *, global_grid: int = 14, global_window: in
             rank sampling its own slice boxes[i:j] with image_offset=i gets exactly rows i:j of the global
             batch's samples, without gathering the other ranks' boxes.
         backend: 'auto', 'native', 'triton' or 'reference' (default: $UDI_KERNELS_BACKEND or 'auto').
-        check_boxes: check the box values (one device sync on CUDA); shapes, dtypes and every other argument
-            are always checked. With check_boxes=False, boxes outside [0, 1], degenerate or non-finite give
+        check_boxes: check the box values (one device sync on CUDA; asserted asynchronously under
+            torch.compile); shapes, dtypes and every other argument are always checked. With check_boxes=False, boxes outside [0, 1], degenerate or non-finite give
             garbage samples, but every output element is still written and nothing is read or written out of
             bounds.
 
@@ -131,22 +157,31 @@ def stratified_sample(boxes: Tensor, *, global_grid: int = 14, global_window: in
 
     Raises:
         TypeError / ValueError naming the argument (e.g. a seed that is not an int, an offset or image_offset
-        outside [0, 2**32), boxes of the wrong shape, dtype or values); the error of backends.resolve for a
-        backend that cannot run the call.
+        outside [0, 2**32), boxes of the wrong shape, dtype or values, generator= under torch.compile, where it
+        cannot enter the graph: draw the seed outside); the error of backends.resolve for a backend that cannot
+        run the call.
+
+    torch.compile(fullgraph=True) traces it with its defaults (seed=None: drawn from the default generator when
+    the graph runs, as in eager mode); torch.func.vmap maps it over a leading dimension of boxes.
     """
     _check_boxes(boxes)
     global_grid, global_window = _check_pattern(global_grid, global_window, "global_grid", "global_window")
     local_grid, local_window = _check_pattern(local_grid, local_window, "local_grid", "local_window")
     target_grid, _ = _check_pattern(target_grid, 1, "target_grid", "1")
     offset, image_offset = _check_word(offset, "offset"), _check_word(image_offset, "image_offset")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    seed = _draw_seed(generator) if seed is None else check_int(seed, "seed")
-    if not -2**63 <= seed < 2**63:
-        raise ValueError(f"seed must fit in 64 bits (signed), got {seed}")
+    _check_generator(generator, seed)
+    drawn_when_run = seed is None and generator is None and torch.compiler.is_compiling()
+    if not drawn_when_run:
+        seed = _draw_seed(generator) if seed is None else check_int(seed, "seed")
+        if not -2**63 <= seed < 2**63:
+            raise ValueError(f"seed must fit in 64 bits (signed), got {seed}")
     if check_bool(check_boxes, "check_boxes") and boxes.device.type != "meta":
         _check_box_values(boxes)
-    implementation = _IMPLEMENTATIONS[backends.resolve(STRATIFIED_SAMPLE, boxes.device, boxes.dtype, backend)]
-    outputs = implementation(boxes.contiguous(), global_grid, global_window, local_grid, local_window, target_grid,
-                             seed, offset, image_offset)
+    chosen = backends.resolve(STRATIFIED_SAMPLE, boxes.device, boxes.dtype, backend)
+    grids = (global_grid, global_window, local_grid, local_window, target_grid)
+    with autocast_off(boxes.device):  # no cast: boxes are float32 (udi_kernels/ops/autocast.py)
+        if drawn_when_run:
+            outputs = _with_drawn_seed(boxes.contiguous(), *grids, offset, image_offset, chosen)
+        else:
+            outputs = _IMPLEMENTATIONS[chosen](boxes.contiguous(), *grids, seed, offset, image_offset)
     return SampledPairs(PairTaps(*outputs[:4]), PairTaps(*outputs[4:]))

@@ -47,6 +47,12 @@ def center_statistics(teacher: Tensor, center_id: Tensor, row_weight: Tensor, nu
     return center_sum[:num_centers], center_count[:num_centers]
 
 
+def _rows_read(rows: Tensor, counts: Tensor, size: int) -> Tensor:
+    """[size] bool: the rows that a pair which counts reads (rows: sentinel_index'd)."""
+    read = torch.zeros(size + 1, dtype=torch.int32, device=rows.device)
+    return read.scatter(0, torch.where(counts, rows, size), 1)[:size] > 0
+
+
 def distill_cross_entropy(student: Tensor, teacher: Tensor, centers: Tensor, center_id: Tensor, pair_student: Tensor,
                           pair_teacher: Tensor, pair_weight: Tensor, row_weight: Tensor, tau_s: float, tau_t: float):
     """Same contract as udi_kernels.distill_cross_entropy (arguments already checked).
@@ -56,13 +62,19 @@ def distill_cross_entropy(student: Tensor, teacher: Tensor, centers: Tensor, cen
     """
     dtype = compute_dtype(student.dtype)
     Rs, Rt, num_centers = student.shape[0], teacher.shape[0], centers.shape[0]
-    log_q = _with_zero_row(torch.log_softmax(student.to(dtype) / tau_s, dim=-1))
-    p_t = _with_zero_row(centered_teacher_probs(teacher, centers, center_id, tau_t).to(dtype))
     rows_s, rows_t = sentinel_index(pair_student, Rs), sentinel_index(pair_teacher, Rt)
     center_of_row = torch.cat([sentinel_index(center_id, num_centers), center_id.new_full((1,), num_centers).long()])
-    ce = -(p_t[rows_t] * log_q[rows_s]).sum(-1)
     weight = pair_weight.to(dtype)
     counts = (weight != 0) & (rows_s < Rs) & (rows_t < Rt) & (center_of_row[rows_t] < num_centers)
+    # a student row without a pair that counts is zeroed: left out exactly, its gradient 0 whatever its values
+    student = torch.where(_rows_read(rows_s, counts, Rs)[:, None], student.to(dtype), 0)
+    log_q = _with_zero_row(torch.log_softmax(student / tau_s, dim=-1))
+    p_t = _with_zero_row(centered_teacher_probs(teacher, centers, center_id, tau_t).to(dtype))
+    # index_select: its backward (index_add_) sums the pairs of a row in a fixed order, unlike indexing's
+    # (index_put_ with atomic adds on the CPU), so that the gradient repeats bit for bit
+    # the teacher rows of pairs that do not count are zeroed too, so that no NaN of theirs reaches the gradient
+    targets = torch.where(counts[:, None], p_t[rows_t], 0)
+    ce = -(targets * log_q.index_select(0, rows_s)).sum(-1)
     loss = torch.where(counts, weight * ce, torch.zeros_like(ce)).sum()
     center_sum, center_count = center_statistics(teacher, center_id, row_weight, num_centers)
     return loss, center_sum, center_count

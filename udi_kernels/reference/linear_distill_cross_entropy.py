@@ -63,6 +63,14 @@ def _centered(teacher_chunk: Tensor, centers_chunk: Tensor, center_of_row: Tenso
     return (teacher_chunk - center) / tau_t
 
 
+def _recomputed(function, *args):
+    """function(*args) inside a torch.utils.checkpoint (its backward recomputes the chunk); called directly under
+    torch.func transforms, which do not support checkpoint's saved-tensor hooks (the same values, kept)."""
+    if torch._C._are_functorch_transforms_active():
+        return function(*args)
+    return checkpoint(function, *args, use_reentrant=False)
+
+
 def linear_distill_cross_entropy(student: Tensor, weight: Tensor, teacher: Tensor, teacher_weight: Optional[Tensor],
                                  centers: Tensor, csr, row_weight: Tensor, tau_s: float, tau_t: float):
     """Same contract as udi_kernels.linear_distill_cross_entropy, on the pairs' PairCSR (build_csr) (arguments
@@ -91,10 +99,9 @@ def linear_distill_cross_entropy(student: Tensor, weight: Tensor, teacher: Tenso
     def chunk_cross_entropy(rows, weight_chunk, probs, lse):
         return (pairs.targets(probs) * (lse[:, None] - rows @ weight_chunk.T / tau_s)).sum(-1)
 
-    lse = torch.logsumexp(torch.stack([checkpoint(chunk_lse, rows, w, use_reentrant=False)
-                                       for w in weight_chunks], -1), -1)
+    lse = torch.logsumexp(torch.stack([_recomputed(chunk_lse, rows, w) for w in weight_chunks], -1), -1)
     saved_lse = lse.detach()
-    cross_entropy = sum(checkpoint(chunk_cross_entropy, rows, w, p, saved_lse, use_reentrant=False)
+    cross_entropy = sum(_recomputed(chunk_cross_entropy, rows, w, p, saved_lse)
                         for w, p in zip(weight_chunks, teacher_probs))
     # cross_entropy holds Σ_k T_rk · lse_s(r) with lse_s detached; its gradient Σ_p w_p · softmax comes from here
     per_row = cross_entropy + pairs.row_weight * (lse - saved_lse)

@@ -12,7 +12,6 @@ from torch import Tensor
 from ..dtypes import compute_dtype
 
 
-
 def default_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
 
@@ -30,6 +29,81 @@ def tapped_queries(q: Tensor, index: Tensor, weight: Tensor) -> Tensor:
     return (taps * torch.where(inside, weight, 0)[:, None, :, :, None].to(q.dtype)).sum(3)
 
 
+# (mantissa bits, exponent bias, integer type of the same width) of the compute dtypes
+_FLOAT_LAYOUT = {torch.float32: (23, 127, torch.int32), torch.float64: (52, 1023, torch.int64)}
+
+
+def _power_of_two(exponent: Tensor, dtype: torch.dtype) -> Tensor:
+    """2^exponent exactly, built from the bits (exponents inside the normal range of dtype)."""
+    mantissa_bits, bias, int_type = _FLOAT_LAYOUT[dtype]
+    return ((exponent.to(int_type) + bias) << mantissa_bits).view(dtype)
+
+
+def _scaled(x: Tensor, mantissa: float, exponent: Tensor) -> Tensor:
+    """x * mantissa * 2^exponent (mantissa in [0.5, 1), any int exponents): x times the exact float
+    mantissa * 2^e1, then by 2^e2 and 2^e3 (exponents of one sign): overflows or underflows only where the
+    product itself does, and is x * (mantissa * 2^exponent) bit for bit wherever that is a normal float."""
+    bias = _FLOAT_LAYOUT[x.dtype][1]
+    first = exponent.clamp(2 - bias, bias - 1)  # mantissa * 2^first stays a normal float: exact
+    second = (exponent - first).clamp(1 - bias, bias - 1)
+    third = (exponent - first - second).clamp(1 - bias, bias - 1)
+    return x * (mantissa * _power_of_two(first, x.dtype)) * _power_of_two(second, x.dtype) * _power_of_two(
+        third, x.dtype)
+
+
+class _ScaledLogits(torch.autograd.Function):
+    """q_s k^T * scale (scaled_logits' forward); the backward is the plain product's, (g * scale) k and
+    (g * scale)^T q_s, so that no power of two of the forward enters the gradients."""
+    generate_vmap_rule = True  # torch.func.vmap: forward and backward are plain torch ops
+
+    @staticmethod
+    def forward(q_s: Tensor, k: Tensor, scale: float) -> Tensor:
+        bias = _FLOAT_LAYOUT[q_s.dtype][1]
+        # q rows scaled to below 2^top, top <= 0 chosen so that a dot of D terms with k stays below the float max
+        top = (bias - q_s.shape[-1].bit_length() - _exponent(_largest_magnitude(k))).clamp(max=0)
+        e_q = (_exponent(q_s.abs().amax(-1, keepdim=True)) - top).clamp(-bias, bias - 1)
+        mantissa, e_scale = math.frexp(scale)
+        return _scaled(torch.matmul(q_s * _power_of_two(-e_q, q_s.dtype), k.transpose(-1, -2)), mantissa,
+                       e_q + e_scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q_s, k, ctx.scale = inputs
+        ctx.save_for_backward(q_s, k)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # (grad * scale) k and q_s^T (grad * scale), with the powers of two of scale past float32's range applied
+        # after the matmuls (bit for bit the plain product for every scale that is a float32)
+        q_s, k = ctx.saved_tensors
+        mantissa, exponent = math.frexp(ctx.scale)
+        bias = _FLOAT_LAYOUT[grad.dtype][1]
+        inside = min(max(exponent, 2 - bias), bias - 1)
+        outside = torch.tensor(exponent - inside, device=grad.device)
+        grad_dot = _scaled(grad, mantissa, torch.tensor(inside, device=grad.device))
+        return (_scaled(torch.matmul(grad_dot, k), 1.0, outside),
+                _scaled(torch.matmul(q_s.transpose(-1, -2), grad_dot).transpose(-1, -2), 1.0, outside), None)
+
+
+def _largest_magnitude(k: Tensor) -> Tensor:
+    """max |k| of each head, [B, H, 1, 1] (amax and amin of the flat rows: faster on the CPU than abs().amax)."""
+    rows = k.flatten(-2)[..., None, :]
+    return torch.maximum(rows.amax(-1, keepdim=True), -rows.amin(-1, keepdim=True))
+
+
+def _exponent(x: Tensor) -> Tensor:
+    """e with x in [2^(e-1), 2^e) (0 for 0), elementwise."""
+    return torch.frexp(x).exponent
+
+
+def scaled_logits(q_s: Tensor, k: Tensor, scale: float) -> Tensor:
+    """q_s k^T * scale (float32 / float64) without an intermediate that overflows where the logit is finite: each
+    row of q_s enters the dot scaled by a power of two (below 1, and small enough that D products with the largest
+    |k| of its head stay finite), scale as its mantissa, the powers of two come last. Bit for bit the plain
+    product wherever that neither overflows nor underflows (powers of two are exact), gradients included."""
+    return _ScaledLogits.apply(q_s, k, scale)
+
+
 def srs_attention(q: Tensor, k: Tensor, v: Tensor, index: Tensor, weight=None, scale=None) -> Tensor:
     """softmax(q_s k^T * scale) v for the tapped queries q_s; math in float32 (float64 for float64 inputs).
 
@@ -43,6 +117,6 @@ def srs_attention(q: Tensor, k: Tensor, v: Tensor, index: Tensor, weight=None, s
     if scale is None:
         scale = default_scale(q.shape[-1])
     q_s = tapped_queries(q.to(dtype), index, weight.detach().to(dtype))
-    logits = torch.matmul(q_s, k.to(dtype).transpose(-1, -2)) * scale
+    logits = scaled_logits(q_s, k.to(dtype), scale)
     out = torch.matmul(torch.softmax(logits, dim=-1), v.to(dtype))
     return out.to(q.dtype)

@@ -11,8 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .distill_cross_entropy import (center_chunk, chunk_offsets, chunking, csr_slots, no_center, pair_scale,
-                                    scaled_student, teacher_probs)
+from .distill_cross_entropy import (center_chunk, chunk_offsets, chunking, csr_slots, no_center, pair_counts,
+                                    pair_scale, scaled_student, teacher_probs)
 
 
 @triton.jit
@@ -23,10 +23,13 @@ def _student_backward_kernel(grad_pair_loss_ptr, student_ptr, teacher_ptr, cente
     k, mask = chunk_offsets(K, CHUNK)
     first, end = csr_slots(student_offsets_ptr, row, P)
     total = tl.zeros((), tl.float32)
+    counted = tl.zeros((), tl.int1)
     for slot in range(first, end):
         total += pair_scale(grad_pair_loss_ptr, pair_weight_ptr, pair_teacher_ptr, center_id_ptr, slot, Rt, n_c)
+        counted |= pair_counts(pair_weight_ptr, pair_teacher_ptr, center_id_ptr, slot, Rt, n_c)
     x = scaled_student(student_ptr, row, k, mask, K, inv_tau_s)
-    acc = total * tl.exp(x - tl.load(student_lse_ptr + row))
+    # a row without a pair that counts gets 0 exactly, whatever its values (0 * NaN would be NaN)
+    acc = tl.where(counted, total * tl.exp(x - tl.load(student_lse_ptr + row)), 0.0)
     center, c = no_center(CHUNK)
     for slot in range(first, end):
         scale = pair_scale(grad_pair_loss_ptr, pair_weight_ptr, pair_teacher_ptr, center_id_ptr, slot, Rt, n_c)

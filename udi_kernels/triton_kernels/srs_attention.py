@@ -1,15 +1,18 @@
 """SRS attention forward (UDI_SPEC §3) in Triton: one program per (sample block, head, crop).
 
 The tapped queries q_s = sum_t w_t q[idx_t] are summed on chip, then an online softmax runs over
-blocks of keys; the logsumexp of every row is saved for the backward pass. The dots take q_s in the dtype of k
-(scaled_queries): for float16 each row is first scaled by a power of two into [2^13, 2^14) and the logits are
-scaled back in fp32, so that q_s * scale never overflows float16's 65504 (the true logits may well be finite).
+blocks of keys; the logsumexp of every row is saved for the backward pass. No intermediate overflows where the
+logit is finite, in any dtype (scaled_logits): every query row and (float32 / bfloat16) key tile enters the dot
+scaled by a power of two so that its largest element lies in [2^13, 2^14) (exact, and never past float16's
+65504), the scale enters as its mantissa, and the powers of two are applied to the fp32 logits last.
 
 Shapes (contiguous): q [B, H, NQ, D], k, v [B, H, N, D] fp32/fp16/bf16; index [B, S, T] int32 into
 the NQ rows of q; weight [B, S, T] fp32 -> out [B, H, S, D] (dtype of q), lse [B, H, S] fp32 (natural
 log of the scaled logits). Taps outside [0, NQ) are skipped (weight 0), as in every backend: the public op
 checks them only with check_taps=True.
 """
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -45,19 +48,64 @@ def _power_of_two(exponent):
 
 
 @triton.jit
-def scaled_queries(q, index, weight, b, head, sample, sample_ok, dims, dim_ok, NQ, S, T, D, scale, dtype):
-    """(q_op [BLOCK_S, BLOCK_D] in `dtype`, row_scale [BLOCK_S] fp32) with q_s * scale = q_op * row_scale:
-    the left operand of the logits, dot(q_op, k^T) * row_scale. float16 rows are scaled by a power of two so that
-    their largest element lies in [2^13, 2^14) (no overflow past 65504, no subnormals); other dtypes have the
-    range of float32 and carry the scale in q_op."""
+def times_power_of_two(x, exponent):
+    """x * 2^exponent for any int32 exponent, in two exact steps of the same sign (2^exponent alone may not be a
+    float32): overflows or underflows only where the product itself does."""
+    e = tl.minimum(tl.maximum(exponent, -252), 252)
+    half = e // 2
+    return x * _power_of_two(half) * _power_of_two(e - half)
+
+
+@triton.jit
+def _exponent_for(top):
+    """e (int32, like top) with top * 2^-e in [2^13, 2^14), clamped so that 2^-e is a normal float32."""
+    exponent = ((top.to(tl.float32).to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # floor(log2(top)); -127 for 0
+    return tl.minimum(tl.maximum(exponent - 13, -126), 126)
+
+
+@triton.jit
+def normalized_rows(x, dtype):
+    """(x_op in `dtype`, e [rows] int32) with x = x_op * 2^e and each row's largest |x_op| in [2^13, 2^14):
+    exact in every dtype (no overflow past float16's 65504; subnormal rows stay as they are)."""
+    e = _exponent_for(tl.max(tl.abs(x), 1))
+    return (x * _power_of_two(-e)[:, None]).to(dtype), e
+
+
+@triton.jit
+def normalized_tile(x, dtype):
+    """(x_op in `dtype`, e) with x = x_op * 2^e, e one int32 for the tile, the largest |x_op| in [2^13, 2^14): a
+    float32 tile as a dot operand in any dtype, without overflow or flush to 0 (exact but for elements 2^-139
+    below the largest)."""
+    e = _exponent_for(tl.max(tl.max(tl.abs(x), 1), 0))
+    return (x * _power_of_two(-e)).to(dtype), e
+
+
+@triton.jit
+def normalized_keys(k_block):
+    """(k_op, e) with k_block = k_op * 2^e, e one int32 for the tile: float32 and bfloat16 tiles scaled so that their
+    largest |k_op| lies in [2^13, 2^14) (exact but for elements 2^-139 below it), float16 tiles as they are (their
+    range cannot overflow the dot). One exponent per tile, not per row: the raw tile need not stay in registers
+    (dq sums dot(ds, k_op) * 2^e)."""
+    if k_block.dtype == tl.float16:
+        return k_block, tl.zeros((), tl.int32)
+    return normalized_tile(k_block, k_block.dtype)
+
+
+@triton.jit
+def scaled_logits(q_op, q_exp, k_op, k_exp, scale_mantissa, scale_exponent, PRECISION: tl.constexpr):
+    """[BLOCK_S, BLOCK_N] fp32 logits q_s . k_n * scale from normalized queries (normalized_rows), keys
+    (normalized_keys) and scale = scale_mantissa * 2^scale_exponent: the dot of elements below 2^14 (float16 keys:
+    65504) times a mantissa below 1, then the powers of two."""
+    dot = tl.dot(q_op, tl.trans(k_op), input_precision=PRECISION) * scale_mantissa
+    return times_power_of_two(dot, q_exp[:, None] + k_exp + scale_exponent)
+
+
+@triton.jit
+def scaled_queries(q, index, weight, b, head, sample, sample_ok, dims, dim_ok, NQ, S, T, D, dtype):
+    """(q_op [BLOCK_S, BLOCK_D] in `dtype`, q_exp [BLOCK_S] int32): the tapped queries, normalized_rows."""
     taps = b.to(tl.int64) * S * T
     q_s = tapped_queries(q + head * NQ * D, index + taps, weight + taps, sample, sample_ok, dims, dim_ok, NQ, T, D)
-    if dtype == tl.float16:
-        top = tl.max(tl.abs(q_s), 1)
-        exponent = ((top.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # floor(log2(top)); -127 for 0
-        shift = tl.minimum(tl.maximum(13 - exponent, -126), 126)
-        return (q_s * _power_of_two(shift)[:, None]).to(dtype), scale * _power_of_two(-shift)
-    return (q_s * scale).to(dtype), tl.full((sample.shape[0],), 1.0, tl.float32)
+    return normalized_rows(q_s, dtype)
 
 
 @triton.jit
@@ -69,12 +117,12 @@ def kv_block(k, v, head, keys, dims, N, D):
 
 
 @triton.jit
-def _forward_kernel(q, k, v, index, weight, out, lse, H, NQ, N, S, T, D, scale,
+def _forward_kernel(q, k, v, index, weight, out, lse, H, NQ, N, S, T, D, scale_mantissa, scale_exponent,
                     BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                     PRECISION: tl.constexpr):
     b, head, sample, sample_ok, dims, dim_ok = sample_block(H, S, D, BLOCK_S, BLOCK_D)
-    q_s, row_scale = scaled_queries(q, index, weight, b, head, sample, sample_ok, dims, dim_ok, NQ, S, T, D, scale,
-                                    k.dtype.element_ty)
+    q_s, q_exp = scaled_queries(q, index, weight, b, head, sample, sample_ok, dims, dim_ok, NQ, S, T, D,
+                                k.dtype.element_ty)
 
     row_max = tl.full((BLOCK_S,), float("-inf"), dtype=tl.float32)
     row_sum = tl.zeros((BLOCK_S,), dtype=tl.float32)
@@ -82,7 +130,8 @@ def _forward_kernel(q, k, v, index, weight, out, lse, H, NQ, N, S, T, D, scale,
     for start in range(0, N, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
         k_block, v_block, _, _ = kv_block(k, v, head, keys, dims, N, D)
-        logits = tl.dot(q_s, tl.trans(k_block), input_precision=PRECISION) * row_scale[:, None]
+        k_op, k_exp = normalized_keys(k_block)
+        logits = scaled_logits(q_s, q_exp, k_op, k_exp, scale_mantissa, scale_exponent, PRECISION)
         logits = tl.where((keys < N)[None, :], logits, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(logits, 1))
         p = tl.exp(logits - new_max[:, None])
@@ -129,7 +178,7 @@ def srs_attention_forward(q, k, v, index, weight, scale):
         return out, lse
     BLOCK_S, BLOCK_N, BLOCK_D = block_sizes(S, N, D)
     grid = (triton.cdiv(S, BLOCK_S), H, B)
-    _forward_kernel[grid](q, k, v, index, weight, out, lse, H, NQ, N, S, T, D, scale, BLOCK_S=BLOCK_S,
+    _forward_kernel[grid](q, k, v, index, weight, out, lse, H, NQ, N, S, T, D, *math.frexp(scale), BLOCK_S=BLOCK_S,
                           BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=dot_precision(q.dtype),
                           **launch_options(BLOCK_D))
     return out, lse

@@ -1,0 +1,39 @@
+// The SRS tapped query (UDI_SPEC: q_s = sum_t w_t q[idx_t]) and its in-range rule, for code compiled by the host C++
+// compiler and by nvcc, as csrc/stratified_sample.h is for the sampler. Every backend follows the rule: a tap outside
+// [0, Nq) is skipped, as if its weight were 0 (the public op checks the taps only with check_taps=True).
+#pragma once
+#include <cstdint>
+
+#include "host_device.h"
+
+namespace udi::srs_attention {
+
+// What the kernels read.
+template <typename scalar_t>
+struct Inputs {
+  const scalar_t* q;      // [B, H, Nq, D]
+  const scalar_t *k, *v;  // [B, H, N, D]
+  const int32_t* index;   // [B, S, T], into the Nq rows of q
+  const float* weight;    // [B, S, T]
+  int64_t H, Nq, N, S, T, D;
+  float scale_mantissa;  // scale = scale_mantissa * 2^scale_exponent (any finite double; the CUDA kernels'
+  int scale_exponent;    // scaled_logit applies the powers of two with ldexpf)
+};
+
+// Whether tap index `idx` names a row of q.
+UDI_HOST_DEVICE bool tap_in_range(int32_t idx, int64_t Nq) { return idx >= 0 && idx < Nq; }
+
+// Element d of q_s = sum_t w_t q[idx_t] of sample `sample` of crop b, head `head` (flat over B and H), in float.
+template <typename scalar_t>
+UDI_HOST_DEVICE float tapped_query(const Inputs<scalar_t>& a, int64_t b, int64_t head, int64_t sample, int d) {
+  const int64_t taps = (b * a.S + sample) * a.T;
+  const scalar_t* q_head = a.q + head * a.Nq * a.D;
+  float acc = 0.f;
+  for (int64_t t = 0; t < a.T; ++t) {
+    const int32_t idx = a.index[taps + t];
+    if (tap_in_range(idx, a.Nq)) acc += a.weight[taps + t] * static_cast<float>(q_head[idx * a.D + d]);
+  }
+  return acc;
+}
+
+}  // namespace udi::srs_attention
