@@ -208,7 +208,8 @@ def masked_attention_call(x=None, map=None):
     (dict(map=torch.rand(1, 2, 3, 7).to(torch.complex64)), TypeError, "map must be a floating tensor"),
     (dict(map=torch.rand(1, 2, 3, 7, device="meta")), ValueError, "map must be on cpu, got meta"),
     (dict(x=torch.randn(2, 7, 12).tolist()), TypeError, "x must be a torch.Tensor, got list"),
-    (dict(x=torch.ones(2, 7, 12, dtype=torch.int64)), TypeError, "x must have the dtype of the module's parameters"),
+    (dict(x=torch.ones(2, 7, 12, dtype=torch.int64)), TypeError, "x must be a floating tensor"),
+    (dict(x=torch.randn(2, 7, 12, dtype=torch.float64)), TypeError, "x must have the dtype of the module's parameters"),
     (dict(x=torch.randn(2, 7, 12, device="meta"), map=torch.rand(1, 2, 3, 7, device="meta")), ValueError,
      "x must be on the device of the module's parameters"),
 ])
