@@ -2,6 +2,7 @@
 // compiler and by nvcc, as csrc/stratified_sample.h is for the sampler. Every backend follows the rule: a tap outside
 // [0, Nq) is skipped, as if its weight were 0 (the public op checks the taps only with check_taps=True).
 #pragma once
+#include <cmath>
 #include <cstdint>
 
 #include "host_device.h"
@@ -34,6 +35,26 @@ UDI_HOST_DEVICE float tapped_query(const Inputs<scalar_t>& a, int64_t b, int64_t
     if (tap_in_range(idx, a.Nq)) acc += a.weight[taps + t] * static_cast<float>(q_head[idx * a.D + d]);
   }
   return acc;
+}
+
+// e with the largest |row[d]| * 2^-e in [0.5, 1), clamped so that 2^-e is a float (a zero row gives -126).
+UDI_HOST_DEVICE int row_exponent(const float* row, int64_t D) {
+  float top = 0.f;
+  for (int d = 0; d < D; ++d) top = fmaxf(top, fabsf(row[d]));
+  int e = 0;
+  frexpf(top, &e);
+  return e > -126 ? e : -126;
+}
+
+// The logit q_s . k * scale without an intermediate that overflows where the logit is finite: q_s enters the dot
+// scaled by 2^-e_q (elements below 1, exact), scale as its mantissa, and the powers of two come last (ldexpf, exact).
+// Bit for bit (q_s . k) * scale wherever that neither overflows nor underflows.
+template <typename scalar_t>
+UDI_HOST_DEVICE float scaled_logit(const float* q_s, int e_q, const float* k, const Inputs<scalar_t>& a) {
+  const float inv = ldexpf(1.f, -e_q);
+  float sum = 0.f;
+  for (int d = 0; d < a.D; ++d) sum += (q_s[d] * inv) * k[d];
+  return ldexpf(sum * a.scale_mantissa, e_q + a.scale_exponent);
 }
 
 }  // namespace udi::srs_attention

@@ -76,26 +76,6 @@ __device__ float shared_dot(const float* a, const float* b, int64_t D) {
   return sum;
 }
 
-// e with the largest |row[d]| * 2^-e in [0.5, 1), clamped so that 2^-e is a float (a zero row gives -126).
-__device__ int row_exponent(const float* row, int64_t D) {
-  float top = 0.f;
-  for (int d = 0; d < D; ++d) top = fmaxf(top, fabsf(row[d]));
-  int e = 0;
-  frexpf(top, &e);
-  return max(e, -126);
-}
-
-// The logit q_s . k * scale without an intermediate that overflows where the logit is finite: q_s enters the dot
-// scaled by 2^-e_q (elements below 1, exact), scale as its mantissa, and the powers of two come last (ldexpf, exact).
-// Bit for bit (q_s . k) * scale wherever that neither overflows nor underflows.
-template <typename scalar_t>
-__device__ float scaled_logit(const float* q_s, int e_q, const float* k, const Inputs<scalar_t>& a) {
-  const float inv = ldexpf(1.f, -e_q);
-  float sum = 0.f;
-  for (int d = 0; d < a.D; ++d) sum += (q_s[d] * inv) * k[d];
-  return ldexpf(sum * a.scale_mantissa, e_q + a.scale_exponent);
-}
-
 // The kTileKeys keys from `start` of k and v into shared memory, once the block is done with the last tile.
 template <typename scalar_t>
 __device__ void load_kv_tile(const Inputs<scalar_t>& a, int64_t head_offset, int64_t start, int stride, float* k_tile,
