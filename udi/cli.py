@@ -9,6 +9,7 @@ import re
 import shlex
 
 from .digits import TRAIN_DIGITS
+from .distributed import DEFAULT_MASTER_PORT, launch_from_env
 from .flags import (NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, SEED_RANGE, HelpFormatter, float_in, int_in, str2bool,
                     unwritable)
 from .model import DINO_ARCHS, POS_EMBED_RESAMPLING
@@ -51,6 +52,17 @@ RESUMABLE = frozenset({
     "batch_size_per_gpu", "seed", "precision", "optimizer", "saveckp_freq", "num_workers", "final_eval",
     "knn_data_path", "output_dir", "resume_anyway", "dist_url", "local_rank",
     "fuse_last_layer", "grad_checkpointing"})  # the same numbers either way (tests/test_train_fused.py, test_model.py)
+
+
+LAUNCHERS = (
+    "Several processes, on one node or several (README, Multi-node): `torchrun --nnodes N --nproc-per-node G "
+    "--rdzv-backend c10d --rdzv-endpoint HOST:PORT -m udi.train ...` on every node (RANK, WORLD_SIZE, LOCAL_RANK, "
+    "MASTER_ADDR, MASTER_PORT are read), or `srun python -m udi.train ...` without torchrun, one task per GPU "
+    "(SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; MASTER_ADDR: exported, else the first host of SLURM_JOB_NODELIST; "
+    f"MASTER_PORT: exported, else {DEFAULT_MASTER_PORT} + SLURM_JOB_ID % 1000). --batch_size_per_gpu is per "
+    "process; each global rank reads its shard of every global batch and draws its own seed (--seed + rank); rank 0 "
+    "alone prints and writes --output_dir, which every node must see (a shared file system); a checkpoint resumes "
+    "with as many processes as wrote it, on any number of nodes.")
 
 
 def use_fp16(value: str) -> str:
@@ -176,9 +188,10 @@ def add_run_flags(p):
     misc.add_argument("--knn_data_path",
                       help="labelled ImageFolder with train/ and val/ for a final k-NN beside the embedded evaluation")
     misc.add_argument("--dist_url", default="env://", choices=["env://"],
-                      help="DINO's flag; torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR) sets up the processes")
+                      help="DINO's flag; torchrun's or srun's environment sets up the processes (below)")
     misc.add_argument("--local_rank", "--local-rank", default=0, type=int_in(0, 4096),
-                      help="DINO's flag, set by torch.distributed.launch; the LOCAL_RANK variable is what is used")
+                      help="DINO's flag, set by torch.distributed.launch; LOCAL_RANK (torchrun) or SLURM_LOCALID "
+                           "(srun) is what is used")
 
 
 def get_args_parser(preset: str = "demo"):
@@ -193,7 +206,7 @@ def get_args_parser(preset: str = "demo"):
                "the checkpoint's: " + ", ".join(f"--{flag}" for flag in sorted(RESUMABLE))
                + "; the run says which did and writes its arguments to args.resumeNNNN.json beside args.json, "
                "which is never rewritten. Any other flag that differs (data, model, crops, objective) is refused, "
-               "naming it; --resume_anyway true resumes anyway.")
+               "naming it; --resume_anyway true resumes anyway. " + LAUNCHERS)
     p.add_argument("--preset", default=preset, choices=sorted(PRESETS),
                    help="a set of defaults: demo (a tiny ViT on embedded data, minutes on a CPU) or reference "
                         "(ViT-S/16 on ImageNet as in the reference)")
@@ -273,7 +286,8 @@ def check_schedules(parser, args):
 
 
 def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    """The processes of this run (udi.distributed: torchrun's or srun's environment; RunError when inconsistent)."""
+    return launch_from_env().world_size
 
 
 def check_embedded_data(parser, args):

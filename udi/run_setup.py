@@ -15,6 +15,7 @@ from typing import Optional
 
 from .checkpoint import read_checkpoint
 from .cli import RESUMABLE
+from .distributed import check_same_on_every_rank
 from .errors import RunError
 
 PATH_FLAGS = ("data_path", "knn_data_path")
@@ -100,6 +101,15 @@ def open_output(args, loss_key: str, world_size: int, defaults: dict) -> Optiona
     return Resume(path, checkpoint, checkpoint["epoch"], changed)
 
 
+def check_same_output(args, resume: Optional[Resume]):
+    """RunError on every rank unless every rank found the same checkpoint.pth (or none) in output_dir: the ranks of
+    a run on several nodes must see one --output_dir, on a file system they share (rank 0 alone writes it)."""
+    seen = f"checkpoint.pth of {resume.epoch} epoch(s), {resume.checkpoint.get('checksum')}" if resume else \
+        "no checkpoint.pth"
+    check_same_on_every_rank(seen, f"files in --output_dir {args.output_dir}",
+                             "give every node the same --output_dir, on a file system they share")
+
+
 def resume_lines(resume: Resume, args) -> list:
     """What resumes, what changed since the checkpoint, what will run."""
     done = resume.epoch
@@ -143,6 +153,8 @@ def write_args(args, resume: Optional[Resume]) -> Optional[str]:
 
 
 def check_batches(images: int, args, world_size: int, data: str):
+    """RunError unless the data hold a batch of every process and every rank sees as many images."""
+    check_same_on_every_rank(images, f"numbers of images in {data}", "give every node the same data")
     if images < args.batch_size_per_gpu * world_size:
         raise RunError(f"{data} has {images} images: no full batch of --batch_size_per_gpu {args.batch_size_per_gpu}"
                        f" x {world_size} process(es); a smaller --batch_size_per_gpu or more images")

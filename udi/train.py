@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from . import run_setup, utils
+from . import distributed, run_setup, utils
 from .checkpoint import load_states, write_checkpoint
 from .cli import PRESETS, changed_args, get_args_parser, parse_args  # noqa: F401 (udi.train's public names)
 from .data import MultiCropAugmentation, ShardedBatchSampler, collate_multicrop, pretraining_dataset
@@ -68,12 +68,14 @@ def train_udi(args, stop_after_epoch=None, argv=None):
     """Train; `stop_after_epoch` ends the run early (after that epoch's checkpoint), as a preemption would. Nothing
     is written before the output folder and the data are checked (udi.run_setup); argv: the command line, for the
     resume command printed on Ctrl-C."""
-    rank, world_size, device = utils.init_distributed()
-    utils.fix_random_seeds(args.seed)
+    rank, world_size, device = distributed.init_distributed()
+    utils.fix_random_seeds(args.seed)  # the same initialisation on every rank
     defaults = vars(get_args_parser(args.preset).parse_args([]))
     resume = run_setup.open_output(args, step_class(args).loss_state_key, world_size, defaults)
+    run_setup.check_same_output(args, resume)
     dataset, sampler, loader = build_data(args, rank, world_size, device)
     step = build_step(args, device, world_size)
+    utils.fix_random_seeds(args.seed, rank)  # each rank its own stream from here (a resumed run: the checkpoint's)
     dtype = precision_dtype(args, device)
     optimizer = torch.optim.AdamW(utils.param_groups(step.student), fused=True)  # one kernel for all parameters
     run = TrainingRun(args, step, optimizer, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
@@ -110,8 +112,9 @@ def train_epochs(run, loader, sampler, log, stop_after_epoch, argv):
             if stop_after_epoch is not None and epoch >= stop_after_epoch:
                 break
     except (KeyboardInterrupt, RunError) as stop:
-        if utils.is_main_process():
-            print("\n".join(([] if isinstance(stop, KeyboardInterrupt) else [f"error: {one_line(stop)}"])
+        if utils.is_main_process() or isinstance(stop, RunError):  # an unreadable image: the rank that read it
+            where = f"rank {run.rank}: " if run.world_size > 1 else ""
+            print("\n".join(([] if isinstance(stop, KeyboardInterrupt) else [f"error: {where}{one_line(stop)}"])
                             + run_setup.interrupted_lines(args, saved, argv)), file=sys.stderr, flush=True)
         raise SystemExit(130 if isinstance(stop, KeyboardInterrupt) else 1) from None
     if utils.is_main_process() and len(log) > start_epoch:
@@ -241,8 +244,8 @@ def save_checkpoint(run: TrainingRun, epoch: int, log: list):
 def main(argv=None):
     """The command line: a RunError (data, checkpoint, output folder) is one line on stderr and exit status 1."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
     try:
+        args = parse_args(argv)  # a RunError here: the environment of torchrun or srun (udi.distributed)
         student, teacher = train_udi(args, argv=argv)
         if args.final_eval and utils.is_main_process():
             final_report(args, teacher, next(teacher.parameters()).device)

@@ -20,27 +20,14 @@ def cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epoch
     return np.concatenate([warmup, cosine])
 
 
-def init_distributed(backend=None):
-    """torchrun (RANK / WORLD_SIZE / LOCAL_RANK in the environment) -> a process group; otherwise one process.
-
-    Returns (rank, world_size, device).
-    """
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        use_cuda = torch.cuda.is_available()
-        if use_cuda:
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend or ("nccl" if use_cuda else "gloo"))
-        device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-        return dist.get_rank(), dist.get_world_size(), device
-    return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def is_main_process() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-def fix_random_seeds(seed: int):
+def fix_random_seeds(seed: int, rank: int = 0):
+    """Python's, numpy's and torch's generators seeded with (seed + rank) mod 2**32: rank r of a run draws its own
+    stream (stochastic depth), as DINOv2's seed + rank."""
+    seed = (seed + rank) % 2 ** 32
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
