@@ -137,7 +137,8 @@ class UDILoss(nn.Module):
     2L·L_local)/(2 + 2L) (udi_pair_tables); L_patch is Σ_valid CE / #valid samples on this rank (0 when none).
     cls_plus_target: 'logits' (the reference: blend logits, α = 0.5) or 'probabilities' (the paper: the same blend of
     the centered softmaxes; needs UDITeacher; the cls+ center still follows the logit blend). Centers:
-    udi_kernels.losses.centering (exact global means; an empty batch leaves them unchanged). The teacher is detached:
+    udi_kernels.losses.centering (exact global means; an empty batch leaves them unchanged; inside
+    defer_center_updates, gradient accumulation, one EMA step at the context's end from the rows of all its calls). The teacher is detached:
     its fields and teacher_weight get no gradient, whether they carry a graph or not. float64 inputs (the loss moved
     with .double()) give float64-accurate losses, gradients and centers.
     """
