@@ -14,7 +14,7 @@ import os
 from typing import Optional
 
 from .checkpoint import read_checkpoint
-from .cli import RESUMABLE
+from .cli import RESUMABLE, accumulation_text
 from .errors import RunError
 
 PATH_FLAGS = ("data_path", "knn_data_path")
@@ -143,9 +143,11 @@ def write_args(args, resume: Optional[Resume]) -> Optional[str]:
 
 
 def check_batches(images: int, args, world_size: int, data: str):
-    if images < args.batch_size_per_gpu * world_size:
+    """RunError naming the flags when the data give no full optimizer step (batch x processes x accum_iter)."""
+    if images < args.batch_size_per_gpu * world_size * args.accum_iter:
         raise RunError(f"{data} has {images} images: no full batch of --batch_size_per_gpu {args.batch_size_per_gpu}"
-                       f" x {world_size} process(es); a smaller --batch_size_per_gpu or more images")
+                       f" x {world_size} process(es){accumulation_text(args)}; a smaller --batch_size_per_gpu"
+                       f"{' or --accum_iter' if args.accum_iter > 1 else ''} or more images")
 
 
 def interrupted_lines(args, epochs_done: int, argv) -> list:

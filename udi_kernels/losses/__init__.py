@@ -25,5 +25,6 @@ from .udi import UDILoss, UDIPairTables, blend_cls_plus, blend_into, cls_plus_ta
 __all__ = ["DINOLoss", "EMACenter", "IBOTPatchLoss", "PairTable", "ScoredPairs", "UDILoss", "UDIPairTables",
            "UDIStudent", "UDITargets", "UDITeacher", "all_reduce_sum", "blend_cls_plus", "blend_into",
            "cls_plus_targets", "crop_mean_table", "crop_pair_table", "crop_pairs", "cross_entropy",
-           "defer_center_updates", "distributed", "identity_table", "masked_mean", "sinkhorn_knopp_center", "teacher_entropies", "teacher_temperature",
+           "defer_center_updates", "distributed", "identity_table", "masked_mean", "sinkhorn_knopp_center",
+           "teacher_entropies", "teacher_temperature",
            "udi_pair_tables", "update_centers"]

@@ -27,7 +27,8 @@ class DINOLoss(nn.Module):
     [2·B, K] logits. The center (buffer `center` [1, K], state-dict key `center` as in DINO's main_dino.py, so a DINO
     checkpoint's `dino_loss` entry loads strictly; an EMACenter, `centering_ema`) is updated after the loss from the
     exact global mean of the teacher rows, or, inside udi_kernels.losses.defer_center_updates (gradient accumulation),
-    once at the context's end from the rows of all its calls. centering='sinkhorn_knopp' uses DINOv2's Sinkhorn-Knopp targets instead (and leaves `center` alone).
+    once at the context's end from the rows of all its calls. centering='sinkhorn_knopp' uses DINOv2's
+    Sinkhorn-Knopp targets instead (and leaves `center` alone).
     The teacher is detached (no gradient reaches teacher_output or teacher_weight). float64 logits (with the loss
     moved to float64, `.double()`) give float64-accurate losses, gradients and centers (EMA and Sinkhorn-Knopp).
     """

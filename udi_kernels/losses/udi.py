@@ -138,9 +138,9 @@ class UDILoss(nn.Module):
     cls_plus_target: 'logits' (the reference: blend logits, α = 0.5) or 'probabilities' (the paper: the same blend of
     the centered softmaxes; needs UDITeacher; the cls+ center still follows the logit blend). Centers:
     udi_kernels.losses.centering (exact global means; an empty batch leaves them unchanged; inside
-    defer_center_updates, gradient accumulation, one EMA step at the context's end from the rows of all its calls). The teacher is detached:
-    its fields and teacher_weight get no gradient, whether they carry a graph or not. float64 inputs (the loss moved
-    with .double()) give float64-accurate losses, gradients and centers.
+    defer_center_updates, gradient accumulation, one EMA step at the context's end from the rows of all its calls).
+    The teacher is detached: its fields and teacher_weight get no gradient, whether they carry a graph or not. float64
+    inputs (the loss moved with .double()) give float64-accurate losses, gradients and centers.
     """
 
     def __init__(self, out_dim: int, ncrops: int, warmup_teacher_temp: float = 0.04, teacher_temp: float = 0.07,
