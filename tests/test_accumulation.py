@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 
-from test_train import NO_HEAD_BATCHNORM, TwoRankPatchLoss, read_log, tiny_args
+from test_train import NO_HEAD_BATCHNORM, read_log, tiny_args
 from test_train_fused import make_run, one_batch
 from udi.step import sample_pairs
 from udi.train import optimizer_steps, train_one_epoch, train_udi
@@ -109,25 +109,34 @@ def test_deferred_centers_take_one_step_from_the_mean_of_all_calls(name):
 
 
 def test_deferred_udi_loss_and_gradients_equal_the_whole_batch():
-    """UDILoss: the mean of the two calls' L_cls and L_cls+ and the summed gradients of the cls rows (each loss / 2)
-    equal the whole batch's; L_patch is normalised by each call's valid samples (as per rank under DDP), so the
-    calls' patch terms weighted by their valid counts give the whole batch's."""
+    """UDILoss: with patch_count the mean valid count of the two calls, the mean of their losses (and of each part)
+    and their summed gradients (each loss / 2) equal the whole batch's; without it each call's L_patch is over its
+    own valid samples, which differs."""
     student, teacher = random_udi_inputs(B, L, K, 4, 3, seed=2)
     full, deferred = UDILoss(K, 2 + L), UDILoss(K, 2 + L)
     loss, parts = full(student, teacher, 1)
-    grad_full = torch.autograd.grad(loss, [student.cls, student.cls_plus])
+    grad_full = torch.autograd.grad(loss, list(student))
+    patch_count = teacher.patch_mask.sum() / 2
     with defer_center_updates(deferred):
-        results = [deferred(*split_inputs(student, teacher, part), 1) for part in (0, 1)]
-    for key in ("cls", "cls_plus"):
+        results = [deferred(*split_inputs(student, teacher, part), 1, patch_count=patch_count) for part in (0, 1)]
+    torch.testing.assert_close((results[0][0] + results[1][0]) / 2, loss, **CLOSE)
+    for key in parts:
         torch.testing.assert_close((results[0][1][key] + results[1][1][key]) / 2, parts[key], **CLOSE)
-    counts = [half(teacher.patch_mask, 2, part).sum() for part in (0, 1)]
-    patch = sum(r[1]["patch"] * c for r, c in zip(results, counts)) / teacher.patch_mask.sum()
-    torch.testing.assert_close(patch, parts["patch"], **CLOSE)
-    grad_halves = torch.autograd.grad(sum(r[0] / 2 for r in results), [student.cls, student.cls_plus])
-    for got, expected in zip(grad_halves, grad_full):  # the patch term has no gradient on the cls rows
+    grad_halves = torch.autograd.grad(sum(r[0] / 2 for r in results), list(student))
+    for got, expected in zip(grad_halves, grad_full):
         torch.testing.assert_close(got, expected, **CLOSE)
     for got, expected in zip(centers_of(deferred), centers_of(full)):
         torch.testing.assert_close(got, expected, **CLOSE)
+    own = [deferred(*split_inputs(student, teacher, part), 1)[1]["patch"] for part in (0, 1)]
+    assert not torch.allclose((own[0] + own[1]) / 2, parts["patch"], **CLOSE)  # patch_count matters here
+
+
+@pytest.mark.parametrize("value, error", [(0.0, ValueError), (float("nan"), ValueError), (torch.ones(1), ValueError),
+                                          ("2", TypeError)])
+def test_a_bad_patch_count_is_named(value, error):
+    student, teacher = random_udi_inputs(B, L, K, 4, 3, seed=2)
+    with pytest.raises(error, match="patch_count"):
+        UDILoss(K, 2 + L)(student, teacher, 1, patch_count=value)
 
 
 def test_compat_udi_loss_defers_its_centers():
@@ -160,15 +169,12 @@ def micro_batches(batch, parts: int):
     return [([v.chunk(parts)[i] for v in views], boxes.chunk(parts)[i]) for i in range(parts)]
 
 
-def one_step(tmp_path, objective, accum_iter, monkeypatch):
+def one_step(tmp_path, objective, accum_iter):
     """One optimizer step of train_one_epoch on one_batch's 4 images; returns its logged scalars, the gradients
     the optimizer received and the checkpoint entries after the step."""
     args = tiny_args(tmp_path, *NO_HEAD_BATCHNORM, "--objective", objective, "--accum_iter", str(accum_iter),
                      "--batch_size_per_gpu", str(B // accum_iter))
-    if objective == "udi" and accum_iter == 1:  # L_patch over each half's valid samples, as the micro-batches
-        monkeypatch.setattr("udi.step.UDILoss", TwoRankPatchLoss)
     run = make_run(args, torch.float32)
-    monkeypatch.undo()
     grads, step = {}, run.optimizer.step
 
     def recording_step(*a, **k):
@@ -180,12 +186,12 @@ def one_step(tmp_path, objective, accum_iter, monkeypatch):
 
 
 @pytest.mark.parametrize("objective", ["udi", "dino"])
-def test_accumulated_step_equals_the_whole_batch(tmp_path, objective, monkeypatch):
+def test_accumulated_step_equals_the_whole_batch(tmp_path, objective):
     """Deterministic: no BatchNorm in the head (its statistics are per call), drop_path 0 (tiny_args' demo preset),
     float32, the same initialisation and images. Loss and its logged parts, the teacher entropy, every gradient,
     every center, the student's and the teacher's weights after the step."""
-    stats1, grads1, state1 = one_step(tmp_path / "one", objective, 1, monkeypatch)
-    stats2, grads2, state2 = one_step(tmp_path / "two", objective, 2, monkeypatch)
+    stats1, grads1, state1 = one_step(tmp_path / "one", objective, 1)
+    stats2, grads2, state2 = one_step(tmp_path / "two", objective, 2)
     assert stats2.keys() == stats1.keys()
     # teacher_batch_entropy is the entropy of each micro-batch's mean target, as of each process's under DDP
     for key in stats1.keys() - {"teacher_batch_entropy"}:

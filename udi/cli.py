@@ -126,8 +126,9 @@ def add_optimisation_flags(p):
                         "loss divided by it, DDP's all-reduce, clipping and the GradScaler once per step; the "
                         "schedules, the teacher's EMA and the centers (from the exact mean over all the step's "
                         "batches) advance once per step, the lr scales with batch_size_per_gpu x processes x "
-                        "accum_iter. Memory of one batch, the numbers of a batch accum_iter times larger (L_patch: "
-                        "over each batch's valid samples, as per process under DDP)")
+                        "accum_iter; L_patch over the valid samples of all the step's batches. The numbers of a "
+                        "batch accum_iter times larger (not BatchNorm's statistics, per batch) with the memory of "
+                        "one batch")
     o.add_argument("--epochs", default=100, type=int_in(1, 100_000), help="training epochs")
     o.add_argument("--freeze_last_layer", default=1, type=EPOCHS,
                    help="epochs during which the head's last layer is not updated")

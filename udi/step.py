@@ -63,17 +63,24 @@ class TrainingStep:
         self.loss = self.build_loss(args).to(device)
 
     def __call__(self, views: list, boxes: Tensor, epoch: int, seed: int, rank: int = 0,
-                 on_phase: Callable[[], None] = lambda: None, micro_batch: int = 0):
+                 on_phase: Callable[[], None] = lambda: None, micro_batch: int = 0, **loss_options):
         """views: 2 + L crops [B, 3, s, s] (udi.data.collate_multicrop, on the device), boxes [B, 2 + L, 4];
         seed: the optimizer step's (udi.utils.step_seed), rank: this process's, micro_batch: the index of this batch
-        among the step's --accum_iter micro-batches -> (loss, scalars: dict of 0-d tensors, the loss, its parts and
-        the teacher entropies). on_phase() runs after the teacher and after the student (a timer)."""
+        among the step's --accum_iter micro-batches, loss_options: the loss's keywords of the whole step
+        (accumulation_options) -> (loss, scalars: dict of 0-d tensors, the loss, its parts and the teacher
+        entropies). on_phase() runs after the teacher and after the student (a timer)."""
         global_crops, local_crops = stack_crops(views)
         outputs, targets = self.outputs(global_crops, local_crops, boxes, seed, rank, on_phase, micro_batch)
         (outputs, weight), (targets, teacher_weight) = split_last_layer(outputs), split_last_layer(targets)
         entropies = self.loss.teacher_entropies(targets, epoch, teacher_weight=teacher_weight)
-        loss, parts = self.loss_and_parts(outputs, targets, epoch, weight=weight, teacher_weight=teacher_weight)
+        loss, parts = self.loss_and_parts(outputs, targets, epoch, weight=weight, teacher_weight=teacher_weight,
+                                          **loss_options)
         return loss, {"loss": loss, **parts, **entropies}
+
+    def accumulation_options(self, boxes: list, seed: int, rank: int) -> dict:
+        """The loss's keywords that gradient accumulation needs, from the boxes of all the optimizer step's
+        micro-batches (on the device): none for a loss that is a mean over equal shares of the images."""
+        return {}
 
     @torch.no_grad()
     def update_teacher(self, momentum: float):
@@ -156,8 +163,16 @@ class UDIStep(TrainingStep):
         on_phase()
         return outputs, targets
 
-    def loss_and_parts(self, outputs, targets, epoch, **last_layers):
-        return self.loss(outputs, targets, epoch, **last_layers)
+    def accumulation_options(self, boxes: list, seed: int, rank: int) -> dict:
+        """patch_count: the mean over the micro-batches of their valid global samples on this rank (from their SRS
+        draws, as the step's outputs draw them), so that the micro-batches' L_patch average to Σ_valid CE /
+        #valid samples of the rank's whole step, as one batch of all their images gives (UDI_SPEC §5)."""
+        counts = [sample_pairs(b, self.args, seed, rank, m, self.world_size).globals.count.sum()
+                  for m, b in enumerate(boxes)]
+        return {"patch_count": (torch.stack(counts).sum() / len(boxes)).clamp_min(1 / len(boxes))}
+
+    def loss_and_parts(self, outputs, targets, epoch, **options):
+        return self.loss(outputs, targets, epoch, **options)
 
     @staticmethod
     def loss_text(stats: dict) -> str:

@@ -224,21 +224,25 @@ def accumulate_gradients(run: TrainingRun, micro_batches, epoch: int, it: int):
     the gradients are all-reduced once, in the last backward (student_ddp.no_sync before); the centers take one
     EMA step from the exact mean over all micro-batches and ranks (udi_kernels.losses.defer_center_updates), every
     micro-batch's teacher targets using the centers from before the step. Every micro-batch draws its SRS pairs
-    with the step's seed, as its images sit in the step's batch (udi.step.sample_pairs). L_patch is normalised by
-    the valid samples of each micro-batch, as UDI_SPEC §5 normalises it per rank under DDP. Returns the loss and
-    the logged scalars, means over the micro-batches (float32, detached)."""
+    with the step's seed, as its images sit in the step's batch (udi.step.sample_pairs), and L_patch is normalised
+    by the valid samples of all the step's micro-batches on this rank (TrainingStep.accumulation_options), as one
+    batch of their images would be. Returns the loss and the logged scalars, means over the micro-batches
+    (float32, detached; teacher_batch_entropy the mean of the micro-batches' own, as per process under DDP)."""
     args, device, dtype = run.args, run.device, run.dtype
     seed, sums = utils.step_seed(args.seed, it), {}
+    batches = [(views, boxes.to(device)) for views, boxes in micro_batches]
+    options = {} if args.accum_iter == 1 else run.step.accumulation_options([b for _, b in batches], seed, run.rank)
     run.optimizer.zero_grad(set_to_none=True)
     deferred = defer_center_updates(run.step.loss) if args.accum_iter > 1 else contextlib.nullcontext()
     with deferred:
-        for micro_batch, (views, boxes) in enumerate(micro_batches):
+        for micro_batch, (views, boxes) in enumerate(batches):
             last = micro_batch == args.accum_iter - 1
             sync = contextlib.nullcontext() if last or run.world_size == 1 else run.step.student_ddp.no_sync()
             views = [v.to(device, non_blocking=True) for v in views]
             with sync:
                 with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                    loss, scalars = run.step(views, boxes.to(device), epoch, seed, run.rank, micro_batch=micro_batch)
+                    loss, scalars = run.step(views, boxes, epoch, seed, run.rank, micro_batch=micro_batch,
+                                             **options)
                 run.scaler.scale(loss / args.accum_iter).backward()
             for k, v in scalars.items():
                 sums[k] = sums.get(k, 0) + v.detach().float() / args.accum_iter
