@@ -8,13 +8,17 @@ the training step's gradients and weights rtol 1e-4, atol 1e-5, as tests/test_tr
 another order through a ViT).
 """
 import copy
+import json
+import os
 
 import pytest
 import torch
+import torch.multiprocessing as mp
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-from test_train import NO_HEAD_BATCHNORM, read_log, tiny_args
+from test_train import NO_HEAD_BATCHNORM, _free_port, read_log, tiny_args
 from test_train_fused import make_run, one_batch
-from udi.step import sample_pairs
+from udi.step import TrainingStep, sample_pairs
 from udi.train import optimizer_steps, train_one_epoch, train_udi
 from udi_kernels.compat import lightly as compat_lightly
 from udi_kernels.compat import udi_loss as compat_udi
@@ -278,3 +282,49 @@ def test_a_run_with_accum_iter_trains_and_resumes_exactly(tmp_path, capsys):
         assert torch.equal(a, b)
     checkpoint = torch.load(straight / "checkpoint.pth", weights_only=False)
     assert checkpoint["args"]["accum_iter"] == 2 and checkpoint["optimizer"]["state"][0]["step"] == 8
+
+
+# ---- DDP: one all-reduce per optimizer step ------------------------------------------------------------------------
+
+def _ddp_accumulating_worker(rank, world_size, port, output_dir):
+    """A DINO run of 2 processes x 2 micro-batches of 2 images, recording each DDP all-reduce's bucket index."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    buckets, build = [], TrainingStep.__init__
+
+    def init(self, *args, **kwargs):
+        build(self, *args, **kwargs)
+
+        def counting_hook(state, bucket):
+            buckets.append(bucket.index())
+            return default_hooks.allreduce_hook(state, bucket)
+        self.student_ddp.register_comm_hook(None, counting_hook)
+    TrainingStep.__init__ = init
+    train_udi(tiny_args(output_dir, *NO_HEAD_BATCHNORM, "--objective", "dino", "--batch_size_per_gpu", "2",
+                        "--accum_iter", "2", "--epochs", "1"))
+    torch.distributed.destroy_process_group()
+    with open(os.path.join(output_dir, f"buckets{rank}.json"), "w") as f:
+        json.dump(buckets, f)
+
+
+def test_two_processes_accumulating_equal_one_process_with_the_whole_batch(tmp_path):
+    """2 processes x --accum_iter 2 x 2 images equal 1 process x 8 images (the DINO objective, one optimizer step;
+    tolerances as tests/test_train.py's DDP test), and DDP all-reduces the gradients once, in the last
+    micro-batch's backward (no_sync before)."""
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    train_udi(tiny_args(single, *NO_HEAD_BATCHNORM, "--objective", "dino", "--batch_size_per_gpu", "8",
+                        "--epochs", "1"))
+    mp.spawn(_ddp_accumulating_worker, args=(2, _free_port(), str(ddp)), nprocs=2, join=True)
+    one, two = (torch.load(d / "checkpoint.pth", weights_only=False) for d in (single, ddp))
+    for key in ("student", "teacher", "dino_loss"):
+        for name, value in one[key].items():
+            other = two[key][name]
+            if name.endswith("qkv.bias"):  # the key bias: zero gradient, AdamW's step of rounding noise
+                C = value.shape[0] // 3
+                value, other = torch.cat([value[:C], value[2 * C:]]), torch.cat([other[:C], other[2 * C:]])
+            torch.testing.assert_close(other, value, rtol=1e-4, atol=1e-5, msg=f"{key}.{name}")
+    assert read_log(single)[0]["train_loss"] == pytest.approx(read_log(ddp)[0]["train_loss"], rel=1e-5)
+    for rank in range(2):
+        with open(ddp / f"buckets{rank}.json") as f:
+            assert json.load(f).count(0) == 1  # bucket 0 reduced once: one synced backward in the step
