@@ -148,8 +148,11 @@ def test_compat_udi_loss_defers_its_centers():
     loss = compat_udi.UDILoss(2, K, [0.04] * 3)
     assert isinstance(loss.centering, EMACenter)
     assert set(loss.state_dict()) == {"centering.center", "centering.count"}
-    assert set(DINOLoss(K, 2 + L, 0.04, 0.07, 2, 10).state_dict()) == {"center"}
-    assert compat_lightly.DINOLoss(K).state_dict()["center"].shape == (1, 1, K)
+    for loss, shape in ((DINOLoss(K, 2 + L, 0.04, 0.07, 2, 10), (1, K)), (compat_lightly.DINOLoss(K), (1, 1, K))):
+        saved = {"center": torch.randn(shape)}  # DINO's main_dino.py's / lightly's key
+        loss.load_state_dict(saved)  # strict
+        assert torch.equal(loss.center, saved["center"]) and list(loss.state_dict()) == ["center"]
+        assert torch.equal(loss.state_dict()["center"], saved["center"])
 
 
 def test_an_exception_inside_the_context_discards_the_statistics_and_nesting_is_refused():
