@@ -50,7 +50,7 @@ RESUMABLE = frozenset({
     "preset", "epochs", "lr", "min_lr", "warmup_epochs", "weight_decay", "weight_decay_end", "clip_grad",
     "freeze_last_layer", "momentum_teacher", "warmup_teacher_temp", "teacher_temp", "warmup_teacher_temp_epochs",
     "batch_size_per_gpu", "seed", "precision", "optimizer", "saveckp_freq", "num_workers", "final_eval",
-    "knn_data_path", "output_dir", "resume_anyway", "dist_url", "local_rank",
+    "knn_data_path", "output_dir", "resume_anyway", "dist_url", "local_rank", "accum_iter",
     "fuse_last_layer", "grad_checkpointing"})  # the same numbers either way (tests/test_train_fused.py, test_model.py)
 
 
@@ -133,6 +133,14 @@ def add_optimisation_flags(p):
     o.add_argument("--clip_grad", default=3.0, type=NON_NEGATIVE_FLOAT,
                    help="per-parameter gradient norm clip; 0 disables")
     o.add_argument("--batch_size_per_gpu", default=64, type=SIZE, help="images per process (per GPU)")
+    o.add_argument("--accum_iter", default=1, type=int_in(1, 4096),
+                   help="gradient accumulation (MAE's / DeiT's flag): an optimizer step per this many batches, each "
+                        "loss divided by it, DDP's all-reduce, clipping and the GradScaler once per step; the "
+                        "schedules, the teacher's EMA and the centers (from the exact mean over all the step's "
+                        "batches) advance once per step, the lr scales with batch_size_per_gpu x processes x "
+                        "accum_iter; L_patch over the valid samples of all the step's batches. The numbers of a "
+                        "batch accum_iter times larger (not BatchNorm's statistics, per batch) with the memory of "
+                        "one batch")
     o.add_argument("--epochs", default=100, type=int_in(1, 100_000), help="training epochs")
     o.add_argument("--freeze_last_layer", default=1, type=EPOCHS,
                    help="epochs during which the head's last layer is not updated")
@@ -303,9 +311,14 @@ def check_embedded_data(parser, args):
                      f"{args.global_crop_size} px would hold {count * per_image / 2 ** 30:.1f} GiB in memory; at "
                      f"most {EMBEDDED_MEMORY_LIMIT // per_image} images (train on more from an ImageFolder: "
                      "--data_path)")
-    if count < args.batch_size_per_gpu * world_size():
+    if count < args.batch_size_per_gpu * world_size() * args.accum_iter:
         parser.error(f"--embedded_images {count} give no full batch of --batch_size_per_gpu "
-                     f"{args.batch_size_per_gpu} x {world_size()} process(es)")
+                     f"{args.batch_size_per_gpu} x {world_size()} process(es){accumulation_text(args)}")
+
+
+def accumulation_text(args) -> str:
+    """What --accum_iter adds to a batch's size in a message."""
+    return f" x --accum_iter {args.accum_iter} (one optimizer step)" if args.accum_iter > 1 else ""
 
 
 def check_paths(parser, args):

@@ -14,7 +14,7 @@ import os
 from typing import Optional
 
 from .checkpoint import read_checkpoint
-from .cli import RESUMABLE
+from .cli import RESUMABLE, accumulation_text
 from .distributed import check_same_on_every_rank
 from .errors import RunError
 
@@ -153,11 +153,13 @@ def write_args(args, resume: Optional[Resume]) -> Optional[str]:
 
 
 def check_batches(images: int, args, world_size: int, data: str):
-    """RunError unless the data hold a batch of every process and every rank sees as many images."""
+    """RunError unless every rank sees as many images and the data give a full optimizer step (batch x processes
+    x accum_iter), naming the flags."""
     check_same_on_every_rank(images, f"numbers of images in {data}", "give every node the same data")
-    if images < args.batch_size_per_gpu * world_size:
+    if images < args.batch_size_per_gpu * world_size * args.accum_iter:
         raise RunError(f"{data} has {images} images: no full batch of --batch_size_per_gpu {args.batch_size_per_gpu}"
-                       f" x {world_size} process(es); a smaller --batch_size_per_gpu or more images")
+                       f" x {world_size} process(es){accumulation_text(args)}; a smaller --batch_size_per_gpu"
+                       f"{' or --accum_iter' if args.accum_iter > 1 else ''} or more images")
 
 
 def interrupted_lines(args, epochs_done: int, argv) -> list:

@@ -59,19 +59,28 @@ class TrainingStep:
         if world_size > 1 and device.type == "cuda" and args.use_bn_in_head:  # as DINO: one batch across the GPUs
             self.student, self.teacher = map(torch.nn.SyncBatchNorm.convert_sync_batchnorm, (self.student, self.teacher))
         self.student_ddp = torch.nn.parallel.DistributedDataParallel(self.student) if world_size > 1 else self.student
+        self.world_size = world_size
         self.loss = self.build_loss(args).to(device)
 
     def __call__(self, views: list, boxes: Tensor, epoch: int, seed: int, rank: int = 0,
-                 on_phase: Callable[[], None] = lambda: None):
+                 on_phase: Callable[[], None] = lambda: None, micro_batch: int = 0, **loss_options):
         """views: 2 + L crops [B, 3, s, s] (udi.data.collate_multicrop, on the device), boxes [B, 2 + L, 4];
-        seed: the step's (udi.utils.step_seed), rank: this process's -> (loss, scalars: dict of 0-d tensors, the loss,
-        its parts and the teacher entropies). on_phase() runs after the teacher and after the student (a timer)."""
+        seed: the optimizer step's (udi.utils.step_seed), rank: this process's, micro_batch: the index of this batch
+        among the step's --accum_iter micro-batches, loss_options: the loss's keywords of the whole step
+        (accumulation_options) -> (loss, scalars: dict of 0-d tensors, the loss, its parts and the teacher
+        entropies). on_phase() runs after the teacher and after the student (a timer)."""
         global_crops, local_crops = stack_crops(views)
-        outputs, targets = self.outputs(global_crops, local_crops, boxes, seed, rank, on_phase)
+        outputs, targets = self.outputs(global_crops, local_crops, boxes, seed, rank, on_phase, micro_batch)
         (outputs, weight), (targets, teacher_weight) = split_last_layer(outputs), split_last_layer(targets)
         entropies = self.loss.teacher_entropies(targets, epoch, teacher_weight=teacher_weight)
-        loss, parts = self.loss_and_parts(outputs, targets, epoch, weight=weight, teacher_weight=teacher_weight)
+        loss, parts = self.loss_and_parts(outputs, targets, epoch, weight=weight, teacher_weight=teacher_weight,
+                                          **loss_options)
         return loss, {"loss": loss, **parts, **entropies}
+
+    def accumulation_options(self, boxes: list, seed: int, rank: int) -> dict:
+        """The loss's keywords that gradient accumulation needs, from the boxes of all the optimizer step's
+        micro-batches (on the device): none for a loss that is a mean over equal shares of the images."""
+        return {}
 
     @torch.no_grad()
     def update_teacher(self, momentum: float):
@@ -111,14 +120,17 @@ def seen_boxes(boxes: Tensor, args) -> Tensor:
     return torch.cat([start, torch.where(factor == 1, end, start + (end - start) * factor)], -1)
 
 
-def sample_pairs(boxes: Tensor, args, seed: int, rank: int = 0) -> SampledPairs:
-    """This rank's rows of the global batch's draw (every rank holds the same number of images): image b of
-    rank r draws as global image r * B + b, so DDP samples as one process would, without gathering boxes."""
+def sample_pairs(boxes: Tensor, args, seed: int, rank: int = 0, micro_batch: int = 0,
+                 world_size: int = 1) -> SampledPairs:
+    """This rank's rows of the optimizer step's draw (every rank holds the same number of images): image b of
+    micro-batch m (of --accum_iter) on rank r draws as image (m * world_size + r) * B + b of the step's global
+    batch, where udi.data.ShardedBatchSampler puts it, so DDP and gradient accumulation sample as one process
+    with the whole batch would, without gathering boxes."""
     return stratified_sample(seen_boxes(boxes, args), global_grid=args.global_crop_size // args.patch_size,
                              global_window=args.global_window,
                              local_grid=args.local_crop_size // args.patch_size, local_window=args.local_window,
                              target_grid=args.global_crop_size // args.patch_size, seed=seed,
-                             image_offset=rank * boxes.shape[0])
+                             image_offset=(micro_batch * world_size + rank) * boxes.shape[0])
 
 
 @torch.no_grad()
@@ -143,16 +155,24 @@ class UDIStep(TrainingStep):
         return UDILoss(args.out_dim, 2 + args.local_crops_number, args.warmup_teacher_temp, args.teacher_temp,
                        args.warmup_teacher_temp_epochs, args.epochs, alpha=args.alpha)
 
-    def outputs(self, global_crops, local_crops, boxes, seed, rank, on_phase):
-        pairs = sample_pairs(boxes, self.args, seed, rank)
+    def outputs(self, global_crops, local_crops, boxes, seed, rank, on_phase, micro_batch=0):
+        pairs = sample_pairs(boxes, self.args, seed, rank, micro_batch, self.world_size)
         targets = udi_teacher_targets(self.teacher, global_crops, pairs, self.loss.alpha)
         on_phase()
         outputs = self.student_ddp(global_crops, local_crops, student_taps(pairs))
         on_phase()
         return outputs, targets
 
-    def loss_and_parts(self, outputs, targets, epoch, **last_layers):
-        return self.loss(outputs, targets, epoch, **last_layers)
+    def accumulation_options(self, boxes: list, seed: int, rank: int) -> dict:
+        """patch_count: the mean over the micro-batches of their valid global samples on this rank (from their SRS
+        draws, as the step's outputs draw them), so that the micro-batches' L_patch average to Σ_valid CE /
+        #valid samples of the rank's whole step, as one batch of all their images gives (UDI_SPEC §5)."""
+        counts = [sample_pairs(b, self.args, seed, rank, m, self.world_size).globals.count.sum()
+                  for m, b in enumerate(boxes)]
+        return {"patch_count": (torch.stack(counts).sum() / len(boxes)).clamp_min(1 / len(boxes))}
+
+    def loss_and_parts(self, outputs, targets, epoch, **options):
+        return self.loss(outputs, targets, epoch, **options)
 
     @staticmethod
     def loss_text(stats: dict) -> str:
@@ -169,7 +189,7 @@ class DINOStep(TrainingStep):
         return DINOLoss(args.out_dim, 2 + args.local_crops_number, args.warmup_teacher_temp, args.teacher_temp,
                         args.warmup_teacher_temp_epochs, args.epochs)
 
-    def outputs(self, global_crops, local_crops, boxes, seed, rank, on_phase):
+    def outputs(self, global_crops, local_crops, boxes, seed, rank, on_phase, micro_batch=0):
         targets = self.teacher.teacher_targets(global_crops)
         on_phase()
         outputs = self.student_ddp(global_crops, local_crops)

@@ -5,7 +5,9 @@ objective's step, udi.step's; the flags and their checks are udi.cli's, the chec
 data before a run starts udi.run_setup's, the checkpoint file udi.checkpoint's, the final evaluation
 udi.final_report's."""
 import argparse
+import contextlib
 import dataclasses
+import itertools
 import math
 import os
 import sys
@@ -15,6 +17,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
+from udi_kernels.losses import defer_center_updates
 
 from . import distributed, run_setup, utils
 from .checkpoint import load_states, write_checkpoint
@@ -46,11 +49,18 @@ def build_data(args, rank, world_size, device):
     return dataset, sampler, loader
 
 
+def optimizer_steps(loader, args) -> int:
+    """Optimizer steps per epoch: the loader's batches in full groups of --accum_iter micro-batches (the rest of an
+    epoch's batches is dropped)."""
+    return len(loader) // args.accum_iter
+
+
 def build_schedules(args, iters, world_size) -> dict:
-    """Per-iteration lr (linear scaling with the total batch, warm-up, cosine), weight decay and momentum."""
+    """Per-optimizer-step lr (linear scaling with the total batch, batch_size_per_gpu x world_size x accum_iter;
+    warm-up, cosine), weight decay and momentum; iters: optimizer steps per epoch."""
     return dict(
-        lr=utils.cosine_scheduler(args.lr * args.batch_size_per_gpu * world_size / 256.0, args.min_lr,
-                                  args.epochs, iters, warmup_epochs=args.warmup_epochs),
+        lr=utils.cosine_scheduler(args.lr * args.batch_size_per_gpu * world_size * args.accum_iter / 256.0,
+                                  args.min_lr, args.epochs, iters, warmup_epochs=args.warmup_epochs),
         wd=utils.cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, iters),
         momentum=utils.cosine_scheduler(args.momentum_teacher, 1.0, args.epochs, iters))
 
@@ -79,12 +89,14 @@ def train_udi(args, stop_after_epoch=None, argv=None):
     dtype = precision_dtype(args, device)
     optimizer = torch.optim.AdamW(utils.param_groups(step.student), fused=True)  # one kernel for all parameters
     run = TrainingRun(args, step, optimizer, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
-                      build_schedules(args, len(loader), world_size), device, dtype, rank, world_size)
+                      build_schedules(args, optimizer_steps(loader, args), world_size), device, dtype, rank,
+                      world_size)
     log = restore(resume, run) if resume else []
     args_path = run_setup.write_args(args, resume) if utils.is_main_process() else None
     utils.restore_log(args.output_dir, log)
     if utils.is_main_process():
-        print(run_summary(args, dataset, len(loader), world_size, device, dtype, resume, args_path), flush=True)
+        print(run_summary(args, dataset, optimizer_steps(loader, args), world_size, device, dtype, resume, args_path),
+              flush=True)
     train_epochs(run, loader, sampler, log, stop_after_epoch, sys.argv[1:] if argv is None else argv)
     return step.student, step.teacher
 
@@ -100,7 +112,7 @@ def train_epochs(run, loader, sampler, log, stop_after_epoch, argv):
             sampler.set_epoch(epoch)  # the epoch travels with the sampler's indices to the data set
             epoch_start = time.time()
             stats = train_one_epoch(run, loader, epoch)
-            speed = throughput(run, len(loader), time.time() - epoch_start)
+            speed = throughput(run, optimizer_steps(loader, args), time.time() - epoch_start)
             record = {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch, **speed}
             log.append(record)
             # checkpoint first, then log.txt: a run killed in between resumes with log.txt rebuilt from the checkpoint
@@ -126,9 +138,10 @@ TIMING_FIELDS = ("images_per_second", "max_memory_allocated_mib")  # log.txt's f
 
 
 def throughput(run, steps: int, seconds: float) -> dict:
-    """An epoch's TIMING_FIELDS: images per second (all processes) and, on CUDA, the peak memory allocated in it
-    (this process, MiB; the peak is reset for the next epoch)."""
-    images = steps * run.args.batch_size_per_gpu * run.world_size
+    """An epoch's TIMING_FIELDS: images per second (all processes, all micro-batches of its `steps` optimizer
+    steps) and, on CUDA, the peak memory allocated in it (this process, MiB; the peak is reset for the next
+    epoch)."""
+    images = steps * step_images(run)
     speed = {"images_per_second": images / max(seconds, 1e-9)}
     if run.device.type == "cuda":
         speed["max_memory_allocated_mib"] = torch.cuda.max_memory_allocated(run.device) / 2 ** 20
@@ -140,9 +153,11 @@ def run_summary(args, dataset, iters, world_size, device, dtype, resume, args_pa
     """What a run is about to do, in a few lines: changed flags, data, device, output files, what resumes."""
     data = args.data_path or f"embedded {args.embedded_data}"
     written = f"  (all arguments: {args_path})" if args_path else ""
+    accumulated = f" x {args.accum_iter} (--accum_iter)" if args.accum_iter > 1 else ""
     lines = [f"udi.train --preset {args.preset} {changed_args(args)}".rstrip() + written,
-             f"data: {data}, {len(dataset)} images; {iters} steps of {args.batch_size_per_gpu} x {world_size} "
-             f"images per epoch; {device.type}, {'fp32' if dtype is None else str(dtype).replace('torch.', '')}",
+             f"data: {data}, {len(dataset)} images; {iters} steps of {args.batch_size_per_gpu} x {world_size}"
+             f"{accumulated} images per epoch; {device.type}, "
+             f"{'fp32' if dtype is None else str(dtype).replace('torch.', '')}",
              f"output: {os.path.abspath(args.output_dir)}: checkpoint.pth after every epoch, log.txt (a JSON line "
              f"per epoch)"]
     for level in ("global", "local"):
@@ -171,49 +186,83 @@ class TrainingRun:
 
 
 def train_one_epoch(run: TrainingRun, loader, epoch: int) -> dict:
-    """One epoch over loader; returns the epoch means of the logged scalars (averaged over the processes)."""
-    args, device, dtype = run.args, run.device, run.dtype
-    totals = {}
-    progress = tqdm(loader, desc=f"epoch [{epoch}/{args.epochs}]", disable=not utils.is_main_process(), leave=False)
-    for it_in_epoch, (views, boxes) in enumerate(progress):
-        it = len(loader) * epoch + it_in_epoch
+    """One epoch over loader, an optimizer step per --accum_iter batches; returns the epoch means of the logged
+    scalars (averaged over the processes)."""
+    args, steps = run.args, optimizer_steps(loader, run.args)
+    totals, batches = {}, iter(loader)
+    progress = tqdm(range(steps), desc=f"epoch [{epoch}/{args.epochs}]", disable=not utils.is_main_process(),
+                    leave=False)
+    for it_in_epoch in progress:
+        it = steps * epoch + it_in_epoch
         set_schedules(run, it)
-        views = [v.to(device, non_blocking=True) for v in views]
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss, scalars = run.step(views, boxes.to(device), epoch, utils.step_seed(args.seed, it), run.rank)
+        loss, scalars = accumulate_gradients(run, itertools.islice(batches, args.accum_iter), epoch, it)
         if not math.isfinite(loss.item()):
             print(f"Loss is {loss.item()}, stopping training", flush=True)
             sys.exit(1)
-        optimizer_step(run, loss, epoch)
+        optimizer_step(run, epoch)
         run.step.update_teacher(run.schedules["momentum"][it])
-        record = dict(zip(scalars, torch.stack([v.detach().float() for v in scalars.values()]).tolist()),
+        record = dict(zip(scalars, torch.stack(list(scalars.values())).tolist()),
                       lr=run.schedules["lr"][it])  # one device sync for all of them
         for k, v in record.items():
             totals[k] = totals.get(k, 0.0) + v
         steps_per_second = progress.format_dict["rate"]
-        images = f"{steps_per_second * args.batch_size_per_gpu * run.world_size:.0f}" if steps_per_second else "-"
+        images = f"{steps_per_second * step_images(run):.0f}" if steps_per_second else "-"
         progress.set_postfix({"loss": f"{record['loss']:.4f}", "img/s": images})
-    means = torch.tensor(list(totals.values()), dtype=torch.float64) / len(loader)
+    means = torch.tensor(list(totals.values()), dtype=torch.float64) / steps
     if run.world_size > 1:
         dist.all_reduce(means)
         means /= run.world_size
     return dict(zip(totals, means.tolist()))
 
 
+def step_images(run: TrainingRun) -> int:
+    """The images of one optimizer step, all processes and micro-batches."""
+    return run.args.batch_size_per_gpu * run.world_size * run.args.accum_iter
+
+
+def accumulate_gradients(run: TrainingRun, micro_batches, epoch: int, it: int):
+    """The forward and backward passes of optimizer step `it` over its --accum_iter micro-batches: each loss divided
+    by accum_iter (through the GradScaler), so that the summed gradients are those of the whole batch; under DDP
+    the gradients are all-reduced once, in the last backward (student_ddp.no_sync before); the centers take one
+    EMA step from the exact mean over all micro-batches and ranks (udi_kernels.losses.defer_center_updates), every
+    micro-batch's teacher targets using the centers from before the step. Every micro-batch draws its SRS pairs
+    with the step's seed, as its images sit in the step's batch (udi.step.sample_pairs), and L_patch is normalised
+    by the valid samples of all the step's micro-batches on this rank (TrainingStep.accumulation_options), as one
+    batch of their images would be. Returns the loss and the logged scalars, means over the micro-batches
+    (float32, detached; teacher_batch_entropy the mean of the micro-batches' own, as per process under DDP)."""
+    args, device, dtype = run.args, run.device, run.dtype
+    seed, sums = utils.step_seed(args.seed, it), {}
+    batches = [(views, boxes.to(device)) for views, boxes in micro_batches]
+    options = {} if args.accum_iter == 1 else run.step.accumulation_options([b for _, b in batches], seed, run.rank)
+    run.optimizer.zero_grad(set_to_none=True)
+    deferred = defer_center_updates(run.step.loss) if args.accum_iter > 1 else contextlib.nullcontext()
+    with deferred:
+        for micro_batch, (views, boxes) in enumerate(batches):
+            last = micro_batch == args.accum_iter - 1
+            sync = contextlib.nullcontext() if last or run.world_size == 1 else run.step.student_ddp.no_sync()
+            views = [v.to(device, non_blocking=True) for v in views]
+            with sync:
+                with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                    loss, scalars = run.step(views, boxes, epoch, seed, run.rank, micro_batch=micro_batch,
+                                             **options)
+                run.scaler.scale(loss / args.accum_iter).backward()
+            for k, v in scalars.items():
+                sums[k] = sums.get(k, 0) + v.detach().float() / args.accum_iter
+    return sums["loss"], sums
+
+
 def set_schedules(run: TrainingRun, it: int):
-    """The learning rate of every parameter group and the weight decay of group 0 at iteration `it`."""
+    """The learning rate of every parameter group and the weight decay of group 0 at optimizer step `it`."""
     for i, group in enumerate(run.optimizer.param_groups):
         group["lr"] = run.schedules["lr"][it]
         if i == 0:
             group["weight_decay"] = run.schedules["wd"][it]
 
 
-def optimizer_step(run: TrainingRun, loss, epoch: int):
-    """Backward through the GradScaler, DINO's per-parameter clipping, the last layer frozen in its first epochs,
-    the optimizer's step."""
+def optimizer_step(run: TrainingRun, epoch: int):
+    """On the accumulated gradients, once per optimizer step: the GradScaler's unscale, DINO's per-parameter
+    clipping, the last layer frozen in its first epochs, the optimizer's step."""
     student, optimizer, scaler = run.step.student, run.optimizer, run.scaler
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
     if run.args.clip_grad:
         scaler.unscale_(optimizer)
         utils.clip_gradients(student, run.args.clip_grad)

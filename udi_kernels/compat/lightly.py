@@ -5,10 +5,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..losses import crop_mean_table, cross_entropy
+from ..losses import EMACenter, crop_mean_table, cross_entropy
+from ..losses.centering import expose_center_key
 from ..checks import check_int, check_tensor
 from ..losses.checks import check_backend, check_device, check_state_device
-from ._fused import check_common_arguments, check_temperature, update_center_buffer
+from ._fused import check_common_arguments, check_temperature
 
 
 class DINOLoss(nn.Module):
@@ -19,7 +20,8 @@ class DINOLoss(nn.Module):
       center_mode: 'mean' only (as lightly; ValueError otherwise).
       center_mean: 'global' (default) the exact mean of the teacher rows over all ranks; 'per_rank' each rank's
           mean averaged over the ranks, as lightly does. The same when every rank has as many rows.
-    State: buffer `center` [1, 1, output_dim] (lightly's state-dict key and shape); `teacher_temp_schedule`
+    State: buffer `center` [1, 1, output_dim] (lightly's state-dict key and shape; an EMACenter, `centering_ema`,
+    which udi_kernels.losses.defer_center_updates defers for gradient accumulation); `teacher_temp_schedule`
     (float32 linspace over the warm-up epochs, not in the state dict).
 
     forward(teacher_out: list of T [B, K] views, student_out: list of S [B, K] views, teacher_temp=None,
@@ -49,11 +51,29 @@ class DINOLoss(nn.Module):
         check_int(warmup_teacher_temp_epochs, "warmup_teacher_temp_epochs", 0)
         check_common_arguments(student_temp, center_momentum, center_mean)
         check_backend(backend)
-        self.teacher_temp, self.student_temp, self.center_momentum = teacher_temp, student_temp, center_momentum
-        self.register_buffer("center", torch.zeros(1, 1, output_dim))
+        self.teacher_temp, self.student_temp = teacher_temp, student_temp
+        self.centering_ema = EMACenter(output_dim, center_momentum, "center_momentum", shape=(1, 1, output_dim),
+                                       mean=center_mean)
+        expose_center_key(self, "centering_ema")
         self.warmup_teacher_temp_epochs = warmup_teacher_temp_epochs
         self.teacher_temp_schedule = torch.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs)
-        self.center_mean, self.backend = center_mean, backend
+        self.backend = backend
+
+    @property
+    def center(self) -> Tensor:
+        return self.centering_ema.center
+
+    @property
+    def center_momentum(self) -> float:
+        return self.centering_ema.momentum
+
+    @center_momentum.setter
+    def center_momentum(self, value: float):
+        self.centering_ema.momentum = value
+
+    @property
+    def center_mean(self) -> str:
+        return self.centering_ema.mean
 
     def teacher_temperature(self, teacher_temp: Optional[float] = None, epoch: Optional[int] = None) -> float:
         """τt as lightly picks it, rounded to float32 as lightly's temperature tensors are."""
@@ -84,7 +104,7 @@ class DINOLoss(nn.Module):
         table = crop_mean_table(pairs, batch, len(student_out), len(teacher_out), student.device)
         out = cross_entropy(student, teacher, self.center.view(1, K), table, self.student_temp,
                             self.teacher_temperature(teacher_temp, epoch), backend=self.backend)
-        update_center_buffer(self, self.center_momentum, out.center_sum, out.center_count[:, None], self.center_mean)
+        self.centering_ema.update(out.center_sum, out.center_count)
         return out.loss
 
     @torch.no_grad()
@@ -95,8 +115,7 @@ class DINOLoss(nn.Module):
             raise ValueError(f"teacher_out must have shape [..., {self.center.shape[-1]}], got "
                              f"{list(teacher_out.shape)}")
         rows = teacher_out.reshape(-1, teacher_out.shape[-1]).to(torch.promote_types(self.center.dtype, torch.float32))
-        update_center_buffer(self, self.center_momentum, rows.sum(0, keepdim=True),
-                             rows.new_full((1, 1), rows.shape[0]), self.center_mean)
+        self.centering_ema.update(rows.sum(0, keepdim=True), rows.new_full((1, 1), rows.shape[0]))
 
 
 def _stack_views(views: Sequence[Tensor], name: str) -> Tensor:

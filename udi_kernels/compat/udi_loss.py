@@ -6,22 +6,27 @@ import torch
 from torch import Tensor, nn
 
 from ..layout import GLOBAL_CROPS, reference_crop_pairs
-from ..losses import blend_cls_plus, crop_mean_table, cross_entropy, identity_table
+from ..losses import EMACenter, blend_cls_plus, crop_mean_table, cross_entropy, identity_table
 from ..checks import check_float, check_int, check_tensor
 from ..losses.checks import check_backend, check_state_device
 from ..ops.distill_cross_entropy import DistillCrossEntropyResult
-from ._fused import check_common_arguments, check_mask_tensor, check_temperature, update_center_buffer
+from ._fused import check_common_arguments, check_mask_tensor, check_temperature
 
 
-class Centering(nn.Module):
-    """The reference's `centering` state: buffers `center` [num_centers, K] (cls, cls+ if any, patch if any) and
-    `count` [num_centers, 1] (never used by the reference either; kept so state dicts load strictly)."""
+class Centering(EMACenter):
+    """The reference's `centering` state, an EMACenter of one center per row: buffers `center` [num_centers, K]
+    (cls, cls+ if any, patch if any) and `count` [num_centers, 1] (never used by the reference either; kept so state
+    dicts load strictly); center_mean 'global' or 'per_rank' as UDILoss's."""
 
-    def __init__(self, num_centers: int, out_dim: int = 65536, center_momentum: float = 0.9):
-        super().__init__()
-        self.num_centers, self.center_momentum = num_centers, center_momentum
-        self.register_buffer("center", torch.zeros(num_centers, out_dim))
+    def __init__(self, num_centers: int, out_dim: int = 65536, center_momentum: float = 0.9,
+                 center_mean: str = "global"):
+        super().__init__(out_dim, center_momentum, "center_momentum", shape=(num_centers, out_dim), mean=center_mean)
+        self.num_centers = num_centers
         self.register_buffer("count", torch.zeros(num_centers, 1))
+
+    @property
+    def center_momentum(self) -> float:
+        return self.momentum
 
 
 class UDILoss(nn.Module):
@@ -49,7 +54,8 @@ class UDILoss(nn.Module):
       total = Σ weights · levels, level = (2·global + 2L·local) / (2 + 2L) for cls and cls+, the patch term for
       patch; parts = [[global cls, global cls+, patch], [local cls, local cls+]] (scalar float32 tensors in the
       graph, logged by index by the reference's training loop).
-    The centers (`centering.center`) are updated after the loss from the raw teacher rows: cls over the 2B
+    The centers (`centering.center`) are updated after the loss (inside udi_kernels.losses.defer_center_updates:
+    once, at the context's end, from the rows of all its calls) from the raw teacher rows: cls over the 2B
     global rows, cls+ over its 2B + 2LB blended targets, patch over every valid sample, global and local.
 
     Checks (before anything runs, TypeError / ValueError naming the argument): the constructor's numbers
@@ -86,8 +92,12 @@ class UDILoss(nn.Module):
             raise ValueError(f"weights must hold one weight per level ({self.num_ctr}), got {weights!r}")
         for i, weight in enumerate(self.weights):
             check_float(weight, f"weights[{i}]")
-        self.centering = Centering(self.num_ctr, dim, center_momentum)
-        self.center_mean, self.backend = center_mean, backend
+        self.centering = Centering(self.num_ctr, dim, center_momentum, center_mean)
+        self.backend = backend
+
+    @property
+    def center_mean(self) -> str:
+        return self.centering.mean
 
     def teacher_temp(self, epoch: int) -> float:
         check_int(epoch, "epoch", 0)
@@ -120,8 +130,7 @@ class UDILoss(nn.Module):
             parts[0].append(patch.loss)
             totals.append(patch.loss)
             stats.append((patch.center_sum + local_sum, patch.center_count + local_count))
-        update_center_buffer(self.centering, self.centering.center_momentum, torch.cat([s for s, _ in stats]),
-                             torch.stack([c.reshape(()) for _, c in stats])[:, None], self.center_mean)
+        self.centering.update(torch.cat([s for s, _ in stats]), torch.stack([c.reshape(()) for _, c in stats]))
         return sum(w * level for w, level in zip(self.weights, totals)), parts
 
     def _cross_entropy(self, student: Tensor, teacher: Tensor, center_row: int, table, tau_t: float,

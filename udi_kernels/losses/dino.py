@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from ..checks import check_float, check_int
 from ..layout import GLOBAL_CROPS, dino_crop_pairs
-from .centering import sinkhorn_knopp_center, update_centers
+from .centering import EMACenter, expose_center_key, sinkhorn_knopp_center
 from .checks import check_backend, check_choice, check_last_layer, check_rows, check_state_device, detached
 from .diagnostics import teacher_entropies
 from .pair_tables import PairTable, crop_mean_table, cross_entropy
@@ -25,8 +25,10 @@ class DINOLoss(nn.Module):
     formed; gradients reach student_output and weight. teacher_weight [K, D] likewise makes teacher_output [2·B, D] the
     teacher's bottleneck rows (it needs weight; None: teacher logits). Sinkhorn-Knopp centering forms the teacher's
     [2·B, K] logits. The center (buffer `center` [1, K], state-dict key `center` as in DINO's main_dino.py, so a DINO
-    checkpoint's `dino_loss` entry loads strictly) is updated after the loss from the exact global mean of the teacher
-    rows. centering='sinkhorn_knopp' uses DINOv2's Sinkhorn-Knopp targets instead (and leaves `center` alone).
+    checkpoint's `dino_loss` entry loads strictly; an EMACenter, `centering_ema`) is updated after the loss from the
+    exact global mean of the teacher rows, or, inside udi_kernels.losses.defer_center_updates (gradient accumulation),
+    once at the context's end from the rows of all its calls. centering='sinkhorn_knopp' uses DINOv2's
+    Sinkhorn-Knopp targets instead (and leaves `center` alone).
     The teacher is detached (no gradient reaches teacher_output or teacher_weight). float64 logits (with the loss
     moved to float64, `.double()`) give float64-accurate losses, gradients and centers (EMA and Sinkhorn-Knopp).
     """
@@ -44,13 +46,20 @@ class DINOLoss(nn.Module):
         self.schedule = check_schedule(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs)
         self.centering, self.backend = centering, backend
         self.sinkhorn_iterations = check_int(sinkhorn_iterations, "sinkhorn_iterations", 1)
-        self.center_momentum = check_float(center_momentum, "center_momentum", 0.0, 1.0)
-        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.centering_ema = EMACenter(out_dim, center_momentum, "center_momentum")
+        expose_center_key(self, "centering_ema")
 
     @property
-    def momentum(self) -> float:
-        """The EMA momentum under the name update_centers reads."""
-        return self.center_momentum
+    def center(self) -> Tensor:
+        return self.centering_ema.center
+
+    @property
+    def center_momentum(self) -> float:
+        return self.centering_ema.momentum
+
+    @center_momentum.setter
+    def center_momentum(self, value: float):
+        self.centering_ema.momentum = value
 
     def teacher_temp(self, epoch: int) -> float:
         return teacher_temperature(epoch, *self.schedule)
@@ -84,7 +93,7 @@ class DINOLoss(nn.Module):
                             self.student_temp, tau_t, weight=weight, teacher_weight=teacher_weight,
                             backend=self.backend)
         if self.centering == "ema":
-            update_centers([self], [out.center_sum], [out.center_count])
+            self.centering_ema.update(out.center_sum, out.center_count)
         return out.loss
 
     def teacher_entropies(self, teacher_output: Tensor, epoch: int, *, teacher_weight: Optional[Tensor] = None):

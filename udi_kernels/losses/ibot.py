@@ -18,11 +18,13 @@ class IBOTPatchLoss(nn.Module):
     forward(student_patch [R, N, K], teacher_patch [R, N, K], mask [R, N] bool, epoch, *, weight=None,
     teacher_weight=None) -> loss, with R the images (all views stacked); student patch n of image r is scored against
     teacher patch n of image r where mask is set. Own center (`center` [1, K], the global mean over all teacher patches)
-    and temperature. With the head's last layer fused in (keywords, UDI_SPEC §10): weight [K, D], the student head's
-    effective last-layer weight (after weight norm), and student_patch [R, N, D] its input rows (the bottleneck), so the
-    logits student_patch @ weight.T are never formed; gradients reach student_patch and weight. teacher_weight [K, D]
-    likewise makes teacher_patch [R, N, D] the teacher's bottleneck rows (it needs weight). The teacher is detached
-    (no gradient reaches teacher_patch or teacher_weight); float64 logits give float64-accurate results.
+    and temperature; inside udi_kernels.losses.defer_center_updates the center moves once, at the context's end, from
+    the patches of all its calls. With the head's last layer fused in (keywords, UDI_SPEC §10): weight [K, D], the
+    student head's effective last-layer weight (after weight norm), and student_patch [R, N, D] its input rows (the
+    bottleneck), so the logits student_patch @ weight.T are never formed; gradients reach student_patch and weight.
+    teacher_weight [K, D] likewise makes teacher_patch [R, N, D] the teacher's bottleneck rows (it needs weight). The
+    teacher is detached (no gradient reaches teacher_patch or teacher_weight); float64 logits give float64-accurate
+    results.
     """
 
     def __init__(self, patch_out_dim: int, warmup_teacher_temp2: float, teacher_temp2: float,

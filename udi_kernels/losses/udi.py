@@ -15,8 +15,8 @@ from torch import Tensor, nn
 from ..checks import check_float, check_int
 from ..layout import GLOBAL_CROPS, UDIStudent, UDITargets, UDITeacher, teacher_rows_by_pair, udi_crop_pairs
 from .centering import EMACenter, update_centers
-from .checks import (check_backend, check_choice, check_last_layer, check_logits, check_mask, check_rows,
-                     check_state_device, detached)
+from .checks import (check_backend, check_choice, check_device, check_last_layer, check_logits, check_mask,
+                     check_rows, check_state_device, detached)
 from .diagnostics import teacher_entropies
 from .pair_tables import PairTable, crop_pair_table, cross_entropy, identity_table, mean_weight
 from .schedule import check_schedule, teacher_temperature
@@ -124,6 +124,16 @@ def udi_pair_tables(num_local: int, batch: int, device: torch.device) -> UDIPair
 
 # ---- the loss ----------------------------------------------------------------------------------------------------
 
+def _check_patch_count(patch_count, device):
+    """None, a finite number > 0 or a 0-d tensor on `device` (its value unchecked: no host sync)."""
+    if isinstance(patch_count, Tensor):
+        if patch_count.dim() != 0:
+            raise ValueError(f"patch_count must be a number or a 0-d tensor, got shape {list(patch_count.shape)}")
+        check_device(patch_count, "patch_count", device)
+    elif patch_count is not None:
+        check_float(patch_count, "patch_count", 0.0, low_open=True)
+
+
 class UDILoss(nn.Module):
     """UDI's loss (UDI_SPEC §5): (L_cls + L_cls+ + L_patch) / 3 with three EMA centers.
 
@@ -134,12 +144,15 @@ class UDILoss(nn.Module):
     formed; gradients reach the rows and weight. teacher_weight [K, D] likewise makes every teacher field the teacher's
     bottleneck rows ([.., D]; UDITargets.extra_patch_sum [D], as cls_plus_targets forms it without last_layer),
     projected chunk by chunk inside the op; it needs weight. L_cls and L_cls+ use the level weighting (2·L_global +
-    2L·L_local)/(2 + 2L) (udi_pair_tables); L_patch is Σ_valid CE / #valid samples on this rank (0 when none).
+    2L·L_local)/(2 + 2L) (udi_pair_tables); L_patch is Σ_valid CE / #valid samples on this rank (0 when none), or
+    Σ_valid CE / patch_count (a number or 0-d tensor > 0: gradient accumulation passes the mean valid count of its
+    micro-batches, so that the mean over the micro-batches is the whole step's L_patch).
     cls_plus_target: 'logits' (the reference: blend logits, α = 0.5) or 'probabilities' (the paper: the same blend of
     the centered softmaxes; needs UDITeacher; the cls+ center still follows the logit blend). Centers:
-    udi_kernels.losses.centering (exact global means; an empty batch leaves them unchanged). The teacher is detached:
-    its fields and teacher_weight get no gradient, whether they carry a graph or not. float64 inputs (the loss moved
-    with .double()) give float64-accurate losses, gradients and centers.
+    udi_kernels.losses.centering (exact global means; an empty batch leaves them unchanged; inside
+    defer_center_updates, gradient accumulation, one EMA step at the context's end from the rows of all its calls).
+    The teacher is detached: its fields and teacher_weight get no gradient, whether they carry a graph or not. float64
+    inputs (the loss moved with .double()) give float64-accurate losses, gradients and centers.
     """
 
     def __init__(self, out_dim: int, ncrops: int, warmup_teacher_temp: float = 0.04, teacher_temp: float = 0.07,
@@ -162,9 +175,11 @@ class UDILoss(nn.Module):
         return teacher_temperature(epoch, *self.schedule)
 
     def forward(self, student: UDIStudent, teacher: Union[UDITeacher, UDITargets], epoch: int, *,
-                weight: Optional[Tensor] = None, teacher_weight: Optional[Tensor] = None):
+                weight: Optional[Tensor] = None, teacher_weight: Optional[Tensor] = None,
+                patch_count: Optional[Union[float, Tensor]] = None):
         tau_t = self.teacher_temp(epoch)
         B = self._check(student, teacher, weight, teacher_weight)
+        _check_patch_count(patch_count, teacher.cls.device)
         teacher, teacher_weight = detached(teacher), detached(teacher_weight)
         last_layers = dict(weight=weight, teacher_weight=teacher_weight)
         targets = teacher if isinstance(teacher, UDITargets) else cls_plus_targets(teacher, self.alpha)
@@ -174,7 +189,7 @@ class UDILoss(nn.Module):
         plus_rows, plus_weight = self._cls_plus_rows(teacher, targets, tau_t)
         cls_plus = cross_entropy(student.cls_plus, plus_rows, self.center_cls_plus.center, tables.cls_plus,
                                  self.student_temp, tau_t, plus_weight, backend=self.backend, **last_layers)
-        patch = self._patch_loss(student, targets, tau_t, **last_layers)
+        patch = self._patch_loss(student, targets, tau_t, patch_count=patch_count, **last_layers)
         if teacher_weight is not None:
             targets = targets._replace(extra_patch_sum=project_sum(targets.extra_patch_sum, teacher_weight))
         self._update_centers(cls, cls_plus, patch, targets, plus_stats_from_op=plus_weight is None)
@@ -212,10 +227,12 @@ class UDILoss(nn.Module):
         mix = torch.cat(mix)
         return mix / mix.sum(-1, keepdim=True)
 
-    def _patch_loss(self, student: UDIStudent, targets: UDITargets, tau_t, weight=None, teacher_weight=None):
+    def _patch_loss(self, student: UDIStudent, targets: UDITargets, tau_t, weight=None, teacher_weight=None,
+                    patch_count=None):
         valid = targets.patch_mask.reshape(-1).to(torch.promote_types(student.patch.dtype, torch.float32))
+        count = valid.sum().clamp_min(1) if patch_count is None else patch_count
         return cross_entropy(student.patch.flatten(0, 1), targets.patch.flatten(0, 1), self.center_patch.center,
-                             identity_table(valid / valid.sum().clamp_min(1)), self.student_temp, tau_t, valid,
+                             identity_table(valid / count), self.student_temp, tau_t, valid,
                              weight=weight, teacher_weight=teacher_weight, backend=self.backend)
 
     def _update_centers(self, cls, cls_plus, patch, targets: UDITargets, plus_stats_from_op: bool):
