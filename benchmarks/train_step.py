@@ -2,7 +2,7 @@
 the timm backbone alone on the same crops (the floor: everything UDI adds is overhead on top of it).
 
     python -m benchmarks.train_step [--quick] [--out DIR | --record]
-        [--providers udi_kernels udi_kernels_logits reference_structure backbone]
+        [--providers udi_kernels udi_kernels_logits reference_structure backbone] [--compile]
 
 - udi_kernels: udi.train's step, the same udi.step.UDIStep object (its optimizer part: AdamW's step and the
   step's teacher EMA, without gradient clipping): GPU sampling, teacher backbone once, SRS attention on the sampled queries,
@@ -14,6 +14,11 @@ the timm backbone alone on the same crops (the floor: everything UDI adds is ove
   the teacher backbone run twice, teacher local-sample logits materialised with an unused fp32 softmax, the
   student's local SRS attention run and thrown away, the eager loss of benchmarks/distill_cross_entropy.py.
 - backbone: the student's timm ViT alone on every crop, forward + backward of a scalar + AdamW.
+
+--compile instead compares the udi_kernels step eager and under udi.train's --compile (udi.compiled.compile_step)
+at both granularities, "model" (what --compile runs) and "blocks": the whole step's median, eager and compiled
+interleaved over common.ROUNDS rounds, and each compiled variant's first step (its compile time) in a fresh process
+with inductor's caches off (a cold compile); written as train_step_compile_<cpu|gpu>.json.
 
 GPU: ViT-S/16, B=128, L=10, K=65536, bf16 autocast; --quick stops there, otherwise a sweep over B follows.
 Phases (teacher fwd, student fwd, loss fwd, backward, optimizer incl. the teacher EMA) are CUDA-event medians
@@ -28,6 +33,7 @@ if not __package__:  # `python benchmarks/x.py`: the repository root on the path
     _sys.path.insert(0, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
 
 import argparse
+import json
 import statistics
 import time
 
@@ -36,6 +42,7 @@ import torch
 from benchmarks import common
 from udi import utils
 from udi.cli import parse_args
+from udi.compiled import compile_step
 from udi.step import UDIStep, sample_pairs
 from udi_kernels.layout import (TeacherTaps, UDIStudent, UDITeacher, crop_major, split_teacher_samples, stack_crops,
                                 student_taps, teacher_rows_by_pair, teacher_taps)
@@ -45,6 +52,7 @@ from udi_kernels.testing.references import dense_srs_block
 
 PHASES = ("teacher_fwd", "student_fwd", "loss_fwd", "backward", "optimizer")
 PROVIDERS = ("udi_kernels", "udi_kernels_logits", "reference_structure", "backbone")
+COMPILED = {"udi_kernels": None, "compiled_model": "model", "compiled_blocks": "blocks"}  # --compile: granularity
 
 
 class PhaseTimer:
@@ -96,6 +104,8 @@ class Step:
             cfg = argparse.Namespace(**{**vars(cfg), "fuse_last_layer": False})
         self.provider, self.cfg, self.B, self.device = provider, cfg, B, device
         self.step = UDIStep(cfg, device)
+        if COMPILED.get(provider):
+            compile_step(self.step, COMPILED[provider])
         self.student, self.teacher = self.step.student, self.step.teacher
         params = self.student.backbone.parameters() if provider == "backbone" else self.student.parameters()
         self.optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
@@ -126,7 +136,7 @@ class Step:
         timer.mark()
         return loss
 
-    udi_kernels_logits = udi_kernels
+    udi_kernels_logits = compiled_model = compiled_blocks = udi_kernels
 
     def _dense_maps(self):
         """The reference's dense maps [rows, S, N], built on the CPU (its data loader's work; not timed)."""
@@ -211,11 +221,63 @@ def relative_to_backbone(rows):
                 r["x_backbone_memory"] = r["peak_mib"] / base["peak_mib"]
 
 
+def first_step_seconds(provider, cfg, B, device) -> dict:
+    """The wall seconds of a fresh Step's first step (for a compiled provider: its compile) and of its second."""
+    step = Step(provider, cfg, B, device)
+    seconds = []
+    for _ in range(2):
+        start = time.perf_counter()
+        step(PhaseTimer(device))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+    return {"first_step_s": seconds[0], "second_step_s": seconds[1]}
+
+
+def compare_compiled(args, cfg, B, device):
+    """--compile: the eager step against both compiled granularities (module docstring)."""
+    cfg.batch_size_per_gpu = B
+    steps = {provider: Step(provider, cfg, B, device) for provider in COMPILED}
+    timed = common.interleaved({p: (lambda s=s: s(PhaseTimer(device))) for p, s in steps.items()}, device,
+                               quick=args.quick, flush_l2=False)
+    rows = []
+    for provider, granularity in COMPILED.items():
+        row = {"provider": provider, "granularity": granularity or "eager", "B": B, "step": timed[provider]["ms"],
+               "rounds_ms": timed[provider]["rounds_ms"]}
+        if granularity:
+            row.update(common.fresh_process_json("benchmarks.train_step", ["--first_step_of", provider])
+                       if not args.quick else {})
+        rows.append(row)
+    eager = rows[0]["step"]
+    for row in rows:
+        row["x_eager"] = row["step"] / eager
+    shape = {"arch": cfg.arch, "embed_dim": cfg.embed_dim, "depth": cfg.depth, "patch_size": cfg.patch_size,
+             "L": cfg.local_crops_number, "K": cfg.out_dim, "global_crop_size": cfg.global_crop_size,
+             "local_crop_size": cfg.local_crop_size, "dtype": "bf16 autocast" if device.type == "cuda" else "fp32"}
+    path = common.write_json(args.out, "train_step_compile", device, {**shape, "rows": rows})
+    print(f"wrote {path}")
+    common.print_table(rows, [("provider", "provider", "{}"), ("B", "B", "{}"), ("step", "step ms", "{:.2f}"),
+                              ("x_eager", "x eager", "{:.2f}"), ("first_step_s", "first step s", "{:.1f}"),
+                              ("second_step_s", "second step s", "{:.3f}")])
+
+
 def main():
-    args = common.parse_args(__doc__.splitlines()[0], **{"--providers": dict(nargs="+", default=list(PROVIDERS),
-                                                                            choices=PROVIDERS)})
+    args = common.parse_args(__doc__.splitlines()[0], **{
+        "--providers": dict(nargs="+", default=list(PROVIDERS), choices=PROVIDERS),
+        "--compile": dict(action="store_true", help="eager against udi.train's --compile, both granularities"),
+        "--first_step_of": dict(choices=[p for p, g in COMPILED.items() if g],
+                                help="print the first and second step's seconds of this compiled provider as "
+                                     "JSON (what --compile runs in a fresh process, inductor's caches off)")})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = config(device)
+    B = 128 if device.type == "cuda" else 8
+    if args.first_step_of:
+        cfg.batch_size_per_gpu = B
+        with torch.compiler.config.patch(force_disable_caches=True):
+            print(json.dumps(first_step_seconds(args.first_step_of, cfg, B, device)))
+        return
+    if args.compile:
+        return compare_compiled(args, cfg, B, device)
     if device.type == "cuda":
         main_B, sizes, (warmup, iters) = 128, ([128] if args.quick else [32, 64, 128, 256]), \
             ((2, 5) if args.quick else (3, 10))

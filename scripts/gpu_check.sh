@@ -48,6 +48,8 @@ for bench in $BENCHES; do
   [ "$bench" = srs_attention ] && limit=200  # compiles the CUDA-graph module provider for four shapes
   [ -f "benchmarks/$bench.py" ] && step "bench_$bench" $limit python3 -m "benchmarks.$bench" --quick --out "$WORK"
 done
+# the step eager against --compile (udi/compiled.py), both granularities, interleaved; --quick: no cold compile times
+step bench_train_step_compile 150 python3 -m benchmarks.train_step --compile --quick --out "$WORK"
 
 step profile 60 python3 scripts/profile_gpu.py
 
@@ -55,7 +57,7 @@ cp "$WORK"/*.json "$SUMMARY" "$OUT"/ 2>/dev/null
 tar -czf "$OUT/gpu_check.tar.gz" -C "$WORK" .
 echo
 echo "================ gpu_check: $device, $(date -u +%F), ${SECONDS}s ================"
-for bench in $BENCHES; do
+for bench in $BENCHES train_step_compile; do
   log="$WORK/bench_$bench.log"
   [ -f "$log" ] && { echo "-- $bench"; sed -n '/^wrote /,$p' "$log" | tail -n +2; }
 done

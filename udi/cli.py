@@ -51,7 +51,8 @@ RESUMABLE = frozenset({
     "freeze_last_layer", "momentum_teacher", "warmup_teacher_temp", "teacher_temp", "warmup_teacher_temp_epochs",
     "batch_size_per_gpu", "seed", "precision", "optimizer", "saveckp_freq", "num_workers", "final_eval",
     "knn_data_path", "output_dir", "resume_anyway", "dist_url", "local_rank", "accum_iter",
-    "fuse_last_layer", "grad_checkpointing"})  # the same numbers either way (tests/test_train_fused.py, test_model.py)
+    "fuse_last_layer", "grad_checkpointing", "compile"})  # the same numbers either way (tests/test_train_fused.py,
+# test_model.py, test_compile.py)
 
 
 LAUNCHERS = (
@@ -107,6 +108,12 @@ def add_model_flags(p):
                        help="activation checkpointing of the student's backbone blocks (timm's flag): each block's "
                             "activations are recomputed in the backward instead of kept, the same gradients bit for "
                             "bit, less memory for about one more forward of the backbone")
+    model.add_argument("--compile", default=False, type=str2bool,
+                       help="torch.compile (inductor) of the student's and the teacher's forward, one graph each, and "
+                            "of the loss once the teacher temperature is constant (eager during its warm-up); the "
+                            "SRS draw, the teacher's EMA and the optimizer stay eager (udi/compiled.py). The first "
+                            "step compiles (about a minute on 2 CPU cores); the same numbers as eager within float32 "
+                            "rounding (tests/test_compile.py). Measured CPU figures: README, 'torch.compile'")
     model.add_argument("--momentum_teacher", default=0.996, type=FRACTION,
                        help="initial EMA momentum of the teacher, raised to 1 by a cosine schedule")
     model.add_argument("--alpha", default=0.5, type=FRACTION,

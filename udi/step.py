@@ -22,6 +22,7 @@ from udi_kernels import SampledPairs, stratified_sample
 from udi_kernels.layout import stack_crops, student_taps, teacher_taps
 from udi_kernels.losses import DINOLoss, UDILoss, cls_plus_targets
 
+from .compiled import compile_step
 from .model import LastLayerInput, UDIModel, build_model, split_last_layer
 
 # collapse_warning: an epoch's mean teacher entropy above this fraction of ln K (uniform targets) or its batch
@@ -61,6 +62,8 @@ class TrainingStep:
         self.student_ddp = torch.nn.parallel.DistributedDataParallel(self.student) if world_size > 1 else self.student
         self.world_size = world_size
         self.loss = self.build_loss(args).to(device)
+        if getattr(args, "compile", False):  # --compile: networks and loss through torch.compile (udi.compiled)
+            compile_step(self)
 
     def __call__(self, views: list, boxes: Tensor, epoch: int, seed: int, rank: int = 0,
                  on_phase: Callable[[], None] = lambda: None, micro_batch: int = 0, **loss_options):
