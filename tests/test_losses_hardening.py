@@ -249,7 +249,7 @@ def _set(tree, path, value):
      "teacher_output global patch must be a floating tensor"),
     ("student", (0, 0, 0), lambda t: t.to("meta"), ValueError, "student_output global cls must be on cpu"),
     ("teacher", (1, 1, 2), lambda t: t.to(torch.complex64), TypeError,
-     "the mask of teacher_output local samples must be a floating or bool tensor"),
+     "the mask of teacher_output local samples must be float16, bfloat16, float32, float64 or bool"),
     ("student", (1, 0, 2), lambda t: t.to("meta"), ValueError,
      "the mask of student_output global patch must be on cpu"),
 ])

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checks import check_float, check_int
+from ..checks import check_float, check_int, check_tensor
 from ..layout import GLOBAL_CROPS, UDIStudent, UDITargets, UDITeacher, teacher_rows_by_pair, udi_crop_pairs
 from .centering import EMACenter, update_centers
 from .checks import (check_backend, check_choice, check_last_layer, check_logits, check_mask, check_rows,
@@ -236,8 +236,7 @@ class UDILoss(nn.Module):
             raise TypeError(f"student must be a UDIStudent, got {type(student).__name__}")
         if not isinstance(teacher, (UDITeacher, UDITargets)):
             raise TypeError(f"teacher must be a UDITeacher or UDITargets, got {type(teacher).__name__}")
-        if not isinstance(teacher.cls, Tensor):
-            raise TypeError(f"teacher cls must be a torch.Tensor, got {type(teacher.cls).__name__}")
+        check_tensor(teacher.cls, "teacher cls")
         if teacher_weight is not None and self.cls_plus_target == "probabilities":
             raise TypeError("cls_plus_target='probabilities' needs the teacher's sample logits (a UDITeacher, "
                             "without teacher_weight)")

@@ -6,7 +6,7 @@ from torch import Tensor
 
 from .. import backends
 from .._native import native_loaded
-from ..checks import check_bool, check_int, require
+from ..checks import check_bool, check_int, check_tensor, require
 from ..declarations import STRATIFIED_SAMPLE
 from ..limits import MAX_GRID
 from ..reference import stratified_sample as reference
@@ -79,12 +79,9 @@ def _check_pattern(grid, window, grid_name, window_name):
 
 
 def _check_boxes(boxes):
-    if not isinstance(boxes, Tensor):
-        raise TypeError(f"boxes must be a torch.Tensor, got {type(boxes).__name__}")
+    check_tensor(boxes, "boxes", dtypes=STRATIFIED_SAMPLE.support["reference"].dtypes["*"])
     if boxes.dim() != 3 or boxes.shape[1] < 2 or boxes.shape[2] != 4:
         raise ValueError(f"boxes must have shape [B, 2 + L, 4], got {list(boxes.shape)}")
-    if boxes.dtype != torch.float32:
-        raise TypeError(f"boxes must be float32, got {boxes.dtype}")
 
 
 def _check_box_values(boxes):
