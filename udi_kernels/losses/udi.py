@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checks import check_float, check_int, check_tensor
-from ..layout import GLOBAL_CROPS, UDIStudent, UDITargets, UDITeacher, teacher_rows_by_pair, udi_crop_pairs
+from ..layout import (GLOBAL_CROPS, UDIStudent, UDITargets, UDITeacher, teacher_rows_by_local_pair, teacher_rows_by_pair,
+                      udi_crop_pairs)
 from .centering import EMACenter, update_centers
 from .checks import (check_backend, check_choice, check_last_layer, check_logits, check_mask, check_rows,
                      check_state_device, detached)
@@ -208,7 +209,7 @@ class UDILoss(nn.Module):
                + (1 - self.alpha) * teacher_rows_by_pair(cls)]
         if teacher.local is not None and teacher.local.shape[0]:
             mix.append(self.alpha * masked_mean(softmax(teacher.local), teacher.local_mask)
-                       + (1 - self.alpha) * cls.repeat(teacher.local.shape[0] // cls.shape[0], 1))
+                       + (1 - self.alpha) * teacher_rows_by_local_pair(cls, teacher.local.shape[0] // cls.shape[0]))
         mix = torch.cat(mix)
         return mix / mix.sum(-1, keepdim=True)
 

@@ -37,13 +37,9 @@ class SampledPairs(NamedTuple):
 
 
 def _fake(boxes, global_grid, global_window, local_grid, local_window, target_grid, seed, offset, image_offset):
-    B, L = boxes.shape[0], boxes.shape[1] - 2
-    Sg, Sl = (global_grid // global_window) ** 2, (local_grid // local_window) ** 2
-    ints, floats = dict(dtype=torch.int32), dict(dtype=torch.float32)
-    return (boxes.new_empty(B, 2, Sg, **ints), boxes.new_empty(B, 2, Sg, 4, **ints),
-            boxes.new_empty(B, 2, Sg, 4, **floats), boxes.new_empty(B, 2, **ints),
-            boxes.new_empty(B, L, 2, Sl, **ints), boxes.new_empty(B, L, 2, Sl, 4, **ints),
-            boxes.new_empty(B, L, 2, Sl, 4, **floats), boxes.new_empty(B, L, 2, **ints))
+    shapes = reference.output_shapes(boxes.shape[0], boxes.shape[1] - 2, global_grid, global_window, local_grid,
+                                     local_window)
+    return tuple(boxes.new_empty(shape, dtype=dtype) for shape, dtype in shapes)
 
 
 @torch.library.custom_op("udi_kernels::stratified_sample_triton", mutates_args=())
