@@ -360,3 +360,18 @@ def test_float64_lightly_update_center():
     rows = torch.randn(2, 3, 9, generator=generator(15), dtype=torch.float64) / 3
     loss_fn.update_center(rows)
     assert_close_rel(loss_fn.center[0, 0], 0.1 * rows.reshape(-1, 9).mean(0), FP64)
+
+
+@pytest.mark.parametrize("side, field, targets", [("student", "patch", False), ("teacher", "patch", False),
+                                                  ("teacher", "local", False), ("teacher", "extra_patch_sum", True)])
+def test_udi_loss_fields_that_are_no_tensors_raise_type_errors_naming_them(side, field, targets):
+    """A field of UDIStudent / UDITeacher / UDITargets that is no tensor is a TypeError naming it (it was a
+    ValueError about its shape)."""
+    student, teacher = random_udi_inputs(2, 2, 11, 4, 3, seed=1)
+    if targets:
+        teacher = cls_plus_targets(teacher)
+    inputs = dict(student=student, teacher=teacher)
+    inputs[side] = inputs[side]._replace(**{field: getattr(inputs[side], field).tolist()})
+    name = field if targets else f"{side} {field}"
+    with pytest.raises(TypeError, match=f"{name} must be a torch.Tensor, got list"):
+        UDILoss(11, 4)(inputs["student"], inputs["teacher"], 0)

@@ -250,16 +250,16 @@ class UDILoss(nn.Module):
         self._check_samples(teacher.patch, teacher.patch_mask, "teacher patch", "patch_mask", 2 * B, teacher_width,
                             device)
         shape = (*teacher.patch.shape[:2], width)
-        if not isinstance(student.patch, Tensor) or student.patch.shape != shape:
+        if check_tensor(student.patch, "student patch").shape != shape:
             raise ValueError(f"student patch must have shape {list(shape)} (teacher patch's samples), got "
-                             f"{list(getattr(student.patch, 'shape', []))}")
+                             f"{list(student.patch.shape)}")
         check_logits(student.patch, "student patch", device)
         if isinstance(teacher, UDITargets):
             check_rows(teacher.cls_plus, "teacher cls_plus targets", (2 + 2 * L) * B, teacher_width, device)
             for value, name, shape in ((teacher.extra_patch_sum, "extra_patch_sum", (teacher_width,)),
                                        (teacher.extra_patch_count, "extra_patch_count", ())):
-                if not isinstance(value, Tensor) or value.shape != shape:
-                    raise ValueError(f"{name} must be a tensor of shape {list(shape)}")
+                if check_tensor(value, name).shape != shape:
+                    raise ValueError(f"{name} must have shape {list(shape)}, got {list(value.shape)}")
                 check_logits(value, name, device)
         elif L and B:
             self._check_samples(teacher.local, teacher.local_mask, "teacher local", "local_mask", 2 * L * B,
@@ -269,9 +269,8 @@ class UDILoss(nn.Module):
 
     def _check_samples(self, samples, mask, name: str, mask_name: str, rows: int, width: int, device):
         """samples [rows, S, width] floating and mask [rows, S] bool."""
-        if not isinstance(samples, Tensor) or samples.dim() != 3 or samples.shape[0] != rows or \
-                samples.shape[2] != width:
-            got = list(samples.shape) if isinstance(samples, Tensor) else type(samples).__name__
-            raise ValueError(f"{name} must have shape [{rows}, S, {width}], got {got}")
+        check_tensor(samples, name)
+        if samples.dim() != 3 or samples.shape[0] != rows or samples.shape[2] != width:
+            raise ValueError(f"{name} must have shape [{rows}, S, {width}], got {list(samples.shape)}")
         check_logits(samples, name, device)
         check_mask(mask, mask_name, samples.shape[:2], device)
