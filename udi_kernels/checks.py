@@ -37,7 +37,7 @@ def check_tensor(value, name: str, integer: bool = False, device=None, *, dtypes
     """The one tensor check of every op, module, loss and tap helper (after xformers' `Inputs.validate`): value a
     torch.Tensor (or None, with optional=True) with `dims` dimensions if given, of a dtype in `dtypes` if given,
     else of an integer dtype (integer=True) or of a real floating dtype, on `device` if given (`on` names that
-    device in the message, e.g. "the device of q (cuda:0)"). TypeError naming the argument for the type or dtype,
+    device in the message, "{device}" standing for it: "the device of q ({device})"). TypeError naming the argument for the type or dtype,
     ValueError for the dimensions or the device; returns value."""
     if value is None and optional:
         return None
@@ -57,9 +57,10 @@ def check_tensor(value, name: str, integer: bool = False, device=None, *, dtypes
 
 
 def check_device(value: Tensor, name: str, device=None, on: Optional[str] = None) -> None:
-    """value on `device` (None: anywhere); ValueError naming the argument and `on` (default: the device)."""
+    """value on `device` (None: anywhere); ValueError naming the argument and `on` (default: the device; formatted
+    only for the message, "{device}" standing for it)."""
     if device is not None and value.device != device:
-        raise ValueError(f"{name} must be on {on or device}, got {value.device}")
+        raise ValueError(f"{name} must be on {(on or '{device}').format(device=device)}, got {value.device}")
 
 
 def dtype_names(dtypes) -> str:

@@ -6,6 +6,9 @@ from .. import checks
 from ..checks import check_backend, check_choice, check_tensor  # noqa: F401 (the losses import them here)
 
 
+LIKE_THE_OTHERS = "{device} (like the other inputs)"
+
+
 def check_rows(tensor: Tensor, name: str, rows: int, out_dim: int, device=None):
     check_tensor(tensor, name)
     if tensor.dim() != 2 or tensor.shape != (rows, out_dim):
@@ -14,11 +17,11 @@ def check_rows(tensor: Tensor, name: str, rows: int, out_dim: int, device=None):
 
 
 def check_logits(tensor: Tensor, name: str, device=None):
-    check_tensor(tensor, name, device=device, on=f"{device} (like the other inputs)")
+    check_tensor(tensor, name, device=device, on=LIKE_THE_OTHERS)
 
 
 def check_device(tensor: Tensor, name: str, device=None):
-    checks.check_device(tensor, name, device, f"{device} (like the other inputs)")
+    checks.check_device(tensor, name, device, LIKE_THE_OTHERS)
 
 
 def check_mask(mask, name: str, shape, device):

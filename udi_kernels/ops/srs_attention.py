@@ -91,7 +91,7 @@ def _check_qkv(q, k, v):
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
             raise TypeError(f"{name} must have the dtype of q ({q.dtype}), got {t.dtype}")
-        check_device(t, name, q.device, f"the device of q ({q.device})")
+        check_device(t, name, q.device, "the device of q ({device})")
     if k.shape[2] == 0 or D == 0:  # q may have no rows: every tap then lies outside it
         raise ValueError(f"k and v need at least one token and one channel, got k {list(k.shape)}")
 
@@ -99,7 +99,7 @@ def _check_qkv(q, k, v):
 def check_tap_args(index, weight, batch: int, device: torch.device, rows_name: str = "q") -> None:
     """index [batch, S, T >= 1] int32/int64 and weight None or a floating tensor of its shape, both on `device`.
     Shapes, dtypes and devices only (no device sync); rows_name names what the taps index, for the messages."""
-    on = f"the device of {rows_name} ({device})"
+    on = "the device of " + rows_name + " ({device})"
     check_tensor(index, "index", dtypes=INDICES)
     if index.dim() != 3 or index.shape[0] != batch or index.shape[2] == 0:
         raise ValueError(f"index must have shape [B={batch}, S, T>=1] (B of {rows_name}), got {list(index.shape)}")
