@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from benchmarks import common
 from udi_kernels import srs_attention
 from udi_kernels.backends import why_unavailable
-from udi_kernels.declarations import attention_shape_class
 from udi_kernels.nn import SRSAttention, tap_rows
 from udi_kernels.taps import taps_to_dense
 from udi_kernels.testing.inputs import random_taps
@@ -135,19 +134,17 @@ def run_op_case(name, batch, device, quick, dtype):
 
 
 def op_ms_by_shape_class(op_results, device):
-    """{shape class: {backend: summed op ms over its cases}} for the backends `auto` may take on this device (Triton
-    on the CPU is the interpreter, a correctness tool)."""
+    """{"any": {backend: summed op ms over the cases}} for the backends `auto` may take on this device (Triton on
+    the CPU is the interpreter, a correctness tool): the declared order is one per device type."""
     backend_of = {"reference": "reference", "cuda": "native"}
     if device.type == "cuda":
         backend_of["triton"] = "triton"
     totals = {}
-    for case, results in op_results.items():
-        per_image, N, S, T, _ = CASES[case]
-        by_backend = totals.setdefault(attention_shape_class(S), {})
+    for results in op_results.values():
         for provider, backend in backend_of.items():
             if provider in results:
-                by_backend[backend] = by_backend.get(backend, 0.0) + results[provider]["ms"]
-    return totals
+                totals[backend] = totals.get(backend, 0.0) + results[provider]["ms"]
+    return {"any": totals}
 
 
 def ms_series(cases, providers):

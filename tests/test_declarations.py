@@ -16,14 +16,18 @@ RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 @pytest.fixture
 def everything_built(monkeypatch):
-    """Every backend available on every device, as on a GPU machine with the CUDA build and Triton."""
+    """Every backend available on every device, as on a GPU machine with the CUDA build and Triton; the cached
+    resolutions are dropped before and after (they rest on why_unavailable)."""
     monkeypatch.setattr(backends, "why_unavailable", lambda backend, op, device: None)
     monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    backends.resolution.cache_clear()
+    yield
+    backends.resolution.cache_clear()
 
 
 @pytest.mark.parametrize("declaration", DECLARATIONS.values(), ids=DECLARATIONS)
 def test_auto_orders_name_declared_backends_only(declaration):
-    for (device, _), order in declaration.auto_order.items():
+    for device, order in declaration.auto_order.items():
         assert order and len(set(order)) == len(order)
         for backend in order:
             dtypes = declaration.support[backend].dtypes
@@ -41,27 +45,65 @@ def test_float64_distill_on_cuda_under_auto_skips_the_native_kernel(everything_b
 
 def test_wide_heads_on_cuda_skip_the_native_kernel(everything_built, monkeypatch):
     """The CUDA attention kernel is instantiated for D <= 512 only."""
-    assert backends.resolve(SRS_ATTENTION, CUDA, torch.float16, "native", num_samples=16, head_dim=512) == "native"
+    assert backends.resolve(SRS_ATTENTION, CUDA, torch.float16, "native", head_dim=512) == "native"
     with pytest.raises(ValueError, match=r"head_dim <= 512 \(got 640\)"):
-        backends.resolve(SRS_ATTENTION, CUDA, torch.float16, "native", num_samples=16, head_dim=640)
+        backends.resolve(SRS_ATTENTION, CUDA, torch.float16, "native", head_dim=640)
     monkeypatch.setattr(backends, "why_unavailable", lambda backend, op, device: "off" if backend == "triton" else None)
-    assert backends.resolve(SRS_ATTENTION, CUDA, torch.float16, num_samples=16, head_dim=640) == "reference"
-    assert backends.resolve(SRS_ATTENTION, CUDA, torch.float16, num_samples=16, head_dim=64) == "native"
+    backends.resolution.cache_clear()
+    assert backends.resolve(SRS_ATTENTION, CUDA, torch.float16, head_dim=640) == "reference"
+    assert backends.resolve(SRS_ATTENTION, CUDA, torch.float16, head_dim=64) == "native"
 
 
-def test_shape_classes_pick_their_order(everything_built):
-    assert backends.resolve(SRS_ATTENTION, CUDA, torch.float16, num_samples=16, head_dim=64) == "triton"
-    assert backends.resolve(SRS_ATTENTION, CUDA, torch.float16, num_samples=106, head_dim=64) == "triton"
+def test_the_device_type_picks_the_order(everything_built):
+    assert backends.resolve(SRS_ATTENTION, CUDA, torch.float16, head_dim=64) == "triton"
     assert backends.resolve(STRATIFIED_SAMPLE, CUDA, torch.float32) == "triton"
-    assert backends.resolve(SRS_ATTENTION, torch.device("meta"), torch.float16, num_samples=16) == "reference"
+    assert backends.resolve(SRS_ATTENTION, torch.device("cpu"), torch.float16, head_dim=64) == "reference"
+    assert backends.resolve(SRS_ATTENTION, torch.device("meta"), torch.float16) == "reference"
+
+
+def test_resolution_is_cached_per_key(everything_built, monkeypatch):
+    """resolve decides once per (op, device, dtype, requested backend, exceeded limits): a repeated call asks no
+    declaration, a new dtype or an exceeded limit is a new key."""
+    asked = []
+    why = backends.why_unsupported
+    monkeypatch.setattr(backends, "why_unsupported", lambda *args: asked.append(args[1:4]) or why(*args))
+    for _ in range(3):
+        assert backends.resolve(SRS_ATTENTION, CUDA, torch.float16, head_dim=64) == "triton"
+        assert backends.resolve(SRS_ATTENTION, CUDA, torch.float16, head_dim=128) == "triton"  # no limit exceeded
+    assert asked == [("triton", CUDA, torch.float16)]
+    backends.resolve(SRS_ATTENTION, CUDA, torch.float32, head_dim=64)
+    assert backends.resolve(SRS_ATTENTION, CUDA, torch.float16, "native", head_dim=512) == "native"
+    with pytest.raises(ValueError, match=r"head_dim <= 512 \(got 640\)"):
+        backends.resolve(SRS_ATTENTION, CUDA, torch.float16, "native", head_dim=640)
+    assert asked[1:] == [("triton", CUDA, torch.float32)] + [("native", CUDA, torch.float16)] * 2
+    assert backends.resolution.cache_info().hits == 5
+
+
+def test_auto_without_a_backend_lists_every_candidates_reason(monkeypatch):
+    """When no backend of the auto order can run a call, the error names each candidate and why it cannot."""
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    monkeypatch.setattr(backends, "why_unavailable", lambda backend, op, device: f"{backend} is off here"
+                        if backend != "reference" else None)
+    backends.resolution.cache_clear()
+    try:
+        with pytest.raises(TypeError) as raised:
+            backends.resolve(STRATIFIED_SAMPLE, CUDA, torch.float64)
+    finally:
+        backends.resolution.cache_clear()
+    message = str(raised.value)
+    assert message.startswith("no backend can run stratified_sample on cuda (auto tried triton, native, reference)")
+    for reason in ("backend 'triton': triton is off here", "backend 'native': native is off here",
+                   "backend 'reference': the reference backend supports float32 inputs on cuda tensors, got "
+                   "torch.float64"):
+        assert reason in message
 
 
 def test_explicit_unsupported_backends_say_why(everything_built, monkeypatch):
     with pytest.raises(TypeError, match="Triton backend supports bfloat16, float16, float32 .* got torch.float64"):
-        backends.resolve(SRS_ATTENTION, CUDA, torch.float64, "triton", num_samples=16, head_dim=64)
+        backends.resolve(SRS_ATTENTION, CUDA, torch.float64, "triton", head_dim=64)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with pytest.raises(TypeError, match="Triton interpreter .* bfloat16"):
-        backends.resolve(SRS_ATTENTION, torch.device("cpu"), torch.bfloat16, "triton", num_samples=16, head_dim=64)
+        backends.resolve(SRS_ATTENTION, torch.device("cpu"), torch.bfloat16, "triton", head_dim=64)
     with pytest.raises(RuntimeError, match="does not run meta tensors"):
         backends.resolve(DISTILL_CROSS_ENTROPY, torch.device("meta"), torch.float32, "native")
 
@@ -77,14 +119,13 @@ def cited_cpu_record(op):
 @pytest.mark.parametrize("op", CPU_OPS)
 def test_cpu_auto_order_starts_with_the_measured_fastest(op):
     """The recorded CPU run the declaration cites (benchmarks/results/, written by `python -m benchmarks.<op>
-    --record`) covers every declared CPU shape class, and its `fastest` backend per shape class is the first of the
-    declared CPU order."""
+    --record`) names a `fastest` backend (per shape class in runs recorded before the orders became one per device
+    type), and every one of them is the first of the declared CPU order."""
     declaration, recorded = DECLARATIONS[op], cited_cpu_record(op)
     assert recorded["benchmark"] == op
-    cpu_classes = {shape_class for device, shape_class in declaration.auto_order if device == "cpu"}
-    assert set(recorded["fastest"]) == cpu_classes
+    assert recorded["fastest"]
     for shape_class, fastest in recorded["fastest"].items():
-        assert declaration.auto_order[("cpu", shape_class)][0] == fastest, (shape_class, recorded["fastest"])
+        assert declaration.auto_order["cpu"][0] == fastest, (shape_class, recorded["fastest"])
 
 
 @pytest.mark.parametrize("op", CPU_OPS)
@@ -105,7 +146,7 @@ PENDING = {("linear_distill_cross_entropy", "cuda"): "issue 19: needs a GPU sess
 
 @pytest.mark.parametrize("declaration", DECLARATIONS.values(), ids=DECLARATIONS)
 def test_every_declared_device_cites_a_recorded_run(declaration):
-    devices = {device for device, _ in declaration.auto_order}
+    devices = set(declaration.auto_order)
     assert set(declaration.measured) == devices
     for device, name in declaration.measured.items():
         recorded = os.path.isfile(os.path.join(RESULTS, name))
@@ -116,6 +157,6 @@ def test_a_backend_declared_absent_on_a_device_says_why():
     """srs_attention has no native CPU kernel on purpose: the error gives the declared reason, auto skips it."""
     cpu = torch.device("cpu")
     assert "native" not in backends.available("srs_attention", cpu)
-    assert backends.resolve(SRS_ATTENTION, cpu, torch.float32, num_samples=16, head_dim=64) == "reference"
+    assert backends.resolve(SRS_ATTENTION, cpu, torch.float32, head_dim=64) == "reference"
     with pytest.raises(RuntimeError, match="no CPU kernel: the eager reference"):
-        backends.resolve(SRS_ATTENTION, cpu, torch.float32, "native", num_samples=16, head_dim=64)
+        backends.resolve(SRS_ATTENTION, cpu, torch.float32, "native", head_dim=64)

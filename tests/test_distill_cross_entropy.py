@@ -276,8 +276,9 @@ def test_compile_fullgraph(backend):
 BAD_INPUTS = [
     ("student", lambda c: c.update(student=c["student"][0]), ValueError, "student must have 2"),
     ("teacher_K", lambda c: c.update(teacher=c["teacher"][:, :-1]), ValueError, "share the last dimension"),
-    ("teacher_dtype", lambda c: c.update(teacher=c["teacher"].int()), TypeError, "teacher must have a dtype"),
-    ("centers_dtype", lambda c: c.update(centers=c["centers"].half()), TypeError, "centers must have a dtype"),
+    ("teacher_dtype", lambda c: c.update(teacher=c["teacher"].int()), TypeError,
+     "teacher must be float16, bfloat16, float32 or"),
+    ("centers_dtype", lambda c: c.update(centers=c["centers"].half()), TypeError, "centers must be float32 or float64"),
     ("center_id_len", lambda c: c.update(center_id=c["center_id"][:-1]), ValueError, "center_id must have length"),
     ("pair_teacher_len", lambda c: c.update(pair_teacher=c["pair_teacher"][:-1]), ValueError, "pair_teacher must"),
     ("pair_index_float", lambda c: c.update(pair_student=c["pair_student"].float()), TypeError, "pair_student"),

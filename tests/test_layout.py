@@ -5,7 +5,7 @@ import torch
 from udi_kernels import SampledPairs, stratified_sample
 from udi_kernels.layout import (StudentTaps, crop_major, dino_crop_pairs, local_pairs_by_target, pair_target,
                                 reference_crop_pairs, split_teacher_samples, stack_crops, student_taps,
-                                teacher_rows_by_pair, teacher_taps, udi_crop_pairs)
+                                teacher_rows_by_local_pair, teacher_rows_by_pair, teacher_taps, udi_crop_pairs)
 
 
 def random_pairs(B, L, seed=0) -> SampledPairs:
@@ -60,6 +60,9 @@ def test_crop_major_rows():
     assert crop_major(per_image).tolist() == [4 * b + c for c in range(4) for b in range(B)]
     rows = torch.arange(2 * B)
     assert teacher_rows_by_pair(rows).tolist() == [*range(B, 2 * B), *range(B)]
+    # local row (2l + g) * B + b is scored against teacher crop g (UDITeacher.local)
+    assert teacher_rows_by_local_pair(rows, L).tolist() == [g * B + b for l in range(L) for g in range(2)
+                                                            for b in range(B)]
 
 
 def test_crop_pairs():

@@ -249,7 +249,7 @@ def _set(tree, path, value):
      "teacher_output global patch must be a floating tensor"),
     ("student", (0, 0, 0), lambda t: t.to("meta"), ValueError, "student_output global cls must be on cpu"),
     ("teacher", (1, 1, 2), lambda t: t.to(torch.complex64), TypeError,
-     "the mask of teacher_output local samples must be a floating or bool tensor"),
+     "the mask of teacher_output local samples must be float16, bfloat16, float32, float64 or bool"),
     ("student", (1, 0, 2), lambda t: t.to("meta"), ValueError,
      "the mask of student_output global patch must be on cpu"),
 ])
@@ -360,3 +360,18 @@ def test_float64_lightly_update_center():
     rows = torch.randn(2, 3, 9, generator=generator(15), dtype=torch.float64) / 3
     loss_fn.update_center(rows)
     assert_close_rel(loss_fn.center[0, 0], 0.1 * rows.reshape(-1, 9).mean(0), FP64)
+
+
+@pytest.mark.parametrize("side, field, targets", [("student", "patch", False), ("teacher", "patch", False),
+                                                  ("teacher", "local", False), ("teacher", "extra_patch_sum", True)])
+def test_udi_loss_fields_that_are_no_tensors_raise_type_errors_naming_them(side, field, targets):
+    """A field of UDIStudent / UDITeacher / UDITargets that is no tensor is a TypeError naming it (it was a
+    ValueError about its shape)."""
+    student, teacher = random_udi_inputs(2, 2, 11, 4, 3, seed=1)
+    if targets:
+        teacher = cls_plus_targets(teacher)
+    inputs = dict(student=student, teacher=teacher)
+    inputs[side] = inputs[side]._replace(**{field: getattr(inputs[side], field).tolist()})
+    name = field if targets else f"{side} {field}"
+    with pytest.raises(TypeError, match=f"{name} must be a torch.Tensor, got list"):
+        UDILoss(11, 4)(inputs["student"], inputs["teacher"], 0)

@@ -467,3 +467,20 @@ def test_gpu_module_fwd_bwd_has_no_host_sync():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+
+
+def test_srs_attention_module_checks_its_inputs_once_per_call(monkeypatch):
+    """SRSAttention checks x, index and weight once and hands norm1(x) to TappedAttention unchecked (issue 22);
+    the result is TappedAttention's on norm1(x)."""
+    import udi_kernels.nn as udi_nn
+    calls = []
+    check = udi_nn.check_module_inputs
+    monkeypatch.setattr(udi_nn, "check_module_inputs", lambda *args: calls.append(args[-1]) or check(*args))
+    torch.manual_seed(0)
+    module = SRSAttention(12, 3, check_taps=True)
+    x, index = torch.randn(2, 7, 12), torch.randint(0, 7, (2, 5, 1))
+    out = module(x, index)
+    assert calls == ["x"]
+    torch.testing.assert_close(out, module.attn(module.norm1(x), index), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="index must lie in"):
+        module(x, index + 7)

@@ -112,30 +112,49 @@ def why_unsupported(declaration: OpDeclaration, backend: str, device: torch.devi
 
 def resolve(declaration: OpDeclaration, device: torch.device, dtype: torch.dtype, backend: Optional[str] = None,
             **sizes: int) -> str:
-    """The backend that runs this call of the declared op (sizes: the ints its shape_class and limits name):
-    `backend` (None: not given; any other value must name a backend, "" included), else $UDI_KERNELS_BACKEND (empty:
-    unset), else the first of the declared auto order for the device and shape class
-    that supports the call (the reference alone on other devices). Raises ValueError for an unknown name, and the
-    Unsupported error of a requested backend that cannot run the call (or of the last candidate of `auto`)."""
+    """The backend that runs this call of the declared op (sizes: the ints its limits name): `backend` (None: not
+    given; any other value must name a backend, "" included), else $UDI_KERNELS_BACKEND (empty: unset), else the
+    first of the declared auto order for the device type that supports the call (the reference alone on other
+    devices). Decided once per (op, device, dtype, requested backend, exceeded limits) and cached (resolution).
+    Raises ValueError for an unknown name, the Unsupported error of a requested backend that cannot run the call,
+    and under `auto`, when no candidate can, the last candidate's error listing every candidate's reason."""
     if backend is not None and backend not in BACKENDS:  # "" included: only None means "not given"
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
-    # strings only: torch.compile folds _resolve to a constant, and takes constants as its arguments (the sizes may
-    # be symbolic; these comparisons become guards)
-    exceeded = "\n".join(f"{b}={size_limit_exceeded(declaration, b, device.type, **sizes)}" for b in declaration.support)
-    return _resolve(declaration.name, device, dtype, backend, declaration.shape_class(**sizes), exceeded)
+    return _resolve(declaration.name, device, dtype, backend, exceeded_limits(declaration, device.type, sizes))
+
+
+def exceeded_limits(declaration: OpDeclaration, device_type: str, sizes: dict) -> str:
+    """The declared limits these sizes exceed, one "backend=name <= limit (got value)" line each ("" for none): a
+    string, so that torch.compile takes it as a constant of _resolve (the sizes may be symbolic; the comparisons
+    become guards)."""
+    return "\n".join(f"{backend}={exceeded}" for backend in declaration.support
+                     if (exceeded := size_limit_exceeded(declaration, backend, device_type, **sizes)))
 
 
 @torch.compiler.assume_constant_result  # the dispatcher query inside is not traceable
-def _resolve(op: str, device: torch.device, dtype: torch.dtype, backend: Optional[str], shape_class: str,
-             exceeded: str) -> str:
-    declaration, exceeded = DECLARATIONS[op], dict(line.split("=", 1) for line in exceeded.split("\n"))
+def _resolve(op: str, device: torch.device, dtype: torch.dtype, backend: Optional[str], exceeded: str) -> str:
     requested = backend or os.environ.get(ENV_VAR) or "auto"  # an empty $UDI_KERNELS_BACKEND counts as unset
+    return resolution(op, device, dtype, requested, exceeded, triton_interpreted())
+
+
+@functools.lru_cache(maxsize=4096)
+def resolution(op: str, device: torch.device, dtype: torch.dtype, requested: str, exceeded: str,
+               interpreted: bool) -> str:
+    """resolve's answer for one key (interpreted: TRITON_INTERPRET=1, which decides what Triton runs); raises
+    without caching. The environment and the build it reads are fixed for a process; a test that changes what
+    why_unavailable answers clears the cache (resolution.cache_clear())."""
     if requested not in BACKENDS:
         raise ValueError(f"{ENV_VAR} must be one of {BACKENDS} (or empty: unset), got {requested!r}")
-    candidates = (requested,) if requested != "auto" else \
-        declaration.auto_order.get((device.type, shape_class), ("reference",))
+    declaration = DECLARATIONS[op]
+    limits = dict(line.split("=", 1) for line in exceeded.split("\n") if line)
+    candidates = (requested,) if requested != "auto" else declaration.auto_order.get(device.type, ("reference",))
+    reasons = {}
     for candidate in candidates:
-        unsupported = why_unsupported(declaration, candidate, device, dtype, exceeded[candidate])
+        unsupported = why_unsupported(declaration, candidate, device, dtype, limits.get(candidate, ""))
         if unsupported is None:
             return candidate
-    raise unsupported.error(f"backend {candidate!r} cannot run {op} on {device}: {unsupported.reason}")
+        reasons[candidate] = unsupported.reason
+    if requested != "auto":
+        raise unsupported.error(f"backend {requested!r} cannot run {op} on {device}: {unsupported.reason}")
+    raise unsupported.error(f"no backend can run {op} on {device} (auto tried {', '.join(candidates)}): "
+                            + "; ".join(f"backend {name!r}: {reason}" for name, reason in reasons.items()))

@@ -7,6 +7,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .backends import BACKENDS
+
 
 def check_int(value, name: str, minimum: Optional[int] = None) -> int:
     """An integer (not a bool, not a tensor: one-element tensors are refused rather than synced), >= minimum."""
@@ -30,18 +32,53 @@ def check_float(value, name: str, low: float = -math.inf, high: float = math.inf
     return float(value)
 
 
-def check_tensor(value, name: str, integer: bool = False, device=None) -> Tensor:
-    """A torch.Tensor of an integer dtype (integer=True) or of a real floating dtype, on `device` if given:
-    TypeError naming the argument for the type or dtype, ValueError for the device."""
+def check_tensor(value, name: str, integer: bool = False, device=None, *, dtypes=None, dims: Optional[int] = None,
+                 on: Optional[str] = None, optional: bool = False) -> Optional[Tensor]:
+    """The one tensor check of every op, module, loss and tap helper (after xformers' `Inputs.validate`): value a
+    torch.Tensor (or None, with optional=True) with `dims` dimensions if given, of a dtype in `dtypes` if given,
+    else of an integer dtype (integer=True) or of a real floating dtype, on `device` if given (`on` names that
+    device in the message, "{device}" standing for it: "the device of q ({device})"). TypeError naming the argument for the type or dtype,
+    ValueError for the dimensions or the device; returns value."""
+    if value is None and optional:
+        return None
     if not isinstance(value, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if integer and (value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool):
+        raise TypeError(f"{name} must be a torch.Tensor{' or None' if optional else ''}, got {type(value).__name__}")
+    if dims is not None and value.dim() != dims:
+        raise ValueError(f"{name} must have {dims} dimension(s), got shape {list(value.shape)}")
+    if dtypes is not None:
+        if value.dtype not in dtypes:
+            raise TypeError(f"{name} must be {dtype_names(dtypes)}, got {value.dtype}")
+    elif integer and (value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool):
         raise TypeError(f"{name} must be an integer tensor, got {value.dtype}")
-    if not integer and not value.dtype.is_floating_point:
+    elif not integer and not value.dtype.is_floating_point:
         raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
-    if device is not None and value.device != device:
-        raise ValueError(f"{name} must be on {device}, got {value.device}")
+    check_device(value, name, device, on)
     return value
+
+
+def check_device(value: Tensor, name: str, device=None, on: Optional[str] = None) -> None:
+    """value on `device` (None: anywhere); ValueError naming the argument and `on` (default: the device; formatted
+    only for the message, "{device}" standing for it)."""
+    if device is not None and value.device != device:
+        raise ValueError(f"{name} must be on {(on or '{device}').format(device=device)}, got {value.device}")
+
+
+def dtype_names(dtypes) -> str:
+    """"float16, bfloat16 or float32": dtypes in their order, as an error message names them."""
+    names = [str(d).removeprefix("torch.") for d in dtypes]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def check_choice(value, name: str, choices):
+    """value one of `choices` (ValueError naming the argument and the choices)."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def check_backend(backend: Optional[str]) -> Optional[str]:
+    """None (not given) or a backend name of udi_kernels.backends."""
+    return backend if backend is None else check_choice(backend, "backend", BACKENDS)
 
 
 def check_bool(value, name: str) -> bool:

@@ -2,10 +2,10 @@
 
 udi_kernels.backends reads these declarations to resolve a backend and to say why one cannot run a call; the ops
 and the tests read them too. A declaration names, per backend, the device types and input dtypes it takes (also
-under the Triton interpreter, which gets bfloat16 dots wrong) and its size limits, and per (device type, shape
-class) the order `auto` tries, fastest first, with the recorded run per device type that order rests on (a file of
-benchmarks/results/, written by `python -m benchmarks.<op> --record`; tests/test_declarations.py checks that the
-CPU orders start with the `fastest` backend of those files).
+under the Triton interpreter, which gets bfloat16 dots wrong) and its size limits, and per device type the order
+`auto` tries, fastest first, with the recorded run that order rests on (a file of benchmarks/results/, written by
+`python -m benchmarks.<op> --record`; tests/test_declarations.py checks that the CPU orders start with the `fastest`
+backend of those files).
 The reference backend runs everything, on every device.
 
 Repeatability: every backend (auto included) gives bitwise identical results run after run at a fixed thread count
@@ -16,14 +16,15 @@ The idea follows xformers' per-operator declarations (ops/fmha/common.py: SUPPOR
 SUPPORTED_MAX_K, not_supported_reasons); the code is our own.
 """
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Optional
+from typing import Mapping, Optional
 
 import torch
 
+from . import dtypes
 from .limits import SRS_ATTENTION_CUDA_MAX_HEAD_DIM
 
-HALF_AND_FLOAT = frozenset({torch.float16, torch.bfloat16, torch.float32})
-FLOATING = HALF_AND_FLOAT | {torch.float64}
+HALF_AND_FLOAT = frozenset(dtypes.HALF_AND_FLOAT)
+FLOATING = frozenset(dtypes.FLOATING)
 BOXES = frozenset({torch.float32})
 ANY_DEVICE = ("*",)  # the device-type key that stands for every device type
 KERNEL_DEVICES = ("cpu", "cuda")  # Triton runs CPU tensors under TRITON_INTERPRET=1 only (backends.why_unavailable)
@@ -45,15 +46,13 @@ class BackendSupport:
 
 @dataclass(frozen=True)
 class OpDeclaration:
-    """An op's backends, the dtype its dispatch is decided on, and `auto`'s order per (device type, shape class).
-
-    shape_class maps the op's sizes (keyword ints) to a class name of auto_order; measured names, per device type,
-    the recorded run (a file in benchmarks/results/) its order rests on."""
+    """An op's backends and `auto`'s order per device type, fastest first; measured names, per device type, the
+    recorded run (a file in benchmarks/results/) that order rests on. No recorded run has ranked the backends of
+    an op differently by shape, so the order depends on the device type alone (sizes only meet max_sizes)."""
     name: str
     support: Mapping[str, BackendSupport]
-    auto_order: Mapping[tuple, tuple]
+    auto_order: Mapping[str, tuple]
     measured: Mapping[str, str]
-    shape_class: Callable[..., str] = lambda **sizes: "any"
 
 
 def _on(devices, dtypes):
@@ -72,16 +71,6 @@ def _backends(reference: frozenset, native: Mapping, triton: frozenset, native_m
                                         across_thread_counts=reference_across_thread_counts)}
 
 
-def _one_shape_class(cuda: tuple, cpu: tuple) -> dict:
-    """The auto order of an op whose speed ranking does not depend on the shape."""
-    return {("cuda", "any"): cuda, ("cpu", "any"): cpu}
-
-
-def attention_shape_class(num_samples: int, head_dim: int = 0) -> str:
-    """Student crops ask 16 or 9 queries; the teacher's global crops answer 16 + L*9 at once."""
-    return "few_queries" if num_samples <= 32 else "many_queries"
-
-
 def _recorded(op: str) -> dict:
     """The recorded runs of `op` (benchmarks/results/<op>_<gpu|cpu>.json) its auto orders rest on."""
     return {"cuda": f"{op}_gpu.json", "cpu": f"{op}_cpu.json"}
@@ -90,7 +79,7 @@ def _recorded(op: str) -> dict:
 STRATIFIED_SAMPLE = OpDeclaration(
     name="stratified_sample",
     support=_backends(reference=BOXES, native=_on(KERNEL_DEVICES, BOXES), triton=BOXES),
-    auto_order=_one_shape_class(cuda=("triton", "native", "reference"), cpu=("native", "reference")),
+    auto_order=dict(cuda=("triton", "native", "reference"), cpu=("native", "reference")),
     measured=_recorded("stratified_sample"),
 )
 
@@ -100,24 +89,20 @@ SRS_ATTENTION = OpDeclaration(
                       native_max_sizes={"cuda": {"head_dim": SRS_ATTENTION_CUDA_MAX_HEAD_DIM}},
                       triton_interpreted=frozenset({torch.float16, torch.float32}),
                       native_not_on={"cpu": "there is no CPU kernel: the eager reference (gathered queries, BLAS "
-                                            "matmuls, softmax) was 2.3-12x faster than the one there was "
+                                            "matmuls, softmax) was faster than the one there was "
                                             "(benchmarks/NOTES.md, srs_attention on the CPU); use backend='reference'"},
                       reference_across_thread_counts="the gradients' BLAS matmuls (MKL) and the scatter of dq split "
                                                      "their sums by thread count: dq, dk differ in the last bits "
                                                      "between 1 and 2 threads (out does not)"),
-    auto_order={("cuda", "few_queries"): ("triton", "native", "reference"),
-                ("cuda", "many_queries"): ("triton", "native", "reference"),
-                ("cpu", "few_queries"): ("reference",),
-                ("cpu", "many_queries"): ("reference",)},
+    auto_order=dict(cuda=("triton", "native", "reference"), cpu=("reference",)),
     measured=_recorded("srs_attention"),
-    shape_class=attention_shape_class,
 )
 
 DISTILL_CROSS_ENTROPY = OpDeclaration(
     name="distill_cross_entropy",
     support=_backends(reference=FLOATING, native={"cpu": FLOATING, "cuda": HALF_AND_FLOAT}, triton=HALF_AND_FLOAT),
     # cuda: the recorded H100 run timed auto = native only; the next GPU run records op_fwd_bwd_ms per backend
-    auto_order=_one_shape_class(cuda=("native", "triton", "reference"), cpu=("native", "reference")),
+    auto_order=dict(cuda=("native", "triton", "reference"), cpu=("native", "reference")),
     measured=_recorded("distill_cross_entropy"),
 )
 
@@ -125,7 +110,7 @@ LINEAR_DISTILL_CROSS_ENTROPY = OpDeclaration(
     name="linear_distill_cross_entropy",
     support=_backends(reference=FLOATING, native={"cpu": FLOATING, "cuda": HALF_AND_FLOAT}, triton=HALF_AND_FLOAT,
                       triton_interpreted=frozenset({torch.float16, torch.float32})),
-    auto_order=_one_shape_class(cuda=("native", "triton", "reference"), cpu=("native", "reference")),
+    auto_order=dict(cuda=("native", "triton", "reference"), cpu=("native", "reference")),
     measured=_recorded("linear_distill_cross_entropy"),  # cuda not yet recorded: tests/test_declarations.py PENDING
 )
 

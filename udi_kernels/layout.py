@@ -115,6 +115,12 @@ def teacher_rows_by_pair(rows: Tensor) -> Tensor:
     return rows.unflatten(0, (GLOBAL_CROPS, rows.shape[0] // GLOBAL_CROPS)).flip(0).flatten(0, 1)
 
 
+def teacher_rows_by_local_pair(rows: Tensor, num_local: int) -> Tensor:
+    """[2B, ...] teacher rows of the global crops, crop-major -> [2LB, ...] in UDITeacher.local's order: row
+    (2l + g) * B + b holds rows[g * B + b], the teacher crop g that local crop l's pair is scored against."""
+    return rows.repeat(num_local, *(1,) * (rows.dim() - 1))
+
+
 def local_pairs_by_target(per_image: Tensor) -> Tensor:
     """[B, L, 2, ...] SRS local pairs (pair p of local crop l of image b) -> [2LB, ...], row (2l + g) * B + b for
     target crop g = pair_target(p)."""

@@ -6,8 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backends import BACKENDS
-from .checks import check_bool, check_float, check_int
+from .checks import check_backend, check_bool, check_float, check_int, check_tensor
 from .ops.srs_attention import attend, check_tap_args, check_tap_values
 from .dtypes import compute_dtype
 from .reference.srs_attention import default_scale
@@ -39,8 +38,7 @@ def check_module_inputs(module: nn.Module, x: Tensor, index: Tensor, weight: Opt
     """x [B, N >= 1, dim] floating, in the dtype of the module's parameters unless autocast is on; index
     [B, S, T >= 1] int32/int64 and weight None or floating [B, S, T] on the device of x. Raises TypeError /
     ValueError naming the argument. B = 0 and S = 0 are allowed."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    check_tensor(x, name)
     if x.dim() != 3 or x.shape[2] != dim or x.shape[1] == 0:
         raise ValueError(f"{name} must have shape [B, N >= 1, C={dim}], got {list(x.shape)}")
     check_input_dtype(module, x, name)
@@ -110,8 +108,7 @@ class TappedAttention(nn.Module):
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
         if qk_scale is not None:
             check_float(qk_scale, "qk_scale", 0.0, low_open=True)
-        if backend is not None and backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_backend(backend)
         check_bool(qkv_bias, "qkv_bias")
         check_bool(check_taps, "check_taps")
         self.num_heads = num_heads
@@ -165,9 +162,17 @@ class TappedAttention(nn.Module):
         return o.reshape(B, S, C)
 
     def forward(self, h: Tensor, index: Tensor, weight: Optional[Tensor] = None) -> Tensor:
-        check_module_inputs(self, h, index, weight, self.qkv.in_features, "h")
+        self.check_inputs(h, index, weight, "h")
+        return self.attend_taps(h, index, weight)
+
+    def check_inputs(self, h: Tensor, index: Tensor, weight: Optional[Tensor], name: str) -> None:
+        """The checks of forward (check_module_inputs, and the tap values with check_taps), naming h `name`."""
+        check_module_inputs(self, h, index, weight, self.qkv.in_features, name)
         if self.check_taps:
             check_tap_values(index, weight, h.shape[1], "the tokens")
+
+    def attend_taps(self, h: Tensor, index: Tensor, weight: Optional[Tensor]) -> Tensor:
+        """forward without its checks, for a caller that has made them once (SRSAttention: check_inputs)."""
         h = cast_for_autocast(h)
         tapped, weight = tap_rows(h, index, weight)
         return self.attend_tapped(h, tapped, weight.sum(-1, keepdim=True), skip=tapped)
@@ -209,5 +214,5 @@ class SRSAttention(nn.Module):
         self.attn = TappedAttention(dim, num_heads, qkv_bias, backend=backend, check_taps=check_taps)
 
     def forward(self, x: Tensor, index: Tensor, weight: Optional[Tensor] = None) -> Tensor:
-        check_module_inputs(self, x, index, weight, self.norm1.normalized_shape[0], "x")
-        return self.attn(self.norm1(x), index, weight)
+        self.attn.check_inputs(x, index, weight, "x")  # once per call: norm1 keeps the shape, dtype and device
+        return self.attn.attend_taps(self.norm1(x), index, weight)

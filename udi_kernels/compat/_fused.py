@@ -4,17 +4,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..checks import check_float
+from ..checks import check_choice, check_float, check_tensor
+from ..dtypes import FLOATING
 from ..losses.centering import CENTER_MEANS
 from ..losses.checks import check_device
 
 
 def check_mask_tensor(value, name: str, device) -> Tensor:
     """value: a real mask tensor (floating weights or bool) on `device`."""
-    if not isinstance(value, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if not (value.dtype.is_floating_point or value.dtype == torch.bool):
-        raise TypeError(f"{name} must be a floating or bool tensor, got {value.dtype}")
+    check_tensor(value, name, dtypes=FLOATING + (torch.bool,))
     check_device(value, name, device)
     return value
 
@@ -37,5 +35,4 @@ def check_common_arguments(student_temp, center_momentum, center_mean):
 
 
 def check_center_mean(center_mean: str):
-    if center_mean not in CENTER_MEANS:
-        raise ValueError(f"center_mean must be one of {CENTER_MEANS}, got {center_mean!r}")
+    check_choice(center_mean, "center_mean", CENTER_MEANS)

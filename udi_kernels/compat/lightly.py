@@ -5,6 +5,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..layout import dino_crop_pairs
 from ..losses import EMACenter, crop_mean_table, cross_entropy
 from ..losses.centering import expose_center_key
 from ..checks import check_int, check_tensor
@@ -90,7 +91,7 @@ class DINOLoss(nn.Module):
         for views, name in ((teacher_out, "teacher_out"), (student_out, "student_out")):
             if isinstance(views, Tensor) or not isinstance(views, Sequence):
                 raise TypeError(f"{name} must be a list of [B, K] view tensors, got {type(views).__name__}")
-        pairs = tuple((s, t) for t in range(len(teacher_out)) for s in range(len(student_out)) if s != t)
+        pairs = dino_crop_pairs(len(student_out), len(teacher_out))
         if not pairs:
             raise ValueError(f"DINOLoss needs at least one pair of different views (view i of both lists is the "
                              f"same crop), got {len(teacher_out)} teacher and {len(student_out)} student view(s)")

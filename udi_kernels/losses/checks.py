@@ -2,36 +2,26 @@
 import torch
 from torch import Tensor, nn
 
-from ..backends import BACKENDS
+from .. import checks
+from ..checks import check_backend, check_choice, check_tensor  # noqa: F401 (the losses import them here)
 
 
-def check_choice(value, name: str, choices):
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-
-
-def check_backend(backend):
-    if backend is not None:
-        check_choice(backend, "backend", BACKENDS)
+LIKE_THE_OTHERS = "{device} (like the other inputs)"
 
 
 def check_rows(tensor: Tensor, name: str, rows: int, out_dim: int, device=None):
-    if not isinstance(tensor, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    check_tensor(tensor, name)
     if tensor.dim() != 2 or tensor.shape != (rows, out_dim):
         raise ValueError(f"{name} must have shape [{rows}, {out_dim}], got {list(tensor.shape)}")
     check_logits(tensor, name, device)
 
 
 def check_logits(tensor: Tensor, name: str, device=None):
-    if not tensor.dtype.is_floating_point:
-        raise TypeError(f"{name} must be a floating tensor, got {tensor.dtype}")
-    check_device(tensor, name, device)
+    check_tensor(tensor, name, device=device, on=LIKE_THE_OTHERS)
 
 
 def check_device(tensor: Tensor, name: str, device=None):
-    if device is not None and tensor.device != device:
-        raise ValueError(f"{name} must be on {device} (like the other inputs), got {tensor.device}")
+    checks.check_device(tensor, name, device, LIKE_THE_OTHERS)
 
 
 def check_mask(mask, name: str, shape, device):
@@ -54,9 +44,7 @@ def check_last_layer(weight, name: str, out_dim: int, device=None) -> int:
     of the rows it takes: D, or out_dim for None (the rows are logits)."""
     if weight is None:
         return out_dim
-    if not isinstance(weight, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor [{out_dim}, D] (the last layer's weight), got "
-                        f"{type(weight).__name__}")
+    check_tensor(weight, name, optional=True)
     if weight.dim() != 2 or weight.shape[0] != out_dim or weight.shape[1] == 0:
         raise ValueError(f"{name} must have shape [{out_dim}, D] (the last layer's weight, D > 0), got "
                          f"{list(weight.shape)}")

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checks import check_float, check_int
+from ..checks import check_float, check_int, check_tensor
 from ..layout import GLOBAL_CROPS, dino_crop_pairs
 from .centering import EMACenter, expose_center_key, sinkhorn_knopp_center
 from .checks import check_backend, check_choice, check_last_layer, check_rows, check_state_device, detached
@@ -70,8 +70,7 @@ class DINOLoss(nn.Module):
 
     def forward(self, student_output: Tensor, teacher_output: Tensor, epoch: int, *, weight: Optional[Tensor] = None,
                 teacher_weight: Optional[Tensor] = None) -> Tensor:
-        if not isinstance(teacher_output, Tensor):
-            raise TypeError(f"teacher_output must be a torch.Tensor, got {type(teacher_output).__name__}")
+        check_tensor(teacher_output, "teacher_output")
         teacher_width = check_last_layer(teacher_weight, "teacher_weight", self.out_dim, teacher_output.device)
         if teacher_output.dim() != 2:
             raise ValueError(f"teacher_output must be 2-D [2 * batch, {teacher_width}] (the global crops' rows), got "

@@ -5,7 +5,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..checks import check_float, check_int
+from ..checks import check_float, check_int, check_tensor
 from .centering import EMACenter
 from .checks import check_backend, check_last_layer, check_logits, check_mask, check_state_device, detached
 from .pair_tables import cross_entropy, identity_table
@@ -43,9 +43,8 @@ class IBOTPatchLoss(nn.Module):
 
     def forward(self, student_patch: Tensor, teacher_patch: Tensor, mask: Tensor, epoch: int, *,
                 weight: Optional[Tensor] = None, teacher_weight: Optional[Tensor] = None) -> Tensor:
-        for value, name in ((student_patch, "student_patch"), (teacher_patch, "teacher_patch")):
-            if not isinstance(value, Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        check_tensor(student_patch, "student_patch")
+        check_tensor(teacher_patch, "teacher_patch")
         device = student_patch.device
         widths = (check_last_layer(weight, "weight", self.out_dim, device),
                   check_last_layer(teacher_weight, "teacher_weight", self.out_dim, device))

@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checks import check_float, check_int
-from ..layout import GLOBAL_CROPS, UDIStudent, UDITargets, UDITeacher, teacher_rows_by_pair, udi_crop_pairs
+from ..checks import check_float, check_int, check_tensor
+from ..layout import (GLOBAL_CROPS, UDIStudent, UDITargets, UDITeacher, teacher_rows_by_local_pair, teacher_rows_by_pair,
+                      udi_crop_pairs)
 from .centering import EMACenter, update_centers
 from .checks import (check_backend, check_choice, check_device, check_last_layer, check_logits, check_mask,
                      check_rows, check_state_device, detached)
@@ -223,7 +224,7 @@ class UDILoss(nn.Module):
                + (1 - self.alpha) * teacher_rows_by_pair(cls)]
         if teacher.local is not None and teacher.local.shape[0]:
             mix.append(self.alpha * masked_mean(softmax(teacher.local), teacher.local_mask)
-                       + (1 - self.alpha) * cls.repeat(teacher.local.shape[0] // cls.shape[0], 1))
+                       + (1 - self.alpha) * teacher_rows_by_local_pair(cls, teacher.local.shape[0] // cls.shape[0]))
         mix = torch.cat(mix)
         return mix / mix.sum(-1, keepdim=True)
 
@@ -253,8 +254,7 @@ class UDILoss(nn.Module):
             raise TypeError(f"student must be a UDIStudent, got {type(student).__name__}")
         if not isinstance(teacher, (UDITeacher, UDITargets)):
             raise TypeError(f"teacher must be a UDITeacher or UDITargets, got {type(teacher).__name__}")
-        if not isinstance(teacher.cls, Tensor):
-            raise TypeError(f"teacher cls must be a torch.Tensor, got {type(teacher.cls).__name__}")
+        check_tensor(teacher.cls, "teacher cls")
         if teacher_weight is not None and self.cls_plus_target == "probabilities":
             raise TypeError("cls_plus_target='probabilities' needs the teacher's sample logits (a UDITeacher, "
                             "without teacher_weight)")
@@ -267,16 +267,16 @@ class UDILoss(nn.Module):
         self._check_samples(teacher.patch, teacher.patch_mask, "teacher patch", "patch_mask", 2 * B, teacher_width,
                             device)
         shape = (*teacher.patch.shape[:2], width)
-        if not isinstance(student.patch, Tensor) or student.patch.shape != shape:
+        if check_tensor(student.patch, "student patch").shape != shape:
             raise ValueError(f"student patch must have shape {list(shape)} (teacher patch's samples), got "
-                             f"{list(getattr(student.patch, 'shape', []))}")
+                             f"{list(student.patch.shape)}")
         check_logits(student.patch, "student patch", device)
         if isinstance(teacher, UDITargets):
             check_rows(teacher.cls_plus, "teacher cls_plus targets", (2 + 2 * L) * B, teacher_width, device)
             for value, name, shape in ((teacher.extra_patch_sum, "extra_patch_sum", (teacher_width,)),
                                        (teacher.extra_patch_count, "extra_patch_count", ())):
-                if not isinstance(value, Tensor) or value.shape != shape:
-                    raise ValueError(f"{name} must be a tensor of shape {list(shape)}")
+                if check_tensor(value, name).shape != shape:
+                    raise ValueError(f"{name} must have shape {list(shape)}, got {list(value.shape)}")
                 check_logits(value, name, device)
         elif L and B:
             self._check_samples(teacher.local, teacher.local_mask, "teacher local", "local_mask", 2 * L * B,
@@ -286,9 +286,8 @@ class UDILoss(nn.Module):
 
     def _check_samples(self, samples, mask, name: str, mask_name: str, rows: int, width: int, device):
         """samples [rows, S, width] floating and mask [rows, S] bool."""
-        if not isinstance(samples, Tensor) or samples.dim() != 3 or samples.shape[0] != rows or \
-                samples.shape[2] != width:
-            got = list(samples.shape) if isinstance(samples, Tensor) else type(samples).__name__
-            raise ValueError(f"{name} must have shape [{rows}, S, {width}], got {got}")
+        check_tensor(samples, name)
+        if samples.dim() != 3 or samples.shape[0] != rows or samples.shape[2] != width:
+            raise ValueError(f"{name} must have shape [{rows}, S, {width}], got {list(samples.shape)}")
         check_logits(samples, name, device)
         check_mask(mask, mask_name, samples.shape[:2], device)

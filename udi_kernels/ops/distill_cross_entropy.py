@@ -25,15 +25,14 @@ from torch import Tensor
 
 from .. import backends
 from .._native import native_loaded
-from ..checks import check_bool, check_float, require
+from ..checks import check_bool, check_float, check_tensor, require
 from ..declarations import DISTILL_CROSS_ENTROPY
-from ..dtypes import compute_dtype
+from ..dtypes import FLOATING, INDICES, STATISTICS, compute_dtype
 from ..reference import distill_cross_entropy as reference
 from .autocast import autocast_off
 from .registration import Backward, register_kernels
 
 OP = DISTILL_CROSS_ENTROPY.name
-FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 class DistillCrossEntropyResult(NamedTuple):
@@ -156,31 +155,17 @@ if native_loaded():
 
 # ---- checks ----------------------------------------------------------------------------------------------------
 
-def _check_tensor(value, name, dims, dtypes, device=None):
-    if not isinstance(value, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if value.dim() != dims:
-        raise ValueError(f"{name} must have {dims} dimension(s), got shape {list(value.shape)}")
-    if value.dtype not in dtypes:
-        raise TypeError(f"{name} must have a dtype in {[str(d) for d in dtypes]}, got {value.dtype}")
-    if device is not None and value.device != device:
-        raise ValueError(f"{name} must be on {device} (like student), got {value.device}")
-
-
 def _check_length(value, name, length, what):
     if value.shape[0] != length:
         raise ValueError(f"{name} must have length {length} ({what}), got {value.shape[0]}")
 
 
-_INDICES = (torch.int32, torch.int64)
-
-
 def _check_logits(student, teacher, centers, tau_s, tau_t):
     """The [*, K] arguments (dims, dtypes, devices, a shared positive K) and the temperatures."""
-    _check_tensor(student, "student", 2, FLOATS)
+    check_tensor(student, "student", dims=2, dtypes=FLOATING)
     device = student.device
-    _check_tensor(teacher, "teacher", 2, FLOATS, device)
-    _check_tensor(centers, "centers", 2, (torch.float32, torch.float64), device)
+    check_tensor(teacher, "teacher", device=device, dims=2, dtypes=FLOATING)
+    check_tensor(centers, "centers", device=device, dims=2, dtypes=STATISTICS)
     K = student.shape[1]
     if teacher.shape[1] != K or centers.shape[1] != K:
         raise ValueError(f"student, teacher and centers must share the last dimension K, got {student.shape[1]}, "
@@ -212,9 +197,9 @@ def check_pairs(device, num_teacher_rows, center_id, pair_student, pair_teacher,
     """The pair arguments of distill_cross_entropy and linear_distill_cross_entropy: dims, dtypes, devices and
     lengths (one center_id and row_weight per teacher row, one of each per pair)."""
     for value, name in ((center_id, "center_id"), (pair_student, "pair_student"), (pair_teacher, "pair_teacher")):
-        _check_tensor(value, name, 1, _INDICES, device)
+        check_tensor(value, name, device=device, dims=1, dtypes=INDICES)
     for value, name in ((pair_weight, "pair_weight"), (row_weight, "row_weight")):
-        _check_tensor(value, name, 1, (torch.float32, torch.float64), device)
+        check_tensor(value, name, device=device, dims=1, dtypes=STATISTICS)
     _check_length(center_id, "center_id", num_teacher_rows, "one per teacher row")
     _check_length(row_weight, "row_weight", num_teacher_rows, "one per teacher row")
     _check_length(pair_teacher, "pair_teacher", pair_student.shape[0], "one per pair, like pair_student")
@@ -228,7 +213,7 @@ def _check_csr(csr, row_weight, student, teacher, centers):
         raise TypeError(f"csr must be a PairCSR (build_csr), got {type(csr).__name__}")
     device, (Rs, Rt, n_c) = student.device, (student.shape[0], teacher.shape[0], centers.shape[0])
     P = csr.pair_teacher.shape[0] if isinstance(csr.pair_teacher, Tensor) else -1
-    int64, floats = (torch.int64,), (torch.float32, torch.float64)
+    int64, floats = (torch.int64,), STATISTICS
     for value, name, dtypes, length in ((csr.student_offsets, "csr.student_offsets", int64, Rs + 1),
                                         (csr.pair_teacher, "csr.pair_teacher", int64, P),
                                         (csr.pair_weight, "csr.pair_weight", floats, P),
@@ -236,7 +221,7 @@ def _check_csr(csr, row_weight, student, teacher, centers):
                                         (csr.center_offsets, "csr.center_offsets", int64, n_c + 1),
                                         (csr.center_rows, "csr.center_rows", int64, Rt),
                                         (row_weight, "row_weight", floats, Rt)):
-        _check_tensor(value, name, 1, dtypes, device)
+        check_tensor(value, name, device=device, dims=1, dtypes=dtypes)
         _check_length(value, name, length, "as build_csr makes it")
 
 

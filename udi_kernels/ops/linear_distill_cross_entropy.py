@@ -25,11 +25,11 @@ from torch import Tensor
 
 from .. import backends
 from .._native import native_loaded
-from ..checks import check_bool
+from ..checks import check_bool, check_tensor
 from ..declarations import LINEAR_DISTILL_CROSS_ENTROPY
-from ..dtypes import compute_dtype
+from ..dtypes import FLOATING, STATISTICS, compute_dtype
 from ..reference import linear_distill_cross_entropy as reference
-from .distill_cross_entropy import (FLOATS, DistillCrossEntropyResult, PairCSR, _check_csr, _check_tensor,
+from .distill_cross_entropy import (DistillCrossEntropyResult, PairCSR, _check_csr,
                                     _check_values, build_csr, check_pairs, check_temperatures, disjoint_offsets)
 from .autocast import autocast_off, cast_inputs
 from .registration import Backward, register_kernels
@@ -98,11 +98,11 @@ if native_loaded() and hasattr(torch.ops.udi_kernels, OP):
 
 def _check_linear(student, weight, teacher, teacher_weight, centers, tau_s, tau_t):
     """The rows, the weights and the centers: dims, dtypes, devices, one D per side, one positive K."""
-    _check_tensor(student, "student", 2, FLOATS)
+    check_tensor(student, "student", dims=2, dtypes=FLOATING)
     device = student.device
-    _check_tensor(weight, "weight", 2, (student.dtype,), device)
-    _check_tensor(teacher, "teacher", 2, FLOATS, device)
-    _check_tensor(centers, "centers", 2, (torch.float32, torch.float64), device)
+    check_tensor(weight, "weight", device=device, dims=2, dtypes=(student.dtype,))
+    check_tensor(teacher, "teacher", device=device, dims=2, dtypes=FLOATING)
+    check_tensor(centers, "centers", device=device, dims=2, dtypes=STATISTICS)
     K, D = weight.shape
     if D != student.shape[1]:
         raise ValueError(f"weight must have shape [K, D] with student's D = {student.shape[1]}, got "
@@ -112,7 +112,7 @@ def _check_linear(student, weight, teacher, teacher_weight, centers, tau_s, tau_
             raise ValueError(f"teacher (logits, teacher_weight None) must have weight's K = {K} columns, got "
                              f"{list(teacher.shape)}")
     else:
-        _check_tensor(teacher_weight, "teacher_weight", 2, (teacher.dtype,), device)
+        check_tensor(teacher_weight, "teacher_weight", device=device, dims=2, dtypes=(teacher.dtype,))
         if list(teacher_weight.shape) != [K, teacher.shape[1]]:
             raise ValueError(f"teacher_weight must have shape [K, Dt] with weight's K = {K} and teacher's "
                              f"Dt = {teacher.shape[1]}, got {list(teacher_weight.shape)}")

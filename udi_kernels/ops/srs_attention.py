@@ -6,15 +6,14 @@ from torch import Tensor
 
 from .. import backends
 from .._native import native_loaded
-from ..checks import check_bool, check_float, first_failed, unwrapped
+from ..checks import check_bool, check_device, check_float, check_tensor, first_failed, unwrapped
 from ..declarations import SRS_ATTENTION
-from ..dtypes import compute_dtype
+from ..dtypes import FLOATING, INDICES, compute_dtype
 from ..reference import srs_attention as reference
 from .autocast import autocast_off, cast_inputs
 from .registration import Backward, register_kernels
 
 OP = SRS_ATTENTION.name
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # ---- registration: Triton custom ops, fake impls, autograd -------------------------------------
@@ -81,12 +80,9 @@ INT32_RANGE = (-2**31, 2**31)
 
 def _check_qkv(q, k, v):
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        check_tensor(t, name, dtypes=FLOATING)
         if t.dim() != 4:
             raise ValueError(f"{name} must have shape [B, H, N, D], got {list(t.shape)}")
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
     B, H, _, D = q.shape
     if k.shape[:2] != (B, H) or k.shape[3] != D:
         raise ValueError(f"k must have shape [B={B}, H={H}, N, D={D}] (like q), got {list(k.shape)}")
@@ -95,8 +91,7 @@ def _check_qkv(q, k, v):
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
             raise TypeError(f"{name} must have the dtype of q ({q.dtype}), got {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name} must be on the device of q ({q.device}), got {t.device}")
+        check_device(t, name, q.device, "the device of q ({device})")
     if k.shape[2] == 0 or D == 0:  # q may have no rows: every tap then lies outside it
         raise ValueError(f"k and v need at least one token and one channel, got k {list(k.shape)}")
 
@@ -104,24 +99,15 @@ def _check_qkv(q, k, v):
 def check_tap_args(index, weight, batch: int, device: torch.device, rows_name: str = "q") -> None:
     """index [batch, S, T >= 1] int32/int64 and weight None or a floating tensor of its shape, both on `device`.
     Shapes, dtypes and devices only (no device sync); rows_name names what the taps index, for the messages."""
-    if not isinstance(index, Tensor):
-        raise TypeError(f"index must be a torch.Tensor, got {type(index).__name__}")
+    on = "the device of " + rows_name + " ({device})"
+    check_tensor(index, "index", dtypes=INDICES)
     if index.dim() != 3 or index.shape[0] != batch or index.shape[2] == 0:
         raise ValueError(f"index must have shape [B={batch}, S, T>=1] (B of {rows_name}), got {list(index.shape)}")
-    if index.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"index must be int32 or int64, got {index.dtype}")
-    if index.device != device:
-        raise ValueError(f"index must be on the device of {rows_name} ({device}), got {index.device}")
-    if weight is None:
-        return
-    if not isinstance(weight, Tensor):
-        raise TypeError(f"weight must be a torch.Tensor or None, got {type(weight).__name__}")
-    if weight.shape != index.shape:
-        raise ValueError(f"weight must have the shape of index {list(index.shape)}, got {list(weight.shape)}")
-    if not weight.dtype.is_floating_point:
-        raise TypeError(f"weight must be a floating tensor, got {weight.dtype}")
-    if weight.device != device:
-        raise ValueError(f"weight must be on the device of {rows_name} ({device}), got {weight.device}")
+    check_device(index, "index", device, on)
+    if check_tensor(weight, "weight", optional=True) is not None:
+        if weight.shape != index.shape:
+            raise ValueError(f"weight must have the shape of index {list(index.shape)}, got {list(weight.shape)}")
+        check_device(weight, "weight", device, on)
 
 
 def _index_range_message(index, low, high):
@@ -234,8 +220,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, index: Tensor, weight: Tensor, scale
     (udi_kernels.nn): index int32, weight in compute_dtype(q.dtype), scale a float.
     Launches no kernel besides the attention itself when q, k, v, index and weight are contiguous."""
     q, k, v = cast_inputs(q.device, q, k, v)
-    chosen = backends.resolve(SRS_ATTENTION, q.device, q.dtype, backend, num_samples=index.shape[1],
-                              head_dim=q.shape[3])
+    chosen = backends.resolve(SRS_ATTENTION, q.device, q.dtype, backend, head_dim=q.shape[3])
     with autocast_off(q.device):
         return _IMPLEMENTATIONS[chosen](q.contiguous(), k.contiguous(), v.contiguous(), index.contiguous(),
                                         weight.contiguous(), scale)

@@ -6,7 +6,7 @@ from torch import Tensor
 
 from .. import backends
 from .._native import native_loaded
-from ..checks import check_bool, check_int, require
+from ..checks import check_bool, check_int, check_tensor, require
 from ..declarations import STRATIFIED_SAMPLE
 from ..limits import MAX_GRID
 from ..reference import stratified_sample as reference
@@ -37,13 +37,9 @@ class SampledPairs(NamedTuple):
 
 
 def _fake(boxes, global_grid, global_window, local_grid, local_window, target_grid, seed, offset, image_offset):
-    B, L = boxes.shape[0], boxes.shape[1] - 2
-    Sg, Sl = (global_grid // global_window) ** 2, (local_grid // local_window) ** 2
-    ints, floats = dict(dtype=torch.int32), dict(dtype=torch.float32)
-    return (boxes.new_empty(B, 2, Sg, **ints), boxes.new_empty(B, 2, Sg, 4, **ints),
-            boxes.new_empty(B, 2, Sg, 4, **floats), boxes.new_empty(B, 2, **ints),
-            boxes.new_empty(B, L, 2, Sl, **ints), boxes.new_empty(B, L, 2, Sl, 4, **ints),
-            boxes.new_empty(B, L, 2, Sl, 4, **floats), boxes.new_empty(B, L, 2, **ints))
+    shapes = reference.output_shapes(boxes.shape[0], boxes.shape[1] - 2, global_grid, global_window, local_grid,
+                                     local_window)
+    return tuple(boxes.new_empty(shape, dtype=dtype) for shape, dtype in shapes)
 
 
 @torch.library.custom_op("udi_kernels::stratified_sample_triton", mutates_args=())
@@ -79,12 +75,9 @@ def _check_pattern(grid, window, grid_name, window_name):
 
 
 def _check_boxes(boxes):
-    if not isinstance(boxes, Tensor):
-        raise TypeError(f"boxes must be a torch.Tensor, got {type(boxes).__name__}")
+    check_tensor(boxes, "boxes", dtypes=STRATIFIED_SAMPLE.support["reference"].dtypes["*"])
     if boxes.dim() != 3 or boxes.shape[1] < 2 or boxes.shape[2] != 4:
         raise ValueError(f"boxes must have shape [B, 2 + L, 4], got {list(boxes.shape)}")
-    if boxes.dtype != torch.float32:
-        raise TypeError(f"boxes must be float32, got {boxes.dtype}")
 
 
 def _check_box_values(boxes):

@@ -23,6 +23,17 @@ def pattern_cells(num_images: int, grid: int, window: int, seed: int, offset: in
     return row, col
 
 
+def output_shapes(batch: int, num_local: int, global_grid: int, global_window: int, local_grid: int,
+                  local_window: int) -> tuple:
+    """(shape, dtype) of the 8 outputs of every backend: PairTaps [B, 2, Sg] of the global pairs, then PairTaps
+    [B, L, 2, Sl] of the local ones (src_index, tgt_index, tgt_weight, count), S = (grid // window)**2."""
+    def pair_taps(lead: tuple, samples: int):
+        return (((*lead, samples), torch.int32), ((*lead, samples, 4), torch.int32),
+                ((*lead, samples, 4), torch.float32), (lead, torch.int32))
+    return (*pair_taps((batch, 2), (global_grid // global_window) ** 2),
+            *pair_taps((batch, num_local, 2), (local_grid // local_window) ** 2))
+
+
 def _full(like: torch.Tensor, value: float) -> torch.Tensor:
     return torch.full_like(like, value)
 

@@ -117,6 +117,18 @@ def kv_block(k, v, head, keys, dims, N, D):
 
 
 @triton.jit
+def key_tile(q_s, q_exp, k, v, head, start, dims, N, D, scale_mantissa, scale_exponent, PRECISION: tl.constexpr,
+             BLOCK_N: tl.constexpr):
+    """The tile of BLOCK_N keys from `start` that the forward and the dq kernel sweep: (keys, v block, k operand
+    and its exponent, the logits of q_s over it)."""
+    keys = start + tl.arange(0, BLOCK_N)
+    k_block, v_block, _, _ = kv_block(k, v, head, keys, dims, N, D)
+    k_op, k_exp = normalized_keys(k_block)
+    return keys, v_block, k_op, k_exp, scaled_logits(q_s, q_exp, k_op, k_exp, scale_mantissa, scale_exponent,
+                                                     PRECISION)
+
+
+@triton.jit
 def _forward_kernel(q, k, v, index, weight, out, lse, H, NQ, N, S, T, D, scale_mantissa, scale_exponent,
                     BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                     PRECISION: tl.constexpr):
@@ -128,10 +140,8 @@ def _forward_kernel(q, k, v, index, weight, out, lse, H, NQ, N, S, T, D, scale_m
     row_sum = tl.zeros((BLOCK_S,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_S, BLOCK_D), dtype=tl.float32)
     for start in range(0, N, BLOCK_N):
-        keys = start + tl.arange(0, BLOCK_N)
-        k_block, v_block, _, _ = kv_block(k, v, head, keys, dims, N, D)
-        k_op, k_exp = normalized_keys(k_block)
-        logits = scaled_logits(q_s, q_exp, k_op, k_exp, scale_mantissa, scale_exponent, PRECISION)
+        keys, v_block, _, _, logits = key_tile(q_s, q_exp, k, v, head, start, dims, N, D, scale_mantissa,
+                                               scale_exponent, PRECISION, BLOCK_N)
         logits = tl.where((keys < N)[None, :], logits, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(logits, 1))
         p = tl.exp(logits - new_max[:, None])

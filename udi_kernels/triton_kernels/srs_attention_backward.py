@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .srs_attention import (block_sizes, dot_precision, kv_block, launch_options, normalized_keys,
+from .srs_attention import (block_sizes, dot_precision, key_tile, kv_block, launch_options, normalized_keys,
                            normalized_tile, sample_block, scaled_logits, scaled_queries, times_power_of_two)
 
 
@@ -40,10 +40,8 @@ def _query_grad_kernel(q, k, v, index, weight, grad_out, out, lse, dq_s, delta, 
 
     acc = tl.zeros((BLOCK_S, BLOCK_D), dtype=tl.float32)
     for start in range(0, N, BLOCK_N):
-        keys = start + tl.arange(0, BLOCK_N)
-        k_block, v_block, _, _ = kv_block(k, v, head, keys, dims, N, D)
-        k_op, k_exp = normalized_keys(k_block)
-        logits = scaled_logits(q_s, q_exp, k_op, k_exp, scale_mantissa, scale_exponent, PRECISION)
+        keys, v_block, k_op, k_exp, logits = key_tile(q_s, q_exp, k, v, head, start, dims, N, D, scale_mantissa,
+                                                      scale_exponent, PRECISION, BLOCK_N)
         p = tl.where((keys < N)[None, :], tl.exp(logits - row_lse[:, None]), 0.0)
         dp = tl.dot(d_out.to(v_block.dtype), tl.trans(v_block), input_precision=PRECISION)
         ds = p * (dp - row_delta[:, None])

@@ -3,13 +3,13 @@
 Bit-identical to csrc/stratified_sample.h: the same Philox stream, correctly rounded division
 (div_rn) and no FMA contraction (launched with enable_fp_fusion=False).
 
-Shapes: boxes [B, 2 + L, 4] float32 ->
-  globals: src_index [B, 2, Sg] int32, tgt_index [B, 2, Sg, 4] int32, tgt_weight [B, 2, Sg, 4] float32, count [B, 2]
-  locals:  the same with [B, L, 2, Sl, ...] and count [B, L, 2]
+Shapes: boxes [B, 2 + L, 4] float32 -> the outputs of udi_kernels.reference.stratified_sample.output_shapes.
 """
 import torch
 import triton
 import triton.language as tl
+
+from ..reference.stratified_sample import output_shapes
 
 
 @triton.jit
@@ -99,12 +99,6 @@ def _stratified_sample_kernel(boxes_ptr, g_src, g_tgt, g_weight, g_count, l_src,
                     num_samples)
 
 
-def _empty_pairs(boxes, lead, num_samples):
-    ints = dict(dtype=torch.int32, device=boxes.device)
-    return (torch.empty(*lead, num_samples, **ints), torch.empty(*lead, num_samples, 4, **ints),
-            torch.empty(*lead, num_samples, 4, dtype=torch.float32, device=boxes.device), torch.empty(*lead, **ints))
-
-
 def as_int32_bits(word: int) -> int:
     """A uint32 counter word as the int32 with the same bits: Triton passes ints from 2**31 as 64-bit values, which
     tl.philox cannot take as 32-bit counters."""
@@ -115,9 +109,10 @@ def stratified_sample(boxes, global_grid, global_window, local_grid, local_windo
                       image_offset):
     """Same contract as udi_kernels.stratified_sample (arguments already checked); returns 8 tensors."""
     B, L = boxes.shape[0], boxes.shape[1] - 2
-    Sg, Sl = (global_grid // global_window) ** 2, (local_grid // local_window) ** 2
-    globals_ = _empty_pairs(boxes, (B, 2), Sg)
-    locals_ = _empty_pairs(boxes, (B, L, 2), Sl)
+    outputs = [torch.empty(shape, dtype=dtype, device=boxes.device)
+               for shape, dtype in output_shapes(B, L, global_grid, global_window, local_grid, local_window)]
+    globals_, locals_ = outputs[:4], outputs[4:]
+    Sg, Sl = globals_[0].shape[-1], locals_[0].shape[-1]
     if B > 0:
         _stratified_sample_kernel[(B, 2 + 2 * L)](boxes, *globals_, *locals_, 2 + L, global_grid, global_window,
                                                   local_grid, local_window, target_grid, seed, as_int32_bits(offset),
