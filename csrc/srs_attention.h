@@ -32,7 +32,9 @@ UDI_HOST_DEVICE float tapped_query(const Inputs<scalar_t>& a, int64_t b, int64_t
   float acc = 0.f;
   for (int64_t t = 0; t < a.T; ++t) {
     const int32_t idx = a.index[taps + t];
-    if (tap_in_range(idx, a.Nq)) acc += a.weight[taps + t] * static_cast<float>(q_head[idx * a.D + d]);
+    const float w = a.weight[taps + t];
+    // A weight-0 tap is left out exactly, whatever its row holds (0 * NaN would be NaN).
+    if (tap_in_range(idx, a.Nq) && w != 0.f) acc += w * static_cast<float>(q_head[idx * a.D + d]);
   }
   return acc;
 }

@@ -94,6 +94,8 @@ def test_visualize_refuses_more_images_than_the_held_out_split(checkpoint, capsy
     (["--embedded_data", "digits", "--global_crop_size", "2048", "--embedded_images", "1280"],
      "--embedded_images 1280: generated digits of --global_crop_size 2048 px would hold 200.0 GiB"),
     (["--knn_data_path", "KNN"], "is read by the final evaluation, which --final_eval false skips"),
+    (["--teacher_temp", "1e-40"], "--teacher_temp: expected a finite number in [1.1754943508222875e-38,"),
+    (["--warmup_teacher_temp", "1e-39"], "--warmup_teacher_temp: expected a finite number in [1.17549"),
 ])
 def test_sizes_and_unused_flags_are_refused_when_parsed(tmp_path, capsys, flags, message):
     (tmp_path / "KNN" / "train").mkdir(parents=True)

@@ -258,6 +258,8 @@ def test_masked_attention_bad_shapes_are_named():
         module(torch.randn(2, 7, 12), torch.rand(1, 2, 3, 8))
     with pytest.raises(ValueError, match="divisible"):
         MaskedAttention(12, 5)
+    with pytest.raises(ValueError, match="x must be on the device of the module's parameters"):
+        module(torch.randn(2, 7, 12, device="meta"), torch.rand(1, 2, 3, 7))  # x named, not map
 
 
 # ---- UDILoss -------------------------------------------------------------------------------------------------------
@@ -568,6 +570,16 @@ def test_lightly_dino_loss_interface():
     before = loss_fn.center.clone()
     loss_fn.update_center(torch.ones(2, 3, 12))  # lightly's public update: [views, B, K]
     torch.testing.assert_close(loss_fn.center, 0.8 * before + 0.2)
+
+
+def test_lightly_dino_loss_takes_temperatures_that_carry_a_graph():
+    """A learned or scheduled τt tensor that requires grad is a number to the loss (lightly's float32 rounding)."""
+    temperature = torch.tensor(0.05, requires_grad=True)
+    loss_fn = LightlyDINOLoss(12, temperature, temperature * 2, 3)
+    views = [torch.randn(2, 12), torch.randn(2, 12)]
+    expected = LightlyDINOLoss(12, 0.05, 0.1, 3)(views, views, teacher_temp=0.05)
+    assert torch.equal(loss_fn(views, views, teacher_temp=temperature), expected)
+    assert loss_fn.teacher_temperature(epoch=5) == float(np.float32(0.1))
 
 
 def test_lightly_dino_loss_empty_batch():

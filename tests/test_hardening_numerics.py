@@ -1,5 +1,5 @@
 """Regression tests of issue 21 (hardening round 4), numerics: no intermediate overflow where the logit is finite
-(21.1), weight-0 rows and pairs left out exactly whatever their values (21.4), on every backend the CPU has
+(21.1), weight-0 rows, pairs and attention taps left out exactly whatever their values (21.4), on every backend the CPU has
 (Triton under the interpreter); the `gpu` ones run native and Triton on CUDA (scripts/gpu_check.sh)."""
 import math
 
@@ -10,7 +10,7 @@ import udi_kernels
 from udi_kernels import backends, srs_attention
 
 from test_distill_cross_entropy import make_case
-from test_hardening import attention_case
+from test_hardening import attention_case, attention_forward_backward
 
 ATTENTION = backends.available("srs_attention", "cpu")
 DISTILL = backends.available("distill_cross_entropy", "cpu")
@@ -161,6 +161,38 @@ def test_linear_weight_zero_rows_are_left_out_exactly(backend, teacher_logits):
     for got, expected in zip(linear_results(poisoned, backend, teacher_logits),
                              linear_results(clean, backend, teacher_logits)):
         assert torch.equal(got, expected)
+
+
+def attention_weight_zero_case(poison, device="cpu"):
+    """Query row 7 is read only by taps of weight 0 and holds `poison` in the first case; the second case, with
+    that row finite, is what every result must equal."""
+    q, k, v, index, weight = attention_case()
+    unread = 7
+    index = torch.where(index == unread, unread + 1, index)
+    index[0, 1, 2], index[1, 3, 0], index[1, 4, 3] = unread, unread, unread
+    weight[0, 1, 2], weight[1, 3, 0], weight[1, 4, 3] = 0.0, 0.0, 0.0
+    poisoned = q.clone()
+    poisoned[:, :, unread, ::2] = poison
+    return [[t.to(device) for t in (queries, k, v, index, weight)] for queries in (poisoned, q)]
+
+
+def assert_weight_zero_taps_left_out(backend, poison, device="cpu"):
+    poisoned, clean = attention_weight_zero_case(poison, device)
+    for name, got, expected in zip(("out", "dq", "dk", "dv"), attention_forward_backward(*poisoned, backend),
+                                   attention_forward_backward(*clean, backend)):
+        assert torch.equal(got, expected), name
+
+
+@pytest.mark.parametrize("poison", [NAN, math.inf])
+@pytest.mark.parametrize("backend", ATTENTION)
+def test_attention_weight_zero_taps_are_left_out_exactly(backend, poison):
+    assert_weight_zero_taps_left_out(backend, poison)
+
+
+@gpu
+@pytest.mark.parametrize("backend", ["native", "triton"])
+def test_gpu_attention_weight_zero_taps_are_left_out_exactly(backend):
+    assert_weight_zero_taps_left_out(backend, NAN, "cuda")
 
 
 @pytest.mark.parametrize("backend", DISTILL)

@@ -171,6 +171,26 @@ def test_grad_on_the_reference_is_autograds(op):
     assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("op", OPS[1:])
+def test_forward_mode_on_the_reference_is_the_directional_derivative(op):
+    """jvp's tangent (forward mode) equals the reverse-mode gradient dotted with the direction, and jacfwd the
+    gradient (distill_cross_entropy in float64: to 1e-10; the others, whose other tensors are float32: to 1e-4);
+    the losses' hessians (forward over reverse) are symmetric."""
+    first, call = case_of(op)
+    loss = scalar(op, call)
+    f = lambda x: loss(x, backend="reference")  # noqa: E731
+    in_float64 = op == "distill_cross_entropy"
+    first = first.double() if in_float64 else first
+    tolerance = dict(rtol=1e-10, atol=1e-12) if in_float64 else dict(rtol=1e-4, atol=1e-5)
+    direction = torch.randn(first.shape, generator=torch.Generator().manual_seed(5), dtype=first.dtype)
+    _, tangent = torch.func.jvp(f, (first,), (direction,))
+    assert torch.allclose(tangent, (grad(f)(first) * direction).sum(), **tolerance)
+    assert torch.allclose(torch.func.jacfwd(f)(first), grad(f)(first), **tolerance)
+    if op != "srs_attention":  # (its q has 1824 elements)
+        hessian = torch.func.hessian(f)(first).flatten(0, 1).flatten(1)
+        assert (hessian - hessian.T).abs().max() <= tolerance["rtol"] * hessian.abs().max()
+
+
 @pytest.mark.parametrize("transform", ["grad", "jacrev", "vmap_grad"])
 @pytest.mark.parametrize("op,backend", [(op, b) for op in OPS[1:] for b in backends.available(op, "cpu")
                                         if b != "reference"])

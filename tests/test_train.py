@@ -375,6 +375,16 @@ def test_knn_classify_separable():
     assert knn_classify(features[:45], labels[:45], features[45:], (labels[45:] + 1) % 3, k=5) == 0.0
 
 
+@pytest.mark.parametrize("temperature, winner", [(0.07, 0), (1e-3, 2), (1e-30, 2)])
+def test_knn_vote_is_finite_at_any_temperature(temperature, winner):
+    """One neighbour of class 2 at similarity 0.99, four of class 0 at 0.9: DINO's 0.07 lets the four outvote it,
+    a small temperature (where exp(sim / T) overflows) leaves the nearest alone."""
+    test = torch.tensor([[1.0, 0.0]])
+    train = torch.tensor([[0.99, (1 - 0.99 ** 2) ** 0.5]] + [[0.9, -(1 - 0.9 ** 2) ** 0.5]] * 4)
+    labels = torch.tensor([2, 0, 0, 0, 0])
+    assert knn_classify(train, labels, test, torch.tensor([winner]), k=5, temperature=temperature) == 100.0
+
+
 def test_linear_probe_learns_separable_classes_and_not_shuffled_ones():
     gen = torch.Generator().manual_seed(0)
     directions = torch.randn(4, 24, generator=gen)

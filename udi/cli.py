@@ -10,7 +10,7 @@ import shlex
 
 from .digits import TRAIN_DIGITS
 from .distributed import DEFAULT_MASTER_PORT, launch_from_env
-from .flags import (NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, SEED_RANGE, HelpFormatter, float_in, int_in, str2bool,
+from .flags import (NON_NEGATIVE_FLOAT, SEED_RANGE, TEMPERATURE, HelpFormatter, float_in, int_in, str2bool,
                     unwritable)
 from .model import DINO_ARCHS, POS_EMBED_RESAMPLING
 
@@ -119,9 +119,9 @@ def add_model_flags(p):
     model.add_argument("--alpha", default=0.5, type=FRACTION,
                        help="cls+ target: alpha * patch mean + (1 - alpha) * cls")
     temperatures = p.add_argument_group("teacher temperature")
-    temperatures.add_argument("--warmup_teacher_temp", default=0.04, type=POSITIVE_FLOAT,
+    temperatures.add_argument("--warmup_teacher_temp", default=0.04, type=TEMPERATURE,
                               help="teacher temperature at epoch 0")
-    temperatures.add_argument("--teacher_temp", default=0.07, type=POSITIVE_FLOAT,
+    temperatures.add_argument("--teacher_temp", default=0.07, type=TEMPERATURE,
                               help="teacher temperature after the warm-up")
     temperatures.add_argument("--warmup_teacher_temp_epochs", default=30, type=EPOCHS,
                               help="epochs of the linear warm-up of the teacher temperature (at most --epochs)")

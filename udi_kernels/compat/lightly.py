@@ -47,8 +47,8 @@ class DINOLoss(nn.Module):
         if center_mode != "mean":
             raise ValueError(f"Unknown mode '{center_mode}'. Valid modes are ['mean'].")
         check_int(output_dim, "output_dim", 1)
-        check_temperature(warmup_teacher_temp, "warmup_teacher_temp")
-        check_temperature(teacher_temp, "teacher_temp")
+        warmup_teacher_temp = check_temperature(warmup_teacher_temp, "warmup_teacher_temp")
+        teacher_temp = check_temperature(teacher_temp, "teacher_temp")
         check_int(warmup_teacher_temp_epochs, "warmup_teacher_temp_epochs", 0)
         check_common_arguments(student_temp, center_momentum, center_mean)
         check_backend(backend)
@@ -79,7 +79,7 @@ class DINOLoss(nn.Module):
     def teacher_temperature(self, teacher_temp: Optional[float] = None, epoch: Optional[int] = None) -> float:
         """τt as lightly picks it, rounded to float32 as lightly's temperature tensors are."""
         if teacher_temp is not None:
-            check_temperature(teacher_temp, "teacher_temp")
+            teacher_temp = check_temperature(teacher_temp, "teacher_temp")
         if epoch is not None:
             check_int(epoch, "epoch", 0)
         if teacher_temp is None and epoch is not None and epoch < self.warmup_teacher_temp_epochs:

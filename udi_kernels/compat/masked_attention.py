@@ -95,13 +95,13 @@ class MaskedAttention(TappedAttention):
     def _check(self, x: Tensor, map: Tensor):
         C = self.qkv.in_features
         check_tensor(x, "x")
-        check_tensor(map, "map", device=x.device)
         if x.dim() != 3 or x.shape[2] != C:
             raise ValueError(f"x must have shape [B, N, {C}], got {list(x.shape)}")
         check_input_dtype(self, x, "x")
         if x.device != self.qkv.weight.device:
             raise ValueError(f"x must be on the device of the module's parameters ({self.qkv.weight.device}), got "
                              f"{x.device}")
+        check_tensor(map, "map", device=x.device)
         B, N = x.shape[:2]
         if map.dim() != 4 or map.shape[1] != B or map.shape[3] != N:
             raise ValueError(f"map must have shape [M, B={B}, S, N={N}], got {list(map.shape)}")

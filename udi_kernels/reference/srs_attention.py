@@ -17,12 +17,13 @@ def default_scale(head_dim: int) -> float:
 
 
 def tapped_queries(q: Tensor, index: Tensor, weight: Tensor) -> Tensor:
-    """q_s = sum_t weight[b, s, t] * q[b, :, index[b, s, t]] over the taps inside [0, Nq):
-    [B, H, Nq, D] -> [B, H, S, D]. The other taps read a zero row past the end with weight 0."""
+    """q_s = sum_t weight[b, s, t] * q[b, :, index[b, s, t]] over the taps inside [0, Nq) of nonzero weight:
+    [B, H, Nq, D] -> [B, H, S, D]. The other taps read a zero row past the end with weight 0, so a weight-0 tap
+    is left out exactly, whatever its query row holds (NaN, inf), as in every kernel."""
     B, H, Nq, D = q.shape
     S, T = index.shape[1:]
     index = index.long()
-    inside = (index >= 0) & (index < Nq)
+    inside = (index >= 0) & (index < Nq) & (weight != 0)
     rows = torch.where(inside, index, Nq).reshape(B, 1, S * T, 1).expand(B, H, S * T, D)
     padded = torch.cat([q, q.new_zeros(B, H, 1, D)], dim=2)
     taps = padded.gather(2, rows).reshape(B, H, S, T, D)
@@ -53,7 +54,8 @@ def _scaled(x: Tensor, mantissa: float, exponent: Tensor) -> Tensor:
 
 class _ScaledLogits(torch.autograd.Function):
     """q_s k^T * scale (scaled_logits' forward); the backward is the plain product's, (g * scale) k and
-    (g * scale)^T q_s, so that no power of two of the forward enters the gradients."""
+    (g * scale)^T q_s, so that no power of two of the forward enters the gradients; the forward-mode derivative
+    (jvp) is the product rule, dq_s k^T * scale + q_s dk^T * scale, each term formed as the forward."""
     generate_vmap_rule = True  # torch.func.vmap: forward and backward are plain torch ops
 
     @staticmethod
@@ -70,6 +72,17 @@ class _ScaledLogits(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         q_s, k, ctx.scale = inputs
         ctx.save_for_backward(q_s, k)
+        ctx.save_for_forward(q_s, k)
+
+    @staticmethod
+    def jvp(ctx, q_s_tangent, k_tangent, _):
+        # forward-mode (torch.func.jvp, jacfwd, hessian): the product rule, each term formed as the forward is
+        q_s, k = ctx.saved_tensors
+        tangent = None if q_s_tangent is None else _ScaledLogits.forward(q_s_tangent, k, ctx.scale)
+        if k_tangent is not None:
+            term = _ScaledLogits.forward(q_s, k_tangent, ctx.scale)
+            tangent = term if tangent is None else tangent + term
+        return tangent
 
     @staticmethod
     def backward(ctx, grad):

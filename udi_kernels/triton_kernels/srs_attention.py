@@ -8,7 +8,7 @@ scaled by a power of two so that its largest element lies in [2^13, 2^14) (exact
 
 Shapes (contiguous): q [B, H, NQ, D], k, v [B, H, N, D] fp32/fp16/bf16; index [B, S, T] int32 into
 the NQ rows of q; weight [B, S, T] fp32 -> out [B, H, S, D] (dtype of q), lse [B, H, S] fp32 (natural
-log of the scaled logits). Taps outside [0, NQ) are skipped (weight 0), as in every backend: the public op
+log of the scaled logits). Taps outside [0, NQ) and taps of weight 0 are skipped, as in every backend: the public op
 checks them only with check_taps=True.
 """
 import math
@@ -26,6 +26,7 @@ def tapped_queries(q_head, index_row, weight_row, sample, sample_ok, dims, dim_o
         idx = tl.load(index_row + sample * T + t, mask=sample_ok, other=0)
         tap_ok = sample_ok & (idx >= 0) & (idx < NQ)
         w = tl.load(weight_row + sample * T + t, mask=tap_ok, other=0.0)  # a skipped tap's weight is not read
+        tap_ok = tap_ok & (w != 0)  # a weight-0 tap is left out exactly, whatever its row holds
         rows = tl.load(q_head + idx[:, None].to(tl.int64) * D + dims[None, :],
                        mask=tap_ok[:, None] & dim_ok[None, :], other=0.0)
         acc += w[:, None] * rows.to(tl.float32)
