@@ -39,17 +39,20 @@ UDI_HOST_DEVICE float tapped_query(const Inputs<scalar_t>& a, int64_t b, int64_t
   return acc;
 }
 
-// e with the largest |row[d]| * 2^-e in [0.5, 1), clamped so that 2^-e is a float (a zero row gives -126).
+// e with every |row[d]| * 2^-e below 2^-b, b the bit length of D: a dot of the scaled row with D floats (each
+// below 2^128) then stays below the float max. Clamped so that 2^-e is a float (a zero row gives -126).
 UDI_HOST_DEVICE int row_exponent(const float* row, int64_t D) {
   float top = 0.f;
   for (int d = 0; d < D; ++d) top = fmaxf(top, fabsf(row[d]));
   int e = 0;
   frexpf(top, &e);
+  for (int64_t n = D; n > 0; n >>= 1) ++e;
   return e > -126 ? e : -126;
 }
 
 // The logit q_s . k * scale without an intermediate that overflows where the logit is finite: q_s enters the dot
-// scaled by 2^-e_q (elements below 1, exact), scale as its mantissa, and the powers of two come last (ldexpf, exact).
+// scaled by 2^-e_q (row_exponent: exact, and no overflow whatever k holds), scale as its mantissa, and the powers of
+// two come last (ldexpf, exact).
 // Bit for bit (q_s . k) * scale wherever that neither overflows nor underflows.
 template <typename scalar_t>
 UDI_HOST_DEVICE float scaled_logit(const float* q_s, int e_q, const float* k, const Inputs<scalar_t>& a) {

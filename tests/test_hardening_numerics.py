@@ -25,6 +25,7 @@ NAN = math.nan
 # scale itself is not (the case first)
 EXTREMES = [(torch.float32, 1e20, 1e-25, 1e19), (torch.float32, 1e-30, 1e36, 1.0),
             (torch.float32, 1e-20, 1e-20, 1e39), (torch.float32, 1e-38, 1e-38, 1e70),
+            (torch.float32, 1e38, 1e38, 1e-45), (torch.float32, 3e38, 3e38, 2.0**-140),
             (torch.bfloat16, 1e20, 1e-25, 1e19), (torch.bfloat16, 1e-30, 1e36, 1.0),
             (torch.float16, 6e4, 1e-7, 1e10), (torch.float16, 1e-7, 6e4, 1e2)]
 

@@ -54,8 +54,7 @@ def _scaled(x: Tensor, mantissa: float, exponent: Tensor) -> Tensor:
 
 class _ScaledLogits(torch.autograd.Function):
     """q_s k^T * scale (scaled_logits' forward); the backward is the plain product's, (g * scale) k and
-    (g * scale)^T q_s, so that no power of two of the forward enters the gradients; the forward-mode derivative
-    (jvp) is the product rule, dq_s k^T * scale + q_s dk^T * scale, each term formed as the forward."""
+    (g * scale)^T q_s, so that no power of two of the forward enters the gradients."""
     generate_vmap_rule = True  # torch.func.vmap: forward and backward are plain torch ops
 
     @staticmethod
@@ -63,26 +62,15 @@ class _ScaledLogits(torch.autograd.Function):
         bias = _FLOAT_LAYOUT[q_s.dtype][1]
         # q rows scaled to below 2^top, top <= 0 chosen so that a dot of D terms with k stays below the float max
         top = (bias - q_s.shape[-1].bit_length() - _exponent(_largest_magnitude(k))).clamp(max=0)
-        e_q = (_exponent(q_s.abs().amax(-1, keepdim=True)) - top).clamp(-bias, bias - 1)
+        # (in up to three exact steps: 2^-e_q itself may lie outside the normal floats, for q and k both near the max)
+        e_q = _exponent(q_s.abs().amax(-1, keepdim=True)) - top
         mantissa, e_scale = math.frexp(scale)
-        return _scaled(torch.matmul(q_s * _power_of_two(-e_q, q_s.dtype), k.transpose(-1, -2)), mantissa,
-                       e_q + e_scale)
+        return _scaled(torch.matmul(_scaled(q_s, 1.0, -e_q), k.transpose(-1, -2)), mantissa, e_q + e_scale)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         q_s, k, ctx.scale = inputs
         ctx.save_for_backward(q_s, k)
-        ctx.save_for_forward(q_s, k)
-
-    @staticmethod
-    def jvp(ctx, q_s_tangent, k_tangent, _):
-        # forward-mode (torch.func.jvp, jacfwd, hessian): the product rule, each term formed as the forward is
-        q_s, k = ctx.saved_tensors
-        tangent = None if q_s_tangent is None else _ScaledLogits.forward(q_s_tangent, k, ctx.scale)
-        if k_tangent is not None:
-            term = _ScaledLogits.forward(q_s, k_tangent, ctx.scale)
-            tangent = term if tangent is None else tangent + term
-        return tangent
 
     @staticmethod
     def backward(ctx, grad):
@@ -96,6 +84,26 @@ class _ScaledLogits(torch.autograd.Function):
         grad_dot = _scaled(grad, mantissa, torch.tensor(inside, device=grad.device))
         return (_scaled(torch.matmul(grad_dot, k), 1.0, outside),
                 _scaled(torch.matmul(q_s.transpose(-1, -2), grad_dot).transpose(-1, -2), 1.0, outside), None)
+
+
+class _ScaledLogitsForwardMode(_ScaledLogits):
+    """_ScaledLogits with its forward-mode derivative (torch.func.jvp, jacfwd, hessian): the product rule,
+    dq_s k^T * scale + q_s dk^T * scale, each term formed as the forward is. Eager only: Dynamo traces no
+    autograd.Function with a custom jvp, so compiled code takes _ScaledLogits."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _ScaledLogits.setup_context(ctx, inputs, output)
+        ctx.save_for_forward(*inputs[:2])
+
+    @staticmethod
+    def jvp(ctx, q_s_tangent, k_tangent, _):
+        q_s, k = ctx.saved_tensors
+        tangent = None if q_s_tangent is None else _ScaledLogits.forward(q_s_tangent, k, ctx.scale)
+        if k_tangent is not None:
+            term = _ScaledLogits.forward(q_s, k_tangent, ctx.scale)
+            tangent = term if tangent is None else tangent + term
+        return tangent
 
 
 def _largest_magnitude(k: Tensor) -> Tensor:
@@ -114,7 +122,9 @@ def scaled_logits(q_s: Tensor, k: Tensor, scale: float) -> Tensor:
     row of q_s enters the dot scaled by a power of two (below 1, and small enough that D products with the largest
     |k| of its head stay finite), scale as its mantissa, the powers of two come last. Bit for bit the plain
     product wherever that neither overflows nor underflows (powers of two are exact), gradients included."""
-    return _ScaledLogits.apply(q_s, k, scale)
+    if torch.compiler.is_compiling():
+        return _ScaledLogits.apply(q_s, k, scale)
+    return _ScaledLogitsForwardMode.apply(q_s, k, scale)
 
 
 def srs_attention(q: Tensor, k: Tensor, v: Tensor, index: Tensor, weight=None, scale=None) -> Tensor:
