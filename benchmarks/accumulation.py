@@ -17,8 +17,6 @@ if not __package__:  # `python benchmarks/x.py`: the repository root on the path
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 
@@ -57,23 +55,7 @@ def measure_here(args, accum_iter: int) -> dict:
         step.update_teacher(0.996)
 
     train_step()  # warm-up: optimizer states, thread pools
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        train_step()
-        torch.cuda.synchronize()
-        memory = {"peak_extra_bytes": torch.cuda.max_memory_allocated() - before}
-    else:
-        memory = common.rss_of_call(train_step)
-    times = []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        train_step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return {**memory, "step_ms": statistics.median(times), "rounds_ms": times}
+    return common.step_memory_and_times(train_step, device, args.steps)
 
 
 def main():

@@ -168,6 +168,22 @@ def rss_of_call(fn) -> dict:
     return {"peak_extra_bytes": (peak - before) * 1024, "working_bytes": (peak - after) * 1024}
 
 
+def step_memory_and_times(train_step, device, steps: int) -> dict:
+    """A training step's memory, then its time: after the caller's warm-up call, one call measured for memory
+    (peak_extra_bytes on CUDA, rss_of_call's peak RSS on the CPU: call it in a fresh process), then `steps` timed
+    calls. Returns dict(peak_extra_bytes, [working_bytes,] step_ms=their median, rounds_ms=each)."""
+    memory = ({"peak_extra_bytes": peak_extra_bytes(train_step, device)} if device.type == "cuda"
+              else rss_of_call(train_step))
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        train_step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return {**memory, "step_ms": statistics.median(times), "rounds_ms": times}
+
+
 def fresh_process_json(module: str, args: list) -> dict:
     """Runs `python -m <module> <args>` from the repository root and returns the JSON of its last output line. Every
     allocation of 64 KiB or more is mapped and unmapped by itself in the child (MALLOC_MMAP_THRESHOLD_): what a

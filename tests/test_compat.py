@@ -387,14 +387,17 @@ def test_udi_loss_matches_the_reference(backend, config, shape):
 
 
 @pytest.mark.parametrize("backend", [b for b in LOSS_BACKENDS if b != "triton"])
-def test_udi_loss_float64_is_exact(backend):
-    """B = 2, L = 2: the mean weights 1 / (2B), 1 / (2LB) of the cached pair tables are float32, exact here."""
-    B, L, K = 2, 2, 41
+@pytest.mark.parametrize("B, L", [(2, 2), (3, 1)])
+def test_udi_loss_float64_is_exact(backend, B, L):
+    """Loss, parts, gradients and the updated centers in float64, to float64 rounding (B = 3: mean weights 1 / 6
+    that no float32 holds)."""
+    K = 41
     loss_fn = UDILoss(L, K, SCHEDULE, backend=backend).double()
     student, teacher, leaves = nested_outputs(B, L, K, 4, 3, seed=4, dtype=torch.float64)
     total, parts = loss_fn(student, teacher, 2)
-    expected, expected_parts, _, _ = udi_loss_reference(student, teacher, torch.zeros(3, K), SCHEDULE[2], L)
+    expected, expected_parts, means, _ = udi_loss_reference(student, teacher, torch.zeros(3, K), SCHEDULE[2], L)
     assert_close_rel(total, expected, FP64)
+    assert_close_rel(loss_fn.centering.center, 0.1 * means, FP64)
     for part, expected_part in zip(sum(parts, []), sum(expected_parts, [])):
         assert_close_rel(part, expected_part, FP64)
     for grad, expected_grad in zip(torch.autograd.grad(total, leaves), torch.autograd.grad(expected, leaves)):

@@ -206,27 +206,33 @@ def test_blend_cls_plus_matches_the_spec_row_by_row(dtype, tolerance):
     torch.testing.assert_close(by_pair[0], rows[:2 * B], rtol=0, atol=0)
 
 
+def probability_mixture_loss(student, teacher, center, tau_t, B, L):
+    """The cls+ loss with the paper's mixture of probabilities as target (cls_plus_target='probabilities'), in
+    float64: each global crop's target mixes the other crop's cls with its own sampled patches, each local crop's
+    its own cls with its patches."""
+    softmax = lambda x: torch.softmax((x.double() - center.double()) / tau_t, -1)  # noqa: E731
+
+    def mix(samples, mask, cls):
+        p = 0.5 * (mask[:, :, None] * softmax(samples)).sum(1) / (mask.sum(1, keepdim=True) + 1e-5) + 0.5 * softmax(cls)
+        return p / p.sum(-1, keepdim=True)
+
+    t_cls = teacher.cls.reshape(2, B, -1)
+    glob = mix(teacher.patch, teacher.patch_mask.double(), torch.cat([t_cls[1], t_cls[0]]))
+    loc = mix(teacher.local, teacher.local_mask.double(), teacher.cls)
+    logq = torch.log_softmax(student.cls_plus.detach().double() / 0.1, -1)
+    ce_global = -(glob * logq[:2 * B]).sum(-1).mean()
+    ce_local = -(loc * logq[2 * B:].repeat(2, 1)).sum(-1).mean()
+    return (2 * ce_global + 2 * L * ce_local) / (2 + 2 * L)
+
+
 def test_udi_probability_mixture_option():
     B, L, K = 2, 1, 61
     student, teacher = random_udi_inputs(B, L, K, 3, 3)
     loss_fn = UDILoss(K, 2 + L, cls_plus_target="probabilities")
     loss_fn.center_cls_plus.center.normal_()
     center = loss_fn.center_cls_plus.center.double().clone()
-    tau_t = 0.04
     _, parts = loss_fn(student, teacher, 0)
-    sm = lambda x: F.softmax((x.double() - center) / tau_t, -1)
-
-    def mix(samples, mask, cls):
-        p = 0.5 * (mask[:, :, None] * sm(samples)).sum(1) / (mask.sum(1, keepdim=True) + 1e-5) + 0.5 * sm(cls)
-        return p / p.sum(-1, keepdim=True)
-
-    t_cls = teacher.cls.reshape(2, B, K)
-    glob = mix(teacher.patch, teacher.patch_mask.double(), torch.cat([t_cls[1], t_cls[0]]))
-    loc = mix(teacher.local, teacher.local_mask.double(), teacher.cls)
-    logq = F.log_softmax(student.cls_plus.double() / 0.1, -1)
-    ce_global = -(glob * logq[:2 * B]).sum(-1).mean()
-    ce_local = -(loc * logq[2 * B:].repeat(2, 1)).sum(-1).mean()
-    expected = (2 * ce_global + 2 * L * ce_local) / (2 + 2 * L)
+    expected = probability_mixture_loss(student, teacher, center, 0.04, B, L)
     torch.testing.assert_close(parts["cls_plus"].double(), expected, rtol=1e-4, atol=1e-6)
 
 

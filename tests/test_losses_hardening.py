@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from test_compat import (SCHEDULE, assert_close_rel, lightly_reference, nested_outputs, udi_loss_reference)
-from test_losses import BACKENDS, _centers, dino_eager, ema, sinkhorn_eager, udi_eager
+from test_compat import SCHEDULE, assert_close_rel, lightly_reference, nested_outputs
+from test_losses import BACKENDS, _centers, dino_eager, ema, probability_mixture_loss, sinkhorn_eager, udi_eager
 from udi_kernels.compat import MaskedAttention
 from udi_kernels.compat import UDILoss as CompatUDILoss
 from udi_kernels.compat.lightly import DINOLoss as LightlyDINOLoss
-from udi_kernels.layout import UDIStudent, UDITeacher
+from udi_kernels.layout import UDITeacher
 from udi_kernels.losses import DINOLoss, IBOTPatchLoss, UDILoss, blend_cls_plus, cls_plus_targets, teacher_temperature
 from udi_kernels.testing.losses import cross_entropy_rows, random_udi_inputs
 
@@ -176,14 +176,8 @@ def test_float64_ibot_patch_loss(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_float64_compat_losses(backend):
-    B, L, K = 3, 1, 17
-    udi = CompatUDILoss(L, K, SCHEDULE, backend=backend).double()
-    student, teacher, _ = nested_outputs(B, L, K, 4, 3, seed=8, dtype=torch.float64)
-    total, _ = udi(student, teacher, 2)
-    expected, _, means, counts = udi_loss_reference(student, teacher, torch.zeros(3, K), SCHEDULE[2], L)
-    assert_close_rel(total, expected, FP64)
-    assert_close_rel(udi.centering.center, 0.1 * means, FP64)
+def test_float64_lightly_loss(backend):
+    B, K = 3, 17
     lightly = LightlyDINOLoss(K, backend=backend).double()
     teacher_views = [torch.randn(B, K, generator=generator(30 + i), dtype=torch.float64) for i in range(2)]
     student_views = [torch.randn(B, K, generator=generator(40 + i), dtype=torch.float64) for i in range(5)]
@@ -340,19 +334,7 @@ def test_float64_probability_targets(backend):
     loss_fn.center_cls_plus.center.normal_(generator=generator(14))
     center = loss_fn.center_cls_plus.center.clone()
     _, parts = loss_fn(student, teacher, 0)
-    softmax = lambda x: torch.softmax((x - center) / tau_t, -1)  # noqa: E731
-
-    def mix(samples, mask, cls):
-        p = 0.5 * (mask[:, :, None] * softmax(samples)).sum(1) / (mask.sum(1, keepdim=True) + 1e-5) + 0.5 * softmax(cls)
-        return p / p.sum(-1, keepdim=True)
-
-    t_cls = teacher.cls.reshape(2, B, K)
-    glob = mix(teacher.patch, teacher.patch_mask.double(), torch.cat([t_cls[1], t_cls[0]]))
-    loc = mix(teacher.local, teacher.local_mask.double(), teacher.cls)
-    logq = torch.log_softmax(student.cls_plus.detach() / 0.1, -1)
-    ce_global = -(glob * logq[:2 * B]).sum(-1).mean()
-    ce_local = -(loc * logq[2 * B:].repeat(2, 1)).sum(-1).mean()
-    assert_close_rel(parts["cls_plus"], (2 * ce_global + 2 * L * ce_local) / (2 + 2 * L), FP64)
+    assert_close_rel(parts["cls_plus"], probability_mixture_loss(student, teacher, center, tau_t, B, L), FP64)
 
 
 def test_float64_lightly_update_center():

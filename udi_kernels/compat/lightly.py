@@ -7,13 +7,13 @@ from torch import Tensor, nn
 
 from ..layout import dino_crop_pairs
 from ..losses import EMACenter, crop_mean_table, cross_entropy
-from ..losses.centering import expose_center_key
+from ..losses.centering import EMACentered, expose_center_key
 from ..checks import check_int, check_tensor
 from ..losses.checks import check_backend, check_device, check_state_device
 from ._fused import check_common_arguments, check_temperature
 
 
-class DINOLoss(nn.Module):
+class DINOLoss(EMACentered, nn.Module):
     """`lightly.loss.DINOLoss` with the same constructor, forward, state and numbers (UDI_SPEC §5's L_cls).
 
     DINOLoss(output_dim=65536, warmup_teacher_temp=0.04, teacher_temp=0.04, warmup_teacher_temp_epochs=30,
@@ -59,18 +59,6 @@ class DINOLoss(nn.Module):
         self.warmup_teacher_temp_epochs = warmup_teacher_temp_epochs
         self.teacher_temp_schedule = torch.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs)
         self.backend = backend
-
-    @property
-    def center(self) -> Tensor:
-        return self.centering_ema.center
-
-    @property
-    def center_momentum(self) -> float:
-        return self.centering_ema.momentum
-
-    @center_momentum.setter
-    def center_momentum(self, value: float):
-        self.centering_ema.momentum = value
 
     @property
     def center_mean(self) -> str:

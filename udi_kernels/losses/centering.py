@@ -160,6 +160,23 @@ def expose_center_key(owner: nn.Module, child: str):
     owner.register_load_state_dict_pre_hook(load)
 
 
+class EMACentered:
+    """The DINO and lightly names of a loss's EMACenter child `centering_ema`: `center` (its buffer; with
+    expose_center_key also the state-dict key) and `center_momentum` (read and set)."""
+
+    @property
+    def center(self) -> Tensor:
+        return self.centering_ema.center
+
+    @property
+    def center_momentum(self) -> float:
+        return self.centering_ema.momentum
+
+    @center_momentum.setter
+    def center_momentum(self, value: float):
+        self.centering_ema.momentum = value
+
+
 class _SkippedUpdates:
     """Warns about center updates skipped for non-finite statistics without a host sync: the flags reach the host
     asynchronously and are read once the device has finished them (CPU flags at once, CUDA flags at a later

@@ -8,14 +8,14 @@ from torch import Tensor, nn
 
 from ..checks import check_float, check_int, check_tensor
 from ..layout import GLOBAL_CROPS, dino_crop_pairs
-from .centering import EMACenter, expose_center_key, sinkhorn_knopp_center
+from .centering import EMACenter, EMACentered, expose_center_key, sinkhorn_knopp_center
 from .checks import check_backend, check_choice, check_last_layer, check_rows, check_state_device, detached
 from .diagnostics import teacher_entropies
 from .pair_tables import PairTable, crop_mean_table, cross_entropy
 from .schedule import check_schedule, teacher_temperature
 
 
-class DINOLoss(nn.Module):
+class DINOLoss(EMACentered, nn.Module):
     """DINO's [CLS] loss: teacher global view iq against every student view v ≠ iq, averaged over all terms.
 
     forward(student_output [ncrops·B, K], teacher_output [2·B, K], epoch, *, weight=None, teacher_weight=None) -> loss;
@@ -48,18 +48,6 @@ class DINOLoss(nn.Module):
         self.sinkhorn_iterations = check_int(sinkhorn_iterations, "sinkhorn_iterations", 1)
         self.centering_ema = EMACenter(out_dim, center_momentum, "center_momentum")
         expose_center_key(self, "centering_ema")
-
-    @property
-    def center(self) -> Tensor:
-        return self.centering_ema.center
-
-    @property
-    def center_momentum(self) -> float:
-        return self.centering_ema.momentum
-
-    @center_momentum.setter
-    def center_momentum(self, value: float):
-        self.centering_ema.momentum = value
 
     def teacher_temp(self, epoch: int) -> float:
         return teacher_temperature(epoch, *self.schedule)
