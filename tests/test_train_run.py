@@ -60,7 +60,7 @@ def test_sizes_without_an_srs_grid_are_refused_at_parsing(tmp_path, capsys, flag
     ("--momentum_teacher", "-1", "expected a finite number in [0.0, 1.0], got -1"),
     ("--batch_size_per_gpu", "1.5", "expected an int in [1, 4096], got '1.5'"),
     ("--lr", "-1", "expected a finite number in [0.0, 1000000.0], got -1"),
-    ("--teacher_temp", "0", "expected a finite number in (0.0, 1000000.0], got 0"),
+    ("--teacher_temp", "0", "expected a finite number in [1.1754943508222875e-38, 1000000.0], got 0"),
     ("--lr", "nan", "expected a finite number in [0.0, 1000000.0], got nan"),
     # issue 21 §10: values that reached the run (mid-run tracebacks) or grew without bound
     ("--local_crops_scale", "-0.1", "expected a finite number in (0.0, 1.0], got -0.1"),
