@@ -234,3 +234,35 @@ def test_a_checkpoint_to_resume_with_damaged_state_is_refused(tmp_path, change, 
     path.replace(tmp_path / "checkpoint.pth")
     with pytest.raises(RunError, match=re.escape(message)):
         train_udi(tiny_args(tmp_path, "--epochs", "2"))
+
+
+@pytest.mark.parametrize("name", ["checkpoint.pth", "checkpoint0002.pth"])
+def test_a_dangling_checkpoint_link_is_refused_and_kept(tmp_path, name):
+    """A checkpoint linked onto a disk that is not mounted is not "no checkpoint": the run stops naming the file and
+    leaves the link as it was."""
+    from udi.train import train_udi
+    link = tmp_path / name
+    link.symlink_to(tmp_path / "elsewhere" / "checkpoint.pth")
+    with pytest.raises(RunError, match=re.escape(str(link))):
+        train_udi(tiny_args(tmp_path, "--epochs", "2", "--saveckp_freq", "1"))
+    assert link.is_symlink() and sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+class _RunsCodeWhenUnpickled:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")  # what a hostile file could do: here, create a marker file
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_before_it_runs(tmp_path):
+    """torch.load(weights_only=True): udi.train and every evaluation refuse it by name, and nothing of it ran."""
+    from udi.train import train_udi
+    marker = tmp_path / "ran"
+    torch.save({"student": _RunsCodeWhenUnpickled(marker)}, tmp_path / "checkpoint.pth")
+    with pytest.raises(RunError, match="loading it could run code"):
+        train_udi(tiny_args(tmp_path, "--epochs", "1"))
+    with pytest.raises(RunError, match="loading it could run code"):
+        load_backbone(str(tmp_path / "checkpoint.pth"))
+    assert not marker.exists()

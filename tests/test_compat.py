@@ -575,14 +575,22 @@ def test_lightly_dino_loss_interface():
     torch.testing.assert_close(loss_fn.center, 0.8 * before + 0.2)
 
 
-def test_lightly_dino_loss_takes_temperatures_that_carry_a_graph():
-    """A learned or scheduled τt tensor that requires grad is a number to the loss (lightly's float32 rounding)."""
-    temperature = torch.tensor(0.05, requires_grad=True)
-    loss_fn = LightlyDINOLoss(12, temperature, temperature * 2, 3)
-    views = [torch.randn(2, 12), torch.randn(2, 12)]
-    expected = LightlyDINOLoss(12, 0.05, 0.1, 3)(views, views, teacher_temp=0.05)
-    assert torch.equal(loss_fn(views, views, teacher_temp=temperature), expected)
-    assert loss_fn.teacher_temperature(epoch=5) == float(np.float32(0.1))
+@pytest.mark.parametrize("make, message", [
+    (lambda t: LightlyDINOLoss(12, t, 0.07, 3), "warmup_teacher_temp must not require grad"),
+    (lambda t: LightlyDINOLoss(12, 0.04, t * 2, 3), "teacher_temp must not require grad"),
+    (lambda t: LightlyDINOLoss(12)([torch.randn(2, 12)] * 2, [torch.randn(2, 12)] * 2, teacher_temp=t),
+     "teacher_temp must not require grad"),
+    (lambda t: UDILoss(1, 8, [0.04, t]), r"teacher_temp_schedule\[1\] must not require grad"),
+    (lambda t: LightlyDINOLoss(12, teacher_temp=1e-40), r"teacher_temp must be >= 2\*\*-126"),
+    (lambda t: LightlyDINOLoss(12, student_temp=1e-40), r"student_temp must be >= 2\*\*-126"),
+    (lambda t: UDILoss(1, 8, [0.04, 1e-39]), r"teacher_temp_schedule\[1\] must be >= 2\*\*-126"),
+    (lambda t: UDILoss(1, 8, [0.04], student_temp=2.0 ** -127), r"student_temp must be >= 2\*\*-126"),
+])
+def test_compat_temperatures_are_numbers_the_ops_take(make, message):
+    """A temperature tensor that requires grad would get no gradient (the losses take temperatures as constants),
+    one below 2**-126 has no float32 reciprocal: both refused by the constructor or forward, naming the argument."""
+    with pytest.raises((TypeError, ValueError), match=message):
+        make(torch.tensor(0.05, requires_grad=True))
 
 
 def test_lightly_dino_loss_empty_batch():

@@ -467,6 +467,11 @@ def test_loss_on_another_device_names_the_center():
     (lambda: UDILoss(9, 4, alpha=2), r"alpha must be in \[0.0, 1.0\]"),
     (lambda: UDILoss(9, 4, backend="cuda"), "backend must be one of"),
     (lambda: IBOTPatchLoss(9, -0.04, 0.07, 3, 10), r"warmup_teacher_temp2 must be in"),
+    # temperatures whose reciprocal is no float32 (the ops refuse them): refused by the constructor, by name
+    (lambda: DINOLoss(9, 3, 1e-40, 0.07, 3, 10), r"warmup_teacher_temp must be >= 2\*\*-126"),
+    (lambda: DINOLoss(9, 3, 0.04, 0.07, 3, 10, student_temp=1e-39), r"student_temp must be >= 2\*\*-126"),
+    (lambda: IBOTPatchLoss(9, 0.04, 2.0 ** -127, 3, 10), r"teacher_temp2 must be >= 2\*\*-126"),
+    (lambda: UDILoss(9, 4, student_temp=1e-45), r"student_temp must be >= 2\*\*-126"),
 ])
 def test_loss_arguments_are_checked(make, message):
     with pytest.raises((TypeError, ValueError), match=message):

@@ -270,7 +270,7 @@ def test_compat_udi_loss_epoch_is_checked(epoch, error, message):
     (dict(alpha=1.5), ValueError, "alpha must be in"), (dict(student_temp=0.0), ValueError, "student_temp must be"),
     (dict(center_momentum=float("nan")), ValueError, "center_momentum must be a finite float"),
     (dict(weights=[0.5, float("inf"), 0.5]), ValueError, r"weights\[1\] must be a finite float"),
-    (dict(teacher_temp_schedule=np.array([0.04, -0.07])), ValueError, "teacher_temp_schedule must hold"),
+    (dict(teacher_temp_schedule=np.array([0.04, -0.07])), ValueError, r"teacher_temp_schedule\[1\] must be in"),
     (dict(teacher_temp_schedule=0.04), TypeError, "teacher_temp_schedule must be a sequence"),
     (dict(backend="bogus"), ValueError, "backend must be one of"),
 ])

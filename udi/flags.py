@@ -4,7 +4,7 @@ import argparse
 import math
 import os
 
-from udi_kernels.ops.distill_cross_entropy import SMALLEST_TEMPERATURE
+from udi_kernels.checks import SMALLEST_TEMPERATURE
 
 SEED_RANGE = 2 ** 32  # numpy's seeds: 0 <= seed < 2**32
 
@@ -48,7 +48,7 @@ def float_in(low: float, high: float, low_open: bool = False):
 
 
 NON_NEGATIVE_FLOAT, POSITIVE_FLOAT = float_in(0.0, 1e6), float_in(0.0, 1e6, low_open=True)
-# a loss temperature: the kernels scale the logits by its reciprocal in float32 (udi_kernels' check_temperatures)
+# a loss temperature: the kernels scale the logits by its reciprocal in float32 (udi_kernels.checks.check_temperature)
 TEMPERATURE = float_in(SMALLEST_TEMPERATURE, 1e6)
 SEED = int_in(0, SEED_RANGE - 1)
 

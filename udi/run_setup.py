@@ -77,7 +77,7 @@ def numbered_checkpoints(args, first_epoch: int) -> list:
 
 def check_output(args, first_epoch: int):
     """RunError naming a file of output_dir that this run would replace without having written it."""
-    existing = [p for p in numbered_checkpoints(args, first_epoch) if os.path.exists(p)]
+    existing = [p for p in numbered_checkpoints(args, first_epoch) if os.path.lexists(p)]  # a dangling link too
     if existing:
         run = f"resumed at epoch {first_epoch}" if first_epoch else "a new run"
         raise RunError(f"{existing[0]} exists and is not this run's ({run}); move it away or choose another "
@@ -88,9 +88,12 @@ def open_output(args, loss_key: str, world_size: int, defaults: dict) -> Optiona
     """The checkpoint of output_dir this run resumes (checked: entries, checksum, weights, flags), or None for a
     new run; RunError naming the file when it cannot be resumed or a file would be replaced."""
     path = os.path.join(args.output_dir, "checkpoint.pth")
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         check_output(args, 0)
         return None
+    if not os.path.exists(path):
+        raise RunError(f"{path} is a link to {os.readlink(path)}, which does not exist (a disk not mounted?): make "
+                       "it reachable to resume, or move the link away or choose another --output_dir for a new run")
     checkpoint = read_checkpoint(path, loss_key)
     changed = differences(checkpoint["args"], args, defaults)
     check_resumable(path, changed, args)

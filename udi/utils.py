@@ -3,6 +3,7 @@ import errno
 import json
 import os
 import random
+import re
 
 import numpy as np
 import torch
@@ -98,14 +99,32 @@ def replace_atomically(path: str, data: bytes):
                        "choose another --output_dir) and resume") from error
 
 
-def load_checkpoint(path) -> dict:
-    """torch.load on the CPU; a file that does not load (empty, truncated, not a checkpoint) raises RunError naming
-    it."""
+def _numpy_globals() -> list:
+    """What a checkpoint's numpy RNG state unpickles from (numpy 2 names, else numpy 1's)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        from numpy._core.multiarray import _reconstruct, scalar
+    except ImportError:
+        from numpy.core.multiarray import _reconstruct, scalar
+    return [np.ndarray, np.dtype, _reconstruct, scalar] + [type(np.dtype(code)) for code in "?bBhHiIlLqQefdg"]
+
+
+def load_checkpoint(path) -> dict:
+    """torch.load on the CPU with weights_only=True (tensors, containers, numbers and the numpy arrays of the RNG
+    state: a file that would run code when unpickled is refused before anything of it runs); a file that does not
+    load (empty, truncated, not a checkpoint, other objects) raises RunError naming it."""
+    try:
+        with torch.serialization.safe_globals(_numpy_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise RunError(f"cannot load the checkpoint {path} ({type(error).__name__}: {error}); delete or "
-                           "replace it") from error
+        raise RunError(f"cannot load the checkpoint {path} ({_load_failure(error)}); delete or replace it") from error
+
+
+def _load_failure(error: Exception) -> str:
+    if "Weights only load failed" in str(error):
+        unsafe = re.search(r"GLOBAL (\S+)", str(error))
+        return (f"it holds {unsafe.group(1) if unsafe else 'an object'}, neither tensor, number nor container: "
+                "loading it could run code")
+    return f"{type(error).__name__}: {error}"
 
 
 def restore_log(output_dir, records: list):

@@ -32,6 +32,18 @@ def check_float(value, name: str, low: float = -math.inf, high: float = math.inf
     return float(value)
 
 
+SMALLEST_TEMPERATURE = 2.0**-126  # the kernels multiply by 1/tau in float32: it must be finite there
+
+
+def check_temperature(value, name: str) -> float:
+    """A loss temperature: a real number (not a tensor) >= 2**-126, finite: the kernels scale the logits by its
+    reciprocal in float32, which must be finite."""
+    check_float(value, name, 0.0, low_open=True)
+    if value < SMALLEST_TEMPERATURE:
+        raise ValueError(f"{name} must be >= 2**-126 (its reciprocal must be a finite float32), got {value}")
+    return float(value)
+
+
 def check_tensor(value, name: str, integer: bool = False, device=None, *, dtypes=None, dims: Optional[int] = None,
                  on: Optional[str] = None, optional: bool = False) -> Optional[Tensor]:
     """The one tensor check of every op, module, loss and tap helper (after xformers' `Inputs.validate`): value a

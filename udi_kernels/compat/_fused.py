@@ -4,7 +4,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..checks import check_choice, check_float, check_tensor
+from ..checks import check_choice, check_float, check_temperature, check_tensor
 from ..dtypes import FLOATING
 from ..losses.centering import CENTER_MEANS
 from ..losses.checks import check_device
@@ -17,19 +17,23 @@ def check_mask_tensor(value, name: str, device) -> Tensor:
     return value
 
 
-def check_temperature(value, name: str) -> float:
-    """A teacher temperature: a finite number > 0 (a Python or numpy number, or a one-element tensor or array, as a
-    schedule's entries are)."""
+def as_temperature(value, name: str) -> float:
+    """A teacher temperature as the reference codes take it, a Python or numpy number or a one-element tensor or
+    array (a schedule's entry), as a float checked by checks.check_temperature. A tensor that requires grad is
+    refused (TypeError): the losses take temperatures as constants, no gradient would reach it."""
+    if isinstance(value, Tensor) and value.requires_grad:
+        raise TypeError(f"{name} must not require grad: the losses take temperatures as constants (pass "
+                        f"{name}.detach() or a float)")
     if isinstance(value, (Tensor, np.ndarray)):
         if value.ndim > 1 or (value.numel() if isinstance(value, Tensor) else value.size) != 1:
             raise ValueError(f"{name} must be one number, got shape {list(value.shape)}")
         value = value.item()
-    return check_float(value, name, 0.0, low_open=True)
+    return check_temperature(value, name)
 
 
 def check_common_arguments(student_temp, center_momentum, center_mean):
     """The constructor arguments every compat loss takes."""
-    check_float(student_temp, "student_temp", 0.0, low_open=True)
+    check_temperature(student_temp, "student_temp")
     check_float(center_momentum, "center_momentum", 0.0, 1.0)
     check_center_mean(center_mean)
 

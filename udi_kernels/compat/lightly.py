@@ -10,7 +10,7 @@ from ..losses import EMACenter, crop_mean_table, cross_entropy
 from ..losses.centering import EMACentered, expose_center_key
 from ..checks import check_int, check_tensor
 from ..losses.checks import check_backend, check_device, check_state_device
-from ._fused import check_common_arguments, check_temperature
+from ._fused import as_temperature, check_common_arguments
 
 
 class DINOLoss(EMACentered, nn.Module):
@@ -47,8 +47,8 @@ class DINOLoss(EMACentered, nn.Module):
         if center_mode != "mean":
             raise ValueError(f"Unknown mode '{center_mode}'. Valid modes are ['mean'].")
         check_int(output_dim, "output_dim", 1)
-        warmup_teacher_temp = check_temperature(warmup_teacher_temp, "warmup_teacher_temp")
-        teacher_temp = check_temperature(teacher_temp, "teacher_temp")
+        warmup_teacher_temp = as_temperature(warmup_teacher_temp, "warmup_teacher_temp")
+        teacher_temp = as_temperature(teacher_temp, "teacher_temp")
         check_int(warmup_teacher_temp_epochs, "warmup_teacher_temp_epochs", 0)
         check_common_arguments(student_temp, center_momentum, center_mean)
         check_backend(backend)
@@ -67,7 +67,7 @@ class DINOLoss(EMACentered, nn.Module):
     def teacher_temperature(self, teacher_temp: Optional[float] = None, epoch: Optional[int] = None) -> float:
         """τt as lightly picks it, rounded to float32 as lightly's temperature tensors are."""
         if teacher_temp is not None:
-            teacher_temp = check_temperature(teacher_temp, "teacher_temp")
+            teacher_temp = as_temperature(teacher_temp, "teacher_temp")
         if epoch is not None:
             check_int(epoch, "epoch", 0)
         if teacher_temp is None and epoch is not None and epoch < self.warmup_teacher_temp_epochs:

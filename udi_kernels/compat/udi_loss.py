@@ -1,7 +1,6 @@
 """UDILoss: the reference UDI code's loss (`main_udi.UDILoss`, UDI_SPEC §5, §9), one-line swap, on the fused op."""
 from typing import NamedTuple, Optional, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -10,7 +9,7 @@ from ..losses import EMACenter, blend_cls_plus, crop_mean_table, cross_entropy, 
 from ..checks import check_float, check_int, check_tensor
 from ..losses.checks import check_backend, check_state_device
 from ..ops.distill_cross_entropy import DistillCrossEntropyResult
-from ._fused import check_common_arguments, check_mask_tensor, check_temperature
+from ._fused import as_temperature, check_common_arguments, check_mask_tensor
 
 
 class Centering(EMACenter):
@@ -104,7 +103,7 @@ class UDILoss(nn.Module):
         if epoch >= len(self.teacher_temp_schedule):
             raise ValueError(f"epoch {epoch} is outside teacher_temp_schedule (length "
                              f"{len(self.teacher_temp_schedule)})")
-        return check_temperature(self.teacher_temp_schedule[epoch], f"teacher_temp_schedule[{epoch}]")
+        return as_temperature(self.teacher_temp_schedule[epoch], f"teacher_temp_schedule[{epoch}]")
 
     def forward(self, student_output, teacher_output, epoch: int):
         tau_t = self.teacher_temp(epoch)
@@ -188,15 +187,16 @@ def _masked_sum(rows: Tensor, mask: Tensor):
 
 
 def _check_schedule(schedule):
-    """An indexable sequence of teacher temperatures, each finite and > 0."""
+    """An indexable sequence of teacher temperatures, one per epoch, each as_temperature."""
     try:
-        values = np.asarray([float(t) for t in schedule], dtype=np.float64)
-    except (TypeError, ValueError, RuntimeError):
+        entries = list(schedule)
+    except TypeError:
         raise TypeError("teacher_temp_schedule must be a sequence of numbers (one per epoch), got "
                         f"{type(schedule).__name__}") from None
-    if not len(values) or not (np.isfinite(values) & (values > 0)).all():
-        raise ValueError(f"teacher_temp_schedule must hold at least one finite temperature > 0 per epoch, got "
-                         f"{values.tolist()[:8]}{' ...' if len(values) > 8 else ''}")
+    if not entries:
+        raise ValueError("teacher_temp_schedule must hold one temperature per epoch, got none")
+    for epoch, value in enumerate(entries):
+        as_temperature(value, f"teacher_temp_schedule[{epoch}]")
 
 
 def _check_levels(include_cls: bool, include_patch: bool, num_clt: int):

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checks import check_float, check_int, check_tensor
+from ..checks import check_int, check_temperature, check_tensor
 from ..layout import GLOBAL_CROPS, dino_crop_pairs
 from .centering import EMACenter, EMACentered, expose_center_key, sinkhorn_knopp_center
 from .checks import check_backend, check_choice, check_last_layer, check_rows, check_state_device, detached
@@ -42,7 +42,7 @@ class DINOLoss(EMACentered, nn.Module):
         check_choice(centering, "centering", ("ema", "sinkhorn_knopp"))
         check_backend(backend)
         self.out_dim, self.ncrops = check_int(out_dim, "out_dim", 1), ncrops
-        self.student_temp = check_float(student_temp, "student_temp", 0.0, low_open=True)
+        self.student_temp = check_temperature(student_temp, "student_temp")
         self.schedule = check_schedule(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs)
         self.centering, self.backend = centering, backend
         self.sinkhorn_iterations = check_int(sinkhorn_iterations, "sinkhorn_iterations", 1)

@@ -5,7 +5,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..checks import check_float, check_int, check_tensor
+from ..checks import check_int, check_temperature, check_tensor
 from .centering import EMACenter
 from .checks import check_backend, check_last_layer, check_logits, check_mask, check_state_device, detached
 from .pair_tables import cross_entropy, identity_table
@@ -33,7 +33,7 @@ class IBOTPatchLoss(nn.Module):
         super().__init__()
         check_backend(backend)
         self.out_dim, self.backend = check_int(patch_out_dim, "patch_out_dim", 1), backend
-        self.student_temp = check_float(student_temp, "student_temp", 0.0, low_open=True)
+        self.student_temp = check_temperature(student_temp, "student_temp")
         self.schedule = check_schedule(warmup_teacher_temp2, teacher_temp2, warmup_teacher_temp_epochs, nepochs, "2")
         self.centering_ema = EMACenter(patch_out_dim, center_momentum2, "center_momentum2")
 

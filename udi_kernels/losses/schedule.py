@@ -1,11 +1,11 @@
 """The teacher temperature schedule of DINO, iBOT and UDI (DINO's main_dino.py flags)."""
-from ..checks import check_float, check_int
+from ..checks import check_int, check_temperature
 
 
 def check_schedule(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs, suffix=""):
     """The schedule's arguments (DINO's flag names, iBOT's with suffix '2'), checked, in this order."""
-    return (check_float(warmup_teacher_temp, f"warmup_teacher_temp{suffix}", 0.0, low_open=True),
-            check_float(teacher_temp, f"teacher_temp{suffix}", 0.0, low_open=True),
+    return (check_temperature(warmup_teacher_temp, f"warmup_teacher_temp{suffix}"),
+            check_temperature(teacher_temp, f"teacher_temp{suffix}"),
             check_int(warmup_teacher_temp_epochs, "warmup_teacher_temp_epochs", 0), check_int(nepochs, "nepochs", 1))
 
 

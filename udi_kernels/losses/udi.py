@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checks import check_float, check_int, check_tensor
+from ..checks import check_float, check_int, check_temperature, check_tensor
 from ..layout import (GLOBAL_CROPS, UDIStudent, UDITargets, UDITeacher, teacher_rows_by_local_pair, teacher_rows_by_pair,
                       udi_crop_pairs)
 from .centering import EMACenter, update_centers
@@ -165,7 +165,7 @@ class UDILoss(nn.Module):
         check_choice(cls_plus_target, "cls_plus_target", ("logits", "probabilities"))
         check_backend(backend)
         self.out_dim, self.num_local = check_int(out_dim, "out_dim", 1), num_local
-        self.student_temp = check_float(student_temp, "student_temp", 0.0, low_open=True)
+        self.student_temp = check_temperature(student_temp, "student_temp")
         self.schedule = check_schedule(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs)
         self.alpha, self.cls_plus_target, self.backend = check_float(alpha, "alpha", 0.0, 1.0), cls_plus_target, backend
         self.center_cls = EMACenter(out_dim, center_momentum, "center_momentum")

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .. import backends
 from .._native import native_loaded
-from ..checks import check_bool, check_float, check_tensor, require
+from ..checks import check_bool, check_temperature, check_tensor, require
 from ..declarations import DISTILL_CROSS_ENTROPY
 from ..dtypes import FLOATING, INDICES, STATISTICS, compute_dtype
 from ..reference import distill_cross_entropy as reference
@@ -64,8 +64,8 @@ def build_csr(pair_student, pair_teacher, pair_weight, center_id, num_students, 
     """The PairCSR of these pairs: one stable sort and searchsorted per key, no host sync."""
     order, student_offsets = _group(pair_student.long(), num_students)
     center_rows, center_offsets = _group(center_id.long(), num_centers)
-    return PairCSR(student_offsets, pair_teacher.long()[order], pair_weight[order], center_id.long(), center_offsets,
-                   center_rows)
+    return PairCSR(student_offsets, pair_teacher.long()[order], pair_weight[order], center_id.long().contiguous(),
+                   center_offsets, center_rows)
 
 
 def disjoint_offsets(offsets: Tensor, size: int) -> Tensor:
@@ -175,16 +175,11 @@ def _check_logits(student, teacher, centers, tau_s, tau_t):
     check_temperatures(tau_s, tau_t)
 
 
-SMALLEST_TEMPERATURE = 2.0**-126  # the kernels multiply by 1/tau in float32: it must be finite there
-
-
 def check_temperatures(tau_s, tau_t) -> None:
-    """Positive finite floats whose reciprocals are finite float32s (>= 2**-126): the kernels scale the logits by
-    1/tau, which must not overflow where the logit itself is finite."""
-    for value, name in ((tau_s, "tau_s"), (tau_t, "tau_t")):
-        check_float(value, name, 0.0, low_open=True)
-        if value < SMALLEST_TEMPERATURE:
-            raise ValueError(f"{name} must be >= 2**-126 (its reciprocal must be a finite float32), got {value}")
+    """checks.check_temperature of both: the kernels scale the logits by 1/tau, which must not overflow where the
+    logit itself is finite."""
+    check_temperature(tau_s, "tau_s")
+    check_temperature(tau_t, "tau_t")
 
 
 def _check_shapes(student, teacher, centers, center_id, pair_student, pair_teacher, pair_weight, row_weight,
