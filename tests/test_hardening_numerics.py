@@ -1,5 +1,5 @@
 """Regression tests of issue 21 (hardening round 4), numerics: no intermediate overflow where the logit is finite
-(21.1), weight-0 rows, pairs and attention taps left out exactly whatever their values (21.4), on every backend the CPU has
+(21.1), weight-0 rows, pairs, attention taps and masked-out loss samples left out exactly whatever their values (21.4), on every backend the CPU has
 (Triton under the interpreter); the `gpu` ones run native and Triton on CUDA (scripts/gpu_check.sh)."""
 import math
 
@@ -8,7 +8,11 @@ import torch
 
 import udi_kernels
 from udi_kernels import backends, srs_attention
+from udi_kernels.compat import UDILoss as CompatUDILoss
+from udi_kernels.losses import UDILoss, cls_plus_targets
+from udi_kernels.testing.losses import random_udi_inputs
 
+from test_compat import SCHEDULE, nested_outputs
 from test_distill_cross_entropy import make_case
 from test_hardening import attention_case, attention_forward_backward
 
@@ -203,3 +207,48 @@ def test_value_checks_look_only_at_the_rows_that_count(backend):
     poisoned["row_weight"][1] = 0.5  # now teacher row 1 counts
     with pytest.raises(ValueError, match="teacher"):
         distill_results(poisoned, backend)
+
+
+def udi_loss_results(teacher, backend, cls_plus_target, fused):
+    """UDILoss's total, parts, student gradients and centers on random_udi_inputs' student and `teacher`."""
+    K, D = 23, 7
+    student, _ = random_udi_inputs(2, 2, D if fused else K, 4, 3, seed=1)
+    loss = UDILoss(K, 4, cls_plus_target=cls_plus_target, backend=backend)
+    kwargs = {}
+    if fused:
+        last = torch.randn(K, D, generator=torch.Generator().manual_seed(2))
+        kwargs, teacher = dict(weight=last, teacher_weight=last), cls_plus_targets(teacher)
+    total, parts = loss(student, teacher, 0, **kwargs)
+    grads = torch.autograd.grad(total, [t for t in student if t is not None and t.requires_grad])
+    centers = [loss.center_cls.center, loss.center_cls_plus.center, loss.center_patch.center]
+    return [total, *(parts[name] for name in sorted(parts)), *grads, *centers]
+
+
+@pytest.mark.parametrize("poison", [NAN, math.inf])
+@pytest.mark.parametrize("cls_plus_target, fused", [("logits", False), ("probabilities", False), ("logits", True)])
+@pytest.mark.parametrize("backend", DISTILL)
+def test_udi_loss_leaves_masked_out_teacher_samples_out_exactly(backend, cls_plus_target, fused, poison):
+    """Teacher samples of mask False (global and local) hold `poison`: every result equals the finite case's."""
+    _, clean = random_udi_inputs(2, 2, 7 if fused else 23, 4, 3, seed=1)
+    poisoned = clean._replace(patch=clean.patch.masked_fill(~clean.patch_mask[..., None], poison),
+                              local=clean.local.masked_fill(~clean.local_mask[..., None], poison))
+    for got, expected in zip(udi_loss_results(poisoned, backend, cls_plus_target, fused),
+                             udi_loss_results(clean, backend, cls_plus_target, fused)):
+        assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("num_clt", [1, 2])
+@pytest.mark.parametrize("backend", DISTILL)
+def test_compat_udi_loss_leaves_padded_teacher_samples_out_exactly(backend, num_clt):
+    """The reference's nested outputs with NaN in every teacher sample of mask 0 (padding): the finite case's loss,
+    gradients and centers."""
+    def results(poison):
+        student, ((t_global, t_local), masks), leaves = nested_outputs(2, 2, 19, 4, 3, num_clt, seed=5)
+        t_global[-1] = t_global[-1].masked_fill(masks[0][-1] == 0, poison)
+        t_local[-1] = t_local[-1].masked_fill(masks[1][-1] == 0, poison)
+        loss = CompatUDILoss(2, 19, SCHEDULE, num_clt=num_clt, backend=backend)
+        total, _ = loss(student, ((t_global, t_local), masks), 1)
+        return [total, *torch.autograd.grad(total, leaves), loss.centering.center]
+
+    for got, expected in zip(results(NAN), results(0.0)):
+        assert torch.equal(got, expected)

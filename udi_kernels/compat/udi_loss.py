@@ -8,6 +8,7 @@ from ..layout import GLOBAL_CROPS, reference_crop_pairs
 from ..losses import EMACenter, blend_cls_plus, crop_mean_table, cross_entropy, identity_table
 from ..checks import check_float, check_int, check_tensor
 from ..losses.checks import check_backend, check_state_device
+from ..losses.udi import masked_sum
 from ..ops.distill_cross_entropy import DistillCrossEntropyResult
 from ._fused import as_temperature, check_common_arguments, check_mask_tensor
 
@@ -180,9 +181,10 @@ def _stats(*terms: DistillCrossEntropyResult):
 
 @torch.no_grad()
 def _masked_sum(rows: Tensor, mask: Tensor):
-    """Σ m_s·x_s over every row and sample: rows [R, S, K], mask [R, S] -> ([1, K] float32, [] float32)."""
+    """Σ m_s·x_s over every row and sample (masked_sum: samples of mask 0 left out exactly): rows [R, S, K],
+    mask [R, S] -> ([1, K] float32, [] float32)."""
     dtype = torch.promote_types(rows.dtype, torch.float32)
-    total = (mask.reshape(1, -1).to(rows.dtype) @ rows.reshape(-1, rows.shape[-1])).to(dtype)
+    total = masked_sum(rows.reshape(1, -1, rows.shape[-1]), mask.reshape(1, -1)).to(dtype)
     return total, mask.sum(dtype=dtype)
 
 

@@ -25,19 +25,23 @@ from .schedule import check_schedule, teacher_temperature
 
 # ---- teacher targets ---------------------------------------------------------------------------------------------
 
+def masked_sum(rows: Tensor, mask: Tensor) -> Tensor:
+    """Σ_s m_s x_s: rows [R, S, D], mask [R, S] (bool or weights) -> [R, D] in the dtype of rows. Samples of mask 0
+    are left out exactly, whatever they hold (NaN, inf): selected away, not multiplied by 0."""
+    kept = torch.where(mask[..., None] != 0, rows, 0)
+    return torch.bmm(mask.to(rows.dtype)[:, None], kept).squeeze(1)
+
+
 def masked_mean(rows: Tensor, mask: Tensor, eps: float = 1e-5) -> Tensor:
-    """Σ_s m_s x_s / (Σ_s m_s + eps): rows [R, S, D], mask [R, S] -> [R, D] float32 (float64 for float64 rows),
-    no [R, S, D] temporary."""
-    weights = mask.to(rows.dtype)[:, None, :]
+    """masked_sum / (Σ_s m_s + eps): rows [R, S, D], mask [R, S] -> [R, D] float32 (float64 for float64 rows)."""
     dtype = torch.promote_types(rows.dtype, torch.float32)
-    total = torch.bmm(weights, rows).squeeze(1).to(dtype)
-    return total / (mask.sum(1, keepdim=True).to(dtype) + eps)
+    return masked_sum(rows, mask).to(dtype) / (mask.sum(1, keepdim=True).to(dtype) + eps)
 
 
 def blend_into(out: Tensor, samples: Tensor, mask: Tensor, base: Tensor, alpha: float) -> Tensor:
     """out [n, R, D] = alpha * masked mean of samples [n*R, S, D] (mask [n*R, S], eps 1e-5) + base [R, D] (already
     scaled by 1 - alpha), without [n, R, D] temporaries; returns the masked sums [n*R, D] (dtype of samples)."""
-    totals = torch.bmm(mask.to(samples.dtype)[:, None], samples).squeeze(1)
+    totals = masked_sum(samples, mask)
     scale = alpha / (mask.sum(1, dtype=torch.promote_types(out.dtype, torch.float32)) + 1e-5)
     torch.addcmul(base, totals.view(out.shape), scale.view(*out.shape[:2], 1), out=out)  # math in scale's dtype
     return totals
