@@ -1,6 +1,7 @@
 """Regression tests of issue 21 (hardening round 4), numerics: no intermediate overflow where the logit is finite
-(21.1), weight-0 rows, pairs, attention taps and masked-out loss samples left out exactly whatever their values (21.4), on every backend the CPU has
-(Triton under the interpreter); the `gpu` ones run native and Triton on CUDA (scripts/gpu_check.sh)."""
+(21.1), weight-0 rows, pairs, attention taps and masked-out loss samples left out exactly whatever their values
+(21.4), on every backend the CPU has (Triton under the interpreter); the `gpu` ones run native and Triton on CUDA
+(scripts/gpu_check.sh)."""
 import math
 
 import pytest
