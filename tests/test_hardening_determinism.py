@@ -23,12 +23,14 @@ def distill(backend):
 
 
 def linear(backend):
+    """9 student and 5 teacher rows: the BLAS matmuls split their sums by thread count at this shape (not at 40
+    and 16 rows), for every backend."""
     g = torch.Generator().manual_seed(0)
-    case = make_case(40, 16, 8, 2, 300, seed=1)
-    K, D = 300, 32
-    leaves = [torch.randn(40, D, generator=g).requires_grad_(), torch.randn(K, D, generator=g).requires_grad_()]
+    case = make_case(9, 5, 8, 1, 20, seed=1)
+    K, D = 300, 24
+    leaves = [torch.randn(9, D, generator=g).requires_grad_(), torch.randn(K, D, generator=g).requires_grad_()]
     out = udi_kernels.linear_distill_cross_entropy(
-        *leaves, torch.randn(16, D, generator=g), torch.randn(K, D, generator=g), torch.randn(2, K, generator=g),
+        *leaves, torch.randn(5, D, generator=g), torch.randn(K, D, generator=g), torch.randn(1, K, generator=g),
         case["center_id"], case["pair_student"], case["pair_teacher"], case["pair_weight"], case["row_weight"],
         0.1, 0.04, backend=backend)
     return (*out, *torch.autograd.grad(out.loss, leaves))
@@ -85,8 +87,8 @@ def test_results_across_thread_counts_as_declared(op, backend, threads):
     two = RUNS[op](backend)
     if declared_across_thread_counts(op, backend):
         assert identical(one, two)
-    else:  # declared to differ: still the same values to float32 rounding
-        assert all(torch.allclose(x, y, rtol=1e-5, atol=1e-6) for x, y in zip(one, two))
+    else:  # declared to differ: still the same values to float32 rounding (relative to each result's largest)
+        assert all((x - y).abs().max() <= 1e-5 * x.abs().max() for x, y in zip(one, two) if x.numel())
 
 
 def test_every_declared_reason_says_why():

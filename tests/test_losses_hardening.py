@@ -273,6 +273,8 @@ def test_compat_udi_loss_epoch_is_checked(epoch, error, message):
     (dict(teacher_temp_schedule=np.array([0.04, -0.07])), ValueError, r"teacher_temp_schedule\[1\] must be in"),
     (dict(teacher_temp_schedule=0.04), TypeError, "teacher_temp_schedule must be a sequence"),
     (dict(backend="bogus"), ValueError, "backend must be one of"),
+    (dict(include_patch=1), TypeError, "include_patch must be a bool"),
+    (dict(num_clt=True), ValueError, "num_clt must be 1 or 2"),
 ])
 def test_compat_udi_loss_constructor_arguments_are_checked(kwargs, error, message):
     with pytest.raises(error, match=message):

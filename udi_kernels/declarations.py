@@ -61,14 +61,17 @@ def _on(devices, dtypes):
 
 def _backends(reference: frozenset, native: Mapping, triton: frozenset, native_max_sizes: Optional[Mapping] = None,
               triton_interpreted: Optional[frozenset] = None, native_not_on: Optional[Mapping] = None,
-              reference_across_thread_counts: Optional[str] = None) -> dict:
+              across_thread_counts: Optional[Mapping] = None) -> dict:
     """The support of the three backends: the reference's dtypes on any device, the native kernels' per device
-    type, Triton's on CPU (interpreter) and CUDA tensors. The native and Triton kernels split their sums the same
-    way at every thread count (fixed chunks, no atomics)."""
-    return {"native": BackendSupport(native, max_sizes=native_max_sizes or {}, not_on=native_not_on or {}),
-            "triton": BackendSupport(_on(KERNEL_DEVICES, triton), interpreted_dtypes=triton_interpreted),
-            "reference": BackendSupport(_on(ANY_DEVICE, reference),
-                                        across_thread_counts=reference_across_thread_counts)}
+    type, Triton's on CPU (interpreter) and CUDA tensors. across_thread_counts: per backend, why its results differ
+    from one thread count to another (absent: they do not; the row kernels split their sums the same way at every
+    thread count, fixed chunks and no atomics)."""
+    why = across_thread_counts or {}
+    return {"native": BackendSupport(native, max_sizes=native_max_sizes or {}, not_on=native_not_on or {},
+                                     across_thread_counts=why.get("native")),
+            "triton": BackendSupport(_on(KERNEL_DEVICES, triton), interpreted_dtypes=triton_interpreted,
+                                     across_thread_counts=why.get("triton")),
+            "reference": BackendSupport(_on(ANY_DEVICE, reference), across_thread_counts=why.get("reference"))}
 
 
 def _recorded(op: str) -> dict:
@@ -91,9 +94,9 @@ SRS_ATTENTION = OpDeclaration(
                       native_not_on={"cpu": "there is no CPU kernel: the eager reference (gathered queries, BLAS "
                                             "matmuls, softmax) was faster than the one there was "
                                             "(benchmarks/NOTES.md, srs_attention on the CPU); use backend='reference'"},
-                      reference_across_thread_counts="the gradients' BLAS matmuls (MKL) and the scatter of dq split "
-                                                     "their sums by thread count: dq, dk differ in the last bits "
-                                                     "between 1 and 2 threads (out does not)"),
+                      across_thread_counts={"reference": "the gradients' BLAS matmuls (MKL) and the scatter of dq "
+                                                         "split their sums by thread count: dq, dk differ in the "
+                                                         "last bits between 1 and 2 threads (out does not)"}),
     auto_order=dict(cuda=("triton", "native", "reference"), cpu=("reference",)),
     measured=_recorded("srs_attention"),
 )
@@ -109,7 +112,16 @@ DISTILL_CROSS_ENTROPY = OpDeclaration(
 LINEAR_DISTILL_CROSS_ENTROPY = OpDeclaration(
     name="linear_distill_cross_entropy",
     support=_backends(reference=FLOATING, native={"cpu": FLOATING, "cuda": HALF_AND_FLOAT}, triton=HALF_AND_FLOAT,
-                      triton_interpreted=frozenset({torch.float16, torch.float32})),
+                      triton_interpreted=frozenset({torch.float16, torch.float32}),
+                      across_thread_counts={
+                          "reference": "the logits' and gradients' BLAS matmuls split their sums by thread count at "
+                                       "some shapes: the gradients differ in the last bits between 1 and 2 threads",
+                          "native": "its chunk GEMMs on the CPU are BLAS matmuls (at::mm), which split their sums by "
+                                    "thread count at some shapes: the gradients differ in the last bits between 1 "
+                                    "and 2 threads (the row kernels do not)",
+                          "triton": "under the interpreter (CPU tensors) tl.dot is numpy's BLAS matmul, which splits "
+                                    "its sums by thread count: grad student differs in the last bits between 1 and 2 "
+                                    "threads (on CUDA the tiles fix the order)"}),
     auto_order=dict(cuda=("native", "triton", "reference"), cpu=("native", "reference")),
     measured=_recorded("linear_distill_cross_entropy"),  # cuda not yet recorded: tests/test_declarations.py PENDING
 )

@@ -6,7 +6,7 @@ from torch import Tensor, nn
 
 from ..layout import GLOBAL_CROPS, reference_crop_pairs
 from ..losses import EMACenter, blend_cls_plus, crop_mean_table, cross_entropy, identity_table
-from ..checks import check_float, check_int, check_tensor
+from ..checks import check_bool, check_float, check_int, check_tensor
 from ..losses.checks import check_backend, check_state_device
 from ..losses.udi import masked_sum
 from ..ops.distill_cross_entropy import DistillCrossEntropyResult
@@ -205,7 +205,8 @@ def _check_levels(include_cls: bool, include_patch: bool, num_clt: int):
     if include_cls is not True:
         raise ValueError(f"include_cls={include_cls!r} is not supported (the reference's training script always "
                          "distils the [CLS] token)")
-    if num_clt not in (1, 2):
+    check_bool(include_patch, "include_patch")
+    if num_clt not in (1, 2) or isinstance(num_clt, bool):
         raise ValueError(f"num_clt must be 1 or 2, got {num_clt!r}")
     if num_clt == 2 and not include_patch:
         raise ValueError(f"num_clt=2 needs include_patch=True (the cls+ targets blend the teacher's patch "
