@@ -467,3 +467,16 @@ def test_cuda_bad_values_are_caught():
     with pytest.raises(ValueError, match=r"inside \[0, 1\]"):
         stratified_sample(boxes)
 
+
+
+def test_the_triton_sampler_declares_its_block_limit():
+    """One crop's samples fill one Triton block (at most 2**20 elements): more are refused by name on backend='triton'
+    and auto runs another backend, with the same samples as native."""
+    boxes = random_boxes(1, 2, torch.Generator().manual_seed(0))
+    pattern = dict(global_grid=1025, global_window=1, seed=3)
+    if "triton" in udi_kernels.backends.available("stratified_sample", "cpu"):
+        with pytest.raises(ValueError, match=r"samples_per_crop <= 1048576 \(got 1050625\)"):
+            stratified_sample(boxes, **pattern, backend="triton")
+    auto = stratified_sample(boxes, **pattern)
+    reference = stratified_sample(boxes, **pattern, backend="reference")
+    assert torch.equal(auto.globals.src_index, reference.globals.src_index)

@@ -60,7 +60,8 @@ def _on(devices, dtypes):
 
 
 def _backends(reference: frozenset, native: Mapping, triton: frozenset, native_max_sizes: Optional[Mapping] = None,
-              triton_interpreted: Optional[frozenset] = None, native_not_on: Optional[Mapping] = None,
+              triton_max_sizes: Optional[Mapping] = None, triton_interpreted: Optional[frozenset] = None,
+              native_not_on: Optional[Mapping] = None,
               across_thread_counts: Optional[Mapping] = None) -> dict:
     """The support of the three backends: the reference's dtypes on any device, the native kernels' per device
     type, Triton's on CPU (interpreter) and CUDA tensors. across_thread_counts: per backend, why its results differ
@@ -69,8 +70,8 @@ def _backends(reference: frozenset, native: Mapping, triton: frozenset, native_m
     why = across_thread_counts or {}
     return {"native": BackendSupport(native, max_sizes=native_max_sizes or {}, not_on=native_not_on or {},
                                      across_thread_counts=why.get("native")),
-            "triton": BackendSupport(_on(KERNEL_DEVICES, triton), interpreted_dtypes=triton_interpreted,
-                                     across_thread_counts=why.get("triton")),
+            "triton": BackendSupport(_on(KERNEL_DEVICES, triton), max_sizes=triton_max_sizes or {},
+                                     interpreted_dtypes=triton_interpreted, across_thread_counts=why.get("triton")),
             "reference": BackendSupport(_on(ANY_DEVICE, reference), across_thread_counts=why.get("reference"))}
 
 
@@ -79,9 +80,12 @@ def _recorded(op: str) -> dict:
     return {"cuda": f"{op}_gpu.json", "cpu": f"{op}_cpu.json"}
 
 
+TRITON_MAX_BLOCK = 2 ** 20  # Triton's largest tensor (elements): the Triton sampler holds a crop's samples in one
+
 STRATIFIED_SAMPLE = OpDeclaration(
     name="stratified_sample",
-    support=_backends(reference=BOXES, native=_on(KERNEL_DEVICES, BOXES), triton=BOXES),
+    support=_backends(reference=BOXES, native=_on(KERNEL_DEVICES, BOXES), triton=BOXES,
+                      triton_max_sizes={device: {"samples_per_crop": TRITON_MAX_BLOCK} for device in KERNEL_DEVICES}),
     auto_order=dict(cuda=("triton", "native", "reference"), cpu=("native", "reference")),
     measured=_recorded("stratified_sample"),
 )

@@ -170,7 +170,8 @@ def stratified_sample(boxes: Tensor, *, global_grid: int = 14, global_window: in
             raise ValueError(f"seed must fit in 64 bits (signed), got {seed}")
     if check_bool(check_boxes, "check_boxes") and boxes.device.type != "meta":
         _check_box_values(boxes)
-    chosen = backends.resolve(STRATIFIED_SAMPLE, boxes.device, boxes.dtype, backend)
+    chosen = backends.resolve(STRATIFIED_SAMPLE, boxes.device, boxes.dtype, backend, samples_per_crop=max(
+        (global_grid // global_window) ** 2, (local_grid // local_window) ** 2))
     grids = (global_grid, global_window, local_grid, local_window, target_grid)
     with autocast_off(boxes.device):  # no cast: boxes are float32 (udi_kernels/ops/autocast.py)
         if drawn_when_run:
