@@ -34,9 +34,10 @@ class DINOLoss(EMACentered, nn.Module):
       pass the epoch as epoch=epoch (lightly before 1.5.21 took the epoch third). The center is then updated
       from the mean teacher row. The teacher is detached, as in lightly (no gradient reaches teacher_out).
     Checks (before anything runs, naming the argument): TypeError for a view that is not a floating tensor, or
-    teacher_temp / epoch / a constructor number of the wrong type; ValueError without a cross-view pair, when views
-    differ in shape or device (or from the center's), for a temperature that is not finite and > 0, a momentum
-    outside [0, 1], a negative epoch or warm-up, output_dim < 1.
+    teacher_temp / epoch / a constructor number of the wrong type, or a temperature tensor that requires grad (no
+    gradient would reach it); ValueError without a cross-view pair, when views differ in shape or device (or from
+    the center's), for a temperature that is not finite and >= 2**-126, a momentum outside [0, 1], a negative epoch
+    or warm-up, output_dim < 1.
     Difference: B = 0 gives 0 and leaves the center alone (lightly: NaN).
     """
 
