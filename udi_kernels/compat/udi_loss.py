@@ -60,10 +60,10 @@ class UDILoss(nn.Module):
 
     Checks (before anything runs, TypeError / ValueError naming the argument): the constructor's numbers
     (num_local_crops >= 0, dim >= 1, alpha in [0, 1], student_temp >= 2**-126, center_momentum in [0, 1], finite
-    weights, a schedule of finite temperatures >= 2**-126 and no tensors that require grad, backend); every pred a floating tensor and every patch mask a floating
-    or bool tensor, all on the device of the teacher's cls rows and of the centers; epoch an int in the schedule.
-    The teacher is detached, as in the reference's training loop (no gradient reaches teacher_output). float64
-    inputs (the loss moved with .double()) give float64-accurate results.
+    weights, a schedule of finite temperatures >= 2**-126 and no tensors that require grad, backend); every pred a
+    floating tensor and every patch mask a floating or bool tensor, all on the device of the teacher's cls rows and
+    of the centers; epoch an int in the schedule. The teacher is detached, as in the reference's training loop (no
+    gradient reaches teacher_output). float64 inputs (the loss moved with .double()) give float64-accurate results.
 
     Differences from the reference, all where it returns NaN or crashes: a patch term without valid samples is 0;
     a center without rows keeps its value; L = 0 gives the global terms (local terms 0); B = 0 gives 0 and leaves
